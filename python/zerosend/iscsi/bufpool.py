@@ -1,0 +1,75 @@
+"""Page-aligned transmit buffers, reused only after the kernel released them.
+
+The interface mirrors ``zerosend.BufferPool`` (``await pool.acquire()``, ``buf.release()``) so the
+target can switch to the core's registered buffers; ``make_pool`` picks it when available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+from collections import deque
+from typing import Protocol
+
+
+class Lease(Protocol):
+    view: memoryview
+
+    def release(self) -> None: ...
+
+
+class _MmapLease:
+    __slots__ = ("_mem", "_pool", "view")
+
+    def __init__(self, pool: MmapPool, mem: mmap.mmap) -> None:
+        self._pool = pool
+        self._mem = mem
+        self.view = memoryview(mem)
+
+    def release(self) -> None:
+        self._pool._put(self)
+
+
+class MmapPool:
+    """``count`` anonymous mmaps of ``size`` bytes: page-aligned, allocated once, never freed."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self.count = count
+        self._free: deque[_MmapLease] = deque(_MmapLease(self, mmap.mmap(-1, size)) for _ in range(count))
+        self._waiters: deque[asyncio.Future[_MmapLease]] = deque()
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def try_acquire(self) -> _MmapLease | None:
+        if self._free and not self._waiters:
+            return self._free.popleft()
+        return None
+
+    async def acquire(self) -> _MmapLease:
+        lease = self.try_acquire()
+        if lease is not None:
+            return lease
+        fut: asyncio.Future[_MmapLease] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._put(fut.result())  # handed over just as we were cancelled
+            raise
+
+    def _put(self, lease: _MmapLease) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(lease)
+                return
+        self._free.append(lease)
+
+
+def make_pool(count: int, size: int) -> MmapPool:
+    """The target's transmit pool. (The core's registered ``zerosend.BufferPool`` slots in here.)"""
+    return MmapPool(count, size)

@@ -1,0 +1,365 @@
+"""SCSI block commands (SBC-3 / SPC-4 subset) for one logical unit.
+
+READ/WRITE/VERIFY data movement is driven by the connection (Data-In from buffers, Data-Out
+into the store); this module decodes their CDBs and answers every other command with a
+ready-made data-in buffer or sense data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+from .stores import Store
+
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+BUSY = 0x08
+TASK_SET_FULL = 0x28
+
+NO_SENSE = 0x00
+NOT_READY = 0x02
+MEDIUM_ERROR = 0x03
+HARDWARE_ERROR = 0x04
+ILLEGAL_REQUEST = 0x05
+UNIT_ATTENTION = 0x06
+DATA_PROTECT = 0x07
+ABORTED_COMMAND = 0x0B
+MISCOMPARE = 0x0E
+
+# (ASC, ASCQ) pairs
+INVALID_OPCODE = (0x20, 0x00)
+LBA_OUT_OF_RANGE = (0x21, 0x00)
+INVALID_FIELD_IN_CDB = (0x24, 0x00)
+LUN_NOT_SUPPORTED = (0x25, 0x00)
+INVALID_FIELD_IN_PARAMS = (0x26, 0x00)
+WRITE_PROTECTED = (0x27, 0x00)
+SAVING_NOT_SUPPORTED = (0x39, 0x00)
+MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
+UNRECOVERED_READ_ERROR = (0x11, 0x00)
+WRITE_ERROR = (0x0C, 0x00)
+INTERNAL_FAILURE = (0x44, 0x00)
+DATA_PHASE_ERROR = (0x4B, 0x00)
+POWER_ON_RESET = (0x29, 0x00)
+
+VENDOR = b"ZEROSEND"
+PRODUCT = b"ZS-ISCSI DISK   "
+REVISION = b"0001"
+
+READ6, READ10, READ12, READ16 = 0x08, 0x28, 0xA8, 0x88
+WRITE6, WRITE10, WRITE12, WRITE16 = 0x0A, 0x2A, 0xAA, 0x8A
+WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16 = 0x2E, 0xAE, 0x8E
+VERIFY10, VERIFY12, VERIFY16 = 0x2F, 0xAF, 0x8F
+READ_OPS = frozenset((READ6, READ10, READ12, READ16))
+WRITE_OPS = frozenset((WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16))
+VERIFY_OPS = frozenset((VERIFY10, VERIFY12, VERIFY16))
+MAX_TRANSFER_BLOCKS = 16384  # 8 MiB with 512-byte blocks; advertised in VPD B0
+
+
+class CheckCondition(Exception):
+    """Ends a command with CHECK CONDITION and the given sense."""
+
+    def __init__(self, key: int, code: tuple[int, int], info: int | None = None) -> None:
+        super().__init__(f"sense key 0x{key:x} asc/ascq 0x{code[0]:02x}/0x{code[1]:02x}")
+        self.key = key
+        self.asc, self.ascq = code
+        self.info = info
+
+
+def sense_fixed(key: int, asc: int, ascq: int, info: int | None = None) -> bytes:
+    s = bytearray(18)
+    s[0] = 0x70 | (0x80 if info is not None else 0)
+    s[2] = key
+    if info is not None:
+        struct.pack_into(">I", s, 3, info & 0xFFFFFFFF)
+    s[7] = 10
+    s[12] = asc
+    s[13] = ascq
+    return bytes(s)
+
+
+def sense_descriptor(key: int, asc: int, ascq: int) -> bytes:
+    return bytes((0x72, key, asc, ascq, 0, 0, 0, 0))
+
+
+@dataclass(slots=True)
+class Rw:
+    """A decoded READ/WRITE/VERIFY CDB."""
+
+    lba: int
+    blocks: int
+    flags: int  # byte 1: protect bits, DPO, FUA, BYTCHK
+
+
+def decode_rw(cdb: bytes) -> Rw:
+    op = cdb[0]
+    if op in (READ6, WRITE6):
+        lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
+        blocks = cdb[4] or 256
+        return Rw(lba, blocks, 0)
+    group = op >> 5
+    if group in (1, 2):  # 10-byte CDBs
+        lba, blocks = struct.unpack_from(">IxH", cdb, 2)
+    elif group == 5:  # 12-byte
+        lba, blocks = struct.unpack_from(">II", cdb, 2)
+    else:  # 16-byte
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    return Rw(lba, blocks, cdb[1])
+
+
+@dataclass
+class LogicalUnit:
+    number: int
+    store: Store
+    target_iqn: str
+    reservations: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(f"{self.target_iqn}/{self.number}/{self.store.name}".encode()).digest()
+        # NAA 6 (IEEE registered extended) needs an OUI; use a locally administered looking value.
+        self.naa = bytes((0x60 | (digest[0] & 0x0F),)) + digest[1:16]
+        self.serial = digest[16:24].hex().upper().encode()
+
+    @property
+    def readonly(self) -> bool:
+        return self.store.readonly
+
+    def check_range(self, lba: int, blocks: int) -> None:
+        if lba + blocks > self.store.blocks or lba >= 1 << 64:
+            raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
+
+
+def _alloc(cdb: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(cdb[offset : offset + size], "big")
+
+
+class CommandSet:
+    """Non-data and data-in commands that return a small buffer."""
+
+    def __init__(self, luns: dict[int, LogicalUnit]) -> None:
+        self.luns = luns
+
+    def execute(self, lu: LogicalUnit | None, cdb: bytes) -> bytes:
+        """Data-in bytes of a command (b"" for none); raises CheckCondition."""
+        op = cdb[0]
+        if op == 0x12:
+            return self.inquiry(lu, cdb)
+        if op == 0xA0:
+            return self.report_luns(cdb)
+        if op == 0x03:
+            return self.request_sense(cdb)
+        if lu is None:
+            raise CheckCondition(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED)
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
+        return handler(self, lu, cdb)
+
+    # -- SPC --
+
+    def inquiry(self, lu: LogicalUnit | None, cdb: bytes) -> bytes:
+        evpd = cdb[1] & 0x01
+        page = cdb[2]
+        alloc = _alloc(cdb, 3, 2)
+        if cdb[1] & 0xFE:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        if lu is None:  # no such LUN: peripheral qualifier 3, device type 0x1f
+            if evpd:
+                raise CheckCondition(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED)
+            data = bytearray(36)
+            data[0] = 0x7F
+            data[2] = 0x06
+            data[3] = 0x02
+            data[4] = 31
+            return bytes(data[:alloc])
+        if not evpd:
+            if page:
+                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+            data = bytearray(96)
+            data[0] = 0x00  # connected direct-access block device
+            data[2] = 0x06  # SPC-4
+            data[3] = 0x12  # HiSup, response data format 2
+            data[4] = len(data) - 5
+            data[7] = 0x02  # CmdQue
+            data[8:16] = VENDOR
+            data[16:32] = PRODUCT
+            data[32:36] = REVISION
+            # version descriptors: SAM-5, iSCSI, SPC-4, SBC-3
+            struct.pack_into(">HHHH", data, 58, 0x00A0, 0x0960, 0x0460, 0x04C0)
+            return bytes(data[:alloc])
+        page_fn = _VPD.get(page)
+        if page_fn is None:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        body = page_fn(self, lu)
+        head = bytes((0x00, page)) + struct.pack(">H", len(body))
+        return (head + body)[:alloc]
+
+    def _vpd_supported(self, lu: LogicalUnit) -> bytes:
+        return bytes(sorted(_VPD))
+
+    def _vpd_serial(self, lu: LogicalUnit) -> bytes:
+        return lu.serial
+
+    def _vpd_ids(self, lu: LogicalUnit) -> bytes:
+        out = bytearray()
+        # NAA, binary, associated with the logical unit
+        out += bytes((0x01, 0x03, 0x00, len(lu.naa))) + lu.naa
+        # T10 vendor ID based, ASCII
+        t10 = VENDOR + lu.serial
+        out += bytes((0x02, 0x01, 0x00, len(t10))) + t10
+        # SCSI name string of the target device, UTF-8, NUL padded to a multiple of 4
+        name = lu.target_iqn.encode()
+        name += b"\0" * (4 - len(name) % 4)
+        out += bytes((0x53, 0xA8, 0x00, len(name))) + name
+        # relative target port 1, associated with the target port (protocol iSCSI)
+        out += bytes((0x51, 0x94, 0x00, 0x04, 0, 0, 0, 1))
+        return bytes(out)
+
+    def _vpd_block_limits(self, lu: LogicalUnit) -> bytes:
+        body = bytearray(0x3C)
+        struct.pack_into(">H", body, 2, 1)  # optimal transfer length granularity: 1 block
+        struct.pack_into(">I", body, 4, MAX_TRANSFER_BLOCKS)  # maximum transfer length
+        struct.pack_into(">I", body, 8, 256)  # optimal transfer length (128 KiB)
+        return bytes(body)
+
+    def _vpd_characteristics(self, lu: LogicalUnit) -> bytes:
+        body = bytearray(0x3C)
+        struct.pack_into(">H", body, 0, 1)  # non-rotating medium
+        return bytes(body)
+
+    def _vpd_provisioning(self, lu: LogicalUnit) -> bytes:
+        # No UNMAP / WRITE SAME unmap: fully provisioned, LBPRZ clear.
+        return bytes(4)
+
+    def report_luns(self, cdb: bytes) -> bytes:
+        select = cdb[2]
+        alloc = _alloc(cdb, 6, 4)
+        if select not in (0x00, 0x01, 0x02):
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        if alloc < 16:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        from .pdu import encode_lun
+
+        body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(self.luns))
+        return (struct.pack(">I4x", len(body)) + body)[:alloc]
+
+    def request_sense(self, cdb: bytes) -> bytes:
+        # Sense is always returned with the failing command (autosense): nothing is pending.
+        alloc = cdb[4]
+        if cdb[1] & 0x01:
+            return sense_descriptor(NO_SENSE, 0, 0)[:alloc]
+        return sense_fixed(NO_SENSE, 0, 0)[:alloc]
+
+    def test_unit_ready(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        return b""
+
+    def mode_sense(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        ten = cdb[0] == 0x5A
+        dbd = bool(cdb[1] & 0x08)
+        pc = cdb[2] >> 6
+        page = cdb[2] & 0x3F
+        subpage = cdb[3]
+        alloc = _alloc(cdb, 7, 2) if ten else cdb[4]
+        if pc == 3:
+            raise CheckCondition(ILLEGAL_REQUEST, SAVING_NOT_SUPPORTED)
+        if subpage not in (0x00, 0xFF):
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        changeable = pc == 1
+        pages = {0x08: self._caching_page, 0x0A: self._control_page, 0x1C: self._iec_page}
+        if page == 0x3F:
+            body = b"".join(fn(lu, changeable) for _, fn in sorted(pages.items()))
+        elif page in pages:
+            body = pages[page](lu, changeable)
+        else:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        dev_specific = (0x80 if lu.readonly else 0x00) | 0x10  # WP, DPOFUA
+        blocks = lu.store.blocks
+        desc = b""
+        if not dbd:
+            desc = struct.pack(">I", min(blocks, 0xFFFFFFFF))
+            desc += struct.pack(">I", lu.store.block_size & 0xFFFFFF)
+        if ten:
+            head = struct.pack(">HBBxxH", 6 + len(desc) + len(body), 0, dev_specific, len(desc))
+        else:
+            head = bytes((3 + len(desc) + len(body), 0, dev_specific, len(desc)))
+        return (head + desc + body)[:alloc]
+
+    def _caching_page(self, lu: LogicalUnit, changeable: bool) -> bytes:
+        page = bytearray(20)
+        page[0], page[1] = 0x08, 0x12
+        if not changeable and lu.store.kind == "raw":
+            page[2] = 0x04  # WCE: writes land in the page cache until SYNCHRONIZE CACHE
+        return bytes(page)
+
+    def _control_page(self, lu: LogicalUnit, changeable: bool) -> bytes:
+        page = bytearray(12)
+        page[0], page[1] = 0x0A, 0x0A
+        if not changeable:
+            page[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+            if lu.readonly:
+                page[4] = 0x08  # SWP
+            struct.pack_into(">H", page, 10, 0xFFFF)  # busy timeout period: unlimited
+        return bytes(page)
+
+    def _iec_page(self, lu: LogicalUnit, changeable: bool) -> bytes:
+        page = bytearray(12)
+        page[0], page[1] = 0x1C, 0x0A
+        return bytes(page)
+
+    # -- SBC --
+
+    def read_capacity10(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        last = lu.store.blocks - 1
+        return struct.pack(">II", min(last, 0xFFFFFFFF), lu.store.block_size)
+
+    def service_action_in(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        if cdb[1] & 0x1F != 0x10:  # only READ CAPACITY(16)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        alloc = _alloc(cdb, 10, 4)
+        data = struct.pack(">QI", lu.store.blocks - 1, lu.store.block_size) + bytes(20)
+        return data[:alloc]
+
+    def synchronize_cache(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        if cdb[0] == 0x35:
+            lba, blocks = struct.unpack_from(">IxH", cdb, 2)
+        else:
+            lba, blocks = struct.unpack_from(">QI", cdb, 2)
+        lu.check_range(lba, blocks)
+        lu.store.flush()
+        return b""
+
+    def prefetch(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        rw = decode_rw(cdb)
+        lu.check_range(rw.lba, rw.blocks)
+        return b""
+
+    def start_stop(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        return b""
+
+    def prevent_allow(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        return b""
+
+
+_HANDLERS = {
+    0x00: CommandSet.test_unit_ready,
+    0x1A: CommandSet.mode_sense,
+    0x5A: CommandSet.mode_sense,
+    0x25: CommandSet.read_capacity10,
+    0x9E: CommandSet.service_action_in,
+    0x35: CommandSet.synchronize_cache,
+    0x91: CommandSet.synchronize_cache,
+    0x34: CommandSet.prefetch,
+    0x90: CommandSet.prefetch,
+    0x1B: CommandSet.start_stop,
+    0x1E: CommandSet.prevent_allow,
+}
+
+_VPD = {
+    0x00: CommandSet._vpd_supported,
+    0x80: CommandSet._vpd_serial,
+    0x83: CommandSet._vpd_ids,
+    0xB0: CommandSet._vpd_block_limits,
+    0xB1: CommandSet._vpd_characteristics,
+    0xB2: CommandSet._vpd_provisioning,
+}

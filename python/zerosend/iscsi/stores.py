@@ -1,0 +1,321 @@
+"""Backing stores behind LUNs: raw image files and block devices, compressed qcow2 images
+(read-only, decompressed in user space), and memory / null LUNs for benchmarks.
+
+A store either fills a caller's buffer (``read_into``: raw files, read into pooled buffers) or
+hands out views of memory it owns (``segments``: memory LUNs, decompressed clusters), which the
+target sends without any copy. Memory handed out by ``segments`` is never modified in place
+while it may be in flight: decompressed clusters are immutable ``bytes``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import stat
+import struct
+import zlib
+from collections import OrderedDict
+
+BLOCK_SIZE = 512
+_ZERO = memoryview(bytes(1 << 20))
+
+
+class StoreError(Exception):
+    """A backing store that cannot be opened or read; the message names the file and why."""
+
+
+class Store:
+    """Base class: a byte-addressed medium of ``size`` bytes."""
+
+    size: int = 0
+    block_size: int = BLOCK_SIZE
+    readonly: bool = False
+    kind: str = "store"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def blocks(self) -> int:
+        return self.size // self.block_size
+
+    def segments(self, offset: int, length: int) -> list[memoryview] | None:
+        """Views covering [offset, offset+length) if the data already lives in memory."""
+        return None
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        raise StoreError(f"{self.name}: read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _zero_views(length: int) -> list[memoryview]:
+    out = []
+    while length > 0:
+        n = min(length, len(_ZERO))
+        out.append(_ZERO[:n])
+        length -= n
+    return out
+
+
+class FileStore(Store):
+    """A raw image file or a block device, read with pread into the caller's pooled buffer."""
+
+    kind = "raw"
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        super().__init__(path)
+        self.readonly = readonly
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open LUN image {path}: {e.strerror}") from e
+        st = os.fstat(self.fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(self.fd)
+            raise StoreError(f"{path} is neither a regular file nor a block device")
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.size -= self.size % BLOCK_SIZE
+        if self.size == 0:
+            os.close(self.fd)
+            raise StoreError(f"{path} is smaller than one {BLOCK_SIZE}-byte block")
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:  # the file shrank under us: serve zeros rather than stale bytes
+                view[done:] = _ZERO[: len(view) - done]
+                return
+            done += n
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.name}: read-only")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def flush(self) -> None:
+        if not self.readonly:
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class MemoryStore(Store):
+    """An anonymous-memory LUN: reads are views straight into it (no read copy at all)."""
+
+    kind = "mem"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"mem:{size}")
+        self.size = size - size % BLOCK_SIZE
+        self.mem = mmap.mmap(-1, self.size)
+        self.view = memoryview(self.mem)
+
+    def segments(self, offset: int, length: int) -> list[memoryview]:
+        return [self.view[offset : offset + length]]
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        view[:] = self.view[offset : offset + len(view)]
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        self.view[offset : offset + len(data)] = data
+
+
+class NullStore(Store):
+    """Reads zeros, discards writes: measures the target itself."""
+
+    kind = "null"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"null:{size}")
+        self.size = size - size % BLOCK_SIZE
+
+    def segments(self, offset: int, length: int) -> list[memoryview]:
+        return _zero_views(length)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        view[:] = bytes(len(view))
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        pass
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class Qcow2Store(Store):
+    """A qcow2 image served read-only. Compressed clusters (``qemu-img convert -c``) are inflated
+    into immutable buffers kept in a small LRU and sent straight from there."""
+
+    kind = "qcow2"
+
+    def __init__(self, path: str, cache_bytes: int = 16 << 20) -> None:
+        super().__init__(path)
+        self.readonly = True
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open qcow2 image {path}: {e.strerror}") from e
+        try:
+            self._parse_header()
+        except StoreError:
+            os.close(self.fd)
+            raise
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_max = max(4, cache_bytes // self.cluster_size)
+        self._l2_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise StoreError(f"{self.name}: truncated qcow2 image (offset {offset})")
+        return data
+
+    def _parse_header(self) -> None:
+        hdr = self._pread(104, 0) if os.fstat(self.fd).st_size >= 104 else b""
+        if len(hdr) < 72 or hdr[:4] != QCOW2_MAGIC:
+            raise StoreError(f"{self.name}: not a qcow2 image")
+        (version,) = struct.unpack_from(">I", hdr, 4)
+        backing_off, _backing_len, cluster_bits, size, crypt = struct.unpack_from(">QIIQI", hdr, 8)
+        l1_size, l1_off = struct.unpack_from(">IQ", hdr, 36)
+        if version not in (2, 3):
+            raise StoreError(f"{self.name}: qcow2 version {version} is not supported")
+        if backing_off:
+            raise StoreError(f"{self.name}: qcow2 images with a backing file are not supported")
+        if crypt:
+            raise StoreError(f"{self.name}: encrypted qcow2 images are not supported")
+        if not 9 <= cluster_bits <= 21:
+            raise StoreError(f"{self.name}: bad qcow2 cluster_bits {cluster_bits}")
+        if version == 3:
+            (incompatible,) = struct.unpack_from(">Q", hdr, 72)
+            # bit 0 dirty (harmless read-only), bit 1 corrupt, 2 external data, 3 zstd, 4 ext L2
+            bad = incompatible & ~0x1
+            if bad:
+                raise StoreError(
+                    f"{self.name}: qcow2 incompatible features 0x{bad:x} not supported "
+                    "(only zlib-compressed, self-contained images)"
+                )
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.size = size - size % BLOCK_SIZE
+        self.l2_entries = self.cluster_size // 8
+        needed = -(-size // (self.cluster_size * self.l2_entries))
+        if l1_size < needed:
+            raise StoreError(f"{self.name}: qcow2 L1 table too small for the disk size")
+        raw = self._pread(8 * l1_size, l1_off)
+        self.l1 = struct.unpack(f">{l1_size}Q", raw)
+        self.csize_shift = 62 - (cluster_bits - 8)
+        self.csize_mask = (1 << (cluster_bits - 8)) - 1
+        self.coffset_mask = (1 << self.csize_shift) - 1
+
+    def _l2(self, l2_off: int) -> tuple[int, ...]:
+        table = self._l2_cache.get(l2_off)
+        if table is None:
+            raw = self._pread(self.cluster_size, l2_off)
+            table = struct.unpack(f">{self.l2_entries}Q", raw)
+            self._l2_cache[l2_off] = table
+            if len(self._l2_cache) > 64:
+                self._l2_cache.popitem(last=False)
+        else:
+            self._l2_cache.move_to_end(l2_off)
+        return table
+
+    def _cluster(self, index: int) -> memoryview | None:
+        """The cluster's contents, or None when it reads as zeros."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return memoryview(cached)
+        l1_index, l2_index = divmod(index, self.l2_entries)
+        l1e = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        l2_off = l1e & 0x00FFFFFFFFFFFE00
+        if not l2_off:
+            return None
+        entry = self._l2(l2_off)[l2_index]
+        if entry & (1 << 62):
+            coff = entry & self.coffset_mask
+            nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
+            csize = nsect * 512 - (coff & 511)
+            comp = os.pread(self.fd, csize, coff)
+            try:
+                data = zlib.decompressobj(-15).decompress(comp, self.cluster_size)
+            except zlib.error as e:
+                raise StoreError(f"{self.name}: corrupt compressed cluster {index}: {e}") from e
+            if len(data) < self.cluster_size:
+                data += bytes(self.cluster_size - len(data))
+        else:
+            if entry & 1:  # v3 "reads as zero"
+                return None
+            off = entry & 0x00FFFFFFFFFFFE00
+            if not off:
+                return None
+            data = self._pread(self.cluster_size, off)
+        self._cache[index] = data
+        if len(self._cache) > self._cache_max:
+            self._cache.popitem(last=False)
+        return memoryview(data)
+
+    def segments(self, offset: int, length: int) -> list[memoryview]:
+        out: list[memoryview] = []
+        end = offset + length
+        while offset < end:
+            index, within = divmod(offset, self.cluster_size)
+            n = min(self.cluster_size - within, end - offset)
+            cluster = self._cluster(index)
+            if cluster is None:
+                out.extend(_zero_views(n))
+            else:
+                out.append(cluster[within : within + n])
+            offset += n
+        return out
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        pos = 0
+        for seg in self.segments(offset, len(view)):
+            view[pos : pos + len(seg)] = seg
+            pos += len(seg)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r} (e.g. 512M, 4G)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(m.group(1)) * mult
+
+
+def open_store(spec: str, readonly: bool = False) -> Store:
+    """Open a LUN from its command-line form: a path, ``mem:SIZE`` or ``null:SIZE``.
+    qcow2 images are detected by their magic and are always read-only."""
+    store: Store
+    if spec.startswith(("mem:", "null:")):
+        kind, _, size = spec.partition(":")
+        store = MemoryStore(parse_size(size)) if kind == "mem" else NullStore(parse_size(size))
+        store.readonly = readonly
+        return store
+    try:
+        with open(spec, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise StoreError(f"cannot open LUN image {spec}: {e.strerror}") from e
+    if magic == QCOW2_MAGIC:
+        return Qcow2Store(spec)
+    return FileStore(spec, readonly=readonly)
