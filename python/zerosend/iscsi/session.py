@@ -180,7 +180,7 @@ class Session:
         self.active = 0  # commands counted against the CmdSN window until their sends release
         self.pending_cmds: dict[int, P.Pdu] = {}
         self.writes: dict[int, WriteTask] = {}
-        self.reads: set[int] = set()  # ITTs of Data-In transfers still in progress
+        self.reads: dict[int, tuple[asyncio.Task[None], int]] = {}  # multi-buffer Data-In in progress
         self.ttt_counter = 0
         self.closing = False
         self.failed: BaseException | None = None
@@ -562,16 +562,19 @@ class Session:
             ref = req.u32(20)
             refcmdsn = req.u32(32)
             task = self.writes.pop(ref, None)
+            reader = self.reads.get(ref, (None,))[0]
             if task is not None:
                 task.aborted = True
                 self.active -= 1
                 response = 0
-            elif ref in self.reads:
-                response = 0  # its Data-In is already queued; the status goes out with it
-            elif _sn_lt(refcmdsn, self.expcmdsn) and not _sn_lt(refcmdsn, (self.expcmdsn - CMD_WINDOW) & 0xFFFFFFFF):
-                response = 0  # already completed: RFC 7143 11.5.1 says "Function complete"
+            elif reader is not None:
+                reader.cancel()  # no status will follow the Data-In already sent
+                response = 0
+            elif not _sn_lt(refcmdsn, self.expcmdsn) and _sn_lt(refcmdsn, req.u32(24)):
+                # RFC 7143 11.5.1: a command in the window that never arrived counts as received
+                response = 0
             else:
-                response = 1
+                response = 1  # completed already, or never existed
         elif function in (2, 4, 5):
             if function == 5 and lun not in self.target.luns:
                 response = 2
@@ -596,6 +599,9 @@ class Session:
 
     def abort_tasks(self, lun: int | None) -> int:
         n = 0
+        for reader, reader_lun in list(self.reads.values()):
+            if lun is None or reader_lun == lun:
+                reader.cancel()
         for itt, task in list(self.writes.items()):
             if lun is None or task.lun == lun:
                 task.aborted = True
@@ -688,13 +694,14 @@ class Session:
             if lease is not None:
                 self._read_chunk(itt, lun_field, store, offset, lease, 0, n, 0, True, (flags, residual))
                 return
-        self.reads.add(itt)
         self.active += 1
         task = self.loop.create_task(self._read_large(itt, lun_field, store, offset, n, (flags, residual)))
+        self.reads[itt] = (task, P.decode_lun(lun_field))
         task.add_done_callback(lambda t: self._read_done(itt, t))
 
     def _read_done(self, itt: int, task: asyncio.Task[None]) -> None:
-        self.reads.discard(itt)
+        if self.reads.get(itt, (None,))[0] is task:
+            del self.reads[itt]
         self.active -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: read task failed: %s", self.name, task.exception())

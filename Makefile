@@ -1,0 +1,48 @@
+# zerosend: `make run` shows it working, `make test` runs every test. Both create .venv here.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean
+
+run: develop
+	$(PY) -m zerosend
+
+test: system-deps develop test-rust lint test-python
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2" "pytest>=8" "pytest-asyncio>=0.24" "uvloop>=0.19" \
+		"mypy>=1.10" "ruff>=0.5" "ziglang>=0.13"
+	touch $@
+
+venv: $(VENV)/.installed
+
+develop: venv
+	$(VENV)/bin/maturin develop --release --quiet
+
+test-rust:
+	cargo test -p zerosend --release
+
+lint: develop
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(PY) -m mypy.stubtest zerosend._native
+
+test-python: develop
+	$(PY) -m pytest -q
+
+wheel: venv
+	$(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 --out dist
+
+bench: system-deps develop
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) target dist

@@ -1,0 +1,21 @@
+"""zerosend: zero-copy TCP/UDP transmit for asyncio on Linux.
+
+``await zs.send_zc(buf)`` hands ``buf``'s pages to the kernel (io_uring SEND_ZC or MSG_ZEROCOPY)
+and resolves only when the kernel has released them, so the buffer may be reused right after::
+
+    zs = zerosend.wrap(sock)              # a connected, non-blocking TCP or UDP socket
+    result = await zs.send_zc(payload)    # SendResult(nbytes=..., zerocopy=...)
+"""
+
+from ._native import BackendUnavailableError, Capabilities, SendResult, capabilities
+from ._socket import BACKENDS, Socket, wrap
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Capabilities",
+    "SendResult",
+    "Socket",
+    "capabilities",
+    "wrap",
+]

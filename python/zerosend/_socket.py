@@ -1,0 +1,218 @@
+"""The asyncio face of the driver: `wrap()` and `Socket`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Literal, TypeAlias
+
+from . import _native
+from ._native import SendResult
+
+BackendName: TypeAlias = Literal["auto", "io_uring", "msg_zerocopy", "copy"]
+BACKENDS: Final = ("auto", "io_uring", "msg_zerocopy", "copy")
+#: Environment variable that overrides ``backend="auto"`` (for example to force "copy").
+BACKEND_ENV: Final = "ZEROSEND_BACKEND"
+
+Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer on 3.12+)
+Buffers: TypeAlias = Buffer | Sequence[Buffer]
+
+# One driver per event loop; its descriptor is watched with add_reader, so completions are
+# reaped on the loop thread in batches, with no thread hop per send.
+_drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _native.Driver] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
+    driver = _drivers.get(loop)
+    if driver is None:
+        driver = _native.Driver()
+        loop.add_reader(driver.fileno(), driver.dispatch)
+        _drivers[loop] = driver
+    return driver
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV, "").strip()
+        if forced:
+            if forced not in BACKENDS:
+                raise ValueError(
+                    f"{BACKEND_ENV}={forced!r} is not a backend; use one of {', '.join(BACKENDS)}"
+                )
+            return forced
+    return backend
+
+
+def wrap(
+    sock: socket.socket,
+    *,
+    backend: BackendName = "auto",
+    zerocopy_threshold: int = 10240,
+) -> Socket:
+    """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
+
+    Must be called on a running asyncio event loop (the default loop or uvloop); the returned
+    :class:`Socket` sends on that loop. ``backend`` picks how zero-copy sends reach the kernel:
+    ``"auto"`` (the best this kernel offers, overridable with the ``ZEROSEND_BACKEND``
+    environment variable), ``"io_uring"``, ``"msg_zerocopy"`` or ``"copy"``. Asking for a
+    backend the kernel lacks raises :class:`BackendUnavailableError` naming the reason. Sends
+    smaller than ``zerocopy_threshold`` bytes go by copy, where zero-copy costs more than it saves.
+
+    zerosend keeps its own duplicate of the descriptor while sends are in flight; write to the
+    socket only through the returned object from now on. Reading it (``loop.sock_recv_into``)
+    is fine.
+    """
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"wrap() needs a socket.socket, not {type(sock).__name__!r}")
+    if sock.fileno() < 0:
+        raise ValueError("wrap() needs an open socket; this one is closed")
+    if sock.gettimeout() != 0.0:
+        raise ValueError("the socket must be non-blocking: call sock.setblocking(False) first")
+    if isinstance(zerocopy_threshold, bool) or not isinstance(zerocopy_threshold, int):
+        raise TypeError("zerocopy_threshold must be an int (bytes)")
+    if zerocopy_threshold < 0:
+        raise ValueError("zerocopy_threshold must be >= 0")
+    chosen = _resolve_backend(backend)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "wrap() must be called from a coroutine running on an asyncio event loop"
+        ) from None
+    driver = _driver_for(loop)
+    handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
+    return Socket(sock, loop, driver, handle)
+
+
+class Socket:
+    """A socket whose sends complete only when the kernel released their buffers.
+
+    Create it with :func:`wrap`.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_backend",
+        "_closed",
+        "_driver",
+        "_fallback_reason",
+        "_final_stats",
+        "_handle",
+        "_loop",
+        "_sock",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        driver: _native.Driver,
+        handle: int,
+    ) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._driver = driver
+        self._handle = handle
+        self._closed = False
+        self._final_stats: dict[str, int] = {}
+        self._backend = driver.backend(handle)
+        self._fallback_reason = driver.fallback_reason(handle)
+
+    def send_zc(self, buf: Buffers) -> asyncio.Future[SendResult]:
+        """Send ``buf`` without copying it; resolves when the kernel released its pages.
+
+        ``buf`` is any bytes-like object or a list/tuple of them (one vectored send: one datagram
+        on UDP). The send is submitted now, in call order; the returned future resolves to a
+        :class:`SendResult` only after the kernel let go of every page, and until then the buffer
+        export is held (a bytearray cannot be resized). Cancelling the future or the task
+        awaiting it does not stop the send: the bytes still go out whole and the buffer is held
+        until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
+        """
+        future = self._loop.create_future()
+        self._driver.submit(self._handle, buf, True, future)
+        return future
+
+    def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
+        """Send ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
+
+        Resolves once the kernel has copied all of it (``zerocopy`` is False).
+        """
+        future = self._loop.create_future()
+        self._driver.submit(self._handle, buf, False, future)
+        return future
+
+    async def drain(self) -> None:
+        """Wait until every send submitted so far has been released by the kernel."""
+        if self._closed:
+            return
+        future = self._loop.create_future()
+        self._driver.drain(self._handle, future)
+        await future
+
+    async def aclose(self) -> None:
+        """Wait for all sends to be released, then close the socket."""
+        if self._closed:
+            return
+        await self.drain()
+        self._final_stats = self.stats
+        self._closed = True
+        self._driver.close(self._handle)
+        self._sock.close()
+
+    async def __aenter__(self) -> Socket:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Sends in flight still finish; the driver closes its descriptor after the last release.
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._driver.close(self._handle)
+
+    @property
+    def socket(self) -> socket.socket:
+        """The wrapped socket (read from it freely; write only through this object)."""
+        return self._sock
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: "io_uring", "msg_zerocopy" or "copy"."""
+        return self._backend
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why ``backend="auto"`` could not use a better backend, or None."""
+        return self._fallback_reason
+
+    @property
+    def inflight(self) -> int:
+        """Sends submitted whose buffers the kernel has not released yet."""
+        if self._closed:
+            return 0
+        return self._driver.inflight(self._handle)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: sends, bytes_zerocopy, bytes_copied (and why), notifications, ..."""
+        if self._closed:
+            return dict(self._final_stats)
+        return self._driver.stats(self._handle)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"backend={self.backend} inflight={self.inflight}"
+        return f"<zerosend.Socket fd={self._sock.fileno()} {state}>"

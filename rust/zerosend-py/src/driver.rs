@@ -1,0 +1,236 @@
+//! `zerosend._native.Driver`: the core driver of one asyncio event loop.
+//!
+//! The Python layer registers `fileno()` with `loop.add_reader` and calls `dispatch()` when it
+//! is readable. Completions resolve their asyncio futures here, in one batch per wake-up, on the
+//! loop's own thread.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use zerosend::{Backend, Completion, SocketId, SocketOptions};
+
+use crate::buffer::{extract_buffers, PyBuf};
+use crate::errors::to_pyerr;
+use crate::types::SendResult;
+
+type CoreDriver = zerosend::Driver<Py<PyAny>, PyBuf>;
+type CoreCompletion = Completion<Py<PyAny>, PyBuf>;
+
+/// Drives zero-copy sends of many sockets for one event loop.
+#[pyclass(frozen, module = "zerosend._native")]
+pub struct Driver {
+    // Only the loop thread uses a driver; the mutex makes that safe to state, and it is never
+    // held while Python code can run (futures are resolved and buffers released after unlocking).
+    core: Mutex<CoreDriver>,
+}
+
+impl Driver {
+    fn lock(&self) -> MutexGuard<'_, CoreDriver> {
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn collect(core: &mut CoreDriver) -> Vec<CoreCompletion> {
+        if core.has_completions() {
+            core.take_completions().collect()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Sets the future's result or exception unless it was cancelled meanwhile.
+fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
+    let (future, outcome) = match completion {
+        Completion::Send {
+            token,
+            result,
+            bufs,
+        } => {
+            // The kernel let go of these pages: release the exports (lets a bytearray resize).
+            drop(bufs);
+            (token, Some(result))
+        }
+        Completion::Drained { token } => (token, None),
+    };
+    let future = future.bind(py);
+    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
+        return Ok(());
+    }
+    match outcome {
+        Some(Ok(result)) => {
+            let value = Py::new(py, SendResult::from(result))?;
+            future.call_method1(intern!(py, "set_result"), (value,))?;
+        }
+        Some(Err(err)) => {
+            future.call_method1(
+                intern!(py, "set_exception"),
+                (to_pyerr(err).into_value(py),),
+            )?;
+        }
+        None => {
+            future.call_method1(intern!(py, "set_result"), (py.None(),))?;
+        }
+    }
+    Ok(())
+}
+
+fn resolve_all(py: Python<'_>, completions: Vec<CoreCompletion>) -> PyResult<()> {
+    let mut first_error = None;
+    for completion in completions {
+        if let Err(err) = resolve(py, completion) {
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[pymethods]
+impl Driver {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(Self {
+            core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
+        })
+    }
+
+    /// The descriptor to watch for readability.
+    fn fileno(&self) -> i32 {
+        self.lock().fd().as_raw_fd()
+    }
+
+    /// Registers a connected socket by descriptor; returns its handle.
+    #[pyo3(signature = (fd, backend, zerocopy_threshold))]
+    fn register(&self, fd: i32, backend: Option<&str>, zerocopy_threshold: usize) -> PyResult<u64> {
+        let backend = match backend {
+            None | Some("auto") => None,
+            Some(name) => Some(Backend::from_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "unknown backend {name:?}; use \"auto\", \"io_uring\", \"msg_zerocopy\" or \"copy\""
+                ))
+            })?),
+        };
+        if fd < 0 {
+            return Err(PyValueError::new_err(
+                "the socket is closed (fileno() is -1)",
+            ));
+        }
+        // SAFETY: the caller passes the descriptor of a live socket object it holds for the
+        // duration of this call; the driver only duplicates it.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let options = SocketOptions {
+            backend,
+            zerocopy_threshold,
+        };
+        let id = self.lock().register(borrowed, &options).map_err(to_pyerr)?;
+        Ok(id.to_raw())
+    }
+
+    /// Submits one send (a buffer, or a list/tuple of buffers sent as one) whose completion
+    /// resolves `future` with a `SendResult`.
+    fn submit(
+        &self,
+        py: Python<'_>,
+        socket: u64,
+        buffers: &Bound<'_, PyAny>,
+        zerocopy: bool,
+        future: Py<PyAny>,
+    ) -> PyResult<()> {
+        let bufs = extract_buffers(buffers)?;
+        let completions = {
+            let mut core = self.lock();
+            core.submit(SocketId::from_raw(socket), bufs, zerocopy, future)
+                .map_err(to_pyerr)?;
+            Self::collect(&mut core)
+        };
+        resolve_all(py, completions)
+    }
+
+    /// Processes the kernel's reports and resolves every finished send's future.
+    fn dispatch(&self, py: Python<'_>) -> PyResult<()> {
+        let completions = {
+            let mut core = self.lock();
+            let polled = core.poll();
+            let completions = Self::collect(&mut core);
+            polled.map_err(to_pyerr)?;
+            completions
+        };
+        resolve_all(py, completions)
+    }
+
+    /// Resolves `future` with None once the socket has no send in flight.
+    fn drain(&self, py: Python<'_>, socket: u64, future: Py<PyAny>) -> PyResult<()> {
+        let completions = {
+            let mut core = self.lock();
+            core.drain(SocketId::from_raw(socket), future)
+                .map_err(to_pyerr)?;
+            Self::collect(&mut core)
+        };
+        resolve_all(py, completions)
+    }
+
+    /// Stops sending on the socket; its descriptor closes after the last release.
+    fn close(&self, py: Python<'_>, socket: u64) -> PyResult<()> {
+        let completions = {
+            let mut core = self.lock();
+            core.close(SocketId::from_raw(socket));
+            Self::collect(&mut core)
+        };
+        resolve_all(py, completions)
+    }
+
+    fn backend(&self, socket: u64) -> PyResult<&'static str> {
+        let backend = self
+            .lock()
+            .backend(SocketId::from_raw(socket))
+            .map_err(to_pyerr)?;
+        Ok(backend.name())
+    }
+
+    fn fallback_reason(&self, socket: u64) -> PyResult<Option<String>> {
+        self.lock()
+            .fallback_reason(SocketId::from_raw(socket))
+            .map_err(to_pyerr)
+    }
+
+    fn inflight(&self, socket: u64) -> PyResult<usize> {
+        self.lock()
+            .inflight(SocketId::from_raw(socket))
+            .map_err(to_pyerr)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>, socket: u64) -> PyResult<Bound<'py, PyDict>> {
+        let s = self
+            .lock()
+            .stats(SocketId::from_raw(socket))
+            .map_err(to_pyerr)?;
+        let dict = PyDict::new(py);
+        for (key, value) in [
+            ("sends", s.sends),
+            ("bytes_zerocopy", s.bytes_zerocopy),
+            ("bytes_copied", s.bytes_copied),
+            ("bytes_copied_by_kernel", s.bytes_copied_by_kernel),
+            (
+                "bytes_copied_below_threshold",
+                s.bytes_copied_below_threshold,
+            ),
+            ("bytes_copied_requested", s.bytes_copied_requested),
+            ("bytes_copied_backend", s.bytes_copied_backend),
+            ("notifications", s.notifications),
+            ("short_sends", s.short_sends),
+            ("eagain_waits", s.eagain_waits),
+            ("enobufs_waits", s.enobufs_waits),
+            ("fixed_buffer_sends", s.fixed_buffer_sends),
+            ("errors", s.errors),
+        ] {
+            dict.set_item(key, value)?;
+        }
+        Ok(dict)
+    }
+}

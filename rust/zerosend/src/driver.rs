@@ -1,0 +1,907 @@
+//! The driver: one per event loop. It owns every in-flight send, talks to the kernel on both
+//! zero-copy backends, and exposes a single pollable descriptor.
+//!
+//! Callers submit sends and, whenever [`Driver::fd`] is readable, call [`Driver::poll`] and take
+//! the finished sends from [`Driver::take_completions`]. Nothing blocks and no thread is involved,
+//! so an event loop resolves many sends per wake-up.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+use crate::buf::IoBuf;
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::op::{CopyReason, Mode, OpKey, SendOp, SendResult};
+use crate::ring::{self, Ring, RingEvent, VectoredRequest};
+use crate::sys::{self, Transport, IOV_MAX};
+use crate::tracker::ZerocopyTracker;
+
+/// How a socket's zero-copy sends reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// io_uring `SEND_ZC` / `SENDMSG_ZC`; release signalled by a notification CQE.
+    IoUring,
+    /// `sendmsg(MSG_ZEROCOPY)`; release signalled on the socket's error queue.
+    MsgZerocopy,
+    /// Plain copying `sendmsg`; the buffer is free as soon as the kernel accepted it.
+    Copy,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::IoUring => "io_uring",
+            Backend::MsgZerocopy => "msg_zerocopy",
+            Backend::Copy => "copy",
+        }
+    }
+
+    /// Parses "io_uring", "msg_zerocopy" or "copy".
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "io_uring" => Some(Backend::IoUring),
+            "msg_zerocopy" => Some(Backend::MsgZerocopy),
+            "copy" => Some(Backend::Copy),
+            _ => None,
+        }
+    }
+}
+
+/// How to send on one socket.
+#[derive(Debug, Clone)]
+pub struct SocketOptions {
+    /// `None` picks the best backend the kernel offers for this socket.
+    pub backend: Option<Backend>,
+    /// Sends smaller than this many bytes go by copy (zero-copy costs more than it saves there).
+    pub zerocopy_threshold: usize,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            zerocopy_threshold: 10 * 1024,
+        }
+    }
+}
+
+/// Handle of a socket registered with a driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketId {
+    index: u32,
+    generation: u32,
+}
+
+impl SocketId {
+    /// The handle as one integer (for bindings that keep it in a foreign object).
+    pub fn to_raw(self) -> u64 {
+        socket_tag(self.index, self.generation)
+    }
+
+    /// The handle back from [`SocketId::to_raw`]. A stale or made-up value names no socket and
+    /// every driver call with it fails with [`Error::Closed`].
+    pub fn from_raw(raw: u64) -> Self {
+        Self {
+            index: (raw & 0xffff_ffff) as u32,
+            generation: (raw >> 32) as u32,
+        }
+    }
+}
+
+/// Counters of one socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Sends completed (successfully or not).
+    pub sends: u64,
+    /// Bytes of sends the kernel transmitted without copying.
+    pub bytes_zerocopy: u64,
+    /// Bytes of sends that were copied, for whatever reason (the next four say why).
+    pub bytes_copied: u64,
+    /// ... because the kernel copied a zero-copy send (loopback, veth, no scatter-gather).
+    pub bytes_copied_by_kernel: u64,
+    /// ... because the send was below the zero-copy threshold.
+    pub bytes_copied_below_threshold: u64,
+    /// ... because a copying send was asked for (`send`).
+    pub bytes_copied_requested: u64,
+    /// ... because the socket uses the copy backend.
+    pub bytes_copied_backend: u64,
+    /// Zero-copy release notifications received (ranges on MSG_ZEROCOPY, CQEs on io_uring).
+    pub notifications: u64,
+    /// Sends that the kernel accepted only in part and that were finished by further calls.
+    pub short_sends: u64,
+    /// Times the socket buffer was full and the driver waited for room.
+    pub eagain_waits: u64,
+    /// Times the kernel refused to pin more pages (ENOBUFS) and the driver waited for releases.
+    pub enobufs_waits: u64,
+    /// Sends that went from io_uring registered buffers.
+    pub fixed_buffer_sends: u64,
+    /// Sends that ended in an error.
+    pub errors: u64,
+}
+
+/// A finished piece of work, handed back with the caller's token.
+#[derive(Debug)]
+pub enum Completion<T, B> {
+    /// A send whose buffers the kernel released; they are handed back in `bufs`.
+    Send {
+        token: T,
+        result: Result<SendResult>,
+        bufs: Vec<B>,
+    },
+    /// Every send submitted on the socket before the drain request was released.
+    Drained { token: T },
+}
+
+/// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
+const RING_TAG: u64 = u64::MAX;
+const EVENT_BATCH: usize = 64;
+
+struct Entry<T> {
+    fd: OwnedFd,
+    generation: u32,
+    transport: Transport,
+    backend: Backend,
+    fallback_reason: Option<String>,
+    threshold: usize,
+    /// Sends with bytes still to write, oldest first; only the head is being written.
+    queue: VecDeque<OpKey>,
+    /// Sends not yet released (queued or awaiting notifications).
+    inflight: usize,
+    tracker: ZerocopyTracker<OpKey>,
+    /// EPOLLOUT is armed because the socket buffer was full.
+    want_write: bool,
+    /// ENOBUFS: wait for a release before writing again.
+    awaiting_release: bool,
+    /// A fatal error ended the stream; later sends fail with it.
+    failed: Option<Error>,
+    drain_waiters: Vec<T>,
+    closing: bool,
+    stats: SocketStats,
+}
+
+/// Drives zero-copy sends for many sockets from one thread.
+pub struct Driver<T, B: IoBuf> {
+    epoll: Epoll,
+    entries: Vec<Option<Entry<T>>>,
+    generations: Vec<u32>,
+    free_entries: Vec<u32>,
+    ops: Vec<Option<SendOp<T, B>>>,
+    free_ops: Vec<OpKey>,
+    ring: Option<Ring>,
+    capabilities: Capabilities,
+    completions: Vec<Completion<T, B>>,
+    scratch_iov: Vec<libc::iovec>,
+    scratch_keys: Vec<OpKey>,
+    scratch_events: Vec<RingEvent>,
+    vectored: Vec<Option<Box<VectoredRequest>>>,
+}
+
+// SAFETY: the only non-Send parts are raw pointers in `scratch_iov` and `vectored`. They point
+// into buffers owned by this driver's own sends (or into `vectored` itself), so they move to
+// another thread together with what they point at; every other field is Send when T and B are.
+unsafe impl<T: Send, B: IoBuf + Send> Send for Driver<T, B> {}
+
+impl<T, B: IoBuf> Driver<T, B> {
+    /// A driver with no sockets. Probes the kernel once.
+    pub fn new() -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::os("epoll_create1", e))?;
+        Ok(Self {
+            epoll,
+            entries: Vec::new(),
+            generations: Vec::new(),
+            free_entries: Vec::new(),
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            ring: None,
+            capabilities: Capabilities::probe(),
+            completions: Vec::new(),
+            scratch_iov: Vec::with_capacity(IOV_MAX),
+            scratch_keys: Vec::new(),
+            scratch_events: Vec::new(),
+            vectored: Vec::new(),
+        })
+    }
+
+    /// The descriptor to watch for readability; when readable, call [`Driver::poll`].
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    /// What the kernel offered when this driver was created.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    /// Registers a connected TCP/UDP socket. The driver keeps its own duplicate of the
+    /// descriptor until the last send on it is released.
+    pub fn register(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        options: &SocketOptions,
+    ) -> Result<SocketId> {
+        let transport = sys::inspect_socket(socket)?;
+        let fd = sys::duplicate(socket)?;
+        let (backend, fallback_reason) = self.choose_backend(fd.as_fd(), options.backend)?;
+
+        let index = match self.free_entries.pop() {
+            Some(index) => index,
+            None => {
+                self.entries.push(None);
+                self.generations.push(0);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        let generation = self.generations[index as usize].wrapping_add(1);
+        self.generations[index as usize] = generation;
+        let tag = socket_tag(index, generation);
+        if let Err(e) = self
+            .epoll
+            .add(&fd, EpollEvent::new(EpollFlags::EPOLLET, tag))
+        {
+            self.free_entries.push(index);
+            return Err(Error::os("adding the socket to the driver's epoll set", e));
+        }
+        self.entries[index as usize] = Some(Entry {
+            fd,
+            generation,
+            transport,
+            backend,
+            fallback_reason,
+            threshold: options.zerocopy_threshold,
+            queue: VecDeque::new(),
+            inflight: 0,
+            tracker: ZerocopyTracker::default(),
+            want_write: false,
+            awaiting_release: false,
+            failed: None,
+            drain_waiters: Vec::new(),
+            closing: false,
+            stats: SocketStats::default(),
+        });
+        Ok(SocketId { index, generation })
+    }
+
+    fn choose_backend(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        wanted: Option<Backend>,
+    ) -> Result<(Backend, Option<String>)> {
+        let unavailable = |backend: Backend, reason: String| Error::BackendUnavailable {
+            backend: backend.name(),
+            reason,
+        };
+        match wanted {
+            Some(Backend::Copy) => Ok((Backend::Copy, None)),
+            Some(Backend::MsgZerocopy) => self
+                .enable_msg_zerocopy(fd)
+                .map(|()| (Backend::MsgZerocopy, None))
+                .map_err(|reason| unavailable(Backend::MsgZerocopy, reason)),
+            Some(Backend::IoUring) => self
+                .ensure_ring()
+                .map(|()| (Backend::IoUring, None))
+                .map_err(|reason| unavailable(Backend::IoUring, reason)),
+            None => {
+                let uring_reason = match self.ensure_ring() {
+                    Ok(()) => return Ok((Backend::IoUring, None)),
+                    Err(reason) => reason,
+                };
+                match self.enable_msg_zerocopy(fd) {
+                    Ok(()) => Ok((
+                        Backend::MsgZerocopy,
+                        Some(format!("io_uring: {uring_reason}")),
+                    )),
+                    Err(reason) => Ok((
+                        Backend::Copy,
+                        Some(format!("io_uring: {uring_reason}; msg_zerocopy: {reason}")),
+                    )),
+                }
+            }
+        }
+    }
+
+    fn enable_msg_zerocopy(&self, fd: BorrowedFd<'_>) -> std::result::Result<(), String> {
+        self.capabilities.msg_zerocopy.clone()?;
+        sys::enable_zerocopy(fd).map_err(|e| {
+            format!(
+                "setsockopt(SO_ZEROCOPY) refused on this socket: {e} ({})",
+                e.desc()
+            )
+        })
+    }
+
+    fn ensure_ring(&mut self) -> std::result::Result<(), String> {
+        if self.ring.is_some() {
+            return Ok(());
+        }
+        self.capabilities.io_uring_send_zc.clone()?;
+        let ring = Ring::new(256).map_err(|e| format!("creating the io_uring failed: {e}"))?;
+        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
+        // SAFETY: the eventfd is owned by `ring`, which lives in this driver as long as the
+        // epoll set; it is removed from the set only by the ring being dropped with the driver.
+        let eventfd = unsafe { BorrowedFd::borrow_raw(ring.eventfd()) };
+        self.epoll
+            .add(eventfd, event)
+            .map_err(|e| format!("watching the io_uring eventfd failed: {e}"))?;
+        self.ring = Some(ring);
+        Ok(())
+    }
+
+    fn entry(&self, id: SocketId) -> Result<&Entry<T>> {
+        match self.entries.get(id.index as usize) {
+            Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    fn entry_mut(&mut self, id: SocketId) -> Result<&mut Entry<T>> {
+        match self.entries.get_mut(id.index as usize) {
+            Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// The backend chosen for the socket.
+    pub fn backend(&self, id: SocketId) -> Result<Backend> {
+        Ok(self.entry(id)?.backend)
+    }
+
+    /// Why the socket did not get a better backend, when it was chosen automatically.
+    pub fn fallback_reason(&self, id: SocketId) -> Result<Option<String>> {
+        Ok(self.entry(id)?.fallback_reason.clone())
+    }
+
+    /// Sends on the socket whose buffers the kernel has not released yet.
+    pub fn inflight(&self, id: SocketId) -> Result<usize> {
+        Ok(self.entry(id)?.inflight)
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self, id: SocketId) -> Result<SocketStats> {
+        Ok(self.entry(id)?.stats.clone())
+    }
+
+    /// Submits one send of `bufs` (one vectored send; one datagram on UDP). Bytes go out in
+    /// submission order. The buffers stay owned by the driver until the kernel released them;
+    /// then a [`Completion::Send`] carrying `token` becomes available.
+    /// `zerocopy == false` asks for a copying send in the same ordered stream.
+    pub fn submit(&mut self, id: SocketId, bufs: Vec<B>, zerocopy: bool, token: T) -> Result<()> {
+        let entry = self.entry_mut(id)?;
+        if let Some(err) = &entry.failed {
+            return Err(err.clone());
+        }
+        if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "a datagram can be gathered from at most {IOV_MAX} buffers, got {}",
+                bufs.len()
+            )));
+        }
+        let total: usize = bufs.iter().map(IoBuf::len).sum();
+        let mode = if !zerocopy {
+            Mode::Copy(CopyReason::Requested)
+        } else if entry.backend == Backend::Copy {
+            Mode::Copy(CopyReason::Backend)
+        } else if total < entry.threshold {
+            Mode::Copy(CopyReason::BelowThreshold)
+        } else {
+            Mode::ZeroCopy
+        };
+        let mut op = SendOp::new(token, bufs, mode, id.index);
+        op.fixed = entry.backend == Backend::IoUring
+            && op.zerocopy()
+            && op.bufs.len() == 1
+            && op.bufs[0].fixed_index().is_some();
+        let key = self.insert_op(op);
+        let entry = self.entries[id.index as usize]
+            .as_mut()
+            .expect("entry checked above");
+        entry.inflight += 1;
+        entry.queue.push_back(key);
+        if total == 0 && entry.transport == Transport::Tcp {
+            // Nothing to write on a stream: done at once, in order behind nothing.
+            if entry.queue.len() == 1 {
+                entry.queue.pop_front();
+                self.ops[key as usize]
+                    .as_mut()
+                    .expect("just inserted")
+                    .queued = false;
+                self.try_finish(key);
+            }
+            return Ok(());
+        }
+        if entry.queue.len() == 1 {
+            self.pump(id.index);
+        }
+        self.flush_ring();
+        Ok(())
+    }
+
+    /// Arranges a [`Completion::Drained`] with `token` once the socket has nothing in flight.
+    pub fn drain(&mut self, id: SocketId, token: T) -> Result<()> {
+        let entry = match self.entries.get_mut(id.index as usize) {
+            Some(Some(entry)) if entry.generation == id.generation => entry,
+            _ => {
+                self.completions.push(Completion::Drained { token });
+                return Ok(());
+            }
+        };
+        if entry.inflight == 0 {
+            self.completions.push(Completion::Drained { token });
+        } else {
+            entry.drain_waiters.push(token);
+        }
+        Ok(())
+    }
+
+    /// Stops accepting sends on the socket. Sends already submitted still go out whole; the
+    /// driver closes its descriptor after the last one is released.
+    pub fn close(&mut self, id: SocketId) {
+        let Ok(entry) = self.entry_mut(id) else {
+            return;
+        };
+        entry.closing = true;
+        if entry.inflight == 0 {
+            self.remove_entry(id.index);
+        }
+    }
+
+    /// Processes everything the kernel reported since the last call, without blocking.
+    pub fn poll(&mut self) -> Result<()> {
+        let mut events = [EpollEvent::empty(); EVENT_BATCH];
+        loop {
+            let n = loop {
+                match self.epoll.wait(&mut events, 0u16) {
+                    Ok(n) => break n,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(Error::os("epoll_wait on the driver", e)),
+                }
+            };
+            for event in &events[..n] {
+                if event.data() == RING_TAG {
+                    self.process_ring();
+                } else {
+                    self.process_socket(event.data(), event.events());
+                }
+            }
+            self.flush_ring();
+            if n < EVENT_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes the sends released (and drains finished) so far.
+    pub fn take_completions(&mut self) -> std::vec::Drain<'_, Completion<T, B>> {
+        self.completions.drain(..)
+    }
+
+    /// True if completions are waiting to be taken.
+    pub fn has_completions(&self) -> bool {
+        !self.completions.is_empty()
+    }
+
+    fn insert_op(&mut self, op: SendOp<T, B>) -> OpKey {
+        match self.free_ops.pop() {
+            Some(key) => {
+                self.ops[key as usize] = Some(op);
+                key
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.vectored.push(None);
+                (self.ops.len() - 1) as OpKey
+            }
+        }
+    }
+
+    fn process_socket(&mut self, tag: u64, events: EpollFlags) {
+        let (index, generation) = ((tag & 0xffff_ffff) as u32, (tag >> 32) as u32);
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        if entry.backend == Backend::MsgZerocopy && events.contains(EpollFlags::EPOLLERR) {
+            self.read_notifications(index);
+        }
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let writable =
+            events.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
+        if writable && entry.want_write && !entry.queue.is_empty() {
+            self.pump(index);
+        }
+    }
+
+    fn read_notifications(&mut self, index: u32) {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let keys = &mut self.scratch_keys;
+        keys.clear();
+        let ops = &mut self.ops;
+        let tracker = &mut entry.tracker;
+        let stats = &mut entry.stats;
+        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| {
+            stats.notifications += 1;
+            tracker.complete(c.lo, c.hi, |key| {
+                if let Some(op) = ops[key as usize].as_mut() {
+                    op.notifications_pending -= 1;
+                    op.kernel_copied |= c.copied;
+                    keys.push(key);
+                }
+            });
+        });
+        if let Err(e) = drained {
+            // Reading the error queue cannot fail on a live socket; if it does, nothing more will
+            // arrive there, so end the stream rather than wait forever.
+            self.fail_socket(index, Error::os("reading the socket error queue", e));
+        }
+        let released = !self.scratch_keys.is_empty();
+        for i in 0..self.scratch_keys.len() {
+            let key = self.scratch_keys[i];
+            self.try_finish(key);
+        }
+        if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
+            if released && entry.awaiting_release {
+                entry.awaiting_release = false;
+                self.pump(index);
+            }
+        }
+    }
+
+    fn process_ring(&mut self) {
+        let mut events = std::mem::take(&mut self.scratch_events);
+        events.clear();
+        if let Some(ring) = self.ring.as_mut() {
+            ring.reap(&mut events);
+        }
+        for event in events.iter().copied() {
+            match event {
+                RingEvent::Released { key, copied } => {
+                    let Some(op) = self.ops[key as usize].as_mut() else {
+                        continue;
+                    };
+                    op.notifications_pending -= 1;
+                    op.kernel_copied |= copied;
+                    let socket = op.socket;
+                    if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
+                        entry.stats.notifications += 1;
+                    }
+                    self.try_finish(key);
+                }
+                RingEvent::Sent { key, res, more } => self.ring_sent(key, res, more),
+            }
+        }
+        self.scratch_events = events;
+    }
+
+    fn ring_sent(&mut self, key: OpKey, res: i32, more: bool) {
+        let Some(op) = self.ops[key as usize].as_mut() else {
+            return;
+        };
+        op.in_ring = false;
+        if more {
+            op.notifications_pending += 1;
+        }
+        let index = op.socket;
+        // The request is over: its msghdr is no longer read by the kernel.
+        self.vectored[key as usize] = None;
+        if res >= 0 {
+            self.wrote(index, key, res as usize);
+        } else {
+            let errno = Errno::from_raw(-res);
+            match errno {
+                Errno::EAGAIN | Errno::EINTR => {}
+                e => self.send_failed(index, key, e),
+            }
+        }
+        self.try_finish(key);
+        self.pump(index);
+    }
+
+    /// Records `n` bytes written for the head send of socket `index`.
+    fn wrote(&mut self, index: u32, key: OpKey, n: usize) {
+        let op = self.ops[key as usize].as_mut().expect("head send exists");
+        op.written += n;
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        if !op.queued {
+            // The stream failed while this request was in the ring; it was dequeued then.
+            return;
+        }
+        if op.written >= op.total || entry.transport == Transport::Udp {
+            entry.queue.pop_front();
+            op.queued = false;
+        } else {
+            entry.stats.short_sends += 1;
+        }
+    }
+
+    /// Writes the head of the socket's queue until it is empty or the kernel says wait.
+    fn pump(&mut self, index: u32) {
+        loop {
+            let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+                return;
+            };
+            let Some(&key) = entry.queue.front() else {
+                if entry.want_write {
+                    entry.want_write = false;
+                    let tag = socket_tag(index, entry.generation);
+                    let _ = self
+                        .epoll
+                        .modify(&entry.fd, &mut EpollEvent::new(EpollFlags::EPOLLET, tag));
+                }
+                return;
+            };
+            if entry.awaiting_release {
+                return;
+            }
+            let fd = entry.fd.as_raw_fd();
+            let backend = entry.backend;
+            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            if op.in_ring {
+                return;
+            }
+            if backend == Backend::IoUring && op.zerocopy() {
+                self.submit_to_ring(index, key, fd);
+                return;
+            }
+            let zerocopy = op.zerocopy();
+            op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
+            // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
+            // `try_finish` sees every release notification for this call arrive.
+            match unsafe { sys::send_vectored(fd, &self.scratch_iov, zerocopy) } {
+                Ok(0) if !self.scratch_iov.is_empty() => {
+                    // A stream that accepts nothing without an error: wait for room as for EAGAIN.
+                    self.wait_writable(index);
+                    return;
+                }
+                Ok(n) => {
+                    if zerocopy {
+                        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+                        entry.tracker.push(key);
+                        self.ops[key as usize]
+                            .as_mut()
+                            .expect("exists")
+                            .notifications_pending += 1;
+                    }
+                    self.wrote(index, key, n);
+                    self.try_finish(key);
+                }
+                Err(Errno::EAGAIN) => {
+                    self.wait_writable(index);
+                    return;
+                }
+                Err(Errno::ENOBUFS) if zerocopy => {
+                    let entry = self.entries[index as usize].as_mut().expect("entry exists");
+                    if entry.tracker.outstanding() > 0 {
+                        entry.stats.enobufs_waits += 1;
+                        entry.awaiting_release = true;
+                        // Releases may have landed before we looked: read them now.
+                        self.read_notifications(index);
+                        return;
+                    }
+                    self.send_failed(index, key, Errno::ENOBUFS);
+                }
+                Err(e) => self.send_failed(index, key, e),
+            }
+        }
+    }
+
+    /// The socket buffer is full: arm EPOLLOUT and continue when the kernel makes room.
+    fn wait_writable(&mut self, index: u32) {
+        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+        entry.stats.eagain_waits += 1;
+        if !entry.want_write {
+            entry.want_write = true;
+            let tag = socket_tag(index, entry.generation);
+            let flags = EpollFlags::EPOLLET | EpollFlags::EPOLLOUT;
+            if let Err(e) = self
+                .epoll
+                .modify(&entry.fd, &mut EpollEvent::new(flags, tag))
+            {
+                self.fail_socket(index, Error::os("waiting for room in the socket buffer", e));
+            }
+        }
+    }
+
+    fn submit_to_ring(&mut self, index: u32, key: OpKey, fd: RawFd) {
+        let op = self.ops[key as usize].as_mut().expect("queued send exists");
+        op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
+        let ring = self
+            .ring
+            .as_mut()
+            .expect("io_uring sockets exist only with a ring");
+        let pushed = if self.scratch_iov.len() == 1 {
+            let iov = self.scratch_iov[0];
+            let fixed = if op.fixed {
+                op.bufs[0].fixed_index()
+            } else {
+                None
+            };
+            let len = iov.iov_len.min(1 << 30) as u32;
+            // SAFETY: the iovec points into `op.bufs`, owned by the op in `self.ops` until
+            // `try_finish` sees no request in the ring and no notification pending, so the memory
+            // outlives the request; the fixed index, if any, names the registered buffer that
+            // `fixed_index` promises holds it.
+            unsafe { ring.send_zc(fd, key, iov.iov_base as *const u8, len, fixed) }
+        } else {
+            let mut request = Box::new(VectoredRequest {
+                // SAFETY: an all-zero msghdr is a valid "no address, no control data" header.
+                header: unsafe { std::mem::zeroed() },
+                iov: self.scratch_iov.clone(),
+            });
+            // SAFETY: the request is boxed and kept in `self.vectored[key]` until the request's
+            // completion is reaped (`ring_sent`); its iovecs point into `op.bufs`, which live
+            // until the notification, as for the single-buffer case.
+            let pushed = unsafe { ring.sendmsg_zc(fd, key, &mut request) };
+            self.vectored[key as usize] = Some(request);
+            pushed
+        };
+        match pushed {
+            Ok(()) => op.in_ring = true,
+            Err(e) => {
+                self.vectored[key as usize] = None;
+                self.send_failed(index, key, ring::errno_of(&e));
+            }
+        }
+    }
+
+    /// A send of socket `index` failed with `errno` before all its bytes were written.
+    fn send_failed(&mut self, index: u32, key: OpKey, errno: Errno) {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let op = self.ops[key as usize].as_mut().expect("failed send exists");
+        if !op.queued {
+            return;
+        }
+        let error = match errno {
+            Errno::ENOBUFS => Error::OsWithHint {
+                context: "sendmsg(MSG_ZEROCOPY)",
+                errno,
+                hint:
+                    "the kernel would not pin more pages (net.core.optmem_max or RLIMIT_MEMLOCK); \
+                       raise those limits or send smaller buffers",
+            },
+            _ => Error::os("sending on the socket", errno),
+        };
+        // A datagram failure, or a stream send that wrote nothing for a local reason, leaves the
+        // stream intact: fail just this send. Anything else breaks the byte stream.
+        let local_only =
+            entry.transport == Transport::Udp || (op.written == 0 && errno == Errno::ENOBUFS);
+        if local_only {
+            entry.queue.pop_front();
+            op.queued = false;
+            op.error = Some(error);
+            self.try_finish(key);
+        } else {
+            self.fail_socket(index, error);
+        }
+    }
+
+    /// Ends the stream: every send still queued fails with `error`. Sends already written keep
+    /// waiting for their release notifications.
+    fn fail_socket(&mut self, index: u32, error: Error) {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        entry.failed = Some(error.clone());
+        let keys: Vec<OpKey> = entry.queue.drain(..).collect();
+        for key in keys {
+            if let Some(op) = self.ops[key as usize].as_mut() {
+                op.queued = false;
+                op.error = Some(error.clone());
+            }
+            self.try_finish(key);
+        }
+    }
+
+    /// Completes the send if the kernel can no longer read its buffers.
+    fn try_finish(&mut self, key: OpKey) {
+        match self.ops[key as usize].as_ref() {
+            Some(op) if op.released() => {}
+            _ => return,
+        }
+        let op = self.ops[key as usize].take().expect("checked above");
+        self.free_ops.push(key);
+        let index = op.socket;
+        let entry = self.entries[index as usize]
+            .as_mut()
+            .expect("a send's socket outlives it");
+        entry.inflight -= 1;
+        let stats = &mut entry.stats;
+        stats.sends += 1;
+        let total = op.total as u64;
+        if op.error.is_some() {
+            stats.errors += 1;
+        } else {
+            match op.mode {
+                Mode::ZeroCopy if !op.kernel_copied => stats.bytes_zerocopy += total,
+                Mode::ZeroCopy => stats.bytes_copied_by_kernel += total,
+                Mode::Copy(CopyReason::BelowThreshold) => {
+                    stats.bytes_copied_below_threshold += total
+                }
+                Mode::Copy(CopyReason::Requested) => stats.bytes_copied_requested += total,
+                Mode::Copy(CopyReason::Backend) => stats.bytes_copied_backend += total,
+            }
+            if op.mode != Mode::ZeroCopy || op.kernel_copied {
+                stats.bytes_copied += total;
+            }
+            if op.fixed {
+                stats.fixed_buffer_sends += 1;
+            }
+        }
+        let (token, result, bufs) = op.finish();
+        self.completions.push(Completion::Send {
+            token,
+            result,
+            bufs,
+        });
+        if entry.inflight == 0 {
+            for token in entry.drain_waiters.drain(..) {
+                self.completions.push(Completion::Drained { token });
+            }
+            if entry.closing {
+                self.remove_entry(index);
+            }
+        }
+    }
+
+    fn remove_entry(&mut self, index: u32) {
+        if let Some(entry) = self.entries[index as usize].take() {
+            let _ = self.epoll.delete(&entry.fd);
+            for token in entry.drain_waiters {
+                self.completions.push(Completion::Drained { token });
+            }
+            self.free_entries.push(index);
+        }
+    }
+
+    fn flush_ring(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            if let Err(e) = ring.flush() {
+                // Submission failed for every request still queued in the ring: the kernel never
+                // saw them, so their buffers are free. Report on the sockets that own them.
+                let errno = ring::errno_of(&e);
+                let keys: Vec<OpKey> = (0..self.ops.len() as OpKey)
+                    .filter(|&k| self.ops[k as usize].as_ref().is_some_and(|op| op.in_ring))
+                    .collect();
+                for key in keys {
+                    let op = self.ops[key as usize].as_mut().expect("filtered");
+                    op.in_ring = false;
+                    let index = op.socket;
+                    self.vectored[key as usize] = None;
+                    self.send_failed(index, key, errno);
+                }
+            }
+        }
+    }
+}
+
+impl<T, B: IoBuf> Drop for Driver<T, B> {
+    fn drop(&mut self) {
+        // The ring and the sockets may still reference buffers of unreleased sends. Their memory
+        // must never be reused while the kernel can read it, so it is leaked, not freed.
+        for op in self.ops.iter_mut().filter_map(Option::take) {
+            if !op.released() {
+                std::mem::forget(op.bufs);
+                std::mem::forget(op.token);
+            }
+        }
+        for request in self.vectored.iter_mut().filter_map(Option::take) {
+            std::mem::forget(request);
+        }
+    }
+}
+
+fn socket_tag(index: u32, generation: u32) -> u64 {
+    u64::from(index) | (u64::from(generation) << 32)
+}

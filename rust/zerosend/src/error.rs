@@ -1,0 +1,51 @@
+//! The one error type of the core. Every failure says what went wrong and, where it can, what to do.
+
+use nix::errno::Errno;
+
+/// Errors of the zerosend core.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A system call failed. `errno` is the kernel's answer.
+    #[error("{context}: {errno} ({})", errno.desc())]
+    Os { context: &'static str, errno: Errno },
+    /// A system call failed and we know what the caller can do about it.
+    #[error("{context}: {errno} ({}); {hint}", errno.desc())]
+    OsWithHint {
+        context: &'static str,
+        errno: Errno,
+        hint: &'static str,
+    },
+    /// The requested backend cannot be used here.
+    #[error("backend {backend:?} is unavailable: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    /// The object given as a socket is not one zerosend can send on.
+    #[error("unsupported socket: {0}")]
+    UnsupportedSocket(String),
+    /// A send argument is unusable (empty vector of buffers, too many parts, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The socket was closed through zerosend; nothing more can be sent on it.
+    #[error("the zerosend socket is closed; wrap a new connected socket to send again")]
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn os(context: &'static str, errno: Errno) -> Self {
+        Error::Os { context, errno }
+    }
+
+    /// The errno behind this error, if it came from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Os { errno, .. } | Error::OsWithHint { errno, .. } => Some(*errno as i32),
+            Error::BackendUnavailable { .. } => Some(libc::EOPNOTSUPP),
+            Error::Closed => Some(libc::EBADF),
+            Error::UnsupportedSocket(_) | Error::InvalidArgument(_) => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

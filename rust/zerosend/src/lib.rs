@@ -1,0 +1,24 @@
+//! zerosend: zero-copy TCP/UDP transmit on Linux that tells you when the kernel released your
+//! buffer.
+//!
+//! A send's buffers are owned by the [`Driver`] from submission until the kernel's release
+//! notification (io_uring `SEND_ZC` notification CQE, or a `MSG_ZEROCOPY` error-queue range);
+//! only then is the send reported complete and the buffer handed back (dropped). That is the one
+//! guarantee this crate exists for: once a send completes, the memory may be reused.
+
+mod buf;
+mod capabilities;
+pub mod crc32c;
+mod driver;
+mod error;
+mod op;
+mod ring;
+mod sys;
+mod tracker;
+
+pub use buf::IoBuf;
+pub use capabilities::Capabilities;
+pub use driver::{Backend, Completion, Driver, SocketId, SocketOptions, SocketStats};
+pub use error::{Error, Result};
+pub use op::SendResult;
+pub use tracker::ZerocopyTracker;

@@ -1,0 +1,127 @@
+//! One send from submission until the kernel releases its buffers.
+//!
+//! A `SendOp` owns the caller's buffers. It leaves the driver only through `SendOp::finish`, which
+//! the driver calls when nothing in the kernel can still read them: every byte was written (or the
+//! send failed), no io_uring request is in flight, and every zero-copy notification has arrived.
+
+use crate::buf::IoBuf;
+use crate::error::Error;
+
+/// How a send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendResult {
+    /// Bytes handed to the kernel (the whole send).
+    pub nbytes: usize,
+    /// True only if the kernel transmitted straight from the caller's pages with no copy.
+    pub zerocopy: bool,
+}
+
+/// Why a send went by copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyReason {
+    /// The caller asked for a copying send.
+    Requested,
+    /// Smaller than the socket's zero-copy threshold.
+    BelowThreshold,
+    /// The socket uses the copy backend.
+    Backend,
+}
+
+/// How a send is transmitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    ZeroCopy,
+    Copy(CopyReason),
+}
+
+/// Stable index of a send inside its driver.
+pub(crate) type OpKey = u32;
+
+pub(crate) struct SendOp<T, B> {
+    pub token: T,
+    pub bufs: Vec<B>,
+    pub total: usize,
+    /// Bytes the kernel accepted so far.
+    pub written: usize,
+    pub mode: Mode,
+    /// Still in its socket's queue: bytes remain to be written.
+    pub queued: bool,
+    /// An io_uring request for this send awaits its first completion.
+    pub in_ring: bool,
+    /// Zero-copy notifications still to come.
+    pub notifications_pending: u32,
+    /// A notification said the kernel copied after all.
+    pub kernel_copied: bool,
+    /// Sent from io_uring registered (fixed) buffers.
+    pub fixed: bool,
+    pub error: Option<Error>,
+    pub socket: u32,
+}
+
+impl<T, B: IoBuf> SendOp<T, B> {
+    pub fn new(token: T, bufs: Vec<B>, mode: Mode, socket: u32) -> Self {
+        let total = bufs.iter().map(IoBuf::len).sum();
+        Self {
+            token,
+            bufs,
+            total,
+            written: 0,
+            mode,
+            queued: true,
+            in_ring: false,
+            notifications_pending: 0,
+            kernel_copied: false,
+            fixed: false,
+            error: None,
+            socket,
+        }
+    }
+
+    pub fn zerocopy(&self) -> bool {
+        self.mode == Mode::ZeroCopy
+    }
+
+    /// True once the kernel can no longer read the buffers.
+    pub fn released(&self) -> bool {
+        !self.queued && !self.in_ring && self.notifications_pending == 0
+    }
+
+    /// Fills `out` with the unsent part of the buffers, at most `max` slices.
+    pub fn remaining_slices(&self, out: &mut Vec<libc::iovec>, max: usize) {
+        out.clear();
+        let mut skip = self.written;
+        for buf in &self.bufs {
+            let len = buf.len();
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            out.push(libc::iovec {
+                // SAFETY: `skip < len`, so the offset stays inside the buffer the IoBuf contract
+                // guarantees valid; the kernel only reads through this pointer.
+                iov_base: unsafe { buf.as_ptr().add(skip) } as *mut libc::c_void,
+                iov_len: len - skip,
+            });
+            skip = 0;
+            if out.len() == max {
+                break;
+            }
+        }
+    }
+
+    /// Consumes the released op into its token, outcome and buffers.
+    pub fn finish(self) -> (T, Result<SendResult, Error>, Vec<B>) {
+        debug_assert!(
+            self.released(),
+            "a send was finished while the kernel could read it"
+        );
+        let result = match self.error {
+            Some(err) => Err(err),
+            None => Ok(SendResult {
+                nbytes: self.total,
+                zerocopy: self.zerocopy() && !self.kernel_copied,
+            }),
+        };
+        (self.token, result, self.bufs)
+    }
+}

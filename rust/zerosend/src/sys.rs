@@ -1,0 +1,205 @@
+//! Thin, documented wrappers around the socket system calls zerosend needs.
+
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike};
+
+use crate::error::{Error, Result};
+
+// Constants from the kernel's uapi headers that the libc crate does not export.
+/// `SO_ZEROCOPY` (include/uapi/asm-generic/socket.h; the same on x86_64 and aarch64).
+const SO_ZEROCOPY: libc::c_int = 60;
+/// `SO_EE_ORIGIN_ZEROCOPY` (include/uapi/linux/errqueue.h).
+const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
+/// `SO_EE_CODE_ZEROCOPY_COPIED` (include/uapi/linux/errqueue.h).
+const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
+
+/// Upper bound on iovecs per `sendmsg`; longer vectors go in several calls (stream sockets).
+pub const IOV_MAX: usize = 1024;
+
+/// What kind of transport a socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP over IPv4 or IPv6: a byte stream, short sends are possible.
+    Tcp,
+    /// UDP over IPv4 or IPv6: one send is one datagram.
+    Udp,
+}
+
+/// Checks that `fd` is a connected TCP or UDP socket over IPv4/IPv6 and says which.
+pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<Transport> {
+    let not_socket = |e: Errno| match e {
+        Errno::ENOTSOCK => Error::UnsupportedSocket("the file descriptor is not a socket".into()),
+        Errno::EBADF => {
+            Error::UnsupportedSocket("the socket is closed (bad file descriptor)".into())
+        }
+        e => Error::os("inspecting the socket", e),
+    };
+    let family = socket::getsockname::<socket::SockaddrStorage>(fd.as_raw_fd())
+        .map_err(not_socket)?
+        .family();
+    let family_ok = matches!(
+        family,
+        Some(socket::AddressFamily::Inet) | Some(socket::AddressFamily::Inet6)
+    );
+    if !family_ok {
+        return Err(Error::UnsupportedSocket(format!(
+            "address family {family:?} is not supported; zerosend sends on AF_INET and AF_INET6 sockets"
+        )));
+    }
+    let transport = match socket::getsockopt(&fd, sockopt::SockType).map_err(not_socket)? {
+        socket::SockType::Stream => Transport::Tcp,
+        socket::SockType::Datagram => Transport::Udp,
+        other => {
+            return Err(Error::UnsupportedSocket(format!(
+                "socket type {other:?} is not supported; use SOCK_STREAM (TCP) or SOCK_DGRAM (UDP)"
+            )))
+        }
+    };
+    if transport == Transport::Tcp && socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
+    {
+        return Err(Error::UnsupportedSocket(
+            "the socket is listening; wrap the connected socket that accept() returned".into(),
+        ));
+    }
+    match socket::getpeername::<socket::SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(_) => Ok(transport),
+        Err(Errno::ENOTCONN) => Err(Error::UnsupportedSocket(
+            "the socket is not connected; connect it (TCP or UDP) before wrapping".into(),
+        )),
+        Err(e) => Err(not_socket(e)),
+    }
+}
+
+/// A close-on-exec duplicate of `fd`, so in-flight sends keep the socket alive even if the
+/// caller closes its own descriptor, and the number cannot be reused under us.
+pub fn duplicate(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid borrowed descriptor creates a new descriptor that
+    // nobody else owns; we take ownership of it exactly once below.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(Error::os(
+            "duplicating the socket descriptor",
+            Errno::last(),
+        ));
+    }
+    // SAFETY: `new` is a fresh descriptor returned by fcntl and owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Turns on `SO_ZEROCOPY`; without it the kernel silently ignores `MSG_ZEROCOPY`.
+pub fn enable_zerocopy(fd: BorrowedFd<'_>) -> std::result::Result<(), Errno> {
+    let one: libc::c_int = 1;
+    // SAFETY: the option value points to a live c_int and the length matches it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ZEROCOPY,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// One non-blocking `sendmsg` of `iov`; `zerocopy` adds `MSG_ZEROCOPY`.
+///
+/// # Safety
+/// Every iovec must describe readable memory. With `zerocopy`, that memory must also stay valid
+/// and unmodified until the kernel's release notification for this call.
+pub unsafe fn send_vectored(
+    fd: RawFd,
+    iov: &[libc::iovec],
+    zerocopy: bool,
+) -> std::result::Result<usize, Errno> {
+    let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    if zerocopy {
+        flags |= libc::MSG_ZEROCOPY;
+    }
+    // SAFETY: an all-zero msghdr means no address and no control data.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = iov.as_ptr().cast_mut();
+    header.msg_iovlen = iov.len();
+    loop {
+        // SAFETY: `header` points to `iov.len()` iovecs that the caller guarantees describe
+        // readable memory (this function's contract).
+        let n = unsafe { libc::sendmsg(fd, &header, flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+/// A completion read from the error queue: numbers `[lo, hi]` were released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZerocopyCompletion {
+    pub lo: u32,
+    pub hi: u32,
+    /// The kernel copied the data after all (loopback, veth, a device without scatter-gather).
+    pub copied: bool,
+}
+
+/// What the error queue held besides zero-copy completions.
+#[derive(Debug, Default)]
+pub struct ErrorQueueReport {
+    /// A pending socket error (for example ICMP unreachable on UDP), if one was queued.
+    pub socket_error: Option<Errno>,
+}
+
+/// Drains the socket's error queue without blocking, calling `on_completion` for each
+/// zero-copy completion found.
+pub fn drain_error_queue(
+    fd: RawFd,
+    mut on_completion: impl FnMut(ZerocopyCompletion),
+) -> std::result::Result<ErrorQueueReport, Errno> {
+    let mut report = ErrorQueueReport::default();
+    let mut cmsg_space = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+    loop {
+        let msg = match socket::recvmsg::<()>(
+            fd,
+            &mut [],
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(msg) => msg,
+            Err(Errno::EAGAIN) => return Ok(report),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let Ok(cmsgs) = msg.cmsgs() else { continue };
+        for cmsg in cmsgs {
+            let err = match cmsg {
+                ControlMessageOwned::Ipv4RecvErr(err, _)
+                | ControlMessageOwned::Ipv6RecvErr(err, _) => err,
+                _ => continue,
+            };
+            if err.ee_origin == SO_EE_ORIGIN_ZEROCOPY && err.ee_errno == 0 {
+                on_completion(ZerocopyCompletion {
+                    lo: err.ee_info,
+                    hi: err.ee_data,
+                    copied: err.ee_code & SO_EE_CODE_ZEROCOPY_COPIED != 0,
+                });
+            } else if err.ee_errno != 0 {
+                report.socket_error = Some(Errno::from_raw(err.ee_errno as i32));
+            }
+        }
+    }
+}
+
+/// The kernel release string, e.g. "6.18.44".
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
