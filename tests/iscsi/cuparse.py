@@ -10,7 +10,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-_TOKEN = re.compile(r"^Suite: (?P<suite>\S+)|Test: (?P<test>\S+) \.\.\.|(?P<end>\.\.\.passed|passed|FAILED)", re.M)
+_TOKEN = re.compile(
+    r"^Suite: (?P<suite>\S+)|Test: (?P<test>\S+) \.\.\.|(?P<end>\.\.\.passed|passed|FAILED)", re.M
+)
 
 
 @dataclass(frozen=True)

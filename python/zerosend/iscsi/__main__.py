@@ -38,13 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
-    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN})")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN})"
+    )
     p.add_argument("--iqn", help=f"target name (default {DEFAULT_IQN})")
-    p.add_argument("--lun", action="append", default=[], metavar="PATH[:ro]", help="a LUN, numbered from 0 in order")
+    p.add_argument(
+        "--lun",
+        action="append",
+        default=[],
+        metavar="PATH[:ro]",
+        help="a LUN, numbered from 0 in order",
+    )
     p.add_argument("--chap", metavar="USER:SECRET", help="require CHAP from initiators")
-    p.add_argument("--mutual-chap", metavar="USER:SECRET", help="target credentials for mutual CHAP")
-    p.add_argument("--allow", action="append", default=[], metavar="IQN", help="only these initiators may log in")
+    p.add_argument(
+        "--mutual-chap", metavar="USER:SECRET", help="target credentials for mutual CHAP"
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="IQN",
+        help="only these initiators may log in",
+    )
     p.add_argument("--max-connections", type=int, help="connections open at once (default 256)")
+    p.add_argument(
+        "--max-pending-logins",
+        type=int,
+        help="connections allowed to sit in login at once; the oldest is dropped (default 64)",
+    )
     p.add_argument("--buffers", type=int, help="transmit buffers in the pool (default 256)")
     p.add_argument("--buffer-size", help="size of each transmit buffer (default 256K)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -70,7 +91,18 @@ def load_config(args: argparse.Namespace) -> TargetConfig:
             raise ValueError(f"cannot read config {args.config}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config {args.config} is not valid TOML: {e}") from e
-        known = {"listen", "iqn", "luns", "chap", "mutual_chap", "allow", "max_connections", "buffers", "buffer_size"}
+        known = {
+            "listen",
+            "iqn",
+            "luns",
+            "chap",
+            "mutual_chap",
+            "allow",
+            "max_connections",
+            "max_pending_logins",
+            "buffers",
+            "buffer_size",
+        }
         unknown = set(file) - known
         if unknown:
             raise ValueError(f"config {args.config}: unknown keys {', '.join(sorted(unknown))}")
@@ -91,7 +123,12 @@ def load_config(args: argparse.Namespace) -> TargetConfig:
     if cfg.mutual_chap and not cfg.chap:
         raise ValueError("--mutual-chap needs --chap as well")
     cfg.allow = frozenset(args.allow or file.get("allow", []))
-    cfg.max_connections = args.max_connections or int(file.get("max_connections", cfg.max_connections))
+    cfg.max_connections = args.max_connections or int(
+        file.get("max_connections", cfg.max_connections)
+    )
+    cfg.max_pending_logins = args.max_pending_logins or int(
+        file.get("max_pending_logins", cfg.max_pending_logins)
+    )
     cfg.buffers = args.buffers or int(file.get("buffers", cfg.buffers))
     size = args.buffer_size or file.get("buffer_size")
     if size:

@@ -36,7 +36,9 @@ class MmapPool:
     def __init__(self, count: int, size: int) -> None:
         self.size = size
         self.count = count
-        self._free: deque[_MmapLease] = deque(_MmapLease(self, mmap.mmap(-1, size)) for _ in range(count))
+        self._free: deque[_MmapLease] = deque(
+            _MmapLease(self, mmap.mmap(-1, size)) for _ in range(count)
+        )
         self._waiters: deque[asyncio.Future[_MmapLease]] = deque()
 
     @property

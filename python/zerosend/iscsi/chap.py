@@ -1,4 +1,4 @@
-"""CHAP authentication (RFC 1994 with MD5, as used by RFC 7143 section 12.1.3), one-way and mutual."""
+"""CHAP authentication (RFC 1994 MD5, per RFC 7143 section 12.1.3), one-way and mutual."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ negotiation, and the move to full feature phase."""
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -10,6 +11,8 @@ from typing import Protocol
 from . import pdu as P
 from .chap import AuthError, ChapServer, Credentials
 from .params import NegotiationError, SessionParams, declare_target, negotiate
+
+log = logging.getLogger("zerosend.iscsi")
 
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 
@@ -108,6 +111,13 @@ class LoginMachine:
         except P.PduError as e:
             raise LoginFailed(INITIATOR_ERROR, str(e)) from e
         keys = dict(pairs)
+        log.debug(
+            "login request CSG=%d NSG=%d T=%d %s",
+            csg,
+            nsg,
+            transit,
+            [(k, v) for k, v in pairs if not k.startswith("CHAP_")],
+        )
 
         answers: list[tuple[str, str]] = []
         if self._first:
@@ -168,7 +178,9 @@ class LoginMachine:
             offered = keys["AuthMethod"].split(",")
             if self._needs_auth():
                 if "CHAP" not in offered:
-                    raise LoginFailed(AUTH_FAILED, f"CHAP required, initiator offers {keys['AuthMethod']}")
+                    raise LoginFailed(
+                        AUTH_FAILED, f"CHAP required, initiator offers {keys['AuthMethod']}"
+                    )
                 self._auth_method = "CHAP"
                 self._chap = ChapServer(self.policy.chap, self.policy.mutual_chap)  # type: ignore[arg-type]
             else:

@@ -52,7 +52,9 @@ WRITE6, WRITE10, WRITE12, WRITE16 = 0x0A, 0x2A, 0xAA, 0x8A
 WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16 = 0x2E, 0xAE, 0x8E
 VERIFY10, VERIFY12, VERIFY16 = 0x2F, 0xAF, 0x8F
 READ_OPS = frozenset((READ6, READ10, READ12, READ16))
-WRITE_OPS = frozenset((WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16))
+WRITE_OPS = frozenset(
+    (WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16)
+)
 VERIFY_OPS = frozenset((VERIFY10, VERIFY12, VERIFY16))
 MAX_TRANSFER_BLOCKS = 16384  # 8 MiB with 512-byte blocks; advertised in VPD B0
 
@@ -116,7 +118,9 @@ class LogicalUnit:
     reservations: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        digest = hashlib.sha256(f"{self.target_iqn}/{self.number}/{self.store.name}".encode()).digest()
+        digest = hashlib.sha256(
+            f"{self.target_iqn}/{self.number}/{self.store.name}".encode()
+        ).digest()
         # NAA 6 (IEEE registered extended) needs an OUI; use a locally administered looking value.
         self.naa = bytes((0x60 | (digest[0] & 0x0F),)) + digest[1:16]
         self.serial = digest[16:24].hex().upper().encode()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zerosend.iscsi")
 
 CMD_WINDOW = 128
+MAX_AHS = 272  # an extended CDB of up to 260 bytes plus its AHS header
 LOGIN_TIMEOUT = 30.0
 _U32 = struct.Struct(">I")
 _SERIAL_HALF = 1 << 31
@@ -136,7 +137,9 @@ class WriteTask:
         "xfer",
     )  # fmt: skip
 
-    def __init__(self, itt: int, lu: S.LogicalUnit, lun_field: bytes, base: int, spdtl: int, edtl: int) -> None:
+    def __init__(
+        self, itt: int, lu: S.LogicalUnit, lun_field: bytes, base: int, spdtl: int, edtl: int
+    ) -> None:
         self.itt = itt
         self.lu = lu
         self.lun = lu.number
@@ -180,7 +183,9 @@ class Session:
         self.active = 0  # commands counted against the CmdSN window until their sends release
         self.pending_cmds: dict[int, P.Pdu] = {}
         self.writes: dict[int, WriteTask] = {}
-        self.reads: dict[int, tuple[asyncio.Task[None], int]] = {}  # multi-buffer Data-In in progress
+        self.reads: dict[
+            int, tuple[asyncio.Task[None], int]
+        ] = {}  # multi-buffer Data-In in progress
         self.ttt_counter = 0
         self.closing = False
         self.failed: BaseException | None = None
@@ -303,7 +308,13 @@ class Session:
         return datasn
 
     def send_status(
-        self, itt: int, status: int, sense: bytes | None, flags: int = 0, residual: int = 0, expdatasn: int = 0
+        self,
+        itt: int,
+        status: int,
+        sense: bytes | None,
+        flags: int = 0,
+        residual: int = 0,
+        expdatasn: int = 0,
     ) -> None:
         data = b""
         if sense:
@@ -312,7 +323,9 @@ class Session:
         self.send_pdu(hdr, data)
 
     def send_check(self, itt: int, cc: S.CheckCondition, flags: int = 0, residual: int = 0) -> None:
-        self.send_status(itt, S.CHECK_CONDITION, S.sense_fixed(cc.key, cc.asc, cc.ascq, cc.info), flags, residual)
+        self.send_status(
+            itt, S.CHECK_CONDITION, S.sense_fixed(cc.key, cc.asc, cc.ascq, cc.info), flags, residual
+        )
 
     def send_reject(self, reason: int, bhs: bytes, why: str) -> None:
         log.warning("%s: reject (reason 0x%02x): %s", self.name, reason, why)
@@ -320,17 +333,25 @@ class Session:
 
     # ---------------------------------------------------------------- receiving
 
-    async def read_pdu(self, max_data: int) -> P.Pdu:
+    async def read_pdu(self, max_data: int, login: bool = False) -> P.Pdu:
         rd = self.reader
         bhs = bytes(await rd.take(P.BHS_LEN))
         ahs_len, dsl = P.header_lengths(bhs)
+        # Judge the header before waiting for a body that may never come.
+        if login and bhs[0] & 0x3F != P.OP_LOGIN_REQ:
+            name = P.Pdu(bhs, b"", b"").name
+            raise P.PduError(f"{name} before login completed")
+        if ahs_len > (0 if login else MAX_AHS):
+            raise P.PduError(f"additional header segment of {ahs_len} bytes")
         ahs = bytes(await rd.take(ahs_len)) if ahs_len else b""
         if self.params.header_digest:
             digest = int.from_bytes(await rd.take(4), "little")
             if digest != self.target.crc32c(ahs, self.target.crc32c(bhs)):
                 raise P.PduError("header digest mismatch")
         if dsl > max_data:
-            raise P.PduError(f"{P.Pdu(bhs, ahs, b'').name} data segment of {dsl} bytes exceeds {max_data}")
+            raise P.PduError(
+                f"{P.Pdu(bhs, ahs, b'').name} data segment of {dsl} bytes exceeds {max_data}"
+            )
         data: memoryview | bytes = b""
         if dsl:
             total = P.padded(dsl) + (4 if self.params.data_digest else 0)
@@ -349,13 +370,17 @@ class Session:
             try:
                 await asyncio.wait_for(self._login(), LOGIN_TIMEOUT)
             except TimeoutError:
-                log.warning("%s: login not finished within %.0fs; closing", self.name, LOGIN_TIMEOUT)
+                log.warning(
+                    "%s: login not finished within %.0fs; closing", self.name, LOGIN_TIMEOUT
+                )
                 return
             if self.tsih:
                 await self._full_feature()
         except ConnectionClosed:
             if self.tsih:
                 log.info("%s: connection closed by initiator", self.name)
+            else:
+                log.warning("%s: connection closed before login completed", self.name)
         except P.PduError as e:
             log.warning("%s: protocol error: %s; closing connection", self.name, e)
         except OSError as e:
@@ -395,12 +420,9 @@ class Session:
         machine = LoginMachine(self.target)
         while True:
             try:
-                req = await self.read_pdu(8192)
+                req = await self.read_pdu(8192, login=True)
             except P.PduError as e:
                 log.warning("%s: bad PDU during login: %s; closing", self.name, e)
-                return
-            if req.opcode != P.OP_LOGIN_REQ:
-                log.warning("%s: %s before login completed; closing", self.name, req.name)
                 return
             if machine._first:
                 self.statsn = req.u32(28)
@@ -462,11 +484,20 @@ class Session:
             if op == P.OP_SNACK:
                 self.send_reject(P.REJECT_SNACK, req.bhs, "SNACK at ErrorRecoveryLevel 0")
                 continue
-            if op not in (P.OP_SCSI_CMD, P.OP_NOP_OUT, P.OP_TMF_REQ, P.OP_TEXT_REQ, P.OP_LOGOUT_REQ, P.OP_LOGIN_REQ):
+            if op not in (
+                P.OP_SCSI_CMD,
+                P.OP_NOP_OUT,
+                P.OP_TMF_REQ,
+                P.OP_TEXT_REQ,
+                P.OP_LOGOUT_REQ,
+                P.OP_LOGIN_REQ,
+            ):
                 self.send_reject(P.REJECT_NOT_SUPPORTED, req.bhs, f"unknown {req.name}")
                 continue
             if op == P.OP_LOGIN_REQ:
-                self.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, "Login-Request in full feature phase")
+                self.send_reject(
+                    P.REJECT_PROTOCOL_ERROR, req.bhs, "Login-Request in full feature phase"
+                )
                 continue
             if req.immediate:
                 await self._dispatch(req)
@@ -496,7 +527,9 @@ class Session:
         op = req.opcode
         if op == P.OP_SCSI_CMD:
             if self.discovery:
-                self.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, "SCSI command in discovery session")
+                self.send_reject(
+                    P.REJECT_PROTOCOL_ERROR, req.bhs, "SCSI command in discovery session"
+                )
                 return
             self._scsi_command(req)
         elif op == P.OP_NOP_OUT:
@@ -514,7 +547,9 @@ class Session:
             return  # a ping answer (we never ping) or a CmdSN-only update
         ttt = req.u32(20)
         if ttt != P.NO_TAG:
-            self.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, "NOP-Out answers a ping we never sent")
+            self.send_reject(
+                P.REJECT_PROTOCOL_ERROR, req.bhs, "NOP-Out answers a ping we never sent"
+            )
             return
         data = bytes(req.data)
         self.send_pdu(P.nop_in(bytes(req.bhs[8:16]), itt, P.NO_TAG, len(data)), data)
@@ -530,7 +565,9 @@ class Session:
             if key == "SendTargets":
                 answers += self.target.send_targets(value, self.discovery, self.sock)
             else:
-                answers.append((key, "NotUnderstood" if key not in ("MaxRecvDataSegmentLength",) else value))
+                answers.append(
+                    (key, "NotUnderstood" if key not in ("MaxRecvDataSegmentLength",) else value)
+                )
         data = P.build_text(answers)
         if len(data) > self.params.initiator_max_recv_dsl:
             data = data[: self.params.initiator_max_recv_dsl]
@@ -692,10 +729,14 @@ class Session:
         if n <= pool.size:
             lease = pool.try_acquire()
             if lease is not None:
-                self._read_chunk(itt, lun_field, store, offset, lease, 0, n, 0, True, (flags, residual))
+                self._read_chunk(
+                    itt, lun_field, store, offset, lease, 0, n, 0, True, (flags, residual)
+                )
                 return
         self.active += 1
-        task = self.loop.create_task(self._read_large(itt, lun_field, store, offset, n, (flags, residual)))
+        task = self.loop.create_task(
+            self._read_large(itt, lun_field, store, offset, n, (flags, residual))
+        )
         self.reads[itt] = (task, P.decode_lun(lun_field))
         task.add_done_callback(lambda t: self._read_done(itt, t))
 
@@ -734,7 +775,13 @@ class Session:
         return datasn, release
 
     async def _read_large(
-        self, itt: int, lun_field: bytes, store: Any, offset: int, total: int, status: tuple[int, int]
+        self,
+        itt: int,
+        lun_field: bytes,
+        store: Any,
+        offset: int,
+        total: int,
+        status: tuple[int, int],
     ) -> None:
         pool = self.target.pool
         pos = datasn = 0
@@ -744,7 +791,9 @@ class Session:
             if self.closing:
                 lease.release()
                 return
-            res = self._read_chunk(itt, lun_field, store, offset, lease, pos, n, datasn, pos + n == total, status)
+            res = self._read_chunk(
+                itt, lun_field, store, offset, lease, pos, n, datasn, pos + n == total, status
+            )
             if res is None:
                 return
             datasn = res[0]
@@ -758,7 +807,9 @@ class Session:
             self.writes[req.itt] = task
             self.active += 1
 
-    def _write(self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes) -> None:
+    def _write(
+        self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
+    ) -> None:
         rw = S.decode_rw(cdb)
         op = cdb[0]
         verify = op in S.VERIFY_OPS
@@ -780,7 +831,11 @@ class Session:
             edtl = 0
         task = WriteTask(req.itt, lu, lun_field, rw.lba * bs, spdtl, edtl)
         task.verify = verify
-        task.fua = bool(rw.flags & 0x08) or op in (S.WRITE_VERIFY10, S.WRITE_VERIFY12, S.WRITE_VERIFY16)
+        task.fua = bool(rw.flags & 0x08) or op in (
+            S.WRITE_VERIFY10,
+            S.WRITE_VERIFY12,
+            S.WRITE_VERIFY16,
+        )
         if verify and bytchk == 3:
             task.same_blocks = rw.blocks
         self.writes[req.itt] = task
@@ -913,7 +968,9 @@ class Session:
                 task.lu.store.flush()
             except OSError as e:
                 log.error("%s: flush failed: %s", self.name, e)
-                self.send_check(task.itt, S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR), flags, residual)
+                self.send_check(
+                    task.itt, S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR), flags, residual
+                )
                 return
         self.send_status(task.itt, S.GOOD, None, flags, residual)
 
@@ -928,4 +985,3 @@ class _NoStore:
     block_size = 512
     blocks = 0
     kind = "none"
-

@@ -46,6 +46,7 @@ class TargetConfig:
     mutual_chap: Credentials | None = None
     allow: frozenset[str] = frozenset()
     max_connections: int = 256
+    max_pending_logins: int = 64
     buffers: int = 256
     buffer_size: int = 256 * 1024
 
@@ -86,6 +87,7 @@ class Target:
         self.pool = make_pool(config.buffers, config.buffer_size)
         self.sessions: dict[int, Session] = {}
         self.connections: set[Session] = set()
+        self._logging_in: dict[Session, None] = {}  # insertion-ordered: oldest first
         self._by_nexus: dict[tuple[str, bytes], Session] = {}
         self._next_tsih = 1
         self.stopping = False
@@ -100,6 +102,7 @@ class Target:
     # -- sessions
 
     def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
+        self._logging_in.pop(session, None)
         nexus = (initiator, isid)
         old = self._by_nexus.get(nexus)
         if old is not None and old is not session:
@@ -116,6 +119,7 @@ class Target:
 
     def session_ended(self, session: Session) -> None:
         self.connections.discard(session)
+        self._logging_in.pop(session, None)
         if session.tsih and self.sessions.get(session.tsih) is session:
             del self.sessions[session.tsih]
             nexus = (session.initiator, session.isid)
@@ -136,7 +140,9 @@ class Target:
         for s in list(self.connections):
             s.abort_connection()
 
-    def send_targets(self, value: str, discovery: bool, sock: socket.socket) -> list[tuple[str, str]]:
+    def send_targets(
+        self, value: str, discovery: bool, sock: socket.socket
+    ) -> list[tuple[str, str]]:
         # "All" (any session), our name, or empty (the current target, normal sessions only)
         if value not in ("All", self.iqn) and not (value == "" and not discovery):
             return []
@@ -163,10 +169,13 @@ class Target:
         self._server = srv
         self.address = srv.getsockname()[:2]
         luns = ", ".join(
-            f"{n}={lu.store.name} ({lu.store.kind}, {lu.store.size} bytes{', ro' if lu.readonly else ''})"
+            f"{n}={lu.store.name} ({lu.store.kind}, {lu.store.size} bytes"
+            f"{', ro' if lu.readonly else ''})"
             for n, lu in self.luns.items()
         )
-        log.info("listening on %s:%d as %s; LUNs: %s", self.address[0], self.address[1], self.iqn, luns)
+        log.info(
+            "listening on %s:%d as %s; LUNs: %s", self.address[0], self.address[1], self.iqn, luns
+        )
         return self.address
 
     async def serve(self) -> None:
@@ -210,6 +219,14 @@ class Target:
                 await asyncio.sleep(0.1)
                 continue
             peer = f"{addr[0]}:{addr[1]}"
+            if len(self._logging_in) >= self.config.max_pending_logins:
+                # A flood of idle or slow connections: the oldest not-yet-logged-in one makes room.
+                oldest = next(iter(self._logging_in))
+                log.warning(
+                    "%s: evicted: %d connections still in login", oldest.peer, len(self._logging_in)
+                )
+                self._logging_in.pop(oldest, None)
+                oldest.abort_connection()
             if len(self.connections) >= self.config.max_connections:
                 log.warning("%s: refused: %d connections already open", peer, len(self.connections))
                 conn.close()
@@ -224,4 +241,5 @@ class Target:
                 continue
             log.info("%s: connection accepted", peer)
             self.connections.add(session)
+            self._logging_in[session] = None
             session.task = loop.create_task(session.run())
