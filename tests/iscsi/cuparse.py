@@ -10,9 +10,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+# CUnit prints "Test: NAME ..." then "passed" or "FAILED", with the test's own log lines
+# (which may say "[FAILED] ..." about an expected failure) in between.
 _TOKEN = re.compile(
-    r"^Suite: (?P<suite>\S+)|Test: (?P<test>\S+) \.\.\.|(?P<end>\.\.\.passed|passed|FAILED)", re.M
+    r"^Suite: (?P<suite>\S+)|Test: (?P<test>\S+) \.\.\."
+    r"|(?<![\[\w])(?P<end>passed|FAILED)(?![\]\w])",
+    re.M,
 )
+_SUMMARY = re.compile(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", re.M)
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,11 @@ class Outcome:
     test: str
     result: str  # "pass", "skip" or "fail"
     detail: str
+
+    @property
+    def skip_reason(self) -> str:
+        m = re.search(r"\[SKIPPED\]\s*([^\n]*)", self.detail)
+        return m.group(1).strip() if m else ""
 
 
 def parse(text: str) -> list[Outcome]:
@@ -48,3 +58,11 @@ def parse(text: str) -> list[Outcome]:
 
 def counts(outcomes: list[Outcome]) -> Counter[str]:
     return Counter(o.result for o in outcomes)
+
+
+def summary(text: str) -> tuple[int, int, int]:
+    """CUnit's own (ran, passed, failed) test counts from its run summary."""
+    m = _SUMMARY.search(text)
+    if m is None:
+        raise ValueError("no CUnit run summary in the output")
+    return int(m.group(2)), int(m.group(3)), int(m.group(4))

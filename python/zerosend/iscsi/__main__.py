@@ -146,6 +146,7 @@ async def _run(cfg: TargetConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, target.stop)
+    loop.add_signal_handler(signal.SIGUSR1, target.log_state)
     await target.serve()
     return 0
 

@@ -180,7 +180,7 @@ class Session:
         self.statsn = 0
         self.expcmdsn = 0
         self.maxcmdsn = 0
-        self.active = 0  # commands counted against the CmdSN window until their sends release
+        self.active = 0  # commands in progress (shown by the SIGUSR1 state dump)
         self.pending_cmds: dict[int, P.Pdu] = {}
         self.writes: dict[int, WriteTask] = {}
         self.reads: dict[
@@ -238,7 +238,10 @@ class Session:
         return fut
 
     def _update_window(self) -> None:
-        want = (self.expcmdsn + CMD_WINDOW - 1 - self.active) & 0xFFFFFFFF
+        # A fixed window: commands the initiator may have outstanding are bounded by it, and the
+        # memory they pin by the shared buffer pool. (A window shrunk by busy work would need an
+        # unsolicited NOP-In to reopen once the work is done, or the initiator stalls.)
+        want = (self.expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
         if _sn_lt(self.maxcmdsn, want):
             self.maxcmdsn = want
 

@@ -136,6 +136,17 @@ class Target:
             if only is None or s is only:
                 s.abort_tasks(lun)
 
+    def log_state(self) -> None:
+        """One log line per connection with its windows and in-flight counts (SIGUSR1)."""
+        log.info("state: %d connections, %d/%d transmit buffers free", len(self.connections),
+                 self.pool.available, self.pool.count)  # fmt: skip
+        for s in list(self.connections):
+            log.info(
+                "state: %s ExpCmdSN=%d MaxCmdSN=%d active=%d writes=%d reads=%d inflight=%s",
+                s.name, s.expcmdsn, s.maxcmdsn, s.active, len(s.writes), len(s.reads),
+                getattr(s.zs, "inflight", "?"),
+            )  # fmt: skip
+
     def drop_all_sessions(self) -> None:
         for s in list(self.connections):
             s.abort_connection()

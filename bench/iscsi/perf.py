@@ -1,0 +1,149 @@
+"""iscsi-perf against zerosend's target and against tgtd serving the same image, alternating.
+
+    python bench/iscsi/perf.py [--size 512M] [--seconds 10] [--rounds 3] [--markdown FILE]
+
+Needs root (tgtd), libiscsi-bin (iscsi-perf) and tgt. Workloads: sequential 128 KiB reads with
+16 in flight, random 4 KiB reads with 32 in flight. Every (target, workload) pair runs once per
+round, the targets alternating, so drift on the machine hits both alike; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IQN_ZS = "iqn.2024-01.org.zerosend:bench"
+IQN_TGT = "iqn.2024-01.org.zerosend:tgt-bench"
+WORKLOADS = {
+    "seq 128 KiB x16": ["-m", "16", "-b", "256"],
+    "rand 4 KiB x32": ["-r", "-m", "32", "-b", "8"],
+}
+_AVG = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not listen on port {port}")
+
+
+def start_zerosend(image: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--iqn", IQN_ZS, "--lun", str(image), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_port(port, proc, "zerosend-iscsi")
+    return proc
+
+
+def start_tgtd(image: Path, port: int, control: int, log: Path) -> subprocess.Popen[bytes]:
+    tgtd = shutil.which("tgtd")
+    if tgtd is None or shutil.which("tgtadm") is None:
+        sys.exit("tgtd/tgtadm not found (Debian package tgt)")
+    cmd = [tgtd, "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_port(port, proc, "tgtd")
+    adm = ["tgtadm", "-C", str(control), "--lld", "iscsi"]
+    for args in (
+        ["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN_TGT],
+        ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(image)],
+        ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
+    ):
+        subprocess.run(adm + args, check=True)
+    return proc
+
+
+def perf(url: str, args: list[str], seconds: int) -> tuple[int, int]:
+    cmd = ["iscsi-perf", "-t", str(seconds), *args, url]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, errors="replace", timeout=seconds + 60
+    )
+    found = _AVG.findall(res.stdout)
+    if res.returncode != 0 or not found:
+        sys.exit(f"iscsi-perf failed ({res.returncode}): {res.stdout[-500:]} {res.stderr[-500:]}")
+    iops, mbs = found[-1]
+    return int(iops), int(mbs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", default="512M", help="image size (default 512M)")
+    ap.add_argument("--seconds", type=int, default=10, help="seconds per run (default 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--markdown", help="write the result table to this file")
+    opts = ap.parse_args()
+    if shutil.which("iscsi-perf") is None:
+        sys.exit("iscsi-perf not found (Debian package libiscsi-bin)")
+    tmp = Path(tempfile.mkdtemp(prefix="zs-iscsi-bench-"))
+    image = tmp / "disk.img"
+    subprocess.run(["truncate", "-s", opts.size, str(image)], check=True)
+    with image.open("r+b") as f:  # real bytes, not a hole: both targets read the page cache
+        chunk = os.urandom(1 << 20)
+        for _ in range(image.stat().st_size >> 20):
+            f.write(chunk)
+    zs = start_zerosend(image, 3270, tmp / "zerosend.log")
+    tgt = start_tgtd(image, 3271, 7, tmp / "tgtd.log")
+    urls = {
+        "zerosend": f"iscsi://127.0.0.1:3270/{IQN_ZS}/0",
+        "tgtd": f"iscsi://127.0.0.1:3271/{IQN_TGT}/1",
+    }
+    results: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    try:
+        for r in range(opts.rounds):
+            for wl, args in WORKLOADS.items():
+                order = list(urls) if r % 2 == 0 else list(reversed(urls))
+                for name in order:
+                    iops, mbs = perf(urls[name], args, opts.seconds)
+                    results.setdefault((name, wl), []).append((iops, mbs))
+                    print(
+                        f"round {r + 1} {wl:16} {name:9} {iops:8d} IOPS {mbs:6d} MB/s", flush=True
+                    )
+    finally:
+        for proc in (zs, tgt):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [
+        f"iscsi-perf, {opts.rounds} alternating rounds of {opts.seconds} s, {opts.size} image, "
+        f"median of rounds, {os.cpu_count()} CPUs, loopback",
+        "",
+        "| workload | zerosend IOPS | zerosend MB/s | tgtd IOPS | tgtd MB/s | zerosend / tgtd |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for wl in WORKLOADS:
+        z = statistics.median(i for i, _ in results[("zerosend", wl)])
+        zm = statistics.median(m for _, m in results[("zerosend", wl)])
+        t = statistics.median(i for i, _ in results[("tgtd", wl)])
+        tm = statistics.median(m for _, m in results[("tgtd", wl)])
+        lines.append(f"| {wl} | {z:.0f} | {zm:.0f} | {t:.0f} | {tm:.0f} | {z / t:.2f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if opts.markdown:
+        Path(opts.markdown).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
