@@ -71,9 +71,10 @@ class FileStore(Store):
 
     kind = "raw"
 
-    def __init__(self, path: str, readonly: bool = False) -> None:
+    def __init__(self, path: str, readonly: bool = False, mapped: bool = False) -> None:
         super().__init__(path)
         self.readonly = readonly
+        self._map: memoryview | None = None
         try:
             self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -87,6 +88,17 @@ class FileStore(Store):
         if self.size == 0:
             os.close(self.fd)
             raise StoreError(f"{path} is smaller than one {BLOCK_SIZE}-byte block")
+        if mapped:
+            # Reads are then views of the page cache itself: no read copy, nothing to pool.
+            # The image must not shrink while served (a mapped page past EOF is a SIGBUS).
+            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._map = memoryview(self._mmap)
+            self.kind = "raw, mapped"
+
+    def segments(self, offset: int, length: int) -> list[memoryview] | None:
+        if self._map is None:
+            return None
+        return [self._map[offset : offset + length]]
 
     def read_into(self, offset: int, view: memoryview) -> None:
         done = 0
@@ -302,7 +314,7 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * mult
 
 
-def open_store(spec: str, readonly: bool = False) -> Store:
+def open_store(spec: str, readonly: bool = False, mapped: bool = False) -> Store:
     """Open a LUN from its command-line form: a path, ``mem:SIZE`` or ``null:SIZE``.
     qcow2 images are detected by their magic and are always read-only."""
     store: Store
@@ -318,4 +330,4 @@ def open_store(spec: str, readonly: bool = False) -> Store:
         raise StoreError(f"cannot open LUN image {spec}: {e.strerror}") from e
     if magic == QCOW2_MAGIC:
         return Qcow2Store(spec)
-    return FileStore(spec, readonly=readonly)
+    return FileStore(spec, readonly=readonly, mapped=mapped)

@@ -23,17 +23,23 @@ DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
 DEFAULT_LISTEN = "127.0.0.1:3260"
 
 
+_LUN_OPTIONS = {"ro", "rw", "mmap"}
+
+
 @dataclass
 class LunSpec:
     path: str
     readonly: bool = False
+    mapped: bool = False
 
     @classmethod
     def parse(cls, text: str) -> LunSpec:
-        """``PATH``, ``PATH:ro`` or ``PATH:rw``; also ``mem:SIZE`` and ``null:SIZE``."""
-        for suffix, ro in ((":ro", True), (":rw", False)):
-            if text.endswith(suffix):
-                return cls(text[: -len(suffix)], ro)
+        """``PATH`` with optional ``:ro``, ``:rw``, ``:mmap`` or ``:ro,mmap``; also ``mem:SIZE``
+        and ``null:SIZE``."""
+        head, sep, tail = text.rpartition(":")
+        opts = set(tail.split(","))
+        if sep and head and opts <= _LUN_OPTIONS:
+            return cls(head, "ro" in opts, "mmap" in opts)
         return cls(text)
 
 
@@ -80,7 +86,7 @@ class Target:
         self.luns: dict[int, LogicalUnit] = {}
         self._stores: list[Store] = []
         for number, spec in enumerate(config.luns):
-            store = open_store(spec.path, spec.readonly)
+            store = open_store(spec.path, spec.readonly, spec.mapped)
             self._stores.append(store)
             self.luns[number] = LogicalUnit(number, store, self.iqn)
         self.commands = CommandSet(self.luns)
