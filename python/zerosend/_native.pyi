@@ -2,6 +2,15 @@
 
 from typing import Any, final
 
+__all__ = [
+    "BackendUnavailableError",
+    "Capabilities",
+    "Driver",
+    "SendResult",
+    "capabilities",
+    "crc32c",
+]
+
 class BackendUnavailableError(OSError):
     """The requested zero-copy backend cannot be used on this kernel or socket."""
 
@@ -14,8 +23,8 @@ class SendResult:
     @property
     def zerocopy(self) -> bool: ...
     def __new__(cls, nbytes: int, zerocopy: bool) -> SendResult: ...
-    def __eq__(self, other: object) -> bool: ...
-    def __ne__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
     __hash__: None  # type: ignore[assignment]
 
 @final

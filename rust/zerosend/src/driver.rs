@@ -368,10 +368,21 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// submission order. The buffers stay owned by the driver until the kernel released them;
     /// then a [`Completion::Send`] carrying `token` becomes available.
     /// `zerocopy == false` asks for a copying send in the same ordered stream.
+    ///
+    /// Returns an error only when the send could not be accepted at all (closed socket, bad
+    /// arguments); failures of the stream arrive as the send's completion.
     pub fn submit(&mut self, id: SocketId, bufs: Vec<B>, zerocopy: bool, token: T) -> Result<()> {
         let entry = self.entry_mut(id)?;
         if let Some(err) = &entry.failed {
-            return Err(err.clone());
+            // The stream already broke: this send fails like the ones before it, through its
+            // completion, so callers handle every stream error in one place.
+            let result = Err(err.clone());
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+            return Ok(());
         }
         if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
             return Err(Error::InvalidArgument(format!(
@@ -690,6 +701,17 @@ impl<T, B: IoBuf> Driver<T, B> {
                     }
                     self.send_failed(index, key, Errno::ENOBUFS);
                 }
+                Err(Errno::EMSGSIZE)
+                    if zerocopy
+                        && self.entries[index as usize]
+                            .as_ref()
+                            .is_some_and(|e| e.transport == Transport::Udp) =>
+                {
+                    // A datagram whose pages need more fragments than one skb holds cannot go
+                    // zero-copy; it can still go by copy (and fails there if simply too big).
+                    self.ops[key as usize].as_mut().expect("exists").mode =
+                        Mode::Copy(CopyReason::KernelFallback);
+                }
                 Err(e) => self.send_failed(index, key, e),
             }
         }
@@ -825,7 +847,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         } else {
             match op.mode {
                 Mode::ZeroCopy if !op.kernel_copied => stats.bytes_zerocopy += total,
-                Mode::ZeroCopy => stats.bytes_copied_by_kernel += total,
+                Mode::ZeroCopy | Mode::Copy(CopyReason::KernelFallback) => {
+                    stats.bytes_copied_by_kernel += total
+                }
                 Mode::Copy(CopyReason::BelowThreshold) => {
                     stats.bytes_copied_below_threshold += total
                 }

@@ -6,10 +6,10 @@ use nix::errno::Errno;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A system call failed. `errno` is the kernel's answer.
-    #[error("{context}: {errno} ({})", errno.desc())]
+    #[error("{context}: {errno}")]
     Os { context: &'static str, errno: Errno },
     /// A system call failed and we know what the caller can do about it.
-    #[error("{context}: {errno} ({}); {hint}", errno.desc())]
+    #[error("{context}: {errno}; {hint}")]
     OsWithHint {
         context: &'static str,
         errno: Errno,

@@ -25,6 +25,8 @@ pub enum CopyReason {
     BelowThreshold,
     /// The socket uses the copy backend.
     Backend,
+    /// The kernel refused the zero-copy form (a datagram in more pieces than an skb holds).
+    KernelFallback,
 }
 
 /// How a send is transmitted.

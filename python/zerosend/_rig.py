@@ -1,0 +1,186 @@
+"""The measuring rig: a receiver in its own network namespace behind a veth pair.
+
+On one machine, loopback delivers a zero-copy send by copying it at once, on the sending CPU.
+Behind a veth pair with RPS steering the receive work to another CPU, the deferred copy happens
+later and elsewhere, as a NIC would release pages later: a buffer reused before its release
+shows up as corrupt bytes at the receiver, and the sender's CPU cost per byte becomes visible.
+
+Needs root and iproute2. Addresses are 10.x inside namespaces this module creates and removes.
+
+Also a tiny receiver, run inside the namespace: ``python -m zerosend._rig receive ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from types import TracebackType
+
+HEADER = struct.Struct("<Q")
+
+
+def rig_unavailable_reason() -> str | None:
+    """Why the rig cannot be built here, or None if it can."""
+    if os.geteuid() != 0:
+        return "the rig needs root (network namespaces and veth)"
+    if shutil.which("ip") is None:
+        return "the rig needs iproute2's ip command"
+    probe = f"zsprobe{os.getpid()}"
+    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"cannot create a network namespace: {done.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+class Rig:
+    """A namespace ``ns`` reachable at ``peer_addr`` from ``host_addr`` over a veth pair."""
+
+    def __init__(self, rps_cpu: int = 1) -> None:
+        tag = f"{os.getpid() % 100000}{random.randrange(100)}"
+        self.ns = f"zsrig{tag}"
+        self.host_if = f"zsh{tag}"
+        self.peer_if = f"zsp{tag}"
+        subnet = random.randrange(1, 250)
+        self.host_addr = f"10.231.{subnet}.1"
+        self.peer_addr = f"10.231.{subnet}.2"
+        self.rps_cpu = rps_cpu
+
+    def __enter__(self) -> Rig:
+        try:
+            _ip("netns", "add", self.ns)
+            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
+            _ip("link", "set", self.peer_if, "netns", self.ns)
+            _ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
+            _ip("link", "set", self.host_if, "up")
+            _ip("-n", self.ns, "addr", "add", f"{self.peer_addr}/24", "dev", self.peer_if)
+            _ip("-n", self.ns, "link", "set", self.peer_if, "up")
+            _ip("-n", self.ns, "link", "set", "lo", "up")
+            if os.cpu_count() and os.cpu_count() > self.rps_cpu:  # type: ignore[operator]
+                mask = format(1 << self.rps_cpu, "x")
+                path = f"/sys/class/net/{self.peer_if}/queues/rx-0/rps_cpus"
+                subprocess.run(
+                    ["ip", "netns", "exec", self.ns, "sh", "-c", f"echo {mask} > {path}"],
+                    check=True,
+                    capture_output=True,
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` prefixed to run inside the namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def start_receiver(self, port: int, mode: str, chunk: int = 0) -> subprocess.Popen[str]:
+        """Start the receiver in the namespace; it prints "ready" once it listens."""
+        argv = [sys.executable, "-m", "zerosend._rig", "receive", "--listen"]
+        argv += [f"{self.peer_addr}:{port}", "--mode", mode, "--chunk", str(chunk)]
+        proc = subprocess.Popen(
+            self.command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            proc.kill()
+            raise RuntimeError(f"rig receiver did not start: {line} {proc.stderr.read()}")
+        return proc
+
+
+def chunk_fill(index: int) -> int:
+    """The byte value that fills chunk ``index`` after its 8-byte header."""
+    return index % 251
+
+
+def fill_chunk(buf: bytearray | memoryview, index: int) -> None:
+    """Write chunk ``index``'s pattern: its number, then one repeated byte value."""
+    view = memoryview(buf)
+    HEADER.pack_into(view, 0, index)
+    view[HEADER.size :] = bytes([chunk_fill(index)]) * (len(view) - HEADER.size)
+
+
+def _receive(listen: str, mode: str, chunk: int) -> dict[str, object]:
+    host, port = listen.rsplit(":", 1)
+    server = socket.create_server((host, int(port)))
+    print("ready", flush=True)
+    conn, _ = server.accept()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    total = 0
+    corrupt: list[int] = []
+    digest = hashlib.sha256()
+    buf = bytearray(max(chunk, 1 << 20))
+    view = memoryview(buf)
+    pending = 0
+    index = 0
+    while True:
+        want = chunk - pending if mode == "verify" else len(buf)
+        n = conn.recv_into(view[pending : pending + want] if mode == "verify" else view)
+        if n == 0:
+            break
+        total += n
+        if mode == "sha256":
+            digest.update(view[:n])
+        elif mode == "verify":
+            pending += n
+            if pending == chunk:
+                (number,) = HEADER.unpack_from(buf, 0)
+                value = chunk_fill(index)
+                intact = number == index and buf.count(value, HEADER.size, chunk) == chunk - 8
+                if not intact and len(corrupt) < 100:
+                    corrupt.append(index)
+                index += 1
+                pending = 0
+    conn.close()
+    result: dict[str, object] = {"bytes": total}
+    if mode == "sha256":
+        result["sha256"] = digest.hexdigest()
+    if mode == "verify":
+        result["chunks"] = index
+        result["corrupt"] = corrupt
+        result["partial"] = pending
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zerosend._rig")
+    sub = parser.add_subparsers(dest="command", required=True)
+    receive = sub.add_parser("receive", help="accept one connection and read it to the end")
+    receive.add_argument("--listen", required=True, help="HOST:PORT")
+    receive.add_argument("--mode", choices=["discard", "sha256", "verify"], default="discard")
+    receive.add_argument("--chunk", type=int, default=0, help="chunk size for --mode verify")
+    args = parser.parse_args(argv)
+    if args.mode == "verify" and args.chunk <= HEADER.size:
+        parser.error("--mode verify needs --chunk larger than 8")
+    print(json.dumps(_receive(args.listen, args.mode, args.chunk)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

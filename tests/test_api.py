@@ -1,0 +1,145 @@
+"""The public API's contract at its edges: capabilities, wrap() arguments, errors."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+import zerosend
+from tests.conftest import UNAVAILABLE, tcp_pair
+
+
+def test_capabilities_report_each_backend_with_reason() -> None:
+    caps = zerosend.capabilities()
+    assert isinstance(caps.kernel, str) and caps.kernel
+    for name in ("io_uring_send_zc", "msg_zerocopy"):
+        available = getattr(caps, name)
+        reason = getattr(caps, f"{name}_reason")
+        assert isinstance(available, bool)
+        # A reason exactly when the answer is no.
+        assert (reason is None) == available, (name, reason)
+    assert "kernel=" in repr(caps)
+
+
+def test_send_result_is_a_value() -> None:
+    a = zerosend.SendResult(10, True)
+    assert (a.nbytes, a.zerocopy) == (10, True)
+    assert a == zerosend.SendResult(10, True)
+    assert a != zerosend.SendResult(10, False)
+    assert repr(a) == "SendResult(nbytes=10, zerocopy=True)"
+    with pytest.raises(AttributeError):
+        a.nbytes = 3  # type: ignore[misc]
+
+
+def test_crc32c_known_values() -> None:
+    assert zerosend._native.crc32c(b"123456789") == 0xE3069283
+    assert zerosend._native.crc32c(b"") == 0
+    part = zerosend._native.crc32c(b"12345")
+    assert zerosend._native.crc32c(memoryview(b"6789"), part) == 0xE3069283
+
+
+@pytest.mark.asyncio
+async def test_wrap_rejects_what_it_cannot_send_on() -> None:
+    with pytest.raises(TypeError, match=r"socket\.socket"):
+        zerosend.wrap(3)  # type: ignore[arg-type]
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        listening.setblocking(False)
+        with pytest.raises(ValueError, match="listening"):
+            zerosend.wrap(listening)
+
+    with socket.socket() as unconnected:
+        unconnected.setblocking(False)
+        with pytest.raises(ValueError, match="not connected"):
+            zerosend.wrap(unconnected)
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        with pytest.raises(ValueError, match="AF_INET"):
+            zerosend.wrap(a)
+
+    client, server = await tcp_pair()
+    with server:
+        client.close()
+        with pytest.raises(ValueError, match="closed"):
+            zerosend.wrap(client)
+
+    client, server = await tcp_pair()
+    with client, server:
+        client.setblocking(True)
+        with pytest.raises(ValueError, match="non-blocking"):
+            zerosend.wrap(client)
+        client.setblocking(False)
+        with pytest.raises(ValueError, match="unknown backend"):
+            zerosend.wrap(client, backend="fast")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="zerocopy_threshold"):
+            zerosend.wrap(client, zerocopy_threshold=-1)
+
+
+def test_wrap_needs_a_running_loop() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            client.setblocking(False)
+            with pytest.raises(RuntimeError, match="event loop"):
+                zerosend.wrap(client)
+
+
+@pytest.mark.asyncio
+async def test_bad_send_arguments_raise_clear_errors() -> None:
+    client, server = await tcp_pair()
+    with server:
+        zs = zerosend.wrap(client)
+        with pytest.raises(TypeError, match="bytes-like"):
+            zs.send_zc(12345)
+        with pytest.raises(TypeError, match="bytes-like"):
+            zs.send_zc("text is not bytes")
+        with pytest.raises(TypeError, match="bytes-like"):
+            zs.send_zc([b"ok", object()])
+        strided = memoryview(bytearray(100))[::2]
+        with pytest.raises(ValueError, match="contiguous"):
+            zs.send_zc(strided)
+        assert zs.inflight == 0
+        await zs.aclose()
+        assert client.fileno() == -1
+        with pytest.raises(OSError) as raised:
+            zs.send_zc(b"after close")
+        assert raised.value.errno == errno.EBADF
+        assert "closed" in str(raised.value)
+
+
+@pytest.mark.asyncio
+async def test_environment_forces_the_auto_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, server = await tcp_pair()
+    with client, server:
+        monkeypatch.setenv("ZEROSEND_BACKEND", "copy")
+        zs = zerosend.wrap(client)
+        assert zs.backend == "copy"
+        result = await zs.send_zc(bytearray(1 << 20))
+        assert result == zerosend.SendResult(1 << 20, False)
+        assert zs.stats["bytes_copied_backend"] == 1 << 20
+        monkeypatch.setenv("ZEROSEND_BACKEND", "turbo")
+        with pytest.raises(ValueError, match="ZEROSEND_BACKEND"):
+            zerosend.wrap(client)
+        if UNAVAILABLE["msg_zerocopy"] is None:
+            # An explicit backend is not overridden.
+            monkeypatch.setenv("ZEROSEND_BACKEND", "copy")
+            assert zerosend.wrap(client, backend="msg_zerocopy").backend == "msg_zerocopy"
+
+
+@pytest.mark.asyncio
+async def test_auto_picks_the_best_backend_and_says_why_not_better() -> None:
+    client, server = await tcp_pair()
+    with client, server:
+        zs = zerosend.wrap(client)
+        if UNAVAILABLE["io_uring"] is None:
+            assert zs.backend == "io_uring" and zs.fallback_reason is None
+        elif UNAVAILABLE["msg_zerocopy"] is None:
+            assert zs.backend == "msg_zerocopy"
+            assert zs.fallback_reason and "io_uring" in zs.fallback_reason
+        else:
+            assert zs.backend == "copy" and zs.fallback_reason
