@@ -42,6 +42,7 @@ wheel: venv
 	$(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 --out dist
 
 bench: system-deps develop
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench
 
 clean:
