@@ -171,3 +171,18 @@ def test_memory_lun_write_read_back(target_factory, tmp_path):
     out = tmp_path / "out.raw"
     run([qemu, "convert", "-f", "raw", "-O", "raw", t.url(), str(out)])
     assert out.read_bytes() == data
+
+
+def test_mapped_lun_reads_and_writes_coherently(target_factory, image, tmp_path):
+    qemu = need("qemu-img")
+    path, data = image
+    t = target_factory("--lun", f"{path}:mmap")
+    out = tmp_path / "copy.raw"
+    run([qemu, "convert", "-f", "raw", "-O", "raw", t.url(), str(out)])
+    assert out.read_bytes() == data
+    src = tmp_path / "src.raw"
+    new = make_image(src, 8 * MiB, seed=13)
+    run([qemu, "convert", "-n", "-f", "raw", "-O", "raw", str(src), t.url()])
+    run([qemu, "convert", "-f", "raw", "-O", "raw", t.url(), str(out)])
+    assert out.read_bytes() == new
+    assert "raw, mapped" in t.log()
