@@ -1,0 +1,197 @@
+"""``python -m zerosend``: probe the kernel, then push 1 GiB through each backend and report.
+
+For each usable backend it sends 1 GiB from one reused set of buffers to a receiver in another
+process, first over loopback, then (as root, where network namespaces work) over the rig: a
+receiver in its own namespace behind a veth pair. It prints throughput and, from the send
+results, how many bytes went zero-copy and why the rest were copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zerosend
+from zerosend._rig import Rig, rig_unavailable_reason
+
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    topology: str
+    backend: str
+    mb_per_s: float
+    cpu_s_per_gb: float
+    bytes_zerocopy: int
+    bytes_copied: int
+    why_copied: str
+
+
+def _why_copied(stats: dict[str, int]) -> str:
+    reasons = {
+        "bytes_copied_by_kernel": "kernel copied on local delivery (loopback/veth)",
+        "bytes_copied_below_threshold": "below zerocopy_threshold",
+        "bytes_copied_backend": "copy backend",
+        "bytes_copied_requested": "send() asked for a copy",
+    }
+    parts = [text for key, text in reasons.items() if stats.get(key)]
+    return "; ".join(parts) or "-"
+
+
+def _start_receiver(argv_prefix: list[str], host: str, port: int) -> subprocess.Popen[str]:
+    argv = [*argv_prefix, sys.executable, "-m", "zerosend._rig", "receive"]
+    argv += ["--listen", f"{host}:{port}", "--mode", "discard"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the receiver did not start")
+    return proc
+
+
+async def _push(host: str, port: int, backend: str, total: int, size: int, depth: int) -> Row:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, port))
+    zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
+    buffers = [bytearray(size) for _ in range(depth)]
+    for i, buf in enumerate(buffers):
+        buf[:] = bytes([i]) * size
+    inflight: list[asyncio.Future[zerosend.SendResult]] = []
+    zerocopy = copied = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for i in range(total // size):
+        if len(inflight) == depth:
+            result = await inflight.pop(0)
+            zerocopy, copied = _count(result, zerocopy, copied)
+        # Buffer i % depth is free again: its previous send was awaited above.
+        inflight.append(zs.send_zc(buffers[i % depth]))
+    for result in await asyncio.gather(*inflight):
+        zerocopy, copied = _count(result, zerocopy, copied)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    stats = zs.stats
+    await zs.aclose()
+    return Row(
+        "",
+        zs.backend,
+        total / elapsed / 1e6,
+        cpu / (total / 1e9),
+        zerocopy,
+        copied,
+        _why_copied(stats),
+    )
+
+
+def _count(result: zerosend.SendResult, zerocopy: int, copied: int) -> tuple[int, int]:
+    if result.zerocopy:
+        return zerocopy + result.nbytes, copied
+    return zerocopy, copied + result.nbytes
+
+
+def _run(
+    topology: str, prefix: list[str], host: str, backend: str, args: argparse.Namespace
+) -> Row:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1] if topology == "loopback" else 5201
+    receiver = _start_receiver(prefix, host, port)
+    try:
+        row = asyncio.run(_push(host, port, backend, args.total, args.size, args.depth))
+    finally:
+        out, _ = receiver.communicate(timeout=60)
+    received = json.loads(out.strip().splitlines()[-1])["bytes"]
+    if received != args.total:
+        raise RuntimeError(f"receiver got {received} bytes, expected {args.total}")
+    row.topology = topology
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zerosend", description=__doc__)
+    parser.add_argument("--total", type=int, default=1 << 30, help="bytes per run (1 GiB)")
+    parser.add_argument("--size", type=int, default=MiB, help="bytes per send (1 MiB)")
+    parser.add_argument("--depth", type=int, default=8, help="sends in flight (8)")
+    parser.add_argument("--no-rig", action="store_true", help="loopback only")
+    args = parser.parse_args(argv)
+    args.total -= args.total % args.size
+
+    caps = zerosend.capabilities()
+    print(f"kernel {caps.kernel}")
+    print(
+        f"  io_uring SEND_ZC : {'yes' if caps.io_uring_send_zc else 'no'}"
+        + (f" ({caps.io_uring_send_zc_reason})" if caps.io_uring_send_zc_reason else "")
+    )
+    print(
+        f"  MSG_ZEROCOPY     : {'yes' if caps.msg_zerocopy else 'no'}"
+        + (f" ({caps.msg_zerocopy_reason})" if caps.msg_zerocopy_reason else "")
+    )
+    backends = [
+        b
+        for b, ok in (
+            ("io_uring", caps.io_uring_send_zc),
+            ("msg_zerocopy", caps.msg_zerocopy),
+            ("copy", True),
+        )
+        if ok
+    ]
+
+    topologies: list[tuple[str, list[str], str]] = [("loopback", [], "127.0.0.1")]
+    rig = None
+    reason = "skipped (--no-rig)" if args.no_rig else rig_unavailable_reason()
+    if reason is None:
+        rig = Rig().__enter__()
+        topologies.append(("rig (veth+netns)", rig.command([]), rig.peer_addr))
+    print(
+        f"\npushing {args.total / MiB:.0f} MiB per run, {args.size // 1024} KiB sends, "
+        f"{args.depth} in flight\n"
+    )
+    rows = []
+    try:
+        for topology, prefix, host in topologies:
+            for backend in backends:
+                rows.append(_run(topology, prefix, host, backend, args))
+    finally:
+        if rig is not None:
+            rig.close()
+
+    header = (
+        "topology",
+        "backend",
+        "MB/s",
+        "CPU s/GB",
+        "zero-copy bytes",
+        "copied bytes",
+        "why copied",
+    )
+    table = [header] + [
+        (
+            r.topology,
+            r.backend,
+            f"{r.mb_per_s:,.0f}",
+            f"{r.cpu_s_per_gb:.3f}",
+            f"{r.bytes_zerocopy:,}",
+            f"{r.bytes_copied:,}",
+            r.why_copied,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    if reason is not None:
+        print(f"\nrig not run: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
