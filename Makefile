@@ -1,5 +1,6 @@
 # zerosend: `make run` shows it working, `make test` runs every test. Both create .venv here.
 VENV   := .venv
+DIST   := dist
 PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
@@ -39,11 +40,11 @@ test-python: develop
 	$(PY) -m pytest -q
 
 wheel: venv
-	$(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 --out dist
+	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)
 
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) target dist
+	rm -rf $(VENV) target $(DIST)
