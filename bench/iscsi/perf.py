@@ -102,11 +102,7 @@ def main() -> int:
             f.write(chunk)
     # zerosend twice: reading into pooled buffers (the default) and sending straight from the
     # mapped page cache (":mmap"); tgtd with its default backing store (pread in threads).
-    procs = [
-        start_zerosend(str(image), 3270, tmp / "zerosend.log"),
-        start_zerosend(f"{image}:mmap", 3272, tmp / "zerosend-mmap.log"),
-        start_tgtd(image, 3271, 7, tmp / "tgtd.log"),
-    ]
+    procs: list[subprocess.Popen[bytes]] = []
     urls = {
         "zerosend": f"iscsi://127.0.0.1:3270/{IQN_ZS}/0",
         "zerosend:mmap": f"iscsi://127.0.0.1:3272/{IQN_ZS}/0",
@@ -114,6 +110,9 @@ def main() -> int:
     }
     results: dict[tuple[str, str], list[tuple[int, int]]] = {}
     try:
+        procs.append(start_zerosend(str(image), 3270, tmp / "zerosend.log"))
+        procs.append(start_zerosend(f"{image}:mmap", 3272, tmp / "zerosend-mmap.log"))
+        procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         for r in range(opts.rounds):
             for wl, args in WORKLOADS.items():
                 order = list(urls) if r % 2 == 0 else list(reversed(urls))
@@ -125,9 +124,9 @@ def main() -> int:
                     )
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # tgtd ignores it in the foreground: killed below
             try:
-                proc.wait(20)
+                proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
