@@ -1,0 +1,1 @@
+"""Benchmarks of zerosend against the senders users would otherwise pick (``python -m bench``)."""

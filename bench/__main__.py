@@ -1,0 +1,7 @@
+"""``python -m bench``: run the core benchmark (``--quick`` for a few-second smoke run)."""
+
+import sys
+
+from bench.harness import main
+
+sys.exit(main())

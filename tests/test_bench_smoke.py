@@ -1,0 +1,51 @@
+"""A few-second run of the benchmark harness, so that it cannot rot. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Contenders that may be skipped, and only with a stated reason.
+MAY_SKIP = {
+    "zerosend-io_uring-pool": "zerosend.BufferPool",
+}
+
+
+def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nkept above\n\n<!-- core-bench:begin -->\nstale section\n"
+                        "<!-- core-bench:end -->\n\nkept below\n")  # fmt: skip
+    argv = [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*argv, "--markdown", str(markdown)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+
+    report = json.loads((tmp_path / "core.json").read_text())
+    assert report["failures"] == []
+    config = report["config"]
+    cells = {(s, i) for s in config["sizes"] for i in config["inflight"]}
+    for contender in config["contenders"]:
+        if contender in report["skipped"]:
+            hint = MAY_SKIP.get(contender)
+            assert hint is not None, f"{contender} was skipped: {report['skipped'][contender]}"
+            assert hint in report["skipped"][contender]
+            continue
+        runs = [r for r in report["runs"] if r["contender"] == contender]
+        assert {(r["size"], r["inflight"]) for r in runs} == cells, contender
+        for run in runs:
+            assert run["bytes"] > 0 and run["sends"] > 0 and run["elapsed"] > 0, run
+            assert run["bytes_zerocopy"] + run["bytes_copied"] == run["bytes"], run
+
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nkept above\n")
+    assert text.rstrip().endswith("kept below")
+    assert "stale section" not in text
+    assert "sends/s" in text and "CPU seconds per GB" in text
