@@ -7,13 +7,16 @@ and resolves only when the kernel has released them, so the buffer may be reused
     result = await zs.send_zc(payload)    # SendResult(nbytes=..., zerocopy=...)
 """
 
-from ._native import BackendUnavailableError, Capabilities, SendResult, capabilities
+from ._native import BackendUnavailableError, Capabilities, PoolBuffer, SendResult, capabilities
+from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "BufferPool",
     "Capabilities",
+    "PoolBuffer",
     "SendResult",
     "Socket",
     "capabilities",

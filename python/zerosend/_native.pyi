@@ -1,11 +1,14 @@
 """Type stubs of the Rust extension (checked against it with mypy's stubtest)."""
 
+from collections.abc import Callable
 from typing import Any, final
 
 __all__ = [
     "BackendUnavailableError",
     "Capabilities",
     "Driver",
+    "PoolBuffer",
+    "PoolMemory",
     "SendResult",
     "capabilities",
     "crc32c",
@@ -57,6 +60,34 @@ class Driver:
     def fallback_reason(self, socket: int) -> str | None: ...
     def inflight(self, socket: int) -> int: ...
     def stats(self, socket: int) -> dict[str, int]: ...
+    def register_pool(self, pool: PoolMemory) -> None: ...
+
+@final
+class PoolMemory:
+    """A locked, page-aligned region holding ``count`` buffers of ``size`` bytes."""
+
+    def __new__(cls, count: int, size: int, hugepages: bool = False) -> PoolMemory: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def hugepages(self) -> bool: ...
+    @property
+    def hugepages_fallback(self) -> str | None: ...
+    def buffer(self, index: int, on_free: Callable[[int], object]) -> PoolBuffer: ...
+
+@final
+class PoolBuffer:
+    """One writable pool buffer; fill it through ``memoryview(buf)``."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def released(self) -> bool: ...
+    def release(self) -> None: ...
+    def __len__(self) -> int: ...
+
 
 def capabilities() -> Capabilities:
     """Probe the running kernel now."""

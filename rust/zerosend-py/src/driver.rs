@@ -16,6 +16,7 @@ use zerosend::{Backend, Completion, SocketId, SocketOptions};
 
 use crate::buffer::{extract_buffers, PyBuf};
 use crate::errors::to_pyerr;
+use crate::pool::PoolMemory;
 use crate::types::SendResult;
 
 type CoreDriver = zerosend::Driver<Py<PyAny>, PyBuf>;
@@ -150,6 +151,13 @@ impl Driver {
             Self::collect(&mut core)
         };
         resolve_all(py, completions)
+    }
+
+    /// Lets sends from the pool's memory use io_uring registered buffers on this driver.
+    fn register_pool(&self, pool: &PoolMemory) -> PyResult<()> {
+        self.lock()
+            .register_region(std::sync::Arc::clone(&pool.region))
+            .map_err(to_pyerr)
     }
 
     /// Processes the kernel's reports and resolves every finished send's future.

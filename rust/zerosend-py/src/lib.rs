@@ -3,6 +3,7 @@
 mod buffer;
 mod driver;
 mod errors;
+mod pool;
 mod types;
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -45,6 +46,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<types::SendResult>()?;
     m.add_class::<types::Capabilities>()?;
+    m.add_class::<pool::PoolMemory>()?;
+    m.add_class::<pool::PoolBuffer>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(crc32c, m)?)?;
     m.add(

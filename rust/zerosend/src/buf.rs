@@ -16,10 +16,6 @@ pub unsafe trait IoBuf: 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Index of the io_uring fixed buffer this memory lies in, if it was registered.
-    fn fixed_index(&self) -> Option<u16> {
-        None
-    }
 }
 
 // SAFETY: a Vec's heap allocation does not move when the Vec is moved and is not

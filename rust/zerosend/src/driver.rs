@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -15,6 +16,7 @@ use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::op::{CopyReason, Mode, OpKey, SendOp, SendResult};
+use crate::region::Region;
 use crate::ring::{self, Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
@@ -138,6 +140,10 @@ pub enum Completion<T, B> {
 /// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
 const EVENT_BATCH: usize = 64;
+/// Fixed-buffer slots reserved in the ring, one per registered region.
+const FIXED_SLOTS: u32 = 64;
+/// The kernel's limit on one fixed buffer.
+const MAX_FIXED_LEN: usize = 1 << 30;
 
 struct Entry<T> {
     fd: OwnedFd,
@@ -171,6 +177,11 @@ pub struct Driver<T, B: IoBuf> {
     ops: Vec<Option<SendOp<T, B>>>,
     free_ops: Vec<OpKey>,
     ring: Option<Ring>,
+    /// Regions that sends may come from; region `i` is fixed-buffer slot `i` of the ring.
+    /// Declared after `ring` so the ring (and its registration) goes first on drop.
+    regions: Vec<Arc<Region>>,
+    /// Why registered buffers cannot be used with this ring, if they cannot.
+    fixed_unavailable: Option<String>,
     capabilities: Capabilities,
     completions: Vec<Completion<T, B>>,
     scratch_iov: Vec<libc::iovec>,
@@ -197,6 +208,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             ops: Vec::new(),
             free_ops: Vec::new(),
             ring: None,
+            regions: Vec::new(),
+            fixed_unavailable: None,
             capabilities: Capabilities::probe(),
             completions: Vec::new(),
             scratch_iov: Vec::with_capacity(IOV_MAX),
@@ -326,8 +339,75 @@ impl<T, B: IoBuf> Driver<T, B> {
         self.epoll
             .add(eventfd, event)
             .map_err(|e| format!("watching the io_uring eventfd failed: {e}"))?;
+        if let Err(e) = ring.reserve_fixed_slots(FIXED_SLOTS) {
+            self.fixed_unavailable = Some(format!("reserving fixed-buffer slots failed: {e}"));
+        }
         self.ring = Some(ring);
+        for slot in 0..self.regions.len() {
+            if let Err(e) = self.register_fixed(slot) {
+                self.fixed_unavailable = Some(e.to_string());
+            }
+        }
         Ok(())
+    }
+
+    /// Lets sends from `region` use io_uring's registered (fixed) buffers: no page pinning and
+    /// lookup per send. Sends from anywhere else keep working as before.
+    pub fn register_region(&mut self, region: Arc<Region>) -> Result<()> {
+        if self.regions.iter().any(|r| Arc::ptr_eq(r, &region)) {
+            return Ok(());
+        }
+        if self.regions.len() >= FIXED_SLOTS as usize {
+            return Err(Error::Pool(format!(
+                "at most {FIXED_SLOTS} buffer pools can be used with one event loop"
+            )));
+        }
+        if region.len() > MAX_FIXED_LEN {
+            return Err(Error::Pool(format!(
+                "a buffer pool can hold at most {MAX_FIXED_LEN} bytes (the kernel's limit on one \
+                 registered buffer); this one has {}",
+                region.len()
+            )));
+        }
+        self.regions.push(region);
+        if self.ring.is_some() && self.fixed_unavailable.is_none() {
+            if let Err(e) = self.register_fixed(self.regions.len() - 1) {
+                self.regions.pop();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn register_fixed(&mut self, slot: usize) -> Result<()> {
+        let (Some(ring), Some(region)) = (self.ring.as_ref(), self.regions.get(slot)) else {
+            return Ok(());
+        };
+        // SAFETY: the region is kept alive by `self.regions`, which is dropped after the ring.
+        unsafe { ring.register_fixed(slot as u16, region.as_ptr(), region.len()) }.map_err(|e| {
+            let errno = ring::errno_of(&e);
+            if errno == Errno::ENOMEM {
+                Error::Pool(format!(
+                    "registering {} bytes of buffer pool memory with io_uring failed (ENOMEM): \
+                     RLIMIT_MEMLOCK is too low for a process without CAP_IPC_LOCK; raise it \
+                     (ulimit -l) or make the pool smaller",
+                    region.len()
+                ))
+            } else {
+                Error::os("registering buffer pool memory with io_uring", errno)
+            }
+        })
+    }
+
+    /// The fixed-buffer slot whose region holds `[ptr, ptr + len)`, if any.
+    fn fixed_slot(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        if self.ring.is_none() || self.fixed_unavailable.is_some() {
+            return None;
+        }
+        self.regions
+            .iter()
+            .position(|r| r.contains(ptr, len))
+            .map(|slot| slot as u16)
     }
 
     fn entry(&self, id: SocketId) -> Result<&Entry<T>> {
@@ -400,11 +480,11 @@ impl<T, B: IoBuf> Driver<T, B> {
         } else {
             Mode::ZeroCopy
         };
+        let use_ring = entry.backend == Backend::IoUring && mode == Mode::ZeroCopy;
         let mut op = SendOp::new(token, bufs, mode, id.index);
-        op.fixed = entry.backend == Backend::IoUring
-            && op.zerocopy()
-            && op.bufs.len() == 1
-            && op.bufs[0].fixed_index().is_some();
+        if use_ring && op.bufs.len() == 1 {
+            op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
+        }
         let key = self.insert_op(op);
         let entry = self.entries[id.index as usize]
             .as_mut()
@@ -609,11 +689,27 @@ impl<T, B: IoBuf> Driver<T, B> {
             let errno = Errno::from_raw(-res);
             match errno {
                 Errno::EAGAIN | Errno::EINTR => {}
+                Errno::EMSGSIZE if self.datagram_needs_copy(index, key) => {}
                 e => self.send_failed(index, key, e),
             }
         }
         self.try_finish(key);
         self.pump(index);
+    }
+
+    /// EMSGSIZE on a zero-copy datagram: its pages need more fragments than one skb holds, so
+    /// it cannot go zero-copy, but it can still go by copy (and fails there if simply too big).
+    /// Switches the send to copy and returns true if that applies.
+    fn datagram_needs_copy(&mut self, index: u32, key: OpKey) -> bool {
+        let udp = self.entries[index as usize]
+            .as_ref()
+            .is_some_and(|e| e.transport == Transport::Udp);
+        let op = self.ops[key as usize].as_mut().expect("the send exists");
+        if !udp || !op.zerocopy() {
+            return false;
+        }
+        op.mode = Mode::Copy(CopyReason::KernelFallback);
+        true
     }
 
     /// Records `n` bytes written for the head send of socket `index`.
@@ -701,17 +797,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                     }
                     self.send_failed(index, key, Errno::ENOBUFS);
                 }
-                Err(Errno::EMSGSIZE)
-                    if zerocopy
-                        && self.entries[index as usize]
-                            .as_ref()
-                            .is_some_and(|e| e.transport == Transport::Udp) =>
-                {
-                    // A datagram whose pages need more fragments than one skb holds cannot go
-                    // zero-copy; it can still go by copy (and fails there if simply too big).
-                    self.ops[key as usize].as_mut().expect("exists").mode =
-                        Mode::Copy(CopyReason::KernelFallback);
-                }
+                Err(Errno::EMSGSIZE) if self.datagram_needs_copy(index, key) => {}
                 Err(e) => self.send_failed(index, key, e),
             }
         }
@@ -743,16 +829,12 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("io_uring sockets exist only with a ring");
         let pushed = if self.scratch_iov.len() == 1 {
             let iov = self.scratch_iov[0];
-            let fixed = if op.fixed {
-                op.bufs[0].fixed_index()
-            } else {
-                None
-            };
+            let fixed = op.fixed;
             let len = iov.iov_len.min(1 << 30) as u32;
             // SAFETY: the iovec points into `op.bufs`, owned by the op in `self.ops` until
             // `try_finish` sees no request in the ring and no notification pending, so the memory
-            // outlives the request; the fixed index, if any, names the registered buffer that
-            // `fixed_index` promises holds it.
+            // outlives the request; the fixed slot, if any, was found by `fixed_slot` as the
+            // registered region that contains the whole buffer.
             unsafe { ring.send_zc(fd, key, iov.iov_base as *const u8, len, fixed) }
         } else {
             let mut request = Box::new(VectoredRequest {
@@ -859,7 +941,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             if op.mode != Mode::ZeroCopy || op.kernel_copied {
                 stats.bytes_copied += total;
             }
-            if op.fixed {
+            if op.fixed.is_some() {
                 stats.fixed_buffer_sends += 1;
             }
         }

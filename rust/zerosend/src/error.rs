@@ -27,6 +27,9 @@ pub enum Error {
     /// A send argument is unusable (empty vector of buffers, too many parts, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A buffer pool could not be set up; the message names the limit involved.
+    #[error("{0}")]
+    Pool(String),
     /// The socket was closed through zerosend; nothing more can be sent on it.
     #[error("the zerosend socket is closed; wrap a new connected socket to send again")]
     Closed,
@@ -43,6 +46,7 @@ impl Error {
             Error::Os { errno, .. } | Error::OsWithHint { errno, .. } => Some(*errno as i32),
             Error::BackendUnavailable { .. } => Some(libc::EOPNOTSUPP),
             Error::Closed => Some(libc::EBADF),
+            Error::Pool(_) => Some(libc::ENOMEM),
             Error::UnsupportedSocket(_) | Error::InvalidArgument(_) => None,
         }
     }

@@ -54,8 +54,8 @@ pub(crate) struct SendOp<T, B> {
     pub notifications_pending: u32,
     /// A notification said the kernel copied after all.
     pub kernel_copied: bool,
-    /// Sent from io_uring registered (fixed) buffers.
-    pub fixed: bool,
+    /// The io_uring fixed-buffer slot holding this single-buffer send, if registered.
+    pub fixed: Option<u16>,
     pub error: Option<Error>,
     pub socket: u32,
 }
@@ -73,7 +73,7 @@ impl<T, B: IoBuf> SendOp<T, B> {
             in_ring: false,
             notifications_pending: 0,
             kernel_copied: false,
-            fixed: false,
+            fixed: None,
             error: None,
             socket,
         }

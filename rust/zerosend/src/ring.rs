@@ -171,6 +171,30 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Reserves `slots` empty fixed-buffer slots (Linux 5.13) for regions registered later.
+    pub fn reserve_fixed_slots(&self, slots: u32) -> io::Result<()> {
+        self.ring.submitter().register_buffers_sparse(slots)
+    }
+
+    /// Registers `[ptr, ptr + len)` as fixed buffer `slot`.
+    ///
+    /// # Safety
+    /// The memory must stay valid until the ring is dropped (it is never unregistered).
+    pub unsafe fn register_fixed(&self, slot: u16, ptr: *mut u8, len: usize) -> io::Result<()> {
+        let iov = libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(u32::from(slot), &[iov], None)
+        }
+    }
+}
+
 /// Maps an io::Error from the ring to an errno for the error type.
 pub(crate) fn errno_of(err: &io::Error) -> Errno {
     Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO))

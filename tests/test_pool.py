@@ -1,0 +1,178 @@
+"""BufferPool: registered buffers, waiting for a free one, and release only after the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import zerosend
+from tests.conftest import read_all, tcp_pair
+
+MiB = 1 << 20
+
+
+@pytest.mark.asyncio
+async def test_acquire_waits_while_all_are_busy() -> None:
+    pool = zerosend.BufferPool(2, 64 * 1024)
+    assert (pool.count, pool.size, pool.available) == (2, 64 * 1024, 2)
+    a = await pool.acquire()
+    b = await pool.acquire()
+    assert pool.available == 0
+    assert len(a) == 64 * 1024 and a.index != b.index
+    third = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0.01)
+    assert not third.done(), "acquire must wait while every buffer is out"
+    b.release()
+    c = await asyncio.wait_for(third, 5)
+    assert c.index == b.index
+    with pytest.raises(BufferError, match="released"):
+        memoryview(b)
+    b.release()  # idempotent
+    a.release()
+    c.release()
+    assert pool.available == 2
+    async with pool.acquire() as d:
+        memoryview(d)[:5] = b"hello"
+        assert pool.available == 1
+    assert pool.available == 2
+
+
+@pytest.mark.asyncio
+async def test_cancelled_acquire_does_not_lose_a_buffer() -> None:
+    pool = zerosend.BufferPool(1, 4096)
+    held = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    held.release()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.available == 1
+    (await pool.acquire()).release()
+
+
+@pytest.mark.asyncio
+async def test_pool_buffers_are_page_aligned_and_writable() -> None:
+    pool = zerosend.BufferPool(3, 5000)
+    bufs = [await pool.acquire() for _ in range(3)]
+    addresses = []
+    for buf in bufs:
+        view = memoryview(buf)
+        assert not view.readonly and view.nbytes == 5000
+        view[:] = bytes([buf.index]) * 5000
+        addresses.append(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+        view.release()
+    assert all(address % 4096 == 0 for address in addresses)
+    for buf in bufs:
+        assert bytes(memoryview(buf)[:3]) == bytes([buf.index]) * 3
+        buf.release()
+
+
+@pytest.mark.asyncio
+async def test_sends_from_the_pool(backend: str) -> None:
+    pool = zerosend.BufferPool(4, MiB)
+    client, server = await tcp_pair()
+    received = bytearray()
+    reader = asyncio.create_task(read_all(server, received))
+    zs = zerosend.wrap(client, backend=backend)
+    expected = bytearray()
+    for round_ in range(6):
+        async with pool.acquire() as buf:
+            view = memoryview(buf)
+            view[:] = os.urandom(MiB)
+            expected += view  # whole buffer
+            expected += view[100 : 100 + 300_000]  # and a slice of it
+            await asyncio.gather(zs.send_zc(buf), zs.send_zc(view[100 : 100 + 300_000]))
+            view.release()
+        assert pool.available == 4, round_
+    stats = zs.stats
+    if backend == "io_uring":
+        assert stats["fixed_buffer_sends"] == 12
+    else:
+        assert stats["fixed_buffer_sends"] == 0
+    await zs.aclose()
+    await reader
+    server.close()
+    assert received == expected
+
+
+@pytest.mark.asyncio
+async def test_release_waits_for_the_kernel(backend: str) -> None:
+    pool = zerosend.BufferPool(1, 32 * MiB)
+    client, server = await tcp_pair()
+    with server:
+        zs = zerosend.wrap(client, backend=backend)
+        buf = await pool.acquire()
+        memoryview(buf)[:] = b"p" * (32 * MiB)
+        sent = zs.send_zc(buf)
+        await asyncio.sleep(0.05)
+        buf.release()
+        # Nobody reads, so the kernel still holds the pages: the buffer must not be reusable.
+        assert not sent.done()
+        assert pool.available == 0
+        received = bytearray()
+        reader = asyncio.create_task(read_all(server, received))
+        await sent
+        assert pool.available == 1
+        await zs.aclose()
+        await reader
+        assert received == b"p" * (32 * MiB)
+
+
+def test_hugepages_without_reserved_pages_fall_back_with_a_warning() -> None:
+    reserved = int(Path("/proc/sys/vm/nr_hugepages").read_text())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pool = zerosend.BufferPool(2, 4096, hugepages=True)
+    if reserved == 0:
+        assert not pool.hugepages
+        assert any("huge pages unavailable" in str(w.message) for w in caught)
+    else:
+        assert pool.hugepages or caught
+
+
+def test_bad_pool_arguments() -> None:
+    with pytest.raises(ValueError, match="count"):
+        zerosend.BufferPool(0, 4096)
+    with pytest.raises(ValueError, match="size"):
+        zerosend.BufferPool(1, -5)
+
+
+LOW_MEMLOCK = """
+import json, zerosend
+try:
+    zerosend.BufferPool(64, 1 << 20)
+except OSError as err:
+    print(json.dumps({"errno": err.errno, "message": str(err)}))
+else:
+    print(json.dumps({"errno": None}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_memlock_limit_is_named_in_the_error() -> None:
+    def low_memlock() -> None:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * 1024, 64 * 1024))
+
+    # Without CAP_IPC_LOCK (dropped from the bounding set), the 64 KiB limit applies.
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-ipc_lock", "--", sys.executable, "-c", LOW_MEMLOCK],
+        preexec_fn=low_memlock,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["errno"] is not None, "locking 64 MiB over a 64 KiB limit must fail"
+    assert "RLIMIT_MEMLOCK" in result["message"]
