@@ -14,6 +14,7 @@ mod error;
 mod op;
 mod region;
 mod ring;
+mod sender;
 mod sys;
 mod tracker;
 
@@ -23,4 +24,5 @@ pub use driver::{Backend, Completion, Driver, SocketId, SocketOptions, SocketSta
 pub use error::{Error, Result};
 pub use op::SendResult;
 pub use region::Region;
+pub use sender::{SendFuture, ZeroCopySender};
 pub use tracker::ZerocopyTracker;
