@@ -6,18 +6,21 @@
 //! so an event loop resolves many sends per wake-up.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+mod io_uring;
+mod sendmsg;
 
 use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::op::{CopyReason, Mode, OpKey, SendOp, SendResult};
 use crate::region::Region;
-use crate::ring::{self, Ring, RingEvent, VectoredRequest};
+use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
 
@@ -140,10 +143,6 @@ pub enum Completion<T, B> {
 /// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
 const EVENT_BATCH: usize = 64;
-/// Fixed-buffer slots reserved in the ring, one per registered region.
-const FIXED_SLOTS: u32 = 64;
-/// The kernel's limit on one fixed buffer.
-const MAX_FIXED_LEN: usize = 1 << 30;
 
 struct Entry<T> {
     fd: OwnedFd,
@@ -187,6 +186,8 @@ pub struct Driver<T, B: IoBuf> {
     scratch_iov: Vec<libc::iovec>,
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
+    /// Sockets whose next request found the ring's submission queue full.
+    ring_backlog: Vec<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
 }
 
@@ -215,6 +216,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_iov: Vec::with_capacity(IOV_MAX),
             scratch_keys: Vec::new(),
             scratch_events: Vec::new(),
+            ring_backlog: Vec::new(),
             vectored: Vec::new(),
         })
     }
@@ -326,90 +328,6 @@ impl<T, B: IoBuf> Driver<T, B> {
         })
     }
 
-    fn ensure_ring(&mut self) -> std::result::Result<(), String> {
-        if self.ring.is_some() {
-            return Ok(());
-        }
-        self.capabilities.io_uring_send_zc.clone()?;
-        let ring = Ring::new(256).map_err(|e| format!("creating the io_uring failed: {e}"))?;
-        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
-        // SAFETY: the eventfd is owned by `ring`, which lives in this driver as long as the
-        // epoll set; it is removed from the set only by the ring being dropped with the driver.
-        let eventfd = unsafe { BorrowedFd::borrow_raw(ring.eventfd()) };
-        self.epoll
-            .add(eventfd, event)
-            .map_err(|e| format!("watching the io_uring eventfd failed: {e}"))?;
-        if let Err(e) = ring.reserve_fixed_slots(FIXED_SLOTS) {
-            self.fixed_unavailable = Some(format!("reserving fixed-buffer slots failed: {e}"));
-        }
-        self.ring = Some(ring);
-        for slot in 0..self.regions.len() {
-            if let Err(e) = self.register_fixed(slot) {
-                self.fixed_unavailable = Some(e.to_string());
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets sends from `region` use io_uring's registered (fixed) buffers: no page pinning and
-    /// lookup per send. Sends from anywhere else keep working as before.
-    pub fn register_region(&mut self, region: Arc<Region>) -> Result<()> {
-        if self.regions.iter().any(|r| Arc::ptr_eq(r, &region)) {
-            return Ok(());
-        }
-        if self.regions.len() >= FIXED_SLOTS as usize {
-            return Err(Error::Pool(format!(
-                "at most {FIXED_SLOTS} buffer pools can be used with one event loop"
-            )));
-        }
-        if region.len() > MAX_FIXED_LEN {
-            return Err(Error::Pool(format!(
-                "a buffer pool can hold at most {MAX_FIXED_LEN} bytes (the kernel's limit on one \
-                 registered buffer); this one has {}",
-                region.len()
-            )));
-        }
-        self.regions.push(region);
-        if self.ring.is_some() && self.fixed_unavailable.is_none() {
-            if let Err(e) = self.register_fixed(self.regions.len() - 1) {
-                self.regions.pop();
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    fn register_fixed(&mut self, slot: usize) -> Result<()> {
-        let (Some(ring), Some(region)) = (self.ring.as_ref(), self.regions.get(slot)) else {
-            return Ok(());
-        };
-        // SAFETY: the region is kept alive by `self.regions`, which is dropped after the ring.
-        unsafe { ring.register_fixed(slot as u16, region.as_ptr(), region.len()) }.map_err(|e| {
-            let errno = ring::errno_of(&e);
-            if errno == Errno::ENOMEM {
-                Error::Pool(format!(
-                    "registering {} bytes of buffer pool memory with io_uring failed (ENOMEM): \
-                     RLIMIT_MEMLOCK is too low for a process without CAP_IPC_LOCK; raise it \
-                     (ulimit -l) or make the pool smaller",
-                    region.len()
-                ))
-            } else {
-                Error::os("registering buffer pool memory with io_uring", errno)
-            }
-        })
-    }
-
-    /// The fixed-buffer slot whose region holds `[ptr, ptr + len)`, if any.
-    fn fixed_slot(&self, ptr: *const u8, len: usize) -> Option<u16> {
-        if self.ring.is_none() || self.fixed_unavailable.is_some() {
-            return None;
-        }
-        self.regions
-            .iter()
-            .position(|r| r.contains(ptr, len))
-            .map(|slot| slot as u16)
-    }
-
     fn entry(&self, id: SocketId) -> Result<&Entry<T>> {
         match self.entries.get(id.index as usize) {
             Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
@@ -506,7 +424,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         if entry.queue.len() == 1 {
             self.pump(id.index);
         }
-        self.flush_ring();
+        // The send is accepted either way: if the kernel refuses the submission now, the entry
+        // stays queued in the ring and the next poll() retries it and reports the failure.
+        let _ = self.flush_ring();
         Ok(())
     }
 
@@ -557,7 +477,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                     self.process_socket(event.data(), event.events());
                 }
             }
-            self.flush_ring();
+            self.flush_ring()?;
             if n < EVENT_BATCH {
                 return Ok(());
             }
@@ -586,115 +506,6 @@ impl<T, B: IoBuf> Driver<T, B> {
                 (self.ops.len() - 1) as OpKey
             }
         }
-    }
-
-    fn process_socket(&mut self, tag: u64, events: EpollFlags) {
-        let (index, generation) = ((tag & 0xffff_ffff) as u32, (tag >> 32) as u32);
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
-            return;
-        };
-        if entry.generation != generation {
-            return;
-        }
-        if entry.backend == Backend::MsgZerocopy && events.contains(EpollFlags::EPOLLERR) {
-            self.read_notifications(index);
-        }
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
-            return;
-        };
-        let writable =
-            events.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
-        if writable && entry.want_write && !entry.queue.is_empty() {
-            self.pump(index);
-        }
-    }
-
-    fn read_notifications(&mut self, index: u32) {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
-            return;
-        };
-        let keys = &mut self.scratch_keys;
-        keys.clear();
-        let ops = &mut self.ops;
-        let tracker = &mut entry.tracker;
-        let stats = &mut entry.stats;
-        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| {
-            stats.notifications += 1;
-            tracker.complete(c.lo, c.hi, |key| {
-                if let Some(op) = ops[key as usize].as_mut() {
-                    op.notifications_pending -= 1;
-                    op.kernel_copied |= c.copied;
-                    keys.push(key);
-                }
-            });
-        });
-        if let Err(e) = drained {
-            // Reading the error queue cannot fail on a live socket; if it does, nothing more will
-            // arrive there, so end the stream rather than wait forever.
-            self.fail_socket(index, Error::os("reading the socket error queue", e));
-        }
-        let released = !self.scratch_keys.is_empty();
-        for i in 0..self.scratch_keys.len() {
-            let key = self.scratch_keys[i];
-            self.try_finish(key);
-        }
-        if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
-            if released && entry.awaiting_release {
-                entry.awaiting_release = false;
-                self.pump(index);
-            }
-        }
-    }
-
-    fn process_ring(&mut self) {
-        let mut events = std::mem::take(&mut self.scratch_events);
-        events.clear();
-        if let Some(ring) = self.ring.as_mut() {
-            ring.reap(&mut events);
-        }
-        for event in events.iter().copied() {
-            match event {
-                RingEvent::Released { key, copied } => {
-                    let Some(op) = self.ops[key as usize].as_mut() else {
-                        continue;
-                    };
-                    op.notifications_pending -= 1;
-                    op.kernel_copied |= copied;
-                    let socket = op.socket;
-                    if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
-                        entry.stats.notifications += 1;
-                    }
-                    self.try_finish(key);
-                }
-                RingEvent::Sent { key, res, more } => self.ring_sent(key, res, more),
-            }
-        }
-        self.scratch_events = events;
-    }
-
-    fn ring_sent(&mut self, key: OpKey, res: i32, more: bool) {
-        let Some(op) = self.ops[key as usize].as_mut() else {
-            return;
-        };
-        op.in_ring = false;
-        if more {
-            op.notifications_pending += 1;
-        }
-        let index = op.socket;
-        // The request is over: its msghdr is no longer read by the kernel.
-        self.vectored[key as usize] = None;
-        if res >= 0 {
-            self.wrote(index, key, res as usize);
-        } else {
-            let errno = Errno::from_raw(-res);
-            match errno {
-                Errno::EAGAIN | Errno::EINTR => {}
-                Errno::EMSGSIZE if self.datagram_needs_copy(index, key) => {}
-                e => self.send_failed(index, key, e),
-            }
-        }
-        self.try_finish(key);
-        self.pump(index);
     }
 
     /// EMSGSIZE on a zero-copy datagram: its pages need more fragments than one skb holds, so
@@ -728,133 +539,6 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.queued = false;
         } else {
             entry.stats.short_sends += 1;
-        }
-    }
-
-    /// Writes the head of the socket's queue until it is empty or the kernel says wait.
-    fn pump(&mut self, index: u32) {
-        loop {
-            let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
-                return;
-            };
-            let Some(&key) = entry.queue.front() else {
-                if entry.want_write {
-                    entry.want_write = false;
-                    let tag = socket_tag(index, entry.generation);
-                    let _ = self
-                        .epoll
-                        .modify(&entry.fd, &mut EpollEvent::new(EpollFlags::EPOLLET, tag));
-                }
-                return;
-            };
-            if entry.awaiting_release {
-                return;
-            }
-            let fd = entry.fd.as_raw_fd();
-            let backend = entry.backend;
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
-            if op.in_ring {
-                return;
-            }
-            if backend == Backend::IoUring && op.zerocopy() {
-                self.submit_to_ring(index, key, fd);
-                return;
-            }
-            let zerocopy = op.zerocopy();
-            op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
-            // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
-            // `try_finish` sees every release notification for this call arrive.
-            match unsafe { sys::send_vectored(fd, &self.scratch_iov, zerocopy) } {
-                Ok(0) if !self.scratch_iov.is_empty() => {
-                    // A stream that accepts nothing without an error: wait for room as for EAGAIN.
-                    self.wait_writable(index);
-                    return;
-                }
-                Ok(n) => {
-                    if zerocopy {
-                        let entry = self.entries[index as usize].as_mut().expect("entry exists");
-                        entry.tracker.push(key);
-                        self.ops[key as usize]
-                            .as_mut()
-                            .expect("exists")
-                            .notifications_pending += 1;
-                    }
-                    self.wrote(index, key, n);
-                    self.try_finish(key);
-                }
-                Err(Errno::EAGAIN) => {
-                    self.wait_writable(index);
-                    return;
-                }
-                Err(Errno::ENOBUFS) if zerocopy => {
-                    let entry = self.entries[index as usize].as_mut().expect("entry exists");
-                    if entry.tracker.outstanding() > 0 {
-                        entry.stats.enobufs_waits += 1;
-                        entry.awaiting_release = true;
-                        // Releases may have landed before we looked: read them now.
-                        self.read_notifications(index);
-                        return;
-                    }
-                    self.send_failed(index, key, Errno::ENOBUFS);
-                }
-                Err(Errno::EMSGSIZE) if self.datagram_needs_copy(index, key) => {}
-                Err(e) => self.send_failed(index, key, e),
-            }
-        }
-    }
-
-    /// The socket buffer is full: arm EPOLLOUT and continue when the kernel makes room.
-    fn wait_writable(&mut self, index: u32) {
-        let entry = self.entries[index as usize].as_mut().expect("entry exists");
-        entry.stats.eagain_waits += 1;
-        if !entry.want_write {
-            entry.want_write = true;
-            let tag = socket_tag(index, entry.generation);
-            let flags = EpollFlags::EPOLLET | EpollFlags::EPOLLOUT;
-            if let Err(e) = self
-                .epoll
-                .modify(&entry.fd, &mut EpollEvent::new(flags, tag))
-            {
-                self.fail_socket(index, Error::os("waiting for room in the socket buffer", e));
-            }
-        }
-    }
-
-    fn submit_to_ring(&mut self, index: u32, key: OpKey, fd: RawFd) {
-        let op = self.ops[key as usize].as_mut().expect("queued send exists");
-        op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
-        let ring = self
-            .ring
-            .as_mut()
-            .expect("io_uring sockets exist only with a ring");
-        let pushed = if self.scratch_iov.len() == 1 {
-            let iov = self.scratch_iov[0];
-            let fixed = op.fixed;
-            let len = iov.iov_len.min(1 << 30) as u32;
-            // SAFETY: the iovec points into `op.bufs`, owned by the op in `self.ops` until
-            // `try_finish` sees no request in the ring and no notification pending, so the memory
-            // outlives the request; the fixed slot, if any, was found by `fixed_slot` as the
-            // registered region that contains the whole buffer.
-            unsafe { ring.send_zc(fd, key, iov.iov_base as *const u8, len, fixed) }
-        } else {
-            let mut request = Box::new(VectoredRequest {
-                // SAFETY: an all-zero msghdr is a valid "no address, no control data" header.
-                header: unsafe { std::mem::zeroed() },
-                iov: self.scratch_iov.clone(),
-            });
-            // SAFETY: the request is boxed and kept in `self.vectored[key]` until the request's
-            // completion is reaped (`ring_sent`); its iovecs point into `op.bufs`, which live
-            // until the notification, as for the single-buffer case.
-            let pushed = unsafe { ring.sendmsg_zc(fd, key, &mut request) };
-            self.vectored[key as usize] = Some(request);
-            pushed
-        };
-        match pushed {
-            Ok(()) => op.in_ring = true,
-            Err(e) => {
-                self.vectored[key as usize] = None;
-                self.send_failed(index, key, ring::errno_of(&e));
-            }
         }
     }
 
@@ -968,26 +652,6 @@ impl<T, B: IoBuf> Driver<T, B> {
                 self.completions.push(Completion::Drained { token });
             }
             self.free_entries.push(index);
-        }
-    }
-
-    fn flush_ring(&mut self) {
-        if let Some(ring) = self.ring.as_mut() {
-            if let Err(e) = ring.flush() {
-                // Submission failed for every request still queued in the ring: the kernel never
-                // saw them, so their buffers are free. Report on the sockets that own them.
-                let errno = ring::errno_of(&e);
-                let keys: Vec<OpKey> = (0..self.ops.len() as OpKey)
-                    .filter(|&k| self.ops[k as usize].as_ref().is_some_and(|op| op.in_ring))
-                    .collect();
-                for key in keys {
-                    let op = self.ops[key as usize].as_mut().expect("filtered");
-                    op.in_ring = false;
-                    let index = op.socket;
-                    self.vectored[key as usize] = None;
-                    self.send_failed(index, key, errno);
-                }
-            }
         }
     }
 }

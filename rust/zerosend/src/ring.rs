@@ -110,15 +110,17 @@ impl Ring {
     /// # Safety
     /// The entry's memory must stay valid for the whole operation (see `send_zc`).
     unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
+        for _ in 0..2 {
             // SAFETY: forwarded from the caller's contract.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 self.unsubmitted += 1;
                 return Ok(());
             }
-            // The submission queue is full: hand what it holds to the kernel and retry.
+            // The submission queue is full: hand what it holds to the kernel and retry once.
             self.flush()?;
         }
+        // The kernel takes no more until completions are reaped; the caller retries then.
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Hands every queued request to the kernel in one system call.

@@ -1,0 +1,162 @@
+//! The sendmsg side of the driver: the per-socket pump that writes the head of each socket's
+//! queue (with `MSG_ZEROCOPY`, or by copy), waits for room with EPOLLOUT, and reads zero-copy
+//! completions from the socket's error queue.
+
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+
+use super::{socket_tag, Backend, Driver};
+use crate::buf::IoBuf;
+use crate::error::Error;
+use crate::sys::{self, IOV_MAX};
+
+impl<T, B: IoBuf> Driver<T, B> {
+    pub(super) fn process_socket(&mut self, tag: u64, events: EpollFlags) {
+        let (index, generation) = ((tag & 0xffff_ffff) as u32, (tag >> 32) as u32);
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        if entry.backend == Backend::MsgZerocopy && events.contains(EpollFlags::EPOLLERR) {
+            self.read_notifications(index);
+        }
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let writable =
+            events.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
+        if writable && entry.want_write && !entry.queue.is_empty() {
+            self.pump(index);
+        }
+    }
+
+    pub(super) fn read_notifications(&mut self, index: u32) {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let keys = &mut self.scratch_keys;
+        keys.clear();
+        let ops = &mut self.ops;
+        let tracker = &mut entry.tracker;
+        let stats = &mut entry.stats;
+        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| {
+            stats.notifications += 1;
+            tracker.complete(c.lo, c.hi, |key| {
+                if let Some(op) = ops[key as usize].as_mut() {
+                    op.notifications_pending -= 1;
+                    op.kernel_copied |= c.copied;
+                    keys.push(key);
+                }
+            });
+        });
+        if let Err(e) = drained {
+            // Reading the error queue cannot fail on a live socket; if it does, nothing more will
+            // arrive there, so end the stream rather than wait forever.
+            self.fail_socket(index, Error::os("reading the socket error queue", e));
+        }
+        let released = !self.scratch_keys.is_empty();
+        for i in 0..self.scratch_keys.len() {
+            let key = self.scratch_keys[i];
+            self.try_finish(key);
+        }
+        if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
+            if released && entry.awaiting_release {
+                entry.awaiting_release = false;
+                self.pump(index);
+            }
+        }
+    }
+
+    /// Writes the head of the socket's queue until it is empty or the kernel says wait.
+    pub(super) fn pump(&mut self, index: u32) {
+        loop {
+            let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+                return;
+            };
+            let Some(&key) = entry.queue.front() else {
+                if entry.want_write {
+                    entry.want_write = false;
+                    let tag = socket_tag(index, entry.generation);
+                    let _ = self
+                        .epoll
+                        .modify(&entry.fd, &mut EpollEvent::new(EpollFlags::EPOLLET, tag));
+                }
+                return;
+            };
+            if entry.awaiting_release {
+                return;
+            }
+            let fd = entry.fd.as_raw_fd();
+            let backend = entry.backend;
+            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            if op.in_ring {
+                return;
+            }
+            if backend == Backend::IoUring && op.zerocopy() {
+                self.submit_to_ring(index, key, fd);
+                return;
+            }
+            let zerocopy = op.zerocopy();
+            op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
+            // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
+            // `try_finish` sees every release notification for this call arrive.
+            match unsafe { sys::send_vectored(fd, &self.scratch_iov, zerocopy) } {
+                Ok(0) if !self.scratch_iov.is_empty() => {
+                    // A stream that accepts nothing without an error: wait for room as for EAGAIN.
+                    self.wait_writable(index);
+                    return;
+                }
+                Ok(n) => {
+                    if zerocopy {
+                        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+                        entry.tracker.push(key);
+                        self.ops[key as usize]
+                            .as_mut()
+                            .expect("exists")
+                            .notifications_pending += 1;
+                    }
+                    self.wrote(index, key, n);
+                    self.try_finish(key);
+                }
+                Err(Errno::EAGAIN) => {
+                    self.wait_writable(index);
+                    return;
+                }
+                Err(Errno::ENOBUFS) if zerocopy => {
+                    let entry = self.entries[index as usize].as_mut().expect("entry exists");
+                    if entry.tracker.outstanding() > 0 {
+                        entry.stats.enobufs_waits += 1;
+                        entry.awaiting_release = true;
+                        // Releases may have landed before we looked: read them now.
+                        self.read_notifications(index);
+                        return;
+                    }
+                    self.send_failed(index, key, Errno::ENOBUFS);
+                }
+                Err(Errno::EMSGSIZE) if self.datagram_needs_copy(index, key) => {}
+                Err(e) => self.send_failed(index, key, e),
+            }
+        }
+    }
+
+    /// The socket buffer is full: arm EPOLLOUT and continue when the kernel makes room.
+    pub(super) fn wait_writable(&mut self, index: u32) {
+        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+        entry.stats.eagain_waits += 1;
+        if !entry.want_write {
+            entry.want_write = true;
+            let tag = socket_tag(index, entry.generation);
+            let flags = EpollFlags::EPOLLET | EpollFlags::EPOLLOUT;
+            if let Err(e) = self
+                .epoll
+                .modify(&entry.fd, &mut EpollEvent::new(flags, tag))
+            {
+                self.fail_socket(index, Error::os("waiting for room in the socket buffer", e));
+            }
+        }
+    }
+}
