@@ -88,7 +88,6 @@ class PoolBuffer:
     def release(self) -> None: ...
     def __len__(self) -> int: ...
 
-
 def capabilities() -> Capabilities:
     """Probe the running kernel now."""
 
