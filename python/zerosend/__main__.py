@@ -1,9 +1,10 @@
 """``python -m zerosend``: probe the kernel, then push 1 GiB through each backend and report.
 
-For each usable backend it sends 1 GiB from one reused set of buffers to a receiver in another
-process, first over loopback, then (as root, where network namespaces work) over the rig: a
-receiver in its own namespace behind a veth pair. It prints throughput and, from the send
-results, how many bytes went zero-copy and why the rest were copied.
+For each usable backend (and io_uring with BufferPool buffers) it sends 1 GiB from one reused
+set of buffers to a receiver in another process, first over loopback, then (as root, where
+network namespaces work) over the rig: a receiver in its own namespace behind a veth pair on
+CPU 1, the sender pinned to CPU 0. It prints throughput, the sender's CPU seconds per GB, and,
+from the send results, how many bytes went zero-copy and why the rest were copied.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import zerosend
 from zerosend._rig import Rig, rig_unavailable_reason
@@ -56,15 +59,23 @@ def _start_receiver(argv_prefix: list[str], host: str, port: int) -> subprocess.
     return proc
 
 
-async def _push(host: str, port: int, backend: str, total: int, size: int, depth: int) -> Row:
+async def _push(
+    host: str, port: int, backend: str, pooled: bool, total: int, size: int, depth: int
+) -> Row:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setblocking(False)
     await loop.sock_connect(sock, (host, port))
     zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
-    buffers = [bytearray(size) for _ in range(depth)]
+    buffers: list[Any]
+    if pooled:
+        # Registered buffers: io_uring sends them without looking up and pinning pages.
+        pool = zerosend.BufferPool(depth, size)
+        buffers = [await pool.acquire() for _ in range(depth)]
+    else:
+        buffers = [bytearray(size) for _ in range(depth)]
     for i, buf in enumerate(buffers):
-        buf[:] = bytes([i]) * size
+        memoryview(buf)[:] = bytes([i]) * size
     inflight: list[asyncio.Future[zerosend.SendResult]] = []
     zerocopy = copied = 0
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -79,9 +90,13 @@ async def _push(host: str, port: int, backend: str, total: int, size: int, depth
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     stats = zs.stats
     await zs.aclose()
+    for buf in buffers:
+        if pooled:
+            buf.release()
+    label = f"{zs.backend} + pool ({stats['fixed_buffer_sends']} fixed)" if pooled else zs.backend
     return Row(
         "",
-        zs.backend,
+        label,
         total / elapsed / 1e6,
         cpu / (total / 1e9),
         zerocopy,
@@ -97,14 +112,19 @@ def _count(result: zerosend.SendResult, zerocopy: int, copied: int) -> tuple[int
 
 
 def _run(
-    topology: str, prefix: list[str], host: str, backend: str, args: argparse.Namespace
+    topology: str,
+    prefix: list[str],
+    host: str,
+    backend: str,
+    pooled: bool,
+    args: argparse.Namespace,
 ) -> Row:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1] if topology == "loopback" else 5201
     receiver = _start_receiver(prefix, host, port)
     try:
-        row = asyncio.run(_push(host, port, backend, args.total, args.size, args.depth))
+        row = asyncio.run(_push(host, port, backend, pooled, args.total, args.size, args.depth))
     finally:
         out, _ = receiver.communicate(timeout=60)
     received = json.loads(out.strip().splitlines()[-1])["bytes"]
@@ -133,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         f"  MSG_ZEROCOPY     : {'yes' if caps.msg_zerocopy else 'no'}"
         + (f" ({caps.msg_zerocopy_reason})" if caps.msg_zerocopy_reason else "")
     )
-    backends = [
-        b
-        for b, ok in (
-            ("io_uring", caps.io_uring_send_zc),
-            ("msg_zerocopy", caps.msg_zerocopy),
-            ("copy", True),
+    contenders = [
+        (backend, pooled)
+        for backend, pooled, ok in (
+            ("io_uring", False, caps.io_uring_send_zc),
+            ("io_uring", True, caps.io_uring_send_zc),
+            ("msg_zerocopy", False, caps.msg_zerocopy),
+            ("copy", False, True),
         )
         if ok
     ]
@@ -148,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     reason = "skipped (--no-rig)" if args.no_rig else rig_unavailable_reason()
     if reason is None:
         rig = Rig().__enter__()
-        topologies.append(("rig (veth+netns)", rig.command([]), rig.peer_addr))
+        # The rig's receive work runs on CPU 1 (RPS); keep the sender on CPU 0.
+        topologies.append(("rig (veth+netns)", rig.command(["taskset", "-c", "1"]), rig.peer_addr))
     print(
         f"\npushing {args.total / MiB:.0f} MiB per run, {args.size // 1024} KiB sends, "
         f"{args.depth} in flight\n"
@@ -156,8 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for topology, prefix, host in topologies:
-            for backend in backends:
-                rows.append(_run(topology, prefix, host, backend, args))
+            pinned = topology != "loopback" and (os.cpu_count() or 1) > 1
+            affinity = os.sched_getaffinity(0)
+            if pinned:
+                os.sched_setaffinity(0, {0})
+            try:
+                for backend, pooled in contenders:
+                    rows.append(_run(topology, prefix, host, backend, pooled, args))
+            finally:
+                os.sched_setaffinity(0, affinity)
     finally:
         if rig is not None:
             rig.close()
