@@ -73,3 +73,39 @@ def test_the_rig_detects_reuse_before_release(backend: str) -> None:
     result = _run(backend, wait_for_release=False)
     assert result["bytes"] == CHUNK * CHUNKS
     assert result["corrupt"], "reusing a buffer before its release went unnoticed"
+
+
+def test_pool_buffers_come_back_only_after_release(backend: str) -> None:
+    # Buffers go back to the pool as soon as they were handed to send_zc, without awaiting
+    # the send: the pool must hold each one until the kernel released it, or the next
+    # acquire() would overwrite bytes still on their way.
+    async def send(host: str) -> dict[str, int]:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, PORT))
+        zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
+        pool = zerosend.BufferPool(2, CHUNK)
+        sends = []
+        for index in range(CHUNKS):
+            async with pool.acquire() as buf:
+                fill_chunk(memoryview(buf), index)
+                sends.append(zs.send_zc(buf))
+        await asyncio.gather(*sends)
+        stats = zs.stats
+        await zs.aclose()
+        assert pool.available == 2
+        return stats
+
+    with Rig() as rig:
+        receiver = rig.start_receiver(PORT, "verify", CHUNK)
+        try:
+            stats = asyncio.run(send(rig.peer_addr))
+        finally:
+            out, err = receiver.communicate(timeout=120)
+        assert receiver.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["chunks"] == CHUNKS
+    assert result["corrupt"] == [], f"chunks corrupted on the wire: {result['corrupt']}"
+    if backend == "io_uring":
+        assert stats["fixed_buffer_sends"] == CHUNKS

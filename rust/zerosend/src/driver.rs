@@ -556,8 +556,9 @@ impl<T, B: IoBuf> Driver<T, B> {
                 context: "sendmsg(MSG_ZEROCOPY)",
                 errno,
                 hint:
-                    "the kernel would not pin more pages (net.core.optmem_max or RLIMIT_MEMLOCK); \
-                       raise those limits or send smaller buffers",
+                    "the kernel refused more zero-copy state for this socket with none in flight to \
+                       wait for: raise net.core.optmem_max (or RLIMIT_MEMLOCK, for pinned pages), \
+                       or send with backend=\"copy\"",
             },
             _ => Error::os("sending on the socket", errno),
         };
