@@ -47,7 +47,7 @@ class MmapPool:
 
     def try_acquire(self) -> _MmapLease | None:
         if self._free and not self._waiters:
-            return self._free.popleft()
+            return self._free.pop()  # the most recently released: still warm in the cache
         return None
 
     async def acquire(self) -> _MmapLease:

@@ -1,24 +1,34 @@
 """One iSCSI connection and its session (MaxConnections=1, ErrorRecoveryLevel=0).
 
-Receiving: PDUs are parsed out of one receive buffer filled by ``loop.sock_recv_into``.
-Transmitting: every PDU goes through the zerosend socket, in call order. Data-In PDUs are one
-vectored ``send_zc`` each of [header(+digest), data views, padding, data digest]; the data views
-point into pooled buffers (or memory the store owns) that are released only when every send that
-references them has resolved, i.e. when the kernel let go of the pages.
+Receiving: PDUs are parsed out of one receive buffer; every recv takes whatever has arrived, so
+one call usually brings several commands.
+Transmitting: every PDU is queued in an outbox, in order, and the outbox goes to the zerosend
+socket as one vectored send when the reader runs out of received PDUs (or a task outside the read
+loop finishes queueing). A Data-In PDU is [header(+digest), data views, padding, data digest]; the
+data views point into pooled buffers (or memory the store owns), and a pooled buffer is released
+only when the send that carries it has resolved, i.e. when the kernel let go of the pages.
+
+The common command, a READ(10)/READ(16) answered by one Data-In PDU with status, takes a fast
+path (``Session._fast_read``): one header unpack, one pread into the batch's pooled buffer right
+behind the Data-In header packed in front of it, so a batch of small reads is one contiguous
+region and one send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import pdu as P
 from . import scsi as S
 from .login import LoginFailed, LoginMachine, failure_response
 from .params import SessionParams
+from .stores import FileStore, MemoryStore, NullStore
 
 if TYPE_CHECKING:
     from .target import Target
@@ -30,6 +40,18 @@ MAX_AHS = 272  # an extended CDB of up to 260 bytes plus its AHS header
 LOGIN_TIMEOUT = 30.0
 _U32 = struct.Struct(">I")
 _SERIAL_HALF = 1 << 31
+# A Data-In segment at least this long makes its batch go zero-copy (below it the kernel's copy
+# is cheaper than pinning pages and waiting for the release: zerosend's own default threshold).
+ZC_MIN = 10240
+OUTBOX_MAX = 256  # buffers queued before a send goes out even though more PDUs are waiting
+# SCSI Command BHS up to the CDB: opcode, flags, AHS+DSL, LUN, ITT, EDTL, CmdSN
+_CMD = struct.Struct(">BB2xI8sIII")
+_READ10 = struct.Struct(">xBIxH")  # flags, LBA, transfer length
+_READ16 = struct.Struct(">xBQI")
+# A whole Data-In BHS: opcode, flags, status, AHS+DSL, LUN, ITT, TTT, StatSN, ExpCmdSN, MaxCmdSN,
+# DataSN, buffer offset, residual
+_DATAIN_BHS = struct.Struct(">BBxBI8sIIIIIIII")
+_DATAIN_GOOD = P.F_FINAL | P.DATAIN_STATUS
 
 
 def _sn_lt(a: int, b: int) -> bool:
@@ -42,15 +64,40 @@ class ConnectionClosed(Exception):
 
 
 class _Reader:
-    """Buffered PDU reader over a non-blocking socket."""
+    """Buffered PDU reader over a non-blocking socket.
 
-    def __init__(self, sock: socket.socket, size: int) -> None:
+    recv is tried first, so PDUs that already arrived cost no trip through the selector; only
+    when it would block does the reader register with the loop, and it stays registered while
+    it keeps waiting (no add/remove per wait). ``idle`` runs before every recv: the session
+    sends what it queued for the PDUs read so far.
+    """
+
+    def __init__(self, sock: socket.socket, size: int, idle: Callable[[], Any]) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
+        self.idle = idle
         self.buf = bytearray(size)
         self.mv = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.watching = False
+
+    def _readable(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.watching:  # nobody waits: stop watching rather than spin
+            self.watching = False
+            self.loop.remove_reader(self.fd)
+
+    def close(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.loop.remove_reader(self.fd)
 
     async def fill(self, n: int) -> None:
         if self.end - self.start >= n:
@@ -66,7 +113,20 @@ class _Reader:
                 self.mv[:have] = self.mv[self.start : self.end]
             self.start, self.end = 0, have
         while self.end - self.start < n:
-            got = await self.loop.sock_recv_into(self.sock, self.mv[self.end :])
+            self.idle()
+            try:
+                got = self.sock.recv_into(self.mv[self.end :])
+            except (BlockingIOError, InterruptedError):
+                waiter = self.loop.create_future()
+                self.waiter = waiter
+                if not self.watching:
+                    self.watching = True
+                    self.loop.add_reader(self.fd, self._readable)
+                try:
+                    await waiter
+                finally:
+                    self.waiter = None
+                continue
             if got == 0:
                 raise ConnectionClosed("peer closed the connection")
             self.end += got
@@ -77,38 +137,6 @@ class _Reader:
         view = self.mv[self.start : self.start + n]
         self.start += n
         return view
-
-
-class _Release:
-    """Releases a pooled buffer once every send that references it has resolved."""
-
-    __slots__ = ("armed", "lease", "pending", "session")
-
-    def __init__(self, lease: Any, session: Session) -> None:
-        self.lease = lease
-        self.pending = 0
-        self.session = session
-        self.armed = False
-
-    def add(self, fut: Any) -> None:
-        self.pending += 1
-        fut.add_done_callback(self._done)
-
-    def arm(self) -> None:
-        self.armed = True
-        if self.pending == 0:
-            self._finish()
-
-    def _done(self, fut: Any) -> None:
-        self.pending -= 1
-        self.session._check_send(fut)
-        if self.pending == 0 and self.armed:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
 
 
 class WriteTask:
@@ -189,8 +217,19 @@ class Session:
         self.ttt_counter = 0
         self.closing = False
         self.failed: BaseException | None = None
-        self.reader = _Reader(sock, 2 * P.BHS_LEN + 8192 + 64)
+        self.reader = _Reader(sock, 2 * P.BHS_LEN + 8192 + 64, self._flush)
         self.task: asyncio.Task[None] | None = None
+        # The outbox: buffers of PDUs queued in order, the pooled buffers their send releases,
+        # and the pooled buffer small reads are being packed into (``_cur``, used up to
+        # ``_cur_pos``, of which ``_cur_from`` onwards is not in the outbox yet).
+        self._out: list[Any] = []
+        self._out_leases: list[Any] = []
+        self._out_zc = False
+        self._flush_soon = False
+        self._cur: Any = None
+        self._cur_from = 0
+        self._cur_pos = 0
+        self._fast_luns: dict[bytes, tuple[S.LogicalUnit, Any, int, int, int] | None] = {}
         self.stats = {"commands": 0, "read_bytes": 0, "write_bytes": 0, "zc_sends": 0}
 
     # ---------------------------------------------------------------- sending
@@ -205,11 +244,72 @@ class Session:
                 log.warning("%s: send failed: %s; closing connection", self.name, exc)
             self.abort_connection()
 
-    def _submit(self, iov: list[Any]) -> Any:
-        fut = self.zs.send_zc(iov)
-        if not isinstance(fut, asyncio.Future):
-            fut = asyncio.ensure_future(fut)
+    def _seal(self) -> None:
+        """Put the packed part of the current pooled buffer in the outbox (before anything
+        queued after it)."""
+        if self._cur_pos > self._cur_from:
+            self._out.append(self._cur.view[self._cur_from : self._cur_pos])
+            self._cur_from = self._cur_pos
+
+    def _queue(self, parts: list[Any]) -> None:
+        if self._cur is not None:
+            self._seal()
+        self._out += parts
+        if not self._flush_soon:
+            # The read loop sends before its next recv; this covers sends queued elsewhere.
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> asyncio.Future[Any] | None:
+        """Send everything queued as one vectored send; returns its future (None if empty)."""
+        self._flush_soon = False
+        cur = self._cur
+        if cur is not None:
+            self._seal()
+            self._cur = None
+            if self._cur_pos:
+                self._out_leases.append(cur)
+            else:
+                cur.release()
+            self._cur_from = self._cur_pos = 0
+        out = self._out
+        leases = self._out_leases
+        if not out:
+            for lease in leases:
+                lease.release()
+            leases.clear()
+            return None
+        self._out = []
+        self._out_leases = []
+        zc = self._out_zc
+        self._out_zc = False
+        try:
+            fut: asyncio.Future[Any] = self.zs.send_zc(out) if zc else self.zs.send(out)
+        except Exception as e:  # not submitted: the buffers are ours again
+            for lease in leases:
+                lease.release()
+            if self.failed is None:
+                self.failed = e
+                log.warning("%s: send failed: %s; closing connection", self.name, e)
+            self.abort_connection()
+            return None
+        if leases:
+            fut.add_done_callback(lambda f: self._sent(f, leases))
+        else:
+            fut.add_done_callback(self._check_send)
         return fut
+
+    def _sent(self, fut: Any, leases: list[Any]) -> None:
+        for lease in leases:
+            lease.release()
+        self._check_send(fut)
+
+    async def send_now(self, hdr: bytearray, data: bytes = b"") -> None:
+        """Queue a PDU, send the outbox and wait until the kernel released it."""
+        self.send_pdu(hdr, data)
+        fut = self._flush()
+        if fut is not None:
+            await fut
 
     def _digested(self, hdr: bytearray) -> bytearray:
         if self.params.header_digest:
@@ -222,8 +322,8 @@ class Session:
         if advance:
             self.statsn = (self.statsn + 1) & 0xFFFFFFFF
 
-    def send_pdu(self, hdr: bytearray, data: bytes = b"", advance: bool = True) -> Any:
-        """A control PDU; data is small, so copying sends are fine. Returns the send future."""
+    def send_pdu(self, hdr: bytearray, data: bytes = b"", advance: bool = True) -> None:
+        """Queue a control PDU (its data is small: it goes by copy)."""
         self._stamp(hdr, advance)
         iov: list[Any] = [self._digested(hdr)]
         if data:
@@ -233,9 +333,7 @@ class Session:
                 iov.append(pad)
             if self.params.data_digest:
                 iov.append(self.target.crc32c(pad, self.target.crc32c(data)).to_bytes(4, "little"))
-        fut = self._submit(iov)
-        fut.add_done_callback(self._check_send)
-        return fut
+        self._queue(iov)
 
     def _update_window(self) -> None:
         # A fixed window: commands the initiator may have outstanding are bounded by it, and the
@@ -255,10 +353,9 @@ class Session:
         datasn: int,
         last: bool,
         status: tuple[int, int] | None,
-        release: _Release | None,
     ) -> int:
-        """Data-In PDUs for ``segments`` (``total`` bytes at buffer ``offset``); the last PDU
-        carries status when ``status`` is (flags, residual). Returns the next DataSN."""
+        """Queue Data-In PDUs for ``segments`` (``total`` bytes at buffer ``offset``); the last
+        PDU carries status when ``status`` is (flags, residual). Returns the next DataSN."""
         p = self.params
         mrdsl = p.initiator_max_recv_dsl
         burst = p.max_burst
@@ -300,11 +397,9 @@ class Session:
                 for part in iov[1:]:
                     value = crc(part, value)
                 iov.append(value.to_bytes(4, "little"))
-            fut = self._submit(iov)
-            if release is not None:
-                release.add(fut)
-            else:
-                fut.add_done_callback(self._check_send)
+            if n >= ZC_MIN:
+                self._out_zc = True
+            self._queue(iov)
             self.stats["zc_sends"] += 1
             offset += n
             datasn += 1
@@ -407,6 +502,8 @@ class Session:
         for w in self.writes.values():
             w.aborted = True
         self.writes.clear()
+        self.reader.close()
+        self._flush()
         try:
             await asyncio.wait_for(self.zs.aclose(), 10)
         except (TimeoutError, OSError, asyncio.CancelledError) as e:
@@ -437,7 +534,7 @@ class Session:
                 log.warning("%s: login of %s rejected: %s", self.name, who, e)
                 self.expcmdsn = req.u32(24)
                 self.maxcmdsn = self.expcmdsn
-                await self.send_pdu(failure_response(req, e.status))
+                await self.send_now(failure_response(req, e.status))
                 return
             st = machine.state
             self.expcmdsn = st.first_cmdsn
@@ -454,7 +551,7 @@ class Session:
                 # Header/data digests start with the first PDU after the final login response.
                 digests = (self.params.header_digest, self.params.data_digest)
                 self.params.header_digest = self.params.data_digest = False
-                await self.send_pdu(hdr, data)
+                await self.send_now(hdr, data)
                 self.params.header_digest, self.params.data_digest = digests
                 log.info(
                     "%s: %s session logged in (auth=%s, digests=%s/%s, mrdsl=%d/%d, burst=%d)",
@@ -468,13 +565,26 @@ class Session:
                     self.params.max_burst,
                 )
                 return
-            await self.send_pdu(hdr, data)
+            await self.send_now(hdr, data)
 
     # ---------------------------------------------------------------- full feature phase
 
     async def _full_feature(self) -> None:
         max_data = self.params.target_max_recv_dsl
+        rd = self.reader
+        p = self.params
+        fast = not (p.header_digest or p.data_digest or self.discovery)
+        bhs_len = P.BHS_LEN
         while not self.closing:
+            if fast:
+                if rd.end - rd.start < bhs_len:
+                    await rd.fill(bhs_len)
+                if self._fast_read():
+                    # Large Data-In goes at once (it is worth a send alone, and the peer starts
+                    # on it while the next is read); small ones wait for the batch's end.
+                    if self._out_zc or len(self._out) >= OUTBOX_MAX:
+                        self._flush()
+                    continue
             try:
                 req = await self.read_pdu(max_data)
             except P.PduError as e:
@@ -523,8 +633,128 @@ class Session:
                     "%s: %s CmdSN %d outside window [%d, %d]; ignored",
                     self.name, req.name, cmdsn, self.expcmdsn, self.maxcmdsn,
                 )  # fmt: skip
+            if self._out_zc:
+                self._flush()
             if self.target.stopping and not self.writes and not self.reads:
                 return
+
+    def _fast_lun(self, lun_field: bytes) -> tuple[S.LogicalUnit, Any, int, int, int] | None:
+        """(unit, store, fd or -1 for a store with its own memory, block size, blocks)."""
+        lu = self.target.luns.get(P.decode_lun(lun_field))
+        entry: tuple[S.LogicalUnit, Any, int, int, int] | None = None
+        if lu is not None:
+            store = lu.store
+            if isinstance(store, FileStore):  # pread, or views of the mapped image
+                fd = store.fd if store.segments(0, 0) is None else -1
+                entry = (lu, store, fd, store.block_size, store.blocks)
+            elif isinstance(store, (MemoryStore, NullStore)):
+                entry = (lu, store, -1, store.block_size, store.blocks)
+        self._fast_luns[lun_field] = entry
+        return entry
+
+    def _fast_read(self) -> bool:
+        """The PDU at the reader's start, if it is an in-order READ(10)/READ(16) answered by one
+        Data-In PDU with status: handle it and return True. Otherwise leave it and return False
+        (the general path then handles it, errors included)."""
+        rd = self.reader
+        buf = rd.buf
+        at = rd.start
+        op, flags, lengths, lun_field, itt, edtl, cmdsn = _CMD.unpack_from(buf, at)
+        if op != P.OP_SCSI_CMD or lengths or flags & 0x60 != P.CMD_READ:
+            return False
+        if cmdsn != self.expcmdsn or self.pending_cmds:
+            return False
+        code = buf[at + 32]
+        if code == S.READ10:
+            cflags, lba, blocks = _READ10.unpack_from(buf, at + 32)
+        elif code == S.READ16:
+            cflags, lba, blocks = _READ16.unpack_from(buf, at + 32)
+        else:
+            return False
+        try:
+            unit = self._fast_luns[lun_field]
+        except KeyError:
+            unit = self._fast_lun(lun_field)
+        if unit is None or cflags & 0xE0:
+            return False
+        _, store, fd, bs, nblocks = unit
+        n = blocks * bs
+        if n != edtl or not n or lba + blocks > nblocks:
+            return False
+        p = self.params
+        if n > p.initiator_max_recv_dsl or n > p.max_burst:
+            return False
+        offset = lba * bs
+        if fd >= 0:
+            big = n >= ZC_MIN
+            lease = self._cur
+            pos = self._cur_pos
+            if big:  # its own page-aligned place, the header apart: a zero-copy send
+                pos = (pos + 4095) & ~4095
+            need = n if big else n + 48
+            if lease is None or pos + need > len(lease.view):
+                lease = self.target.pool.try_acquire()
+                if lease is None or len(lease.view) < need:
+                    if lease is not None:
+                        lease.release()
+                    return False
+                if self._cur is not None:
+                    self._seal()
+                    self._out_leases.append(self._cur)
+                self._cur = lease
+                pos = self._cur_from = self._cur_pos = 0
+            view = lease.view
+            data_at = pos if big else pos + 48
+            try:
+                got = os.preadv(fd, [view[data_at : data_at + n]], offset)
+                if got != n:
+                    store.read_into(offset + got, view[data_at + got : data_at + n])
+            except OSError as e:
+                rd.start = at + 48
+                self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+                log.error("%s: read of %d bytes at %d failed: %s", self.name, n, offset, e)
+                cc = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+                self.send_check(itt, cc)
+                return True
+            rd.start = at + 48
+            expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            maxcmdsn = (expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
+            if _sn_lt(self.maxcmdsn, maxcmdsn):
+                self.maxcmdsn = maxcmdsn
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            args = (P.OP_DATA_IN, _DATAIN_GOOD, 0, n, lun_field, itt, P.NO_TAG, statsn,
+                    expcmdsn, self.maxcmdsn, 0, 0, 0)  # fmt: skip
+            if big:
+                self._seal()
+                self._out += (_DATAIN_BHS.pack(*args), view[data_at : data_at + n])
+                self._cur_from = self._cur_pos = data_at + n
+                self._out_zc = True
+            else:
+                _DATAIN_BHS.pack_into(view, pos, *args)
+                self._cur_pos = data_at + n
+        else:
+            segments = store.segments(offset, n)
+            rd.start = at + 48
+            expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            maxcmdsn = (expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
+            if _sn_lt(self.maxcmdsn, maxcmdsn):
+                self.maxcmdsn = maxcmdsn
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            if self._cur is not None:
+                self._seal()
+            args = (P.OP_DATA_IN, _DATAIN_GOOD, 0, n, lun_field, itt, P.NO_TAG, statsn,
+                    expcmdsn, self.maxcmdsn, 0, 0, 0)  # fmt: skip
+            self._out.append(_DATAIN_BHS.pack(*args))
+            self._out += segments
+            if n >= ZC_MIN:
+                self._out_zc = True
+        stats = self.stats
+        stats["commands"] += 1
+        stats["read_bytes"] += n
+        stats["zc_sends"] += 1
+        return True
 
     async def _dispatch(self, req: P.Pdu) -> None:
         op = req.opcode
@@ -585,7 +815,7 @@ class Session:
             self.send_reject(P.REJECT_INVALID_FIELD, req.bhs, f"logout reason {reason}")
             return
         log.info("%s: logout (reason %d)", self.name, reason)
-        await self.send_pdu(P.logout_response(req.itt, 0, 0, 0))
+        await self.send_now(P.logout_response(req.itt, 0, 0, 0))
         self.closing = True
 
     # -- task management
@@ -699,7 +929,7 @@ class Session:
             self.send_status(itt, S.GOOD, None, flags, residual)
             return
         view = memoryview(data)[:n]
-        self.send_data_in(itt, lun_field, [view], n, 0, 0, True, (flags, residual), None)
+        self.send_data_in(itt, lun_field, [view], n, 0, 0, True, (flags, residual))
 
     def _read(self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes) -> None:
         rw = S.decode_rw(cdb)
@@ -726,7 +956,7 @@ class Session:
         self.stats["read_bytes"] += n
         segments = store.segments(offset, n)
         if segments is not None:  # memory the store owns: sent as is
-            self.send_data_in(itt, lun_field, segments, n, 0, 0, True, (flags, residual), None)
+            self.send_data_in(itt, lun_field, segments, n, 0, 0, True, (flags, residual))
             return
         pool = self.target.pool
         if n <= pool.size:
@@ -763,19 +993,18 @@ class Session:
         datasn: int,
         last: bool,
         status: tuple[int, int],
-    ) -> tuple[int, _Release] | None:
-        release = _Release(lease, self)
+    ) -> int | None:
         view = lease.view[:n]
         try:
             store.read_into(offset + pos, view)
         except OSError as e:
-            release.arm()
+            lease.release()
             log.error("%s: read of %d bytes at %d failed: %s", self.name, n, offset + pos, e)
             self.send_check(itt, S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR))
             return None
-        datasn = self.send_data_in(itt, lun_field, [view], n, pos, datasn, last, status, release)
-        release.arm()
-        return datasn, release
+        datasn = self.send_data_in(itt, lun_field, [view], n, pos, datasn, last, status)
+        self._out_leases.append(lease)  # released with the send carrying its last PDU
+        return datasn
 
     async def _read_large(
         self,
@@ -790,16 +1019,20 @@ class Session:
         pos = datasn = 0
         while pos < total and not self.closing:
             n = min(pool.size, total - pos)
-            lease = await pool.acquire()
+            lease = pool.try_acquire()
+            if lease is None:
+                self._flush()  # what is queued may hold the buffers this read waits for
+                lease = await pool.acquire()
             if self.closing:
                 lease.release()
                 return
             res = self._read_chunk(
                 itt, lun_field, store, offset, lease, pos, n, datasn, pos + n == total, status
             )
+            self._flush()
             if res is None:
                 return
-            datasn = res[0]
+            datasn = res
             pos += n
 
     def _discard_unsolicited(self, req: P.Pdu, edtl: int) -> None:
