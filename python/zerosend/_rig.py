@@ -59,6 +59,7 @@ class Rig:
         self.host_addr = f"10.231.{subnet}.1"
         self.peer_addr = f"10.231.{subnet}.2"
         self.rps_cpu = rps_cpu
+        self.nft_table: str | None = None
 
     def __enter__(self) -> Rig:
         try:
@@ -91,7 +92,29 @@ class Rig:
     ) -> None:
         self.close()
 
+    def drop_packets(self, percent: int) -> None:
+        """Drop ``percent``% of the packets the host sends into the rig (nftables), so TCP
+        retransmits: release notifications then come late and out of order."""
+        if shutil.which("nft") is None:
+            raise RuntimeError("packet loss needs nftables' nft command")
+        table = f"zerosend_{self.ns}"
+        rules = (
+            f"table inet {table} {{\n"
+            f"  chain out {{\n"
+            f"    type filter hook output priority 0; policy accept;\n"
+            f'    oifname "{self.host_if}" numgen random mod 100 < {percent} drop\n'
+            f"  }}\n"
+            f"}}\n"
+        )
+        done = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft failed: {done.stderr.strip()}")
+        self.nft_table = table
+
     def close(self) -> None:
+        if self.nft_table is not None:
+            subprocess.run(["nft", "delete", "table", "inet", self.nft_table], capture_output=True)
+            self.nft_table = None
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 

@@ -231,6 +231,7 @@ impl Driver {
             ("bytes_copied_requested", s.bytes_copied_requested),
             ("bytes_copied_backend", s.bytes_copied_backend),
             ("notifications", s.notifications),
+            ("out_of_order_notifications", s.out_of_order_notifications),
             ("short_sends", s.short_sends),
             ("eagain_waits", s.eagain_waits),
             ("enobufs_waits", s.enobufs_waits),

@@ -115,6 +115,8 @@ pub struct SocketStats {
     pub bytes_copied_backend: u64,
     /// Zero-copy release notifications received (ranges on MSG_ZEROCOPY, CQEs on io_uring).
     pub notifications: u64,
+    /// MSG_ZEROCOPY completion ranges that did not start at the oldest outstanding send.
+    pub out_of_order_notifications: u64,
     /// Sends that the kernel accepted only in part and that were finished by further calls.
     pub short_sends: u64,
     /// Times the socket buffer was full and the driver waited for room.

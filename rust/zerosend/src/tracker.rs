@@ -41,6 +41,11 @@ impl<K: Copy> ZerocopyTracker<K> {
         id
     }
 
+    /// The oldest number still waiting for its completion, if any.
+    pub fn oldest(&self) -> Option<u32> {
+        (self.outstanding > 0).then_some(self.base)
+    }
+
     /// Number of sends still waiting for their completion.
     pub fn outstanding(&self) -> usize {
         self.outstanding
@@ -121,8 +126,10 @@ mod tests {
         for k in 0..6 {
             t.push(k);
         }
+        assert_eq!(t.oldest(), Some(0));
         assert_eq!(collect(&mut t, 3, 5), vec![3, 4, 5]);
         assert_eq!(t.outstanding(), 3);
+        assert_eq!(t.oldest(), Some(0));
         assert_eq!(collect(&mut t, 1, 1), vec![1]);
         assert_eq!(collect(&mut t, 0, 0), vec![0]);
         assert_eq!(collect(&mut t, 2, 2), vec![2]);

@@ -45,6 +45,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         let stats = &mut entry.stats;
         let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| {
             stats.notifications += 1;
+            if tracker.oldest().is_some_and(|oldest| oldest != c.lo) {
+                stats.out_of_order_notifications += 1;
+            }
             tracker.complete(c.lo, c.hi, |key| {
                 if let Some(op) = ops[key as usize].as_mut() {
                     op.notifications_pending -= 1;
