@@ -40,11 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RUST = "rust-io_uring"
 CONTENDERS = (*PYTHON_CONTENDERS, RUST)
 ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's default backend
+POOL = "zerosend-io_uring-pool"
 BASELINE = "asyncio-sock_sendall"
 KiB = 1 << 10
 MiB = 1 << 20
 FULL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 8 * MiB)
 FULL_INFLIGHT = (1, 8, 32)
+#: Hand-written findings (causes of missed targets), included in the Markdown after the targets.
+NOTES = ROOT / "bench" / "core-notes.md"
 BEGIN = "<!-- core-bench:begin -->"
 END = "<!-- core-bench:end -->"
 
@@ -74,6 +77,7 @@ class Config:
     markdown: Path
     plots: bool
     quick: bool
+    from_json: Path | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class State:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)
 
 
 def size_label(size: int) -> str:
@@ -225,10 +230,16 @@ def run_sender(
     if done.returncode != 0 or not lines:
         raise RuntimeError(
             f"{contender} (size {size}, {inflight} in flight) exited with {done.returncode}:\n"
-            f"{done.stderr.strip()[-3000:]}"
+            f"{last_line(done.stderr)}"
         )
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a sender's stderr: the error itself, without the traceback."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
 
 
 def rotate(items: Sequence[str], by: int) -> list[str]:
@@ -267,10 +278,20 @@ def measure(config: Config, state: State) -> None:
                             result = run_sender(
                                 contender, address, size, inflight, config, sender_cpu, rust
                             )
-                        except RuntimeError as exc:
-                            state.failures.append(f"{topology}: {exc}")
-                            print(f"FAILED {exc}", flush=True)
-                            continue
+                        except RuntimeError as first:
+                            # Once more, in case the machine changed under us (a sysctl toggled
+                            # by another test, say); a contender that fails twice has failed.
+                            print(f"retrying after: {first}", flush=True)
+                            state.retries.append(f"{topology}: {str(first).splitlines()[-1]}")
+                            time.sleep(1)
+                            try:
+                                result = run_sender(
+                                    contender, address, size, inflight, config, sender_cpu, rust
+                                )
+                            except RuntimeError as exc:
+                                state.failures.append(f"{topology}: {exc}")
+                                print(f"FAILED {exc}", flush=True)
+                                continue
                         if "skipped" in result:
                             state.skipped[contender] = result["skipped"]
                             print(f"skipping {LABELS[contender]}: {result['skipped']}", flush=True)
@@ -372,6 +393,10 @@ def targets(inflight: Sequence[int]) -> list[Target]:
             "rig", MiB, inflight, ZEROSEND, BASELINE, "cpu_s_per_gb", 0.6, True,
         ),
         Target(
+            "rig, 1 MiB: zerosend + BufferPool sender CPU/GB <= 0.6x asyncio sock_sendall's",
+            "rig", MiB, inflight, POOL, BASELINE, "cpu_s_per_gb", 0.6, True,
+        ),
+        Target(
             "loopback, 64 KiB: zerosend MB/s >= 1.0x asyncio sock_sendall's",
             "loopback", 64 * KiB, inflight, ZEROSEND, BASELINE, "mb_per_s", 1.0, False,
         ),
@@ -464,10 +489,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, config: Config, state: State, info: dict[str, Any]) -> None:
+def write_json(
+    path: Path, config: Config, state: State, info: dict[str, Any], elapsed: float
+) -> None:
     summary = summarize(state.rows)
     document = {
         "machine": info,
+        "elapsed_s": round(elapsed, 1),
         "config": {
             "sizes": list(config.sizes),
             "inflight": list(config.inflight),
@@ -480,6 +508,7 @@ def write_json(path: Path, config: Config, state: State, info: dict[str, Any]) -
         },
         "skipped": state.skipped,
         "failures": state.failures,
+        "retries": state.retries,
         "targets": evaluate(state.rows, config.inflight),
         "summary": [
             {"topology": t, "size": s, "inflight": i, "contender": c, **figs}
@@ -565,8 +594,14 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
         out.append("**Skipped.** " + "; ".join(f"{LABELS.get(k, k)}: {v}" for k, v in
                                               state.skipped.items()) + ".")  # fmt: skip
         out.append("")
+    if state.retries:
+        out.append("**Retried once** (then ran): " + " / ".join(state.retries))
+        out.append("")
     if state.failures:
-        out.append("**Failures.** " + " / ".join(f.splitlines()[0] for f in state.failures))
+        out.append(
+            "**Failures.** "
+            + " / ".join(f"{f.splitlines()[0]} {f.splitlines()[-1]}" for f in state.failures)
+        )
         out.append("")
     results = evaluate(state.rows, config.inflight)
     if results:
@@ -582,6 +617,8 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
                 f"{'yes' if r['met'] else '**no**'} |"
             )
         out.append("")
+    if NOTES.exists() and not config.quick:
+        out += [NOTES.read_text().rstrip(), ""]
     for topology in config.topologies:
         if not any(k[0] == topology for k in summary):
             continue
@@ -712,6 +749,9 @@ def parse_args(argv: list[str] | None) -> Config:
         "--contenders", help="comma-separated; default all: " + ",".join(CONTENDERS)
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--from-json", type=Path, help="rewrite Markdown and plots from an earlier core.json"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     out = args.out or (
@@ -741,6 +781,7 @@ def parse_args(argv: list[str] | None) -> Config:
         markdown=args.markdown or (out / "BENCHMARKS.md" if quick else ROOT / "BENCHMARKS.md"),
         plots=not (args.no_plots or quick),
         quick=quick,
+        from_json=args.from_json,
     )
 
 
@@ -748,13 +789,21 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     config.out.mkdir(parents=True, exist_ok=True)
     state = State()
-    info = machine()
-    started = time.monotonic()
-    measure(config, state)
-    elapsed = time.monotonic() - started
+    if config.from_json:
+        document = json.loads(config.from_json.read_text())
+        info, elapsed = document["machine"], float(document.get("elapsed_s", 0))
+        for name in ("sizes", "inflight", "topologies", "contenders", "rounds", "seconds"):
+            setattr(config, name, document["config"][name])
+        state.rows, state.skipped = document["runs"], document["skipped"]
+        state.failures, state.retries = document["failures"], document.get("retries", [])
+    else:
+        info = machine()
+        started = time.monotonic()
+        measure(config, state)
+        elapsed = time.monotonic() - started
     if config.plots:
         plot(config, state)
-    write_json(config.out / "core.json", config, state, info)
+    write_json(config.out / "core.json", config, state, info, elapsed)
     write_markdown(config.markdown, markdown(config, state, info, elapsed))
     print(f"wrote {config.out / 'core.json'} and {config.markdown}", flush=True)
     for r in evaluate(state.rows, config.inflight):
