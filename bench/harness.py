@@ -249,21 +249,39 @@ def rotate(items: Sequence[str], by: int) -> list[str]:
     return [*items[by:], *items[:by]]
 
 
+def kernel_skips() -> dict[str, str]:
+    """Contenders whose backend this kernel does not offer, with the kernel's reason."""
+    import zerosend
+
+    caps = zerosend.capabilities()
+    skips = {}
+    if not caps.io_uring_send_zc:
+        why = f"io_uring SEND_ZC unavailable: {caps.io_uring_send_zc_reason}"
+        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, RUST), why))
+    if not caps.msg_zerocopy:
+        skips["zerosend-msg_zerocopy"] = f"MSG_ZEROCOPY unavailable: {caps.msg_zerocopy_reason}"
+    return skips
+
+
 def measure(config: Config, state: State) -> None:
     sender_cpu, receiver_cpu = pinning()
+    for contender, why in kernel_skips().items():
+        if contender in config.contenders:
+            state.skipped[contender] = why
+            print(f"skipping {LABELS[contender]}: {why}", flush=True)
     rust: Path | None = None
-    if RUST in config.contenders:
-        rust, why = build_rust_sender()
-        if why:
-            state.skipped[RUST] = why
-            print(f"skipping {LABELS[RUST]}: {why}", flush=True)
+    if RUST in config.contenders and RUST not in state.skipped:
+        rust, no_rust = build_rust_sender()
+        if no_rust:
+            state.skipped[RUST] = no_rust
+            print(f"skipping {LABELS[RUST]}: {no_rust}", flush=True)
     cells = [(size, inflight) for size in config.sizes for inflight in config.inflight]
     for topology in config.topologies:
         if topology == "rig":
-            why = rig_reason()
-            if why:
-                print(f"skipping the rig topology: {why}", flush=True)
-                state.skipped["topology rig"] = why
+            no_rig = rig_reason()
+            if no_rig:
+                print(f"skipping the rig topology: {no_rig}", flush=True)
+                state.skipped["topology rig"] = no_rig
                 continue
         print(f"== {topology}: {len(cells)} cells x {config.rounds} rounds", flush=True)
         with receiver(topology, receiver_cpu) as address:

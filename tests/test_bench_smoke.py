@@ -7,11 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import zerosend
+
 ROOT = Path(__file__).resolve().parent.parent
-# Contenders that may be skipped, and only with a stated reason.
-MAY_SKIP = {
-    "zerosend-io_uring-pool": "zerosend.BufferPool",
-}
+CAPS = zerosend.capabilities()
+# Contenders that may be skipped, and only for this reason: a backend this kernel lacks.
+MAY_SKIP: dict[str, str] = {}
+if not CAPS.io_uring_send_zc:
+    MAY_SKIP.update(dict.fromkeys(("zerosend-io_uring", "zerosend-io_uring-pool"), "io_uring"))
+    MAY_SKIP["rust-io_uring"] = "io_uring"
+if not CAPS.msg_zerocopy:
+    MAY_SKIP["zerosend-msg_zerocopy"] = "MSG_ZEROCOPY"
 
 
 def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
