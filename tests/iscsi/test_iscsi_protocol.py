@@ -57,6 +57,97 @@ def test_header_and_data_digests_read_and_write_with_r2t(target_factory, image):
     assert path.read_bytes()[100 * 512 : 148 * 512] == new
 
 
+class _Collect:
+    """Stands in for the socket while a burst of PDUs is built."""
+
+    def __init__(self, into: bytearray) -> None:
+        self.sendall = into.extend
+
+
+def read16(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x88, 0, lba, blocks, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["", ":mmap"])
+def test_pipelined_burst_of_mixed_commands(target_factory, image, mode):
+    """Many commands in one TCP write, so the target reads them in one go and answers them in
+    one batch: small reads (the fast path) mixed with multi-PDU reads, a residual, an error,
+    commands out of CmdSN order and an immediate NOP. Every answer must carry the right bytes,
+    and StatSN must count up by one along the stream."""
+    path, data = image
+    t = target_factory("--lun", str(path) + mode)
+    ini = MiniInitiator(t.port)
+    ini.login(IQN)
+    blocks_total = len(data) // 512
+    expect: dict[int, tuple[int, bytes]] = {}  # ITT -> (status, data)
+    real_sock = ini.sock
+    burst = bytearray()
+    ini.sock = _Collect(burst)  # type: ignore[assignment]
+    for i in range(40):
+        lba = (i * 977) % (blocks_total - 64)
+        if i % 10 == 7:  # 20 KiB: three Data-In PDUs of at most 8 KiB, then status
+            itt = ini.scsi(read10(lba, 40), 40 * 512, read=True)
+            expect[itt] = (0, data[lba * 512 : (lba + 40) * 512])
+        elif i % 10 == 3:
+            itt = ini.scsi(read16(lba, 8), 8 * 512, read=True)
+            expect[itt] = (0, data[lba * 512 : (lba + 8) * 512])
+        elif i == 15:  # the initiator expects less than the command reads: overflow residual
+            itt = ini.scsi(read10(lba, 8), 2048, read=True)
+            expect[itt] = (0, data[lba * 512 : lba * 512 + 2048])
+        elif i == 25:  # past the end of the LUN
+            itt = ini.scsi(read10(blocks_total - 4, 8), 8 * 512, read=True)
+            expect[itt] = (2, b"")
+        else:
+            itt = ini.scsi(read10(lba, 8), 8 * 512, read=True)
+            expect[itt] = (0, data[lba * 512 : (lba + 8) * 512])
+    # Two more with their CmdSNs swapped, then an immediate NOP (no CmdSN of its own)
+    first, second = ini.cmdsn, ini.cmdsn + 1
+    itt = ini.scsi(read10(3, 8), 4096, read=True, cmdsn=second)
+    expect[itt] = (0, data[3 * 512 : 11 * 512])
+    itt = ini.scsi(read10(5, 1), 512, read=True, cmdsn=first)
+    expect[itt] = (0, data[5 * 512 : 6 * 512])
+    ini.cmdsn += 2
+    nop = bytearray(48)
+    nop[0], nop[1] = 0x40, 0x80
+    nop_itt = ini.next_itt()
+    nop[16:20] = nop_itt.to_bytes(4, "big")
+    nop[20:24] = b"\xff\xff\xff\xff"
+    nop[24:28] = ini.cmdsn.to_bytes(4, "big")
+    ini.send(nop, b"ping")
+    ini.sock = real_sock
+    ini.sock.sendall(bytes(burst))
+
+    got: dict[int, bytearray] = {}
+    statsns: list[int] = []
+    done: dict[int, int] = {}
+    pong = False
+    while len(done) < len(expect) or not pong:
+        bhs, seg = ini.recv()
+        op = bhs[0] & 0x3F
+        itt = int.from_bytes(bhs[16:20], "big")
+        if op == 0x20:
+            assert itt == nop_itt and seg == b"ping"
+            statsns.append(int.from_bytes(bhs[24:28], "big"))
+            pong = True
+            continue
+        assert op in (0x21, 0x25), f"unexpected opcode {op:#x}"
+        assert itt in expect and itt not in done, f"answer for ITT {itt:#x}"
+        if op == 0x25:
+            offset = int.from_bytes(bhs[40:44], "big")
+            buf = got.setdefault(itt, bytearray())
+            assert offset == len(buf), "Data-In out of order within a command"
+            buf += seg
+        if op == 0x21 or bhs[1] & 0x01:
+            statsns.append(int.from_bytes(bhs[24:28], "big"))
+            done[itt] = bhs[3]
+    for itt, (status, want) in expect.items():
+        assert done[itt] == status, f"ITT {itt:#x}: status {done[itt]:#x}"
+        assert bytes(got.get(itt, b"")) == want, f"ITT {itt:#x}: wrong data"
+    assert statsns == list(range(statsns[0], statsns[0] + len(statsns))), statsns
+    ini.nop()  # the session still works
+    ini.close()
+
+
 def test_read_residuals_and_bad_lba(target_factory, image):
     path, data = image
     t = target_factory("--lun", str(path))

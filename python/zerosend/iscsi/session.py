@@ -43,6 +43,11 @@ _SERIAL_HALF = 1 << 31
 # A Data-In segment at least this long makes its batch go zero-copy (below it the kernel's copy
 # is cheaper than pinning pages and waiting for the release: zerosend's own default threshold).
 ZC_MIN = 10240
+# When the kernel reports this many zero-copy sends in a row as copied (loopback, veth, a device
+# without scatter-gather: kernel msg_zerocopy.rst suggests falling back then), the connection
+# sends by copy, which is cheaper there, and asks for zero-copy again after ZC_RETRY large sends.
+ZC_PROBE = 8
+ZC_RETRY = 1024
 OUTBOX_MAX = 256  # buffers queued before a send goes out even though more PDUs are waiting
 # SCSI Command BHS up to the CDB: opcode, flags, AHS+DSL, LUN, ITT, EDTL, CmdSN
 _CMD = struct.Struct(">BB2xI8sIII")
@@ -225,12 +230,20 @@ class Session:
         self._out: list[Any] = []
         self._out_leases: list[Any] = []
         self._out_zc = False
+        self._zc_copied = 0  # zero-copy sends in a row that the kernel copied anyway
+        self._zc_skip = 0  # large sends still to go by copy before zero-copy is tried again
         self._flush_soon = False
         self._cur: Any = None
         self._cur_from = 0
         self._cur_pos = 0
         self._fast_luns: dict[bytes, tuple[S.LogicalUnit, Any, int, int, int] | None] = {}
-        self.stats = {"commands": 0, "read_bytes": 0, "write_bytes": 0, "zc_sends": 0}
+        self.stats = {
+            "commands": 0,
+            "read_bytes": 0,
+            "write_bytes": 0,
+            "zc_sends": 0,
+            "zc_fallbacks": 0,
+        }
 
     # ---------------------------------------------------------------- sending
 
@@ -283,6 +296,9 @@ class Session:
         self._out_leases = []
         zc = self._out_zc
         self._out_zc = False
+        if zc and self._zc_skip:
+            self._zc_skip -= 1
+            zc = False
         try:
             fut: asyncio.Future[Any] = self.zs.send_zc(out) if zc else self.zs.send(out)
         except Exception as e:  # not submitted: the buffers are ours again
@@ -293,15 +309,30 @@ class Session:
                 log.warning("%s: send failed: %s; closing connection", self.name, e)
             self.abort_connection()
             return None
-        if leases:
-            fut.add_done_callback(lambda f: self._sent(f, leases))
+        if leases or zc:
+            fut.add_done_callback(lambda f: self._sent(f, leases, zc))
         else:
             fut.add_done_callback(self._check_send)
         return fut
 
-    def _sent(self, fut: Any, leases: list[Any]) -> None:
+    def _sent(self, fut: Any, leases: list[Any], zc: bool) -> None:
         for lease in leases:
             lease.release()
+        if zc and not fut.cancelled() and fut.exception() is None:
+            if fut.result().zerocopy:
+                self._zc_copied = 0
+            else:
+                self._zc_copied += 1
+                if self._zc_copied >= ZC_PROBE:
+                    if self._zc_skip == 0 and self.stats["zc_fallbacks"] == 0:
+                        log.info(
+                            "%s: the kernel copies zero-copy sends on this connection; "
+                            "sending by copy (zero-copy retried every %d large sends)",
+                            self.name, ZC_RETRY,
+                        )  # fmt: skip
+                    self.stats["zc_fallbacks"] += 1
+                    self._zc_copied = 0
+                    self._zc_skip = ZC_RETRY
         self._check_send(fut)
 
     async def send_now(self, hdr: bytearray, data: bytes = b"") -> None:
