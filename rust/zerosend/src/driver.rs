@@ -301,6 +301,15 @@ impl<T, B: IoBuf> Driver<T, B> {
                 .ensure_ring()
                 .map(|()| (Backend::IoUring, None))
                 .map_err(|reason| unavailable(Backend::IoUring, reason)),
+            None if sys::peer_is_local(fd) => Ok((
+                Backend::Copy,
+                Some(
+                    "the peer is on this host: the kernel copies every zero-copy send on local \
+                     delivery anyway, so copying up front costs less (ask for a backend \
+                     explicitly to send zero-copy regardless)"
+                        .to_string(),
+                ),
+            )),
             None => {
                 let uring_reason = match self.ensure_ring() {
                     Ok(()) => return Ok((Backend::IoUring, None)),

@@ -73,6 +73,32 @@ pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<Transport> {
     }
 }
 
+/// True if the connected peer is this host (a loopback address, or our own address), where the
+/// kernel delivers by copying and zero-copy only adds work.
+pub fn peer_is_local(fd: BorrowedFd<'_>) -> bool {
+    let ip = |addr: socket::SockaddrStorage| -> Option<std::net::IpAddr> {
+        if let Some(v4) = addr.as_sockaddr_in() {
+            Some(std::net::IpAddr::V4(v4.ip()))
+        } else {
+            addr.as_sockaddr_in6().map(|v6| {
+                let ip = v6.ip();
+                ip.to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4)
+            })
+        }
+    };
+    let peer = socket::getpeername::<socket::SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(ip);
+    let local = socket::getsockname::<socket::SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(ip);
+    match peer {
+        Some(peer) => peer.is_loopback() || Some(peer) == local,
+        None => false,
+    }
+}
+
 /// A close-on-exec duplicate of `fd`, so in-flight sends keep the socket alive even if the
 /// caller closes its own descriptor, and the number cannot be reused under us.
 pub fn duplicate(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
