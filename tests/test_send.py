@@ -264,3 +264,24 @@ async def test_async_with_drains_and_closes(backend: str) -> None:
     await reader
     server.close()
     assert received == bytes(data) * 4
+
+
+async def test_many_small_sends_queued_behind_a_full_socket(backend: str) -> None:
+    # The peer reads nothing at first, so the socket fills and thousands of small sends queue
+    # up (copying ones are gathered into shared sendmsg calls); all must arrive whole, in order.
+    client, server = await tcp_pair()
+    zs = zerosend.wrap(client, backend=backend)
+    parts = [os.urandom(1 + (i * 997) % 6000) for i in range(3000)]
+    parts[1500] = os.urandom(2 * MiB)  # one large zero-copy send in the middle of the queue
+    sends = [zs.send_zc(p) if i % 3 else zs.send(p) for i, p in enumerate(parts)]
+    await asyncio.sleep(0.05)
+    assert zs.inflight > 100, "the sends should be queued behind the full socket"
+    received = bytearray()
+    reader = asyncio.create_task(read_all(server, received))
+    results = await asyncio.wait_for(asyncio.gather(*sends), 60)
+    assert [r.nbytes for r in results] == [len(p) for p in parts]
+    assert zs.stats["eagain_waits"] > 0
+    await zs.aclose()
+    await reader
+    server.close()
+    assert received == b"".join(parts)

@@ -3,6 +3,7 @@
 mod buffer;
 mod driver;
 mod errors;
+mod iscsi;
 mod pool;
 mod types;
 
@@ -48,6 +49,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::Capabilities>()?;
     m.add_class::<pool::PoolMemory>()?;
     m.add_class::<pool::PoolBuffer>()?;
+    m.add_class::<iscsi::IscsiReadPath>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(crc32c, m)?)?;
     m.add(

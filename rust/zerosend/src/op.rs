@@ -88,11 +88,13 @@ impl<T, B: IoBuf> SendOp<T, B> {
         !self.queued && !self.in_ring && self.notifications_pending == 0
     }
 
-    /// Fills `out` with the unsent part of the buffers, at most `max` slices.
-    pub fn remaining_slices(&self, out: &mut Vec<libc::iovec>, max: usize) {
-        out.clear();
+    /// Appends the unsent part of the buffers to `out`, until `out` holds `max` slices.
+    pub fn append_remaining(&self, out: &mut Vec<libc::iovec>, max: usize) {
         let mut skip = self.written;
         for buf in &self.bufs {
+            if out.len() >= max {
+                break;
+            }
             let len = buf.len();
             if skip >= len {
                 skip -= len;
@@ -105,9 +107,6 @@ impl<T, B: IoBuf> SendOp<T, B> {
                 iov_len: len - skip,
             });
             skip = 0;
-            if out.len() == max {
-                break;
-            }
         }
     }
 

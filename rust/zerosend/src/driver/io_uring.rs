@@ -159,7 +159,8 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     pub(super) fn submit_to_ring(&mut self, index: u32, key: OpKey, fd: RawFd) {
         let op = self.ops[key as usize].as_mut().expect("queued send exists");
-        op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
+        self.scratch_iov.clear();
+        op.append_remaining(&mut self.scratch_iov, IOV_MAX);
         let ring = self
             .ring
             .as_mut()

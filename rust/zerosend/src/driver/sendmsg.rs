@@ -10,7 +10,7 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::{socket_tag, Backend, Driver};
 use crate::buf::IoBuf;
 use crate::error::Error;
-use crate::sys::{self, IOV_MAX};
+use crate::sys::{self, Transport, IOV_MAX};
 
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn process_socket(&mut self, tag: u64, events: EpollFlags) {
@@ -94,17 +94,30 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return;
             }
             let fd = entry.fd.as_raw_fd();
-            let backend = entry.backend;
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let op = self.ops[key as usize].as_ref().expect("queued send exists");
             if op.in_ring {
                 return;
             }
-            if backend == Backend::IoUring && op.zerocopy() {
+            let zerocopy = op.zerocopy();
+            if entry.backend == Backend::IoUring && zerocopy {
                 self.submit_to_ring(index, key, fd);
                 return;
             }
-            let zerocopy = op.zerocopy();
-            op.remaining_slices(&mut self.scratch_iov, IOV_MAX);
+            // Copying sends queued behind each other on a stream go in one sendmsg.
+            let coalesce = !zerocopy && entry.transport == Transport::Tcp;
+            self.scratch_iov.clear();
+            for &queued in entry.queue.iter() {
+                let op = self.ops[queued as usize]
+                    .as_ref()
+                    .expect("queued send exists");
+                if queued != key && (!coalesce || op.zerocopy()) {
+                    break;
+                }
+                op.append_remaining(&mut self.scratch_iov, IOV_MAX);
+                if self.scratch_iov.len() >= IOV_MAX {
+                    break;
+                }
+            }
             // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
             // `try_finish` sees every release notification for this call arrive.
             match unsafe { sys::send_vectored(fd, &self.scratch_iov, zerocopy) } {
@@ -122,8 +135,12 @@ impl<T, B: IoBuf> Driver<T, B> {
                             .expect("exists")
                             .notifications_pending += 1;
                     }
-                    self.wrote(index, key, n);
-                    self.try_finish(key);
+                    if coalesce {
+                        self.wrote_copies(index, n);
+                    } else {
+                        self.wrote(index, key, n);
+                        self.try_finish(key);
+                    }
                 }
                 Err(Errno::EAGAIN) => {
                     self.wait_writable(index);
@@ -143,6 +160,30 @@ impl<T, B: IoBuf> Driver<T, B> {
                 Err(Errno::EMSGSIZE) if self.datagram_needs_copy(index, key) => {}
                 Err(e) => self.send_failed(index, key, e),
             }
+        }
+    }
+
+    /// Records `n` bytes of one sendmsg that gathered several queued copying sends of a stream.
+    fn wrote_copies(&mut self, index: u32, mut n: usize) {
+        let mut finished = Vec::new();
+        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+        while let Some(&key) = entry.queue.front() {
+            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let take = (op.total - op.written).min(n);
+            op.written += take;
+            n -= take;
+            if op.written < op.total {
+                if take > 0 {
+                    entry.stats.short_sends += 1;
+                }
+                break;
+            }
+            entry.queue.pop_front();
+            op.queued = false;
+            finished.push(key);
+        }
+        for key in finished {
+            self.try_finish(key);
         }
     }
 
