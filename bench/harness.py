@@ -41,6 +41,7 @@ RUST = "rust-io_uring"
 CONTENDERS = (*PYTHON_CONTENDERS, RUST)
 ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's default backend
 POOL = "zerosend-io_uring-pool"
+AUTO = "zerosend-auto"  # what wrap() picks by default: copy for a peer on this host
 BASELINE = "asyncio-sock_sendall"
 KiB = 1 << 10
 MiB = 1 << 20
@@ -52,6 +53,7 @@ BEGIN = "<!-- core-bench:begin -->"
 END = "<!-- core-bench:end -->"
 
 LABELS = {
+    "zerosend-auto": "zerosend auto",
     "zerosend-io_uring": "zerosend io_uring",
     "zerosend-io_uring-pool": "zerosend io_uring + pool",
     "zerosend-msg_zerocopy": "zerosend MSG_ZEROCOPY",
@@ -417,6 +419,14 @@ def targets(inflight: Sequence[int]) -> list[Target]:
         Target(
             "loopback, 64 KiB: zerosend MB/s >= 1.0x asyncio sock_sendall's",
             "loopback", 64 * KiB, inflight, ZEROSEND, BASELINE, "mb_per_s", 1.0, False,
+        ),
+        Target(
+            "loopback, 64 KiB: zerosend (auto) MB/s >= 1.0x asyncio sock_sendall's",
+            "loopback", 64 * KiB, inflight, AUTO, BASELINE, "mb_per_s", 1.0, False,
+        ),
+        Target(
+            "4 KiB, 32 in flight: zerosend (auto) sends/s >= 1.0x sock_sendall's (loopback)",
+            "loopback", 4 * KiB, [32], AUTO, BASELINE, "sends_per_s", 1.0, False,
         ),
         Target(
             "4 KiB, 32 in flight: zerosend sends/s >= 1.0x asyncio sock_sendall's (loopback)",

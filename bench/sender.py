@@ -35,6 +35,7 @@ from typing import Any
 
 ACK = struct.Struct("<Q")
 CONTENDERS = (
+    "zerosend-auto",
     "zerosend-io_uring",
     "zerosend-io_uring-pool",
     "zerosend-msg_zerocopy",
