@@ -7,6 +7,7 @@ __all__ = [
     "BackendUnavailableError",
     "Capabilities",
     "Driver",
+    "IscsiReadPath",
     "PoolBuffer",
     "PoolMemory",
     "SendResult",
@@ -93,3 +94,14 @@ def capabilities() -> Capabilities:
 
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value``."""
+
+@final
+class IscsiReadPath:
+    """The iSCSI target's READ fast path for one LUN of one connection (zerosend.iscsi)."""
+
+    def __new__(
+        cls, fd: int, lun: bytes, block_size: int, blocks: int, max_len: int, window: int
+    ) -> IscsiReadPath: ...
+    def serve(
+        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
+    ) -> tuple[int, int, int, int, int, int, int]: ...

@@ -30,6 +30,13 @@ from .login import LoginFailed, LoginMachine, failure_response
 from .params import SessionParams
 from .stores import FileStore, MemoryStore, NullStore
 
+try:  # the READ fast path's inner loop, in Rust
+    from zerosend._native import IscsiReadPath
+except ImportError:  # an older build of the extension: the Python loop does the same
+    IscsiReadPath = None  # type: ignore[assignment,misc]
+if os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") == "0":  # for comparisons
+    IscsiReadPath = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
     from .target import Target
 
@@ -236,7 +243,8 @@ class Session:
         self._cur: Any = None
         self._cur_from = 0
         self._cur_pos = 0
-        self._fast_luns: dict[bytes, tuple[S.LogicalUnit, Any, int, int, int] | None] = {}
+        self._fast_luns: dict[bytes, tuple[S.LogicalUnit, Any, int, int, int, Any] | None] = {}
+        self._native: Any = None  # the Rust READ path of the LUN last read through it
         self.stats = {
             "commands": 0,
             "read_bytes": 0,
@@ -669,17 +677,24 @@ class Session:
             if self.target.stopping and not self.writes and not self.reads:
                 return
 
-    def _fast_lun(self, lun_field: bytes) -> tuple[S.LogicalUnit, Any, int, int, int] | None:
-        """(unit, store, fd or -1 for a store with its own memory, block size, blocks)."""
+    def _fast_lun(self, lun_field: bytes) -> tuple[S.LogicalUnit, Any, int, int, int, Any] | None:
+        """(unit, store, fd or -1 for a store with its own memory, block size, blocks, Rust
+        READ path or None)."""
         lu = self.target.luns.get(P.decode_lun(lun_field))
-        entry: tuple[S.LogicalUnit, Any, int, int, int] | None = None
+        entry: tuple[S.LogicalUnit, Any, int, int, int, Any] | None = None
         if lu is not None:
             store = lu.store
+            bs, blocks = store.block_size, store.blocks
             if isinstance(store, FileStore):  # pread, or views of the mapped image
                 fd = store.fd if store.segments(0, 0) is None else -1
-                entry = (lu, store, fd, store.block_size, store.blocks)
+                native = None
+                if fd >= 0 and IscsiReadPath is not None:
+                    p = self.params
+                    longest = min(p.initiator_max_recv_dsl, p.max_burst, ZC_MIN - 1)
+                    native = IscsiReadPath(fd, lun_field, bs, blocks, longest, CMD_WINDOW)
+                entry = (lu, store, fd, bs, blocks, native)
             elif isinstance(store, (MemoryStore, NullStore)):
-                entry = (lu, store, -1, store.block_size, store.blocks)
+                entry = (lu, store, -1, bs, blocks, None)
         self._fast_luns[lun_field] = entry
         return entry
 
@@ -688,6 +703,18 @@ class Session:
         Data-In PDU with status: handle it and return True. Otherwise leave it and return False
         (the general path then handles it, errors included)."""
         rd = self.reader
+        native = self._native
+        if native is not None and self._cur is not None and not self.pending_cmds:
+            # A run of small reads of the same LUN: parsed, read and answered in Rust.
+            sn = (self.expcmdsn, self.statsn, self.maxcmdsn)
+            res = native.serve(rd.buf, rd.start, rd.end, self._cur.view, self._cur_pos, sn)
+            if res[5]:
+                rd.start, self._cur_pos, self.expcmdsn, self.statsn, self.maxcmdsn = res[:5]
+                stats = self.stats
+                stats["commands"] += res[5]
+                stats["read_bytes"] += res[6]
+                stats["zc_sends"] += res[5]
+                return True
         buf = rd.buf
         at = rd.start
         op, flags, lengths, lun_field, itt, edtl, cmdsn = _CMD.unpack_from(buf, at)
@@ -708,7 +735,7 @@ class Session:
             unit = self._fast_lun(lun_field)
         if unit is None or cflags & 0xE0:
             return False
-        _, store, fd, bs, nblocks = unit
+        _, store, fd, bs, nblocks, self._native = unit
         n = blocks * bs
         if n != edtl or not n or lba + blocks > nblocks:
             return False
