@@ -45,10 +45,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     sys.exit(f"{what} did not listen on port {port}")
 
 
-def start_zerosend(image: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_zerosend(
+    image: str, port: int, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--iqn", IQN_ZS, "--lun", image, "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     wait_port(port, proc, "zerosend-iscsi")
     return proc
 
@@ -100,17 +104,24 @@ def main() -> int:
         chunk = os.urandom(1 << 20)
         for _ in range(image.stat().st_size >> 20):
             f.write(chunk)
-    # zerosend twice: reading into pooled buffers (the default) and sending straight from the
-    # mapped page cache (":mmap"); tgtd with its default backing store (pread in threads).
+    # zerosend three times: reading into pooled buffers (the default), the same with the READ
+    # fast path's inner loop in Python instead of Rust ("py-loop"), and sending straight from
+    # the mapped page cache (":mmap"); tgtd with its default backing store (pread in threads).
     procs: list[subprocess.Popen[bytes]] = []
     urls = {
         "zerosend": f"iscsi://127.0.0.1:3270/{IQN_ZS}/0",
+        "zerosend:py-loop": f"iscsi://127.0.0.1:3273/{IQN_ZS}/0",
         "zerosend:mmap": f"iscsi://127.0.0.1:3272/{IQN_ZS}/0",
         "tgtd": f"iscsi://127.0.0.1:3271/{IQN_TGT}/1",
     }
     results: dict[tuple[str, str], list[tuple[int, int]]] = {}
     try:
         procs.append(start_zerosend(str(image), 3270, tmp / "zerosend.log"))
+        procs.append(
+            start_zerosend(
+                str(image), 3273, tmp / "zerosend-py.log", {"ZEROSEND_ISCSI_NATIVE": "0"}
+            )
+        )
         procs.append(start_zerosend(f"{image}:mmap", 3272, tmp / "zerosend-mmap.log"))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         for r in range(opts.rounds):
@@ -120,7 +131,7 @@ def main() -> int:
                     iops, mbs = perf(urls[name], args, opts.seconds)
                     results.setdefault((name, wl), []).append((iops, mbs))
                     print(
-                        f"round {r + 1} {wl:16} {name:13} {iops:8d} IOPS {mbs:6d} MB/s", flush=True
+                        f"round {r + 1} {wl:16} {name:16} {iops:8d} IOPS {mbs:6d} MB/s", flush=True
                     )
     finally:
         for proc in procs:
