@@ -316,6 +316,8 @@ class Session:
                 self.failed = e
                 log.warning("%s: send failed: %s; closing connection", self.name, e)
             self.abort_connection()
+            if asyncio.current_task() is self.task:
+                raise  # the read loop itself: run() ends the connection
             return None
         if leases or zc:
             fut.add_done_callback(lambda f: self._sent(f, leases, zc))
@@ -542,7 +544,10 @@ class Session:
             w.aborted = True
         self.writes.clear()
         self.reader.close()
-        self._flush()
+        try:
+            self._flush()
+        except Exception:  # logged by _flush; the socket is closed below all the same
+            pass
         try:
             await asyncio.wait_for(self.zs.aclose(), 10)
         except (TimeoutError, OSError, asyncio.CancelledError) as e:
