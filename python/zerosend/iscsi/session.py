@@ -11,7 +11,8 @@ only when the send that carries it has resolved, i.e. when the kernel let go of 
 The common command, a READ(10)/READ(16) answered by one Data-In PDU with status, takes a fast
 path (``Session._fast_read``): one header unpack, one pread into the batch's pooled buffer right
 behind the Data-In header packed in front of it, so a batch of small reads is one contiguous
-region and one send.
+region and one send. Runs of such reads go through the same loop in Rust
+(``zerosend._native.IscsiReadPath``); ``ZEROSEND_ISCSI_NATIVE=0`` keeps it in Python.
 """
 
 from __future__ import annotations
