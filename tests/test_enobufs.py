@@ -1,10 +1,9 @@
-"""MSG_ZEROCOPY under a tiny net.core.optmem_max: ENOBUFS waits for releases and retries, and is
-an error (with what to do) only when nothing is in flight to wait for. The sysctl is restored."""
+"""MSG_ZEROCOPY under a tiny net.core.optmem_max: ENOBUFS waits for releases and retries; with
+nothing in flight to wait for, the send goes by copy. Nothing is lost. The sysctl is restored."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,10 +58,11 @@ async def test_enobufs_waits_for_releases_and_loses_nothing(optmem: Path) -> Non
 
 
 @pytest.mark.asyncio
-async def test_enobufs_with_nothing_in_flight_is_a_clear_error(optmem: Path) -> None:
-    zs, outcomes, _ = await _send_all(0, optmem)
-    errors = [o for o in outcomes if isinstance(o, OSError)]
-    assert errors and len(errors) == len(outcomes)
-    assert errors[0].errno == errno.ENOBUFS
-    assert "optmem_max" in str(errors[0])
-    assert zs.stats["errors"] == len(outcomes)
+async def test_enobufs_with_nothing_in_flight_sends_by_copy(optmem: Path) -> None:
+    # With no release to wait for, failing the send would leave a hole in the stream; it goes
+    # by copy instead, and the result and the counters say so.
+    zs, outcomes, intact = await _send_all(0, optmem)
+    assert not [o for o in outcomes if isinstance(o, BaseException)]
+    assert all(isinstance(o, zerosend.SendResult) and not o.zerocopy for o in outcomes)
+    assert zs.stats["zerocopy_refusals"] == len(outcomes)
+    assert intact

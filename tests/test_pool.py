@@ -176,3 +176,14 @@ def test_memlock_limit_is_named_in_the_error() -> None:
     result = json.loads(done.stdout)
     assert result["errno"] is not None, "locking 64 MiB over a 64 KiB limit must fail"
     assert "RLIMIT_MEMLOCK" in result["message"]
+
+
+@pytest.mark.asyncio
+async def test_a_forgotten_buffer_returns_to_the_pool() -> None:
+    pool = zerosend.BufferPool(1, 4096)
+    buf = await pool.acquire()
+    memoryview(buf)[:3] = b"abc"
+    assert pool.available == 0
+    del buf  # never released: garbage collection hands it back
+    assert pool.available == 1
+    (await asyncio.wait_for(pool.acquire(), 5)).release()

@@ -160,3 +160,42 @@ def test_pool_buffers_come_back_only_after_release(backend: str) -> None:
     assert result["corrupt"] == [], f"chunks corrupted on the wire: {result['corrupt']}"
     if backend == "io_uring":
         assert stats["fixed_buffer_sends"] == CHUNKS
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables")
+def test_a_datagram_dropped_by_netfilter_fails_alone(backend: str) -> None:
+    # netfilter drops the 1000-byte datagrams on their way out: sendmsg fails with EPERM after
+    # the kernel already numbered the zero-copy datagram. That send fails; every other send must
+    # still be released at the right time (not early, not never).
+    async def send(host: str) -> list[object]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect((host, PORT))
+        sock.setblocking(False)
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+        outcomes: list[object] = []
+        for size in [2000, 1000, 3000, 1000, 1000, 4000, 5000]:
+            try:
+                outcomes.append(await asyncio.wait_for(zs.send_zc(bytes(size)), 10))
+            except OSError as err:
+                outcomes.append(err)
+        await asyncio.wait_for(zs.aclose(), 10)
+        return outcomes
+
+    with Rig() as rig:
+        rig.add_output_rule("udp length 1008 drop")
+        sink = rig.start_udp_sink(PORT)
+        try:
+            outcomes = asyncio.run(send(rig.peer_addr))
+        finally:
+            sink.kill()
+            sink.wait()
+    kinds = [o.nbytes if isinstance(o, zerosend.SendResult) else type(o).__name__ for o in outcomes]
+    assert kinds == [
+        2000,
+        "PermissionError",
+        3000,
+        "PermissionError",
+        "PermissionError",
+        4000,
+        5000,
+    ]

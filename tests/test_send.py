@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import gc
 import mmap
 import os
 import socket
@@ -11,7 +12,7 @@ import socket
 import pytest
 
 import zerosend
-from tests.conftest import read_all, tcp_pair
+from tests.conftest import UNAVAILABLE, read_all, tcp_pair
 
 MiB = 1 << 20
 
@@ -285,3 +286,52 @@ async def test_many_small_sends_queued_behind_a_full_socket(backend: str) -> Non
     await reader
     server.close()
     assert received == b"".join(parts)
+
+
+async def test_an_empty_send_queued_between_others(backend: str) -> None:
+    client, server = await tcp_pair()
+    zs = zerosend.wrap(client, backend=backend, zerocopy_threshold=0)
+    first, empty, last = os.urandom(4 * MiB), b"", os.urandom(MiB)
+    sends = [zs.send_zc(first), zs.send_zc(empty), zs.send_zc(last)]
+    received = bytearray()
+    reader = asyncio.create_task(read_all(server, received))
+    results = await asyncio.wait_for(asyncio.gather(*sends), 30)
+    assert [r.nbytes for r in results] == [4 * MiB, 0, MiB]
+    await zs.aclose()
+    await reader
+    server.close()
+    assert received == first + last
+
+
+async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> None:
+    # The kernel's MSG_ZEROCOPY counter keeps counting across wrappers; a second wrapper must
+    # continue from it, or completions would release the wrong sends.
+    client, server = await tcp_pair()
+    received = bytearray()
+    reader = asyncio.create_task(read_all(server, received))
+    expected = bytearray()
+    for _ in range(3):
+        zs = zerosend.wrap(client, backend=backend)
+        with pytest.raises(ValueError, match="already wrapped"):
+            zerosend.wrap(client, backend=backend)
+        chunks = [os.urandom(256 * 1024) for _ in range(8)]
+        results = await asyncio.wait_for(asyncio.gather(*(zs.send_zc(c) for c in chunks)), 30)
+        assert sum(r.nbytes for r in results) == 8 * 256 * 1024
+        expected += b"".join(chunks)
+        await zs.drain()
+        del zs  # the driver lets go of the socket; the connection stays open
+        gc.collect()
+    client.close()
+    await reader
+    server.close()
+    assert received == expected
+
+
+async def test_so_zerocopy_set_by_other_code_is_not_trusted() -> None:
+    if UNAVAILABLE["msg_zerocopy"] is not None:
+        pytest.skip(UNAVAILABLE["msg_zerocopy"])
+    client, server = await tcp_pair()
+    with client, server:
+        client.setsockopt(socket.SOL_SOCKET, 60, 1)  # SO_ZEROCOPY, as other code might
+        with pytest.raises(zerosend.BackendUnavailableError, match="counter is unknown"):
+            zerosend.wrap(client, backend="msg_zerocopy")

@@ -93,23 +93,44 @@ class Rig:
         self.close()
 
     def drop_packets(self, percent: int) -> None:
-        """Drop ``percent``% of the packets the host sends into the rig (nftables), so TCP
-        retransmits: release notifications then come late and out of order."""
+        """Drop ``percent``% of the packets the host sends into the rig, so TCP retransmits:
+        release notifications then come late and out of order."""
+        self.add_output_rule(f"numgen random mod 100 < {percent} drop")
+
+    def add_output_rule(self, rule: str) -> None:
+        """Add an nftables rule (e.g. ``udp length 1008 drop``) for packets the host sends into
+        the rig; removed with the rig."""
         if shutil.which("nft") is None:
-            raise RuntimeError("packet loss needs nftables' nft command")
+            raise RuntimeError("the rule needs nftables' nft command")
         table = f"zerosend_{self.ns}"
-        rules = (
-            f"table inet {table} {{\n"
-            f"  chain out {{\n"
-            f"    type filter hook output priority 0; policy accept;\n"
-            f'    oifname "{self.host_if}" numgen random mod 100 < {percent} drop\n'
-            f"  }}\n"
-            f"}}\n"
-        )
-        done = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        if self.nft_table is None:
+            chain = "type filter hook output priority 0; policy accept;"
+            script = f"table inet {table} {{\n  chain out {{\n    {chain}\n  }}\n}}\n"
+            self._nft(script)
+            self.nft_table = table
+        self._nft(f'add rule inet {table} out oifname "{self.host_if}" {rule}\n')
+
+    @staticmethod
+    def _nft(script: str) -> None:
+        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"nft failed: {done.stderr.strip()}")
-        self.nft_table = table
+
+    def start_udp_sink(self, port: int) -> subprocess.Popen[str]:
+        """A process in the namespace that reads and discards datagrams on ``port``."""
+        code = (
+            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            f"s.bind(({self.peer_addr!r},{port}));print('ready',flush=True)\n"
+            "while True: s.recv(65536)"
+        )
+        proc = subprocess.Popen(
+            self.command([sys.executable, "-c", code]), stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError("the UDP sink did not start")
+        return proc
 
     def close(self) -> None:
         if self.nft_table is not None:

@@ -26,7 +26,8 @@ type CoreCompletion = Completion<Py<PyAny>, PyBuf>;
 #[pyclass(frozen, module = "zerosend._native")]
 pub struct Driver {
     // Only the loop thread uses a driver; the mutex makes that safe to state, and it is never
-    // held while Python code can run (futures are resolved and buffers released after unlocking).
+    // held while Python code can run: futures are resolved and buffers released (which may run
+    // a pool's callback) after unlocking.
     core: Mutex<CoreDriver>,
 }
 
@@ -144,13 +145,14 @@ impl Driver {
         future: Py<PyAny>,
     ) -> PyResult<()> {
         let bufs = extract_buffers(buffers)?;
-        let completions = {
+        let (submitted, completions) = {
             let mut core = self.lock();
-            core.submit(SocketId::from_raw(socket), bufs, zerocopy, future)
-                .map_err(to_pyerr)?;
-            Self::collect(&mut core)
+            let submitted = core.submit(SocketId::from_raw(socket), bufs, zerocopy, future);
+            (submitted, Self::collect(&mut core))
         };
-        resolve_all(py, completions)
+        resolve_all(py, completions)?;
+        // A rejected send's buffers are released here, outside the lock.
+        submitted.map_err(|rejected| to_pyerr(rejected.error))
     }
 
     /// Lets sends from the pool's memory use io_uring registered buffers on this driver.
@@ -162,14 +164,14 @@ impl Driver {
 
     /// Processes the kernel's reports and resolves every finished send's future.
     fn dispatch(&self, py: Python<'_>) -> PyResult<()> {
-        let completions = {
+        let (polled, completions) = {
             let mut core = self.lock();
             let polled = core.poll();
-            let completions = Self::collect(&mut core);
-            polled.map_err(to_pyerr)?;
-            completions
+            (polled, Self::collect(&mut core))
         };
-        resolve_all(py, completions)
+        // Whatever finished is resolved even if polling then failed.
+        resolve_all(py, completions)?;
+        polled.map_err(to_pyerr)
     }
 
     /// Resolves `future` with None once the socket has no send in flight.
@@ -235,6 +237,7 @@ impl Driver {
             ("short_sends", s.short_sends),
             ("eagain_waits", s.eagain_waits),
             ("enobufs_waits", s.enobufs_waits),
+            ("zerocopy_refusals", s.zerocopy_refusals),
             ("fixed_buffer_sends", s.fixed_buffer_sends),
             ("errors", s.errors),
         ] {

@@ -120,6 +120,20 @@ impl PoolBuffer {
     }
 }
 
+impl Drop for PoolBuffer {
+    fn drop(&mut self) {
+        // Garbage-collected without release(): nothing can export it any more (every view holds
+        // a reference to it), so it goes back to its pool now rather than never.
+        if !self.released.swap(true, Ordering::AcqRel) {
+            Python::attach(|py| {
+                if let Err(err) = self.give_back_if_free(py) {
+                    err.write_unraisable(py, None);
+                }
+            });
+        }
+    }
+}
+
 #[pymethods]
 impl PoolBuffer {
     fn __len__(&self) -> usize {

@@ -175,7 +175,7 @@ fn main() {
             let Some(buf) = free.pop() else { break };
             driver
                 .submit(id, vec![buf], true, sends)
-                .unwrap_or_else(|e| fail("submit", e));
+                .unwrap_or_else(|rejected| fail("submit", rejected.error));
             sends += 1;
             bytes += args.size as u64;
             inflight += 1;

@@ -20,6 +20,7 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::op::{CopyReason, Mode, OpKey, SendOp, SendResult};
 use crate::region::Region;
+use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
@@ -121,8 +122,12 @@ pub struct SocketStats {
     pub short_sends: u64,
     /// Times the socket buffer was full and the driver waited for room.
     pub eagain_waits: u64,
-    /// Times the kernel refused to pin more pages (ENOBUFS) and the driver waited for releases.
+    /// Times the kernel refused to pin more memory (ENOBUFS/ENOMEM) and the driver waited for
+    /// this socket's releases before trying again.
     pub enobufs_waits: u64,
+    /// Zero-copy sends the kernel refused outright (no memory to pin and nothing to wait for,
+    /// or a datagram in too many pieces); they went by copy (counted in bytes_copied_by_kernel).
+    pub zerocopy_refusals: u64,
     /// Sends that went from io_uring registered buffers.
     pub fixed_buffer_sends: u64,
     /// Sends that ended in an error.
@@ -142,12 +147,22 @@ pub enum Completion<T, B> {
     Drained { token: T },
 }
 
+/// A send the driver did not accept: why, and the caller's token and buffers, untouched.
+#[derive(Debug)]
+pub struct Rejected<T, B> {
+    pub error: Error,
+    pub token: T,
+    pub bufs: Vec<B>,
+}
+
 /// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
 const EVENT_BATCH: usize = 64;
 
 struct Entry<T> {
     fd: OwnedFd,
+    /// This registration's exclusive hold on the socket, released when the entry goes.
+    claim: Claim,
     generation: u32,
     transport: Transport,
     backend: Backend,
@@ -160,8 +175,10 @@ struct Entry<T> {
     tracker: ZerocopyTracker<OpKey>,
     /// EPOLLOUT is armed because the socket buffer was full.
     want_write: bool,
-    /// ENOBUFS: wait for a release before writing again.
+    /// ENOBUFS/ENOMEM: wait for a release before writing again.
     awaiting_release: bool,
+    /// io_uring release notifications still to come for this socket's sends.
+    ring_releases_pending: usize,
     /// A fatal error ended the stream; later sends fail with it.
     failed: Option<Error>,
     drain_waiters: Vec<T>,
@@ -188,6 +205,7 @@ pub struct Driver<T, B: IoBuf> {
     scratch_iov: Vec<libc::iovec>,
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
+    scratch_completions: Vec<sys::ZerocopyCompletion>,
     /// Sockets whose next request found the ring's submission queue full.
     ring_backlog: Vec<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
@@ -218,6 +236,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_iov: Vec::with_capacity(IOV_MAX),
             scratch_keys: Vec::new(),
             scratch_events: Vec::new(),
+            scratch_completions: Vec::new(),
             ring_backlog: Vec::new(),
             vectored: Vec::new(),
         })
@@ -241,8 +260,10 @@ impl<T, B: IoBuf> Driver<T, B> {
         options: &SocketOptions,
     ) -> Result<SocketId> {
         let transport = sys::inspect_socket(socket)?;
+        let claim = Claim::acquire(registry::socket_key(socket)?)?;
         let fd = sys::duplicate(socket)?;
-        let (backend, fallback_reason) = self.choose_backend(fd.as_fd(), options.backend)?;
+        let (backend, fallback_reason, first_number) =
+            self.choose_backend(fd.as_fd(), &claim, options.backend)?;
 
         let index = match self.free_entries.pop() {
             Some(index) => index,
@@ -264,6 +285,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         self.entries[index as usize] = Some(Entry {
             fd,
+            claim,
             generation,
             transport,
             backend,
@@ -271,9 +293,10 @@ impl<T, B: IoBuf> Driver<T, B> {
             threshold: options.zerocopy_threshold,
             queue: VecDeque::new(),
             inflight: 0,
-            tracker: ZerocopyTracker::default(),
+            tracker: ZerocopyTracker::starting_at(first_number),
             want_write: false,
             awaiting_release: false,
+            ring_releases_pending: 0,
             failed: None,
             drain_waiters: Vec::new(),
             closing: false,
@@ -282,24 +305,26 @@ impl<T, B: IoBuf> Driver<T, B> {
         Ok(SocketId { index, generation })
     }
 
+    /// Picks the socket's backend: `(backend, why not a better one, first MSG_ZEROCOPY number)`.
     fn choose_backend(
         &mut self,
         fd: BorrowedFd<'_>,
+        claim: &Claim,
         wanted: Option<Backend>,
-    ) -> Result<(Backend, Option<String>)> {
+    ) -> Result<(Backend, Option<String>, u32)> {
         let unavailable = |backend: Backend, reason: String| Error::BackendUnavailable {
             backend: backend.name(),
             reason,
         };
         match wanted {
-            Some(Backend::Copy) => Ok((Backend::Copy, None)),
+            Some(Backend::Copy) => Ok((Backend::Copy, None, 0)),
             Some(Backend::MsgZerocopy) => self
-                .enable_msg_zerocopy(fd)
-                .map(|()| (Backend::MsgZerocopy, None))
+                .enable_msg_zerocopy(fd, claim)
+                .map(|first| (Backend::MsgZerocopy, None, first))
                 .map_err(|reason| unavailable(Backend::MsgZerocopy, reason)),
             Some(Backend::IoUring) => self
                 .ensure_ring()
-                .map(|()| (Backend::IoUring, None))
+                .map(|()| (Backend::IoUring, None, 0))
                 .map_err(|reason| unavailable(Backend::IoUring, reason)),
             None if sys::peer_is_local(fd) => Ok((
                 Backend::Copy,
@@ -309,34 +334,48 @@ impl<T, B: IoBuf> Driver<T, B> {
                      explicitly to send zero-copy regardless)"
                         .to_string(),
                 ),
+                0,
             )),
             None => {
                 let uring_reason = match self.ensure_ring() {
-                    Ok(()) => return Ok((Backend::IoUring, None)),
+                    Ok(()) => return Ok((Backend::IoUring, None, 0)),
                     Err(reason) => reason,
                 };
-                match self.enable_msg_zerocopy(fd) {
-                    Ok(()) => Ok((
+                match self.enable_msg_zerocopy(fd, claim) {
+                    Ok(first) => Ok((
                         Backend::MsgZerocopy,
                         Some(format!("io_uring: {uring_reason}")),
+                        first,
                     )),
                     Err(reason) => Ok((
                         Backend::Copy,
                         Some(format!("io_uring: {uring_reason}; msg_zerocopy: {reason}")),
+                        0,
                     )),
                 }
             }
         }
     }
 
-    fn enable_msg_zerocopy(&self, fd: BorrowedFd<'_>) -> std::result::Result<(), String> {
+    /// Turns on SO_ZEROCOPY; returns the number the kernel will give the next zero-copy send.
+    fn enable_msg_zerocopy(
+        &self,
+        fd: BorrowedFd<'_>,
+        claim: &Claim,
+    ) -> std::result::Result<u32, String> {
         self.capabilities.msg_zerocopy.clone()?;
-        sys::enable_zerocopy(fd).map_err(|e| {
-            format!(
-                "setsockopt(SO_ZEROCOPY) refused on this socket: {e} ({})",
-                e.desc()
-            )
-        })
+        let refused = |e: Errno| format!("SO_ZEROCOPY refused on this socket: {e}");
+        if sys::zerocopy_enabled(fd).map_err(refused)? {
+            // The kernel's counter kept counting since SO_ZEROCOPY was set; only a registration
+            // of ours that ended with nothing in flight tells where it stands.
+            return claim.saved_zerocopy_number().ok_or_else(|| {
+                "SO_ZEROCOPY was already set on this socket by other code, so the kernel's \
+                 MSG_ZEROCOPY counter is unknown and completions could not be matched to sends"
+                    .to_string()
+            });
+        }
+        sys::enable_zerocopy(fd).map_err(refused)?;
+        Ok(0)
     }
 
     fn entry(&self, id: SocketId) -> Result<&Entry<T>> {
@@ -363,6 +402,12 @@ impl<T, B: IoBuf> Driver<T, B> {
         Ok(self.entry(id)?.fallback_reason.clone())
     }
 
+    /// True while the socket is registered, including after [`Driver::close`] until its last
+    /// send was released.
+    pub fn is_registered(&self, id: SocketId) -> bool {
+        matches!(self.entries.get(id.index as usize), Some(Some(entry)) if entry.generation == id.generation)
+    }
+
     /// Sends on the socket whose buffers the kernel has not released yet.
     pub fn inflight(&self, id: SocketId) -> Result<usize> {
         Ok(self.entry(id)?.inflight)
@@ -378,10 +423,20 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// then a [`Completion::Send`] carrying `token` becomes available.
     /// `zerocopy == false` asks for a copying send in the same ordered stream.
     ///
-    /// Returns an error only when the send could not be accepted at all (closed socket, bad
-    /// arguments); failures of the stream arrive as the send's completion.
-    pub fn submit(&mut self, id: SocketId, bufs: Vec<B>, zerocopy: bool, token: T) -> Result<()> {
-        let entry = self.entry_mut(id)?;
+    /// Returns [`Rejected`], with the token and buffers, only when the send could not be
+    /// accepted at all (closed socket, bad arguments); failures of the stream arrive as the
+    /// send's completion.
+    pub fn submit(
+        &mut self,
+        id: SocketId,
+        bufs: Vec<B>,
+        zerocopy: bool,
+        token: T,
+    ) -> std::result::Result<(), Rejected<T, B>> {
+        let entry = match self.entry_mut(id) {
+            Ok(entry) => entry,
+            Err(error) => return Err(Rejected { error, token, bufs }),
+        };
         if let Some(err) = &entry.failed {
             // The stream already broke: this send fails like the ones before it, through its
             // completion, so callers handle every stream error in one place.
@@ -394,17 +449,18 @@ impl<T, B: IoBuf> Driver<T, B> {
             return Ok(());
         }
         if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
-            return Err(Error::InvalidArgument(format!(
+            let error = Error::InvalidArgument(format!(
                 "a datagram can be gathered from at most {IOV_MAX} buffers, got {}",
                 bufs.len()
-            )));
+            ));
+            return Err(Rejected { error, token, bufs });
         }
         let total: usize = bufs.iter().map(IoBuf::len).sum();
         let mode = if !zerocopy {
             Mode::Copy(CopyReason::Requested)
         } else if entry.backend == Backend::Copy {
             Mode::Copy(CopyReason::Backend)
-        } else if total < entry.threshold {
+        } else if total < entry.threshold || total == 0 {
             Mode::Copy(CopyReason::BelowThreshold)
         } else {
             Mode::ZeroCopy
@@ -519,18 +575,35 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
     }
 
-    /// EMSGSIZE on a zero-copy datagram: its pages need more fragments than one skb holds, so
-    /// it cannot go zero-copy, but it can still go by copy (and fails there if simply too big).
-    /// Switches the send to copy and returns true if that applies.
-    fn datagram_needs_copy(&mut self, index: u32, key: OpKey) -> bool {
-        let udp = self.entries[index as usize]
-            .as_ref()
-            .is_some_and(|e| e.transport == Transport::Udp);
+    /// The kernel would not send this zero-copy send as such: it refused to pin more memory
+    /// (ENOBUFS/ENOMEM: `net.core.optmem_max` or `RLIMIT_MEMLOCK`), or a datagram's pages need
+    /// more fragments than one skb holds (EMSGSIZE). If the socket has releases to come, wait for
+    /// them and try again; otherwise send it by copy, which needs neither, so the stream never
+    /// gets a hole. Returns false if `errno` is not such a refusal.
+    fn zerocopy_refused(&mut self, index: u32, key: OpKey, errno: Errno) -> bool {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return false;
+        };
         let op = self.ops[key as usize].as_mut().expect("the send exists");
-        if !udp || !op.zerocopy() {
+        let refusal = match errno {
+            Errno::ENOBUFS | Errno::ENOMEM => true,
+            Errno::EMSGSIZE => entry.transport == Transport::Udp,
+            _ => false,
+        };
+        if !refusal || !op.zerocopy() {
             return false;
         }
-        op.mode = Mode::Copy(CopyReason::KernelFallback);
+        // Releases of other sends may free memory; this send's own (a failed io_uring request
+        // still notifies) would only bring it back here.
+        let pending = entry.tracker.outstanding() + entry.ring_releases_pending;
+        let releases_to_come = pending > op.notifications_pending as usize;
+        if errno != Errno::EMSGSIZE && releases_to_come {
+            entry.stats.enobufs_waits += 1;
+            entry.awaiting_release = true;
+        } else {
+            entry.stats.zerocopy_refusals += 1;
+            op.mode = Mode::Copy(CopyReason::KernelFallback);
+        }
         true
     }
 
@@ -562,22 +635,10 @@ impl<T, B: IoBuf> Driver<T, B> {
         if !op.queued {
             return;
         }
-        let error = match errno {
-            Errno::ENOBUFS => Error::OsWithHint {
-                context: "sendmsg(MSG_ZEROCOPY)",
-                errno,
-                hint:
-                    "the kernel refused more zero-copy state for this socket with none in flight to \
-                       wait for: raise net.core.optmem_max (or RLIMIT_MEMLOCK, for pinned pages), \
-                       or send with backend=\"copy\"",
-            },
-            _ => Error::os("sending on the socket", errno),
-        };
-        // A datagram failure, or a stream send that wrote nothing for a local reason, leaves the
-        // stream intact: fail just this send. Anything else breaks the byte stream.
-        let local_only =
-            entry.transport == Transport::Udp || (op.written == 0 && errno == Errno::ENOBUFS);
-        if local_only {
+        let error = Error::os("sending on the socket", errno);
+        // A datagram failure leaves the socket usable: fail just this send. On a stream any
+        // failure leaves a hole or a torn message, so the stream ends.
+        if entry.transport == Transport::Udp {
             entry.queue.pop_front();
             op.queued = false;
             op.error = Some(error);
@@ -660,6 +721,11 @@ impl<T, B: IoBuf> Driver<T, B> {
     fn remove_entry(&mut self, index: u32) {
         if let Some(entry) = self.entries[index as usize].take() {
             let _ = self.epoll.delete(&entry.fd);
+            if entry.backend == Backend::MsgZerocopy && entry.tracker.outstanding() == 0 {
+                entry
+                    .claim
+                    .save_zerocopy_number(entry.tracker.next_number());
+            }
             for token in entry.drain_waiters {
                 self.completions.push(Completion::Drained { token });
             }

@@ -8,13 +8,6 @@ pub enum Error {
     /// A system call failed. `errno` is the kernel's answer.
     #[error("{context}: {errno}")]
     Os { context: &'static str, errno: Errno },
-    /// A system call failed and we know what the caller can do about it.
-    #[error("{context}: {errno}; {hint}")]
-    OsWithHint {
-        context: &'static str,
-        errno: Errno,
-        hint: &'static str,
-    },
     /// The requested backend cannot be used here.
     #[error("backend {backend:?} is unavailable: {reason}")]
     BackendUnavailable {
@@ -43,7 +36,7 @@ impl Error {
     /// The errno behind this error, if it came from the kernel.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Os { errno, .. } | Error::OsWithHint { errno, .. } => Some(*errno as i32),
+            Error::Os { errno, .. } => Some(*errno as i32),
             Error::BackendUnavailable { .. } => Some(libc::EOPNOTSUPP),
             Error::Closed => Some(libc::EBADF),
             Error::Pool(_) => Some(libc::ENOMEM),

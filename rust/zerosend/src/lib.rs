@@ -13,6 +13,7 @@ mod driver;
 mod error;
 mod op;
 mod region;
+mod registry;
 mod ring;
 mod sender;
 mod sys;
@@ -20,7 +21,7 @@ mod tracker;
 
 pub use buf::IoBuf;
 pub use capabilities::Capabilities;
-pub use driver::{Backend, Completion, Driver, SocketId, SocketOptions, SocketStats};
+pub use driver::{Backend, Completion, Driver, Rejected, SocketId, SocketOptions, SocketStats};
 pub use error::{Error, Result};
 pub use op::SendResult;
 pub use region::Region;

@@ -137,7 +137,11 @@ impl<B: IoBuf + Send + 'static> ZeroCopySender<B> {
             (submitted, ready)
         };
         match outcome {
-            (Err(err), _) => slot.complete(Err(err), None),
+            (Err(rejected), ready) => {
+                deliver(ready);
+                let mut bufs = rejected.bufs;
+                slot.complete(Err(rejected.error), bufs.pop());
+            }
             (Ok(()), ready) => deliver(ready),
         }
         SendFuture { slot }
@@ -211,8 +215,8 @@ async fn drive<B: IoBuf + Send + 'static>(
             let mut driver = shared.lock();
             let _ = driver.poll();
             let ready: Vec<_> = driver.take_completions().collect();
-            // After close the socket id is gone once its last send was released.
-            (ready, closing && driver.inflight(id).is_err())
+            // After close the socket stays registered until its last send was released.
+            (ready, closing && !driver.is_registered(id))
         };
         deliver(ready);
         if done {
@@ -232,7 +236,7 @@ pub struct SendFuture<B> {
 }
 
 impl<B> Future for SendFuture<B> {
-    /// The outcome, and the buffer back (None only if the send was never accepted).
+    /// The outcome, and the buffer back (None only for a drain).
     type Output = (Result<SendResult>, Option<B>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -115,6 +115,27 @@ pub fn duplicate(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Whether `SO_ZEROCOPY` is already on (someone used, or prepared, MSG_ZEROCOPY on this socket).
+pub fn zerocopy_enabled(fd: BorrowedFd<'_>) -> std::result::Result<bool, Errno> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the option value points to a live c_int and `len` holds its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ZEROCOPY,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value != 0)
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// Turns on `SO_ZEROCOPY`; without it the kernel silently ignores `MSG_ZEROCOPY`.
 pub fn enable_zerocopy(fd: BorrowedFd<'_>) -> std::result::Result<(), Errno> {
     let one: libc::c_int = 1;

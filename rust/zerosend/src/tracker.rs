@@ -35,10 +35,15 @@ impl<K: Copy> ZerocopyTracker<K> {
 
     /// Records that the next successful zero-copy send belongs to `owner`; returns its number.
     pub fn push(&mut self, owner: K) -> u32 {
-        let id = self.base.wrapping_add(self.slots.len() as u32);
+        let id = self.next_number();
         self.slots.push_back(Some(owner));
         self.outstanding += 1;
         id
+    }
+
+    /// The number the next successful zero-copy send will get.
+    pub fn next_number(&self) -> u32 {
+        self.base.wrapping_add(self.slots.len() as u32)
     }
 
     /// The oldest number still waiting for its completion, if any.

@@ -157,3 +157,31 @@ async fn udp_datagrams() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_sender_lets_its_sends_finish() {
+    for backend in backends() {
+        let (client, mut server) = connected_pair().await;
+        let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(backend)).unwrap();
+        let futures: Vec<_> = (0..32u8)
+            .map(|i| sender.send_zc(pattern(1 << 20, i)))
+            .collect();
+        drop(sender);
+        drop(client);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for (i, future) in futures.into_iter().enumerate() {
+            let (result, buf) = tokio::time::timeout(Duration::from_secs(30), future)
+                .await
+                .unwrap_or_else(|_| panic!("{backend:?}: send {i} never finished"));
+            assert_eq!(result.unwrap().nbytes, 1 << 20);
+            assert!(buf.is_some());
+        }
+        let got = reader.await.unwrap();
+        let expected: Vec<u8> = (0..32u8).flat_map(|i| pattern(1 << 20, i)).collect();
+        assert!(got == expected, "{backend:?}: the peer must get every byte");
+    }
+}

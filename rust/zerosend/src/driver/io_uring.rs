@@ -121,10 +121,16 @@ impl<T, B: IoBuf> Driver<T, B> {
                     op.notifications_pending -= 1;
                     op.kernel_copied |= copied;
                     let socket = op.socket;
+                    let mut resume = false;
                     if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
                         entry.stats.notifications += 1;
+                        entry.ring_releases_pending -= 1;
+                        resume = std::mem::take(&mut entry.awaiting_release);
                     }
                     self.try_finish(key);
+                    if resume {
+                        self.pump(socket);
+                    }
                 }
                 RingEvent::Sent { key, res, more } => self.ring_sent(key, res, more),
             }
@@ -137,19 +143,21 @@ impl<T, B: IoBuf> Driver<T, B> {
             return;
         };
         op.in_ring = false;
+        let index = op.socket;
         if more {
             op.notifications_pending += 1;
+            if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
+                entry.ring_releases_pending += 1;
+            }
         }
-        let index = op.socket;
         // The request is over: its msghdr is no longer read by the kernel.
         self.vectored[key as usize] = None;
         if res >= 0 {
             self.wrote(index, key, res as usize);
         } else {
-            let errno = Errno::from_raw(-res);
-            match errno {
+            match Errno::from_raw(-res) {
                 Errno::EAGAIN | Errno::EINTR => {}
-                Errno::EMSGSIZE if self.datagram_needs_copy(index, key) => {}
+                e if self.zerocopy_refused(index, key, e) => {}
                 e => self.send_failed(index, key, e),
             }
         }
@@ -201,18 +209,28 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
     }
 
-    /// Submits what the ring's queue holds. On failure the entries stay queued in the ring (the
+    /// Submits what the ring's queue holds, then the requests of sockets that found it full,
+    /// for as long as that makes progress. On failure the entries stay queued in the ring (the
     /// kernel may take them on a later call), so their sends keep their buffers.
     pub(super) fn flush_ring(&mut self) -> Result<()> {
-        let Some(ring) = self.ring.as_mut() else {
-            return Ok(());
-        };
-        ring.flush()
-            .map_err(|e| Error::os("submitting to io_uring", ring::errno_of(&e)))?;
-        // Sockets whose request did not fit in the queue get their turn now.
-        for index in std::mem::take(&mut self.ring_backlog) {
-            self.pump(index);
+        loop {
+            let Some(ring) = self.ring.as_mut() else {
+                return Ok(());
+            };
+            ring.flush()
+                .map_err(|e| Error::os("submitting to io_uring", ring::errno_of(&e)))?;
+            let waiting = std::mem::take(&mut self.ring_backlog);
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            for &index in &waiting {
+                self.pump(index);
+            }
+            if self.ring_backlog.len() >= waiting.len() {
+                // Still full: the kernel needs its completions reaped first, which the eventfd
+                // will signal; those sockets are retried then.
+                return Ok(());
+            }
         }
-        Ok(())
     }
 }

@@ -10,7 +10,12 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::{socket_tag, Backend, Driver};
 use crate::buf::IoBuf;
 use crate::error::Error;
+use crate::op::OpKey;
 use crate::sys::{self, Transport, IOV_MAX};
+
+/// Owner of a MSG_ZEROCOPY number that belongs to no send (a datagram that failed after the
+/// kernel numbered it).
+const UNOWNED: OpKey = OpKey::MAX;
 
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn process_socket(&mut self, tag: u64, events: EpollFlags) {
@@ -35,27 +40,63 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     pub(super) fn read_notifications(&mut self, index: u32) {
+        let mut completions = std::mem::take(&mut self.scratch_completions);
+        completions.clear();
+        let Some(Some(entry)) = self.entries.get(index as usize) else {
+            return;
+        };
+        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
+        self.apply_completions(index, &completions, drained);
+        self.scratch_completions = completions;
+    }
+
+    /// After a zero-copy datagram failed: the kernel may have numbered it before failing (the
+    /// datagram was built, then dropped by netfilter or a full qdisc), and then it queued that
+    /// number's completion during the failing call. Account for the number so that later
+    /// numbers still match their sends.
+    fn resync_after_failed_datagram(&mut self, index: u32) {
+        let mut completions = std::mem::take(&mut self.scratch_completions);
+        completions.clear();
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
+        let next = entry.tracker.next_number();
+        if completions
+            .iter()
+            .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo))
+        {
+            entry.tracker.push(UNOWNED);
+        }
+        self.apply_completions(index, &completions, drained);
+        self.scratch_completions = completions;
+    }
+
+    fn apply_completions(
+        &mut self,
+        index: u32,
+        completions: &[sys::ZerocopyCompletion],
+        drained: Result<sys::ErrorQueueReport, Errno>,
+    ) {
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
             return;
         };
         let keys = &mut self.scratch_keys;
         keys.clear();
         let ops = &mut self.ops;
-        let tracker = &mut entry.tracker;
-        let stats = &mut entry.stats;
-        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| {
-            stats.notifications += 1;
-            if tracker.oldest().is_some_and(|oldest| oldest != c.lo) {
-                stats.out_of_order_notifications += 1;
+        for c in completions {
+            entry.stats.notifications += 1;
+            if entry.tracker.oldest().is_some_and(|oldest| oldest != c.lo) {
+                entry.stats.out_of_order_notifications += 1;
             }
-            tracker.complete(c.lo, c.hi, |key| {
-                if let Some(op) = ops[key as usize].as_mut() {
+            entry.tracker.complete(c.lo, c.hi, |key| {
+                if let Some(Some(op)) = ops.get_mut(key as usize) {
                     op.notifications_pending -= 1;
                     op.kernel_copied |= c.copied;
                     keys.push(key);
                 }
             });
-        });
+        }
         if let Err(e) = drained {
             // Reading the error queue cannot fail on a live socket; if it does, nothing more will
             // arrive there, so end the stream rather than wait forever.
@@ -104,7 +145,8 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return;
             }
             // Copying sends queued behind each other on a stream go in one sendmsg.
-            let coalesce = !zerocopy && entry.transport == Transport::Tcp;
+            let datagram = entry.transport == Transport::Udp;
+            let coalesce = !zerocopy && !datagram;
             self.scratch_iov.clear();
             for &queued in entry.queue.iter() {
                 let op = self.ops[queued as usize]
@@ -117,6 +159,12 @@ impl<T, B: IoBuf> Driver<T, B> {
                 if self.scratch_iov.len() >= IOV_MAX {
                     break;
                 }
+            }
+            if self.scratch_iov.is_empty() && !datagram {
+                // An empty send on a stream has nothing to write: done without a system call.
+                self.wrote(index, key, 0);
+                self.try_finish(key);
+                continue;
             }
             // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
             // `try_finish` sees every release notification for this call arrive.
@@ -146,19 +194,22 @@ impl<T, B: IoBuf> Driver<T, B> {
                     self.wait_writable(index);
                     return;
                 }
-                Err(Errno::ENOBUFS) if zerocopy => {
-                    let entry = self.entries[index as usize].as_mut().expect("entry exists");
-                    if entry.tracker.outstanding() > 0 {
-                        entry.stats.enobufs_waits += 1;
-                        entry.awaiting_release = true;
+                Err(e) if self.zerocopy_refused(index, key, e) => {
+                    if self.entries[index as usize]
+                        .as_ref()
+                        .is_some_and(|entry| entry.awaiting_release)
+                    {
                         // Releases may have landed before we looked: read them now.
                         self.read_notifications(index);
                         return;
                     }
-                    self.send_failed(index, key, Errno::ENOBUFS);
                 }
-                Err(Errno::EMSGSIZE) if self.datagram_needs_copy(index, key) => {}
-                Err(e) => self.send_failed(index, key, e),
+                Err(e) => {
+                    if zerocopy && datagram {
+                        self.resync_after_failed_datagram(index);
+                    }
+                    self.send_failed(index, key, e);
+                }
             }
         }
     }
