@@ -47,6 +47,14 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
 
 
+def _mac(netns: list[str], interface: str) -> str:
+    done = subprocess.run(
+        ["ip", *netns, "-o", "link", "show", interface], capture_output=True, text=True, check=True
+    )
+    fields = done.stdout.split()
+    return fields[fields.index("link/ether") + 1]
+
+
 class Rig:
     """A namespace ``ns`` reachable at ``peer_addr`` from ``host_addr`` over a veth pair."""
 
@@ -71,6 +79,13 @@ class Rig:
             _ip("-n", self.ns, "addr", "add", f"{self.peer_addr}/24", "dev", self.peer_if)
             _ip("-n", self.ns, "link", "set", self.peer_if, "up")
             _ip("-n", self.ns, "link", "set", "lo", "up")
+            # Static neighbours: no ARP round trip to delay the first packets of a test.
+            host_mac = _mac([], self.host_if)
+            peer_mac = _mac(["-n", self.ns], self.peer_if)
+            _ip("neigh", "replace", self.peer_addr, "lladdr", peer_mac, "dev", self.host_if,
+                "nud", "permanent")  # fmt: skip
+            _ip("-n", self.ns, "neigh", "replace", self.host_addr, "lladdr", host_mac,
+                "dev", self.peer_if, "nud", "permanent")  # fmt: skip
             if os.cpu_count() and os.cpu_count() > self.rps_cpu:  # type: ignore[operator]
                 mask = format(1 << self.rps_cpu, "x")
                 path = f"/sys/class/net/{self.peer_if}/queues/rx-0/rps_cpus"
