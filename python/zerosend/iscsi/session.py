@@ -346,6 +346,17 @@ class Session:
                     self._zc_skip = ZC_RETRY
         self._check_send(fut)
 
+    def _accept_in_order(self, cmdsn: int) -> tuple[int, int]:
+        """Account an in-order command answered now: ExpCmdSN moves past it (and the window
+        with it); returns the StatSN its response takes and the new ExpCmdSN."""
+        expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        maxcmdsn = (expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
+        if _sn_lt(self.maxcmdsn, maxcmdsn):
+            self.maxcmdsn = maxcmdsn
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        return statsn, expcmdsn
+
     async def send_now(self, hdr: bytearray, data: bytes = b"") -> None:
         """Queue a PDU, send the outbox and wait until the kernel released it."""
         self.send_pdu(hdr, data)
@@ -781,12 +792,7 @@ class Session:
                 self.send_check(itt, cc)
                 return True
             rd.start = at + 48
-            expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
-            maxcmdsn = (expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
-            if _sn_lt(self.maxcmdsn, maxcmdsn):
-                self.maxcmdsn = maxcmdsn
-            statsn = self.statsn
-            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            statsn, expcmdsn = self._accept_in_order(cmdsn)
             args = (P.OP_DATA_IN, _DATAIN_GOOD, 0, n, lun_field, itt, P.NO_TAG, statsn,
                     expcmdsn, self.maxcmdsn, 0, 0, 0)  # fmt: skip
             if big:
@@ -800,12 +806,7 @@ class Session:
         else:
             segments = store.segments(offset, n)
             rd.start = at + 48
-            expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
-            maxcmdsn = (expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
-            if _sn_lt(self.maxcmdsn, maxcmdsn):
-                self.maxcmdsn = maxcmdsn
-            statsn = self.statsn
-            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            statsn, expcmdsn = self._accept_in_order(cmdsn)
             if self._cur is not None:
                 self._seal()
             args = (P.OP_DATA_IN, _DATAIN_GOOD, 0, n, lun_field, itt, P.NO_TAG, statsn,
