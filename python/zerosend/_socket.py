@@ -66,9 +66,13 @@ def wrap(
     backend the kernel lacks raises :class:`BackendUnavailableError` naming the reason. Sends
     smaller than ``zerocopy_threshold`` bytes go by copy, where zero-copy costs more than it saves.
 
+    ``"auto"`` sends by copy to a peer on this host (loopback copies on delivery anyway, so
+    zero-copy would only add work); ``fallback_reason`` says so.
+
     zerosend keeps its own duplicate of the descriptor while sends are in flight; write to the
     socket only through the returned object from now on. Reading it (``loop.sock_recv_into``)
-    is fine.
+    is fine. A socket has one wrapper at a time: wrapping it again raises ``ValueError`` until
+    the first wrapper was closed (or garbage-collected) and its sends were released.
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"wrap() needs a socket.socket, not {type(sock).__name__!r}")
