@@ -38,8 +38,7 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
 
 
 def _resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    # Backend names are checked by the driver; only the environment's needs its own message.
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV, "").strip()
         if forced:

@@ -6,6 +6,7 @@ use io_uring::{opcode, IoUring, Probe};
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
+use crate::error::errno_of;
 use crate::sys;
 
 /// What the running kernel supports. Each `Err` holds a sentence saying why not.
@@ -41,7 +42,7 @@ fn probe_io_uring() -> Result<(), String> {
     let ring = match IoUring::new(4) {
         Ok(ring) => ring,
         Err(err) => {
-            let errno = Errno::from_raw(err.raw_os_error().unwrap_or(0));
+            let errno = errno_of(&err);
             return Err(match (errno, io_uring_disabled_sysctl()) {
                 (_, Some(2)) => "io_uring is disabled by the sysctl kernel.io_uring_disabled=2 \
                                  (set it to 0 to allow it)"

@@ -476,18 +476,6 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("entry checked above");
         entry.inflight += 1;
         entry.queue.push_back(key);
-        if total == 0 && entry.transport == Transport::Tcp {
-            // Nothing to write on a stream: done at once, in order behind nothing.
-            if entry.queue.len() == 1 {
-                entry.queue.pop_front();
-                self.ops[key as usize]
-                    .as_mut()
-                    .expect("just inserted")
-                    .queued = false;
-                self.try_finish(key);
-            }
-            return Ok(());
-        }
         if entry.queue.len() == 1 {
             self.pump(id.index);
         }
@@ -607,22 +595,43 @@ impl<T, B: IoBuf> Driver<T, B> {
         true
     }
 
-    /// Records `n` bytes written for the head send of socket `index`.
-    fn wrote(&mut self, index: u32, key: OpKey, n: usize) {
-        let op = self.ops[key as usize].as_mut().expect("head send exists");
-        op.written += n;
+    /// Credits `n` bytes the kernel accepted to the sends at the head of the socket's queue
+    /// (one sendmsg may gather several copying sends) and dequeues those now fully written.
+    fn advance_queue(&mut self, index: u32, mut n: usize) {
+        let mut finished = Vec::new();
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
             return;
         };
-        if !op.queued {
-            // The stream failed while this request was in the ring; it was dequeued then.
-            return;
-        }
-        if op.written >= op.total || entry.transport == Transport::Udp {
+        while let Some(&key) = entry.queue.front() {
+            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let take = (op.total - op.written).min(n);
+            op.written += take;
+            n -= take;
+            if op.written < op.total && entry.transport == Transport::Tcp {
+                if take > 0 {
+                    entry.stats.short_sends += 1;
+                }
+                break;
+            }
             entry.queue.pop_front();
             op.queued = false;
-        } else {
-            entry.stats.short_sends += 1;
+            finished.push(key);
+            if entry.transport == Transport::Udp {
+                break; // one sendmsg, one datagram
+            }
+        }
+        for key in finished {
+            self.try_finish(key);
+        }
+    }
+
+    /// Resumes writing a socket that waited for releases (ENOBUFS/ENOMEM) now that one came.
+    fn release_arrived(&mut self, index: u32) {
+        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        if std::mem::take(&mut entry.awaiting_release) {
+            self.pump(index);
         }
     }
 
@@ -738,14 +747,15 @@ impl<T, B: IoBuf> Drop for Driver<T, B> {
     fn drop(&mut self) {
         // The ring and the sockets may still reference buffers of unreleased sends. Their memory
         // must never be reused while the kernel can read it, so it is leaked, not freed.
-        for op in self.ops.iter_mut().filter_map(Option::take) {
-            if !op.released() {
-                std::mem::forget(op.bufs);
-                std::mem::forget(op.token);
+        for (op, request) in self.ops.iter_mut().zip(self.vectored.iter_mut()) {
+            match op.take() {
+                Some(op) if !op.released() => {
+                    std::mem::forget(op.bufs);
+                    std::mem::forget(op.token);
+                    std::mem::forget(request.take());
+                }
+                _ => {}
             }
-        }
-        for request in self.vectored.iter_mut().filter_map(Option::take) {
-            std::mem::forget(request);
         }
     }
 }

@@ -7,7 +7,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use nix::errno::Errno;
 
 /// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the kernel copied after all.
 const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
@@ -28,6 +27,16 @@ pub(crate) enum RingEvent {
 pub(crate) struct VectoredRequest {
     pub header: libc::msghdr,
     pub iov: Vec<libc::iovec>,
+}
+
+impl VectoredRequest {
+    pub fn new() -> Box<Self> {
+        Box::new(Self {
+            // SAFETY: an all-zero msghdr is a valid "no address, no control data" header.
+            header: unsafe { std::mem::zeroed() },
+            iov: Vec::new(),
+        })
+    }
 }
 
 pub(crate) struct Ring {
@@ -195,9 +204,4 @@ impl Ring {
                 .register_buffers_update(u32::from(slot), &[iov], None)
         }
     }
-}
-
-/// Maps an io::Error from the ring to an errno for the error type.
-pub(crate) fn errno_of(err: &io::Error) -> Errno {
-    Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO))
 }

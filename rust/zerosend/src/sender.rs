@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use crate::buf::IoBuf;
 use crate::driver::{Backend, Completion, Driver, SocketId, SocketOptions, SocketStats};
-use crate::error::{Error, Result};
+use crate::error::{errno_of, Error, Result};
 use crate::op::SendResult;
 
 /// Where a finished send's outcome and buffer wait for the future that asked for them.
@@ -224,10 +224,6 @@ async fn drive<B: IoBuf + Send + 'static>(
         }
     }
     drop(readiness);
-}
-
-fn errno_of(err: &std::io::Error) -> nix::errno::Errno {
-    nix::errno::Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// A submitted send; resolves to its outcome and the buffer, after the kernel released it.

@@ -10,10 +10,10 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::{Driver, RING_TAG};
 use crate::buf::IoBuf;
-use crate::error::{Error, Result};
+use crate::error::{errno_of, Error, Result};
 use crate::op::OpKey;
 use crate::region::Region;
-use crate::ring::{self, Ring, RingEvent, VectoredRequest};
+use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::IOV_MAX;
 
 /// Fixed-buffer slots reserved in the ring, one per registered region.
@@ -81,7 +81,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         };
         // SAFETY: the region is kept alive by `self.regions`, which is dropped after the ring.
         unsafe { ring.register_fixed(slot as u16, region.as_ptr(), region.len()) }.map_err(|e| {
-            let errno = ring::errno_of(&e);
+            let errno = errno_of(&e);
             if errno == Errno::ENOMEM {
                 Error::Pool(format!(
                     "registering {} bytes of buffer pool memory with io_uring failed (ENOMEM): \
@@ -121,16 +121,12 @@ impl<T, B: IoBuf> Driver<T, B> {
                     op.notifications_pending -= 1;
                     op.kernel_copied |= copied;
                     let socket = op.socket;
-                    let mut resume = false;
                     if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
                         entry.stats.notifications += 1;
                         entry.ring_releases_pending -= 1;
-                        resume = std::mem::take(&mut entry.awaiting_release);
                     }
                     self.try_finish(key);
-                    if resume {
-                        self.pump(socket);
-                    }
+                    self.release_arrived(socket);
                 }
                 RingEvent::Sent { key, res, more } => self.ring_sent(key, res, more),
             }
@@ -150,10 +146,10 @@ impl<T, B: IoBuf> Driver<T, B> {
                 entry.ring_releases_pending += 1;
             }
         }
-        // The request is over: its msghdr is no longer read by the kernel.
-        self.vectored[key as usize] = None;
         if res >= 0 {
-            self.wrote(index, key, res as usize);
+            if op.queued {
+                self.advance_queue(index, res as usize);
+            }
         } else {
             match Errno::from_raw(-res) {
                 Errno::EAGAIN | Errno::EINTR => {}
@@ -183,25 +179,23 @@ impl<T, B: IoBuf> Driver<T, B> {
             // registered region that contains the whole buffer.
             unsafe { ring.send_zc(fd, key, iov.iov_base as *const u8, len, fixed) }
         } else {
-            let mut request = Box::new(VectoredRequest {
-                // SAFETY: an all-zero msghdr is a valid "no address, no control data" header.
-                header: unsafe { std::mem::zeroed() },
-                iov: self.scratch_iov.clone(),
-            });
-            // SAFETY: the request is boxed and kept in `self.vectored[key]` until the request's
-            // completion is reaped (`ring_sent`); its iovecs point into `op.bufs`, which live
-            // until the notification, as for the single-buffer case.
-            let pushed = unsafe { ring.sendmsg_zc(fd, key, &mut request) };
-            self.vectored[key as usize] = Some(request);
-            pushed
+            // The op's slot keeps its boxed msghdr from one send to the next: no allocation per
+            // vectored send.
+            let request = self.vectored[key as usize].get_or_insert_with(VectoredRequest::new);
+            request.iov.clear();
+            request.iov.extend_from_slice(&self.scratch_iov);
+            // SAFETY: the request stays boxed in `self.vectored[key]`, untouched while the op is
+            // `in_ring` (only `submit_to_ring` of this op rewrites it, after the completion);
+            // its iovecs point into `op.bufs`, which live until the notification, as for the
+            // single-buffer case.
+            unsafe { ring.sendmsg_zc(fd, key, request) }
         };
         match pushed {
             Ok(()) => op.in_ring = true,
             Err(e) => {
                 // The entry never reached the submission queue: nothing in the kernel refers to
                 // the send, so it can wait in its queue or fail without risk to its buffers.
-                self.vectored[key as usize] = None;
-                match ring::errno_of(&e) {
+                match errno_of(&e) {
                     Errno::EAGAIN => self.ring_backlog.push(index),
                     errno => self.send_failed(index, key, errno),
                 }
@@ -218,7 +212,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return Ok(());
             };
             ring.flush()
-                .map_err(|e| Error::os("submitting to io_uring", ring::errno_of(&e)))?;
+                .map_err(|e| Error::os("submitting to io_uring", errno_of(&e)))?;
             let waiting = std::mem::take(&mut self.ring_backlog);
             if waiting.is_empty() {
                 return Ok(());

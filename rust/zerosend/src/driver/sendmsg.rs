@@ -39,22 +39,17 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
     }
 
+    /// Reads the zero-copy completions waiting on the socket's error queue and releases the
+    /// sends they cover.
     pub(super) fn read_notifications(&mut self, index: u32) {
-        let mut completions = std::mem::take(&mut self.scratch_completions);
-        completions.clear();
-        let Some(Some(entry)) = self.entries.get(index as usize) else {
-            return;
-        };
-        let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
-        self.apply_completions(index, &completions, drained);
-        self.scratch_completions = completions;
+        self.read_error_queue(index, false);
     }
 
-    /// After a zero-copy datagram failed: the kernel may have numbered it before failing (the
-    /// datagram was built, then dropped by netfilter or a full qdisc), and then it queued that
-    /// number's completion during the failing call. Account for the number so that later
-    /// numbers still match their sends.
-    fn resync_after_failed_datagram(&mut self, index: u32) {
+    /// Like `read_notifications`, after a zero-copy datagram failed: the kernel may have
+    /// numbered it before failing (the datagram was built, then dropped by netfilter or a full
+    /// qdisc) and then queued that number's completion during the failing call. The number is
+    /// accounted for, so that later numbers still match their sends.
+    fn read_error_queue(&mut self, index: u32, after_failed_datagram: bool) {
         let mut completions = std::mem::take(&mut self.scratch_completions);
         completions.clear();
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
@@ -62,9 +57,10 @@ impl<T, B: IoBuf> Driver<T, B> {
         };
         let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
         let next = entry.tracker.next_number();
-        if completions
-            .iter()
-            .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo))
+        if after_failed_datagram
+            && completions
+                .iter()
+                .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo))
         {
             entry.tracker.push(UNOWNED);
         }
@@ -107,11 +103,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             let key = self.scratch_keys[i];
             self.try_finish(key);
         }
-        if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
-            if released && entry.awaiting_release {
-                entry.awaiting_release = false;
-                self.pump(index);
-            }
+        if released {
+            self.release_arrived(index);
         }
     }
 
@@ -161,9 +154,8 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
             }
             if self.scratch_iov.is_empty() && !datagram {
-                // An empty send on a stream has nothing to write: done without a system call.
-                self.wrote(index, key, 0);
-                self.try_finish(key);
+                // Empty sends on a stream have nothing to write: done without a system call.
+                self.advance_queue(index, 0);
                 continue;
             }
             // SAFETY: the iovecs were just taken from `op.bufs`, which the op owns until
@@ -183,12 +175,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                             .expect("exists")
                             .notifications_pending += 1;
                     }
-                    if coalesce {
-                        self.wrote_copies(index, n);
-                    } else {
-                        self.wrote(index, key, n);
-                        self.try_finish(key);
-                    }
+                    self.advance_queue(index, n);
                 }
                 Err(Errno::EAGAIN) => {
                     self.wait_writable(index);
@@ -206,35 +193,11 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
                 Err(e) => {
                     if zerocopy && datagram {
-                        self.resync_after_failed_datagram(index);
+                        self.read_error_queue(index, true);
                     }
                     self.send_failed(index, key, e);
                 }
             }
-        }
-    }
-
-    /// Records `n` bytes of one sendmsg that gathered several queued copying sends of a stream.
-    fn wrote_copies(&mut self, index: u32, mut n: usize) {
-        let mut finished = Vec::new();
-        let entry = self.entries[index as usize].as_mut().expect("entry exists");
-        while let Some(&key) = entry.queue.front() {
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
-            let take = (op.total - op.written).min(n);
-            op.written += take;
-            n -= take;
-            if op.written < op.total {
-                if take > 0 {
-                    entry.stats.short_sends += 1;
-                }
-                break;
-            }
-            entry.queue.pop_front();
-            op.queued = false;
-            finished.push(key);
-        }
-        for key in finished {
-            self.try_finish(key);
         }
     }
 
