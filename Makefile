@@ -42,6 +42,11 @@ test-python: develop
 wheel: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)
 
+# Release: the sdist.
+.PHONY: sdist
+sdist: venv
+	$(VENV)/bin/maturin sdist --out $(DIST)
+
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench
