@@ -222,8 +222,9 @@ _STAT_KEYS = (
     "errors",
 )
 
-# Sockets wrapped in this process, by identity (st_dev, st_ino): one wrapper per socket.
-_claimed: set[tuple[int, int]] = set()
+# Sockets wrapped in this process, by identity (st_dev, st_ino): one wrapper per socket. A system
+# that gives sockets no inode number (st_ino 0) leaves them unidentified and unchecked.
+_claimed: set[tuple[int, int] | None] = set()
 
 
 class _Entry:
@@ -245,7 +246,7 @@ class _Entry:
     )
 
     def __init__(
-        self, handle: int, sock: socket.socket, key: tuple[int, int], reason: str | None
+        self, handle: int, sock: socket.socket, key: tuple[int, int] | None, reason: str | None
     ) -> None:
         self.handle = handle
         self.sock = sock
@@ -332,8 +333,8 @@ class Driver:
         sock = _inspect(fd)
         try:
             stat = os.fstat(sock.fileno())
-            key = (stat.st_dev, stat.st_ino)
-            if key in _claimed:
+            key = (stat.st_dev, stat.st_ino) if stat.st_ino else None
+            if key is not None and key in _claimed:
                 raise _unsupported(
                     "this socket is already wrapped by zerosend (possibly with sends still in "
                     "flight); send through that wrapper, or aclose() it first"
@@ -345,7 +346,8 @@ class Driver:
         except BaseException:
             sock.close()
             raise
-        _claimed.add(key)
+        if key is not None:
+            _claimed.add(key)
         handle = self._next_handle
         self._next_handle += 1
         reason = None if backend == "copy" else _why_no_native
