@@ -283,7 +283,7 @@ async def reports_why() -> Facts:
     with server:
         for backend in ("io_uring", "msg_zerocopy"):
             try:
-                zerosend.wrap(client, backend=backend)  # type: ignore[arg-type]
+                zerosend.wrap(client, backend=backend)
             except zerosend.BackendUnavailableError as e:
                 assert e.errno == errno.EOPNOTSUPP and HIDDEN_BECAUSE in str(e), e
             else:

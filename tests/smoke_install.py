@@ -3,6 +3,8 @@ the result. Prints one JSON line (where zerosend was imported from, its version,
 
 Run with the Python of the environment under test, outside the source tree:
     python tests/smoke_install.py [--expect-native]
+
+``--expect-native`` fails the run if the native extension did not load.
 """
 
 import asyncio

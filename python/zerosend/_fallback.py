@@ -68,6 +68,8 @@ class SendResult:
     """How a send ended: bytes sent, and whether the kernel really avoided the copy."""
 
     __slots__ = ("_nbytes", "_zerocopy")
+    _nbytes: int
+    _zerocopy: bool
 
     def __new__(cls, nbytes: int, zerocopy: bool) -> SendResult:
         self = object.__new__(cls)
@@ -174,10 +176,14 @@ def _export_all(obj: Any) -> list[memoryview]:
         for item in items:
             views.append(_export(item))
     except BaseException:
-        for view in views:
-            view.release()
+        _release(views)
         raise
     return views
+
+
+def _release(views: list[memoryview]) -> None:
+    for view in views:
+        view.release()
 
 
 class _Send:
@@ -326,6 +332,7 @@ class Driver:
         return self._selector.fileno()
 
     def register(self, fd: int, backend: str | None, zerocopy_threshold: int) -> int:
+        # zerocopy_threshold has nothing to decide here: every send copies.
         if backend not in (None, "auto", "io_uring", "msg_zerocopy", "copy"):
             raise ValueError(f'unknown backend "{backend}"; {_UNKNOWN_BACKENDS}')
         if fd < 0:
@@ -370,13 +377,11 @@ class Driver:
                     f"buffers, got {len(views)}"
                 )
         except BaseException:
-            for view in views:
-                view.release()
+            _release(views)
             raise
         if entry.failed is not None:
             # The stream already broke: this send fails like the ones before it.
-            for view in views:
-                view.release()
+            _release(views)
             _resolve(future, None, entry.failed)
             return
         entry.inflight += 1
@@ -488,8 +493,7 @@ class Driver:
             self._finish(entry, entry.queue.popleft(), error)
 
     def _finish(self, entry: _Entry, send: _Send, error: tuple[int, str] | None) -> None:
-        for view in send.views:
-            view.release()  # the kernel has the bytes: let a bytearray resize again
+        _release(send.views)  # the kernel has the bytes: let a bytearray resize again
         entry.inflight -= 1
         stats = entry.stats
         stats["sends"] += 1
@@ -583,13 +587,17 @@ class PoolBuffer(mmap.mmap):
     """
 
     __slots__ = ("_index", "_on_free", "_released", "_size")
+    _index: int
+    _on_free: Callable[[int], object] | None
+    _released: bool
+    _size: int
 
     def __new__(cls, size: int, index: int, on_free: Callable[[int], object]) -> PoolBuffer:
         self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE)
         self._index = index
         self._size = size
         self._released = False
-        self._on_free: Callable[[int], object] | None = on_free
+        self._on_free = on_free
         return self
 
     @property
