@@ -318,11 +318,16 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Facts]]] = {
 }
 
 
-def main(name: str) -> int:
-    facts = asyncio.run(SCENARIOS[name]())
+def main(name: str, loop: str = "asyncio") -> int:
+    if loop == "uvloop":
+        import uvloop
+
+        facts = uvloop.run(SCENARIOS[name]())
+    else:
+        facts = asyncio.run(SCENARIOS[name]())
     print(json.dumps(facts))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

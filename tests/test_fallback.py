@@ -20,7 +20,7 @@ import zerosend
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDE = "import tests.hide_native; "
-RUN = "from tests.fallback_contract import main; sys.exit(main(sys.argv[1]))"
+RUN = "from tests.fallback_contract import main; sys.exit(main(*sys.argv[1:]))"
 CONTRACT = [
     "ordered_many_in_flight",
     "cancelled_send_still_goes_whole",
@@ -31,11 +31,11 @@ CONTRACT = [
 ]
 
 
-def run_scenario(name: str, *, hide_native: bool) -> dict[str, Any]:
+def run_scenario(name: str, *, hide_native: bool, loop: str = "asyncio") -> dict[str, Any]:
     prelude = HIDE if hide_native else ""
     code = f"import sys; {prelude}{RUN}"
     done = subprocess.run(
-        [sys.executable, "-c", code, name],
+        [sys.executable, "-c", code, name, loop],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -51,6 +51,11 @@ def run_scenario(name: str, *, hide_native: bool) -> dict[str, Any]:
 @pytest.mark.parametrize("scenario", CONTRACT)
 def test_contract_holds_with_and_without_the_extension(scenario: str, hide_native: bool) -> None:
     run_scenario(scenario, hide_native=hide_native)
+
+
+def test_fallback_on_uvloop() -> None:
+    facts = run_scenario("ordered_many_in_flight", hide_native=True, loop="uvloop")
+    assert facts["backend"] == "copy"
 
 
 def test_fallback_reports_why_and_keeps_the_api() -> None:
