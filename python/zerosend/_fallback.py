@@ -442,13 +442,15 @@ class Driver:
             try:
                 n = entry.sock.sendmsg(iov, (), _NOSIGNAL)
             except BlockingIOError:
-                n = 0
+                self._wait_writable(entry)
+                return
             except OSError as e:
                 self._send_failed(entry, e.errno or errno.EIO)
                 continue
             finally:
                 iov.clear()  # drop the slices, so finished sends can release their exports
-            if n == 0 and entry.queue[0].total > entry.queue[0].written:
+            if n == 0 and not entry.udp:
+                # A stream that accepts nothing without an error: wait for room as for EAGAIN.
                 self._wait_writable(entry)
                 return
             self._advance(entry, n)
