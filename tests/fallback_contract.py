@@ -229,7 +229,26 @@ async def udp_datagrams() -> Facts:
     assert got == [b"one", b"two:gathered!", b""], got
     assert [r.nbytes for r in results] == [3, 13, 0]
     await zs.aclose()
+    address = receiver.getsockname()
     receiver.close()
+
+    # Nobody listens there any more: the kernel's port-unreachable fails one datagram with
+    # ECONNREFUSED, and the socket stays usable (unlike a stream).
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(address)
+    sender.setblocking(False)
+    zs = zerosend.wrap(sender)
+    refused = None
+    for _ in range(100):
+        try:
+            await zs.send_zc(b"anyone?")
+        except ConnectionRefusedError as e:
+            refused = e
+            break
+    assert refused is not None, "no datagram was refused"
+    assert await zs.send_zc(b"still usable") == zerosend.SendResult(12, False)
+    assert zs.stats["errors"] == 1
+    await zs.aclose()
     return {}
 
 
