@@ -5,7 +5,17 @@ Behind a veth pair with RPS steering the receive work to another CPU, the deferr
 later and elsewhere, as a NIC would release pages later: a buffer reused before its release
 shows up as corrupt bytes at the receiver, and the sender's CPU cost per byte becomes visible.
 
-Needs root and iproute2. Addresses are 10.x inside namespaces this module creates and removes.
+Two more topologies built on it (needs nftables; measured on Linux 6.18):
+
+* the *ingress-drop window* (``Rig.ingress_drop()``): an nftables netdev ingress drop on the
+  peer's interface inside its namespace. A TCP send is then fully accepted (``TIOCOUTQ`` equals
+  its length) yet never acknowledged, so never released, for as long as the rule stands: the
+  window that tells "resolved at release" from "resolved at acceptance". UDP datagrams that fit
+  the MTU (or use ``UDP_SEGMENT``) are freed there without a copy.
+* *true zero-copy* (``IfbSink``): UDP out of an ``ifb`` device with MTU 65535. The device frees
+  every packet it is handed, so the kernel never copies: ``zerocopy=True`` comes back.
+
+Needs root and iproute2. Addresses are 10.x on devices this module creates and removes.
 
 Also a tiny receiver, run inside the namespace: ``python -m zerosend._rig receive ...``.
 """
@@ -23,6 +33,9 @@ import struct
 import subprocess
 import sys
 from types import TracebackType
+
+#: ``setsockopt(IPPROTO_UDP, UDP_SEGMENT, size)``: one send leaves as datagrams of ``size``.
+UDP_SEGMENT = 103
 
 HEADER = struct.Struct("<Q")
 
@@ -47,12 +60,125 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
 
 
+def _in_ns(ns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv] if ns else argv
+
+
+def _nft(script: str, ns: str | None = None) -> None:
+    if shutil.which("nft") is None:
+        raise RuntimeError("nftables' nft command is missing (scripts/install-system-deps.sh)")
+    argv = _in_ns(ns, ["nft", "-f", "-"])
+    done = subprocess.run(argv, input=script, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nft failed: {done.stderr.strip()}")
+
+
+def _nft_packets(family: str, table: str, ns: str | None = None) -> int:
+    """Packets counted by the ``counter`` statements of an nftables table."""
+    done = subprocess.run(
+        _in_ns(ns, ["nft", "-j", "list", "table", family, table]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    total = 0
+    for item in json.loads(done.stdout)["nftables"]:
+        for statement in item.get("rule", {}).get("expr", []):
+            if "counter" in statement:
+                total += statement["counter"]["packets"]
+    return total
+
+
 def _mac(netns: list[str], interface: str) -> str:
     done = subprocess.run(
         ["ip", *netns, "-o", "link", "show", interface], capture_output=True, text=True, check=True
     )
     fields = done.stdout.split()
     return fields[fields.index("link/ether") + 1]
+
+
+class IngressDrop:
+    """An nftables netdev ingress drop on ``interface`` inside namespace ``ns`` (a context
+    manager). Lifting it (leaving the block) lets TCP's next retransmission through.
+    ``dropped`` holds the number of packets the rule dropped, read as it was lifted."""
+
+    def __init__(self, ns: str, interface: str) -> None:
+        self._ns = ns
+        self._table = f"zerosend_drop_{interface}"
+        self._interface = interface
+        self.dropped = 0
+        self._active = False
+
+    def __enter__(self) -> IngressDrop:
+        hook = f'type filter hook ingress device "{self._interface}" priority 0;'
+        _nft(
+            f"table netdev {self._table} {{\n  chain ingress {{\n    {hook}\n"
+            "    counter drop\n  }\n}\n",
+            self._ns,
+        )
+        self._active = True
+        return self
+
+    def packets(self) -> int:
+        """Packets dropped so far."""
+        return _nft_packets("netdev", self._table, self._ns) if self._active else self.dropped
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.lift()
+
+    def lift(self) -> None:
+        """Remove the rule (idempotent); packets reach the peer again."""
+        if not self._active:
+            return
+        try:
+            self.dropped = self.packets()
+        finally:
+            self._active = False
+            _nft(f"delete table netdev {self._table}\n", self._ns)
+
+
+class IfbSink:
+    """True zero-copy for UDP: an ``ifb`` device, MTU 65535, that frees whatever is sent out of
+    it without copying (an ifb only forwards what tc redirected to it). Send datagrams (up to
+    65507 bytes) to ``sink_addr``; ``dropped()`` counts the packets the device discarded."""
+
+    def __init__(self) -> None:
+        self.interface = f"zsifb{os.getpid() % 100000}{random.randrange(100)}"
+        subnet = random.randrange(1, 250)
+        self.local_addr = f"10.232.{subnet}.1"
+        self.sink_addr = f"10.232.{subnet}.2"
+
+    def __enter__(self) -> IfbSink:
+        try:
+            _ip("link", "add", self.interface, "type", "ifb")
+            _ip("link", "set", self.interface, "mtu", "65535", "up")
+            _ip("addr", "add", f"{self.local_addr}/24", "dev", self.interface)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def dropped(self) -> int:
+        """Packets the device received for sending and discarded."""
+        path = f"/sys/class/net/{self.interface}/statistics/rx_dropped"
+        with open(path) as counter:
+            return int(counter.read())
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.interface], capture_output=True)
 
 
 class Rig:
@@ -114,22 +240,27 @@ class Rig:
 
     def add_output_rule(self, rule: str) -> None:
         """Add an nftables rule (e.g. ``udp length 1008 drop``) for packets the host sends into
-        the rig; removed with the rig."""
-        if shutil.which("nft") is None:
-            raise RuntimeError("the rule needs nftables' nft command")
+        the rig; removed with the rig. A ``counter`` goes before the verdict, so
+        ``output_rule_packets()`` tells how many packets the rules matched."""
         table = f"zerosend_{self.ns}"
         if self.nft_table is None:
             chain = "type filter hook output priority 0; policy accept;"
-            script = f"table inet {table} {{\n  chain out {{\n    {chain}\n  }}\n}}\n"
-            self._nft(script)
+            _nft(f"table inet {table} {{\n  chain out {{\n    {chain}\n  }}\n}}\n")
             self.nft_table = table
-        self._nft(f'add rule inet {table} out oifname "{self.host_if}" {rule}\n')
+        *match, verdict = rule.split()
+        body = " ".join([*match, "counter", verdict])
+        _nft(f'add rule inet {table} out oifname "{self.host_if}" {body}\n')
 
-    @staticmethod
-    def _nft(script: str) -> None:
-        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"nft failed: {done.stderr.strip()}")
+    def output_rule_packets(self) -> int:
+        """Packets matched so far by the rules of ``add_output_rule``/``drop_packets``."""
+        if self.nft_table is None:
+            return 0
+        return _nft_packets("inet", self.nft_table)
+
+    def ingress_drop(self) -> IngressDrop:
+        """The ingress-drop window: while the returned context is entered, every packet that
+        reaches the peer's interface is dropped before the peer's stack sees it."""
+        return IngressDrop(self.ns, self.peer_if)
 
     def start_udp_sink(self, port: int) -> subprocess.Popen[str]:
         """A process in the namespace that reads and discards datagrams on ``port``."""
@@ -151,6 +282,7 @@ class Rig:
         if self.nft_table is not None:
             subprocess.run(["nft", "delete", "table", "inet", self.nft_table], capture_output=True)
             self.nft_table = None
+        # The namespace goes with its netdev tables (the ingress drop) and the veth pair.
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
