@@ -46,7 +46,7 @@ def _restore_sysctls_left_by_a_killed_run() -> list[str]:
 REPAIRED_SYSCTLS = _restore_sysctls_left_by_a_killed_run()
 
 import zerosend  # noqa: E402  (after the repair: capabilities() reads the sysctls)
-from zerosend._rig import Rig, rig_unavailable_reason  # noqa: E402
+from zerosend._rig import IfbSink, Rig, rig_unavailable_reason  # noqa: E402
 
 CAPS = zerosend.capabilities()
 UNAVAILABLE = {
@@ -118,6 +118,14 @@ def rig() -> Iterator[Rig]:
 
 
 @pytest.fixture
+def ifb() -> Iterator[IfbSink]:
+    """The true-zero-copy topology: an ifb device that frees, uncopied, what is sent to it."""
+    require("rig", RIG_UNAVAILABLE)
+    with IfbSink() as sink:
+        yield sink
+
+
+@pytest.fixture
 def sysctl() -> Iterator[Callable[[str, str], str]]:
     """``sysctl(name, value)`` sets a sysctl (e.g. ``"net.core.optmem_max"``) and returns its
     value before; every one set is restored after the test, and after a killed run at the next
@@ -158,6 +166,18 @@ async def wait_until(condition: Callable[[], bool], what: str, turns: int = 2000
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"never happened: {what}")
+
+
+#: One send the ingress-drop window holds: fully accepted by the kernel, never acknowledged.
+HELD = 64 * 1024
+
+
+async def accepted_not_released(sock: socket.socket, nbytes: int) -> None:
+    """Wait until the kernel accepted all ``nbytes`` (``TIOCOUTQ``), then give a completion of
+    that acceptance the time to arrive: an engine that resolves at acceptance resolves here."""
+    await wait_until(lambda: unsent_bytes(sock) == nbytes, "the kernel accepted the send")
+    await asyncio.sleep(0.2)
+    assert unsent_bytes(sock) == nbytes, "the peer must not have acknowledged anything"
 
 
 Report = dict[str, object]

@@ -14,12 +14,13 @@ import pytest
 
 import zerosend
 from tests.conftest import (
+    HELD,
     UNAVAILABLE,
+    accepted_not_released,
     read_all,
     rig_connection,
     tcp_pair,
     unsent_bytes,
-    wait_until,
 )
 from zerosend._rig import Rig
 
@@ -96,17 +97,7 @@ async def test_integrity_and_order_with_many_in_flight(backend: str) -> None:
     assert received == expected
 
 
-#: One send the ingress-drop window holds: fully accepted by the kernel, never acknowledged.
-HELD = 64 * 1024
 RIG_PORT = 5311
-
-
-async def accepted_not_released(sock: socket.socket, nbytes: int) -> None:
-    """Wait until the kernel accepted all ``nbytes`` (``TIOCOUTQ``), then give a completion of
-    that acceptance the time to arrive: an engine that resolves at acceptance resolves here."""
-    await wait_until(lambda: unsent_bytes(sock) == nbytes, "the kernel accepted the send")
-    await asyncio.sleep(0.2)
-    assert unsent_bytes(sock) == nbytes, "the peer must not have acknowledged anything"
 
 
 async def test_buffer_is_held_until_the_kernel_releases_it(rig: Rig, zc_backend: str) -> None:
