@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import zerosend
+from tests.conftest import RIG_UNAVAILABLE, require
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPS = zerosend.capabilities()
@@ -20,6 +23,7 @@ if not CAPS.msg_zerocopy:
     MAY_SKIP["zerosend-msg_zerocopy"] = "MSG_ZEROCOPY"
 
 
+@pytest.mark.timeout(360)
 def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\nkept above\n\n<!-- core-bench:begin -->\nstale section\n"
@@ -55,3 +59,33 @@ def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     assert text.rstrip().endswith("kept below")
     assert "stale section" not in text
     assert "sends/s" in text and "CPU seconds per GB" in text
+
+
+@pytest.mark.timeout(360)
+def test_quick_run_on_the_true_zero_copy_topology(tmp_path: Path) -> None:
+    # The ifb topology measures real zero-copy: every byte of a zero-copy backend's datagrams
+    # went uncopied, and the copy backend is the copying reference next to it.
+    require("rig", RIG_UNAVAILABLE)
+    argv = [sys.executable, "-m", "bench", "--quick", "--topologies", "ifb", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*argv, "--markdown", str(tmp_path / "BENCHMARKS.md")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    report = json.loads((tmp_path / "core.json").read_text())
+    assert report["failures"] == []
+    ran = {r["contender"] for r in report["runs"]}
+    expected = {"zerosend-copy"}
+    if CAPS.io_uring_send_zc:
+        expected |= {"zerosend-io_uring", "zerosend-io_uring-pool"}
+    if CAPS.msg_zerocopy:
+        expected.add("zerosend-msg_zerocopy")
+    assert ran == expected
+    for run in report["runs"]:
+        assert run["size"] <= 65507 and run["bytes"] > 0, run
+        uncopied = 0 if run["contender"] == "zerosend-copy" else run["bytes"]
+        assert run["bytes_zerocopy"] == uncopied, run
+    assert "### ifb" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,16 +145,38 @@ async def test_release_waits_for_the_kernel(rig: Rig, zc_backend: str) -> None:
     assert report == {"bytes": HELD, "sha256": hashlib.sha256(b"p" * HELD).hexdigest()}
 
 
-def test_hugepages_without_reserved_pages_fall_back_with_a_warning() -> None:
-    reserved = int(Path("/proc/sys/vm/nr_hugepages").read_text())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _free_huge_pages() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    raise AssertionError("no HugePages_Free in /proc/meminfo")
+
+
+@pytest.mark.asyncio
+async def test_hugepages_without_reserved_pages_fall_back_with_a_warning(
+    sysctl: Callable[[str, str], str],
+) -> None:
+    sysctl("vm.nr_hugepages", "0")
+    with pytest.warns(RuntimeWarning, match="huge pages unavailable"):
         pool = zerosend.BufferPool(2, 4096, hugepages=True)
-    if reserved == 0:
-        assert not pool.hugepages
-        assert any("huge pages unavailable" in str(w.message) for w in caught)
-    else:
-        assert pool.hugepages or caught
+    assert not pool.hugepages
+    async with pool.acquire() as buf:
+        memoryview(buf)[:4] = b"ok!!"  # the fallback memory works
+
+
+@pytest.mark.asyncio
+async def test_hugepages_when_reserved_are_used(sysctl: Callable[[str, str], str]) -> None:
+    sysctl("vm.nr_hugepages", "4")
+    free = _free_huge_pages()
+    if free < 1:
+        pytest.skip("the kernel could not reserve a huge page (memory too fragmented)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        pool = zerosend.BufferPool(2, 4096, hugepages=True)
+    assert pool.hugepages
+    assert _free_huge_pages() == free - 1, "the pool must live in one (locked) huge page"
+    async with pool.acquire() as buf:
+        memoryview(buf)[:4] = b"ok!!"
 
 
 def test_bad_pool_arguments() -> None:

@@ -15,9 +15,9 @@ import pytest
 import zerosend
 from tests.conftest import (
     HELD,
-    UNAVAILABLE,
     accepted_not_released,
     read_all,
+    require_backend,
     rig_connection,
     tcp_pair,
     unsent_bytes,
@@ -250,8 +250,7 @@ async def test_udp_datagrams(backend: str) -> None:
     for expected in datagrams:
         got = await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5)
         assert got == expected
-    # Maximal datagrams at many alignments: some need more page fragments than a zero-copy skb
-    # allows; those must still arrive whole (the driver sends them by copy and says so).
+    # Maximal datagrams at many alignments arrive whole.
     region = mmap.mmap(-1, MiB)
     region.write(os.urandom(MiB))
     for offset in range(100, 4096, 500):
@@ -259,6 +258,18 @@ async def test_udp_datagrams(backend: str) -> None:
         assert (await zs.send_zc(part)).nbytes == 65507
         assert await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5) == part
         part.release()
+    # A datagram gathered from 20 pieces on 20 pages needs more fragments than a zero-copy skb
+    # holds (17): the kernel refuses it (EMSGSIZE); it goes by copy, arrives whole, and both
+    # the result and the counter say so.
+    pieces = [memoryview(region)[i * 8192 : i * 8192 + 3000] for i in range(20)]
+    refusals = zs.stats["zerocopy_refusals"]
+    result = await zs.send_zc(pieces)
+    assert result == zerosend.SendResult(60000, False)
+    assert await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5) == b"".join(pieces)
+    if backend != "copy":
+        assert zs.stats["zerocopy_refusals"] == refusals + 1
+    for piece in pieces:
+        piece.release()
     # Too big for one datagram: a clear error for that send only, the socket goes on.
     with pytest.raises(OSError) as raised:
         await zs.send_zc(bytearray(70000))
@@ -346,8 +357,7 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
 
 
 async def test_so_zerocopy_set_by_other_code_is_not_trusted() -> None:
-    if UNAVAILABLE["msg_zerocopy"] is not None:
-        pytest.skip(UNAVAILABLE["msg_zerocopy"])
+    require_backend("msg_zerocopy")
     client, server = await tcp_pair()
     with client, server:
         client.setsockopt(socket.SOL_SOCKET, 60, 1)  # SO_ZEROCOPY, as other code might
