@@ -323,17 +323,9 @@ def measure(config: Config, state: State) -> None:
                     for contender in order:
                         if contender in state.skipped:
                             continue
+                        args = (contender, address, size, inflight, config, sender_cpu)
                         try:
-                            result = run_sender(
-                                contender,
-                                address,
-                                size,
-                                inflight,
-                                config,
-                                sender_cpu,
-                                rust,
-                                udp,
-                            )
+                            result = run_sender(*args, rust, udp)
                         except RuntimeError as first:
                             # Once more, in case the machine changed under us (a sysctl toggled
                             # by another test, say); a contender that fails twice has failed.
@@ -341,16 +333,7 @@ def measure(config: Config, state: State) -> None:
                             state.retries.append(f"{topology}: {str(first).splitlines()[-1]}")
                             time.sleep(1)
                             try:
-                                result = run_sender(
-                                    contender,
-                                    address,
-                                    size,
-                                    inflight,
-                                    config,
-                                    sender_cpu,
-                                    rust,
-                                    udp,
-                                )
+                                result = run_sender(*args, rust, udp)
                             except RuntimeError as exc:
                                 state.failures.append(f"{topology}: {exc}")
                                 print(f"FAILED {exc}", flush=True)

@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 from types import TracebackType
+from typing import Self
 
 #: ``setsockopt(IPPROTO_UDP, UDP_SEGMENT, size)``: one send leaves as datagrams of ``size``.
 UDP_SEGMENT = 103
@@ -97,67 +98,19 @@ def _mac(netns: list[str], interface: str) -> str:
     return fields[fields.index("link/ether") + 1]
 
 
-class IngressDrop:
-    """An nftables netdev ingress drop on ``interface`` inside namespace ``ns`` (a context
-    manager). Lifting it (leaving the block) lets TCP's next retransmission through.
-    ``dropped`` holds the number of packets the rule dropped, read as it was lifted."""
+class _Built:
+    """System state built on entering a ``with`` block and torn down (``close()``) on leaving
+    it, also when building failed half-way."""
 
-    def __init__(self, ns: str, interface: str) -> None:
-        self._ns = ns
-        self._table = f"zerosend_drop_{interface}"
-        self._interface = interface
-        self.dropped = 0
-        self._active = False
+    def _build(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> IngressDrop:
-        hook = f'type filter hook ingress device "{self._interface}" priority 0;'
-        _nft(
-            f"table netdev {self._table} {{\n  chain ingress {{\n    {hook}\n"
-            "    counter drop\n  }\n}\n",
-            self._ns,
-        )
-        self._active = True
-        return self
+    def close(self) -> None:
+        raise NotImplementedError
 
-    def packets(self) -> int:
-        """Packets dropped so far."""
-        return _nft_packets("netdev", self._table, self._ns) if self._active else self.dropped
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.lift()
-
-    def lift(self) -> None:
-        """Remove the rule (idempotent); packets reach the peer again."""
-        if not self._active:
-            return
+    def __enter__(self) -> Self:
         try:
-            self.dropped = self.packets()
-        finally:
-            self._active = False
-            _nft(f"delete table netdev {self._table}\n", self._ns)
-
-
-class IfbSink:
-    """True zero-copy for UDP: an ``ifb`` device, MTU 65535, that frees whatever is sent out of
-    it without copying (an ifb only forwards what tc redirected to it). Send datagrams (up to
-    65507 bytes) to ``sink_addr``; ``dropped()`` counts the packets the device discarded."""
-
-    def __init__(self) -> None:
-        self.interface = f"zsifb{os.getpid() % 100000}{random.randrange(100)}"
-        subnet = random.randrange(1, 250)
-        self.local_addr = f"10.232.{subnet}.1"
-        self.sink_addr = f"10.232.{subnet}.2"
-
-    def __enter__(self) -> IfbSink:
-        try:
-            _ip("link", "add", self.interface, "type", "ifb")
-            _ip("link", "set", self.interface, "mtu", "65535", "up")
-            _ip("addr", "add", f"{self.local_addr}/24", "dev", self.interface)
+            self._build()
         except BaseException:
             self.close()
             raise
@@ -171,6 +124,59 @@ class IfbSink:
     ) -> None:
         self.close()
 
+
+class IngressDrop(_Built):
+    """An nftables netdev ingress drop on ``interface`` inside namespace ``ns`` (a context
+    manager). Lifting it (leaving the block) lets TCP's next retransmission through.
+    ``dropped`` holds the number of packets the rule dropped, read as it was lifted."""
+
+    def __init__(self, ns: str, interface: str) -> None:
+        self._ns = ns
+        self._table = f"zerosend_drop_{interface}"
+        self._interface = interface
+        self.dropped = 0
+        self._active = False
+
+    def _build(self) -> None:
+        hook = f'type filter hook ingress device "{self._interface}" priority 0;'
+        _nft(
+            f"table netdev {self._table} {{\n  chain ingress {{\n    {hook}\n"
+            "    counter drop\n  }\n}\n",
+            self._ns,
+        )
+        self._active = True
+
+    def packets(self) -> int:
+        """Packets dropped so far."""
+        return _nft_packets("netdev", self._table, self._ns) if self._active else self.dropped
+
+    def close(self) -> None:
+        """Lift the rule (idempotent): packets reach the peer again."""
+        if not self._active:
+            return
+        try:
+            self.dropped = self.packets()
+        finally:
+            self._active = False
+            _nft(f"delete table netdev {self._table}\n", self._ns)
+
+
+class IfbSink(_Built):
+    """True zero-copy for UDP: an ``ifb`` device, MTU 65535, that frees whatever is sent out of
+    it without copying (an ifb only forwards what tc redirected to it). Send datagrams (up to
+    65507 bytes) to ``sink_addr``; ``dropped()`` counts the packets the device discarded."""
+
+    def __init__(self) -> None:
+        self.interface = f"zsifb{os.getpid() % 100000}{random.randrange(100)}"
+        subnet = random.randrange(1, 250)
+        self.local_addr = f"10.232.{subnet}.1"
+        self.sink_addr = f"10.232.{subnet}.2"
+
+    def _build(self) -> None:
+        _ip("link", "add", self.interface, "type", "ifb")
+        _ip("link", "set", self.interface, "mtu", "65535", "up")
+        _ip("addr", "add", f"{self.local_addr}/24", "dev", self.interface)
+
     def dropped(self) -> int:
         """Packets the device received for sending and discarded."""
         path = f"/sys/class/net/{self.interface}/statistics/rx_dropped"
@@ -181,7 +187,7 @@ class IfbSink:
         subprocess.run(["ip", "link", "del", self.interface], capture_output=True)
 
 
-class Rig:
+class Rig(_Built):
     """A namespace ``ns`` reachable at ``peer_addr`` from ``host_addr`` over a veth pair."""
 
     def __init__(self, rps_cpu: int = 1) -> None:
@@ -195,47 +201,34 @@ class Rig:
         self.rps_cpu = rps_cpu
         self.nft_table: str | None = None
 
-    def __enter__(self) -> Rig:
-        try:
-            _ip("netns", "add", self.ns)
-            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
-            _ip("link", "set", self.peer_if, "netns", self.ns)
-            _ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
-            _ip("link", "set", self.host_if, "up")
-            _ip("-n", self.ns, "addr", "add", f"{self.peer_addr}/24", "dev", self.peer_if)
-            _ip("-n", self.ns, "link", "set", self.peer_if, "up")
-            _ip("-n", self.ns, "link", "set", "lo", "up")
-            # Static neighbours: no ARP round trip to delay the first packets of a test.
-            host_mac = _mac([], self.host_if)
-            peer_mac = _mac(["-n", self.ns], self.peer_if)
-            _ip("neigh", "replace", self.peer_addr, "lladdr", peer_mac, "dev", self.host_if,
-                "nud", "permanent")  # fmt: skip
-            _ip("-n", self.ns, "neigh", "replace", self.host_addr, "lladdr", host_mac,
-                "dev", self.peer_if, "nud", "permanent")  # fmt: skip
-            if os.cpu_count() and os.cpu_count() > self.rps_cpu:  # type: ignore[operator]
-                mask = format(1 << self.rps_cpu, "x")
-                path = f"/sys/class/net/{self.peer_if}/queues/rx-0/rps_cpus"
-                subprocess.run(
-                    ["ip", "netns", "exec", self.ns, "sh", "-c", f"echo {mask} > {path}"],
-                    check=True,
-                    capture_output=True,
-                )
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def _build(self) -> None:
+        _ip("netns", "add", self.ns)
+        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if)
+        _ip("link", "set", self.peer_if, "netns", self.ns)
+        _ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        _ip("-n", self.ns, "addr", "add", f"{self.peer_addr}/24", "dev", self.peer_if)
+        _ip("-n", self.ns, "link", "set", self.peer_if, "up")
+        _ip("-n", self.ns, "link", "set", "lo", "up")
+        # Static neighbours: no ARP round trip to delay the first packets of a test.
+        host_mac = _mac([], self.host_if)
+        peer_mac = _mac(["-n", self.ns], self.peer_if)
+        _ip("neigh", "replace", self.peer_addr, "lladdr", peer_mac, "dev", self.host_if,
+            "nud", "permanent")  # fmt: skip
+        _ip("-n", self.ns, "neigh", "replace", self.host_addr, "lladdr", host_mac,
+            "dev", self.peer_if, "nud", "permanent")  # fmt: skip
+        if os.cpu_count() and os.cpu_count() > self.rps_cpu:  # type: ignore[operator]
+            mask = format(1 << self.rps_cpu, "x")
+            path = f"/sys/class/net/{self.peer_if}/queues/rx-0/rps_cpus"
+            subprocess.run(
+                ["ip", "netns", "exec", self.ns, "sh", "-c", f"echo {mask} > {path}"],
+                check=True,
+                capture_output=True,
+            )
 
     def drop_packets(self, percent: int) -> None:
         """Drop ``percent``% of the packets the host sends into the rig, so TCP retransmits:
-        release notifications then come late and out of order."""
+        release notifications then come late (and MSG_ZEROCOPY's ranges coalesced)."""
         self.add_output_rule(f"numgen random mod 100 < {percent} drop")
 
     def add_output_rule(self, rule: str) -> None:
