@@ -213,3 +213,32 @@ def test_a_datagram_dropped_by_netfilter_fails_alone(backend: str) -> None:
     kinds = [o.nbytes if isinstance(o, zerosend.SendResult) else type(o).__name__ for o in outcomes]
     dropped = "PermissionError"
     assert kinds == [1200, dropped, 1300, dropped, dropped, 1400, 1450]
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
+def test_releases_out_of_order_reach_their_own_sends(backend: str) -> None:
+    # Datagrams queue behind a slow token bucket; those that find the queue full are dropped
+    # (and freed) at once, before the ones still waiting: their releases come first. Every
+    # send must resolve, each with its own result; MSG_ZEROCOPY counts the ranges that came
+    # out of order. (Datagrams that get through are dropped at the peer's ingress, uncopied.)
+    require_backend(backend)
+
+    async def send(host: str) -> tuple[list[zerosend.SendResult], dict[str, int]]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect((host, PORT))
+        sock.setblocking(False)
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+        buffers = [bytearray([i]) * 1400 for i in range(16)]
+        results = await asyncio.gather(*(zs.send_zc(buf) for buf in buffers))
+        stats = zs.stats
+        await zs.aclose()
+        return results, stats
+
+    with Rig() as rig, rig.ingress_drop():
+        rig.hold_egress()
+        results, stats = asyncio.run(send(rig.peer_addr))
+    assert [r.nbytes for r in results] == [1400] * 16
+    assert stats["sends"] == 16 and stats["errors"] == 0
+    assert all(r.zerocopy for r in results), "queued, dropped or not, nothing was copied"
+    if backend == "msg_zerocopy":
+        assert stats["out_of_order_notifications"] > 0, stats

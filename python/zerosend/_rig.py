@@ -231,6 +231,19 @@ class Rig(_Built):
         release notifications then come late (and MSG_ZEROCOPY's ranges coalesced)."""
         self.add_output_rule(f"numgen random mod 100 < {percent} drop")
 
+    def hold_egress(self, rate: str = "100kbit", queue_bytes: int = 3000) -> None:
+        """A token-bucket qdisc on the host's end of the pair: packets leave at ``rate``, at
+        most ``queue_bytes`` wait, the rest are dropped at once. A dropped datagram is freed
+        while earlier ones still wait, so its release comes first: out of order."""
+        done = subprocess.run(
+            ["tc", "qdisc", "add", "dev", self.host_if, "root", "tbf", "rate", rate,
+             "burst", "1600", "limit", str(queue_bytes)],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"tc qdisc add ... tbf failed: {done.stderr.strip()}")
+
     def add_output_rule(self, rule: str) -> None:
         """Add an nftables rule (e.g. ``udp length 1008 drop``) for packets the host sends into
         the rig; removed with the rig. A ``counter`` goes before the verdict, so
