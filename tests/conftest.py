@@ -30,7 +30,7 @@ SYSCTL_MARKERS = Path(tempfile.gettempdir()) / "zerosend-test-sysctls"
 REQUIRABLE = {"io_uring", "msg_zerocopy", "rig"}
 
 
-def _restore_sysctls_left_by_a_killed_run() -> list[str]:
+def restore_sysctls_left_by_a_killed_run() -> list[str]:
     repaired = []
     if SYSCTL_MARKERS.is_dir():
         for marker in SYSCTL_MARKERS.iterdir():
@@ -43,7 +43,7 @@ def _restore_sysctls_left_by_a_killed_run() -> list[str]:
 
 # Before anything probes the kernel: a left-over kernel.io_uring_disabled=2 would otherwise make
 # every io_uring test skip.
-REPAIRED_SYSCTLS = _restore_sysctls_left_by_a_killed_run()
+REPAIRED_SYSCTLS = restore_sysctls_left_by_a_killed_run()
 
 import zerosend  # noqa: E402  (after the repair: capabilities() reads the sysctls)
 from zerosend._rig import IfbSink, Rig, rig_unavailable_reason  # noqa: E402

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import pytest
 
 import zerosend
-from tests.conftest import tcp_pair
+from tests.conftest import (
+    CAPS,
+    SYSCTL_MARKERS,
+    SYSCTL_ROOT,
+    restore_sysctls_left_by_a_killed_run,
+    tcp_pair,
+)
 from zerosend._rig import Rig
 
 PORT = 5302
@@ -60,3 +66,26 @@ def test_auto_falls_back_with_the_reason(io_uring_disabled: None, rig: Rig) -> N
     assert reason and "io_uring_disabled" in reason
     assert nbytes == 3 << 20
     assert json.loads(out.strip().splitlines()[-1])["bytes"] == 3 << 20
+
+
+def test_a_killed_runs_sysctl_is_restored_at_the_next_start() -> None:
+    # What a run killed inside the fixture leaves: the sysctl changed and the marker with the
+    # original value. The next session's start (conftest, before probing the kernel) repairs it.
+    path = SYSCTL_ROOT / "kernel" / "io_uring_disabled"
+    if not path.exists() or not os.access(path, os.W_OK):
+        pytest.skip("needs root and the kernel.io_uring_disabled sysctl (Linux 6.6+)")
+    original = path.read_text().strip()
+    marker = SYSCTL_MARKERS / "kernel.io_uring_disabled"
+    SYSCTL_MARKERS.mkdir(exist_ok=True)
+    marker.write_text(original)
+    path.write_text("2")
+    try:
+        repaired = restore_sysctls_left_by_a_killed_run()
+        restored = path.read_text().strip()
+    finally:
+        path.write_text(original)
+        marker.unlink(missing_ok=True)
+    assert restored == original
+    assert repaired == [f"kernel.io_uring_disabled={original}"]
+    assert not marker.exists()
+    assert zerosend.capabilities().io_uring_send_zc == CAPS.io_uring_send_zc
