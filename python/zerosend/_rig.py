@@ -5,7 +5,7 @@ Behind a veth pair with RPS steering the receive work to another CPU, the deferr
 later and elsewhere, as a NIC would release pages later: a buffer reused before its release
 shows up as corrupt bytes at the receiver, and the sender's CPU cost per byte becomes visible.
 
-Two more topologies built on it (needs nftables; measured on Linux 6.18):
+More topologies built on it (needs nftables and tc; measured on Linux 6.18):
 
 * the *ingress-drop window* (``Rig.ingress_drop()``): an nftables netdev ingress drop on the
   peer's interface inside its namespace. A TCP send is then fully accepted (``TIOCOUTQ`` equals
@@ -14,6 +14,8 @@ Two more topologies built on it (needs nftables; measured on Linux 6.18):
   the MTU (or use ``UDP_SEGMENT``) are freed there without a copy.
 * *true zero-copy* (``IfbSink``): UDP out of an ``ifb`` device with MTU 65535. The device frees
   every packet it is handed, so the kernel never copies: ``zerocopy=True`` comes back.
+* *releases out of order* (``Rig.hold_egress()``): a token bucket on the host's end holds a
+  few datagrams and drops the rest at once, so later sends are released before earlier ones.
 
 Needs root and iproute2. Addresses are 10.x on devices this module creates and removes.
 
