@@ -17,7 +17,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.7,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
 		"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13"
 	touch $@
 
