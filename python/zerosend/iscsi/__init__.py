@@ -1,5 +1,6 @@
 """An iSCSI target (RFC 7143) on asyncio and zerosend: Data-In leaves with zero-copy sends."""
 
-from .target import LunSpec, Target, TargetConfig
+from .config import LunSpec, TargetConfig
+from .target import Target
 
 __all__ = ["LunSpec", "Target", "TargetConfig"]
