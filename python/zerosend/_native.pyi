@@ -148,6 +148,10 @@ class ReadRun:
     def large(self) -> bool: ...
     @property
     def need(self) -> int: ...
+    @property
+    def send_from(self) -> int: ...
+    @property
+    def send_len(self) -> int: ...
 
 @final
 class IscsiReadPath:
@@ -161,6 +165,7 @@ class IscsiReadPath:
         blocks: int,
         max_len: int,
         zc_min: int,
+        refer_min: int,
         window: int,
     ) -> IscsiReadPath: ...
     def serve(

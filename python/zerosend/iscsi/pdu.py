@@ -163,8 +163,8 @@ def _bhs(opcode: int, flags: int, dsl: int) -> bytearray:
     return h
 
 
-# Each builder but ``data_in`` leaves StatSN/ExpCmdSN/MaxCmdSN (bytes 24..35) for the connection
-# to stamp right before the PDU is queued, so sequence numbers follow submission order.
+# Each builder but ``data_in_into`` leaves StatSN/ExpCmdSN/MaxCmdSN (bytes 24..35) for the
+# connection to stamp right before the PDU is queued, so sequence numbers follow submission order.
 _SN = struct.Struct(">III")
 
 
@@ -198,26 +198,6 @@ def data_in_into(
         statsn = 0
     _DATAIN.pack_into(h, at, OP_DATA_IN, flags, status, dsl & 0xFFFFFF, lun, itt, NO_TAG,
                       statsn, expcmdsn, maxcmdsn, datasn, offset, residual)  # fmt: skip
-
-
-def data_in(
-    flags: int,
-    status: int,
-    dsl: int,
-    lun: bytes,
-    itt: int,
-    statsn: int,
-    expcmdsn: int,
-    maxcmdsn: int,
-    datasn: int,
-    offset: int,
-    residual: int,
-) -> bytearray:
-    """A whole Data-In header (see ``data_in_into``)."""
-    h = bytearray(BHS_LEN)
-    data_in_into(h, 0, flags, status, dsl, lun, itt, statsn, expcmdsn, maxcmdsn, datasn,
-                 offset, residual)  # fmt: skip
-    return h
 
 
 def scsi_response(

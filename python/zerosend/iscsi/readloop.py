@@ -9,7 +9,9 @@ only, no AHS or data segment, CmdSN equal to ExpCmdSN, no RDPROTECT, a transfer 
 the Expected Data Transfer Length, inside the LUN, not empty and at most ``max_len`` bytes. The
 run stops at the first command that is not plain, at one that does not fit (``need`` then says
 how much room it wants), at a read that fails or comes up short, and right after a read of
-``zc_min`` bytes or more.
+``zc_min`` bytes or more. A read of ``refer_min`` bytes or more is not read at all: its header
+is written and the run ends with ``send_from``/``send_len``, for the caller to send those bytes
+straight from its mapping of the image.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ReadRun:
     nbytes: int
     large: bool  # the last command read zc_min bytes or more
     need: int  # room the next command wants if the run stopped for lack of it, else 0
+    send_from: int  # with send_len > 0: the last command's data was not read; the caller
+    send_len: int  # sends send_len bytes of the image from send_from after its header
 
 
 class ReadLoop:
@@ -50,7 +54,7 @@ class ReadLoop:
 
     def __init__(
         self, fd: int, lun: bytes, block_size: int, blocks: int, max_len: int, zc_min: int,
-        window: int,
+        refer_min: int, window: int,
     ) -> None:  # fmt: skip
         if len(lun) != 8:
             raise ValueError("lun must be the 8-byte LUN field")
@@ -62,6 +66,7 @@ class ReadLoop:
         self.blocks = blocks
         self.max_len = min(max_len, 0xFFFFFF)
         self.zc_min = zc_min
+        self.refer_min = refer_min
         self.window = window
 
     def serve(
@@ -71,7 +76,7 @@ class ReadLoop:
         out = memoryview(out)  # slices of it are views, not copies
         bs = self.block_size
         at = start
-        commands = nbytes = need = 0
+        commands = nbytes = need = send_from = send_len = 0
         large = False
         while end - at >= P.BHS_LEN:
             op, flags, lengths, lun, itt, edtl, cmdsn = _CMD.unpack_from(rx, at)
@@ -91,11 +96,13 @@ class ReadLoop:
                 break
             if n > self.max_len:
                 break
-            if len(out) - pos < P.BHS_LEN + n:
-                need = P.BHS_LEN + n
+            refer = n >= self.refer_min
+            length = 0 if refer else n
+            if len(out) - pos < P.BHS_LEN + length:
+                need = P.BHS_LEN + length
                 break
             data_at = pos + P.BHS_LEN
-            if not self._read(out[data_at : data_at + n], lba * bs):
+            if not refer and not self._read(out[data_at : data_at + n], lba * bs):
                 break
             answer_statsn = statsn
             statsn = (statsn + 1) & 0xFFFFFFFF
@@ -106,13 +113,16 @@ class ReadLoop:
             P.data_in_into(out, pos, _DATAIN_GOOD, 0, n, lun, itt, answer_statsn, expcmdsn,
                            maxcmdsn, 0, 0, 0)  # fmt: skip
             at += P.BHS_LEN
-            pos = data_at + n
+            pos = data_at + length
             commands += 1
             nbytes += n
-            if n >= self.zc_min:
-                large = True
+            if refer:
+                send_from, send_len = lba * bs, n
+            large = n >= self.zc_min
+            if refer or large:
                 break
-        return ReadRun(at, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need)
+        return ReadRun(at, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need,
+                       send_from, send_len)  # fmt: skip
 
     def _read(self, view: memoryview, offset: int) -> bool:
         """Fill ``view`` from the image; False if it ends first or the read fails."""

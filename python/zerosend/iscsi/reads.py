@@ -16,6 +16,7 @@ import os
 from typing import Any, Protocol
 
 from zerosend._native import IscsiReadPath
+from zerosend._native import ReadRun as NativeReadRun
 
 from . import pdu as P
 from . import scsi as S
@@ -23,7 +24,7 @@ from .bufpool import MmapLease, MmapPool
 from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
 from .reader import PduReader
-from .readloop import ReadLoop
+from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
 from .stores import FileStore, Store
 from .window import CMD_WINDOW, CmdWindow
@@ -33,27 +34,7 @@ log = logging.getLogger("zerosend.iscsi")
 NATIVE = os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"  # "0": the Python inner loop
 
 
-class _Run(Protocol):
-    """``zerosend._native.ReadRun`` or ``readloop.ReadRun``."""
-
-    @property
-    def start(self) -> int: ...
-    @property
-    def pos(self) -> int: ...
-    @property
-    def expcmdsn(self) -> int: ...
-    @property
-    def statsn(self) -> int: ...
-    @property
-    def maxcmdsn(self) -> int: ...
-    @property
-    def commands(self) -> int: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def large(self) -> bool: ...
-    @property
-    def need(self) -> int: ...
+_Run = ReadRun | NativeReadRun
 
 
 class _InnerLoop(Protocol):
@@ -96,7 +77,7 @@ class Reads:
         self.outbox: Outbox = responder.outbox
         self.stats = stats
         self.loop = asyncio.get_running_loop()
-        self._inner: dict[bytes, _InnerLoop | None] = {}  # by LUN field
+        self._inner: dict[bytes, tuple[_InnerLoop, Store] | None] = {}  # by LUN field
         self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
 
     def __len__(self) -> int:
@@ -112,11 +93,12 @@ class Reads:
         rd = self.reader
         lun_field = bytes(rd.buf[rd.start + 8 : rd.start + 16])
         try:
-            inner = self._inner[lun_field]
+            entry = self._inner[lun_field]
         except KeyError:
-            inner = self._inner[lun_field] = self._inner_loop(lun_field)
-        if inner is None:
+            entry = self._inner[lun_field] = self._inner_loop(lun_field)
+        if entry is None:
             return False
+        inner, store = entry
         window, outbox, stats = self.window, self.outbox, self.stats
         served = False
         while True:
@@ -130,21 +112,26 @@ class Reads:
                 stats["read_bytes"] += run.nbytes
                 stats["zc_sends"] += run.commands
                 served = True
+                if run.send_len:  # sent from the mapped image, right behind its header
+                    segments = store.segments(run.send_from, run.send_len)
+                    assert segments is not None
+                    outbox.queue(segments, large=True)
             if not run.need or not outbox.new_packing(run.need):
                 return served
 
-    def _inner_loop(self, lun_field: bytes) -> _InnerLoop | None:
+    def _inner_loop(self, lun_field: bytes) -> tuple[_InnerLoop, Store] | None:
         lu = self.luns.get(P.decode_lun(lun_field))
         if lu is None or not isinstance(lu.store, FileStore):
             return None
         store = lu.store
         p = self.params
         longest = min(p.initiator_max_recv_dsl, p.max_burst)
-        if store.mapped:  # large reads go zero-copy straight from the mapped pages
-            longest = min(longest, ZC_MIN - 1)
+        # Large reads of a mapped image go zero-copy straight from its pages.
+        refer_min = ZC_MIN if store.mapped else 0xFFFFFFFF
         kind = IscsiReadPath if NATIVE else ReadLoop
-        return kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
-                    CMD_WINDOW)  # fmt: skip
+        inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
+                     refer_min, CMD_WINDOW)  # fmt: skip
+        return inner, store
 
     # -- every other READ
 

@@ -101,8 +101,9 @@ class Responder:
                 st_flags, residual = status
                 flags |= P.F_FINAL | P.DATAIN_STATUS | st_flags
             statsn = w.next_statsn(with_status)
-            hdr = P.data_in(flags, 0, n, lun_field, itt, statsn, w.expcmdsn, w.maxcmdsn,
-                            datasn, offset, residual)  # fmt: skip
+            hdr = bytearray(P.BHS_LEN)
+            P.data_in_into(hdr, 0, flags, 0, n, lun_field, itt, statsn, w.expcmdsn, w.maxcmdsn,
+                           datasn, offset, residual)  # fmt: skip
             iov[0] = self._digested(hdr)
             pad = P.pad_for(n)
             if pad:

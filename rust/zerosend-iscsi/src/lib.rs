@@ -11,5 +11,5 @@ pub mod serial;
 
 pub use bhs::BHS_LEN;
 pub use encode::{DataIn, ScsiResponse};
-pub use read_path::{FdMedium, Medium, ReadPath, ReadRun, SeqNumbers};
+pub use read_path::{FdMedium, Medium, ReadLimits, ReadPath, ReadRun, SeqNumbers};
 pub use serial::sn_lt;

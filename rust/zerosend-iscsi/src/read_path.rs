@@ -10,6 +10,10 @@
 //! comes up short, and right after a read of `zc_min` bytes or more (worth a zero-copy send of
 //! its own). Whatever stops the run is left to the caller's general path, which answers every
 //! case this loop does not take, errors included.
+//!
+//! A read of `refer_min` bytes or more is not read at all: its header is written and the run
+//! ends with `ReadRun::send_from`/`send_len`, for a caller that sends those bytes of the medium
+//! straight from its own mapping of it (zero-copy from the page cache).
 
 use std::os::fd::RawFd;
 
@@ -98,6 +102,23 @@ pub struct ReadRun {
     pub large: bool,
     /// Room (header and data) the next command wants if the run stopped for lack of it, else 0.
     pub need: usize,
+    /// With `send_len` > 0: the last command's data was not read; the caller sends `send_len`
+    /// bytes of the medium from byte `send_from`, right after the header.
+    pub send_from: u64,
+    pub send_len: u32,
+}
+
+/// What the reads of one LUN may be on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// The longest read one Data-In PDU may carry (capped at the 24-bit DataSegmentLength).
+    pub max_len: u32,
+    /// Reads this long end the run: they are worth a zero-copy send of their own.
+    pub zc_min: u32,
+    /// Reads this long are left for the caller to send from its own mapping (`u32::MAX`: none).
+    pub refer_min: u32,
+    /// The CmdSN window: MaxCmdSN = ExpCmdSN + window - 1.
+    pub window: u32,
 }
 
 /// One LUN's READ path on one connection.
@@ -107,9 +128,7 @@ pub struct ReadPath<M> {
     lun: [u8; 8],
     block_size: u64,
     blocks: u64,
-    max_len: u64,
-    zc_min: u64,
-    window: u32,
+    limits: ReadLimits,
 }
 
 /// Why a `ReadPath` cannot be built.
@@ -125,30 +144,24 @@ impl std::fmt::Display for InvalidReadPath {
 impl std::error::Error for InvalidReadPath {}
 
 impl<M: Medium> ReadPath<M> {
-    /// `lun`: the 8-byte LUN field commands must carry; `blocks` of `block_size` bytes;
-    /// `max_len`: the longest read one Data-In PDU may carry (capped at the 24-bit
-    /// DataSegmentLength); `zc_min`: reads this long end the run; `window`: the CmdSN window
-    /// (MaxCmdSN = ExpCmdSN + window - 1).
+    /// `lun`: the 8-byte LUN field commands must carry; `blocks` of `block_size` bytes.
     pub fn new(
         medium: M,
         lun: [u8; 8],
         block_size: u32,
         blocks: u64,
-        max_len: u32,
-        zc_min: u32,
-        window: u32,
+        limits: ReadLimits,
     ) -> Result<Self, InvalidReadPath> {
-        if block_size == 0 || window == 0 {
+        if block_size == 0 || limits.window == 0 {
             return Err(InvalidReadPath("block_size and window must be positive"));
         }
+        let max_len = limits.max_len.min(0xFF_FFFF);
         Ok(Self {
             medium,
             lun,
             block_size: u64::from(block_size),
             blocks,
-            max_len: u64::from(max_len.min(0xFF_FFFF)),
-            zc_min: u64::from(zc_min),
-            window,
+            limits: ReadLimits { max_len, ..limits },
         })
     }
 
@@ -165,24 +178,22 @@ impl<M: Medium> ReadPath<M> {
             let Some((itt, lba, n)) = self.plain(&rx[at..at + BHS_LEN], sn.expcmdsn) else {
                 break;
             };
-            let len = n as usize; // at most 2^24 - 1
+            let refer = n >= u64::from(self.limits.refer_min);
+            let len = if refer { 0 } else { n as usize }; // at most 2^24 - 1
             let pos = run.pos;
             if out.len().saturating_sub(pos) < BHS_LEN + len {
                 run.need = BHS_LEN + len;
                 break;
             }
             let (hdr, data) = out[pos..pos + BHS_LEN + len].split_at_mut(BHS_LEN);
-            if !self
-                .medium
-                .read_exact_at(data, lba * self.block_size)
-                .unwrap_or(false)
-            {
+            let offset = lba * self.block_size;
+            if !refer && !self.medium.read_exact_at(data, offset).unwrap_or(false) {
                 break;
             }
             let statsn = sn.statsn;
             sn.statsn = statsn.wrapping_add(1);
             sn.expcmdsn = sn.expcmdsn.wrapping_add(1);
-            let top = sn.expcmdsn.wrapping_add(self.window - 1);
+            let top = sn.expcmdsn.wrapping_add(self.limits.window - 1);
             if sn_lt(sn.maxcmdsn, top) {
                 sn.maxcmdsn = top;
             }
@@ -203,8 +214,11 @@ impl<M: Medium> ReadPath<M> {
             run.sn = sn;
             run.commands += 1;
             run.bytes += n;
-            if n >= self.zc_min {
-                run.large = true;
+            if refer {
+                (run.send_from, run.send_len) = (offset, n as u32);
+            }
+            run.large = n >= u64::from(self.limits.zc_min);
+            if refer || run.large {
                 break;
             }
         }
@@ -229,7 +243,7 @@ impl<M: Medium> ReadPath<M> {
             .lba
             .checked_add(read.blocks)
             .is_some_and(|end| end <= self.blocks);
-        if n == 0 || n != u64::from(cmd.edtl) || !inside || n > self.max_len {
+        if n == 0 || n != u64::from(cmd.edtl) || !inside || n > u64::from(self.limits.max_len) {
             return None;
         }
         Some((cmd.itt, read.lba, n))
@@ -249,18 +263,18 @@ mod tests {
             .collect()
     }
 
+    fn limits(max_len: u32) -> ReadLimits {
+        ReadLimits {
+            max_len,
+            zc_min: 10240,
+            refer_min: u32::MAX,
+            window: 128,
+        }
+    }
+
     fn path(medium: Vec<u8>, max_len: u32) -> ReadPath<Vec<u8>> {
         let blocks = (medium.len() / BS as usize) as u64;
-        ReadPath::new(
-            medium,
-            [0, 0, 0, 0, 0, 0, 0, 0],
-            BS,
-            blocks,
-            max_len,
-            10240,
-            128,
-        )
-        .unwrap()
+        ReadPath::new(medium, [0; 8], BS, blocks, limits(max_len)).unwrap()
     }
 
     fn sn(expcmdsn: u32, statsn: u32, maxcmdsn: u32) -> SeqNumbers {
@@ -379,9 +393,35 @@ mod tests {
     }
 
     #[test]
+    fn a_read_past_refer_min_is_left_to_the_caller() {
+        let lim = ReadLimits {
+            refer_min: 10240,
+            ..limits(65536)
+        };
+        let p = ReadPath::new(image(128), [0; 8], BS, 128, lim).unwrap();
+        let mut rx = Vec::new();
+        rx.extend_from_slice(&command(0xC1, 0, 1, 512, 1, &read10(0, 1)));
+        rx.extend_from_slice(&command(0xC1, 0, 2, 10240, 2, &read10(4, 20)));
+        let mut out = vec![0u8; 1000];
+        let run = p.serve(&rx, &mut out, 0, sn(1, 0, 128));
+        // the small one read, the large one only its header: 48 + 512 + 48 bytes of room
+        assert_eq!(
+            (run.commands, run.pos, run.bytes),
+            (2, 48 + 512 + 48, 512 + 10240)
+        );
+        assert_eq!((run.send_from, run.send_len), (4 * 512, 10240));
+        assert!(run.large);
+        assert_eq!(&out[560..564], &[0x25, 0x81, 0, 0]);
+        assert_eq!(&out[564..568], &10240u32.to_be_bytes());
+        // a full buffer asks for header room only
+        let run = p.serve(&rx[48..], &mut out, 980, sn(2, 1, 129));
+        assert_eq!((run.commands, run.need), (0, 48));
+    }
+
+    #[test]
     fn a_short_medium_stops_the_run_without_answering() {
         // The LUN claims 64 blocks but the medium has 8: the read past 8 is left to the caller.
-        let p = ReadPath::new(image(8), [0; 8], BS, 64, 8192, 10240, 128).unwrap();
+        let p = ReadPath::new(image(8), [0; 8], BS, 64, limits(8192)).unwrap();
         let rx = command(0xC1, 0, 1, 512, 1, &read10(20, 1));
         let run = p.serve(&rx, &mut [0u8; 1024], 0, sn(1, 0, 128));
         assert_eq!((run.commands, run.consumed, run.pos), (0, 0, 0));
@@ -407,8 +447,7 @@ mod tests {
         file.write_all(&img).unwrap();
         let file = std::fs::File::open(&file_path).unwrap();
         std::fs::remove_file(&file_path).unwrap();
-        let p =
-            ReadPath::new(FdMedium(file.as_raw_fd()), [0; 8], BS, 16, 8192, 10240, 128).unwrap();
+        let p = ReadPath::new(FdMedium(file.as_raw_fd()), [0; 8], BS, 16, limits(8192)).unwrap();
         let rx = command(0xC1, 0, 1, 1024, 1, &read10(5, 2));
         let mut out = vec![0u8; 2048];
         let run = p.serve(&rx, &mut out, 0, sn(1, 0, 128));

@@ -10,7 +10,7 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use zerosend_iscsi::{DataIn, FdMedium, ReadPath, ScsiResponse, SeqNumbers};
+use zerosend_iscsi::{DataIn, FdMedium, ReadLimits, ReadPath, ScsiResponse, SeqNumbers};
 
 /// A held, C-contiguous buffer export.
 struct Export {
@@ -83,6 +83,10 @@ pub struct ReadRun {
     large: bool,
     /// Room the next command wants if the run stopped for lack of it, else 0.
     need: usize,
+    /// With `send_len` > 0: the last command's data was not read; send that many bytes of the
+    /// image from `send_from` after its header (from a mapping of the image).
+    send_from: u64,
+    send_len: u32,
 }
 
 #[pymethods]
@@ -90,7 +94,7 @@ impl ReadRun {
     fn __repr__(&self) -> String {
         format!(
             "ReadRun(start={}, pos={}, expcmdsn={}, statsn={}, maxcmdsn={}, commands={}, \
-             nbytes={}, large={}, need={})",
+             nbytes={}, large={}, need={}, send_from={}, send_len={})",
             self.start,
             self.pos,
             self.expcmdsn,
@@ -99,7 +103,9 @@ impl ReadRun {
             self.commands,
             self.nbytes,
             if self.large { "True" } else { "False" },
-            self.need
+            self.need,
+            self.send_from,
+            self.send_len
         )
     }
 }
@@ -114,8 +120,10 @@ pub struct IscsiReadPath {
 impl IscsiReadPath {
     /// `fd`: the image, read with pread (the caller keeps it open); `lun`: the 8-byte LUN field;
     /// `blocks` of `block_size` bytes; `max_len`: the longest read one Data-In PDU may carry;
-    /// `zc_min`: reads this long end a run; `window`: the CmdSN window.
+    /// `zc_min`: reads this long end a run; `refer_min`: reads this long are not read but left
+    /// to the caller (`ReadRun.send_from`); `window`: the CmdSN window.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         fd: RawFd,
         lun: &[u8],
@@ -123,6 +131,7 @@ impl IscsiReadPath {
         blocks: u64,
         max_len: u32,
         zc_min: u32,
+        refer_min: u32,
         window: u32,
     ) -> PyResult<Self> {
         let lun: [u8; 8] = lun
@@ -131,16 +140,14 @@ impl IscsiReadPath {
         if fd < 0 {
             return Err(PyValueError::new_err("fd must be an open descriptor"));
         }
-        let path = ReadPath::new(
-            FdMedium(fd),
-            lun,
-            block_size,
-            blocks,
+        let limits = ReadLimits {
             max_len,
             zc_min,
+            refer_min,
             window,
-        )
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        };
+        let path = ReadPath::new(FdMedium(fd), lun, block_size, blocks, limits)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(Self { path })
     }
 
@@ -181,6 +188,8 @@ impl IscsiReadPath {
             nbytes: run.bytes,
             large: run.large,
             need: run.need,
+            send_from: run.send_from,
+            send_len: run.send_len,
         })
     }
 }
