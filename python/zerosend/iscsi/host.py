@@ -1,4 +1,5 @@
-"""What a session needs of the target that accepted it."""
+"""The protocols between the target's parts: the target as a session sees it, and the
+session as its READ and write paths see it."""
 
 from __future__ import annotations
 
@@ -44,3 +45,13 @@ class SessionHost(Protocol):
 
     def reset(self) -> None:
         """TARGET COLD RESET: drop every connection."""
+
+
+class Connection(Protocol):
+    """What the READ and write paths need of their session."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def closing(self) -> bool: ...
+    def abort_connection(self) -> None: ...

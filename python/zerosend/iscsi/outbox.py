@@ -105,6 +105,11 @@ class Outbox:
         if large:
             self._zerocopy = True
 
+    def ensure_packing(self) -> None:
+        """Have a packing buffer if one is free."""
+        if self._packing is None:
+            self.new_packing(0)
+
     def new_packing(self, need: int) -> bool:
         """Start a fresh packing buffer with room for ``need`` bytes; False if none is free
         now or pooled buffers are smaller."""

@@ -21,6 +21,7 @@ from zerosend._native import ReadRun as NativeReadRun
 from . import pdu as P
 from . import scsi as S
 from .bufpool import MmapLease, MmapPool
+from .host import Connection
 from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
 from .reader import PduReader
@@ -41,16 +42,6 @@ class _InnerLoop(Protocol):
     def serve(
         self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
     ) -> _Run: ...
-
-
-class Connection(Protocol):
-    """What the READ and write paths need of their session."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def closing(self) -> bool: ...
-    def abort_connection(self) -> None: ...
 
 
 class Reads:
@@ -78,6 +69,8 @@ class Reads:
         self.stats = stats
         self.loop = asyncio.get_running_loop()
         self._inner: dict[bytes, tuple[_InnerLoop, Store] | None] = {}  # by LUN field
+        self._last_lun = bytes(8)  # the LUN field last looked up, and its entry
+        self._last: tuple[_InnerLoop, Store] | None = None
         self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
 
     def __len__(self) -> int:
@@ -91,15 +84,19 @@ class Reads:
         if self.window.pending:
             return False
         rd = self.reader
-        lun_field = bytes(rd.buf[rd.start + 8 : rd.start + 16])
-        try:
-            entry = self._inner[lun_field]
-        except KeyError:
-            entry = self._inner[lun_field] = self._inner_loop(lun_field)
-        if entry is None:
-            return False
+        entry = self._last
+        if entry is None or not rd.buf.startswith(self._last_lun, rd.start + 8):
+            lun_field = bytes(rd.buf[rd.start + 8 : rd.start + 16])
+            try:
+                entry = self._inner[lun_field]
+            except KeyError:
+                entry = self._inner[lun_field] = self._inner_loop(lun_field)
+            self._last_lun, self._last = lun_field, entry
+            if entry is None:
+                return False
         inner, store = entry
         window, outbox, stats = self.window, self.outbox, self.stats
+        outbox.ensure_packing()  # (a packing buffer that stays unused goes back at the flush)
         served = False
         while True:
             out, pos = outbox.packing()

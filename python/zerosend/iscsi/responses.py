@@ -20,8 +20,6 @@ from .window import CmdWindow
 
 log = logging.getLogger("zerosend.iscsi")
 
-_U32 = struct.Struct(">I")
-
 
 class Responder:
     """Builds and queues the PDUs one connection sends."""

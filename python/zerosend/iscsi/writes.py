@@ -7,8 +7,8 @@ import logging
 
 from . import pdu as P
 from . import scsi as S
+from .host import Connection
 from .params import SessionParams
-from .reads import Connection
 from .responses import Responder, residual_bits
 from .stores import Store
 
