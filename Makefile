@@ -44,6 +44,25 @@ test-python: develop
 wheel: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)
 
+# Release: the sdist; the pure-Python wheel made from it (where no platform wheel fits); a
+# schema check of the release workflow (check-jsonschema from PyPI).
+.PHONY: sdist pure-wheel lint-release
+sdist: venv
+	$(VENV)/bin/maturin sdist --out $(DIST)
+
+pure-wheel: sdist
+	$(PY) scripts/pure_wheel.py $(DIST)
+
+$(VENV)/.release-tools: $(VENV)/.installed
+	$(PY) -m pip install -q "check-jsonschema>=0.29"
+	touch $@
+
+lint: lint-release
+lint-release: $(VENV)/.release-tools
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/ruff check scripts
+	$(VENV)/bin/ruff format --check scripts
+
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench

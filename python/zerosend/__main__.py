@@ -136,6 +136,7 @@ def _run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zerosend", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"zerosend {zerosend.__version__}")
     parser.add_argument("--total", type=int, default=1 << 30, help="bytes per run (1 GiB)")
     parser.add_argument("--size", type=int, default=MiB, help="bytes per send (1 MiB)")
     parser.add_argument("--depth", type=int, default=8, help="sends in flight (8)")
