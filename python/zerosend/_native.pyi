@@ -10,12 +10,9 @@ __all__ = [
     "IscsiReadPath",
     "PoolBuffer",
     "PoolMemory",
-    "ReadRun",
     "SendResult",
     "capabilities",
     "crc32c",
-    "encode_data_in",
-    "encode_scsi_response",
 ]
 
 class BackendUnavailableError(OSError):
@@ -98,37 +95,10 @@ def capabilities() -> Capabilities:
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value`` (0 to start)."""
 
-def encode_data_in(
-    flags: int,
-    status: int,
-    data_len: int,
-    lun: bytes,
-    itt: int,
-    statsn: int,
-    expcmdsn: int,
-    maxcmdsn: int,
-    datasn: int,
-    offset: int,
-    residual: int,
-) -> bytes:
-    """A whole iSCSI Data-In header (48 bytes)."""
-
-def encode_scsi_response(
-    flags: int,
-    status: int,
-    data_len: int,
-    itt: int,
-    statsn: int,
-    expcmdsn: int,
-    maxcmdsn: int,
-    expdatasn: int,
-    residual: int,
-) -> bytes:
-    """A whole iSCSI SCSI Response header (48 bytes)."""
-
 @final
-class ReadRun:
-    """What one ``IscsiReadPath.serve`` call did."""
+class _ReadRun:
+    """What one ``IscsiReadPath.serve`` call did (its runtime name is ``ReadRun``; it is not a
+    module attribute)."""
 
     @property
     def start(self) -> int: ...
@@ -170,4 +140,33 @@ class IscsiReadPath:
     ) -> IscsiReadPath: ...
     def serve(
         self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
-    ) -> ReadRun: ...
+    ) -> _ReadRun: ...
+    @staticmethod
+    def encode_data_in(
+        flags: int,
+        status: int,
+        data_len: int,
+        lun: bytes,
+        itt: int,
+        statsn: int,
+        expcmdsn: int,
+        maxcmdsn: int,
+        datasn: int,
+        offset: int,
+        residual: int,
+    ) -> bytes:
+        """A whole iSCSI Data-In header (48 bytes)."""
+
+    @staticmethod
+    def encode_scsi_response(
+        flags: int,
+        status: int,
+        data_len: int,
+        itt: int,
+        statsn: int,
+        expcmdsn: int,
+        maxcmdsn: int,
+        expdatasn: int,
+        residual: int,
+    ) -> bytes:
+        """A whole iSCSI SCSI Response header (48 bytes)."""

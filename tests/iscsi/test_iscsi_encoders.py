@@ -34,7 +34,7 @@ def test_data_in_headers_match_byte_for_byte():
         for _ in range(6):
             itt, statsn, exp, mx, datasn, offset, residual = _u32s(rnd, 7)
             args = (flags, status, dsl, lun, itt, statsn, exp, mx, datasn, offset, residual)
-            rs = _native.encode_data_in(*args)
+            rs = _native.IscsiReadPath.encode_data_in(*args)
             py = bytearray(100)
             P.data_in_into(py, 52, *args)
             assert py[52:] == rs, f"Data-In {args}"
@@ -42,7 +42,7 @@ def test_data_in_headers_match_byte_for_byte():
             cases += 1
     assert cases > 3000
     # StatSN is reserved without the S bit, in both
-    rs = _native.encode_data_in(0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
+    rs = _native.IscsiReadPath.encode_data_in(0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
     py = bytearray(48)
     P.data_in_into(py, 0, 0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
     assert rs[24:28] == py[24:28] == bytes(4)
@@ -57,7 +57,7 @@ def test_scsi_response_headers_match_byte_for_byte():
             itt, statsn, exp, mx, expdatasn, residual = _u32s(rnd, 6)
             py = P.scsi_response(itt, status, flags, residual, expdatasn, dsl)
             P.stamp(py, statsn, exp, mx)
-            rs = _native.encode_scsi_response(
+            rs = _native.IscsiReadPath.encode_scsi_response(
                 flags, status, dsl, itt, statsn, exp, mx, expdatasn, residual
             )
             assert bytes(py) == rs, (flags, status, dsl, itt, statsn, exp, mx, expdatasn)

@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol
-
-from zerosend._native import IscsiReadPath
-from zerosend._native import ReadRun as NativeReadRun
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import pdu as P
 from . import scsi as S
@@ -30,12 +27,19 @@ from .responses import Responder, residual_bits
 from .stores import FileStore, Store
 from .window import CMD_WINDOW, CmdWindow
 
+try:  # the inner loop in Rust
+    from zerosend._native import IscsiReadPath
+except ImportError:  # the pure-Python install (zerosend._fallback): the Python inner loop
+    IscsiReadPath = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from zerosend._native import _ReadRun as NativeReadRun
+
+    _Run = ReadRun | NativeReadRun  # what either inner loop's serve() returns
+
 log = logging.getLogger("zerosend.iscsi")
 
-NATIVE = os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"  # "0": the Python inner loop
-
-
-_Run = ReadRun | NativeReadRun
+# "0": the Python inner loop even where the Rust one is there (for comparisons)
+NATIVE = IscsiReadPath is not None and os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"
 
 
 class _InnerLoop(Protocol):
@@ -125,7 +129,7 @@ class Reads:
         longest = min(p.initiator_max_recv_dsl, p.max_burst)
         # Large reads of a mapped image go zero-copy straight from its pages.
         refer_min = ZC_MIN if store.mapped else 0xFFFFFFFF
-        kind = IscsiReadPath if NATIVE else ReadLoop
+        kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min, CMD_WINDOW)  # fmt: skip
         return inner, store

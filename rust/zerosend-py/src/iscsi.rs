@@ -1,8 +1,9 @@
 //! The iSCSI target's Rust pieces for `zerosend.iscsi`: thin wrappers over `zerosend-iscsi`.
 //!
 //! `IscsiReadPath.serve` runs the READ path's inner loop over the target's receive buffer into
-//! the pooled transmit buffer it is filling; the encoders and `crc32c` are the crate's, exposed
-//! so the Python encoders can be checked against them byte for byte.
+//! the pooled transmit buffer it is filling; its static methods `encode_data_in` and
+//! `encode_scsi_response` are the crate's encoders, exposed so the Python ones can be checked
+//! against them byte for byte; `crc32c` is the crate's digest.
 
 use std::os::fd::RawFd;
 
@@ -192,6 +193,75 @@ impl IscsiReadPath {
             send_len: run.send_len,
         })
     }
+
+    /// A whole Data-In header (48 bytes).
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn encode_data_in<'py>(
+        py: Python<'py>,
+        flags: u8,
+        status: u8,
+        data_len: u32,
+        lun: &[u8],
+        itt: u32,
+        statsn: u32,
+        expcmdsn: u32,
+        maxcmdsn: u32,
+        datasn: u32,
+        offset: u32,
+        residual: u32,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let lun: [u8; 8] = lun
+            .try_into()
+            .map_err(|_| PyValueError::new_err("lun must be the 8-byte LUN field"))?;
+        let mut h = [0u8; zerosend_iscsi::BHS_LEN];
+        DataIn {
+            flags,
+            status,
+            data_len,
+            lun,
+            itt,
+            statsn,
+            expcmdsn,
+            maxcmdsn,
+            datasn,
+            offset,
+            residual,
+        }
+        .encode(&mut h);
+        Ok(PyBytes::new(py, &h))
+    }
+
+    /// A whole SCSI Response header (48 bytes).
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn encode_scsi_response<'py>(
+        py: Python<'py>,
+        flags: u8,
+        status: u8,
+        data_len: u32,
+        itt: u32,
+        statsn: u32,
+        expcmdsn: u32,
+        maxcmdsn: u32,
+        expdatasn: u32,
+        residual: u32,
+    ) -> Bound<'py, PyBytes> {
+        let mut h = [0u8; zerosend_iscsi::BHS_LEN];
+        ScsiResponse {
+            flags,
+            status,
+            data_len,
+            itt,
+            statsn,
+            expcmdsn,
+            maxcmdsn,
+            expdatasn,
+            residual,
+        }
+        .encode(&mut h);
+        PyBytes::new(py, &h)
+    }
 }
 
 /// CRC32C (Castagnoli) of a bytes-like object, continuing from `value` (0 to start).
@@ -202,81 +272,11 @@ fn crc32c(data: &Bound<'_, PyAny>, value: u32) -> PyResult<u32> {
     Ok(zerosend_iscsi::digest::crc32c(value, data.bytes()))
 }
 
-/// A whole Data-In header (48 bytes).
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn encode_data_in<'py>(
-    py: Python<'py>,
-    flags: u8,
-    status: u8,
-    data_len: u32,
-    lun: &[u8],
-    itt: u32,
-    statsn: u32,
-    expcmdsn: u32,
-    maxcmdsn: u32,
-    datasn: u32,
-    offset: u32,
-    residual: u32,
-) -> PyResult<Bound<'py, PyBytes>> {
-    let lun: [u8; 8] = lun
-        .try_into()
-        .map_err(|_| PyValueError::new_err("lun must be the 8-byte LUN field"))?;
-    let mut h = [0u8; zerosend_iscsi::BHS_LEN];
-    DataIn {
-        flags,
-        status,
-        data_len,
-        lun,
-        itt,
-        statsn,
-        expcmdsn,
-        maxcmdsn,
-        datasn,
-        offset,
-        residual,
-    }
-    .encode(&mut h);
-    Ok(PyBytes::new(py, &h))
-}
-
-/// A whole SCSI Response header (48 bytes).
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn encode_scsi_response<'py>(
-    py: Python<'py>,
-    flags: u8,
-    status: u8,
-    data_len: u32,
-    itt: u32,
-    statsn: u32,
-    expcmdsn: u32,
-    maxcmdsn: u32,
-    expdatasn: u32,
-    residual: u32,
-) -> Bound<'py, PyBytes> {
-    let mut h = [0u8; zerosend_iscsi::BHS_LEN];
-    ScsiResponse {
-        flags,
-        status,
-        data_len,
-        itt,
-        statsn,
-        expcmdsn,
-        maxcmdsn,
-        expdatasn,
-        residual,
-    }
-    .encode(&mut h);
-    PyBytes::new(py, &h)
-}
-
-/// Adds the iSCSI classes and functions to `zerosend._native`.
+/// Adds the iSCSI pieces to `zerosend._native`: `IscsiReadPath` (whose `serve` returns a
+/// `ReadRun`, and whose static methods are the Rust encoders) and `crc32c`. The iSCSI target
+/// also runs without them (the pure-Python install), so they stay behind these two names.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IscsiReadPath>()?;
-    m.add_class::<ReadRun>()?;
     m.add_function(wrap_pyfunction!(crc32c, m)?)?;
-    m.add_function(wrap_pyfunction!(encode_data_in, m)?)?;
-    m.add_function(wrap_pyfunction!(encode_scsi_response, m)?)?;
     Ok(())
 }
