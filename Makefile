@@ -28,6 +28,7 @@ develop: venv
 
 test-rust:
 	cargo test -p zerosend --release
+	cargo test -p zerosend-iscsi --release
 
 lint: develop
 	cargo fmt --all --check
@@ -35,6 +36,7 @@ lint: develop
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest zerosend._native
+	$(PY) -m mypy --strict python/zerosend/iscsi
 
 test-python: develop
 	$(PY) -m pytest -q
