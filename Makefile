@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 .PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean
 
 run: develop
-	$(PY) -m zerosend
+	$(PY) -m bench.demo
 
 test: system-deps develop test-rust lint test-python
 
@@ -36,7 +36,7 @@ lint: develop
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest zerosend._native
-	$(PY) -m mypy --strict python/zerosend/iscsi
+	$(PY) -m mypy --strict python
 
 test-python: develop
 	$(PY) -m pytest -q

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zerosend
-from tests.conftest import read_all, tcp_pair
+from tests.helpers import read_all, tcp_pair
 
 Facts = dict[str, Any]
 

@@ -10,8 +10,8 @@ import socket
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE, read_all, tcp_pair
-from zerosend._rig import Rig
+from bench.rig import Rig
+from tests.helpers import UNAVAILABLE, read_all, tcp_pair
 
 
 def test_capabilities_report_each_backend_with_reason() -> None:

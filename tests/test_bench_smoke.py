@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import zerosend
-from tests.conftest import RIG_UNAVAILABLE, require
+from tests.helpers import RIG_UNAVAILABLE, require
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPS = zerosend.capabilities()
@@ -35,6 +35,7 @@ def run_quick(tmp_path: Path, *options: str) -> dict[str, Any]:
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
@@ -62,6 +63,7 @@ def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     assert "sends/s" in text and "CPU seconds per GB" in text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_quick_run_on_the_true_zero_copy_topology(tmp_path: Path) -> None:
     # The ifb topology measures real zero-copy: every byte of a zero-copy backend's datagrams

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import zerosend
-from tests.conftest import read_all, require_backend, tcp_pair
+from tests.helpers import read_all, require_backend, tcp_pair
 
 MiB = 1 << 20
 SetSysctl = Callable[[str, str], str]

@@ -5,7 +5,6 @@ session start: see the ``sysctl`` fixture)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -13,14 +12,15 @@ from collections.abc import Callable
 import pytest
 
 import zerosend
-from tests.conftest import (
+from bench.receiver import start_receiver
+from bench.rig import Rig
+from tests.helpers import (
     CAPS,
     SYSCTL_MARKERS,
     SYSCTL_ROOT,
     restore_sysctls_left_by_a_killed_run,
     tcp_pair,
 )
-from zerosend._rig import Rig
 
 PORT = 5302
 
@@ -57,15 +57,13 @@ def test_auto_falls_back_with_the_reason(io_uring_disabled: None, rig: Rig) -> N
             result = await zs.send_zc(os.urandom(3 << 20))
             return zs.backend, zs.fallback_reason, result.nbytes
 
-    receiver = rig.start_receiver(PORT, "discard")
-    try:
+    with start_receiver(rig.peer_addr, PORT, namespace=rig.ns, once=True) as rx:
         backend, reason, nbytes = asyncio.run(send(rig.peer_addr))
-    finally:
-        out, _ = receiver.communicate(timeout=60)
+        report = rx.report()
     assert backend == ("msg_zerocopy" if zerosend.capabilities().msg_zerocopy else "copy")
     assert reason and "io_uring_disabled" in reason
     assert nbytes == 3 << 20
-    assert json.loads(out.strip().splitlines()[-1])["bytes"] == 3 << 20
+    assert report["bytes"] == 3 << 20
 
 
 def test_a_killed_runs_sysctl_is_restored_at_the_next_start() -> None:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import require_backend
+from tests.helpers import require_backend
 
 SCRIPT = r"""
 import asyncio, json, socket, sys, zerosend

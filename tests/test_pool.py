@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from tests.conftest import HELD, accepted_not_released, read_all, rig_connection, tcp_pair
-from zerosend._rig import Rig
+from bench.rig import Rig
+from tests.helpers import HELD, accepted_not_released, read_all, rig_connection, tcp_pair
 
 MiB = 1 << 20
 

@@ -4,7 +4,6 @@ receive work steered to the other CPU, so the kernel releases pages late, as wit
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections import deque
 from typing import Any
@@ -12,8 +11,9 @@ from typing import Any
 import pytest
 
 import zerosend
-from tests.conftest import RIG_UNAVAILABLE, require, require_backend
-from zerosend._rig import Rig, fill_chunk
+from bench.receiver import Receiver, fill_chunk, start_receiver
+from bench.rig import Rig
+from tests.helpers import RIG_UNAVAILABLE, require, require_backend
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +24,13 @@ def _needs_the_rig() -> None:
 CHUNK = 1 << 20
 CHUNKS = 192
 PORT = 5301
+
+
+def verifying_receiver(rig: Rig) -> Receiver:
+    """The rig's receiver, checking every CHUNK-sized chunk against its fill_chunk pattern."""
+    return start_receiver(
+        rig.peer_addr, PORT, namespace=rig.ns, once=True, check="verify", chunk=CHUNK
+    )
 
 
 async def _send_reusing_buffers(
@@ -70,12 +77,9 @@ def test_auto_picks_the_best_zero_copy_backend_for_a_remote_peer() -> None:
             await zs.send_zc(bytearray(1 << 20))
             return zs.backend, zs.fallback_reason
 
-    with Rig() as rig:
-        receiver = rig.start_receiver(PORT, "discard")
-        try:
-            backend, reason = asyncio.run(probe(rig.peer_addr))
-        finally:
-            receiver.communicate(timeout=60)
+    with Rig() as rig, start_receiver(rig.peer_addr, PORT, namespace=rig.ns, once=True) as rx:
+        backend, reason = asyncio.run(probe(rig.peer_addr))
+        rx.report()
     assert backend == expected, reason
 
 
@@ -83,17 +87,13 @@ def _run(backend: str, *, wait_for_release: bool, depth: int = 1, loss: int = 0)
     with Rig() as rig:
         if loss:
             rig.drop_packets(loss)
-        receiver = rig.start_receiver(PORT, "verify", CHUNK)
-        try:
+        with verifying_receiver(rig) as rx:
             stats = asyncio.run(
                 _send_reusing_buffers(
                     rig.peer_addr, backend, depth=depth, wait_for_release=wait_for_release
                 )
             )
-        finally:
-            out, err = receiver.communicate(timeout=120)
-        assert receiver.returncode == 0, err
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+            result: dict[str, Any] = rx.report(timeout=120)
         result["stats"] = stats
         result["dropped"] = rig.output_rule_packets()
         return result
@@ -168,14 +168,9 @@ def test_pool_buffers_come_back_only_after_release(backend: str) -> None:
         assert pool.available == 2
         return stats
 
-    with Rig() as rig:
-        receiver = rig.start_receiver(PORT, "verify", CHUNK)
-        try:
-            stats = asyncio.run(send(rig.peer_addr))
-        finally:
-            out, err = receiver.communicate(timeout=120)
-        assert receiver.returncode == 0, err
-    result = json.loads(out.strip().splitlines()[-1])
+    with Rig() as rig, verifying_receiver(rig) as rx:
+        stats = asyncio.run(send(rig.peer_addr))
+        result = rx.report(timeout=120)
     assert result["chunks"] == CHUNKS
     assert result["corrupt"] == [], f"chunks corrupted on the wire: {result['corrupt']}"
     assert_zero_copy_sends(backend, stats)
@@ -204,12 +199,8 @@ def test_a_datagram_dropped_by_netfilter_fails_alone(backend: str) -> None:
 
     with Rig() as rig:
         rig.add_output_rule("udp length 1008 drop")
-        sink = rig.start_udp_sink(PORT)
-        try:
+        with start_receiver(rig.peer_addr, PORT, namespace=rig.ns, udp=True):
             outcomes = asyncio.run(send(rig.peer_addr))
-        finally:
-            sink.kill()
-            sink.wait()
     kinds = [o.nbytes if isinstance(o, zerosend.SendResult) else type(o).__name__ for o in outcomes]
     dropped = "PermissionError"
     assert kinds == [1200, dropped, 1300, dropped, dropped, 1400, 1450]

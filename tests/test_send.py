@@ -13,7 +13,8 @@ import socket
 import pytest
 
 import zerosend
-from tests.conftest import (
+from bench.rig import Rig
+from tests.helpers import (
     HELD,
     accepted_not_released,
     read_all,
@@ -22,7 +23,6 @@ from tests.conftest import (
     tcp_pair,
     unsent_bytes,
 )
-from zerosend._rig import Rig
 
 MiB = 1 << 20
 

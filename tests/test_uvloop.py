@@ -9,7 +9,7 @@ import os
 import pytest
 
 import zerosend
-from tests.conftest import tcp_pair
+from tests.helpers import tcp_pair
 
 uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPS
+from tests.helpers import CAPS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # a release build from scratch, with zig, on a fresh machine
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_manylinux_wheel_installs_and_works(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ FAMILIES = ["iSCSI", "SCSI"]
 EXPECTED = json.loads((Path(__file__).parent / "conformance_expected.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(960)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_iscsi_test_cu_family(target_factory, tmp_path: Path, family: str):

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use zerosend::Error;
 
 pyo3::create_exception!(
-    _native,
+    zerosend._native,
     BackendUnavailableError,
     PyOSError,
     "The requested zero-copy backend cannot be used on this kernel or socket; the message says why."

@@ -18,29 +18,22 @@ More topologies built on it (needs nftables and tc; measured on Linux 6.18):
   few datagrams and drops the rest at once, so later sends are released before earlier ones.
 
 Needs root and iproute2. Addresses are 10.x on devices this module creates and removes.
-
-Also a tiny receiver, run inside the namespace: ``python -m zerosend._rig receive ...``.
+A receiver inside the namespace: ``bench.receiver.start_receiver(rig.peer_addr, port,
+namespace=rig.ns)``.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import random
 import shutil
-import socket
-import struct
 import subprocess
-import sys
 from types import TracebackType
 from typing import Self
 
 #: ``setsockopt(IPPROTO_UDP, UDP_SEGMENT, size)``: one send leaves as datagrams of ``size``.
 UDP_SEGMENT = 103
-
-HEADER = struct.Struct("<Q")
 
 
 def rig_unavailable_reason() -> str | None:
@@ -270,22 +263,6 @@ class Rig(_Built):
         reaches the peer's interface is dropped before the peer's stack sees it."""
         return IngressDrop(self.ns, self.peer_if)
 
-    def start_udp_sink(self, port: int) -> subprocess.Popen[str]:
-        """A process in the namespace that reads and discards datagrams on ``port``."""
-        code = (
-            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
-            f"s.bind(({self.peer_addr!r},{port}));print('ready',flush=True)\n"
-            "while True: s.recv(65536)"
-        )
-        proc = subprocess.Popen(
-            self.command([sys.executable, "-c", code]), stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            proc.kill()
-            raise RuntimeError("the UDP sink did not start")
-        return proc
-
     def close(self) -> None:
         if self.nft_table is not None:
             subprocess.run(["nft", "delete", "table", "inet", self.nft_table], capture_output=True)
@@ -293,93 +270,3 @@ class Rig(_Built):
         # The namespace goes with its netdev tables (the ingress drop) and the veth pair.
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-
-    def command(self, argv: list[str]) -> list[str]:
-        """``argv`` prefixed to run inside the namespace."""
-        return ["ip", "netns", "exec", self.ns, *argv]
-
-    def start_receiver(self, port: int, mode: str, chunk: int = 0) -> subprocess.Popen[str]:
-        """Start the receiver in the namespace; it prints "ready" once it listens."""
-        argv = [sys.executable, "-m", "zerosend._rig", "receive", "--listen"]
-        argv += [f"{self.peer_addr}:{port}", "--mode", mode, "--chunk", str(chunk)]
-        proc = subprocess.Popen(
-            self.command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if line != "ready":
-            proc.kill()
-            raise RuntimeError(f"rig receiver did not start: {line} {proc.stderr.read()}")
-        return proc
-
-
-def chunk_fill(index: int) -> int:
-    """The byte value that fills chunk ``index`` after its 8-byte header."""
-    return index % 251
-
-
-def fill_chunk(buf: bytearray | memoryview, index: int) -> None:
-    """Write chunk ``index``'s pattern: its number, then one repeated byte value."""
-    view = memoryview(buf)
-    HEADER.pack_into(view, 0, index)
-    view[HEADER.size :] = bytes([chunk_fill(index)]) * (len(view) - HEADER.size)
-
-
-def _receive(listen: str, mode: str, chunk: int) -> dict[str, object]:
-    host, port = listen.rsplit(":", 1)
-    server = socket.create_server((host, int(port)))
-    print("ready", flush=True)
-    conn, _ = server.accept()
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    total = 0
-    corrupt: list[int] = []
-    digest = hashlib.sha256()
-    buf = bytearray(max(chunk, 1 << 20))
-    view = memoryview(buf)
-    pending = 0
-    index = 0
-    while True:
-        want = chunk - pending if mode == "verify" else len(buf)
-        n = conn.recv_into(view[pending : pending + want] if mode == "verify" else view)
-        if n == 0:
-            break
-        total += n
-        if mode == "sha256":
-            digest.update(view[:n])
-        elif mode == "verify":
-            pending += n
-            if pending == chunk:
-                (number,) = HEADER.unpack_from(buf, 0)
-                value = chunk_fill(index)
-                intact = number == index and buf.count(value, HEADER.size, chunk) == chunk - 8
-                if not intact and len(corrupt) < 100:
-                    corrupt.append(index)
-                index += 1
-                pending = 0
-    conn.close()
-    result: dict[str, object] = {"bytes": total}
-    if mode == "sha256":
-        result["sha256"] = digest.hexdigest()
-    if mode == "verify":
-        result["chunks"] = index
-        result["corrupt"] = corrupt
-        result["partial"] = pending
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zerosend._rig")
-    sub = parser.add_subparsers(dest="command", required=True)
-    receive = sub.add_parser("receive", help="accept one connection and read it to the end")
-    receive.add_argument("--listen", required=True, help="HOST:PORT")
-    receive.add_argument("--mode", choices=["discard", "sha256", "verify"], default="discard")
-    receive.add_argument("--chunk", type=int, default=0, help="chunk size for --mode verify")
-    args = parser.parse_args(argv)
-    if args.mode == "verify" and args.chunk <= HEADER.size:
-        parser.error("--mode verify needs --chunk larger than 8")
-    print(json.dumps(_receive(args.listen, args.mode, args.chunk)), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The benchmark's vocabulary: the contenders, their labels, the topologies and send sizes,
+and the ``Config`` of one run with the ``State`` it fills in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.sender import CONTENDERS as PYTHON_CONTENDERS
+
+ROOT = Path(__file__).resolve().parent.parent
+RUST = "rust-io_uring"
+CONTENDERS = (*PYTHON_CONTENDERS, RUST)
+ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's default backend
+POOL = "zerosend-io_uring-pool"
+AUTO = "zerosend-auto"  # what wrap() picks by default: copy for a peer on this host
+BASELINE = "asyncio-sock_sendall"
+KiB = 1 << 10
+MiB = 1 << 20
+FULL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 8 * MiB)
+FULL_INFLIGHT = (1, 8, 32)
+IFB = "ifb"
+#: Datagram sizes on the ifb topology (a datagram holds at most 65,507 bytes).
+IFB_SIZES = (16 * KiB, 32 * KiB, 60_000)
+MAX_DATAGRAM = 65_507
+#: The senders that can send datagrams: zerosend's backends, the copying one included.
+IFB_CONTENDERS = (ZEROSEND, POOL, "zerosend-msg_zerocopy", "zerosend-copy")
+
+LABELS = {
+    "zerosend-auto": "zerosend auto",
+    "zerosend-io_uring": "zerosend io_uring",
+    "zerosend-io_uring-pool": "zerosend io_uring + pool",
+    "zerosend-msg_zerocopy": "zerosend MSG_ZEROCOPY",
+    "zerosend-copy": "zerosend copy",
+    "asyncio-sock_sendall": "asyncio sock_sendall",
+    "asyncio-streams": "asyncio streams",
+    "uvloop-sock_sendall": "uvloop sock_sendall",
+    "uvloop-streams": "uvloop streams",
+    RUST: "pure Rust (io_uring)",
+}
+
+
+@dataclass
+class Config:
+    sizes: Sequence[int]
+    inflight: Sequence[int]
+    topologies: Sequence[str]
+    contenders: Sequence[str]
+    rounds: int
+    seconds: float
+    max_bytes: int
+    out: Path
+    markdown: Path
+    plots: bool
+    quick: bool
+    from_json: Path | None = None
+    ifb_sizes: Sequence[int] = ()
+
+
+@dataclass
+class State:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)
+
+
+def topology_sizes(config: Config, topology: str) -> list[int]:
+    """The send sizes measured on ``topology`` (datagrams are bounded on ifb)."""
+    return list(config.ifb_sizes if topology == IFB else config.sizes)
+
+
+def topology_contenders(contenders: Sequence[str], topology: str) -> list[str]:
+    return [c for c in contenders if topology != IFB or c in IFB_CONTENDERS]
+
+
+def size_label(size: int) -> str:
+    if size >= MiB and size % MiB == 0:
+        return f"{size // MiB} MiB"
+    if size >= KiB and size % KiB == 0:
+        return f"{size // KiB} KiB"
+    return f"{size} B"
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    for suffix, factor in (("K", KiB), ("M", MiB), ("G", 1 << 30)):
+        if text.endswith(suffix):
+            return int(float(text[:-1]) * factor)
+    return int(text)
