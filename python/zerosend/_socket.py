@@ -140,7 +140,8 @@ class Socket:
         until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
         """
         future = self._loop.create_future()
-        self._driver.submit(self._handle, buf, True, future)
+        if self._driver.submit(self._handle, buf, True, future):
+            self._loop.call_soon(self._driver.flush)
         return future
 
     def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
@@ -149,7 +150,8 @@ class Socket:
         Resolves once the kernel has copied all of it (``zerocopy`` is False).
         """
         future = self._loop.create_future()
-        self._driver.submit(self._handle, buf, False, future)
+        if self._driver.submit(self._handle, buf, False, future):
+            self._loop.call_soon(self._driver.flush)
         return future
 
     async def drain(self) -> None:

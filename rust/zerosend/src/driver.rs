@@ -56,8 +56,8 @@ pub struct Driver<T, B: IoBuf> {
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
     scratch_completions: Vec<sys::ZerocopyCompletion>,
-    /// Sockets whose next request found the ring's submission queue full.
-    ring_backlog: Vec<u32>,
+    /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
+    ring_waiting: VecDeque<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
 }
 
@@ -87,7 +87,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_keys: Vec::new(),
             scratch_events: Vec::new(),
             scratch_completions: Vec::new(),
-            ring_backlog: Vec::new(),
+            ring_waiting: VecDeque::new(),
             vectored: Vec::new(),
         })
     }
@@ -147,6 +147,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             want_write: false,
             awaiting_release: false,
             ring_releases_pending: 0,
+            ring_chain: 0,
+            ring_waiting: false,
             failed: None,
             drain_waiters: Vec::new(),
             closing: false,
@@ -256,9 +258,6 @@ impl<T, B: IoBuf> Driver<T, B> {
         if entry.queue.len() == 1 {
             self.pump(id.index);
         }
-        // The send is accepted either way: if the kernel refuses the submission now, the entry
-        // stays queued in the ring and the next poll() retries it and reports the failure.
-        let _ = self.flush_ring();
         Ok(())
     }
 
@@ -304,12 +303,12 @@ impl<T, B: IoBuf> Driver<T, B> {
             };
             for event in &events[..n] {
                 if event.data() == RING_TAG {
-                    self.process_ring();
+                    self.process_ring()?;
                 } else {
                     self.process_socket(event.data(), event.events());
                 }
             }
-            self.flush_ring()?;
+            self.flush()?;
             if n < EVENT_BATCH {
                 return Ok(());
             }

@@ -35,6 +35,10 @@ pub(super) struct Entry<T> {
     pub(super) awaiting_release: bool,
     /// io_uring release notifications still to come for this socket's sends.
     pub(super) ring_releases_pending: usize,
+    /// Requests of this socket's chain in the ring still without their first completion.
+    pub(super) ring_chain: usize,
+    /// Listed in the driver's `ring_waiting`: has zero-copy sends for the next chain.
+    pub(super) ring_waiting: bool,
     /// A fatal error ended the stream; later sends fail with it.
     pub(super) failed: Option<Error>,
     pub(super) drain_waiters: Vec<T>,

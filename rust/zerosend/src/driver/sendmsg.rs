@@ -124,17 +124,15 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
                 return;
             };
-            if entry.awaiting_release {
+            // A chain in the ring holds the head of the stream; the rest waits for it.
+            if entry.awaiting_release || entry.ring_chain > 0 {
                 return;
             }
             let fd = entry.fd.as_raw_fd();
             let op = self.ops[key as usize].as_ref().expect("queued send exists");
-            if op.in_ring {
-                return;
-            }
             let zerocopy = op.zerocopy();
             if entry.backend == Backend::IoUring && zerocopy {
-                self.submit_to_ring(index, key, fd);
+                self.wait_for_ring(index);
                 return;
             }
             // Copying sends queued behind each other on a stream go in one sendmsg.
