@@ -30,7 +30,9 @@ _drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _native.Driver] =
 
 def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     driver = _drivers.get(loop)
-    if driver is None:
+    # A driver inherited through fork() belongs to the parent (shared epoll set and io_uring);
+    # a child that runs this same loop object gets a driver of its own.
+    if driver is None or driver.forked:
         driver = _native.Driver()
         loop.add_reader(driver.fileno(), driver.dispatch)
         _drivers[loop] = driver

@@ -24,7 +24,7 @@ type CoreDriver = zerosend::Driver<Py<PyAny>, PyBuf>;
 type CoreCompletion = Completion<Py<PyAny>, PyBuf>;
 
 /// Drives zero-copy sends of many sockets for one event loop.
-#[pyclass(frozen, module = "zerosend._native")]
+#[pyclass(frozen, weakref, module = "zerosend._native")]
 pub struct Driver {
     // Only the loop thread uses a driver; the mutex makes that safe to state, and it is never
     // held while Python code can run: futures are resolved and buffers released (which may run
@@ -106,6 +106,12 @@ impl Driver {
         })
     }
 
+    /// True in a process that inherited this driver through fork(): it belongs to the parent.
+    #[getter]
+    fn forked(&self) -> bool {
+        self.lock().forked()
+    }
+
     /// The descriptor to watch for readability.
     fn fileno(&self) -> i32 {
         self.lock().fd().as_raw_fd()
@@ -172,6 +178,14 @@ impl Driver {
     fn register_pool(&self, pool: &PoolMemory) -> PyResult<()> {
         self.lock()
             .register_region(std::sync::Arc::clone(&pool.region))
+            .map_err(to_pyerr)
+    }
+
+    /// Stops using the pool's memory for registered-buffer sends on this driver and gives its
+    /// slot back; sends already in flight from it are not affected.
+    fn unregister_pool(&self, pool: &PoolMemory) -> PyResult<()> {
+        self.lock()
+            .unregister_region(&pool.region)
             .map_err(to_pyerr)
     }
 
@@ -253,6 +267,8 @@ impl Driver {
             ("zerocopy_refusals", s.zerocopy_refusals),
             ("fixed_buffer_sends", s.fixed_buffer_sends),
             ("errors", s.errors),
+            ("queued_errors", s.queued_errors),
+            ("truncated_control_messages", s.truncated_control_messages),
         ] {
             dict.set_item(key, value)?;
         }

@@ -14,6 +14,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 mod choice;
 mod queue;
+mod regions;
 mod sendmsg;
 mod types;
 mod uring;
@@ -25,6 +26,7 @@ pub use types::{Backend, Completion, Rejected, SocketId, SocketOptions, SocketSt
 use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
+use crate::fork;
 use crate::op::{CopyReason, Mode, OpKey, SendOp};
 use crate::region::Region;
 use crate::registry::{self, Claim};
@@ -47,7 +49,7 @@ pub struct Driver<T, B: IoBuf> {
     ring: Option<Ring>,
     /// Regions that sends may come from; region `i` is fixed-buffer slot `i` of the ring.
     /// Declared after `ring` so the ring (and its registration) goes first on drop.
-    regions: Vec<Arc<Region>>,
+    regions: Vec<Option<Arc<Region>>>,
     /// Why registered buffers cannot be used with this ring, if they cannot.
     fixed_unavailable: Option<String>,
     capabilities: Capabilities,
@@ -59,6 +61,8 @@ pub struct Driver<T, B: IoBuf> {
     /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
     ring_waiting: VecDeque<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
+    /// The process that created the driver; in any other (a fork child) it refuses all work.
+    process: fork::Process,
 }
 
 // SAFETY: the only non-Send parts are raw pointers in `scratch_iov` and `vectored`. They point
@@ -89,7 +93,24 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_completions: Vec::new(),
             ring_waiting: VecDeque::new(),
             vectored: Vec::new(),
+            process: fork::current(),
         })
+    }
+
+    /// True in a process that inherited this driver through `fork()`. There every call that
+    /// would touch the kernel fails with [`Error::Forked`] and [`Driver::close`] does nothing:
+    /// the epoll set, the io_uring and the sockets are shared with the parent, which still uses
+    /// them. Dropping the driver there only closes the child's descriptors.
+    pub fn forked(&self) -> bool {
+        self.process != fork::current()
+    }
+
+    fn check_process(&self) -> Result<()> {
+        if self.forked() {
+            Err(Error::Forked)
+        } else {
+            Ok(())
+        }
     }
 
     /// The descriptor to watch for readability; when readable, call [`Driver::poll`].
@@ -109,6 +130,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         socket: BorrowedFd<'_>,
         options: &SocketOptions,
     ) -> Result<SocketId> {
+        self.check_process()?;
         let transport = sys::inspect_socket(socket)?;
         let claim = Claim::acquire(registry::socket_key(socket)?)?;
         let fd = sys::duplicate(socket)?;
@@ -149,6 +171,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             ring_releases_pending: 0,
             ring_chain: 0,
             ring_waiting: false,
+            pending_error: None,
             failed: None,
             drain_waiters: Vec::new(),
             closing: false,
@@ -165,6 +188,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     fn entry_mut(&mut self, id: SocketId) -> Result<&mut Entry<T>> {
+        self.check_process()?;
         match self.entries.get_mut(id.index as usize) {
             Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
             _ => Err(Error::Closed),
@@ -263,6 +287,7 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Arranges a [`Completion::Drained`] with `token` once the socket has nothing in flight.
     pub fn drain(&mut self, id: SocketId, token: T) -> Result<()> {
+        self.check_process()?;
         let entry = match self.entries.get_mut(id.index as usize) {
             Some(Some(entry)) if entry.generation == id.generation => entry,
             _ => {
@@ -292,6 +317,7 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Processes everything the kernel reported since the last call, without blocking.
     pub fn poll(&mut self) -> Result<()> {
+        self.check_process()?;
         let mut events = [EpollEvent::empty(); EVENT_BATCH];
         loop {
             let n = loop {

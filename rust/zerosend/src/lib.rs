@@ -11,6 +11,7 @@ mod capabilities;
 pub mod crc32c;
 mod driver;
 mod error;
+mod fork;
 mod op;
 mod region;
 mod registry;

@@ -9,17 +9,34 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the kernel copied after all.
-const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+pub(crate) const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`: set in a notification's `res` when the data was copied.
 const NOTIF_USAGE_ZC_COPIED: i32 = i32::MIN;
 
-/// What a completion queue entry means for the send that owns it.
+/// What a completion queue entry means for the send that owns it. `request` numbers the send's
+/// requests (a send may need several), so a completion is matched to the request it is for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum RingEvent {
     /// The send request finished: `res` bytes or -errno; `more` if a notification follows.
-    Sent { key: u32, res: i32, more: bool },
+    Sent {
+        key: u32,
+        request: u32,
+        res: i32,
+        more: bool,
+    },
     /// The kernel let go of the send's pages.
-    Released { key: u32, copied: bool },
+    Released {
+        key: u32,
+        request: u32,
+        copied: bool,
+    },
+}
+
+/// Which send (`key`) and which of its requests (`request`) a completion is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestTag {
+    pub key: u32,
+    pub request: u32,
 }
 
 /// One send request as the ring needs it. The msghdr and iovecs of a vectored send live here,
@@ -102,12 +119,12 @@ impl Ring {
     /// makes the next request queued wait for this one to finish (and be cancelled if it fails).
     ///
     /// # Safety
-    /// `[ptr, ptr + len)` must stay valid and unmodified until the notification for `key`
+    /// `[ptr, ptr + len)` must stay valid and unmodified until the notification for `tag`
     /// (or, if the first completion has no `more` flag, until that completion) is reaped.
     pub unsafe fn send_zc(
         &mut self,
         fd: RawFd,
-        key: u32,
+        tag: RequestTag,
         ptr: *const u8,
         len: u32,
         fixed: Option<u16>,
@@ -118,30 +135,30 @@ impl Ring {
             .zc_flags(SEND_ZC_REPORT_USAGE)
             .buf_index(fixed)
             .build()
-            .user_data(u64::from(key));
+            .user_data(u64::from(tag.key) | u64::from(tag.request) << 32);
         // SAFETY: forwarded from this function's contract.
         unsafe { self.push(entry, link) }
     }
 
-    /// Queues a vectored SENDMSG_ZC whose header lives in `request`; `link` as for `send_zc`.
+    /// Queues a vectored SENDMSG_ZC whose header lives in `header`; `link` as for `send_zc`.
     ///
     /// # Safety
-    /// `request` and every iovec it points to must stay valid and unmoved until the notification
-    /// for `key` (or a final first completion) is reaped.
+    /// `header` and every iovec it points to must stay valid and unmoved until the notification
+    /// for `tag` (or a final first completion) is reaped.
     pub unsafe fn sendmsg_zc(
         &mut self,
         fd: RawFd,
-        key: u32,
-        request: &mut VectoredRequest,
+        tag: RequestTag,
+        header: &mut VectoredRequest,
         link: bool,
     ) -> io::Result<()> {
-        request.header.msg_iov = request.iov.as_mut_ptr();
-        request.header.msg_iovlen = request.iov.len();
-        let entry = opcode::SendMsgZc::new(types::Fd(fd), &request.header)
+        header.header.msg_iov = header.iov.as_mut_ptr();
+        header.header.msg_iovlen = header.iov.len();
+        let entry = opcode::SendMsgZc::new(types::Fd(fd), &header.header)
             .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
             .ioprio(SEND_ZC_REPORT_USAGE)
             .build()
-            .user_data(u64::from(key));
+            .user_data(u64::from(tag.key) | u64::from(tag.request) << 32);
         // SAFETY: forwarded from this function's contract.
         unsafe { self.push(entry, link) }
     }
@@ -205,11 +222,13 @@ impl Ring {
         loop {
             for cqe in self.ring.completion() {
                 let key = cqe.user_data() as u32;
+                let request = (cqe.user_data() >> 32) as u32;
                 let flags = cqe.flags();
                 out.push(if cqueue::notif(flags) {
                     self.expected_completions = self.expected_completions.saturating_sub(1);
                     RingEvent::Released {
                         key,
+                        request,
                         copied: cqe.result() & NOTIF_USAGE_ZC_COPIED != 0,
                     }
                 } else {
@@ -218,6 +237,7 @@ impl Ring {
                     self.expected_completions = self.expected_completions.saturating_sub(done);
                     RingEvent::Sent {
                         key,
+                        request,
                         res: cqe.result(),
                         more,
                     }
@@ -246,10 +266,25 @@ impl Ring {
         self.ring.submitter().register_buffers_sparse(slots)
     }
 
+    /// Empties fixed buffer `slot`. Requests already using it keep the registration alive in
+    /// the kernel until they complete.
+    pub fn clear_fixed(&self, slot: u16) -> io::Result<()> {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty iovec registers no memory; it only drops the slot's registration.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(u32::from(slot), &[empty], None)
+        }
+    }
+
     /// Registers `[ptr, ptr + len)` as fixed buffer `slot`.
     ///
     /// # Safety
-    /// The memory must stay valid until the ring is dropped (it is never unregistered).
+    /// The memory must stay valid until the slot is cleared or the ring is dropped.
     pub unsafe fn register_fixed(&self, slot: u16, ptr: *mut u8, len: usize) -> io::Result<()> {
         let iov = libc::iovec {
             iov_base: ptr.cast(),

@@ -39,6 +39,8 @@ pub(super) struct Entry<T> {
     pub(super) ring_chain: usize,
     /// Listed in the driver's `ring_waiting`: has zero-copy sends for the next chain.
     pub(super) ring_waiting: bool,
+    /// An error the kernel queued for this datagram socket (ICMP), for its next send.
+    pub(super) pending_error: Option<Errno>,
     /// A fatal error ended the stream; later sends fail with it.
     pub(super) failed: Option<Error>,
     pub(super) drain_waiters: Vec<T>,

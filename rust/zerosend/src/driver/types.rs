@@ -110,6 +110,13 @@ pub struct SocketStats {
     pub fixed_buffer_sends: u64,
     /// Sends that ended in an error.
     pub errors: u64,
+    /// Errors the kernel queued on the socket's error queue (ICMP, such as port unreachable)
+    /// and the driver read there; on UDP each fails the socket's next send with its errno.
+    pub queued_errors: u64,
+    /// Error-queue messages whose control data did not fit (`MSG_CTRUNC`): their contents,
+    /// possibly release notifications, were lost. Never expected; counted so it cannot pass
+    /// unnoticed.
+    pub truncated_control_messages: u64,
 }
 
 /// A finished piece of work, handed back with the caller's token.

@@ -1,5 +1,4 @@
-//! The io_uring side of the driver: the ring's creation, registered buffer regions, SEND_ZC /
-//! SENDMSG_ZC submission and the two completions of each request: the result, then the release
+//! The io_uring side of the driver: the ring's creation, SEND_ZC / SENDMSG_ZC submission and the two completions of each request: the result, then the release
 //! notification.
 //!
 //! Order: a socket's queued zero-copy sends go to the kernel as one chain of linked requests
@@ -12,21 +11,18 @@
 //! first completion, the unsent rest (the short request's remainder first) forms the next chain.
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
+use super::regions::FIXED_SLOTS;
 use super::{Driver, RING_TAG};
 use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
 use crate::op::OpKey;
-use crate::region::Region;
-use crate::ring::{Ring, RingEvent, VectoredRequest};
+use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::IOV_MAX;
 
-/// Fixed-buffer slots reserved in the ring, one per registered region.
-const FIXED_SLOTS: u32 = 64;
 /// Submission queue entries: many sockets' chains go to the kernel in one `io_uring_enter`.
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries. Every send posts two, and no more sends are queued than the queue
@@ -35,8 +31,6 @@ const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16384;
 /// Longest chain of one socket's sends in the kernel at once.
 const MAX_CHAIN: usize = 64;
-/// The kernel's limit on one fixed buffer.
-const MAX_FIXED_LEN: usize = 1 << 30;
 
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn ensure_ring(&mut self) -> std::result::Result<(), String> {
@@ -53,75 +47,12 @@ impl<T, B: IoBuf> Driver<T, B> {
         self.epoll
             .add(eventfd, event)
             .map_err(|e| format!("watching the io_uring eventfd failed: {e}"))?;
-        if let Err(e) = ring.reserve_fixed_slots(FIXED_SLOTS) {
+        if let Err(e) = ring.reserve_fixed_slots(FIXED_SLOTS as u32) {
             self.fixed_unavailable = Some(format!("reserving fixed-buffer slots failed: {e}"));
         }
         self.ring = Some(ring);
-        for slot in 0..self.regions.len() {
-            if let Err(e) = self.register_fixed(slot) {
-                self.fixed_unavailable = Some(e.to_string());
-            }
-        }
+        self.register_all_regions();
         Ok(())
-    }
-
-    /// Lets sends from `region` use io_uring's registered (fixed) buffers: no page pinning and
-    /// lookup per send. Sends from anywhere else keep working as before.
-    pub fn register_region(&mut self, region: Arc<Region>) -> Result<()> {
-        if self.regions.iter().any(|r| Arc::ptr_eq(r, &region)) {
-            return Ok(());
-        }
-        if self.regions.len() >= FIXED_SLOTS as usize {
-            return Err(Error::Pool(format!(
-                "at most {FIXED_SLOTS} buffer pools can be used with one event loop"
-            )));
-        }
-        if region.len() > MAX_FIXED_LEN {
-            return Err(Error::Pool(format!(
-                "a buffer pool can hold at most {MAX_FIXED_LEN} bytes (the kernel's limit on one \
-                 registered buffer); this one has {}",
-                region.len()
-            )));
-        }
-        self.regions.push(region);
-        if self.ring.is_some() && self.fixed_unavailable.is_none() {
-            if let Err(e) = self.register_fixed(self.regions.len() - 1) {
-                self.regions.pop();
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) fn register_fixed(&mut self, slot: usize) -> Result<()> {
-        let (Some(ring), Some(region)) = (self.ring.as_ref(), self.regions.get(slot)) else {
-            return Ok(());
-        };
-        // SAFETY: the region is kept alive by `self.regions`, which is dropped after the ring.
-        unsafe { ring.register_fixed(slot as u16, region.as_ptr(), region.len()) }.map_err(|e| {
-            let errno = errno_of(&e);
-            if errno == Errno::ENOMEM {
-                Error::Pool(format!(
-                    "registering {} bytes of buffer pool memory with io_uring failed (ENOMEM): \
-                     RLIMIT_MEMLOCK is too low for a process without CAP_IPC_LOCK; raise it \
-                     (ulimit -l) or make the pool smaller",
-                    region.len()
-                ))
-            } else {
-                Error::os("registering buffer pool memory with io_uring", errno)
-            }
-        })
-    }
-
-    /// The fixed-buffer slot whose region holds `[ptr, ptr + len)`, if any.
-    pub(super) fn fixed_slot(&self, ptr: *const u8, len: usize) -> Option<u16> {
-        if self.ring.is_none() || self.fixed_unavailable.is_some() {
-            return None;
-        }
-        self.regions
-            .iter()
-            .position(|r| r.contains(ptr, len))
-            .map(|slot| slot as u16)
     }
 
     pub(super) fn process_ring(&mut self) -> Result<()> {
@@ -133,41 +64,70 @@ impl<T, B: IoBuf> Driver<T, B> {
         };
         for event in events.iter().copied() {
             match event {
-                RingEvent::Released { key, copied } => {
-                    let Some(op) = self.ops[key as usize].as_mut() else {
-                        continue;
-                    };
-                    op.notifications_pending -= 1;
-                    op.kernel_copied |= copied;
-                    let socket = op.socket;
-                    if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
-                        entry.stats.notifications += 1;
-                        entry.ring_releases_pending -= 1;
-                    }
-                    self.try_finish(key);
-                    self.release_arrived(socket);
-                }
-                RingEvent::Sent { key, res, more } => self.ring_sent(key, res, more),
+                RingEvent::Released {
+                    key,
+                    request,
+                    copied,
+                } => self.ring_released(key, request, copied),
+                RingEvent::Sent {
+                    key,
+                    request,
+                    res,
+                    more,
+                } => self.ring_sent(key, request, res, more),
             }
         }
         self.scratch_events = events;
         reaped.map_err(|e| Error::os("reaping io_uring completions", errno_of(&e)))
     }
 
-    pub(super) fn ring_sent(&mut self, key: OpKey, res: i32, more: bool) {
+    /// A release notification. The kernel does not keep to its own flags here: a request
+    /// cancelled behind a failed link member completes without `IORING_CQE_F_MORE` and still
+    /// notifies, and a failed request may notify before its result arrives. So notifications
+    /// are matched by request number: one a result announced releases; one that came first
+    /// is remembered for the result; any other is for a request that sent nothing, and ignored.
+    fn ring_released(&mut self, key: OpKey, request: u32, copied: bool) {
+        let Some(op) = self.ops[key as usize].as_mut() else {
+            return;
+        };
+        let announced = op.ring_notifications.iter().position(|&r| r == request);
+        if let Some(position) = announced {
+            op.ring_notifications.swap_remove(position);
+            op.notifications_pending -= 1;
+        } else if op.in_ring && op.request == request {
+            op.notified_before_result = true;
+        }
+        if announced.is_some() || op.notified_before_result {
+            op.kernel_copied |= copied;
+        }
+        let socket = op.socket;
+        if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
+            entry.stats.notifications += 1;
+            if announced.is_some() {
+                entry.ring_releases_pending -= 1;
+            }
+        }
+        self.try_finish(key);
+        self.release_arrived(socket);
+    }
+
+    fn ring_sent(&mut self, key: OpKey, request: u32, res: i32, more: bool) {
         let Some(op) = self.ops[key as usize].as_mut() else {
             return;
         };
         op.in_ring = false;
         let index = op.socket;
         let queued = op.queued;
-        if more {
+        let notified = std::mem::take(&mut op.notified_before_result);
+        let notification_to_come = more && !notified;
+        if notification_to_come {
             op.notifications_pending += 1;
+            op.ring_notifications.push(request);
         }
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
             return;
         };
-        if more {
+        if notification_to_come {
             entry.ring_releases_pending += 1;
         }
         entry.ring_chain -= 1;
@@ -251,6 +211,11 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     fn push_request(&mut self, key: OpKey, fd: RawFd, link: bool) {
         let op = self.ops[key as usize].as_mut().expect("queued send exists");
+        op.request = op.request.wrapping_add(1);
+        let tag = RequestTag {
+            key,
+            request: op.request,
+        };
         self.scratch_iov.clear();
         op.append_remaining(&mut self.scratch_iov, IOV_MAX);
         let ring = self
@@ -265,18 +230,18 @@ impl<T, B: IoBuf> Driver<T, B> {
             // `try_finish` sees no request in the ring and no notification pending, so the memory
             // outlives the request; the fixed slot, if any, was found by `fixed_slot` as the
             // registered region that contains the whole buffer.
-            unsafe { ring.send_zc(fd, key, iov.iov_base as *const u8, len, fixed, link) }
+            unsafe { ring.send_zc(fd, tag, iov.iov_base as *const u8, len, fixed, link) }
         } else {
             // The op's slot keeps its boxed msghdr from one send to the next: no allocation per
             // vectored send.
-            let request = self.vectored[key as usize].get_or_insert_with(VectoredRequest::new);
-            request.iov.clear();
-            request.iov.extend_from_slice(&self.scratch_iov);
+            let header = self.vectored[key as usize].get_or_insert_with(VectoredRequest::new);
+            header.iov.clear();
+            header.iov.extend_from_slice(&self.scratch_iov);
             // SAFETY: the request stays boxed in `self.vectored[key]`, untouched while the op is
             // `in_ring` (only `push_request` of this op rewrites it, after the completion);
             // its iovecs point into `op.bufs`, which live until the notification, as for the
             // single-buffer case.
-            unsafe { ring.sendmsg_zc(fd, key, request, link) }
+            unsafe { ring.sendmsg_zc(fd, tag, header, link) }
         };
         // `submit_chain` asked the ring for room first, so the push cannot fail.
         debug_assert!(
@@ -291,6 +256,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// in one `io_uring_enter`. On failure the requests stay queued (the kernel may take them on
     /// a later call), so their sends keep their buffers.
     pub fn flush(&mut self) -> Result<()> {
+        self.check_process()?;
         while let Some(&index) = self.ring_waiting.front() {
             let waiting = match self.entries.get_mut(index as usize) {
                 Some(Some(entry)) => std::mem::take(&mut entry.ring_waiting),
