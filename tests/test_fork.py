@@ -17,21 +17,14 @@ import traceback
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE, read_all, tcp_pair
+from tests.conftest import read_all, tcp_pair
+from tests.zerocopy_backends import ZEROCOPY_BACKENDS
 
 pytestmark = pytest.mark.asyncio
 
 MiB = 1 << 20
 #: Guards against a hang only (a stranded send never resolves); not a performance bound.
 HANG_GUARD_S = 60
-
-
-@pytest.fixture(params=["io_uring", "msg_zerocopy"])
-def zerocopy_backend(request: pytest.FixtureRequest) -> str:
-    reason = UNAVAILABLE[request.param]
-    if reason is not None:
-        pytest.skip(f"{request.param} unavailable: {reason}")
-    return str(request.param)
 
 
 async def child_sends_on_its_own_socket(backend: str) -> None:
@@ -78,6 +71,7 @@ async def wait_child(pid: int, report: int) -> str:
     return message
 
 
+@pytest.mark.parametrize("zerocopy_backend", ZEROCOPY_BACKENDS)
 async def test_child_drops_and_cannot_use_inherited_wrapper_parent_keeps_sending(
     zerocopy_backend: str,
 ) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 import zerosend
 from tests.conftest import UNAVAILABLE
+from tests.zerocopy_backends import ZEROCOPY_BACKENDS
 from zerosend._rig import Rig, rig_unavailable_reason
 
 pytestmark = pytest.mark.asyncio
@@ -56,20 +57,13 @@ print(json.dumps({"good": good, "bad": bad}), flush=True)
 """
 
 
-@pytest.fixture(params=["io_uring", "msg_zerocopy"])
-def zerocopy_backend(request: pytest.FixtureRequest) -> str:
-    reason = UNAVAILABLE[request.param]
-    if reason is not None:
-        pytest.skip(f"{request.param} unavailable: {reason}")
-    return str(request.param)
-
-
 def fill(buf: bytearray, seq: int) -> None:
     payload = (seq.to_bytes(8, "little") * (DATAGRAM // 8 + 1))[: DATAGRAM - HEADER.size]
     buf[HEADER.size :] = payload
     HEADER.pack_into(buf, 0, seq, zlib.crc32(payload))
 
 
+@pytest.mark.parametrize("zerocopy_backend", ZEROCOPY_BACKENDS)
 async def test_datagrams_dropped_by_a_full_qdisc_keep_completions_matched(
     zerocopy_backend: str,
 ) -> None:

@@ -1,8 +1,9 @@
 //! The driver: one per event loop. It owns every in-flight send, talks to the kernel on both
 //! zero-copy backends, and exposes a single pollable descriptor.
 //!
-//! Callers submit sends and, whenever [`Driver::fd`] is readable, call [`Driver::poll`] and take
-//! the finished sends from [`Driver::take_completions`]. Nothing blocks and no thread is involved,
+//! Callers submit sends, [`Driver::flush`] them once per event loop turn, and whenever
+//! [`Driver::fd`] is readable call [`Driver::poll`] and take the finished sends from
+//! [`Driver::take_completions`]. Nothing blocks and no thread is involved,
 //! so an event loop resolves many sends per wake-up.
 
 use std::collections::VecDeque;
@@ -225,6 +226,10 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// submission order. The buffers stay owned by the driver until the kernel released them;
     /// then a [`Completion::Send`] carrying `token` becomes available.
     /// `zerocopy == false` asks for a copying send in the same ordered stream.
+    ///
+    /// Sendmsg-backed sends are written at once; io_uring sends are queued and handed to the
+    /// kernel, together with every other queued since, by the next [`Driver::flush`] or
+    /// [`Driver::poll`] (call one before waiting on [`Driver::fd`]).
     ///
     /// Returns [`Rejected`], with the token and buffers, only when the send could not be
     /// accepted at all (closed socket, bad arguments); failures of the stream arrive as the
