@@ -23,12 +23,13 @@ use crate::op::OpKey;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::IOV_MAX;
 
-/// Submission queue entries: many sockets' chains go to the kernel in one `io_uring_enter`.
-const SQ_ENTRIES: u32 = 1024;
-/// Completion queue entries. Every send posts two, and no more sends are queued than the queue
-/// can take completions for, so the kernel never holds completions back; 8,192 sends in flight
-/// at once cost the ring 256 KiB of shared memory.
-const CQ_ENTRIES: u32 = 16384;
+/// Ring sizes to try, largest first, as (submission, completion) queue entries. Many sockets'
+/// chains go to the kernel in one `io_uring_enter`; every send posts two completions, and no
+/// more sends are queued than the completion queue can take, so the kernel never holds
+/// completions back: 16,384 entries (256 KiB of shared memory) keep 8,192 sends in the kernel
+/// at once. Ring memory counts against RLIMIT_MEMLOCK for a process without CAP_IPC_LOCK, so a
+/// small limit gets the small ring (512 sends at once; the others wait their turn).
+const RING_SIZES: [(u32, u32); 2] = [(1024, 16384), (256, 1024)];
 /// Longest chain of one socket's sends in the kernel at once.
 const MAX_CHAIN: usize = 64;
 
@@ -38,8 +39,14 @@ impl<T, B: IoBuf> Driver<T, B> {
             return Ok(());
         }
         self.capabilities.io_uring_send_zc.clone()?;
-        let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES)
-            .map_err(|e| format!("creating the io_uring failed: {e}"))?;
+        let mut created = Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        for (sq_entries, cq_entries) in RING_SIZES {
+            created = Ring::new(sq_entries, cq_entries);
+            if !matches!(&created, Err(e) if e.raw_os_error() == Some(libc::ENOMEM)) {
+                break;
+            }
+        }
+        let ring = created.map_err(|e| format!("creating the io_uring failed: {e}"))?;
         let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
         // SAFETY: the eventfd is owned by `ring`, which lives in this driver as long as the
         // epoll set; it is removed from the set only by the ring being dropped with the driver.
