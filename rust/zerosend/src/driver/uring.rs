@@ -1,5 +1,5 @@
-//! The io_uring side of the driver: the ring's creation, SEND_ZC / SENDMSG_ZC submission and the two completions of each request: the result, then the release
-//! notification.
+//! The io_uring side of the driver: the ring's creation, SEND_ZC / SENDMSG_ZC submission and
+//! the two completions of each request: the result, then the release notification.
 //!
 //! Order: a socket's queued zero-copy sends go to the kernel as one chain of linked requests
 //! (`IOSQE_IO_LINK`), each with `MSG_WAITALL`. The kernel starts a linked request only after the
