@@ -8,7 +8,8 @@ keeping ``N`` sends in flight, then shuts the write side and waits for the recei
 count. With ``--udp`` (zerosend contenders only) it sends datagrams on a connected UDP socket
 instead, to a device that discards them (the true-zero-copy topology), and waits for the last
 release. Prints one JSON line: elapsed seconds (first send to acknowledgement), bytes, sends, the
-CPU time this process spent meanwhile, its peak RSS, and the zero-copy counters.
+CPU time this process spent meanwhile, its peak RSS, and zerosend's counters (``stats``, keyed
+by ``zerosend.STATS_KEYS``; a copying sender's counters say every byte was copied).
 
 What "N in flight" means for each contender:
 
@@ -34,6 +35,8 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+import zerosend
 
 ACK = struct.Struct("<Q")
 CONTENDERS = (
@@ -116,16 +119,11 @@ async def read_ack(sock: socket.socket) -> int:
 
 
 async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -> None:
-    import zerosend
-
-    pool_class = getattr(zerosend, "BufferPool", None)
-    if pool and pool_class is None:
-        raise Skip("zerosend.BufferPool does not exist yet")
     sock = await connect(plan)
     zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
     outcome.backend = zs.backend
     window: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
-    buffer_pool = pool_class(plan.inflight, plan.size) if pool_class is not None and pool else None
+    buffer_pool = zerosend.BufferPool(plan.inflight, plan.size) if pool else None
     free: list[Any] = [] if buffer_pool is not None else list(plan.buffers(plan.inflight))
     size = plan.size
     limit = plan.max_bytes
@@ -257,7 +255,8 @@ def run(contender: str, plan: Plan) -> dict[str, Any]:
         asyncio.run(coroutine())
     counters = outcome.counters
     if not counters:  # a copying sender: every byte was copied
-        counters = {"bytes_zerocopy": 0, "bytes_copied": outcome.bytes}
+        counters = dict.fromkeys(zerosend.STATS_KEYS, 0)
+        counters.update(sends=outcome.sends, bytes_copied=outcome.bytes)
     return {
         "elapsed": plan.finished - plan.started,
         "bytes": outcome.bytes,
@@ -267,18 +266,8 @@ def run(contender: str, plan: Plan) -> dict[str, Any]:
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "backend": outcome.backend,
         "connections": outcome.connections,
-        **{key: counters.get(key, 0) for key in COUNTERS},
+        "stats": counters,
     }
-
-
-COUNTERS = (
-    "bytes_zerocopy",
-    "bytes_copied",
-    "bytes_copied_by_kernel",
-    "fixed_buffer_sends",
-    "eagain_waits",
-    "enobufs_waits",
-)
 
 
 def main(argv: list[str] | None = None) -> int:

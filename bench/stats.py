@@ -13,6 +13,7 @@ from bench.config import AUTO, BASELINE, POOL, RUST, ZEROSEND, KiB, MiB
 
 def figures(row: dict[str, Any]) -> dict[str, float]:
     gb = row["bytes"] / 1e9
+    counters = row["stats"]
     cpu = row["cpu_user"] + row["cpu_sys"]
     return {
         "mb_per_s": row["bytes"] / 1e6 / row["elapsed"],
@@ -21,9 +22,9 @@ def figures(row: dict[str, Any]) -> dict[str, float]:
         "cpu_user_s_per_gb": row["cpu_user"] / gb if gb else float("nan"),
         "cpu_sys_s_per_gb": row["cpu_sys"] / gb if gb else float("nan"),
         "peak_rss_mib": row["maxrss_kib"] / 1024,
-        "zerocopy_fraction": row["bytes_zerocopy"] / row["bytes"] if row["bytes"] else 0.0,
+        "zerocopy_fraction": counters["bytes_zerocopy"] / row["bytes"] if row["bytes"] else 0.0,
         "kernel_copied_fraction": (
-            row["bytes_copied_by_kernel"] / row["bytes"] if row["bytes"] else 0.0
+            counters["bytes_copied_by_kernel"] / row["bytes"] if row["bytes"] else 0.0
         ),
     }
 

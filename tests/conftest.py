@@ -13,6 +13,7 @@ import pytest
 
 from bench.rig import IfbSink, Rig
 from tests.helpers import (
+    BACKENDS,
     CAPS,
     REPAIRED_SYSCTLS,
     REQUIRED,
@@ -34,7 +35,7 @@ def pytest_report_header() -> list[str]:
     return lines
 
 
-@pytest.fixture(params=["io_uring", "msg_zerocopy", "copy"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Each backend in turn; skipped (with the kernel's reason) where unavailable."""
     require_backend(request.param)

@@ -69,7 +69,9 @@ def _rig_reason() -> str | None:
 
 
 RIG_UNAVAILABLE = _rig_reason()
-ZERO_COPY_BACKENDS = ["io_uring", "msg_zerocopy"]
+#: The backends a socket can get ("auto" picks one of them), and those that send zero-copy.
+BACKENDS = [name for name in zerosend.BACKENDS if name != "auto"]
+ZERO_COPY_BACKENDS = [name for name in BACKENDS if name != "copy"]
 
 
 def require(capability: str, reason: str | None) -> None:

@@ -16,7 +16,7 @@ import socket
 import pytest
 
 import zerosend
-from tests.conftest import tcp_pair
+from tests.helpers import tcp_pair
 
 pytestmark = pytest.mark.asyncio
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import ast
 import errno
 import pickle
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 import zerosend
-from tests.helpers import CAPS
+from tests.helpers import CAPS, tcp_pair
+from zerosend._socket import BackendName
 
 PACKAGE = Path(zerosend.__file__).resolve().parent
 
@@ -50,6 +53,35 @@ def test_python_m_zerosend_prints_the_probe() -> None:
         label, _, answer = line.partition(" : ")
         assert label.strip() == name
         assert answer == ("yes" if available else f"no ({reason})")
+
+
+def test_the_vocabulary_comes_from_the_extension_and_the_fallback_matches_it() -> None:
+    from zerosend import _fallback
+
+    native = zerosend._native
+    assert native.BACKENDS == ("io_uring", "msg_zerocopy", "copy")
+    assert zerosend.BACKENDS == ("auto", *native.BACKENDS)
+    assert typing.get_args(BackendName) == zerosend.BACKENDS
+    assert zerosend.STATS_KEYS == native.STATS_KEYS
+    assert (_fallback.BACKENDS, _fallback.STATS_KEYS) == (native.BACKENDS, native.STATS_KEYS)
+
+
+@pytest.mark.asyncio
+async def test_stats_report_every_key_and_only_those() -> None:
+    client, server = await tcp_pair()
+    with server:
+        zs = zerosend.wrap(client)
+        await zs.send_zc(b"x")
+        assert tuple(zs.stats) == zerosend.STATS_KEYS
+        assert zs.stats["sends"] == 1
+        await zs.aclose()
+
+
+def test_the_readme_lists_every_counter() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `zs.inflight`"))
+    named = set(re.findall(r"`(\w+)`", row))
+    assert named == set(zerosend.STATS_KEYS)
 
 
 def test_backend_unavailable_error_belongs_to_zerosend_native() -> None:

@@ -14,7 +14,7 @@ import os
 import pytest
 
 import zerosend
-from tests.conftest import read_all, tcp_pair
+from tests.helpers import read_all, tcp_pair
 
 pytestmark = pytest.mark.asyncio
 

@@ -23,14 +23,15 @@ from collections.abc import Iterator
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE, read_all, tcp_pair
+from tests.helpers import read_all, require_backend, tcp_pair
 
-pytestmark = [
-    pytest.mark.asyncio,
-    pytest.mark.skipif(
-        UNAVAILABLE["io_uring"] is not None, reason=f"io_uring: {UNAVAILABLE['io_uring']}"
-    ),
-]
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True)
+def _needs_io_uring() -> None:
+    require_backend("io_uring")
+
 
 UDP_SOCKETS = 10_000
 TCP_CONNECTIONS = 2_000

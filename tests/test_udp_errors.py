@@ -22,9 +22,8 @@ import zlib
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE
-from tests.zerocopy_backends import ZEROCOPY_BACKENDS
-from zerosend._rig import Rig, rig_unavailable_reason
+from bench.rig import Rig
+from tests.helpers import RIG_UNAVAILABLE, require
 
 pytestmark = pytest.mark.asyncio
 
@@ -63,13 +62,10 @@ def fill(buf: bytearray, seq: int) -> None:
     HEADER.pack_into(buf, 0, seq, zlib.crc32(payload))
 
 
-@pytest.mark.parametrize("zerocopy_backend", ZEROCOPY_BACKENDS)
 async def test_datagrams_dropped_by_a_full_qdisc_keep_completions_matched(
-    zerocopy_backend: str,
+    zc_backend: str,
 ) -> None:
-    reason = rig_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require("rig", RIG_UNAVAILABLE)
     if subprocess.run(["which", "tc"], capture_output=True).returncode != 0:
         pytest.skip("needs iproute2's tc")
     with Rig() as rig:
@@ -93,7 +89,7 @@ async def test_datagrams_dropped_by_a_full_qdisc_keep_completions_matched(
             sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
             sock.setblocking(False)
             sock.connect((rig.peer_addr, port))
-            zs = zerosend.wrap(sock, backend=zerocopy_backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+            zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=0)  # type: ignore[arg-type]
             dropped = await asyncio.wait_for(send_and_overwrite(zs), HANG_GUARD_S)
             stats = zs.stats
             await zs.aclose()
@@ -110,7 +106,7 @@ async def test_datagrams_dropped_by_a_full_qdisc_keep_completions_matched(
             checker.wait()
     # MSG_ZEROCOPY fails a dropped (numbered) datagram; io_uring cannot tell a drop from a
     # refusal to pin memory (both ENOBUFS) and sends it again after a release.
-    exercised = dropped if zerocopy_backend == "msg_zerocopy" else stats["enobufs_waits"]
+    exercised = dropped if zc_backend == "msg_zerocopy" else stats["enobufs_waits"]
     assert exercised > 0, "the qdisc dropped nothing: the test did not exercise drops"
     assert summary["good"] > 0
     assert summary["bad"] == 0, f"{summary['bad']} datagrams arrived with reused buffers"
@@ -146,10 +142,7 @@ async def send_and_overwrite(zs: zerosend.Socket) -> int:
     return dropped
 
 
-@pytest.mark.parametrize("backend", ["msg_zerocopy", "io_uring", "copy"])
 async def test_icmp_port_unreachable_fails_the_next_send(backend: str) -> None:
-    if UNAVAILABLE[backend] is not None:
-        pytest.skip(f"{backend} unavailable: {UNAVAILABLE[backend]}")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
         closed.bind(("127.0.0.1", 0))
         target = closed.getsockname()

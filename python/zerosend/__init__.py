@@ -19,7 +19,14 @@ except ImportError as error:
 
     _native = stand_in_for_native(error)
 
-from ._native import BackendUnavailableError, Capabilities, PoolBuffer, SendResult, capabilities
+from ._native import (
+    STATS_KEYS,
+    BackendUnavailableError,
+    Capabilities,
+    PoolBuffer,
+    SendResult,
+    capabilities,
+)
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
 
@@ -30,6 +37,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 __all__ = [
     "BACKENDS",
+    "STATS_KEYS",
     "BackendUnavailableError",
     "BufferPool",
     "Capabilities",

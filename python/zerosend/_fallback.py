@@ -28,6 +28,8 @@ from types import ModuleType
 from typing import Any, final
 
 __all__ = [
+    "BACKENDS",
+    "STATS_KEYS",
     "BackendUnavailableError",
     "Capabilities",
     "Driver",
@@ -40,7 +42,27 @@ __all__ = [
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-_UNKNOWN_BACKENDS = 'use "auto", "io_uring", "msg_zerocopy" or "copy"'
+#: The extension's vocabulary, the same names in the same order (a test holds them equal).
+BACKENDS = ("io_uring", "msg_zerocopy", "copy")
+STATS_KEYS = (
+    "sends",
+    "bytes_zerocopy",
+    "bytes_copied",
+    "bytes_copied_by_kernel",
+    "bytes_copied_below_threshold",
+    "bytes_copied_requested",
+    "bytes_copied_backend",
+    "notifications",
+    "out_of_order_notifications",
+    "short_sends",
+    "eagain_waits",
+    "enobufs_waits",
+    "zerocopy_refusals",
+    "fixed_buffer_sends",
+    "errors",
+    "queued_errors",
+    "truncated_control_messages",
+)
 
 #: Why the extension is not there; set by :func:`stand_in_for_native`.
 _why_no_native = "the zerosend._native extension is not loaded"
@@ -210,24 +232,6 @@ class _Send:
             skip = 0
 
 
-_STAT_KEYS = (
-    "sends",
-    "bytes_zerocopy",
-    "bytes_copied",
-    "bytes_copied_by_kernel",
-    "bytes_copied_below_threshold",
-    "bytes_copied_requested",
-    "bytes_copied_backend",
-    "notifications",
-    "out_of_order_notifications",
-    "short_sends",
-    "eagain_waits",
-    "enobufs_waits",
-    "zerocopy_refusals",
-    "fixed_buffer_sends",
-    "errors",
-)
-
 # Sockets wrapped in this process, by identity (st_dev, st_ino): one wrapper per socket. A system
 # that gives sockets no inode number (st_ino 0) leaves them unidentified and unchecked.
 _claimed: set[tuple[int, int] | None] = set()
@@ -265,7 +269,7 @@ class _Entry:
         self.drain_waiters: list[asyncio.Future[Any]] = []
         self.closing = False
         self.want_write = False
-        self.stats = dict.fromkeys(_STAT_KEYS, 0)
+        self.stats = dict.fromkeys(STATS_KEYS, 0)
 
 
 def _inspect(fd: int) -> socket.socket:
@@ -333,8 +337,10 @@ class Driver:
 
     def register(self, fd: int, backend: str | None, zerocopy_threshold: int) -> int:
         # zerocopy_threshold has nothing to decide here: every send copies.
-        if backend not in (None, "auto", "io_uring", "msg_zerocopy", "copy"):
-            raise ValueError(f'unknown backend "{backend}"; {_UNKNOWN_BACKENDS}')
+        if backend not in (None, "auto", *BACKENDS):
+            raise ValueError(
+                f'unknown backend "{backend}"; use "auto" or one of {", ".join(BACKENDS)}'
+            )
         if fd < 0:
             raise ValueError("the socket is closed (fileno() is -1)")
         sock = _inspect(fd)

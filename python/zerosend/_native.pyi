@@ -1,9 +1,11 @@
 """Type stubs of the Rust extension (checked against it with mypy's stubtest)."""
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Final, final
 
 __all__ = [
+    "BACKENDS",
+    "STATS_KEYS",
     "BackendUnavailableError",
     "Capabilities",
     "Driver",
@@ -14,6 +16,11 @@ __all__ = [
     "capabilities",
     "crc32c",
 ]
+
+#: The backends, best first ("auto" picks among them).
+BACKENDS: Final[tuple[str, ...]]
+#: The names of a socket's counters (``Socket.stats``), in the core's order.
+STATS_KEYS: Final[tuple[str, ...]]
 
 class BackendUnavailableError(OSError):
     """The requested zero-copy backend cannot be used on this kernel or socket."""

@@ -13,8 +13,10 @@ from typing import Any, Final, Literal, TypeAlias
 from . import _native
 from ._native import SendResult
 
+#: What ``wrap(backend=...)`` accepts: "auto" or one of the extension's backends, best first.
+BACKENDS: Final = ("auto", *_native.BACKENDS)
+#: The same names for type checkers (tests/test_package.py holds the two equal).
 BackendName: TypeAlias = Literal["auto", "io_uring", "msg_zerocopy", "copy"]
-BACKENDS: Final = ("auto", "io_uring", "msg_zerocopy", "copy")
 #: Environment variable that overrides ``backend="auto"`` (for example to force "copy").
 BACKEND_ENV: Final = "ZEROSEND_BACKEND"
 

@@ -123,8 +123,10 @@ impl Driver {
         let backend = match backend {
             None | Some("auto") => None,
             Some(name) => Some(Backend::from_name(name).ok_or_else(|| {
+                let known: Vec<&str> = Backend::ALL.iter().map(|b| b.name()).collect();
                 PyValueError::new_err(format!(
-                    "unknown backend {name:?}; use \"auto\", \"io_uring\", \"msg_zerocopy\" or \"copy\""
+                    "unknown backend {name:?}; use \"auto\" or one of {}",
+                    known.join(", ")
                 ))
             })?),
         };
@@ -248,28 +250,7 @@ impl Driver {
             .stats(SocketId::from_raw(socket))
             .map_err(to_pyerr)?;
         let dict = PyDict::new(py);
-        for (key, value) in [
-            ("sends", s.sends),
-            ("bytes_zerocopy", s.bytes_zerocopy),
-            ("bytes_copied", s.bytes_copied),
-            ("bytes_copied_by_kernel", s.bytes_copied_by_kernel),
-            (
-                "bytes_copied_below_threshold",
-                s.bytes_copied_below_threshold,
-            ),
-            ("bytes_copied_requested", s.bytes_copied_requested),
-            ("bytes_copied_backend", s.bytes_copied_backend),
-            ("notifications", s.notifications),
-            ("out_of_order_notifications", s.out_of_order_notifications),
-            ("short_sends", s.short_sends),
-            ("eagain_waits", s.eagain_waits),
-            ("enobufs_waits", s.enobufs_waits),
-            ("zerocopy_refusals", s.zerocopy_refusals),
-            ("fixed_buffer_sends", s.fixed_buffer_sends),
-            ("errors", s.errors),
-            ("queued_errors", s.queued_errors),
-            ("truncated_control_messages", s.truncated_control_messages),
-        ] {
+        for (key, value) in s.counters() {
             dict.set_item(key, value)?;
         }
         Ok(dict)

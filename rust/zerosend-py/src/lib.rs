@@ -8,6 +8,7 @@ mod pool;
 mod types;
 
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 /// Probes the running kernel now.
 #[pyfunction]
@@ -24,6 +25,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PoolBuffer>()?;
     iscsi::register(m)?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
+    // The vocabulary the core defines, so that Python never spells it out a second time.
+    let backends: Vec<&str> = zerosend::Backend::ALL.iter().map(|b| b.name()).collect();
+    m.add("BACKENDS", PyTuple::new(m.py(), backends)?)?;
+    m.add(
+        "STATS_KEYS",
+        PyTuple::new(m.py(), zerosend::SocketStats::KEYS)?,
+    )?;
     m.add(
         "BackendUnavailableError",
         m.py().get_type::<errors::BackendUnavailableError>(),

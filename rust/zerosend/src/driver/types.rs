@@ -15,6 +15,9 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend, best first: the names bindings offer and accept.
+    pub const ALL: [Backend; 3] = [Backend::IoUring, Backend::MsgZerocopy, Backend::Copy];
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::IoUring => "io_uring",
@@ -23,14 +26,9 @@ impl Backend {
         }
     }
 
-    /// Parses "io_uring", "msg_zerocopy" or "copy".
+    /// Parses one of the [`Backend::name`]s.
     pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "io_uring" => Some(Backend::IoUring),
-            "msg_zerocopy" => Some(Backend::MsgZerocopy),
-            "copy" => Some(Backend::Copy),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|backend| backend.name() == name)
     }
 }
 
@@ -75,48 +73,68 @@ impl SocketId {
     }
 }
 
-/// Counters of one socket.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SocketStats {
+/// Defines [`SocketStats`] and its list of counter names from one list of fields, so the
+/// names bindings and benchmarks report are the field names, written once.
+macro_rules! socket_stats {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// Counters of one socket.
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        pub struct SocketStats {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl SocketStats {
+            /// The counters' names, in the order of [`SocketStats::counters`].
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// Every counter with its name.
+            pub fn counters(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($field), self.$field)),*].into_iter()
+            }
+        }
+    };
+}
+
+socket_stats! {
     /// Sends completed (successfully or not).
-    pub sends: u64,
+    sends,
     /// Bytes of sends the kernel transmitted without copying.
-    pub bytes_zerocopy: u64,
+    bytes_zerocopy,
     /// Bytes of sends that were copied, for whatever reason (the next four say why).
-    pub bytes_copied: u64,
+    bytes_copied,
     /// ... because the kernel copied a zero-copy send (loopback, veth, no scatter-gather).
-    pub bytes_copied_by_kernel: u64,
+    bytes_copied_by_kernel,
     /// ... because the send was below the zero-copy threshold.
-    pub bytes_copied_below_threshold: u64,
+    bytes_copied_below_threshold,
     /// ... because a copying send was asked for (`send`).
-    pub bytes_copied_requested: u64,
+    bytes_copied_requested,
     /// ... because the socket uses the copy backend.
-    pub bytes_copied_backend: u64,
+    bytes_copied_backend,
     /// Zero-copy release notifications received (ranges on MSG_ZEROCOPY, CQEs on io_uring).
-    pub notifications: u64,
+    notifications,
     /// MSG_ZEROCOPY completion ranges that did not start at the oldest outstanding send.
-    pub out_of_order_notifications: u64,
+    out_of_order_notifications,
     /// Sends that the kernel accepted only in part and that were finished by further calls.
-    pub short_sends: u64,
+    short_sends,
     /// Times the socket buffer was full and the driver waited for room.
-    pub eagain_waits: u64,
+    eagain_waits,
     /// Times the kernel refused to pin more memory (ENOBUFS/ENOMEM) and the driver waited for
     /// this socket's releases before trying again.
-    pub enobufs_waits: u64,
+    enobufs_waits,
     /// Zero-copy sends the kernel refused outright (no memory to pin and nothing to wait for,
     /// or a datagram in too many pieces); they went by copy (counted in bytes_copied_by_kernel).
-    pub zerocopy_refusals: u64,
+    zerocopy_refusals,
     /// Sends that went from io_uring registered buffers.
-    pub fixed_buffer_sends: u64,
+    fixed_buffer_sends,
     /// Sends that ended in an error.
-    pub errors: u64,
+    errors,
     /// Errors the kernel queued on the socket's error queue (ICMP, such as port unreachable)
     /// and the driver read there; on UDP each fails the socket's next send with its errno.
-    pub queued_errors: u64,
+    queued_errors,
     /// Error-queue messages whose control data did not fit (`MSG_CTRUNC`): their contents,
     /// possibly release notifications, were lost. Never expected; counted so it cannot pass
     /// unnoticed.
-    pub truncated_control_messages: u64,
+    truncated_control_messages,
 }
 
 /// A finished piece of work, handed back with the caller's token.
@@ -142,4 +160,31 @@ pub struct Rejected<T, B> {
 
 pub(super) fn socket_tag(index: u32, generation: u32) -> u64 {
     u64::from(index) | (u64::from(generation) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_backend_parses_from_its_name() {
+        for backend in Backend::ALL {
+            assert_eq!(Backend::from_name(backend.name()), Some(backend));
+        }
+        assert_eq!(Backend::from_name("auto"), None);
+    }
+
+    #[test]
+    fn counters_come_with_their_names_in_key_order() {
+        let stats = SocketStats {
+            sends: 1,
+            truncated_control_messages: 2,
+            ..SocketStats::default()
+        };
+        let counters: Vec<_> = stats.counters().collect();
+        let names: Vec<_> = counters.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, SocketStats::KEYS);
+        assert!(counters.contains(&("sends", 1)));
+        assert!(counters.contains(&("truncated_control_messages", 2)));
+    }
 }
