@@ -10,6 +10,7 @@ and resolves only when the kernel has released them, so the buffer may be reused
 from ._native import BackendUnavailableError, Capabilities, PoolBuffer, SendResult, capabilities
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
+from ._streams import StreamServer, StreamWriter, open_connection, start_server
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +20,10 @@ __all__ = [
     "PoolBuffer",
     "SendResult",
     "Socket",
+    "StreamServer",
+    "StreamWriter",
     "capabilities",
+    "open_connection",
+    "start_server",
     "wrap",
 ]
