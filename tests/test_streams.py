@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import socket
@@ -15,11 +16,17 @@ from typing import Any
 import pytest
 
 import zerosend
-from tests.conftest import read_all
+from tests.conftest import UNAVAILABLE, read_all
+from zerosend._rig import Rig, fill_chunk, rig_unavailable_reason
 
 MiB = 1 << 20
 
 pytestmark = pytest.mark.asyncio
+
+RIG_REASON = rig_unavailable_reason()
+CHUNK = MiB
+CHUNKS = 160
+RIG_PORT = 5311
 
 
 @asynccontextmanager
@@ -294,6 +301,23 @@ async def test_cancelling_a_write_future_neither_stops_the_send_nor_its_accounti
         assert received == data + b"after"
 
 
+async def test_write_copies_so_the_buffer_may_be_refilled_at_once(backend: str) -> None:
+    async with silent_peer(backend) as (_, writer, peer):
+        ahead = os.urandom(32 * MiB)
+        writer.write_zc(ahead)  # fills the socket: the writes below wait behind it
+        scratch = bytearray(b"first" * 1000)
+        writer.write(scratch)
+        scratch[:] = b"other" * 1000
+        writer.writelines([scratch, memoryview(scratch)])
+        scratch[:] = b"third" * 1000
+        received = bytearray()
+        reading = asyncio.create_task(read_all(peer, received))
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(reading, 30)
+        assert received == ahead + b"first" * 1000 + b"other" * 2000
+
+
 async def test_extra_info(backend: str) -> None:
     async with silent_peer(backend) as (_, writer, peer):
         sock = writer.get_extra_info("socket")
@@ -371,3 +395,64 @@ async def test_refused_arguments() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         with pytest.raises(ValueError, match="SOCK_STREAM"):
             await zerosend.open_connection(sock=udp)
+
+
+async def _stream_chunks(host: str, backend: str, *, reuse_after_release: bool) -> None:
+    """CHUNKS patterned chunks through one stream: most by write_zc from 4 buffers, each
+    refilled for a later chunk; every fifth by write() from one scratch buffer."""
+    _, writer = await zerosend.open_connection(host, RIG_PORT, backend=backend)  # type: ignore[arg-type]
+    buffers = [bytearray(CHUNK) for _ in range(4)]
+    released: list[asyncio.Future[zerosend.SendResult] | None] = [None] * len(buffers)
+    scratch = bytearray(CHUNK)
+    for index in range(CHUNKS):
+        if index % 5 == 4:
+            fill_chunk(scratch, index)
+            writer.write(scratch)  # a copy: the scratch buffer is refilled right away
+            continue
+        slot = index % len(buffers)
+        previous = released[slot]
+        if reuse_after_release:
+            if previous is not None:
+                await previous  # the contract: reuse only once the kernel released it
+            fill_chunk(buffers[slot], index)
+        else:
+            # The mistake the contract prevents: overwrite memory the kernel may still hold.
+            fill_chunk(memoryview(buffers[slot]), index)
+            await asyncio.sleep(0)
+        released[slot] = writer.write_zc(buffers[slot])
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _run_on_rig(backend: str, *, reuse_after_release: bool) -> dict[str, Any]:
+    if RIG_REASON is not None:
+        pytest.skip(f"rig unavailable: {RIG_REASON}")
+    if UNAVAILABLE[backend] is not None:
+        pytest.skip(f"{backend} unavailable: {UNAVAILABLE[backend]}")
+    with Rig() as rig:
+        receiver = rig.start_receiver(RIG_PORT, "verify", CHUNK)
+        try:
+            await _stream_chunks(rig.peer_addr, backend, reuse_after_release=reuse_after_release)
+        finally:
+            out, err = await asyncio.to_thread(receiver.communicate, timeout=120)
+    assert receiver.returncode == 0, err
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    assert result["bytes"] == CHUNK * CHUNKS
+    return result
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
+async def test_on_the_rig_buffers_reused_after_release_arrive_intact(backend: str) -> None:
+    # Behind veth the kernel holds the pages until the peer's CPU copied them, so a buffer
+    # refilled too early would show up as a corrupt chunk at the receiver.
+    result = await _run_on_rig(backend, reuse_after_release=True)
+    assert result["chunks"] == CHUNKS
+    assert result["corrupt"] == [], f"chunks corrupted on the wire: {result['corrupt']}"
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
+async def test_on_the_rig_reuse_before_release_is_detected(backend: str) -> None:
+    # Control: the check above can fail through a stream too.
+    result = await _run_on_rig(backend, reuse_after_release=False)
+    assert result["corrupt"], "reusing a buffer before its release went unnoticed"
