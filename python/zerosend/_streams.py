@@ -153,12 +153,12 @@ class StreamWriter:
         self._reader = reader
         self._feed = feed
         sock = zs.socket
-        self._extra: dict[str, Any] = {
-            "peername": sock.getpeername(),
-            "sockname": sock.getsockname(),
-            "socket": sock,
-            "zerosend": zs,
-        }
+        self._extra: dict[str, Any] = {"socket": sock, "zerosend": zs}
+        for name, query in (("peername", sock.getpeername), ("sockname", sock.getsockname)):
+            try:
+                self._extra[name] = query()
+            except OSError:  # the peer is already gone; reading and writing will say so
+                self._extra[name] = None
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_HIGH_WATER // 4
         self._unreleased = 0  # bytes written, not yet released by the kernel
@@ -377,10 +377,13 @@ class StreamWriter:
                 self._idle_callbacks.append(lambda: _set_done(idle))
                 await idle
             await self._zs.aclose()
-        except BaseException as exc:
-            self._closed.set_exception(exc)
+        except asyncio.CancelledError:  # the loop is going away
+            self._closed.cancel()
             raise
-        self._closed.set_result(None)
+        except Exception as exc:  # raised by wait_closed(), or logged if nobody waits
+            self._closed.set_exception(exc)
+        else:
+            self._closed.set_result(None)
 
     def is_closing(self) -> bool:
         return self._closing
