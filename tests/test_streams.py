@@ -51,6 +51,12 @@ async def silent_peer(
             await asyncio.wait_for(writer.wait_closed(), 30)
 
 
+def reset(peer: socket.socket) -> None:
+    """Abortive close: the peer's kernel answers the data still coming with RST."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    peer.close()
+
+
 @asynccontextmanager
 async def collected_loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     """Every context the loop's exception handler receives meanwhile."""
@@ -194,7 +200,7 @@ async def test_drain_waits_while_more_than_high_is_unreleased(backend: str) -> N
         assert writer.get_write_buffer_limits() == (MiB // 2, 2 * MiB)
         data = os.urandom(MiB)
         futures = [writer.write_zc(data) for _ in range(32)]
-        assert writer.get_write_buffer_size() == 32 * MiB
+        assert writer.get_write_buffer_size() > 24 * MiB  # the socket holds far less
         draining = asyncio.create_task(writer.drain())
         await asyncio.sleep(0.05)
         # The peer reads nothing: the kernel cannot have released 30 MiB of it.
@@ -218,17 +224,13 @@ async def test_an_ignored_futures_error_is_raised_by_drain_and_never_logged(
     backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="asyncio")
-    loop = asyncio.get_running_loop()
     async with collected_loop_errors() as errors, silent_peer(backend) as (_, writer, peer):
         payload = os.urandom(MiB)
-        writer.write_zc(payload)
-        assert len(await loop.sock_recv(peer, 4096)) > 0
-        # Abortive close: the peer answers further data with RST.
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-        peer.close()
-        ignored = [writer.write_zc(payload) for _ in range(64)]
+        # More than the socket holds: most of it waits, unreleased, for the peer to read.
+        ignored = [writer.write_zc(payload) for _ in range(32)]
+        reset(peer)
         await asyncio.wait_for(asyncio.wait(ignored), 30)
-        assert any(f.exception() is not None for f in ignored[-8:])
+        assert any(f.exception() is not None for f in ignored)
         del ignored
         with pytest.raises((ConnectionResetError, BrokenPipeError)) as raised:
             await writer.drain()
@@ -248,14 +250,10 @@ async def test_an_ignored_futures_error_is_raised_by_drain_and_never_logged(
 
 @pytest.mark.asyncio
 async def test_an_error_nothing_raised_yet_is_raised_by_wait_closed(backend: str) -> None:
-    loop = asyncio.get_running_loop()
     async with collected_loop_errors() as errors, silent_peer(backend) as (_, writer, peer):
-        writer.write_zc(os.urandom(MiB))
-        assert len(await loop.sock_recv(peer, 4096)) > 0
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-        peer.close()
-        for _ in range(16):
+        for _ in range(32):
             writer.write_zc(os.urandom(MiB))  # futures dropped on the floor
+        reset(peer)
         writer.close()
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
             await asyncio.wait_for(writer.wait_closed(), 30)

@@ -9,6 +9,7 @@ has not released yet. Many sends stay in flight without a task per send.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import socket
 import warnings
@@ -43,6 +44,8 @@ _TLS_REFUSED = (
 def _nbytes(buf: Buffers, caller: str) -> int:
     """The bytes ``buf`` (a buffer, or a list/tuple of them) holds, with a clear error if it is
     not made of buffers."""
+    if type(buf) in (bytes, bytearray):
+        return len(buf)
     parts = buf if isinstance(buf, list | tuple) else (buf,)
     total = 0
     for part in parts:
@@ -172,6 +175,8 @@ class StreamWriter:
         self._closing = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._closer: asyncio.Task[None] | None = None
+        # Release callbacks run in one context of their own rather than a copy per send.
+        self._context = contextvars.Context()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -187,14 +192,17 @@ class StreamWriter:
         """
         self._check_writable("write_zc")
         nbytes = _nbytes(buf, "write_zc")
-        return self._track(self._submit(self._zs.send_zc, buf), nbytes, want_result=True)
+        sent = self._submit(self._zs.send_zc, buf)
+        result: asyncio.Future[SendResult] = self._loop.create_future()
+        self._track(sent, nbytes, result)
+        return result
 
     def write(self, data: Buffers) -> None:
         """Send a copy of ``data`` in the same ordered stream; ``data`` may be reused at once."""
         self._check_writable("write")
         owned = _owned(data, "write")
         if owned:
-            self._track(self._submit(self._zs.send, owned), len(owned), want_result=False)
+            self._track(self._submit(self._zs.send, owned), len(owned), None)
 
     def writelines(self, data: Iterable[Buffer]) -> None:
         """Send a copy of every buffer of ``data``, joined, in the same ordered stream."""
@@ -206,7 +214,7 @@ class StreamWriter:
                 f"writelines() needs an iterable of bytes-like objects: {exc}"
             ) from None
         if joined:
-            self._track(self._submit(self._zs.send, joined), len(joined), want_result=False)
+            self._track(self._submit(self._zs.send, joined), len(joined), None)
 
     def _submit(
         self, send: Callable[[Buffers], asyncio.Future[SendResult]], buf: Buffers
@@ -219,27 +227,33 @@ class StreamWriter:
             raise
 
     def _track(
-        self, sent: asyncio.Future[SendResult], nbytes: int, *, want_result: bool
-    ) -> asyncio.Future[SendResult]:
-        """Counts a submitted send until its release. Every kind of send enters the stream
-        through here (a file send would too), so back-pressure and errors cover them all.
+        self,
+        sent: asyncio.Future[SendResult],
+        nbytes: int,
+        result: asyncio.Future[SendResult] | None,
+    ) -> None:
+        """Counts a submitted send until its release, then passes its outcome to ``result``.
+        Every kind of send enters the stream through here (a file send would too), so
+        back-pressure and errors cover them all.
 
-        The caller gets a future of its own: cancelling it must not end the accounting, which
-        lasts until the kernel's release."""
+        The caller gets ``result``, a future of its own: cancelling it must not end the
+        accounting, which lasts until the kernel's release."""
         self._pending += 1
         self._unreleased += nbytes
         if not self._paused and self._unreleased > self._high:
             self._paused = True
-        result: asyncio.Future[SendResult] = self._loop.create_future()
-        sent.add_done_callback(lambda done: self._released(done, nbytes, result, want_result))
-        return result
+        if sent.done():  # a copy the kernel took at once: no loop iteration to wait for
+            self._released(sent, nbytes, result)
+        else:
+            sent.add_done_callback(
+                lambda done: self._released(done, nbytes, result), context=self._context
+            )
 
     def _released(
         self,
         sent: asyncio.Future[SendResult],
         nbytes: int,
-        result: asyncio.Future[SendResult],
-        want_result: bool,
+        result: asyncio.Future[SendResult] | None,
     ) -> None:
         self._pending -= 1
         self._unreleased -= nbytes
@@ -250,7 +264,7 @@ class StreamWriter:
             exc = sent.exception()
         if exc is not None:
             self._fail(exc)
-        if want_result and not result.done():
+        if result is not None and not result.done():
             if exc is None:
                 result.set_result(sent.result())
             else:
@@ -286,6 +300,9 @@ class StreamWriter:
             raise RuntimeError(f"{caller}() on a closed writer; open a new connection")
         if self._eof:
             raise RuntimeError(f"{caller}() after write_eof(): this side of the stream is shut")
+        self._raise_stream_error()
+
+    def _raise_stream_error(self) -> None:
         if self._error is not None:
             self._error_raised = True
             raise self._error
@@ -307,9 +324,7 @@ class StreamWriter:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            self._error_raised = True
-            raise self._error
+        self._raise_stream_error()
         # As asyncio's drain(): a read error (a reset, say) is the stream's error too.
         read_error = self._reader.exception()
         if read_error is not None:
