@@ -17,8 +17,8 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.7,<2" "pytest>=8" "pytest-asyncio>=0.24" "uvloop>=0.19" \
-		"mypy>=1.10" "ruff>=0.5" "ziglang>=0.13"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
+		"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,6 +28,7 @@ develop: venv
 
 test-rust:
 	cargo test -p zerosend --release
+	cargo test -p zerosend-iscsi --release
 
 lint: develop
 	cargo fmt --all --check
@@ -35,12 +36,32 @@ lint: develop
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest zerosend._native
+	$(PY) -m mypy --strict python/zerosend/iscsi
 
 test-python: develop
 	$(PY) -m pytest -q
 
 wheel: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)
+
+# Release: the sdist; the pure-Python wheel made from it (where no platform wheel fits); a
+# schema check of the release workflow (check-jsonschema from PyPI).
+.PHONY: sdist pure-wheel lint-release
+sdist: venv
+	$(VENV)/bin/maturin sdist --out $(DIST)
+
+pure-wheel: sdist
+	$(PY) scripts/pure_wheel.py $(DIST)
+
+$(VENV)/.release-tools: $(VENV)/.installed
+	$(PY) -m pip install -q "check-jsonschema>=0.29"
+	touch $@
+
+lint: lint-release
+lint-release: $(VENV)/.release-tools
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/ruff check scripts
+	$(VENV)/bin/ruff format --check scripts
 
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt

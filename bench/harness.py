@@ -3,11 +3,13 @@
     python -m bench [--quick] [--out DIR] [--markdown FILE] [--rounds N] [--seconds S] ...
 
 Every sender is its own process (pinned to CPU 0 when there are two CPUs) talking to one
-receiver (``bench.receiver``, pinned to CPU 1) that is the same for all. Two topologies: loopback,
-and the rig of DESIGN.md (the receiver in a network namespace behind a veth pair, RPS steering
-its receive work to CPU 1). Within a round every contender runs once per cell (size, sends in
-flight), the order rotating from cell to cell and round to round; figures are medians over the
-rounds and every comparison is a ratio of runs from the same round (median over the rounds).
+receiver (``bench.receiver``, pinned to CPU 1) that is the same for all. Three topologies:
+loopback; the rig of DESIGN.md (the receiver in a network namespace behind a veth pair, RPS
+steering its receive work to CPU 1); and ``ifb``, where nothing is copied: UDP datagrams out of
+an ifb device (MTU 65535) that frees them, zerosend's backends only (copy among them). Within a
+round every contender runs once per cell (size, sends in flight), the order rotating from cell to
+cell and round to round; figures are medians over the rounds and every comparison is a ratio of
+runs from the same round (median over the rounds).
 
 Writes ``core.json`` and PNG plots into ``--out`` and the results section of ``BENCHMARKS.md``
 (between ``<!-- core-bench:begin -->`` and ``<!-- core-bench:end -->``; the rest is kept).
@@ -47,6 +49,12 @@ KiB = 1 << 10
 MiB = 1 << 20
 FULL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 8 * MiB)
 FULL_INFLIGHT = (1, 8, 32)
+IFB = "ifb"
+#: Datagram sizes on the ifb topology (a datagram holds at most 65,507 bytes).
+IFB_SIZES = (16 * KiB, 32 * KiB, 60_000)
+MAX_DATAGRAM = 65_507
+#: The senders that can send datagrams: zerosend's backends, the copying one included.
+IFB_CONTENDERS = (ZEROSEND, POOL, "zerosend-msg_zerocopy", "zerosend-copy")
 #: Hand-written findings (causes of missed targets), included in the Markdown after the targets.
 NOTES = ROOT / "bench" / "core-notes.md"
 BEGIN = "<!-- core-bench:begin -->"
@@ -80,6 +88,7 @@ class Config:
     plots: bool
     quick: bool
     from_json: Path | None = None
+    ifb_sizes: Sequence[int] = ()
 
 
 @dataclass
@@ -88,6 +97,15 @@ class State:
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
+
+
+def topology_sizes(config: Config, topology: str) -> list[int]:
+    """The send sizes measured on ``topology`` (datagrams are bounded on ifb)."""
+    return list(config.ifb_sizes if topology == IFB else config.sizes)
+
+
+def topology_contenders(contenders: Sequence[str], topology: str) -> list[str]:
+    return [c for c in contenders if topology != IFB or c in IFB_CONTENDERS]
 
 
 def size_label(size: int) -> str:
@@ -138,6 +156,12 @@ def build_rust_sender() -> tuple[Path | None, str | None]:
 @contextmanager
 def receiver(topology: str, cpu: int | None) -> Iterator[tuple[str, int]]:
     """Starts the receiver for ``topology``; yields the address senders connect to."""
+    if topology == IFB:
+        from zerosend._rig import IfbSink
+
+        with IfbSink() as ifb:
+            yield ifb.sink_addr, 9  # the discard port; the device drops everything anyway
+        return
     argv = [sys.executable, "-m", "bench.receiver"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), *sys.path[1:]])))
     with rig_if(topology) as rig:
@@ -202,6 +226,7 @@ def run_sender(
     config: Config,
     cpu: int | None,
     rust: Path | None,
+    udp: bool = False,
 ) -> dict[str, Any]:
     """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
     common = [
@@ -218,6 +243,8 @@ def run_sender(
     ]
     if cpu is not None:
         common += ["--cpu", str(cpu)]
+    if udp:
+        common.append("--udp")
     if contender == RUST:
         assert rust is not None
         argv = [str(rust), *common]
@@ -277,27 +304,28 @@ def measure(config: Config, state: State) -> None:
         if no_rust:
             state.skipped[RUST] = no_rust
             print(f"skipping {LABELS[RUST]}: {no_rust}", flush=True)
-    cells = [(size, inflight) for size in config.sizes for inflight in config.inflight]
     for topology in config.topologies:
-        if topology == "rig":
+        cells = [(s, i) for s in topology_sizes(config, topology) for i in config.inflight]
+        contenders = topology_contenders(config.contenders, topology)
+        if topology in ("rig", IFB):
             no_rig = rig_reason()
             if no_rig:
-                print(f"skipping the rig topology: {no_rig}", flush=True)
-                state.skipped["topology rig"] = no_rig
+                print(f"skipping the {topology} topology: {no_rig}", flush=True)
+                state.skipped[f"topology {topology}"] = no_rig
                 continue
         print(f"== {topology}: {len(cells)} cells x {config.rounds} rounds", flush=True)
+        udp = topology == IFB
         with receiver(topology, receiver_cpu) as address:
             for round_index in range(config.rounds):
                 started = time.monotonic()
                 for cell_index, (size, inflight) in enumerate(cells):
-                    order = rotate(config.contenders, round_index + cell_index)
+                    order = rotate(contenders, round_index + cell_index)
                     for contender in order:
                         if contender in state.skipped:
                             continue
+                        args = (contender, address, size, inflight, config, sender_cpu)
                         try:
-                            result = run_sender(
-                                contender, address, size, inflight, config, sender_cpu, rust
-                            )
+                            result = run_sender(*args, rust, udp)
                         except RuntimeError as first:
                             # Once more, in case the machine changed under us (a sysctl toggled
                             # by another test, say); a contender that fails twice has failed.
@@ -305,9 +333,7 @@ def measure(config: Config, state: State) -> None:
                             state.retries.append(f"{topology}: {str(first).splitlines()[-1]}")
                             time.sleep(1)
                             try:
-                                result = run_sender(
-                                    contender, address, size, inflight, config, sender_cpu, rust
-                                )
+                                result = run_sender(*args, rust, udp)
                             except RuntimeError as exc:
                                 state.failures.append(f"{topology}: {exc}")
                                 print(f"FAILED {exc}", flush=True)
@@ -526,6 +552,7 @@ def write_json(
         "elapsed_s": round(elapsed, 1),
         "config": {
             "sizes": list(config.sizes),
+            "ifb_sizes": list(config.ifb_sizes),
             "inflight": list(config.inflight),
             "topologies": list(config.topologies),
             "contenders": list(config.contenders),
@@ -565,7 +592,7 @@ def table(
 ) -> list[str]:
     head = "| size | in flight | " + " | ".join(LABELS[c] for c in contenders) + " |"
     lines = [head, "|" + "---|" * (len(contenders) + 2)]
-    for size in config.sizes:
+    for size in topology_sizes(config, topology):
         for depth in config.inflight:
             cells = []
             for contender in contenders:
@@ -588,7 +615,11 @@ rounds; tables show medians, ratios are medians over rounds of the two runs of t
 
 **Topologies.** *loopback*: 127.0.0.1. *rig*: the receiver in its own network namespace behind a
 veth pair, RPS steering its receive work to CPU 1 (see DESIGN.md), so the kernel's deferred copy of
-a zero-copy send happens on the other CPU, as a NIC would release the pages later.
+a zero-copy send happens on the other CPU, as a NIC would release the pages later. Both copy every
+zero-copy send in the end (local delivery). *ifb*: true zero-copy, the kernel never copies: UDP
+datagrams on one connected socket out of an `ifb` device (MTU 65535, so never fragmented) that
+frees them, as a NIC would after DMA; no receiver, so only zerosend's backends run there (its
+copy backend is the copying reference), and a run ends at the last release.
 
 **What "in flight" means for each sender** (every sender keeps N buffers of the size, so memory
 is alike):
@@ -651,6 +682,7 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
         if not any(k[0] == topology for k in summary):
             continue
         out += [f"### {topology}", ""]
+        here = topology_contenders(ran, topology)
         if config.plots:
             for metric in ("mbps", "cpu"):
                 png = config.out / f"core-{topology}-{metric}.png"
@@ -664,9 +696,9 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
             ("peak RSS of the sender, MiB", "peak_rss_mib", 0),
         ):
             out += [f"**{title}** ({topology})", ""]
-            out += table(summary, topology, config, ran, metric, digits)
+            out += table(summary, topology, config, here, metric, digits)
             out.append("")
-        zc = [c for c in ran if c.startswith("zerosend") or c == RUST]
+        zc = [c for c in here if c.startswith("zerosend") or c == RUST]
         out += [
             f"**Bytes the kernel sent without copying / copied, %** ({topology}; "
             "asyncio and uvloop copy everything)",
@@ -674,7 +706,7 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
         ]
         head = "| size | in flight | " + " | ".join(LABELS[c] for c in zc) + " |"
         out += [head, "|" + "---|" * (len(zc) + 2)]
-        for size in config.sizes:
+        for size in topology_sizes(config, topology):
             for depth in config.inflight:
                 cells = []
                 for contender in zc:
@@ -735,7 +767,7 @@ def plot(config: Config, state: State) -> None:
                 for contender in config.contenders:
                     points = [
                         (size, summary[(topology, size, depth, contender)][metric])
-                        for size in config.sizes
+                        for size in topology_sizes(config, topology)
                         if (topology, size, depth, contender) in summary
                     ]
                     if not points:
@@ -750,7 +782,8 @@ def plot(config: Config, state: State) -> None:
                         label=LABELS[contender],
                     )
                 ax.set_xscale("log", base=2)
-                ax.set_xticks(list(config.sizes), [size_label(s) for s in config.sizes])
+                sizes = topology_sizes(config, topology)
+                ax.set_xticks(sizes, [size_label(s) for s in sizes])
                 ax.tick_params(axis="x", labelrotation=45, labelsize=7)
                 ax.set_title(f"{topology}, {depth} in flight", fontsize=9)
                 ax.set_xlabel("send size")
@@ -772,7 +805,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--max-bytes", type=parse_size, help="stop a run after this many bytes")
     parser.add_argument("--sizes", help="comma-separated, e.g. 4K,64K,1M")
     parser.add_argument("--inflight", help="comma-separated, e.g. 1,8,32")
-    parser.add_argument("--topologies", help="comma-separated: loopback,rig")
+    parser.add_argument("--topologies", help="comma-separated: loopback,rig,ifb")
     parser.add_argument(
         "--contenders", help="comma-separated; default all: " + ",".join(CONTENDERS)
     )
@@ -790,15 +823,21 @@ def parse_args(argv: list[str] | None) -> Config:
         if contender not in CONTENDERS:
             parser.error(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")
     topologies = args.topologies.split(",") if args.topologies else (
-        ["loopback"] if quick else ["loopback", "rig"]
+        ["loopback"] if quick else ["loopback", "rig", IFB]
     )  # fmt: skip
     for topology in topologies:
-        if topology not in ("loopback", "rig"):
+        if topology not in ("loopback", "rig", IFB):
             parser.error(f"unknown topology {topology!r}")
     default_sizes = (4 * KiB, MiB) if quick else FULL_SIZES
     default_inflight = (1, 8) if quick else FULL_INFLIGHT
+    sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
+    if args.sizes:
+        ifb_sizes = [size for size in sizes if size <= MAX_DATAGRAM]
+    else:  # above the zero-copy threshold: the point of the topology is zero-copy
+        ifb_sizes = [16 * KiB, 60_000] if quick else list(IFB_SIZES)
     return Config(
-        sizes=[parse_size(s) for s in args.sizes.split(",")] if args.sizes else default_sizes,
+        sizes=sizes,
+        ifb_sizes=ifb_sizes,
         inflight=[int(i) for i in args.inflight.split(",")] if args.inflight else default_inflight,
         topologies=topologies,
         contenders=contenders,
@@ -822,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         info, elapsed = document["machine"], float(document.get("elapsed_s", 0))
         for name in ("sizes", "inflight", "topologies", "contenders", "rounds", "seconds"):
             setattr(config, name, document["config"][name])
+        config.ifb_sizes = document["config"].get("ifb_sizes", IFB_SIZES)
         state.rows, state.skipped = document["runs"], document["skipped"]
         state.failures, state.retries = document["failures"], document.get("retries", [])
     else:

@@ -5,7 +5,9 @@
 
 Sends ``BYTES``-sized buffers to the benchmark receiver for ``S`` seconds (or ``B`` bytes),
 keeping ``N`` sends in flight, then shuts the write side and waits for the receiver's byte
-count. Prints one JSON line: elapsed seconds (first send to acknowledgement), bytes, sends, the
+count. With ``--udp`` (zerosend contenders only) it sends datagrams on a connected UDP socket
+instead, to a device that discards them (the true-zero-copy topology), and waits for the last
+release. Prints one JSON line: elapsed seconds (first send to acknowledgement), bytes, sends, the
 CPU time this process spent meanwhile, its peak RSS, and the zero-copy counters.
 
 What "N in flight" means for each contender:
@@ -68,6 +70,7 @@ class Plan:
     inflight: int
     seconds: float
     max_bytes: int
+    udp: bool = False
     deadline: float = 0.0
     started: float = 0.0
     finished: float = 0.0
@@ -93,8 +96,9 @@ class Plan:
 
 async def connect(plan: Plan) -> socket.socket:
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if plan.udp else socket.SOCK_STREAM)
+    if not plan.udp:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     await loop.sock_connect(sock, (plan.host, plan.port))
     return sock
@@ -153,8 +157,11 @@ async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -
             free.append(buf)
     await zs.drain()
     outcome.counters = dict(zs.stats)
-    sock.shutdown(socket.SHUT_WR)
-    received = await read_ack(sock)
+    if plan.udp:  # nobody to acknowledge: the device discarded every datagram
+        received = sent
+    else:
+        sock.shutdown(socket.SHUT_WR)
+        received = await read_ack(sock)
     plan.finish()
     await zs.aclose()
     check_count(sent, received)
@@ -224,6 +231,8 @@ def check_count(sent: int, received: int) -> None:
 
 def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Coroutine[Any, Any, None]]:
     kind, _, variant = contender.partition("-")
+    if plan.udp and kind != "zerosend":
+        raise ValueError(f"{contender} does not send datagrams (--udp)")
     if kind == "zerosend":
         backend, _, extra = variant.partition("-")
         return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
@@ -281,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--max-bytes", type=int, default=1 << 62)
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
+    parser.add_argument("--udp", action="store_true", help="datagrams to a discarding device")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     host, port = args.connect.rsplit(":", 1)
-    plan = Plan(host, int(port), args.size, args.inflight, args.seconds, args.max_bytes)
+    plan = Plan(
+        host, int(port), args.size, args.inflight, args.seconds, args.max_bytes, udp=args.udp
+    )
     try:
         result = run(args.contender, plan)
     except Skip as skip:

@@ -11,6 +11,7 @@ import pytest
 
 import zerosend
 from tests.conftest import UNAVAILABLE, read_all, tcp_pair
+from zerosend._rig import Rig
 
 
 def test_capabilities_report_each_backend_with_reason() -> None:
@@ -157,3 +158,19 @@ async def test_auto_copies_to_a_peer_on_this_host() -> None:
             gc.collect()
             if UNAVAILABLE["io_uring"] is None:
                 assert zerosend.wrap(client, backend="io_uring").backend == "io_uring"
+
+
+@pytest.mark.asyncio
+async def test_auto_copies_to_this_hosts_own_non_loopback_address(rig: Rig) -> None:
+    # The rig's host-side veth address belongs to this host: the kernel delivers to it locally
+    # (and copies) although it is not a loopback address. (test_rig checks that the peer
+    # behind the veth pair gets zero-copy.)
+    loop = asyncio.get_running_loop()
+    with socket.create_server((rig.host_addr, 0)) as listener:
+        client = socket.socket()
+        client.setblocking(False)
+        await loop.sock_connect(client, listener.getsockname())
+        zs = zerosend.wrap(client)
+        assert zs.backend == "copy"
+        assert zs.fallback_reason and "this host" in zs.fallback_reason
+        await zs.aclose()

@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import zerosend
+from tests.conftest import RIG_UNAVAILABLE, require
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPS = zerosend.capabilities()
@@ -20,22 +24,23 @@ if not CAPS.msg_zerocopy:
     MAY_SKIP["zerosend-msg_zerocopy"] = "MSG_ZEROCOPY"
 
 
+def run_quick(tmp_path: Path, *options: str) -> dict[str, Any]:
+    """``python -m bench --quick`` into ``tmp_path``; returns its core.json, failure-free."""
+    argv = [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), *options]
+    argv += ["--markdown", str(tmp_path / "BENCHMARKS.md")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    report: dict[str, Any] = json.loads((tmp_path / "core.json").read_text())
+    assert report["failures"] == []
+    return report
+
+
+@pytest.mark.timeout(360)
 def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\nkept above\n\n<!-- core-bench:begin -->\nstale section\n"
                         "<!-- core-bench:end -->\n\nkept below\n")  # fmt: skip
-    argv = [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)]
-    done = subprocess.run(
-        [*argv, "--markdown", str(markdown)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-
-    report = json.loads((tmp_path / "core.json").read_text())
-    assert report["failures"] == []
+    report = run_quick(tmp_path)
     config = report["config"]
     cells = {(s, i) for s in config["sizes"] for i in config["inflight"]}
     for contender in config["contenders"]:
@@ -55,3 +60,23 @@ def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     assert text.rstrip().endswith("kept below")
     assert "stale section" not in text
     assert "sends/s" in text and "CPU seconds per GB" in text
+
+
+@pytest.mark.timeout(360)
+def test_quick_run_on_the_true_zero_copy_topology(tmp_path: Path) -> None:
+    # The ifb topology measures real zero-copy: every byte of a zero-copy backend's datagrams
+    # went uncopied, and the copy backend is the copying reference next to it.
+    require("rig", RIG_UNAVAILABLE)
+    report = run_quick(tmp_path, "--topologies", "ifb")
+    ran = {r["contender"] for r in report["runs"]}
+    expected = {"zerosend-copy"}
+    if CAPS.io_uring_send_zc:
+        expected |= {"zerosend-io_uring", "zerosend-io_uring-pool"}
+    if CAPS.msg_zerocopy:
+        expected.add("zerosend-msg_zerocopy")
+    assert ran == expected
+    for run in report["runs"]:
+        assert run["size"] <= 65507 and run["bytes"] > 0, run
+        uncopied = 0 if run["contender"] == "zerosend-copy" else run["bytes"]
+        assert run["bytes_zerocopy"] == uncopied, run
+    assert "### ifb" in (tmp_path / "BENCHMARKS.md").read_text()

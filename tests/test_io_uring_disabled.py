@@ -1,5 +1,6 @@
 """With io_uring switched off by the kernel.io_uring_disabled sysctl, zerosend says why and falls
-back to MSG_ZEROCOPY. The sysctl is restored afterwards."""
+back to MSG_ZEROCOPY. The sysctl is restored afterwards (and after a killed run, at the next
+session start: see the ``sysctl`` fixture)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,26 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 import zerosend
-from tests.conftest import tcp_pair
-from zerosend._rig import Rig, rig_unavailable_reason
+from tests.conftest import (
+    CAPS,
+    SYSCTL_MARKERS,
+    SYSCTL_ROOT,
+    restore_sysctls_left_by_a_killed_run,
+    tcp_pair,
+)
+from zerosend._rig import Rig
 
-SYSCTL = Path("/proc/sys/kernel/io_uring_disabled")
-RIG_REASON = rig_unavailable_reason()
 PORT = 5302
 
 
 @pytest.fixture
-def io_uring_disabled() -> Iterator[None]:
-    if not SYSCTL.exists():
-        pytest.skip("this kernel has no kernel.io_uring_disabled sysctl (older than 6.6)")
-    if not os.access(SYSCTL, os.W_OK):
-        pytest.skip("changing kernel.io_uring_disabled needs root")
-    before = SYSCTL.read_text().strip()
-    SYSCTL.write_text("2")
-    try:
-        yield
-    finally:
-        SYSCTL.write_text(before)
+def io_uring_disabled(sysctl: Callable[[str, str], str]) -> None:
+    sysctl("kernel.io_uring_disabled", "2")
 
 
 def test_capabilities_name_the_sysctl(io_uring_disabled: None) -> None:
@@ -51,8 +46,7 @@ async def test_asking_for_io_uring_names_the_sysctl(io_uring_disabled: None) -> 
         assert isinstance(raised.value, OSError) and raised.value.errno is not None
 
 
-@pytest.mark.skipif(RIG_REASON is not None, reason=f"rig unavailable: {RIG_REASON}")
-def test_auto_falls_back_with_the_reason(io_uring_disabled: None) -> None:
+def test_auto_falls_back_with_the_reason(io_uring_disabled: None, rig: Rig) -> None:
     # A peer in another namespace: "auto" wants zero-copy there, and must say why not io_uring.
     async def send(host: str) -> tuple[str, str | None, int]:
         loop = asyncio.get_running_loop()
@@ -63,13 +57,35 @@ def test_auto_falls_back_with_the_reason(io_uring_disabled: None) -> None:
             result = await zs.send_zc(os.urandom(3 << 20))
             return zs.backend, zs.fallback_reason, result.nbytes
 
-    with Rig() as rig:
-        receiver = rig.start_receiver(PORT, "discard")
-        try:
-            backend, reason, nbytes = asyncio.run(send(rig.peer_addr))
-        finally:
-            out, _ = receiver.communicate(timeout=60)
+    receiver = rig.start_receiver(PORT, "discard")
+    try:
+        backend, reason, nbytes = asyncio.run(send(rig.peer_addr))
+    finally:
+        out, _ = receiver.communicate(timeout=60)
     assert backend == ("msg_zerocopy" if zerosend.capabilities().msg_zerocopy else "copy")
     assert reason and "io_uring_disabled" in reason
     assert nbytes == 3 << 20
     assert json.loads(out.strip().splitlines()[-1])["bytes"] == 3 << 20
+
+
+def test_a_killed_runs_sysctl_is_restored_at_the_next_start() -> None:
+    # What a run killed inside the fixture leaves: the sysctl changed and the marker with the
+    # original value. The next session's start (conftest, before probing the kernel) repairs it.
+    path = SYSCTL_ROOT / "kernel" / "io_uring_disabled"
+    if not path.exists() or not os.access(path, os.W_OK):
+        pytest.skip("needs root and the kernel.io_uring_disabled sysctl (Linux 6.6+)")
+    original = path.read_text().strip()
+    marker = SYSCTL_MARKERS / "kernel.io_uring_disabled"
+    SYSCTL_MARKERS.mkdir(exist_ok=True)
+    marker.write_text(original)
+    path.write_text("2")
+    try:
+        repaired = restore_sysctls_left_by_a_killed_run()
+        restored = path.read_text().strip()
+    finally:
+        path.write_text(original)
+        marker.unlink(missing_ok=True)
+    assert restored == original
+    assert repaired == [f"kernel.io_uring_disabled={original}"]
+    assert not marker.exists()
+    assert zerosend.capabilities().io_uring_send_zc == CAPS.io_uring_send_zc

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import UNAVAILABLE
+from tests.conftest import require_backend
 
 SCRIPT = r"""
 import asyncio, json, socket, sys, zerosend
@@ -52,8 +52,7 @@ asyncio.run(main(sys.argv[1]))
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 @pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
 def test_no_pinnable_memory_falls_back_to_copy(backend: str) -> None:
-    if UNAVAILABLE[backend] is not None:
-        pytest.skip(f"{backend} unavailable: {UNAVAILABLE[backend]}")
+    require_backend(backend)
 
     def low_memlock() -> None:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (256 * 1024, 256 * 1024))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 import json
 import os
 import resource
@@ -11,12 +12,14 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import zerosend
-from tests.conftest import read_all, tcp_pair
+from tests.conftest import HELD, accepted_not_released, read_all, rig_connection, tcp_pair
+from zerosend._rig import Rig
 
 MiB = 1 << 20
 
@@ -107,38 +110,73 @@ async def test_sends_from_the_pool(backend: str) -> None:
 
 
 @pytest.mark.asyncio
-async def test_release_waits_for_the_kernel(backend: str) -> None:
-    pool = zerosend.BufferPool(1, 32 * MiB)
-    client, server = await tcp_pair()
-    with server:
-        zs = zerosend.wrap(client, backend=backend)
+async def test_release_waits_for_the_kernel(rig: Rig, zc_backend: str) -> None:
+    # In the ingress-drop window the kernel accepted the whole buffer but cannot release it: the
+    # buffer must stay out of the pool, also after the task awaiting the send was cancelled.
+    pool = zerosend.BufferPool(1, HELD)
+    async with rig_connection(rig, 5312) as (sock, report):
+        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
         buf = await pool.acquire()
-        memoryview(buf)[:] = b"p" * (32 * MiB)
-        sent = zs.send_zc(buf)
-        await asyncio.sleep(0.05)
-        buf.release()
-        # Nobody reads, so the kernel still holds the pages: the buffer must not be reusable.
-        assert not sent.done()
-        assert pool.available == 0
-        received = bytearray()
-        reader = asyncio.create_task(read_all(server, received))
-        await sent
+        memoryview(buf)[:] = b"p" * HELD
+
+        with rig.ingress_drop():
+            sent = zs.send_zc(buf)
+
+            async def wait() -> None:
+                await sent
+
+            waiter = asyncio.create_task(wait())
+            buf.release()  # given back at once: the pool must wait for the kernel
+            await accepted_not_released(sock, HELD)
+            assert not waiter.done(), "resolved while the kernel still holds the pages"
+            assert pool.available == 0
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert pool.available == 0, "cancelling the waiter must not return the buffer"
+            acquiring = asyncio.ensure_future(pool.acquire())
+            await asyncio.sleep(0.05)
+            assert not acquiring.done(), "the only buffer is still the kernel's"
+        again = await acquiring  # the rule is lifted: the kernel releases, the pool hands it out
+        assert zs.inflight == 0
+        again.release()
         assert pool.available == 1
         await zs.aclose()
-        await reader
-        assert received == b"p" * (32 * MiB)
+    assert report == {"bytes": HELD, "sha256": hashlib.sha256(b"p" * HELD).hexdigest()}
 
 
-def test_hugepages_without_reserved_pages_fall_back_with_a_warning() -> None:
-    reserved = int(Path("/proc/sys/vm/nr_hugepages").read_text())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _free_huge_pages() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    raise AssertionError("no HugePages_Free in /proc/meminfo")
+
+
+@pytest.mark.asyncio
+async def test_hugepages_without_reserved_pages_fall_back_with_a_warning(
+    sysctl: Callable[[str, str], str],
+) -> None:
+    sysctl("vm.nr_hugepages", "0")
+    with pytest.warns(RuntimeWarning, match="huge pages unavailable"):
         pool = zerosend.BufferPool(2, 4096, hugepages=True)
-    if reserved == 0:
-        assert not pool.hugepages
-        assert any("huge pages unavailable" in str(w.message) for w in caught)
-    else:
-        assert pool.hugepages or caught
+    assert not pool.hugepages
+    async with pool.acquire() as buf:
+        memoryview(buf)[:4] = b"ok!!"  # the fallback memory works
+
+
+@pytest.mark.asyncio
+async def test_hugepages_when_reserved_are_used(sysctl: Callable[[str, str], str]) -> None:
+    sysctl("vm.nr_hugepages", "4")
+    free = _free_huge_pages()
+    if free < 1:
+        pytest.skip("the kernel could not reserve a huge page (memory too fragmented)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        pool = zerosend.BufferPool(2, 4096, hugepages=True)
+    assert pool.hugepages
+    assert _free_huge_pages() == free - 1, "the pool must live in one (locked) huge page"
+    async with pool.acquire() as buf:
+        memoryview(buf)[:4] = b"ok!!"
 
 
 def test_bad_pool_arguments() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import gc
+import hashlib
 import mmap
 import os
 import socket
@@ -12,7 +13,16 @@ import socket
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE, read_all, tcp_pair
+from tests.conftest import (
+    HELD,
+    accepted_not_released,
+    read_all,
+    require_backend,
+    rig_connection,
+    tcp_pair,
+    unsent_bytes,
+)
+from zerosend._rig import Rig
 
 MiB = 1 << 20
 
@@ -87,60 +97,68 @@ async def test_integrity_and_order_with_many_in_flight(backend: str) -> None:
     assert received == expected
 
 
-async def test_buffer_is_held_until_the_kernel_releases_it(backend: str) -> None:
-    client, server = await tcp_pair()
-    with server:
-        zs = zerosend.wrap(client, backend=backend)
-        # Larger than every socket buffer between the two ends, while nobody reads: the kernel
-        # cannot be done with it yet.
-        data = bytearray(os.urandom(32 * MiB))
-        expected = bytes(data)
-        future = zs.send_zc(data)
-        await asyncio.sleep(0.05)
-        assert not future.done()
-        assert zs.inflight == 1
-        with pytest.raises(BufferError):
-            data.extend(b"resize while the kernel holds it")
-        received = bytearray()
-        reader = asyncio.create_task(read_all(server, received))
+RIG_PORT = 5311
+
+
+async def test_buffer_is_held_until_the_kernel_releases_it(rig: Rig, zc_backend: str) -> None:
+    # The ingress-drop window: the kernel accepts the whole send but the peer acknowledges
+    # nothing while the rule stands, so the pages are not released. Resolving at acceptance
+    # (the classic early-release bug) fails here; on loopback it could not be told apart.
+    data = bytearray(os.urandom(HELD))
+    expected = hashlib.sha256(data).hexdigest()
+    async with rig_connection(rig, RIG_PORT) as (sock, report):
+        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
+        with rig.ingress_drop() as drop:
+            future = zs.send_zc(data)
+            await accepted_not_released(sock, HELD)
+            assert not future.done(), "resolved while the kernel still holds the pages"
+            assert zs.inflight == 1
+            with pytest.raises(BufferError):
+                data.extend(b"resize while the kernel holds it")
+        assert drop.dropped > 0, "the window must have dropped the peer's packets"
         result = await future
-        assert result.nbytes == len(expected)
+        assert result.nbytes == HELD
+        assert unsent_bytes(sock) == 0, "released only once the peer acknowledged everything"
         assert zs.inflight == 0
         data.extend(b"now it may grow")  # the export was released
         await zs.aclose()
-        await reader
-        assert received == expected
+    assert report == {"bytes": HELD, "sha256": expected}
 
 
-async def test_cancelling_the_waiter_keeps_the_send_whole(backend: str) -> None:
-    client, server = await tcp_pair()
-    with server:
-        zs = zerosend.wrap(client, backend=backend)
-        data = bytearray(os.urandom(24 * MiB))
-        expected = bytes(data)
+async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: str) -> None:
+    data = bytearray(os.urandom(HELD))
+    after = b"after-the-cancelled-send"
+    expected = hashlib.sha256(bytes(data) + after).hexdigest()
+    async with rig_connection(rig, RIG_PORT) as (sock, report):
+        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
 
         async def waiter() -> None:
             await zs.send_zc(data)
 
-        task = asyncio.create_task(waiter())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        # Cancelled, but the kernel still has the pages: the buffer stays held.
-        assert zs.inflight == 1
-        with pytest.raises(BufferError):
-            data.extend(b"!")
-        following = zs.send_zc(b"after-the-cancelled-send")
-        received = bytearray()
-        reader = asyncio.create_task(read_all(server, received))
+        with rig.ingress_drop():
+            task = asyncio.create_task(waiter())
+            await accepted_not_released(sock, HELD)
+            assert not task.done(), "resolved while the kernel still holds the pages"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+            gc.collect()
+            # Cancelled, but the kernel still has the pages: the buffer stays held.
+            await asyncio.sleep(0.05)
+            assert zs.inflight == 1
+            with pytest.raises(BufferError):
+                data.extend(b"!")
+            following = zs.send_zc(after)  # small: goes by copy, behind the held send
+            await asyncio.sleep(0.05)
+            with pytest.raises(BufferError):
+                data.extend(b"!")
         await following
         await zs.drain()
         assert zs.inflight == 0
-        data.extend(b"!")
+        data.extend(b"!")  # released at last
         await zs.aclose()
-        await reader
-        assert received == expected + b"after-the-cancelled-send"
+    assert report == {"bytes": HELD + len(after), "sha256": expected}
 
 
 async def test_peer_reset_raises_and_nothing_hangs(backend: str) -> None:
@@ -232,8 +250,7 @@ async def test_udp_datagrams(backend: str) -> None:
     for expected in datagrams:
         got = await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5)
         assert got == expected
-    # Maximal datagrams at many alignments: some need more page fragments than a zero-copy skb
-    # allows; those must still arrive whole (the driver sends them by copy and says so).
+    # Maximal datagrams at many alignments arrive whole.
     region = mmap.mmap(-1, MiB)
     region.write(os.urandom(MiB))
     for offset in range(100, 4096, 500):
@@ -241,6 +258,18 @@ async def test_udp_datagrams(backend: str) -> None:
         assert (await zs.send_zc(part)).nbytes == 65507
         assert await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5) == part
         part.release()
+    # A datagram gathered from 20 pieces on 20 pages needs more fragments than a zero-copy skb
+    # holds (17): the kernel refuses it (EMSGSIZE); it goes by copy, arrives whole, and both
+    # the result and the counter say so.
+    pieces = [memoryview(region)[i * 8192 : i * 8192 + 3000] for i in range(20)]
+    refusals = zs.stats["zerocopy_refusals"]
+    result = await zs.send_zc(pieces)
+    assert result == zerosend.SendResult(60000, False)
+    assert await asyncio.wait_for(loop.sock_recv(receiver, 70000), 5) == b"".join(pieces)
+    if backend != "copy":
+        assert zs.stats["zerocopy_refusals"] == refusals + 1
+    for piece in pieces:
+        piece.release()
     # Too big for one datagram: a clear error for that send only, the socket goes on.
     with pytest.raises(OSError) as raised:
         await zs.send_zc(bytearray(70000))
@@ -328,8 +357,7 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
 
 
 async def test_so_zerocopy_set_by_other_code_is_not_trusted() -> None:
-    if UNAVAILABLE["msg_zerocopy"] is not None:
-        pytest.skip(UNAVAILABLE["msg_zerocopy"])
+    require_backend("msg_zerocopy")
     client, server = await tcp_pair()
     with client, server:
         client.setsockopt(socket.SOL_SOCKET, 60, 1)  # SO_ZEROCOPY, as other code might

@@ -1,4 +1,5 @@
-"""The same sends on uvloop: the driver's descriptor is watched through uvloop's add_reader."""
+"""The same sends on uvloop: the driver's descriptor is watched through uvloop's add_reader, and
+the wrapped socket itself is read through uvloop while its sends are in flight."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 
 import zerosend
-from tests.conftest import read_all, tcp_pair
+from tests.conftest import tcp_pair
 
 uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
 
@@ -16,20 +17,39 @@ MiB = 1 << 20
 
 
 async def _integrity(backend: str) -> None:
-    assert "uvloop" in type(asyncio.get_running_loop()).__module__
+    loop = asyncio.get_running_loop()
+    assert "uvloop" in type(loop).__module__
     client, server = await tcp_pair()
-    received = bytearray()
-    reader = asyncio.create_task(read_all(server, received))
+
+    async def echo() -> None:
+        buf = bytearray(MiB)
+        while n := await loop.sock_recv_into(server, buf):
+            await loop.sock_sendall(server, memoryview(buf)[:n])
+        server.close()
+
     data = os.urandom(8 * MiB + 7)
+    echoed = bytearray()
+
+    async def read_back() -> None:
+        # The wrapped socket, read on uvloop while the driver watches it for releases.
+        buf = bytearray(MiB)
+        while len(echoed) < len(data):
+            n = await loop.sock_recv_into(client, buf)
+            assert n > 0, "the echo ended early"
+            echoed.extend(memoryview(buf)[:n])
+
+    echo_task = asyncio.create_task(echo())
+    reader = asyncio.create_task(read_back())
     view = memoryview(data)
     async with zerosend.wrap(client, backend=backend) as zs:
         parts = [view[i : i + 300_001] for i in range(0, len(data), 300_001)]
-        results = await asyncio.gather(*(zs.send_zc(p) for p in parts))
+        sends = [zs.send_zc(p) for p in parts]
+        assert zs.inflight > 0
+        results = await asyncio.gather(*sends)
         assert sum(r.nbytes for r in results) == len(data)
-        # Reading the same socket on uvloop while sends are in flight is covered by the reader.
-    await reader
-    server.close()
-    assert received == data
+        await reader
+    await echo_task
+    assert echoed == data
 
 
 def test_send_zc_on_uvloop(backend: str) -> None:

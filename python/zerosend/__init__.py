@@ -5,12 +5,29 @@ and resolves only when the kernel has released them, so the buffer may be reused
 
     zs = zerosend.wrap(sock)              # a connected, non-blocking TCP or UDP socket
     result = await zs.send_zc(payload)    # SendResult(nbytes=..., zerocopy=...)
+
+Where the native extension cannot load (another OS or architecture, a build without Rust), a
+pure-Python copy backend stands in for it behind the same API; ``capabilities()`` says why.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    from . import _native
+except ImportError as error:
+    from ._fallback import stand_in_for_native
+
+    _native = stand_in_for_native(error)
 
 from ._native import BackendUnavailableError, Capabilities, PoolBuffer, SendResult, capabilities
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
 from ._streams import StreamServer, StreamWriter, open_connection, start_server
+
+try:
+    __version__ = version("zerosend")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +39,7 @@ __all__ = [
     "Socket",
     "StreamServer",
     "StreamWriter",
+    "__version__",
     "capabilities",
     "open_connection",
     "start_server",

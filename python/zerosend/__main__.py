@@ -3,8 +3,10 @@
 For each usable backend (and io_uring with BufferPool buffers) it sends 1 GiB from one reused
 set of buffers to a receiver in another process, first over loopback, then (as root, where
 network namespaces work) over the rig: a receiver in its own namespace behind a veth pair on
-CPU 1, the sender pinned to CPU 0. It prints throughput, the sender's CPU seconds per GB, and,
-from the send results, how many bytes went zero-copy and why the rest were copied.
+CPU 1, the sender pinned to CPU 0. Both copy on delivery. Last, as root, true zero-copy: UDP
+datagrams of 60,000 bytes out of an ``ifb`` device (MTU 65535) that frees them uncopied.
+It prints throughput, the sender's CPU seconds per GB, and, from the send results, how many
+bytes went zero-copy and why the rest were copied.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import zerosend
-from zerosend._rig import Rig, rig_unavailable_reason
+from zerosend._rig import IfbSink, Rig, rig_unavailable_reason
 
 MiB = 1 << 20
+#: Datagram size on the true-zero-copy topology: below the ifb's MTU, so never fragmented.
+DATAGRAM = 60_000
+IFB_TOPOLOGY = "ifb (UDP, true zero-copy)"
 
 
 @dataclass
@@ -59,13 +64,18 @@ def _start_receiver(argv_prefix: list[str], host: str, port: int) -> subprocess.
     return proc
 
 
-async def _push(
-    host: str, port: int, backend: str, pooled: bool, total: int, size: int, depth: int
-) -> Row:
+async def _connect(host: str, port: int, datagrams: bool) -> socket.socket:
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    kind = socket.SOCK_DGRAM if datagrams else socket.SOCK_STREAM
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind)
     sock.setblocking(False)
     await loop.sock_connect(sock, (host, port))
+    return sock
+
+
+async def _push(
+    sock: socket.socket, backend: str, pooled: bool, total: int, size: int, depth: int
+) -> Row:
     zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
     buffers: list[Any]
     if pooled:
@@ -123,8 +133,13 @@ def _run(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1] if topology == "loopback" else 5201
     receiver = _start_receiver(prefix, host, port)
+
+    async def push() -> Row:
+        sock = await _connect(host, port, datagrams=False)
+        return await _push(sock, backend, pooled, args.total, args.size, args.depth)
+
     try:
-        row = asyncio.run(_push(host, port, backend, pooled, args.total, args.size, args.depth))
+        row = asyncio.run(push())
     finally:
         out, _ = receiver.communicate(timeout=60)
     received = json.loads(out.strip().splitlines()[-1])["bytes"]
@@ -134,8 +149,25 @@ def _run(
     return row
 
 
+def _run_ifb(ifb: IfbSink, backend: str, pooled: bool, args: argparse.Namespace) -> Row:
+    """Datagrams out of the ifb device; the device's drop counter stands in for a receiver."""
+    total = args.total - args.total % DATAGRAM
+    before = ifb.dropped()
+
+    async def push() -> Row:
+        sock = await _connect(ifb.sink_addr, 9, datagrams=True)
+        return await _push(sock, backend, pooled, total, DATAGRAM, args.depth)
+
+    row = asyncio.run(push())
+    if ifb.dropped() - before < total // DATAGRAM:
+        raise RuntimeError(f"the ifb device saw fewer than {total // DATAGRAM} datagrams")
+    row.topology = IFB_TOPOLOGY
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zerosend", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"zerosend {zerosend.__version__}")
     parser.add_argument("--total", type=int, default=1 << 30, help="bytes per run (1 GiB)")
     parser.add_argument("--size", type=int, default=MiB, help="bytes per send (1 MiB)")
     parser.add_argument("--depth", type=int, default=8, help="sends in flight (8)")
@@ -172,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         # The rig's receive work runs on CPU 1 (RPS); keep the sender on CPU 0.
         topologies.append(("rig (veth+netns)", rig.command(["taskset", "-c", "1"]), rig.peer_addr))
     print(
-        f"\npushing {args.total / MiB:.0f} MiB per run, {args.size // 1024} KiB sends, "
-        f"{args.depth} in flight\n"
+        f"\npushing {args.total / MiB:.0f} MiB per run, {args.size // 1024} KiB sends "
+        f"({DATAGRAM:,}-byte datagrams on ifb), {args.depth} in flight\n"
     )
     rows = []
+    ifb = IfbSink().__enter__() if reason is None else None
     try:
         for topology, prefix, host in topologies:
             pinned = topology != "loopback" and (os.cpu_count() or 1) > 1
@@ -187,9 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(_run(topology, prefix, host, backend, pooled, args))
             finally:
                 os.sched_setaffinity(0, affinity)
+        if ifb is not None:
+            for backend, pooled in contenders:
+                rows.append(_run_ifb(ifb, backend, pooled, args))
     finally:
         if rig is not None:
             rig.close()
+        if ifb is not None:
+            ifb.close()
 
     header = (
         "topology",
@@ -218,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     if reason is not None:
-        print(f"\nrig not run: {reason}")
+        print(f"\nrig and ifb not run: {reason}")
     return 0
 
 

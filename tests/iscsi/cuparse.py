@@ -18,6 +18,7 @@ _TOKEN = re.compile(
     re.M,
 )
 _SUMMARY = re.compile(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", re.M)
+_SUITES = re.compile(r"^\s+suites\s+(\d+)\s+(\d+)\s+n/a\s+(\d+)", re.M)
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,35 @@ def counts(outcomes: list[Outcome]) -> Counter[str]:
     return Counter(o.result for o in outcomes)
 
 
-def summary(text: str) -> tuple[int, int, int]:
-    """CUnit's own (ran, passed, failed) test counts from its run summary."""
-    m = _SUMMARY.search(text)
-    if m is None:
-        raise ValueError("no CUnit run summary in the output")
-    return int(m.group(2)), int(m.group(3)), int(m.group(4))
+@dataclass(frozen=True)
+class RunSummary:
+    """CUnit's own counts from its "Run Summary" table."""
+
+    total: int
+    ran: int
+    passed: int
+    failed: int
+    suites_failed: int
+
+
+def summary(text: str) -> RunSummary:
+    tests, suites = _SUMMARY.search(text), _SUITES.search(text)
+    if tests is None or suites is None:
+        raise ValueError("no CUnit run summary (suites and tests lines) in the output")
+    total, ran, passed, failed = (int(g) for g in tests.groups())
+    return RunSummary(total, ran, passed, failed, int(suites.group(3)))
+
+
+def skip_list(outcomes: list[Outcome]) -> dict[str, str]:
+    """``{"Suite.Test": reason}`` for every test that skipped itself: the expected-skip list."""
+    return {f"{o.suite}.{o.test}": o.skip_reason for o in outcomes if o.result == "skip"}
+
+
+if __name__ == "__main__":
+    # Regenerate a family's expected-skip list from a saved run (the test writes the output to
+    # its tmp_path as iscsi-test-cu-FAMILY.txt): python tests/iscsi/cuparse.py OUTPUT.txt
+    import json
+    import sys
+
+    with open(sys.argv[1]) as saved:
+        print(json.dumps(skip_list(parse(saved.read())), indent=2, sort_keys=True))

@@ -235,13 +235,19 @@ def test_bad_input_never_stops_the_target(target_factory, image):
         return socket.create_connection(("127.0.0.1", t.port), timeout=10)
 
     def closed_by_target(s: socket.socket) -> bool:
+        """True once the target ended the connection (EOF or reset); False if it kept it open
+        (the read timed out)."""
+        s.settimeout(10)
         try:
             while s.recv(4096):
                 pass
+            closed = True
         except ConnectionResetError:
-            pass
+            closed = True
+        except TimeoutError:
+            closed = False
         s.close()
-        return True
+        return closed
 
     s = conn()  # garbage instead of a PDU
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 64)

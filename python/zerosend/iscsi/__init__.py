@@ -1,5 +1,21 @@
-"""An iSCSI target (RFC 7143) on asyncio and zerosend: Data-In leaves with zero-copy sends."""
+"""An iSCSI target (RFC 7143) on asyncio and zerosend: Data-In leaves with zero-copy sends.
 
-from .target import LunSpec, Target, TargetConfig
+Where things are:
+
+- ``config``: the settings (each defined once: command-line option and TOML key), ``__main__``
+  the command line; ``target``: listening socket, session registry, LUNs, shutdown.
+- ``session``: one connection: login (``login``, ``params``, ``chap``), then the full feature
+  phase's dispatch; it reaches the target only through ``host.SessionHost``.
+- Receiving: ``reader`` (PDUs out of one receive buffer), ``pdu`` (header layout and builders);
+  ``window``: StatSN, the CmdSN window, serial number arithmetic.
+- Answering: ``responses`` (every PDU the target sends, stamped and digested) into ``outbox``
+  (one vectored send per batch, pooled buffers from ``bufpool`` released after the kernel did).
+- Commands: ``reads`` (the READ path; its inner loop is Rust's ``IscsiReadPath`` or
+  ``readloop``), ``writes`` (Data-Out, R2T), ``taskmgmt``, ``scsi`` (every other command),
+  ``stores`` (the media behind LUNs).
+"""
+
+from .config import LunSpec, TargetConfig
+from .target import Target
 
 __all__ = ["LunSpec", "Target", "TargetConfig"]

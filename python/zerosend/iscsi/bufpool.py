@@ -1,7 +1,7 @@
 """Page-aligned transmit buffers, reused only after the kernel released them.
 
-The interface mirrors ``zerosend.BufferPool`` (``await pool.acquire()``, ``buf.release()``) so the
-target can switch to the core's registered buffers; ``make_pool`` picks it when available.
+The interface is ``zerosend.BufferPool``'s (``try_acquire()``/``await acquire()``, then
+``lease.release()``), on anonymous mmaps.
 """
 
 from __future__ import annotations
@@ -9,16 +9,11 @@ from __future__ import annotations
 import asyncio
 import mmap
 from collections import deque
-from typing import Protocol
 
 
-class Lease(Protocol):
-    view: memoryview
+class MmapLease:
+    """One pooled buffer, ``view`` of it; ``release()`` hands it back."""
 
-    def release(self) -> None: ...
-
-
-class _MmapLease:
     __slots__ = ("_mem", "_pool", "view")
 
     def __init__(self, pool: MmapPool, mem: mmap.mmap) -> None:
@@ -36,25 +31,25 @@ class MmapPool:
     def __init__(self, count: int, size: int) -> None:
         self.size = size
         self.count = count
-        self._free: deque[_MmapLease] = deque(
-            _MmapLease(self, mmap.mmap(-1, size)) for _ in range(count)
+        self._free: deque[MmapLease] = deque(
+            MmapLease(self, mmap.mmap(-1, size)) for _ in range(count)
         )
-        self._waiters: deque[asyncio.Future[_MmapLease]] = deque()
+        self._waiters: deque[asyncio.Future[MmapLease]] = deque()
 
     @property
     def available(self) -> int:
         return len(self._free)
 
-    def try_acquire(self) -> _MmapLease | None:
+    def try_acquire(self) -> MmapLease | None:
         if self._free and not self._waiters:
             return self._free.pop()  # the most recently released: still warm in the cache
         return None
 
-    async def acquire(self) -> _MmapLease:
+    async def acquire(self) -> MmapLease:
         lease = self.try_acquire()
         if lease is not None:
             return lease
-        fut: asyncio.Future[_MmapLease] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[MmapLease] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
             return await fut
@@ -63,15 +58,10 @@ class MmapPool:
                 self._put(fut.result())  # handed over just as we were cancelled
             raise
 
-    def _put(self, lease: _MmapLease) -> None:
+    def _put(self, lease: MmapLease) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(lease)
                 return
         self._free.append(lease)
-
-
-def make_pool(count: int, size: int) -> MmapPool:
-    """The target's transmit pool. (The core's registered ``zerosend.BufferPool`` slots in here.)"""
-    return MmapPool(count, size)

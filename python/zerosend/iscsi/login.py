@@ -210,7 +210,9 @@ class LoginMachine:
             raise LoginFailed(AUTH_FAILED, "CHAP required but no AuthMethod offered")
         return out
 
-    def _response(self, req: P.Pdu, transit: bool, csg: int, nsg: int, answers: list) -> bytearray:
+    def _response(
+        self, req: P.Pdu, transit: bool, csg: int, nsg: int, answers: list[tuple[str, str]]
+    ) -> bytearray:
         flags = (0x80 if transit else 0) | (csg << 2) | (nsg if transit else 0)
         return P.login_response(
             flags, self.state.isid, self.state.tsih, req.itt, 0, 0, len(P.build_text(answers))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # What this target offers. MaxRecvDataSegmentLength is what we accept per PDU; 256 KiB keeps
 # a whole 128 KiB..256 KiB burst in one Data-Out.
@@ -34,6 +34,11 @@ class SessionParams:
     data_pdu_in_order: bool = True
     data_sequence_in_order: bool = True
     error_recovery_level: int = 0
+
+    def update_from(self, other: SessionParams) -> None:
+        """Take every value of ``other`` (the object others hold stays the same)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
 
 
 class NegotiationError(Exception):

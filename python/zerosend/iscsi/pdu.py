@@ -116,14 +116,16 @@ class Pdu:
 
     @property
     def itt(self) -> int:
-        return _U32.unpack_from(self.bhs, 16)[0]
+        value: int = _U32.unpack_from(self.bhs, 16)[0]
+        return value
 
     @property
     def lun_field(self) -> bytes:
         return self.bhs[8:16]
 
     def u32(self, offset: int) -> int:
-        return _U32.unpack_from(self.bhs, offset)[0]
+        value: int = _U32.unpack_from(self.bhs, offset)[0]
+        return value
 
     @property
     def name(self) -> str:
@@ -161,8 +163,8 @@ def _bhs(opcode: int, flags: int, dsl: int) -> bytearray:
     return h
 
 
-# Each builder leaves StatSN/ExpCmdSN/MaxCmdSN (bytes 24..35) for the connection to stamp
-# right before the PDU is queued, so sequence numbers follow submission order.
+# Each builder but ``data_in_into`` leaves StatSN/ExpCmdSN/MaxCmdSN (bytes 24..35) for the
+# connection to stamp right before the PDU is queued, so sequence numbers follow submission order.
 _SN = struct.Struct(">III")
 
 
@@ -170,23 +172,32 @@ def stamp(h: bytearray, statsn: int, expcmdsn: int, maxcmdsn: int) -> None:
     _SN.pack_into(h, 24, statsn, expcmdsn, maxcmdsn)
 
 
-_DATAIN = struct.Struct(">8sII12xIII")
+# The whole Data-In header: opcode, flags, status, AHS+DSL, LUN, ITT, TTT, StatSN, ExpCmdSN,
+# MaxCmdSN, DataSN, buffer offset, residual
+_DATAIN = struct.Struct(">BBxBI8sIIIIIIII")
 
 
-def data_in(
+def data_in_into(
+    h: bytearray | memoryview,
+    at: int,
     flags: int,
     status: int,
+    dsl: int,
     lun: bytes,
     itt: int,
+    statsn: int,
+    expcmdsn: int,
+    maxcmdsn: int,
     datasn: int,
     offset: int,
     residual: int,
-    dsl: int,
-) -> bytearray:
-    h = _bhs(OP_DATA_IN, flags, dsl)
-    h[3] = status
-    _DATAIN.pack_into(h, 8, lun, itt, NO_TAG, datasn, offset, residual)
-    return h
+) -> None:
+    """Write a whole Data-In header at ``h[at:at+48]``. StatSN is sent only with the S bit
+    (``DATAIN_STATUS``); it is reserved otherwise."""
+    if not flags & DATAIN_STATUS:
+        statsn = 0
+    _DATAIN.pack_into(h, at, OP_DATA_IN, flags, status, dsl & 0xFFFFFF, lun, itt, NO_TAG,
+                      statsn, expcmdsn, maxcmdsn, datasn, offset, residual)  # fmt: skip
 
 
 def scsi_response(
@@ -270,7 +281,7 @@ def login_response(
 # Text key=value data segments (section 6)
 
 
-def parse_text(data: bytes) -> list[tuple[str, str]]:
+def parse_text(data: bytes | memoryview) -> list[tuple[str, str]]:
     """Split a text data segment into (key, value) pairs; raises PduError on garbage."""
     pairs: list[tuple[str, str]] = []
     for item in bytes(data).split(b"\0"):

@@ -95,6 +95,11 @@ class FileStore(Store):
             self._map = memoryview(self._mmap)
             self.kind = "raw, mapped"
 
+    @property
+    def mapped(self) -> bool:
+        """Reads are views of the mapped image (``PATH:mmap``)."""
+        return self._map is not None
+
     def segments(self, offset: int, length: int) -> list[memoryview] | None:
         if self._map is None:
             return None

@@ -1,75 +1,22 @@
-"""The target: listening socket, sessions, LUNs, shared transmit buffer pool, clean shutdown."""
+"""The target: listening socket, sessions, LUNs, shared transmit buffer pool, clean shutdown.
+
+Sessions see it through ``host.SessionHost``; it sees them through their public methods.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass, field
-from typing import Any
 
-import zerosend
-from zerosend._native import crc32c
-
-from .bufpool import make_pool
-from .chap import Credentials
+from .bufpool import MmapPool
+from .config import TargetConfig, split_hostport
+from .login import LoginPolicy
 from .scsi import CommandSet, LogicalUnit
 from .session import Session
 from .stores import Store, open_store
 
 log = logging.getLogger("zerosend.iscsi")
-
-DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
-DEFAULT_LISTEN = "127.0.0.1:3260"
-
-
-_LUN_OPTIONS = {"ro", "rw", "mmap"}
-
-
-@dataclass
-class LunSpec:
-    path: str
-    readonly: bool = False
-    mapped: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> LunSpec:
-        """``PATH`` with optional ``:ro``, ``:rw``, ``:mmap`` or ``:ro,mmap``; also ``mem:SIZE``
-        and ``null:SIZE``."""
-        head, sep, tail = text.rpartition(":")
-        opts = set(tail.split(","))
-        if sep and head and opts <= _LUN_OPTIONS:
-            return cls(head, "ro" in opts, "mmap" in opts)
-        return cls(text)
-
-
-@dataclass
-class TargetConfig:
-    listen: str = DEFAULT_LISTEN
-    iqn: str = DEFAULT_IQN
-    luns: list[LunSpec] = field(default_factory=list)
-    chap: Credentials | None = None
-    mutual_chap: Credentials | None = None
-    allow: frozenset[str] = frozenset()
-    max_connections: int = 256
-    max_pending_logins: int = 64
-    buffers: int = 256
-    buffer_size: int = 256 * 1024
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` (port 3260)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "3260"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, "3260"
-    try:
-        return host or "0.0.0.0", int(port)
-    except ValueError as e:
-        raise ValueError(f"bad listen address {text!r}: port is not a number") from e
 
 
 class Target:
@@ -80,9 +27,7 @@ class Target:
             raise ValueError("at least one --lun is required")
         self.config = config
         self.iqn = config.iqn
-        self.chap = config.chap
-        self.mutual_chap = config.mutual_chap
-        self.allow = config.allow
+        self.policy: LoginPolicy = config
         self.luns: dict[int, LogicalUnit] = {}
         self._stores: list[Store] = []
         for number, spec in enumerate(config.luns):
@@ -90,22 +35,19 @@ class Target:
             self._stores.append(store)
             self.luns[number] = LogicalUnit(number, store, self.iqn)
         self.commands = CommandSet(self.luns)
-        self.pool = make_pool(config.buffers, config.buffer_size)
-        self.sessions: dict[int, Session] = {}
-        self.connections: set[Session] = set()
+        self.pool = MmapPool(config.buffers, config.buffer_size)
+        self.stopping = False
+        self.address: tuple[str, int] | None = None
+        self._connections: dict[Session, asyncio.Task[None]] = {}
         self._logging_in: dict[Session, None] = {}  # insertion-ordered: oldest first
+        self._sessions: dict[int, Session] = {}  # by TSIH
+        self._registered: dict[Session, tuple[int, tuple[str, bytes]]] = {}  # TSIH, nexus
         self._by_nexus: dict[tuple[str, bytes], Session] = {}
         self._next_tsih = 1
-        self.stopping = False
         self._server: socket.socket | None = None
         self._stopped = asyncio.Event()
-        self.address: tuple[str, int] | None = None
-        self.crc32c = crc32c
 
-    def wrap(self, sock: socket.socket) -> Any:
-        return zerosend.wrap(sock)
-
-    # -- sessions
+    # -- sessions (the SessionHost protocol)
 
     def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
         self._logging_in.pop(session, None)
@@ -114,59 +56,45 @@ class Target:
         if old is not None and old is not session:
             log.info("%s: session reinstated by a new login; closing the old one", old.name)
             old.abort_connection()
-            self.sessions.pop(old.tsih, None)
-        while self._next_tsih in self.sessions or self._next_tsih == 0:
+            registered = self._registered.pop(old, None)
+            if registered is not None:
+                self._sessions.pop(registered[0], None)
+        while self._next_tsih in self._sessions or self._next_tsih == 0:
             self._next_tsih = (self._next_tsih + 1) & 0xFFFF
         tsih = self._next_tsih
         self._next_tsih = (self._next_tsih + 1) & 0xFFFF
-        self.sessions[tsih] = session
+        self._sessions[tsih] = session
+        self._registered[session] = (tsih, nexus)
         self._by_nexus[nexus] = session
         return tsih
 
     def session_ended(self, session: Session) -> None:
-        self.connections.discard(session)
+        self._connections.pop(session, None)
         self._logging_in.pop(session, None)
-        if session.tsih and self.sessions.get(session.tsih) is session:
-            del self.sessions[session.tsih]
-            nexus = (session.initiator, session.isid)
-            if self._by_nexus.get(nexus) is session:
-                del self._by_nexus[nexus]
-            st = session.stats
-            log.info(
-                "%s: session ended (commands=%d read=%d bytes write=%d bytes data-in sends=%d)",
-                session.name, st["commands"], st["read_bytes"], st["write_bytes"], st["zc_sends"],
-            )  # fmt: skip
+        registered = self._registered.pop(session, None)
+        if registered is None:
+            return
+        tsih, nexus = registered
+        del self._sessions[tsih]
+        if self._by_nexus.get(nexus) is session:
+            del self._by_nexus[nexus]
+        log.info("%s: session ended (%s)", session.name, session.summary())
 
     def abort_tasks(self, lun: int | None, only: Session | None) -> None:
-        for s in list(self.sessions.values()):
+        for s in list(self._sessions.values()):
             if only is None or s is only:
                 s.abort_tasks(lun)
 
-    def log_state(self) -> None:
-        """One log line per connection with its windows and in-flight counts (SIGUSR1)."""
-        log.info("state: %d connections, %d/%d transmit buffers free", len(self.connections),
-                 self.pool.available, self.pool.count)  # fmt: skip
-        for s in list(self.connections):
-            log.info(
-                "state: %s ExpCmdSN=%d MaxCmdSN=%d active=%d writes=%d reads=%d inflight=%s",
-                s.name, s.expcmdsn, s.maxcmdsn, s.active, len(s.writes), len(s.reads),
-                getattr(s.zs, "inflight", "?"),
-            )  # fmt: skip
-
-    def drop_all_sessions(self) -> None:
-        for s in list(self.connections):
+    def reset(self) -> None:
+        for s in list(self._connections):
             s.abort_connection()
 
-    def send_targets(
-        self, value: str, discovery: bool, sock: socket.socket
-    ) -> list[tuple[str, str]]:
-        # "All" (any session), our name, or empty (the current target, normal sessions only)
-        if value not in ("All", self.iqn) and not (value == "" and not discovery):
-            return []
-        host, port = sock.getsockname()[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        return [("TargetName", self.iqn), ("TargetAddress", f"{host}:{port},1")]
+    def log_state(self) -> None:
+        """One log line per connection with its windows and in-flight counts (SIGUSR1)."""
+        log.info("state: %d connections, %d/%d transmit buffers free", len(self._connections),
+                 self.pool.available, self.pool.count)  # fmt: skip
+        for s in list(self._connections):
+            log.info("state: %s", s.state_line())
 
     # -- serving
 
@@ -184,7 +112,8 @@ class Target:
         srv.listen(128)
         srv.setblocking(False)
         self._server = srv
-        self.address = srv.getsockname()[:2]
+        bound = srv.getsockname()
+        self.address = (bound[0], bound[1])
         luns = ", ".join(
             f"{n}={lu.store.name} ({lu.store.kind}, {lu.store.size} bytes"
             f"{', ro' if lu.readonly else ''})"
@@ -205,11 +134,9 @@ class Target:
         accept.cancel()
         self._server.close()
         # Drain: sessions stop reading, finish what is queued, wait for every release.
-        for s in list(self.connections):
-            s.closing = True
-            if s.task is not None:
-                s.task.cancel()
-        tasks = [s.task for s in list(self.connections) if s.task is not None]
+        tasks = list(self._connections.values())
+        for s in list(self._connections):
+            s.stop()
         if tasks:
             await asyncio.wait(tasks, timeout=15)
         for store in self._stores:
@@ -244,8 +171,10 @@ class Target:
                 )
                 self._logging_in.pop(oldest, None)
                 oldest.abort_connection()
-            if len(self.connections) >= self.config.max_connections:
-                log.warning("%s: refused: %d connections already open", peer, len(self.connections))
+            if len(self._connections) >= self.config.max_connections:
+                log.warning(
+                    "%s: refused: %d connections already open", peer, len(self._connections)
+                )
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -257,6 +186,5 @@ class Target:
                 conn.close()
                 continue
             log.info("%s: connection accepted", peer)
-            self.connections.add(session)
             self._logging_in[session] = None
-            session.task = loop.create_task(session.run())
+            self._connections[session] = session.start()

@@ -8,7 +8,6 @@
 
 mod buf;
 mod capabilities;
-pub mod crc32c;
 mod driver;
 mod error;
 mod op;

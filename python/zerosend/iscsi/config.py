@@ -1,0 +1,158 @@
+"""The target's settings: each is defined once here, and becomes both a command-line option
+(``--max-connections``) and a TOML key of ``--config FILE`` (``max_connections``)."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chap import Credentials
+from .stores import parse_size
+
+DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
+DEFAULT_LISTEN = "127.0.0.1:3260"
+_LUN_OPTIONS = {"ro", "rw", "mmap"}
+
+
+@dataclass
+class LunSpec:
+    path: str
+    readonly: bool = False
+    mapped: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> LunSpec:
+        """``PATH`` with optional ``:ro``, ``:rw``, ``:mmap`` or ``:ro,mmap``; also ``mem:SIZE``
+        and ``null:SIZE``."""
+        head, sep, tail = text.rpartition(":")
+        opts = set(tail.split(","))
+        if sep and head and opts <= _LUN_OPTIONS:
+            return cls(head, "ro" in opts, "mmap" in opts)
+        return cls(text)
+
+
+@dataclass
+class TargetConfig:
+    listen: str = DEFAULT_LISTEN
+    iqn: str = DEFAULT_IQN
+    luns: list[LunSpec] = field(default_factory=list)
+    chap: Credentials | None = None
+    mutual_chap: Credentials | None = None
+    allow: frozenset[str] = frozenset()
+    max_connections: int = 256
+    max_pending_logins: int = 64
+    buffers: int = 256
+    buffer_size: int = 256 * 1024
+
+
+def _lun(item: Any) -> LunSpec:
+    if isinstance(item, dict):  # a TOML table
+        return LunSpec(str(item["path"]), bool(item.get("readonly", False)))
+    return LunSpec.parse(str(item))
+
+
+def _credentials(value: Any) -> Credentials:
+    if isinstance(value, dict):  # a TOML table
+        return Credentials(str(value.get("user", "")), str(value.get("secret", "")))
+    if isinstance(value, str):
+        return Credentials.parse(value)
+    raise ValueError("must be 'USER:SECRET' or a table with user and secret")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: ``key`` names the TargetConfig field and the TOML key; the option is
+    ``--key-with-dashes`` unless ``option`` says otherwise. ``convert`` turns a command-line
+    string or a TOML value into the field's value; a ``repeated`` setting is a list."""
+
+    key: str
+    help: str
+    convert: Callable[[Any], Any]
+    metavar: str | None = None
+    repeated: bool = False
+    option: str = ""
+
+    @property
+    def flag(self) -> str:
+        return self.option or "--" + self.key.replace("_", "-")
+
+
+SETTINGS = (
+    Setting("listen", "address to listen on", str, "HOST:PORT"),
+    Setting("iqn", "target name", str),
+    Setting("luns", "a LUN, numbered from 0 in order", _lun, "PATH[:ro]", True, "--lun"),
+    Setting("chap", "require CHAP from initiators", _credentials, "USER:SECRET"),
+    Setting("mutual_chap", "target credentials for mutual CHAP", _credentials, "USER:SECRET"),
+    Setting("allow", "only these initiators may log in", str, "IQN", True),
+    Setting("max_connections", "connections open at once", int),
+    Setting(
+        "max_pending_logins",
+        "connections allowed to sit in login at once; the oldest is dropped",
+        int,
+    ),
+    Setting("buffers", "transmit buffers in the pool", int),
+    Setting("buffer_size", "size of each transmit buffer", lambda v: parse_size(str(v))),
+)
+DEFAULTS = TargetConfig()  # for help texts
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config {path} is not valid TOML: {e}") from e
+    unknown = set(table) - {s.key for s in SETTINGS}
+    if unknown:
+        raise ValueError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
+    return table
+
+
+def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetConfig:
+    """The settings from the command line (``options``, by key; None or empty where not given)
+    over those of the TOML file at ``path`` over the defaults."""
+    table = _read_toml(path) if path else {}
+    cfg = TargetConfig()
+    for s in SETTINGS:
+        given = options.get(s.key)
+        where = s.flag
+        if not given:
+            given, where = table.get(s.key), f"config key {s.key}"
+        if given is None:
+            continue
+        try:
+            if s.repeated:
+                if not isinstance(given, list):
+                    raise ValueError("must be a list")
+                value: Any = [s.convert(item) for item in given]
+            else:
+                value = s.convert(given)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where}: {e}") from e
+        setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
+    if cfg.mutual_chap and not cfg.chap:
+        raise ValueError("--mutual-chap needs --chap as well")
+    if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
+        raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
+    if not cfg.luns:
+        raise ValueError("no LUN given: use --lun PATH (or luns = [...] in the config file)")
+    return cfg
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` (port 3260)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "3260"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, "3260"
+    try:
+        return host or "0.0.0.0", int(port)
+    except ValueError as e:
+        raise ValueError(f"bad listen address {text!r}: port is not a number") from e

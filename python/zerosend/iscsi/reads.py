@@ -1,0 +1,253 @@
+"""The READ path: every READ command of one connection.
+
+Plain reads (in order, one Data-In PDU with status, from an image read with pread) are served
+in runs straight out of the receive buffer by the inner loop, ``serve_run``; it runs in Rust
+(``zerosend._native.IscsiReadPath``) or, with ``ZEROSEND_ISCSI_NATIVE=0``, in Python
+(``readloop.ReadLoop``, the same algorithm). Whatever the inner loop leaves (residuals, several
+PDUs, stores with their own memory, errors, digests) arrives through the session's dispatch at
+``command``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import pdu as P
+from . import scsi as S
+from .bufpool import MmapLease, MmapPool
+from .host import Connection
+from .outbox import ZC_MIN, Outbox
+from .params import SessionParams
+from .reader import PduReader
+from .readloop import ReadLoop, ReadRun
+from .responses import Responder, residual_bits
+from .stores import FileStore, Store
+from .window import CMD_WINDOW, CmdWindow
+
+try:  # the inner loop in Rust
+    from zerosend._native import IscsiReadPath
+except ImportError:  # the pure-Python install (zerosend._fallback): the Python inner loop
+    IscsiReadPath = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from zerosend._native import _ReadRun as NativeReadRun
+
+    _Run = ReadRun | NativeReadRun  # what either inner loop's serve() returns
+
+log = logging.getLogger("zerosend.iscsi")
+
+# "0": the Python inner loop even where the Rust one is there (for comparisons)
+NATIVE = IscsiReadPath is not None and os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"
+
+
+class _InnerLoop(Protocol):
+    def serve(
+        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
+    ) -> _Run: ...
+
+
+class Reads:
+    """The READ commands of one connection."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        luns: dict[int, S.LogicalUnit],
+        pool: MmapPool,
+        params: SessionParams,
+        reader: PduReader,
+        window: CmdWindow,
+        responder: Responder,
+        stats: dict[str, int],
+    ) -> None:
+        self.conn = conn
+        self.luns = luns
+        self.pool = pool
+        self.params = params
+        self.reader = reader
+        self.window = window
+        self.responder = responder
+        self.outbox: Outbox = responder.outbox
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self._inner: dict[bytes, tuple[_InnerLoop, Store] | None] = {}  # by LUN field
+        self._last_lun = bytes(8)  # the LUN field last looked up, and its entry
+        self._last: tuple[_InnerLoop, Store] | None = None
+        self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    # -- the inner loop
+
+    def serve_run(self) -> bool:
+        """Serve the plain READs at the reader's start; False if the first one is not plain
+        (the general path then takes it)."""
+        if self.window.pending:
+            return False
+        rd = self.reader
+        entry = self._last
+        if entry is None or not rd.buf.startswith(self._last_lun, rd.start + 8):
+            lun_field = bytes(rd.buf[rd.start + 8 : rd.start + 16])
+            try:
+                entry = self._inner[lun_field]
+            except KeyError:
+                entry = self._inner[lun_field] = self._inner_loop(lun_field)
+            self._last_lun, self._last = lun_field, entry
+            if entry is None:
+                return False
+        inner, store = entry
+        window, outbox, stats = self.window, self.outbox, self.stats
+        outbox.ensure_packing()  # (a packing buffer that stays unused goes back at the flush)
+        served = False
+        while True:
+            out, pos = outbox.packing()
+            run = inner.serve(rd.buf, rd.start, rd.end, out, pos, window.numbers())
+            if run.commands:
+                rd.start = run.start
+                outbox.packed(run.pos, run.large)
+                window.set_numbers(run.expcmdsn, run.statsn, run.maxcmdsn)
+                stats["commands"] += run.commands
+                stats["read_bytes"] += run.nbytes
+                stats["zc_sends"] += run.commands
+                served = True
+                if run.send_len:  # sent from the mapped image, right behind its header
+                    segments = store.segments(run.send_from, run.send_len)
+                    assert segments is not None
+                    outbox.queue(segments, large=True)
+            if not run.need or not outbox.new_packing(run.need):
+                return served
+
+    def _inner_loop(self, lun_field: bytes) -> tuple[_InnerLoop, Store] | None:
+        lu = self.luns.get(P.decode_lun(lun_field))
+        if lu is None or not isinstance(lu.store, FileStore):
+            return None
+        store = lu.store
+        p = self.params
+        longest = min(p.initiator_max_recv_dsl, p.max_burst)
+        # Large reads of a mapped image go zero-copy straight from its pages.
+        refer_min = ZC_MIN if store.mapped else 0xFFFFFFFF
+        kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
+        inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
+                     refer_min, CMD_WINDOW)  # fmt: skip
+        return inner, store
+
+    # -- every other READ
+
+    def command(
+        self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
+    ) -> None:
+        """A READ(6/10/12/16) from dispatch; raises CheckCondition."""
+        rw = S.decode_rw(cdb)
+        if rw.flags & 0xE0:  # RDPROTECT without protection information
+            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        lu.check_range(rw.lba, rw.blocks)
+        bs = lu.store.block_size
+        spdtl = rw.blocks * bs
+        if not req.flags & P.CMD_READ and spdtl:
+            # A read whose PDU says no data-in: nothing can be sent
+            edtl = 0
+        n = min(spdtl, edtl)
+        status = residual_bits(spdtl, edtl, P.DATAIN_OVERFLOW, P.DATAIN_UNDERFLOW)
+        itt = req.itt
+        if n == 0:
+            self.responder.send_status(itt, S.GOOD, None, *status)
+            return
+        offset = rw.lba * bs
+        store = lu.store
+        self.stats["read_bytes"] += n
+        segments = store.segments(offset, n)
+        if segments is not None:  # memory the store owns: sent as is
+            self.responder.send_data_in(itt, lun_field, segments, n, 0, 0, status)
+            return
+        if n <= self.pool.size:
+            lease = self.pool.try_acquire()
+            if lease is not None:
+                self._read_chunk(itt, lun_field, store, offset, lease, 0, n, 0, status)
+                return
+        task = self.loop.create_task(self._read_large(itt, lun_field, store, offset, n, status))
+        self.tasks[itt] = (task, P.decode_lun(lun_field))
+        task.add_done_callback(lambda t: self._done(itt, t))
+
+    def _done(self, itt: int, task: asyncio.Task[None]) -> None:
+        if itt in self.tasks and self.tasks[itt][0] is task:
+            del self.tasks[itt]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: read task failed: %s", self.conn.name, task.exception())
+            self.conn.abort_connection()
+
+    def _read_chunk(
+        self,
+        itt: int,
+        lun_field: bytes,
+        store: Store,
+        offset: int,
+        lease: MmapLease,
+        pos: int,
+        n: int,
+        datasn: int,
+        status: tuple[int, int] | None,
+    ) -> int | None:
+        """Read ``n`` bytes at ``offset + pos`` into ``lease`` and queue them as Data-In (with
+        ``status`` on the last PDU, if given); the next DataSN, or None after a read error."""
+        view = lease.view[:n]
+        try:
+            store.read_into(offset + pos, view)
+        except OSError as e:
+            lease.release()
+            log.error("%s: read of %d bytes at %d failed: %s", self.conn.name, n, offset + pos, e)
+            cc = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+            self.responder.send_check(itt, cc)
+            return None
+        datasn = self.responder.send_data_in(itt, lun_field, [view], n, pos, datasn, status)
+        self.outbox.hold(lease)  # released with the send carrying its last PDU
+        return datasn
+
+    async def _read_large(
+        self,
+        itt: int,
+        lun_field: bytes,
+        store: Store,
+        offset: int,
+        total: int,
+        status: tuple[int, int],
+    ) -> None:
+        """A read larger than one pooled buffer, or one that waits for a free buffer."""
+        pool = self.pool
+        pos = datasn = 0
+        while pos < total and not self.conn.closing:
+            n = min(pool.size, total - pos)
+            lease = pool.try_acquire()
+            if lease is None:
+                self.outbox.flush()  # what is queued may hold the buffers this read waits for
+                lease = await pool.acquire()
+            if self.conn.closing:
+                lease.release()
+                return
+            last = pos + n == total
+            res = self._read_chunk(
+                itt, lun_field, store, offset, lease, pos, n, datasn, status if last else None
+            )
+            self.outbox.flush()
+            if res is None:
+                return
+            datasn = res
+            pos += n
+
+    # -- task management
+
+    def cancel(self, itt: int) -> bool:
+        """ABORT TASK of a read in progress: no status follows the Data-In already sent."""
+        entry = self.tasks.get(itt)
+        if entry is None:
+            return False
+        entry[0].cancel()
+        return True
+
+    def abort(self, lun: int | None) -> None:
+        """Cancel the reads in progress (of ``lun``, or all)."""
+        for task, task_lun in list(self.tasks.values()):
+            if lun is None or task_lun == lun:
+                task.cancel()

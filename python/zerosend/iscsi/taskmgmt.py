@@ -1,0 +1,69 @@
+"""Task management functions (RFC 7143 11.5, 11.6) at ErrorRecoveryLevel 0."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from . import pdu as P
+from .window import sn_lt
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("zerosend.iscsi")
+
+ABORT_TASK, ABORT_TASK_SET, CLEAR_ACA, CLEAR_TASK_SET = 1, 2, 3, 4
+LOGICAL_UNIT_RESET, TARGET_WARM_RESET, TARGET_COLD_RESET, TASK_REASSIGN = 5, 6, 7, 8
+NAMES = {
+    ABORT_TASK: "ABORT TASK",
+    ABORT_TASK_SET: "ABORT TASK SET",
+    CLEAR_ACA: "CLEAR ACA",
+    CLEAR_TASK_SET: "CLEAR TASK SET",
+    LOGICAL_UNIT_RESET: "LOGICAL UNIT RESET",
+    TARGET_WARM_RESET: "TARGET WARM RESET",
+    TARGET_COLD_RESET: "TARGET COLD RESET",
+    TASK_REASSIGN: "TASK REASSIGN",
+}
+# Responses (11.6.1)
+COMPLETE, NO_TASK, NO_LUN, REASSIGNMENT_NOT_SUPPORTED, NOT_SUPPORTED = 0, 1, 2, 4, 5
+REJECTED = 255
+
+
+def task_management(session: Session, req: P.Pdu) -> None:
+    """Carry out one Task Management Function Request and queue its response."""
+    function = req.flags & 0x7F
+    lun = P.decode_lun(req.lun_field)
+    host = session.host
+    if function == ABORT_TASK:
+        ref = req.u32(20)
+        refcmdsn = req.u32(32)
+        if session.writes.cancel(ref) or session.reads.cancel(ref):
+            response = COMPLETE
+        elif not sn_lt(refcmdsn, session.window.expcmdsn) and sn_lt(refcmdsn, req.u32(24)):
+            # RFC 7143 11.5.1: a command in the window that never arrived counts as received
+            response = COMPLETE
+        else:
+            response = NO_TASK  # completed already, or never existed
+    elif function in (ABORT_TASK_SET, CLEAR_TASK_SET, LOGICAL_UNIT_RESET):
+        if function == LOGICAL_UNIT_RESET and lun not in host.luns:
+            response = NO_LUN
+        else:
+            host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)
+            response = COMPLETE
+    elif function == TARGET_WARM_RESET:
+        host.abort_tasks(None, None)
+        response = COMPLETE
+    elif function == TARGET_COLD_RESET:
+        response = COMPLETE
+        host.abort_tasks(None, None)
+        session.loop.call_soon(host.reset)
+    elif function == CLEAR_ACA:
+        response = NOT_SUPPORTED  # ACA is never established (NACA is not supported)
+    elif function == TASK_REASSIGN:
+        response = REASSIGNMENT_NOT_SUPPORTED  # allegiance reassignment needs ErrorRecoveryLevel 2
+    else:
+        response = REJECTED
+    name = NAMES.get(function, f"function {function}")
+    log.info("%s: task management %s lun=%d -> response %d", session.name, name, lun, response)
+    session.responder.send_pdu(P.tmf_response(req.itt, response))
