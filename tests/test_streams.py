@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 
 import zerosend
-from tests.conftest import UNAVAILABLE, read_all
-from zerosend._rig import Rig, fill_chunk, rig_unavailable_reason
+from tests.conftest import read_all
+from zerosend._rig import Rig, fill_chunk
 
 MiB = 1 << 20
 
-RIG_REASON = rig_unavailable_reason()
 CHUNK = MiB
 CHUNKS = 160
 RIG_PORT = 5311
@@ -408,7 +407,7 @@ async def test_refused_arguments() -> None:
             await zerosend.open_connection(sock=udp)
 
 
-async def _stream_chunks(host: str, backend: str, *, reuse_after_release: bool) -> None:
+async def _stream_chunks(host: str, backend: str, *, reuse_after_release: bool) -> dict[str, int]:
     """CHUNKS patterned chunks through one stream: most by write_zc from 4 buffers, each
     refilled for a later chunk; every fifth by write() from one scratch buffer."""
     _, writer = await zerosend.open_connection(host, RIG_PORT, backend=backend)  # type: ignore[arg-type]
@@ -432,42 +431,44 @@ async def _stream_chunks(host: str, backend: str, *, reuse_after_release: bool) 
             await asyncio.sleep(0)
         released[slot] = writer.write_zc(buffers[slot])
         await writer.drain()
+    zs = writer.get_extra_info("zerosend")
+    assert zs.backend == backend
     writer.close()
     await writer.wait_closed()
+    return zs.stats
 
 
-async def _run_on_rig(backend: str, *, reuse_after_release: bool) -> dict[str, Any]:
-    if RIG_REASON is not None:
-        pytest.skip(f"rig unavailable: {RIG_REASON}")
-    if UNAVAILABLE[backend] is not None:
-        pytest.skip(f"{backend} unavailable: {UNAVAILABLE[backend]}")
-    with Rig() as rig:
-        receiver = rig.start_receiver(RIG_PORT, "verify", CHUNK)
-        try:
-            await _stream_chunks(rig.peer_addr, backend, reuse_after_release=reuse_after_release)
-        finally:
-            out, err = await asyncio.to_thread(receiver.communicate, timeout=120)
+async def _run_on_rig(rig: Rig, backend: str, *, reuse_after_release: bool) -> dict[str, Any]:
+    receiver = rig.start_receiver(RIG_PORT, "verify", CHUNK)
+    try:
+        stats = await _stream_chunks(
+            rig.peer_addr, backend, reuse_after_release=reuse_after_release
+        )
+    finally:
+        out, err = await asyncio.to_thread(receiver.communicate, timeout=120)
     assert receiver.returncode == 0, err
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     assert result["bytes"] == CHUNK * CHUNKS
+    # The chunks went as zero-copy sends: the kernel held their pages and said when it let go.
+    assert stats["notifications"] > 0
     return result
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
-async def test_on_the_rig_buffers_reused_after_release_arrive_intact(backend: str) -> None:
+async def test_on_the_rig_buffers_reused_after_release_arrive_intact(
+    rig: Rig, zc_backend: str
+) -> None:
     # Behind veth the kernel holds the pages until the peer's CPU copied them, so a buffer
     # refilled too early would show up as a corrupt chunk at the receiver.
-    result = await _run_on_rig(backend, reuse_after_release=True)
+    result = await _run_on_rig(rig, zc_backend, reuse_after_release=True)
     assert result["chunks"] == CHUNKS
     assert result["corrupt"] == [], f"chunks corrupted on the wire: {result['corrupt']}"
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
-async def test_on_the_rig_reuse_before_release_is_detected(backend: str) -> None:
+async def test_on_the_rig_reuse_before_release_is_detected(rig: Rig, zc_backend: str) -> None:
     # Control: the check above can fail through a stream too.
-    result = await _run_on_rig(backend, reuse_after_release=False)
+    result = await _run_on_rig(rig, zc_backend, reuse_after_release=False)
     assert result["corrupt"], "reusing a buffer before its release went unnoticed"
 
 
