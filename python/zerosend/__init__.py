@@ -29,6 +29,7 @@ from ._native import (
 )
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
+from ._streams import StreamServer, StreamWriter, open_connection, start_server
 
 try:
     __version__ = version("zerosend")
@@ -44,7 +45,11 @@ __all__ = [
     "PoolBuffer",
     "SendResult",
     "Socket",
+    "StreamServer",
+    "StreamWriter",
     "__version__",
     "capabilities",
+    "open_connection",
+    "start_server",
     "wrap",
 ]
