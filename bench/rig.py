@@ -270,3 +270,7 @@ class Rig(_Built):
         # The namespace goes with its netdev tables (the ingress drop) and the veth pair.
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` prefixed to run inside the namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
