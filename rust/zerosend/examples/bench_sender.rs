@@ -240,7 +240,7 @@ fn main() {
     println!(
         "{{\"elapsed\": {elapsed:.6}, \"bytes\": {bytes}, \"sends\": {sends}, \
          \"cpu_user\": {:.6}, \"cpu_sys\": {:.6}, \"maxrss_kib\": {maxrss}, \
-         \"backend\": \"{}\", \"connections\": 1, {}}}",
+         \"backend\": \"{}\", \"connections\": 1, \"stats\": {{{}}}}}",
         user1 - user0,
         sys1 - sys0,
         args.backend.name(),
