@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from bench.rig import in_namespace
+
 ACK = struct.Struct("<Q")
 #: Each chunk of a ``verify`` stream starts with its number.
 HEADER = struct.Struct("<Q")
@@ -238,10 +240,8 @@ def start_receiver(
         argv.append("--once")
     if udp:
         argv.append("--udp")
-    if namespace is not None:
-        argv = ["ip", "netns", "exec", namespace, *argv]
     process = subprocess.Popen(
-        argv,
+        in_namespace(namespace, argv),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -56,14 +56,15 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def _in_ns(ns: str | None, argv: list[str]) -> list[str]:
+def in_namespace(ns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` prefixed to run inside network namespace ``ns`` (as it is if ``ns`` is None)."""
     return ["ip", "netns", "exec", ns, *argv] if ns else argv
 
 
 def _nft(script: str, ns: str | None = None) -> None:
     if shutil.which("nft") is None:
         raise RuntimeError("nftables' nft command is missing (scripts/install-system-deps.sh)")
-    argv = _in_ns(ns, ["nft", "-f", "-"])
+    argv = in_namespace(ns, ["nft", "-f", "-"])
     done = subprocess.run(argv, input=script, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nft failed: {done.stderr.strip()}")
@@ -72,7 +73,7 @@ def _nft(script: str, ns: str | None = None) -> None:
 def _nft_packets(family: str, table: str, ns: str | None = None) -> int:
     """Packets counted by the ``counter`` statements of an nftables table."""
     done = subprocess.run(
-        _in_ns(ns, ["nft", "-j", "list", "table", family, table]),
+        in_namespace(ns, ["nft", "-j", "list", "table", family, table]),
         capture_output=True,
         text=True,
         check=True,
@@ -273,4 +274,4 @@ class Rig(_Built):
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` prefixed to run inside the namespace."""
-        return ["ip", "netns", "exec", self.ns, *argv]
+        return in_namespace(self.ns, argv)

@@ -1,6 +1,7 @@
 """Shared fixtures: the backends this kernel offers, the rig and the ifb sink, and system
 settings changed only through a fixture that always puts them back. Plain helpers are in
-tests/helpers.py (importing it first repairs sysctls a killed run left behind).
+tests/helpers.py, whose import repairs sysctls a killed run left behind before zerosend probes
+the kernel.
 """
 
 from __future__ import annotations
