@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Generator
 from types import TracebackType
@@ -24,6 +25,12 @@ class BufferPool:
     ``async with pool.acquire() as buf``) returns it, but never while the kernel still holds
     it: a buffer with a send in flight goes back when that send is released.
 
+    ``close()`` (or leaving ``async with BufferPool(...) as pool``) gives the pool's io_uring
+    registration back at once and its locked memory as soon as no buffer of it is held or in
+    flight; a pool dropped without ``close()`` does the same when it is garbage-collected. Up to
+    64 pools can be in use with one event loop at a time; there is no limit on how many are
+    created and closed over time.
+
     Raises ``OSError`` naming ``RLIMIT_MEMLOCK`` if the memory cannot be locked.
     ``hugepages=True`` uses 2 MiB pages when the system has them reserved and otherwise warns
     and uses normal pages.
@@ -33,26 +40,33 @@ class BufferPool:
         for name, value in (("count", count), ("size", size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BufferPool {name} must be a positive int, not {value!r}")
-        self._memory = _native.PoolMemory(count, size, hugepages)
-        if hugepages and self._memory.hugepages_fallback:
-            warnings.warn(self._memory.hugepages_fallback, RuntimeWarning, stacklevel=2)
+        memory = _native.PoolMemory(count, size, hugepages)
+        if hugepages and memory.hugepages_fallback:
+            warnings.warn(memory.hugepages_fallback, RuntimeWarning, stacklevel=2)
+        self._count, self._size, self._hugepages = memory.count, memory.size, memory.hugepages
+        # Dropped by close(): acquired buffers hold the memory themselves, so it is unmapped
+        # once the last of them is gone.
+        self._memory: _native.PoolMemory | None = memory
         self._free: deque[int] = deque(range(count))
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # The event loops' drivers that registered the memory, to unregister it on close.
+        self._drivers: weakref.WeakSet[_native.Driver] = weakref.WeakSet()
+        self._closed = False
 
     @property
     def count(self) -> int:
         """Number of buffers in the pool."""
-        return self._memory.count
+        return self._count
 
     @property
     def size(self) -> int:
         """Bytes per buffer."""
-        return self._memory.size
+        return self._size
 
     @property
     def hugepages(self) -> bool:
         """True if the pool really lives in huge pages."""
-        return self._memory.hugepages
+        return self._hugepages
 
     @property
     def available(self) -> int:
@@ -63,10 +77,56 @@ class BufferPool:
         """A free buffer: ``await pool.acquire()`` or ``async with pool.acquire() as buf``."""
         return _Acquire(self)
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop handing out buffers and give the pool's memory back.
+
+        The io_uring registration goes at once (sends in flight keep their pages); the locked
+        memory is unmapped once no acquired buffer of the pool remains (each goes when it is
+        released and its sends were released by the kernel). Waiting ``acquire()`` calls raise
+        ``ValueError``. Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        memory, self._memory = self._memory, None
+        for driver in list(self._drivers):
+            if memory is not None and not driver.forked:  # a fork child leaves the parent's
+                driver.unregister_pool(memory)
+        self._drivers.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ValueError("the buffer pool was closed"))
+
+    async def __aenter__(self) -> BufferPool:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
     async def _take(self) -> PoolBuffer:
+        memory = self._memory
+        if memory is None:
+            raise ValueError("the buffer pool is closed; create a new one")
         loop = asyncio.get_running_loop()
         # Registration is per event loop (per io_uring); repeated calls are no-ops.
-        _driver_for(loop).register_pool(self._memory)
+        driver = _driver_for(loop)
+        driver.register_pool(memory)
+        self._drivers.add(driver)
         while not self._free:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
@@ -78,7 +138,9 @@ class BufferPool:
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
-        return self._memory.buffer(self._free.popleft(), self._give_back)
+            if self._closed:
+                raise ValueError("the buffer pool was closed")
+        return memory.buffer(self._free.popleft(), self._give_back)
 
     def _give_back(self, index: int) -> None:
         self._free.append(index)
@@ -92,7 +154,11 @@ class BufferPool:
                 return
 
     def __repr__(self) -> str:
-        return f"<zerosend.BufferPool {self.available}/{self.count} free, {self.size} bytes each>"
+        state = " closed" if self._closed else ""
+        return (
+            f"<zerosend.BufferPool {self.available}/{self.count} free, "
+            f"{self.size} bytes each{state}>"
+        )
 
 
 class _Acquire:

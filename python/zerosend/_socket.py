@@ -30,7 +30,9 @@ _drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _native.Driver] =
 
 def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     driver = _drivers.get(loop)
-    if driver is None:
+    # A driver inherited through fork() belongs to the parent (shared epoll set and io_uring);
+    # a child that runs this same loop object gets a driver of its own.
+    if driver is None or driver.forked:
         driver = _native.Driver()
         loop.add_reader(driver.fileno(), driver.dispatch)
         _drivers[loop] = driver
@@ -140,7 +142,8 @@ class Socket:
         until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
         """
         future = self._loop.create_future()
-        self._driver.submit(self._handle, buf, True, future)
+        if self._driver.submit(self._handle, buf, True, future):
+            self._loop.call_soon(self._driver.flush)
         return future
 
     def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
@@ -149,7 +152,8 @@ class Socket:
         Resolves once the kernel has copied all of it (``zerocopy`` is False).
         """
         future = self._loop.create_future()
-        self._driver.submit(self._handle, buf, False, future)
+        if self._driver.submit(self._handle, buf, False, future):
+            self._loop.call_soon(self._driver.flush)
         return future
 
     async def drain(self) -> None:

@@ -5,6 +5,7 @@
 //! loop's own thread.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::PyValueError;
@@ -23,12 +24,14 @@ type CoreDriver = zerosend::Driver<Py<PyAny>, PyBuf>;
 type CoreCompletion = Completion<Py<PyAny>, PyBuf>;
 
 /// Drives zero-copy sends of many sockets for one event loop.
-#[pyclass(frozen, module = "zerosend._native")]
+#[pyclass(frozen, weakref, module = "zerosend._native")]
 pub struct Driver {
     // Only the loop thread uses a driver; the mutex makes that safe to state, and it is never
     // held while Python code can run: futures are resolved and buffers released (which may run
     // a pool's callback) after unlocking.
     core: Mutex<CoreDriver>,
+    /// A `flush` call is scheduled on the loop: later submits of this turn need no other.
+    flush_scheduled: AtomicBool,
 }
 
 impl Driver {
@@ -99,7 +102,14 @@ impl Driver {
     fn new() -> PyResult<Self> {
         Ok(Self {
             core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
+            flush_scheduled: AtomicBool::new(false),
         })
+    }
+
+    /// True in a process that inherited this driver through fork(): it belongs to the parent.
+    #[getter]
+    fn forked(&self) -> bool {
+        self.lock().forked()
     }
 
     /// The descriptor to watch for readability.
@@ -135,7 +145,9 @@ impl Driver {
     }
 
     /// Submits one send (a buffer, or a list/tuple of buffers sent as one) whose completion
-    /// resolves `future` with a `SendResult`.
+    /// resolves `future` with a `SendResult`. Returns True when the caller should schedule
+    /// `flush` to run once this event loop turn's callbacks are done: io_uring requests are handed
+    /// to the kernel together, one system call for every send of the turn.
     fn submit(
         &self,
         py: Python<'_>,
@@ -143,22 +155,37 @@ impl Driver {
         buffers: &Bound<'_, PyAny>,
         zerocopy: bool,
         future: Py<PyAny>,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let bufs = extract_buffers(buffers)?;
-        let (submitted, completions) = {
+        let (submitted, needs_flush, completions) = {
             let mut core = self.lock();
             let submitted = core.submit(SocketId::from_raw(socket), bufs, zerocopy, future);
-            (submitted, Self::collect(&mut core))
+            (submitted, core.needs_flush(), Self::collect(&mut core))
         };
         resolve_all(py, completions)?;
         // A rejected send's buffers are released here, outside the lock.
-        submitted.map_err(|rejected| to_pyerr(rejected.error))
+        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+    }
+
+    /// Hands the io_uring requests queued by `submit` to the kernel.
+    fn flush(&self) -> PyResult<()> {
+        self.flush_scheduled.store(false, Ordering::Release);
+        self.lock().flush().map_err(to_pyerr)
     }
 
     /// Lets sends from the pool's memory use io_uring registered buffers on this driver.
     fn register_pool(&self, pool: &PoolMemory) -> PyResult<()> {
         self.lock()
             .register_region(std::sync::Arc::clone(&pool.region))
+            .map_err(to_pyerr)
+    }
+
+    /// Stops using the pool's memory for registered-buffer sends on this driver and gives its
+    /// slot back; sends already in flight from it are not affected.
+    fn unregister_pool(&self, pool: &PoolMemory) -> PyResult<()> {
+        self.lock()
+            .unregister_region(&pool.region)
             .map_err(to_pyerr)
     }
 
@@ -240,6 +267,8 @@ impl Driver {
             ("zerocopy_refusals", s.zerocopy_refusals),
             ("fixed_buffer_sends", s.fixed_buffer_sends),
             ("errors", s.errors),
+            ("queued_errors", s.queued_errors),
+            ("truncated_control_messages", s.truncated_control_messages),
         ] {
             dict.set_item(key, value)?;
         }

@@ -1,6 +1,6 @@
 //! The single boundary where core errors become Python exceptions.
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use zerosend::Error;
@@ -13,10 +13,12 @@ pyo3::create_exception!(
 );
 
 /// Converts a core error: kernel failures become the matching `OSError` subclass with `errno`
-/// (`BrokenPipeError`, `ConnectionResetError`, ...), argument problems become `ValueError`.
+/// (`BrokenPipeError`, `ConnectionResetError`, ...), argument problems become `ValueError`, and
+/// use of an object inherited through fork() becomes `RuntimeError`.
 pub fn to_pyerr(err: Error) -> PyErr {
     let message = err.to_string();
     match (&err, err.errno()) {
+        (Error::Forked, _) => PyRuntimeError::new_err(message),
         (Error::BackendUnavailable { .. }, Some(errno)) => {
             BackendUnavailableError::new_err((errno, message))
         }

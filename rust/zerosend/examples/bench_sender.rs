@@ -183,6 +183,7 @@ fn main() {
                 stopping = true;
             }
         }
+        driver.flush().unwrap_or_else(|e| fail("flush", e));
         done.extend(driver.take_completions());
         if done.is_empty() {
             if stopping && inflight == 0 {

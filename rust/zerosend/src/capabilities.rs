@@ -1,12 +1,14 @@
 //! Run-time probing of what this kernel offers for zero-copy transmit, with the reason for each "no".
 
-use std::os::fd::AsFd;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 
-use io_uring::{opcode, IoUring, Probe};
+use io_uring::{cqueue, opcode, types, IoUring, Probe};
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
 use crate::error::errno_of;
+use crate::ring::SEND_ZC_REPORT_USAGE;
 use crate::sys;
 
 /// What the running kernel supports. Each `Err` holds a sentence saying why not.
@@ -14,7 +16,8 @@ use crate::sys;
 pub struct Capabilities {
     /// Kernel release, e.g. "6.18.44".
     pub kernel: String,
-    /// io_uring with `IORING_OP_SEND_ZC` and `IORING_OP_SENDMSG_ZC` (Linux 6.0/6.1).
+    /// io_uring with `IORING_OP_SEND_ZC` and `IORING_OP_SENDMSG_ZC` (Linux 6.0/6.1) that can
+    /// report whether a send was copied (`IORING_SEND_ZC_REPORT_USAGE`, Linux 6.2).
     pub io_uring_send_zc: Result<(), String>,
     /// `SO_ZEROCOPY` + `MSG_ZEROCOPY` on TCP sockets (Linux 4.14).
     pub msg_zerocopy: Result<(), String>,
@@ -39,7 +42,7 @@ fn io_uring_disabled_sysctl() -> Option<u32> {
 }
 
 fn probe_io_uring() -> Result<(), String> {
-    let ring = match IoUring::new(4) {
+    let mut ring = match IoUring::new(4) {
         Ok(ring) => ring,
         Err(err) => {
             let errno = errno_of(&err);
@@ -81,6 +84,39 @@ fn probe_io_uring() -> Result<(), String> {
             sys::kernel_release()
         ));
     }
+    probe_report_usage(&mut ring)
+}
+
+/// Whether SEND_ZC takes `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2; early 6.1 kernels refuse
+/// it), without which a send's result could not say whether the kernel copied it. Sends one
+/// byte on an unconnected UDP socket: a kernel that knows the flag fails the send itself
+/// (EDESTADDRREQ), one that does not rejects the request (EINVAL).
+fn probe_report_usage(ring: &mut IoUring) -> Result<(), String> {
+    static BYTE: [u8; 1] = [0];
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| format!("could not create a UDP socket to probe io_uring SEND_ZC: {e}"))?;
+    let entry = opcode::SendZc::new(types::Fd(socket.as_raw_fd()), BYTE.as_ptr(), 1)
+        .zc_flags(SEND_ZC_REPORT_USAGE)
+        .build();
+    // SAFETY: the request reads one byte of a static, and the socket outlives it: both of its
+    // completions are awaited below before the socket is closed.
+    unsafe { ring.submission().push(&entry) }
+        .map_err(|_| "the io_uring probe ring was full".to_string())?;
+    let probed = |e: std::io::Error| format!("probing io_uring SEND_ZC failed: {e}");
+    ring.submit_and_wait(1).map_err(probed)?;
+    let Some(cqe) = ring.completion().next() else {
+        return Err("probing io_uring SEND_ZC gave no completion".into());
+    };
+    if cqueue::more(cqe.flags()) {
+        ring.submit_and_wait(1).map_err(probed)?; // the notification: the send is over
+    }
+    if cqe.result() == -libc::EINVAL {
+        return Err(format!(
+            "io_uring SEND_ZC on kernel {} does not take IORING_SEND_ZC_REPORT_USAGE (needs \
+             Linux 6.2 or newer), so it could not tell zero-copy sends from copied ones",
+            sys::kernel_release()
+        ));
+    }
     Ok(())
 }
 
@@ -99,4 +135,15 @@ fn probe_msg_zerocopy() -> Result<(), String> {
         ),
         e => format!("setsockopt(SO_ZEROCOPY) failed: {e} ({})", e.desc()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_reports_send_zc_usage() {
+        let mut ring = IoUring::new(4).unwrap();
+        assert_eq!(probe_report_usage(&mut ring), Ok(()));
+    }
 }

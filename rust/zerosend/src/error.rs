@@ -23,6 +23,14 @@ pub enum Error {
     /// A buffer pool could not be set up; the message names the limit involved.
     #[error("{0}")]
     Pool(String),
+    /// The driver (or a socket wrapped by it) was inherited through `fork()`: it belongs to the
+    /// parent, which keeps using it, so the child must not touch it.
+    #[error(
+        "this zerosend object was inherited through fork(): its event loop driver, io_uring and \
+         pending sends belong to the parent process; in the child, wrap a socket anew on the \
+         child's own event loop"
+    )]
+    Forked,
     /// The socket was closed through zerosend; nothing more can be sent on it.
     #[error("the zerosend socket is closed; wrap a new connected socket to send again")]
     Closed,
@@ -40,7 +48,7 @@ impl Error {
             Error::BackendUnavailable { .. } => Some(libc::EOPNOTSUPP),
             Error::Closed => Some(libc::EBADF),
             Error::Pool(_) => Some(libc::ENOMEM),
-            Error::UnsupportedSocket(_) | Error::InvalidArgument(_) => None,
+            Error::UnsupportedSocket(_) | Error::InvalidArgument(_) | Error::Forked => None,
         }
     }
 }

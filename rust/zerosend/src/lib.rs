@@ -10,6 +10,7 @@ mod buf;
 mod capabilities;
 mod driver;
 mod error;
+mod fork;
 mod op;
 mod region;
 mod registry;

@@ -52,6 +52,12 @@ pub(crate) struct SendOp<T, B> {
     pub in_ring: bool,
     /// Zero-copy notifications still to come.
     pub notifications_pending: u32,
+    /// Number of the op's latest io_uring request.
+    pub request: u32,
+    /// io_uring requests of this op whose result said a notification follows, still to come.
+    pub ring_notifications: Vec<u32>,
+    /// The notification of the request in the ring came before its result.
+    pub notified_before_result: bool,
     /// A notification said the kernel copied after all.
     pub kernel_copied: bool,
     /// The io_uring fixed-buffer slot holding this single-buffer send, if registered.
@@ -72,6 +78,9 @@ impl<T, B: IoBuf> SendOp<T, B> {
             queued: true,
             in_ring: false,
             notifications_pending: 0,
+            request: 0,
+            ring_notifications: Vec::new(),
+            notified_before_result: false,
             kernel_copied: false,
             fixed: None,
             error: None,

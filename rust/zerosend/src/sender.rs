@@ -60,6 +60,8 @@ struct Shared<B: IoBuf> {
     driver: Mutex<SenderDriver<B>>,
     /// Wakes the driving task when the sender is dropped.
     shutdown: Notify,
+    /// Wakes the driving task to hand queued io_uring requests to the kernel.
+    flush: Notify,
 }
 
 impl<B: IoBuf> Shared<B> {
@@ -94,6 +96,7 @@ impl<B: IoBuf + Send + 'static> ZeroCopySender<B> {
         let shared = Arc::new(Shared {
             driver: Mutex::new(driver),
             shutdown: Notify::new(),
+            flush: Notify::new(),
         });
         // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and names the
         // same epoll instance for the AsyncFd's whole life.
@@ -133,6 +136,11 @@ impl<B: IoBuf + Send + 'static> ZeroCopySender<B> {
         let outcome = {
             let mut driver = self.shared.lock();
             let submitted = driver.submit(self.id, vec![buf], zerocopy, Arc::clone(&slot));
+            if driver.needs_flush() {
+                // The driving task hands this send to the kernel together with every other
+                // submitted before it runs: one system call for the batch.
+                self.shared.flush.notify_one();
+            }
             let ready: Vec<_> = driver.take_completions().collect();
             (submitted, ready)
         };
@@ -210,6 +218,7 @@ async fn drive<B: IoBuf + Send + 'static>(
                 Err(_) => break,
             },
             _ = shared.shutdown.notified(), if !closing => closing = true,
+            _ = shared.flush.notified() => {}
         }
         let (ready, done) = {
             let mut driver = shared.lock();

@@ -202,21 +202,32 @@ pub struct ZerocopyCompletion {
 pub struct ErrorQueueReport {
     /// A pending socket error (for example ICMP unreachable on UDP), if one was queued.
     pub socket_error: Option<Errno>,
+    /// Messages whose control data was cut short (`MSG_CTRUNC`).
+    pub truncated: u64,
 }
 
 /// Drains the socket's error queue without blocking, calling `on_completion` for each
 /// zero-copy completion found.
 pub fn drain_error_queue(
     fd: RawFd,
+    on_completion: impl FnMut(ZerocopyCompletion),
+) -> std::result::Result<ErrorQueueReport, Errno> {
+    let mut cmsg_space = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+    drain_error_queue_into(fd, &mut cmsg_space, on_completion)
+}
+
+#[allow(clippy::ptr_arg)] // nix's recvmsg takes the control buffer as a Vec
+fn drain_error_queue_into(
+    fd: RawFd,
+    cmsg_space: &mut Vec<u8>,
     mut on_completion: impl FnMut(ZerocopyCompletion),
 ) -> std::result::Result<ErrorQueueReport, Errno> {
     let mut report = ErrorQueueReport::default();
-    let mut cmsg_space = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
     loop {
         let msg = match socket::recvmsg::<()>(
             fd,
             &mut [],
-            Some(&mut cmsg_space),
+            Some(cmsg_space),
             MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
         ) {
             Ok(msg) => msg,
@@ -224,6 +235,9 @@ pub fn drain_error_queue(
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
         };
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            report.truncated += 1;
+        }
         let Ok(cmsgs) = msg.cmsgs() else { continue };
         for cmsg in cmsgs {
             let err = match cmsg {
@@ -249,4 +263,40 @@ pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+
+    /// A UDP socket with `IP_RECVERR` whose error queue holds the ICMP port unreachable for a
+    /// datagram sent to a closed port.
+    fn socket_with_queued_icmp_error() -> UdpSocket {
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap();
+        drop(closed);
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(target).unwrap();
+        socket::setsockopt(&socket, sockopt::Ipv4RecvErr, &true).unwrap();
+        socket.send(b"ping").unwrap(); // loopback answers before send() returns
+        socket
+    }
+
+    #[test]
+    fn a_queued_icmp_error_is_reported() {
+        let socket = socket_with_queued_icmp_error();
+        let report = drain_error_queue(socket.as_raw_fd(), |_| {}).unwrap();
+        assert_eq!(report.socket_error, Some(Errno::ECONNREFUSED));
+        assert_eq!(report.truncated, 0);
+    }
+
+    #[test]
+    fn truncated_control_data_is_counted() {
+        let socket = socket_with_queued_icmp_error();
+        let mut too_small = vec![0u8; 8];
+        let report = drain_error_queue_into(socket.as_raw_fd(), &mut too_small, |_| {}).unwrap();
+        assert_eq!(report.truncated, 1);
+    }
 }

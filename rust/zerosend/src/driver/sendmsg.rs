@@ -45,27 +45,31 @@ impl<T, B: IoBuf> Driver<T, B> {
         self.read_error_queue(index, false);
     }
 
-    /// Like `read_notifications`, after a zero-copy datagram failed: the kernel may have
-    /// numbered it before failing (the datagram was built, then dropped by netfilter or a full
-    /// qdisc) and then queued that number's completion during the failing call. The number is
-    /// accounted for, so that later numbers still match their sends.
-    fn read_error_queue(&mut self, index: u32, after_failed_datagram: bool) {
+    /// Like `read_notifications`, after a zero-copy datagram failed; returns true if the kernel
+    /// had numbered it. A datagram that failed while it was being built is not numbered (the
+    /// kernel takes its number back), but one built and then dropped on the way out (a full
+    /// qdisc, netfilter: `ENOBUFS` or `EPERM` with `IP_RECVERR`) keeps its number, and the skb's
+    /// release queues that number's completion during the failing call. Any completion covering
+    /// the next number must be that one (later numbers were never issued), so the number is
+    /// accounted for and later numbers still match their sends.
+    fn read_error_queue(&mut self, index: u32, after_failed_datagram: bool) -> bool {
         let mut completions = std::mem::take(&mut self.scratch_completions);
         completions.clear();
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
-            return;
+            return false;
         };
         let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
         let next = entry.tracker.next_number();
-        if after_failed_datagram
+        let numbered = after_failed_datagram
             && completions
                 .iter()
-                .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo))
-        {
+                .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo));
+        if numbered {
             entry.tracker.push(UNOWNED);
         }
         self.apply_completions(index, &completions, drained);
         self.scratch_completions = completions;
+        numbered
     }
 
     fn apply_completions(
@@ -93,10 +97,22 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
             });
         }
-        if let Err(e) = drained {
+        match drained {
+            Ok(report) => {
+                entry.stats.truncated_control_messages += report.truncated;
+                if let Some(errno) = report.socket_error {
+                    // Reading the error queue took the error from the socket (the kernel clears
+                    // its pending error with it), so it is reported from here: on UDP the next
+                    // send fails with it, as a plain send() would have.
+                    entry.stats.queued_errors += 1;
+                    if entry.transport == Transport::Udp {
+                        entry.pending_error = Some(errno);
+                    }
+                }
+            }
             // Reading the error queue cannot fail on a live socket; if it does, nothing more will
             // arrive there, so end the stream rather than wait forever.
-            self.fail_socket(index, Error::os("reading the socket error queue", e));
+            Err(e) => self.fail_socket(index, Error::os("reading the socket error queue", e)),
         }
         let released = !self.scratch_keys.is_empty();
         for i in 0..self.scratch_keys.len() {
@@ -124,17 +140,19 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
                 return;
             };
-            if entry.awaiting_release {
+            // A chain in the ring holds the head of the stream; the rest waits for it.
+            if entry.awaiting_release || entry.ring_chain > 0 {
                 return;
+            }
+            if let Some(errno) = entry.pending_error.take() {
+                self.send_failed(index, key, errno);
+                continue;
             }
             let fd = entry.fd.as_raw_fd();
             let op = self.ops[key as usize].as_ref().expect("queued send exists");
-            if op.in_ring {
-                return;
-            }
             let zerocopy = op.zerocopy();
             if entry.backend == Backend::IoUring && zerocopy {
-                self.submit_to_ring(index, key, fd);
+                self.wait_for_ring(index);
                 return;
             }
             // Copying sends queued behind each other on a stream go in one sendmsg.
@@ -181,8 +199,13 @@ impl<T, B: IoBuf> Driver<T, B> {
                     self.wait_writable(index);
                     return;
                 }
-                Err(e) if self.zerocopy_refused(index, key, e) => {
-                    if self.entries[index as usize]
+                Err(e) => {
+                    // A numbered datagram was built and then dropped: the refusal to pin memory
+                    // that the same errno can mean did not happen, so the send fails.
+                    let numbered = zerocopy && datagram && self.read_error_queue(index, true);
+                    if numbered || !self.zerocopy_refused(index, key, e) {
+                        self.send_failed(index, key, e);
+                    } else if self.entries[index as usize]
                         .as_ref()
                         .is_some_and(|entry| entry.awaiting_release)
                     {
@@ -190,12 +213,6 @@ impl<T, B: IoBuf> Driver<T, B> {
                         self.read_notifications(index);
                         return;
                     }
-                }
-                Err(e) => {
-                    if zerocopy && datagram {
-                        self.read_error_queue(index, true);
-                    }
-                    self.send_failed(index, key, e);
                 }
             }
         }
