@@ -78,9 +78,13 @@ $(MUTANTS_VENV)/.installed: pyproject.toml
 	$(MUTANTS_VENV)/bin/python -m pip install -q $(TEST_DEPS)
 	touch $@
 
+# A wheel, not `maturin develop`: an editable install would put the faulty extension into
+# python/zerosend/, where .venv's editable install would pick it up too.
 test-mutants: system-deps $(MUTANTS_VENV)/.installed
-	VIRTUAL_ENV=$(abspath $(MUTANTS_VENV)) CARGO_TARGET_DIR=target/mutants \
-		$(MUTANTS_VENV)/bin/maturin develop --release --quiet --features mutants
+	rm -rf target/mutants/wheels
+	CARGO_TARGET_DIR=target/mutants $(MUTANTS_VENV)/bin/maturin build --release --quiet \
+		--features mutants --out target/mutants/wheels
+	$(MUTANTS_VENV)/bin/python -m pip install -q --force-reinstall --no-deps target/mutants/wheels/*.whl
 	$(MUTANTS_VENV)/bin/python scripts/mutants.py
 
 clean:
