@@ -82,7 +82,8 @@ $(MUTANTS_VENV)/.installed: pyproject.toml
 # python/zerosend/, where .venv's editable install would pick it up too.
 test-mutants: system-deps $(MUTANTS_VENV)/.installed
 	rm -rf target/mutants/wheels
-	CARGO_TARGET_DIR=target/mutants $(MUTANTS_VENV)/bin/maturin build --release --quiet \
+	VIRTUAL_ENV=$(abspath $(MUTANTS_VENV)) CARGO_TARGET_DIR=target/mutants \
+		$(MUTANTS_VENV)/bin/maturin build --release --quiet \
 		--features mutants --out target/mutants/wheels
 	$(MUTANTS_VENV)/bin/python -m pip install -q --force-reinstall --no-deps target/mutants/wheels/*.whl
 	$(MUTANTS_VENV)/bin/python scripts/mutants.py
