@@ -421,11 +421,13 @@ async def _stream_chunks(host: str, backend: str, *, reuse_after_release: bool) 
             if previous is not None:
                 await previous  # the contract: reuse only once the kernel released it
             fill_chunk(buffers[slot], index)
+            released[slot] = writer.write_zc(buffers[slot])
         else:
-            # The mistake the contract prevents: overwrite memory the kernel may still hold.
             fill_chunk(memoryview(buffers[slot]), index)
-            await asyncio.sleep(0)
-        released[slot] = writer.write_zc(buffers[slot])
+            released[slot] = writer.write_zc(buffers[slot])
+            # The mistake the contract prevents: overwrite memory the kernel still holds, right
+            # after handing it over (before the peer's CPU can have copied it).
+            fill_chunk(memoryview(buffers[slot]), index + CHUNKS)
         await writer.drain()
     zs = writer.get_extra_info("zerosend")
     assert zs.backend == backend
