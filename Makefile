@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
-		"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13"
+		"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" \
+		"trio>=0.25" "anyio>=4.7" "sniffio>=1.3"
 	touch $@
 
 venv: $(VENV)/.installed

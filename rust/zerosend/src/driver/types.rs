@@ -92,6 +92,9 @@ pub struct SocketStats {
     pub bytes_copied_requested: u64,
     /// ... because the socket uses the copy backend.
     pub bytes_copied_backend: u64,
+    /// Bytes sent from files with `sendfile(2)` (`send_file`): page cache to socket, never through
+    /// user memory; not counted in bytes_copied.
+    pub bytes_sendfile: u64,
     /// Zero-copy release notifications received (ranges on MSG_ZEROCOPY, CQEs on io_uring).
     pub notifications: u64,
     /// MSG_ZEROCOPY completion ranges that did not start at the oldest outstanding send.
