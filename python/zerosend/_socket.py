@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import sys
@@ -150,13 +151,13 @@ def _file_descriptor(file: FileSource) -> int:
         )
     try:
         fd = fileno()
-    except ValueError as error:  # a closed Python file
-        raise ValueError(f"send_file() got a closed file: {error}") from None
-    except OSError as error:  # io.BytesIO and the like have no descriptor
+    except io.UnsupportedOperation as error:  # io.BytesIO and the like have no descriptor
         raise TypeError(
             f"send_file() needs a file backed by a descriptor; {type(file).__name__} has none "
             f"({error}); send its bytes with send_zc()"
         ) from None
+    except ValueError as error:  # a closed Python file
+        raise ValueError(f"send_file() got a closed file: {error}") from None
     if not isinstance(fd, int):
         raise TypeError(f"{type(file).__name__}.fileno() returned {fd!r}, not an int")
     return fd
