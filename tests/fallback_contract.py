@@ -289,6 +289,51 @@ async def buffer_pool() -> Facts:
     return {"hugepages": pool.hugepages}
 
 
+async def fork_leaves_the_parent_alone() -> Facts:
+    """A child that inherited a wrapper cannot use it and, dropping it, takes nothing from the
+    parent, whose next sends still resolve; the child can wrap a socket of its own."""
+    import os
+
+    client, server = await tcp_pair()
+    zs = zerosend.wrap(client)
+    await zs.send_zc(b"before")
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if every expectation held
+        code = 1
+        try:
+            try:
+                zs.send_zc(b"child")
+            except RuntimeError as e:
+                code = 0 if "fork" in str(e) else 2
+            del zs  # dropping the inherited wrapper must not touch the parent's driver
+            import gc
+
+            gc.collect()
+
+            async def own_socket() -> None:
+                mine, theirs = await tcp_pair()
+                own = zerosend.wrap(mine)
+                await own.send_zc(b"own")
+                await own.aclose()
+                got = bytearray()
+                await read_all(theirs, got)
+                assert got == b"own", got
+
+            asyncio.run(own_socket())
+        except BaseException:
+            code = code or 3
+        os._exit(code)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"child failed: {status}"
+    await zs.send_zc(b" after")
+    await zs.aclose()
+    received = bytearray()
+    await read_all(server, received)
+    server.close()
+    assert received == b"before after", received
+    return {}
+
+
 async def reports_why() -> Facts:
     """Only meaningful with the extension hidden: everything says why there is no zero-copy."""
     from tests.hide_native import HIDDEN_BECAUSE
@@ -332,6 +377,7 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Facts]]] = {
         bad_arguments,
         udp_datagrams,
         buffer_pool,
+        fork_leaves_the_parent_alone,
         reports_why,
     )
 }

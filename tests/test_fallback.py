@@ -33,6 +33,7 @@ CONTRACT = [
     "bad_arguments",
     "udp_datagrams",
     "buffer_pool",
+    "fork_leaves_the_parent_alone",
 ]
 
 

@@ -234,3 +234,34 @@ async def test_send_file_between_zero_copy_sends_on_the_rig(
         await zs.aclose()
     assert report["bytes"] == 24 * (256 + 512) * KiB
     assert report["sha256"] == expected.hexdigest()
+
+
+async def test_stream_writer_send_file_between_writes(
+    backend: str, data_file: tuple[Path, bytes]
+) -> None:
+    path, content = data_file
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.read())
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        _, writer = await zerosend.open_connection("127.0.0.1", port, backend=backend)  # type: ignore[arg-type]
+        with path.open("rb") as file:
+            writer.write(b"head:")
+            first = writer.send_file(file, 100, 200_000)
+            writer.write_zc(bytearray(b"z" * 20_000))
+            with pytest.raises(ValueError, match="past the end"):
+                writer.send_file(file, 0, len(content) + 1)
+            rest = writer.send_file(file)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await done.wait()
+    assert (await first).nbytes == 200_000 and (await rest).nbytes == len(content)
+    assert received == b"head:" + content[100:200_100] + b"z" * 20_000 + content

@@ -22,6 +22,7 @@ except ImportError as error:
 from ._native import BackendUnavailableError, Capabilities, PoolBuffer, SendResult, capabilities
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
+from ._streams import StreamServer, StreamWriter, open_connection, start_server
 
 try:
     __version__ = version("zerosend")
@@ -36,7 +37,11 @@ __all__ = [
     "PoolBuffer",
     "SendResult",
     "Socket",
+    "StreamServer",
+    "StreamWriter",
     "__version__",
     "capabilities",
+    "open_connection",
+    "start_server",
     "wrap",
 ]

@@ -44,6 +44,12 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 102
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _UNKNOWN_BACKENDS = 'use "auto", "io_uring", "msg_zerocopy" or "copy"'
 
+_FORKED = (
+    "this zerosend object was inherited through fork(): its event loop driver and pending "
+    "sends belong to the parent process; in the child, wrap a socket anew on the child's own "
+    "event loop"
+)
+
 #: Why the extension is not there; set by :func:`stand_in_for_native`.
 _why_no_native = "the zerosend._native extension is not loaded"
 
@@ -360,14 +366,21 @@ class Driver:
 
     @property
     def forked(self) -> bool:
-        """True in a process that inherited this driver through fork(): it belongs to the parent."""
+        """True in a process that inherited this driver through fork(): it belongs to the parent
+        (the selector's epoll set is shared with it), so the child must not touch it."""
         return os.getpid() != self._pid
 
+    def _check_not_forked(self) -> None:
+        if self.forked:
+            raise RuntimeError(_FORKED)
+
     def fileno(self) -> int:
+        self._check_not_forked()
         return self._selector.fileno()
 
     def register(self, fd: int, backend: str | None, zerocopy_threshold: int) -> int:
         # zerocopy_threshold has nothing to decide here: every send copies.
+        self._check_not_forked()
         if backend not in (None, "auto", "io_uring", "msg_zerocopy", "copy"):
             raise ValueError(f'unknown backend "{backend}"; {_UNKNOWN_BACKENDS}')
         if fd < 0:
@@ -397,12 +410,13 @@ class Driver:
         return handle
 
     def _entry(self, handle: int) -> _Entry:
+        self._check_not_forked()
         entry = self._entries.get(handle)
         if entry is None or entry.closing:
             raise _closed()
         return entry
 
-    def submit(self, socket: int, buffers: Any, zerocopy: bool, future: Any) -> None:
+    def submit(self, socket: int, buffers: Any, zerocopy: bool, future: Any) -> bool:
         views = _export_all(buffers)
         try:
             entry = self._entry(socket)
@@ -418,15 +432,20 @@ class Driver:
             # The stream already broke: this send fails like the ones before it.
             _release(views)
             _resolve(future, None, entry.failed)
-            return
+            return False
         entry.inflight += 1
         entry.queue.append(_Send(future, views, requested=not zerocopy))
         if len(entry.queue) == 1:
             self._pump(entry)
+        return False  # written at once: nothing waits for a flush
+
+    def flush(self) -> None:
+        """Nothing to flush: sends are written when submitted."""
+        self._check_not_forked()
 
     def submit_file(
         self, socket: int, fd: int, offset: int, count: int | None, future: Any
-    ) -> None:
+    ) -> bool:
         if fd < 0:
             raise ValueError("the file is closed (fileno() is -1)")
         entry = self._entry(socket)
@@ -449,22 +468,30 @@ class Driver:
             )
         if entry.failed is not None:
             _resolve(future, None, entry.failed)
-            return
+            return False
         send = _Send(future, [], requested=True)
         send.file, send.offset, send.total = os.dup(fd), offset, count
         entry.inflight += 1
         entry.queue.append(send)
         if len(entry.queue) == 1:
             self._pump(entry)
+        return False
 
     def register_pool(self, pool: PoolMemory) -> None:
         """Nothing to register: pool buffers are sent like any buffer here."""
+        self._check_not_forked()
+
+    def unregister_pool(self, pool: PoolMemory) -> None:
+        """Nothing was registered."""
+        self._check_not_forked()
 
     def dispatch(self) -> None:
+        self._check_not_forked()
         for key, _ in self._selector.select(0):
             self._pump(key.data)
 
     def drain(self, socket: int, future: Any) -> None:
+        self._check_not_forked()
         entry = self._entries.get(socket)
         if entry is None or entry.inflight == 0:
             _resolve(future, None, None)
@@ -472,6 +499,8 @@ class Driver:
             entry.drain_waiters.append(future)
 
     def close(self, socket: int) -> None:
+        if self.forked:
+            return  # the parent's: touching its selector would change the parent's epoll set
         entry = self._entries.get(socket)
         if entry is None or entry.closing:
             return
@@ -625,6 +654,8 @@ class Driver:
             _resolve(waiter, None, None)
 
     def __del__(self) -> None:
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # inherited through fork(): the parent's to close
         for entry in getattr(self, "_entries", {}).values():
             entry.sock.close()
             _claimed.discard(entry.key)
