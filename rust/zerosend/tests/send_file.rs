@@ -5,19 +5,10 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 
-use zerosend::{Backend, Capabilities, Completion, Driver, SocketOptions};
+mod common;
 
-fn backends() -> Vec<Backend> {
-    let caps = Capabilities::probe();
-    let mut all = vec![Backend::Copy];
-    if caps.msg_zerocopy.is_ok() {
-        all.push(Backend::MsgZerocopy);
-    }
-    if caps.io_uring_send_zc.is_ok() {
-        all.push(Backend::IoUring);
-    }
-    all
-}
+use common::backends;
+use zerosend::{Completion, Driver, SocketOptions};
 
 fn temp_file(content: &[u8]) -> std::fs::File {
     let path = std::env::temp_dir().join(format!("zerosend-send-file-{}", std::process::id()));
