@@ -163,6 +163,13 @@ def _file_descriptor(file: FileSource) -> int:
     return fd
 
 
+def _check_byte_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 class Socket:
     """A socket whose sends complete only when the kernel released their buffers.
 
@@ -239,13 +246,9 @@ class Socket:
         with an error.
         """
         fd = _file_descriptor(file)
-        for name, value in (("offset", offset), ("count", count)):
-            if value is None and name == "count":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__!r}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_byte_count("offset", offset)
+        if count is not None:
+            _check_byte_count("count", count)
         future = self._loop.create_future()
         if self._driver.submit_file(self._handle, fd, offset, count, future):
             self._loop.call_soon(self._driver.flush)
