@@ -4,7 +4,9 @@ DIST   := dist
 PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean
+.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean test-mutants
+TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
+	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3"
 
 run: develop
 	$(PY) -m zerosend
@@ -17,9 +19,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
-		"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" \
-		"trio>=0.25" "anyio>=4.7" "sniffio>=1.3"
+	$(PY) -m pip install -q $(TEST_DEPS)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -68,5 +68,25 @@ bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench
 
+# Mutation controls: the extension built with deliberate faults (cargo feature "mutants", never
+# in a release build) into its own venv and target directory; each fault must make a contract
+# test fail (scripts/mutants.py prints which).
+MUTANTS_VENV := .venv-mutants
+$(MUTANTS_VENV)/.installed: pyproject.toml
+	python3 -m venv $(MUTANTS_VENV)
+	$(MUTANTS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MUTANTS_VENV)/bin/python -m pip install -q $(TEST_DEPS)
+	touch $@
+
+# A wheel, not `maturin develop`: an editable install would put the faulty extension into
+# python/zerosend/, where .venv's editable install would pick it up too.
+test-mutants: system-deps $(MUTANTS_VENV)/.installed
+	rm -rf target/mutants/wheels
+	VIRTUAL_ENV=$(abspath $(MUTANTS_VENV)) CARGO_TARGET_DIR=target/mutants \
+		$(MUTANTS_VENV)/bin/maturin build --release --quiet \
+		--features mutants --out target/mutants/wheels
+	$(MUTANTS_VENV)/bin/python -m pip install -q --force-reinstall --no-deps target/mutants/wheels/*.whl
+	$(MUTANTS_VENV)/bin/python scripts/mutants.py
+
 clean:
-	rm -rf $(VENV) target $(DIST)
+	rm -rf $(VENV) $(MUTANTS_VENV) target $(DIST)

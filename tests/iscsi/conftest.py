@@ -15,8 +15,8 @@ def target_factory(tmp_path: Path) -> Iterator[Callable[..., RunningTarget]]:
     end of the test and must exit 0 without a traceback."""
     started: list[RunningTarget] = []
 
-    def factory(*args: str, iqn: str = IQN) -> RunningTarget:
-        t = start_target(tmp_path, *args, iqn=iqn)
+    def factory(*args: str, iqn: str = IQN, host: str = "127.0.0.1") -> RunningTarget:
+        t = start_target(tmp_path, *args, iqn=iqn, host=host)
         started.append(t)
         return t
 

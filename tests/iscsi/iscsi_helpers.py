@@ -1,5 +1,5 @@
 """Helpers for the iSCSI tests: start the real target (``python -m zerosend.iscsi``) on a free
-loopback port, run client binaries, make images."""
+port (loopback unless told otherwise), run client binaries, make images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,11 +32,12 @@ class RunningTarget:
     port: int
     iqn: str
     log_path: Path
+    host: str = "127.0.0.1"
 
     def url(self, lun: int | None = 0, auth: str = "", query: str = "") -> str:
         who = f"{auth}@" if auth else ""
         tail = "" if lun is None else f"/{self.iqn}/{lun}"
-        return f"iscsi://{who}127.0.0.1:{self.port}{tail}{query}"
+        return f"iscsi://{who}{self.host}:{self.port}{tail}{query}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -52,16 +54,20 @@ class RunningTarget:
         return self.proc.returncode
 
 
-def start_target(tmp_path: Path, *args: str, iqn: str = IQN) -> RunningTarget:
+def start_target(
+    tmp_path: Path, *args: str, iqn: str = IQN, host: str = "127.0.0.1"
+) -> RunningTarget:
+    """The target listening on a free port of ``host``."""
     log_path = tmp_path / f"target-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "zerosend.iscsi", "--listen", "127.0.0.1:0", "--iqn", iqn, *args]
+    cmd = [sys.executable, "-m", "zerosend.iscsi", "--listen", f"{host}:0", "--iqn", iqn, *args]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.monotonic() + 30
+    listening = re.compile(rf"listening on {re.escape(host)}:(\d+)")
     while time.monotonic() < deadline:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
+        m = listening.search(log_path.read_text(errors="replace"))
         if m:
-            return RunningTarget(proc, int(m.group(1)), iqn, log_path)
+            return RunningTarget(proc, int(m.group(1)), iqn, log_path, host)
         if proc.poll() is not None:
             pytest.fail(f"target exited with {proc.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
@@ -91,10 +97,9 @@ class MiniInitiator:
     """A deliberately small blocking initiator that speaks raw PDUs, for protocol tests that real
     clients cannot express (digests on data, malformed input, CmdSN games)."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        import socket
-
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, sock: socket.socket | None = None) -> None:
+        """Connects to ``port`` on loopback, or speaks over ``sock`` (already connected)."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.cmdsn = 1
         self.expstatsn = 0
         self.itt = 0x100

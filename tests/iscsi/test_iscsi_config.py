@@ -24,6 +24,7 @@ def test_command_line_and_toml_give_the_same_config(tmp_path: Path):
         "--allow", "iqn.a", "--allow", "iqn.b",
         "--max-connections", "9", "--max-pending-logins", "3",
         "--buffers", "12", "--buffer-size", "64K",
+        "--backend", "msg_zerocopy", "--zerocopy-probe", "off",
     ]  # fmt: skip
     toml = tmp_path / "target.toml"
     toml.write_text(
@@ -31,13 +32,14 @@ def test_command_line_and_toml_give_the_same_config(tmp_path: Path):
         'luns = ["mem:4M", "/srv/a.img:ro,mmap"]\n'
         'chap = { user = "alice", secret = "secret-one" }\nmutual_chap = "tgt:secret-two"\n'
         'allow = ["iqn.b", "iqn.a"]\nmax_connections = 9\nmax_pending_logins = "3"\n'
-        'buffers = 12\nbuffer_size = "64K"\n'
+        'buffers = 12\nbuffer_size = "64K"\nbackend = "msg_zerocopy"\nzerocopy_probe = false\n'
     )
     from_cli = load_config(vars(build_parser().parse_args(argv)))
     from_toml = load_config(vars(build_parser().parse_args(["--config", str(toml)])), str(toml))
     assert from_cli == from_toml
     assert from_cli.buffer_size == 65536 and from_cli.luns[1].mapped and from_cli.luns[1].readonly
     assert from_cli.allow == frozenset({"iqn.a", "iqn.b"})
+    assert from_cli.backend == "msg_zerocopy" and from_cli.zerocopy_probe is False
 
 
 def test_command_line_wins_and_bad_values_name_their_setting(tmp_path: Path):
@@ -53,3 +55,11 @@ def test_command_line_wins_and_bad_values_name_their_setting(tmp_path: Path):
     toml.write_text('luns = ["mem:1M"]\nbufers = 5\n')
     with pytest.raises(ValueError, match="unknown keys bufers"):
         load_config({}, str(toml))
+
+
+def test_backend_and_probe_refuse_unknown_values():
+    with pytest.raises(ValueError, match="--backend: must be one of auto, io_uring"):
+        load_config(vars(build_parser().parse_args(["--lun", "x", "--backend", "zc"])))
+    with pytest.raises(ValueError, match="--zerocopy-probe: must be on or off"):
+        load_config(vars(build_parser().parse_args(["--lun", "x", "--zerocopy-probe", "no"])))
+    assert load_config({"luns": ["x"]}).zerocopy_probe is True

@@ -27,6 +27,8 @@ options win:
   chap = "user:secret"            # initiators must authenticate
   mutual_chap = "target:secret2"  # the target's own credentials for mutual CHAP
   allow = ["iqn.1994-05.com.redhat:client1"]
+  backend = "io_uring"            # force a zerosend backend (default auto)
+  zerocopy_probe = false          # keep sending zero-copy even where the kernel copies
 """
 
 
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
     for s in SETTINGS:
         default = getattr(DEFAULTS, s.key)
+        if isinstance(default, bool):
+            default = "on" if default else "off"
         shown = f" (default {default})" if isinstance(default, (str, int)) else ""
         p.add_argument(
             s.flag,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
+
+from zerosend._socket import BackendName
 
 from .chap import Credentials
 from .stores import parse_size
@@ -14,6 +16,7 @@ from .stores import parse_size
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
 DEFAULT_LISTEN = "127.0.0.1:3260"
 _LUN_OPTIONS = {"ro", "rw", "mmap"}
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class TargetConfig:
     max_pending_logins: int = 64
     buffers: int = 256
     buffer_size: int = 256 * 1024
+    backend: BackendName = "auto"
+    zerocopy_probe: bool = True
 
 
 def _lun(item: Any) -> LunSpec:
@@ -59,6 +64,21 @@ def _credentials(value: Any) -> Credentials:
     if isinstance(value, str):
         return Credentials.parse(value)
     raise ValueError("must be 'USER:SECRET' or a table with user and secret")
+
+
+def _backend(value: Any) -> BackendName:
+    for name in BACKENDS:
+        if value == name:
+            return name
+    raise ValueError(f"must be one of {', '.join(BACKENDS)}, not {value!r}")
+
+
+def _on_off(value: Any) -> bool:
+    if isinstance(value, bool):  # TOML
+        return value
+    if value in ("on", "off"):
+        return bool(value == "on")
+    raise ValueError(f"must be on or off, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,19 @@ SETTINGS = (
     ),
     Setting("buffers", "transmit buffers in the pool", int),
     Setting("buffer_size", "size of each transmit buffer", lambda v: parse_size(str(v))),
+    Setting(
+        "backend",
+        "zerosend backend for every connection; auto copies to peers on this host",
+        _backend,
+        "|".join(BACKENDS),
+    ),
+    Setting(
+        "zerocopy_probe",
+        "on: a connection whose zero-copy sends the kernel keeps copying switches to copy; "
+        "off: it keeps sending zero-copy (for measuring and testing zero-copy on veth)",
+        _on_off,
+        "on|off",
+    ),
 )
 DEFAULTS = TargetConfig()  # for help texts
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .bufpool import MmapPool
+    from .config import TargetConfig
     from .login import LoginPolicy
     from .scsi import CommandSet, LogicalUnit
     from .session import Session
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
 
 class SessionHost(Protocol):
     """The target as its sessions see it: shared resources, and the session registry."""
+
+    @property
+    def config(self) -> TargetConfig:
+        """The settings; sessions read how to transmit (backend, zero-copy probe)."""
 
     @property
     def policy(self) -> LoginPolicy:

@@ -26,6 +26,7 @@ ZC_MIN = 10240
 # When the kernel reports this many zero-copy sends in a row as copied (loopback, veth, a device
 # without scatter-gather: kernel msg_zerocopy.rst suggests falling back then), the connection
 # sends by copy, which is cheaper there, and asks for zero-copy again after ZC_RETRY large sends.
+# ``--zerocopy-probe off`` keeps it on zero-copy (to measure or test zero-copy over veth).
 ZC_PROBE = 8
 ZC_RETRY = 1024
 OUTBOX_MAX = 256  # buffers queued before a send goes out even though more PDUs are waiting
@@ -43,12 +44,14 @@ class Outbox:
         name: str,
         stats: dict[str, int],
         on_failure: Callable[[BaseException], None],
+        probe: bool = True,
     ) -> None:
         self.zs = zs
         self.pool = pool
         self.name = name
         self.stats = stats
         self.on_failure = on_failure
+        self.probe = probe  # switch to copy where the kernel copies zero-copy sends anyway
         self.reader_task: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self._parts: list[Any] = []
@@ -183,7 +186,7 @@ class Outbox:
     def _sent(self, fut: asyncio.Future[Any], leases: list[MmapLease], zc: bool) -> None:
         for lease in leases:
             lease.release()
-        if zc and not fut.cancelled() and fut.exception() is None:
+        if self.probe and zc and not fut.cancelled() and fut.exception() is None:
             if fut.result().zerocopy:
                 self._zc_copied = 0
             else:

@@ -45,7 +45,7 @@ class Session:
         self.peer = peer
         self.name = peer
         self.loop = asyncio.get_running_loop()
-        self.zs = zerosend.wrap(sock)
+        self.zs = zerosend.wrap(sock, backend=host.config.backend)
         self.params = SessionParams()
         self.discovery = False
         self.logged_in = False
@@ -54,7 +54,8 @@ class Session:
         self.stats = {"commands": 0, "read_bytes": 0, "write_bytes": 0, "zc_sends": 0,
                       "zc_fallbacks": 0}  # fmt: skip
         self.window = CmdWindow()
-        self.outbox = Outbox(self.zs, host.pool, peer, self.stats, self._send_failed)
+        self.outbox = Outbox(self.zs, host.pool, peer, self.stats, self._send_failed,
+                             host.config.zerocopy_probe)  # fmt: skip
         self.reader = PduReader(sock, _RECEIVE_BUFFER, self.outbox.flush)
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
         self.reads = Reads(self, host.luns, host.pool, self.params, self.reader, self.window,
@@ -97,10 +98,17 @@ class Session:
         )
 
     def summary(self) -> str:
+        """Byte counts, and how the data went out: the backend, bytes sent zero-copy (released
+        uncopied, or copied by the kernel on delivery), copied, and probe fallbacks to copy."""
         st = self.stats
+        zs = self.zs.stats
         return (
             f"commands={st['commands']} read={st['read_bytes']} bytes "
-            f"write={st['write_bytes']} bytes data-in sends={st['zc_sends']}"
+            f"write={st['write_bytes']} bytes data-in sends={st['zc_sends']} "
+            f"backend={self.zs.backend} zerocopy-bytes={zs['bytes_zerocopy']} "
+            f"kernel-copied-bytes={zs['bytes_copied_by_kernel']} "
+            f"copied-bytes={zs['bytes_copied'] - zs['bytes_copied_by_kernel']} "
+            f"probe-fallbacks={st['zc_fallbacks']}"
         )
 
     # ---------------------------------------------------------------- lifecycle

@@ -9,6 +9,8 @@ import asyncio
 import logging
 import socket
 
+import zerosend
+
 from .bufpool import MmapPool
 from .config import TargetConfig, split_hostport
 from .login import LoginPolicy
@@ -19,6 +21,17 @@ from .stores import Store, open_store
 log = logging.getLogger("zerosend.iscsi")
 
 
+def _check_backend(backend: str) -> None:
+    """A forced backend the kernel lacks fails at start-up, not at every connection."""
+    caps = zerosend.capabilities()
+    reason = {
+        "io_uring": None if caps.io_uring_send_zc else caps.io_uring_send_zc_reason,
+        "msg_zerocopy": None if caps.msg_zerocopy else caps.msg_zerocopy_reason,
+    }.get(backend)
+    if reason is not None:
+        raise ValueError(f"--backend {backend} is unavailable here: {reason}; use auto or copy")
+
+
 class Target:
     """An iSCSI target serving ``config.luns``; ``await serve()`` runs until ``stop()``."""
 
@@ -26,6 +39,7 @@ class Target:
         if not config.luns:
             raise ValueError("at least one --lun is required")
         self.config = config
+        _check_backend(config.backend)
         self.iqn = config.iqn
         self.policy: LoginPolicy = config
         self.luns: dict[int, LogicalUnit] = {}
@@ -120,8 +134,10 @@ class Target:
             for n, lu in self.luns.items()
         )
         log.info(
-            "listening on %s:%d as %s; LUNs: %s", self.address[0], self.address[1], self.iqn, luns
-        )
+            "listening on %s:%d as %s; LUNs: %s; backend %s, zero-copy probe %s",
+            self.address[0], self.address[1], self.iqn, luns, self.config.backend,
+            "on" if self.config.zerocopy_probe else "off",
+        )  # fmt: skip
         return self.address
 
     async def serve(self) -> None:

@@ -12,7 +12,25 @@ use zerosend::IoBuf;
 /// While this value lives the exporter keeps the memory in place: a `bytearray` refuses to
 /// resize (`BufferError`), an `mmap` refuses to close, and the object cannot be freed.
 pub struct PyBuf {
-    buffer: PyUntypedBuffer,
+    buffer: Export,
+    /// The exported memory, kept apart from the export so that the early-release fault can
+    /// drop the export while the kernel still reads the memory.
+    #[cfg(feature = "mutants")]
+    memory: (usize, usize),
+}
+
+#[cfg(not(feature = "mutants"))]
+type Export = PyUntypedBuffer;
+/// An export that [`release_early`] can drop while the send is in flight (mutants build only).
+#[cfg(feature = "mutants")]
+pub type Export = std::sync::Arc<std::sync::Mutex<Option<PyUntypedBuffer>>>;
+
+/// The early-release fault: drop the exports now, although the kernel may still read them.
+#[cfg(feature = "mutants")]
+pub fn release_early(exports: &[Export]) {
+    for export in exports {
+        drop(export.lock().map(|mut held| held.take()));
+    }
 }
 
 impl PyBuf {
@@ -31,7 +49,19 @@ impl PyBuf {
                  view or a bytes() copy",
             ));
         }
+        #[cfg(feature = "mutants")]
+        return Ok(Self {
+            memory: (buffer.buf_ptr() as usize, buffer.len_bytes()),
+            buffer: std::sync::Arc::new(std::sync::Mutex::new(Some(buffer))),
+        });
+        #[cfg(not(feature = "mutants"))]
         Ok(Self { buffer })
+    }
+
+    /// A handle on the export, for the early-release fault.
+    #[cfg(feature = "mutants")]
+    pub fn export_handle(&self) -> Export {
+        std::sync::Arc::clone(&self.buffer)
     }
 }
 
@@ -41,11 +71,23 @@ impl PyBuf {
 // struct itself is boxed inside PyUntypedBuffer, so moving this value moves no memory the
 // kernel reads.
 unsafe impl IoBuf for PyBuf {
+    #[cfg(not(feature = "mutants"))]
     fn as_ptr(&self) -> *const u8 {
         self.buffer.buf_ptr() as *const u8
     }
+    #[cfg(not(feature = "mutants"))]
     fn len(&self) -> usize {
         self.buffer.len_bytes()
+    }
+    // The mutants build: the same memory, remembered at export time (the early-release fault
+    // breaks this contract on purpose; nothing else drops the export before this value).
+    #[cfg(feature = "mutants")]
+    fn as_ptr(&self) -> *const u8 {
+        self.memory.0 as *const u8
+    }
+    #[cfg(feature = "mutants")]
+    fn len(&self) -> usize {
+        self.memory.1
     }
 }
 

@@ -86,6 +86,27 @@ fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
     Ok(())
 }
 
+/// The early-release fault: cancelling `future` drops the buffers' exports at once.
+#[cfg(feature = "mutants")]
+fn release_exports_on_cancel(py: Python<'_>, future: &Py<PyAny>, bufs: &[PyBuf]) -> PyResult<()> {
+    let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+    let callback = pyo3::types::PyCFunction::new_closure(
+        py,
+        None,
+        None,
+        move |args: &Bound<'_, pyo3::types::PyTuple>, _kwargs| -> PyResult<()> {
+            if args.get_item(0)?.call_method0("cancelled")?.is_truthy()? {
+                crate::buffer::release_early(&exports);
+            }
+            Ok(())
+        },
+    )?;
+    future
+        .bind(py)
+        .call_method1("add_done_callback", (callback,))?;
+    Ok(())
+}
+
 fn resolve_all(py: Python<'_>, completions: Vec<CoreCompletion>) -> PyResult<()> {
     let mut first_error = None;
     for completion in completions {
@@ -157,6 +178,10 @@ impl Driver {
         future: Py<PyAny>,
     ) -> PyResult<bool> {
         let bufs = extract_buffers(buffers)?;
+        #[cfg(feature = "mutants")]
+        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
+            release_exports_on_cancel(py, &future, &bufs)?;
+        }
         let (submitted, needs_flush, completions) = {
             let mut core = self.lock();
             let submitted = core.submit(SocketId::from_raw(socket), bufs, zerocopy, future);

@@ -11,6 +11,7 @@ mod capabilities;
 mod driver;
 mod error;
 mod fork;
+pub mod mutant;
 mod op;
 mod region;
 mod registry;

@@ -151,7 +151,9 @@ impl<T, B: IoBuf> SendOp<T, B> {
             Some(err) => Err(err),
             None => Ok(SendResult {
                 nbytes: self.total,
-                zerocopy: self.zerocopy() && !self.kernel_copied,
+                zerocopy: self.zerocopy()
+                    && !self.kernel_copied
+                    && !crate::mutant::active(crate::mutant::ZEROCOPY_FALSE),
             }),
         };
         (self.token, result, self.bufs)

@@ -10,6 +10,7 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::{socket_tag, Backend, Driver};
 use crate::buf::IoBuf;
 use crate::error::Error;
+use crate::mutant;
 use crate::op::OpKey;
 use crate::sys::{self, Transport, IOV_MAX};
 
@@ -88,6 +89,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             entry.stats.notifications += 1;
             if entry.tracker.oldest().is_some_and(|oldest| oldest != c.lo) {
                 entry.stats.out_of_order_notifications += 1;
+                if mutant::active(mutant::DROP_OUT_OF_ORDER) {
+                    continue;
+                }
             }
             entry.tracker.complete(c.lo, c.hi, |key| {
                 if let Some(Some(op)) = ops.get_mut(key as usize) {
@@ -191,7 +195,10 @@ impl<T, B: IoBuf> Driver<T, B> {
                     return;
                 }
                 Ok(n) => {
-                    if zerocopy {
+                    if zerocopy && mutant::active(mutant::RESOLVE_AT_ACCEPTANCE) {
+                        let entry = self.entries[index as usize].as_mut().expect("entry exists");
+                        entry.tracker.push(UNOWNED);
+                    } else if zerocopy {
                         let entry = self.entries[index as usize].as_mut().expect("entry exists");
                         entry.tracker.push(key);
                         self.ops[key as usize]

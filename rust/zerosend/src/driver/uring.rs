@@ -19,6 +19,7 @@ use super::regions::FIXED_SLOTS;
 use super::{Driver, RING_TAG};
 use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
+use crate::mutant;
 use crate::op::OpKey;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::IOV_MAX;
@@ -126,7 +127,8 @@ impl<T, B: IoBuf> Driver<T, B> {
         let index = op.socket;
         let queued = op.queued;
         let notified = std::mem::take(&mut op.notified_before_result);
-        let notification_to_come = more && !notified;
+        let notification_to_come =
+            more && !notified && !mutant::active(mutant::RESOLVE_AT_ACCEPTANCE);
         if notification_to_come {
             op.notifications_pending += 1;
             op.ring_notifications.push(request);
