@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import mmap
 import os
 import platform
 import selectors
 import socket
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +54,7 @@ STATS_KEYS = (
     "bytes_copied_below_threshold",
     "bytes_copied_requested",
     "bytes_copied_backend",
+    "bytes_sendfile",
     "notifications",
     "out_of_order_notifications",
     "short_sends",
@@ -171,6 +174,27 @@ def _closed() -> OSError:
     )
 
 
+def _readable_file_size(fd: int) -> int:
+    """The size of a regular file open for reading; raises what the native driver raises."""
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        raise OSError(
+            errno.EBADF,
+            "send_file needs a file opened for reading; this one is write-only "
+            '(open it with "rb" or O_RDONLY)',
+        )
+    status = os.fstat(fd)
+    if stat.S_ISDIR(status.st_mode):
+        raise OSError(
+            errno.EISDIR, "send_file needs a regular file; this descriptor is a directory"
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(
+            "invalid argument: send_file needs a regular file (not a pipe, socket or device); "
+            "read other sources into a buffer and use send_zc"
+        )
+    return status.st_size
+
+
 def _unsupported(detail: str) -> ValueError:
     return ValueError(f"unsupported socket: {detail}")
 
@@ -217,7 +241,7 @@ def _release(views: list[memoryview]) -> None:
 class _Send:
     """One submitted send: its held buffers and how much of them the kernel has taken."""
 
-    __slots__ = ("future", "requested", "total", "views", "written")
+    __slots__ = ("file", "future", "offset", "requested", "total", "views", "written")
 
     def __init__(self, future: asyncio.Future[Any], views: list[memoryview], requested: bool):
         self.future = future
@@ -225,6 +249,9 @@ class _Send:
         self.requested = requested
         self.total = sum(view.nbytes for view in views)
         self.written = 0
+        # A send_file: our duplicate of the file's descriptor and where its bytes start.
+        self.file: int | None = None
+        self.offset = 0
 
     def append_remaining(self, iov: list[memoryview]) -> None:
         skip = self.written
@@ -420,6 +447,40 @@ class Driver:
         """Nothing to flush: sends are written when submitted."""
         self._check_not_forked()
 
+    def submit_file(
+        self, socket: int, fd: int, offset: int, count: int | None, future: Any
+    ) -> bool:
+        if fd < 0:
+            raise ValueError("the file is closed (fileno() is -1)")
+        entry = self._entry(socket)
+        if entry.udp:
+            raise ValueError(
+                "invalid argument: send_file needs a TCP socket; on UDP, read the file into a "
+                "buffer and send it as datagrams with send_zc"
+            )
+        size = _readable_file_size(fd)
+        if offset > size:
+            raise ValueError(
+                f"invalid argument: offset {offset} is past the end of the file ({size} bytes)"
+            )
+        if count is None:
+            count = size - offset
+        if count > size - offset:
+            raise ValueError(
+                f"invalid argument: offset {offset} + count {count} is past the end of the file "
+                f"({size} bytes); pass count=None to send up to the end"
+            )
+        if entry.failed is not None:
+            _resolve(future, None, entry.failed)
+            return False
+        send = _Send(future, [], requested=True)
+        send.file, send.offset, send.total = os.dup(fd), offset, count
+        entry.inflight += 1
+        entry.queue.append(send)
+        if len(entry.queue) == 1:
+            self._pump(entry)
+        return False
+
     def register_pool(self, pool: PoolMemory) -> None:
         """Nothing to register: pool buffers are sent like any buffer here."""
         self._check_not_forked()
@@ -467,12 +528,18 @@ class Driver:
     def _pump(self, entry: _Entry) -> None:
         """Writes the head of the socket's queue until it is empty or the kernel says wait."""
         while entry.queue:
+            if entry.queue[0].file is not None:
+                if not self._write_file(entry, entry.queue[0]):
+                    return
+                continue
             iov: list[memoryview] = []
             if entry.udp:
                 entry.queue[0].append_remaining(iov)  # one send, one datagram
             else:
                 # Sends queued behind each other on a stream go in one sendmsg.
                 for send in entry.queue:
+                    if send.file is not None:
+                        break
                     send.append_remaining(iov)
                     if len(iov) >= _IOV_MAX:
                         break
@@ -497,6 +564,29 @@ class Driver:
         if entry.want_write:
             entry.want_write = False
             self._selector.unregister(entry.sock)
+
+    def _write_file(self, entry: _Entry, send: _Send) -> bool:
+        """One sendfile of the file send at the head; False when the socket must wait."""
+        assert send.file is not None
+        remaining = send.total - send.written
+        if remaining == 0:
+            self._advance(entry, 0)
+            return True
+        offset = send.offset + send.written
+        try:
+            n = os.sendfile(entry.sock.fileno(), send.file, offset, min(remaining, 1 << 30))
+        except BlockingIOError:
+            self._wait_writable(entry)
+            return False
+        except OSError as e:
+            self._send_failed(entry, e.errno or errno.EIO)
+            return True
+        if n == 0:
+            # The file was truncated after send_file checked its size: the stream is torn.
+            self._send_failed(entry, errno.EIO)
+            return True
+        self._advance(entry, n)
+        return True
 
     def _wait_writable(self, entry: _Entry) -> None:
         entry.stats["eagain_waits"] += 1
@@ -536,11 +626,15 @@ class Driver:
 
     def _finish(self, entry: _Entry, send: _Send, error: tuple[int, str] | None) -> None:
         _release(send.views)  # the kernel has the bytes: let a bytearray resize again
+        if send.file is not None:
+            os.close(send.file)
         entry.inflight -= 1
         stats = entry.stats
         stats["sends"] += 1
         if error is not None:
             stats["errors"] += 1
+        elif send.file is not None:
+            stats["bytes_sendfile"] += send.total
         else:
             stats["bytes_copied"] += send.total
             reason = "bytes_copied_requested" if send.requested else "bytes_copied_backend"

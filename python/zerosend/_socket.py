@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
+import sys
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from . import _native
 from ._native import SendResult
@@ -22,6 +24,15 @@ BACKEND_ENV: Final = "ZEROSEND_BACKEND"
 
 Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer on 3.12+)
 Buffers: TypeAlias = Buffer | Sequence[Buffer]
+
+
+class Loop(Protocol):
+    """What a :class:`Socket` needs from its event loop: an asyncio loop, or a trio run's face."""
+
+    def create_future(self) -> Any: ...
+
+    def call_soon(self, callback: Any, /) -> Any: ...
+
 
 # One driver per event loop; its descriptor is watched with add_reader, so completions are
 # reaped on the loop thread in batches, with no thread hop per send.
@@ -62,8 +73,10 @@ def wrap(
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 
-    Must be called on a running asyncio event loop (the default loop or uvloop); the returned
-    :class:`Socket` sends on that loop. ``backend`` picks how zero-copy sends reach the kernel:
+    Must be called on a running asyncio event loop (the default loop or uvloop), or under trio
+    (directly or through anyio); the returned :class:`Socket` sends on that loop or trio run, and
+    its sends return awaitables of that library (under trio, futures trio can await).
+    ``backend`` picks how zero-copy sends reach the kernel:
     ``"auto"`` (the best this kernel offers, overridable with the ``ZEROSEND_BACKEND``
     environment variable), ``"io_uring"``, ``"msg_zerocopy"`` or ``"copy"``. Asking for a
     backend the kernel lacks raises :class:`BackendUnavailableError` naming the reason. Sends
@@ -88,15 +101,75 @@ def wrap(
     if zerocopy_threshold < 0:
         raise ValueError("zerocopy_threshold must be >= 0")
     chosen = _resolve_backend(backend)
+    loop, driver = _loop_and_driver()
+    handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
+    return Socket(sock, loop, driver, handle)
+
+
+def _loop_and_driver() -> tuple[Loop, _native.Driver]:
+    """The running event loop (asyncio, uvloop, or a trio run) and its driver."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        raise RuntimeError(
-            "wrap() must be called from a coroutine running on an asyncio event loop"
+        pass
+    else:
+        return loop, _driver_for(loop)
+    # Not asyncio: trio (directly, or as anyio's backend)? sniffio comes with trio and anyio.
+    library = None
+    if "trio" in sys.modules:
+        import sniffio
+
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            pass
+    if library == "trio":
+        from ._trio import driver_for_run
+
+        return driver_for_run()
+    raise RuntimeError(
+        "wrap() must be called from a coroutine running on an asyncio event loop or under trio"
+        + (f" (running under {library}, which zerosend does not support)" if library else "")
+    )
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FileSource: TypeAlias = int | _HasFileno
+
+
+def _file_descriptor(file: FileSource) -> int:
+    if isinstance(file, bool):
+        raise TypeError("send_file() needs a file object or a file descriptor, not a bool")
+    if isinstance(file, int):
+        return file
+    fileno = getattr(file, "fileno", None)
+    if fileno is None:
+        raise TypeError(
+            f"send_file() needs a file object (with fileno()) or a file descriptor, "
+            f"not {type(file).__name__!r}; send buffers with send_zc()"
+        )
+    try:
+        fd = fileno()
+    except io.UnsupportedOperation as error:  # io.BytesIO and the like have no descriptor
+        raise TypeError(
+            f"send_file() needs a file backed by a descriptor; {type(file).__name__} has none "
+            f"({error}); send its bytes with send_zc()"
         ) from None
-    driver = _driver_for(loop)
-    handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
-    return Socket(sock, loop, driver, handle)
+    except ValueError as error:  # a closed Python file
+        raise ValueError(f"send_file() got a closed file: {error}") from None
+    if not isinstance(fd, int):
+        raise TypeError(f"{type(file).__name__}.fileno() returned {fd!r}, not an int")
+    return fd
+
+
+def _check_byte_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 class Socket:
@@ -120,7 +193,7 @@ class Socket:
     def __init__(
         self,
         sock: socket.socket,
-        loop: asyncio.AbstractEventLoop,
+        loop: Loop,
         driver: _native.Driver,
         handle: int,
     ) -> None:
@@ -155,6 +228,31 @@ class Socket:
         """
         future = self._loop.create_future()
         if self._driver.submit(self._handle, buf, False, future):
+            self._loop.call_soon(self._driver.flush)
+        return future
+
+    def send_file(
+        self, file: FileSource, offset: int = 0, count: int | None = None
+    ) -> asyncio.Future[SendResult]:
+        """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
+        ``sendfile(2)``: from the page cache straight to the socket, in the same ordered stream as
+        :meth:`send_zc` and :meth:`send`. TCP only.
+
+        ``file`` is a binary file object open for reading (anything with ``fileno()``) or a
+        descriptor; its own position is neither used nor moved, and zerosend holds a duplicate
+        of its descriptor until the send completes, so closing it meanwhile is safe. The file is
+        checked first (a regular file, readable, ``offset + count`` within its size): a bad one
+        raises with nothing sent. Resolves to a :class:`SendResult` with ``zerocopy=False``
+        (the bytes never pass through user memory; ``stats["bytes_sendfile"]`` counts them)
+        once the kernel took all of them. Truncating the file while it is sent ends the stream
+        with an error.
+        """
+        fd = _file_descriptor(file)
+        _check_byte_count("offset", offset)
+        if count is not None:
+            _check_byte_count("count", count)
+        future = self._loop.create_future()
+        if self._driver.submit_file(self._handle, fd, offset, count, future):
             self._loop.call_soon(self._driver.flush)
         return future
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import os
 import socket
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -18,7 +19,16 @@ from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 from ._native import SendResult
-from ._socket import BACKENDS, BackendName, Buffer, Buffers, Socket, wrap
+from ._socket import (
+    BACKENDS,
+    BackendName,
+    Buffer,
+    Buffers,
+    FileSource,
+    Socket,
+    _file_descriptor,
+    wrap,
+)
 
 #: asyncio's default for StreamReader's buffer limit (64 KiB).
 DEFAULT_LIMIT: Final = 1 << 16
@@ -197,6 +207,21 @@ class StreamWriter:
         self._track(sent, nbytes, result)
         return result
 
+    def send_file(
+        self, file: FileSource, offset: int = 0, count: int | None = None
+    ) -> asyncio.Future[SendResult]:
+        """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
+        ``sendfile(2)``, in the same ordered stream as every write; see
+        :meth:`zerosend.Socket.send_file`. Submitted now, never waits; the bytes count towards
+        ``drain()``'s back-pressure until the kernel took them."""
+        self._check_writable("send_file")
+        sent = self._submit(lambda _: self._zs.send_file(file, offset, count), None)
+        # The socket checked the file, so its size is there to read.
+        nbytes = count if count is not None else os.fstat(_file_descriptor(file)).st_size - offset
+        result: asyncio.Future[SendResult] = self._loop.create_future()
+        self._track(sent, max(nbytes, 0), result)
+        return result
+
     def write(self, data: Buffers) -> None:
         """Send a copy of ``data`` in the same ordered stream; ``data`` may be reused at once."""
         self._check_writable("write")
@@ -233,7 +258,7 @@ class StreamWriter:
         result: asyncio.Future[SendResult] | None,
     ) -> None:
         """Counts a submitted send until its release, then passes its outcome to ``result``.
-        Every kind of send enters the stream through here (a file send would too), so
+        Every kind of send enters the stream through here (file sends too), so
         back-pressure and errors cover them all.
 
         The caller gets ``result``, a future of its own: cancelling it must not end the

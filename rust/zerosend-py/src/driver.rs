@@ -195,6 +195,36 @@ impl Driver {
         Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
     }
 
+    /// Submits a send of `count` bytes (None: up to the end) of the file open on descriptor
+    /// `fd`, from `offset`, with sendfile(2); the driver holds its own duplicate of `fd`.
+    /// Returns True when the caller should schedule `flush`, as `submit` does.
+    #[pyo3(signature = (socket, fd, offset, count, future))]
+    fn submit_file(
+        &self,
+        py: Python<'_>,
+        socket: u64,
+        fd: i32,
+        offset: u64,
+        count: Option<u64>,
+        future: Py<PyAny>,
+    ) -> PyResult<bool> {
+        if fd < 0 {
+            return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
+        }
+        // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
+        // this call; the driver only duplicates it.
+        let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        let (submitted, needs_flush, completions) = {
+            let mut core = self.lock();
+            let submitted =
+                core.submit_file(SocketId::from_raw(socket), file, offset, count, future);
+            (submitted, core.needs_flush(), Self::collect(&mut core))
+        };
+        resolve_all(py, completions)?;
+        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+    }
+
     /// Hands the io_uring requests queued by `submit` to the kernel.
     fn flush(&self) -> PyResult<()> {
         self.flush_scheduled.store(false, Ordering::Release);

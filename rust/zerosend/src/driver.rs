@@ -28,7 +28,7 @@ use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::fork;
-use crate::op::{CopyReason, Mode, OpKey, SendOp};
+use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp};
 use crate::region::Region;
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
@@ -278,16 +278,69 @@ impl<T, B: IoBuf> Driver<T, B> {
         if use_ring && op.bufs.len() == 1 {
             op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
-        let key = self.insert_op(op);
+        self.enqueue(id.index, op);
+        Ok(())
+    }
+
+    /// Submits a send of `count` bytes of `file` from `offset` (to its end if `count` is None)
+    /// with `sendfile(2)`, in the same ordered stream as every other send: page cache to
+    /// socket, never through user memory (the result says `zerocopy: false`; the bytes are
+    /// counted in [`SocketStats::bytes_sendfile`]). TCP only. The driver holds its own duplicate
+    /// of the file descriptor until the send completes with a [`Completion::Send`] carrying
+    /// `token` (and no buffers); the file's own offset is neither used nor moved.
+    ///
+    /// The file is checked before anything is queued (a regular file, open for reading, with
+    /// `offset + count` within its size), so a bad file is refused with nothing sent. A file
+    /// truncated while it is being sent ends the stream with an error. The socket's peer
+    /// closing makes `sendfile` raise `SIGPIPE`, which Rust and Python programs ignore.
+    pub fn submit_file(
+        &mut self,
+        id: SocketId,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        count: Option<u64>,
+        token: T,
+    ) -> std::result::Result<(), Rejected<T, B>> {
+        let checked = self
+            .entry_mut(id)
+            .and_then(|entry| file_send_checked(entry.transport, file, offset, count));
+        let (fd, count) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    token,
+                    bufs: Vec::new(),
+                })
+            }
+        };
         let entry = self.entries[id.index as usize]
             .as_mut()
             .expect("entry checked above");
+        if let Some(err) = &entry.failed {
+            let result = Err(err.clone());
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs: Vec::new(),
+            });
+            return Ok(());
+        }
+        let op = SendOp::file(token, FileSource { fd, offset }, count, id.index);
+        self.enqueue(id.index, op);
+        Ok(())
+    }
+
+    fn enqueue(&mut self, index: u32, op: SendOp<T, B>) {
+        let key = self.insert_op(op);
+        let entry = self.entries[index as usize]
+            .as_mut()
+            .expect("the socket was checked by the caller");
         entry.inflight += 1;
         entry.queue.push_back(key);
         if entry.queue.len() == 1 {
-            self.pump(id.index);
+            self.pump(index);
         }
-        Ok(())
     }
 
     /// Arranges a [`Completion::Drained`] with `token` once the socket has nothing in flight.
@@ -369,6 +422,39 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
         }
     }
+}
+
+/// Checks a `send_file` request and takes the driver's own duplicate of the file: returns it
+/// with the byte count to send.
+fn file_send_checked(
+    transport: Transport,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    count: Option<u64>,
+) -> Result<(std::os::fd::OwnedFd, usize)> {
+    if transport != Transport::Tcp {
+        return Err(Error::InvalidArgument(
+            "send_file needs a TCP socket; on UDP, read the file into a buffer and send it as \
+             datagrams with send_zc"
+                .into(),
+        ));
+    }
+    let size = sys::inspect_file(file)?;
+    if offset > size {
+        return Err(Error::InvalidArgument(format!(
+            "offset {offset} is past the end of the file ({size} bytes)"
+        )));
+    }
+    let count = count.unwrap_or(size - offset);
+    if count > size - offset {
+        return Err(Error::InvalidArgument(format!(
+            "offset {offset} + count {count} is past the end of the file ({size} bytes); \
+             pass count=None to send up to the end"
+        )));
+    }
+    let count = usize::try_from(count)
+        .map_err(|_| Error::InvalidArgument(format!("count {count} is too large")))?;
+    Ok((sys::duplicate(file)?, count))
 }
 
 impl<T, B: IoBuf> Drop for Driver<T, B> {

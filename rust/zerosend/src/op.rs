@@ -4,6 +4,8 @@
 //! the driver calls when nothing in the kernel can still read them: every byte was written (or the
 //! send failed), no io_uring request is in flight, and every zero-copy notification has arrived.
 
+use std::os::fd::OwnedFd;
+
 use crate::buf::IoBuf;
 use crate::error::Error;
 
@@ -27,6 +29,8 @@ pub enum CopyReason {
     Backend,
     /// The kernel refused the zero-copy form (a datagram in more pieces than an skb holds).
     KernelFallback,
+    /// A file sent with `sendfile(2)`: from the page cache, never through user memory.
+    File,
 }
 
 /// How a send is transmitted.
@@ -34,6 +38,13 @@ pub enum CopyReason {
 pub enum Mode {
     ZeroCopy,
     Copy(CopyReason),
+}
+
+/// The file of a `send_file`: the driver's own duplicate of its descriptor, held until the send
+/// completes, and where in it the send starts.
+pub(crate) struct FileSource {
+    pub fd: OwnedFd,
+    pub offset: u64,
 }
 
 /// Stable index of a send inside its driver.
@@ -64,6 +75,8 @@ pub(crate) struct SendOp<T, B> {
     pub fixed: Option<u16>,
     pub error: Option<Error>,
     pub socket: u32,
+    /// Set for a `send_file`, whose bytes come from this file (`bufs` is empty).
+    pub file: Option<FileSource>,
 }
 
 impl<T, B: IoBuf> SendOp<T, B> {
@@ -85,7 +98,16 @@ impl<T, B: IoBuf> SendOp<T, B> {
             fixed: None,
             error: None,
             socket,
+            file: None,
         }
+    }
+
+    /// A send of `count` bytes of a file, with `sendfile(2)`.
+    pub fn file(token: T, file: FileSource, count: usize, socket: u32) -> Self {
+        let mut op = Self::new(token, Vec::new(), Mode::Copy(CopyReason::File), socket);
+        op.total = count;
+        op.file = Some(file);
+        op
     }
 
     pub fn zerocopy(&self) -> bool {

@@ -265,6 +265,63 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Checks that `fd` is a regular file opened for reading and returns its size, so a bad file is
+/// refused before any byte of it is sent.
+pub fn inspect_file(fd: BorrowedFd<'_>) -> Result<u64> {
+    // SAFETY: F_GETFL on a borrowed descriptor reads its status flags and changes nothing.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::os("reading the file's open flags", Errno::last()));
+    }
+    if flags & libc::O_ACCMODE == libc::O_WRONLY {
+        return Err(Error::os(
+            "send_file needs a file opened for reading; this one is write-only \
+             (open it with \"rb\" or O_RDONLY)",
+            Errno::EBADF,
+        ));
+    }
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the stat buffer it is given for a valid descriptor.
+    if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } < 0 {
+        return Err(Error::os("fstat of the file", Errno::last()));
+    }
+    // SAFETY: fstat succeeded, so it initialised the whole struct.
+    let stat = unsafe { stat.assume_init() };
+    match stat.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Ok(stat.st_size as u64),
+        libc::S_IFDIR => Err(Error::os(
+            "send_file needs a regular file; this descriptor is a directory",
+            Errno::EISDIR,
+        )),
+        _ => Err(Error::InvalidArgument(
+            "send_file needs a regular file (not a pipe, socket or device); read other \
+             sources into a buffer and use send_zc"
+                .into(),
+        )),
+    }
+}
+
+/// One `sendfile(2)` of up to `count` bytes of `file` from `offset` to `socket`. The file's own
+/// offset is not used or moved. Returns the bytes taken (0 at the end of the file).
+pub fn send_file(
+    socket: RawFd,
+    file: RawFd,
+    offset: u64,
+    count: usize,
+) -> std::result::Result<usize, Errno> {
+    let mut off = offset as libc::off_t;
+    // The kernel takes at most 0x7ffff000 bytes per call; the rest goes in later calls.
+    let count = count.min(1 << 30);
+    // SAFETY: both descriptors are owned by the caller for the duration of the call and `off`
+    // is a valid off_t the kernel updates; no user memory is read or written besides it.
+    let n = unsafe { libc::sendfile(socket, file, &mut off, count) };
+    if n < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;

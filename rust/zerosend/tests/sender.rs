@@ -5,19 +5,10 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use zerosend::{Backend, Capabilities, SocketOptions, ZeroCopySender};
+mod common;
 
-fn backends() -> Vec<Backend> {
-    let caps = Capabilities::probe();
-    let mut all = vec![Backend::Copy];
-    if caps.msg_zerocopy.is_ok() {
-        all.push(Backend::MsgZerocopy);
-    }
-    if caps.io_uring_send_zc.is_ok() {
-        all.push(Backend::IoUring);
-    }
-    all
-}
+use common::backends;
+use zerosend::{Backend, SocketOptions, ZeroCopySender};
 
 fn options(backend: Backend) -> SocketOptions {
     SocketOptions {

@@ -189,8 +189,13 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
                 Mode::Copy(CopyReason::Requested) => stats.bytes_copied_requested += total,
                 Mode::Copy(CopyReason::Backend) => stats.bytes_copied_backend += total,
+                Mode::Copy(CopyReason::File) => stats.bytes_sendfile += total,
             }
-            if op.mode != Mode::ZeroCopy || op.kernel_copied {
+            let copied = match op.mode {
+                Mode::ZeroCopy => op.kernel_copied,
+                Mode::Copy(reason) => reason != CopyReason::File,
+            };
+            if copied {
                 stats.bytes_copied += total;
             }
             if op.fixed.is_some() {

@@ -2,7 +2,7 @@
 //! queue (with `MSG_ZEROCOPY`, or by copy), waits for room with EPOLLOUT, and reads zero-copy
 //! completions from the socket's error queue.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
@@ -154,6 +154,12 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
             let fd = entry.fd.as_raw_fd();
             let op = self.ops[key as usize].as_ref().expect("queued send exists");
+            if op.file.is_some() {
+                if !self.write_file(index, key, fd) {
+                    return;
+                }
+                continue;
+            }
             let zerocopy = op.zerocopy();
             if entry.backend == Backend::IoUring && zerocopy {
                 self.wait_for_ring(index);
@@ -167,7 +173,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 let op = self.ops[queued as usize]
                     .as_ref()
                     .expect("queued send exists");
-                if queued != key && (!coalesce || op.zerocopy()) {
+                if queued != key && (!coalesce || op.zerocopy() || op.file.is_some()) {
                     break;
                 }
                 op.append_remaining(&mut self.scratch_iov, IOV_MAX);
@@ -223,6 +229,36 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
             }
         }
+    }
+
+    /// Writes what is left of the file send at the head of the queue with one `sendfile(2)`;
+    /// returns false when the socket must wait for room.
+    fn write_file(&mut self, index: u32, key: OpKey, socket: RawFd) -> bool {
+        let op = self.ops[key as usize].as_ref().expect("queued send exists");
+        let file = op.file.as_ref().expect("a file send");
+        let remaining = op.total - op.written;
+        if remaining == 0 {
+            self.advance_queue(index, 0);
+            return true;
+        }
+        let offset = file.offset + op.written as u64;
+        match sys::send_file(socket, file.fd.as_raw_fd(), offset, remaining) {
+            Ok(0) => {
+                // The file ended early: it was truncated after send_file checked its size. What
+                // was sent is already in the stream, so the stream cannot go on.
+                let error = Error::InvalidArgument(format!(
+                    "the file ended at offset {offset}, {remaining} bytes short of what                      send_file was asked to send: it was truncated while being sent"
+                ));
+                self.fail_socket(index, error);
+            }
+            Ok(n) => self.advance_queue(index, n),
+            Err(Errno::EAGAIN) => {
+                self.wait_writable(index);
+                return false;
+            }
+            Err(e) => self.send_failed(index, key, e),
+        }
+        true
     }
 
     /// The socket buffer is full: arm EPOLLOUT and continue when the kernel makes room.

@@ -110,6 +110,9 @@ socket_stats! {
     bytes_copied_requested,
     /// ... because the socket uses the copy backend.
     bytes_copied_backend,
+    /// Bytes sent from files with `sendfile(2)` (`send_file`): page cache to socket, never through
+    /// user memory; not counted in bytes_copied.
+    bytes_sendfile,
     /// Zero-copy release notifications received (ranges on MSG_ZEROCOPY, CQEs on io_uring).
     notifications,
     /// MSG_ZEROCOPY completion ranges that did not start at the oldest outstanding send.
