@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from tests.helpers import read_all, rig_connection, tcp_pair
 from bench.rig import Rig
+from tests.helpers import read_all, rig_connection, tcp_pair
 
 pytestmark = pytest.mark.asyncio
 

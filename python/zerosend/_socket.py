@@ -216,7 +216,7 @@ class Socket:
         awaiting it does not stop the send: the bytes still go out whole and the buffer is held
         until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
         """
-        future = self._loop.create_future()
+        future: asyncio.Future[SendResult] = self._loop.create_future()
         if self._driver.submit(self._handle, buf, True, future):
             self._loop.call_soon(self._driver.flush)
         return future
@@ -226,7 +226,7 @@ class Socket:
 
         Resolves once the kernel has copied all of it (``zerocopy`` is False).
         """
-        future = self._loop.create_future()
+        future: asyncio.Future[SendResult] = self._loop.create_future()
         if self._driver.submit(self._handle, buf, False, future):
             self._loop.call_soon(self._driver.flush)
         return future
@@ -251,7 +251,7 @@ class Socket:
         _check_byte_count("offset", offset)
         if count is not None:
             _check_byte_count("count", count)
-        future = self._loop.create_future()
+        future: asyncio.Future[SendResult] = self._loop.create_future()
         if self._driver.submit_file(self._handle, fd, offset, count, future):
             self._loop.call_soon(self._driver.flush)
         return future

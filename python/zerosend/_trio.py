@@ -16,7 +16,9 @@ import trio
 
 from . import _native
 
-_driver_var: trio.lowlevel.RunVar[_native.Driver] = trio.lowlevel.RunVar("zerosend_driver")
+_driver_var: trio.lowlevel.RunVar[_native.Driver | None] = trio.lowlevel.RunVar(
+    "zerosend_driver", default=None
+)
 _log = logging.getLogger("zerosend")
 
 
@@ -95,7 +97,7 @@ class TrioLoop:
 
 def driver_for_run() -> tuple[TrioLoop, _native.Driver]:
     """The current trio run's driver (created, and watched, on first use) and its loop face."""
-    driver = _driver_var.get(None)
+    driver = _driver_var.get()
     if driver is None or driver.forked:
         driver = _native.Driver()
         trio.lowlevel.spawn_system_task(_watch, driver, name="zerosend driver")
