@@ -86,9 +86,10 @@ def test_sdist_has_what_a_build_needs_and_installs(tmp_path: Path) -> None:
         f"unexpected: {sorted(files - expected)}, missing: {sorted(expected - files)}"
     )
 
-    # The Rust code is compiled from the sdist's own sources (a new path every time); only the
-    # dependencies' build artefacts are cached between runs.
-    env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target" / "sdist-install")}
+    # The Rust code is compiled from the sdist's own sources, in a target directory of its own:
+    # the sdist's files carry fixed timestamps, so a shared target directory would let cargo
+    # reuse an older build of the workspace crates as fresh.
+    env = {**os.environ, "CARGO_TARGET_DIR": str(tmp_path / "target")}
     env.pop("VIRTUAL_ENV", None)
     _, facts = install_and_smoke(tmp_path, sdist, env=env)
     assert facts["native"] is True
