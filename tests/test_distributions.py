@@ -24,6 +24,7 @@ VERSION = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package
 
 pytestmark = [
     pytest.mark.slow,  # each builds a distribution and installs it into a fresh venv
+    pytest.mark.timeout(900),  # a cold release build of the Rust code from the sdist
     pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed"),
 ]
 
