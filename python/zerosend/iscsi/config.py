@@ -10,7 +10,7 @@ from typing import Any, get_args
 
 from zerosend._socket import BackendName
 
-from .chap import Credentials
+from .chap import Credentials, check_mutual
 from .stores import parse_size
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
@@ -44,6 +44,7 @@ class TargetConfig:
     chap: Credentials | None = None
     mutual_chap: Credentials | None = None
     allow: frozenset[str] = frozenset()
+    cross_session_resets: bool = False
     max_connections: int = 256
     max_pending_logins: int = 64
     buffers: int = 256
@@ -106,6 +107,14 @@ SETTINGS = (
     Setting("chap", "require CHAP from initiators", _credentials, "USER:SECRET"),
     Setting("mutual_chap", "target credentials for mutual CHAP", _credentials, "USER:SECRET"),
     Setting("allow", "only these initiators may log in", str, "IQN", True),
+    Setting(
+        "cross_session_resets",
+        "on: LOGICAL UNIT RESET and TARGET WARM/COLD RESET from any session abort every "
+        "session's tasks; off: refused (function authorization failed) while another "
+        "session is logged in",
+        _on_off,
+        "on|off",
+    ),
     Setting("max_connections", "connections open at once", int),
     Setting(
         "max_pending_logins",
@@ -169,6 +178,7 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
         setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
     if cfg.mutual_chap and not cfg.chap:
         raise ValueError("--mutual-chap needs --chap as well")
+    check_mutual(cfg.chap, cfg.mutual_chap)
     if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
         raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
     if not cfg.luns:

@@ -51,6 +51,9 @@ class SessionHost(Protocol):
     def reset(self) -> None:
         """TARGET COLD RESET: drop every connection."""
 
+    def others_logged_in(self, session: Session) -> bool:
+        """A normal session other than ``session`` is logged in: a reset would reach it."""
+
 
 class Connection(Protocol):
     """What the READ and write paths need of their session."""

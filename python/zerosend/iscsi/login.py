@@ -93,7 +93,9 @@ class LoginMachine:
             self.state.first_cmdsn = req.u32(24)
         elif isid != self.state.isid:
             raise LoginFailed(INITIATOR_ERROR, "ISID changed during login")
-        if csg == 2 or (transit and (nsg == 2 or nsg < csg)):
+        # CSG is the stage being negotiated: security or operational (RFC 7143 11.12.3);
+        # full feature phase is only ever a next stage.
+        if csg not in (SECURITY, OPERATIONAL) or (transit and (nsg == 2 or nsg < csg)):
             raise LoginFailed(INITIATOR_ERROR, f"invalid login stage CSG={csg} NSG={nsg}")
         if csg < self._stage:
             raise LoginFailed(INITIATOR_ERROR, f"login went back from stage {self._stage} to {csg}")

@@ -144,6 +144,7 @@ class Reads:
         if rw.flags & 0xE0:  # RDPROTECT without protection information
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
         lu.check_range(rw.lba, rw.blocks)
+        S.check_transfer_length(rw.blocks)
         bs = lu.store.block_size
         spdtl = rw.blocks * bs
         if not req.flags & P.CMD_READ and spdtl:

@@ -134,6 +134,13 @@ class LogicalUnit:
             raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 
 
+def check_transfer_length(blocks: int) -> None:
+    """A READ, WRITE or VERIFY longer than the MAXIMUM TRANSFER LENGTH we advertise in the Block
+    Limits page is refused (SBC-4 6.6.4) rather than served."""
+    if blocks > MAX_TRANSFER_BLOCKS:
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+
+
 def _alloc(cdb: bytes, offset: int, size: int) -> int:
     return int.from_bytes(cdb[offset : offset + size], "big")
 
@@ -292,8 +299,8 @@ class CommandSet:
     def _caching_page(self, lu: LogicalUnit, changeable: bool) -> bytes:
         page = bytearray(20)
         page[0], page[1] = 0x08, 0x12
-        if not changeable and lu.store.kind == "raw":
-            page[2] = 0x04  # WCE: writes land in the page cache until SYNCHRONIZE CACHE
+        if not changeable and lu.store.write_cache:
+            page[2] = 0x04  # WCE: writes are durable only after SYNCHRONIZE CACHE or FUA
         return bytes(page)
 
     def _control_page(self, lu: LogicalUnit, changeable: bool) -> bytes:
@@ -330,7 +337,9 @@ class CommandSet:
         else:
             lba, blocks = struct.unpack_from(">QI", cdb, 2)
         lu.check_range(lba, blocks)
-        lu.store.flush()
+        bs = lu.store.block_size
+        # NUMBER OF LOGICAL BLOCKS 0: from LBA to the end of the medium (SBC-4 5.31)
+        lu.store.flush(lba * bs, blocks * bs)
         return b""
 
     def prefetch(self, lu: LogicalUnit, cdb: bytes) -> bytes:

@@ -50,8 +50,19 @@ class Store:
     def write(self, offset: int, data: memoryview | bytes) -> None:
         raise StoreError(f"{self.name}: read-only")
 
-    def flush(self) -> None:
-        pass
+    @property
+    def write_cache(self) -> bool:
+        """Writes are acknowledged before they reach stable storage (the caching page's WCE):
+        only ``flush`` makes them durable, so initiators must send SYNCHRONIZE CACHE or FUA."""
+        return False
+
+    @property
+    def unsynced(self) -> tuple[int, int] | None:
+        """The byte span written since the last flush that covered it, or None."""
+        return None
+
+    def flush(self, offset: int = 0, length: int = 0) -> None:
+        """Make the writes to [offset, offset+length) durable (``length`` 0: to the end)."""
 
     def close(self) -> None:
         pass
@@ -75,6 +86,7 @@ class FileStore(Store):
         super().__init__(path)
         self.readonly = readonly
         self._map: memoryview | None = None
+        self._dirty: tuple[int, int] | None = None  # written, not yet flushed: [start, end)
         try:
             self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -120,10 +132,38 @@ class FileStore(Store):
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
+        end = offset + len(data)
+        dirty = self._dirty
+        if dirty is not None:
+            offset, end = min(dirty[0], offset), max(dirty[1], end)
+        self._dirty = (offset, end)
 
-    def flush(self) -> None:
-        if not self.readonly:
+    @property
+    def write_cache(self) -> bool:
+        # pwrite lands in the page cache (and a device's own cache) until fdatasync
+        return not self.readonly
+
+    @property
+    def unsynced(self) -> tuple[int, int] | None:
+        return self._dirty
+
+    def flush(self, offset: int = 0, length: int = 0) -> None:
+        if self.readonly:
+            return
+        end = self.size if length == 0 else min(offset + length, self.size)
+        if self._map is not None and (offset, end) != (0, self.size):
+            # msync(MS_SYNC) of part of a shared file mapping is the kernel's fdatasync of
+            # that byte range (vfs_fsync_range): only the range is written back and waited
+            # for, the device cache flushed as by fdatasync. Unmapped files have no ranged
+            # durable sync (sync_file_range neither flushes the device cache nor metadata).
+            start = offset - offset % mmap.PAGESIZE
+            self._mmap.flush(start, end - start)
+        else:
             os.fdatasync(self.fd)
+            offset, end = 0, self.size
+        dirty = self._dirty
+        if dirty is not None and offset <= dirty[0] and dirty[1] <= end:
+            self._dirty = None
 
     def close(self) -> None:
         os.close(self.fd)

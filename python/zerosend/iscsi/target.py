@@ -103,12 +103,19 @@ class Target:
         for s in list(self._connections):
             s.abort_connection()
 
+    def others_logged_in(self, session: Session) -> bool:
+        return any(s is not session and not s.discovery for s in self._sessions.values())
+
     def log_state(self) -> None:
         """One log line per connection with its windows and in-flight counts (SIGUSR1)."""
         log.info("state: %d connections, %d/%d transmit buffers free", len(self._connections),
                  self.pool.available, self.pool.count)  # fmt: skip
         for s in list(self._connections):
             log.info("state: %s", s.state_line())
+        for lu in self.luns.values():
+            span = lu.store.unsynced  # written since the last SYNCHRONIZE CACHE / FUA
+            unsynced = "none" if span is None else f"bytes {span[0]}..{span[1]}"
+            log.info("state: LUN %d %s unsynced: %s", lu.number, lu.store.name, unsynced)
 
     # -- serving
 

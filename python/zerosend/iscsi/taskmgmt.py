@@ -27,7 +27,9 @@ NAMES = {
 }
 # Responses (11.6.1)
 COMPLETE, NO_TASK, NO_LUN, REASSIGNMENT_NOT_SUPPORTED, NOT_SUPPORTED = 0, 1, 2, 4, 5
-REJECTED = 255
+AUTHORIZATION_FAILED, REJECTED = 6, 255
+# Functions whose scope is every session, not only the requester's tasks
+RESETS = frozenset((LOGICAL_UNIT_RESET, TARGET_WARM_RESET, TARGET_COLD_RESET))
 
 
 def task_management(session: Session, req: P.Pdu) -> None:
@@ -45,12 +47,19 @@ def task_management(session: Session, req: P.Pdu) -> None:
             response = COMPLETE
         else:
             response = NO_TASK  # completed already, or never existed
+    elif function == LOGICAL_UNIT_RESET and lun not in host.luns:
+        response = NO_LUN
+    elif (
+        function in RESETS
+        and not host.config.cross_session_resets
+        and host.others_logged_in(session)
+    ):
+        # One initiator must not abort another's I/O unless the target is set up to allow it
+        # (RFC 7143 11.5.1: the target may refuse a reset the requester is not authorized for).
+        response = AUTHORIZATION_FAILED
     elif function in (ABORT_TASK_SET, CLEAR_TASK_SET, LOGICAL_UNIT_RESET):
-        if function == LOGICAL_UNIT_RESET and lun not in host.luns:
-            response = NO_LUN
-        else:
-            host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)
-            response = COMPLETE
+        host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)
+        response = COMPLETE
     elif function == TARGET_WARM_RESET:
         host.abort_tasks(None, None)
         response = COMPLETE

@@ -3,6 +3,7 @@ unsolicited data, then R2T / Data-Out sequences of at most MaxBurstLength)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from . import pdu as P
@@ -10,6 +11,7 @@ from . import scsi as S
 from .host import Connection
 from .params import SessionParams
 from .responses import Responder, residual_bits
+from .samecheck import compare_off_loop
 from .stores import Store
 
 log = logging.getLogger("zerosend.iscsi")
@@ -35,6 +37,7 @@ class WriteTask:
         "aborted",
         "base",
         "burst_end",
+        "comparing",
         "datasn",
         "edtl",
         "error",
@@ -77,6 +80,7 @@ class WriteTask:
         self.error: S.CheckCondition | None = None
         self.aborted = False
         self.same_blocks = 0  # VERIFY BYTCHK=3: one block compared against this many
+        self.comparing = False  # that comparison is running off the event loop
 
 
 class Writes:
@@ -103,6 +107,14 @@ class Writes:
         self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
     ) -> None:
         """A WRITE, WRITE AND VERIFY or VERIFY from dispatch; raises CheckCondition."""
+        refused = self._immediate_data_refused(req, edtl)
+        if refused is not None:
+            # RFC 7143 11.17.1: a PDU that breaks the protocol is rejected; the command does
+            # not run, its data goes nowhere, and the connection carries on.
+            log.warning("%s: write ITT 0x%08x rejected: %s", self.conn.name, req.itt, refused)
+            self.discard_unsolicited(req, edtl)
+            self.responder.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, refused)
+            return
         rw = S.decode_rw(cdb)
         op = cdb[0]
         verify = op in S.VERIFY_OPS
@@ -112,6 +124,7 @@ class Writes:
         if verify and bytchk == 2:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
         lu.check_range(rw.lba, rw.blocks)
+        S.check_transfer_length(rw.blocks)
         if not verify and lu.readonly:
             raise S.CheckCondition(S.DATA_PROTECT, S.WRITE_PROTECTED)
         bs = lu.store.block_size
@@ -134,14 +147,26 @@ class Writes:
             task.same_blocks = rw.blocks
         self.tasks[req.itt] = task
         if req.data:
-            if len(req.data) > self.params.first_burst:
-                self._fail(task, "immediate data beyond FirstBurstLength")
-                return
             self._accept(task, 0, req.data)
         unsolicited_more = not req.final and not self.params.initial_r2t
         if not unsolicited_more:
             task.unsolicited_done = True
         self._advance(task)
+
+    def _immediate_data_refused(self, req: P.Pdu, edtl: int) -> str | None:
+        """Why the command PDU's own data segment breaks RFC 7143 (11.3.1, 13.11, 13.14)."""
+        n = len(req.data)
+        if not n:
+            return None
+        if not req.flags & P.CMD_WRITE:
+            return f"{n} bytes of data on a command without the W bit"
+        if not self.params.immediate_data:
+            return f"{n} bytes of immediate data after ImmediateData=No"
+        if n > edtl:
+            return f"{n} bytes of immediate data beyond the expected transfer length {edtl}"
+        if n > self.params.first_burst:
+            return f"{n} bytes of immediate data beyond FirstBurstLength {self.params.first_burst}"
+        return None
 
     def discard_unsolicited(self, req: P.Pdu, edtl: int) -> None:
         """A failed write may still be followed by unsolicited Data-Out: swallow it quietly."""
@@ -182,14 +207,23 @@ class Writes:
             task.error = S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
 
     def _verify_same(self, task: WriteTask, block: bytes) -> None:
-        store = task.lu.store
-        bs = store.block_size
-        current = bytearray(bs)
-        for i in range(task.same_blocks):
-            store.read_into(task.base + i * bs, memoryview(current))
-            if current != block:
-                task.miscompare = i * bs + next(j for j in range(bs) if current[j] != block[j])
-                return
+        """Compare off the event loop; the command completes when the comparison has."""
+        task.comparing = True
+        future = compare_off_loop(task.lu.store, task.base, block, task.same_blocks)
+
+        def compared(f: asyncio.Future[int | None]) -> None:
+            task.comparing = False
+            if f.cancelled():
+                task.error = S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE)
+            elif (exc := f.exception()) is not None:
+                log.error("%s: VERIFY read failed: %s", self.conn.name, exc)
+                task.error = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+            else:
+                task.miscompare = f.result()
+            if self.tasks.get(task.itt) is task:  # not aborted meanwhile
+                self._advance(task)
+
+        future.add_done_callback(compared)
 
     def data_out(self, req: P.Pdu) -> None:
         itt = req.itt
@@ -209,10 +243,15 @@ class Writes:
             self._fail(task, f"Data-Out DataSN {datasn}, expected {task.datasn}")
             return
         task.datasn += 1
+        end = offset + len(req.data)
         try:
+            # Judged before a byte is written: refused data never reaches the medium.
+            first_burst = self.params.first_burst
+            if ttt == P.NO_TAG and end > first_burst:
+                raise DataError(f"unsolicited data beyond FirstBurstLength {first_burst}")
+            if ttt != P.NO_TAG and end > task.burst_end:
+                raise DataError(f"Data-Out beyond the R2T's desired length (ends at {end})")
             self._accept(task, offset, req.data)
-            if ttt != P.NO_TAG and task.next_offset > task.burst_end:
-                raise DataError("Data-Out beyond the R2T's desired length")
         except DataError as e:
             self._fail(task, str(e))
             return
@@ -234,7 +273,7 @@ class Writes:
 
     def _advance(self, task: WriteTask) -> None:
         """After a sequence ends: ask for more with an R2T, or complete the command."""
-        if task.aborted or not task.unsolicited_done or task.ttt != P.NO_TAG:
+        if task.aborted or task.comparing or not task.unsolicited_done or task.ttt != P.NO_TAG:
             return
         send_check = self.responder.send_check
         if task.next_offset < task.xfer:
@@ -258,7 +297,7 @@ class Writes:
             return
         if task.fua and not task.verify:
             try:
-                task.lu.store.flush()
+                task.lu.store.flush(task.base, task.xfer)
             except OSError as e:
                 log.error("%s: flush failed: %s", self.conn.name, e)
                 cc = S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)

@@ -1,0 +1,41 @@
+"""VERIFY with BYTCHK=3 (SBC-4 5.34): one block from the initiator compared against every block
+of a range. The range may be MAXIMUM TRANSFER LENGTH blocks of a store that blocks on reads (an
+uncached block device), so the comparison runs in a small thread pool, never on the event loop,
+and reads the medium in bounded chunks."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from .stores import Store
+
+CHUNK = 1 << 20  # bytes read and compared at a time
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zerosend-verify")
+
+
+def first_difference(store: Store, base: int, block: bytes, count: int) -> int | None:
+    """The byte offset from ``base`` of the first difference between ``count`` copies of
+    ``block`` and the medium there, or None when every block matches."""
+    bs = len(block)
+    per_chunk = max(1, CHUNK // bs)
+    pattern = block * min(per_chunk, count)
+    current = bytearray(len(pattern))
+    done = 0
+    while done < count:
+        n = min(per_chunk, count - done)
+        view = memoryview(current)[: n * bs]
+        store.read_into(base + done * bs, view)
+        if view != memoryview(pattern)[: n * bs]:
+            at = next(i for i in range(n * bs) if current[i] != pattern[i])
+            return done * bs + at
+        done += n
+    return None
+
+
+def compare_off_loop(
+    store: Store, base: int, block: bytes, count: int
+) -> asyncio.Future[int | None]:
+    """``first_difference`` in the pool; the future resolves on the running loop."""
+    loop = asyncio.get_running_loop()
+    return loop.run_in_executor(_POOL, first_difference, store, base, block, count)
