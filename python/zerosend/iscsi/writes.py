@@ -1,9 +1,11 @@
-"""Commands that receive data: WRITE, WRITE AND VERIFY, and VERIFY with BYTCHK (immediate and
-unsolicited data, then R2T / Data-Out sequences of at most MaxBurstLength)."""
+"""Commands that receive data: WRITE, WRITE AND VERIFY, VERIFY with BYTCHK, and commands whose
+Data-Out is a parameter list (immediate and unsolicited data, then R2T / Data-Out sequences of at
+most MaxBurstLength)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from . import pdu as P
 from . import scsi as S
@@ -45,7 +47,9 @@ class WriteTask:
         "lun_field",
         "miscompare",
         "next_offset",
+        "parameters",
         "r2tsn",
+        "run",
         "same_blocks",
         "spdtl",
         "ttt",
@@ -77,6 +81,9 @@ class WriteTask:
         self.error: S.CheckCondition | None = None
         self.aborted = False
         self.same_blocks = 0  # VERIFY BYTCHK=3: one block compared against this many
+        # A parameter-list command: its data is collected here, then handed to ``run``.
+        self.parameters: bytearray | None = None
+        self.run: Callable[[bytes], None] | None = None
 
 
 class Writes:
@@ -143,6 +150,34 @@ class Writes:
             task.unsolicited_done = True
         self._advance(task)
 
+    def parameters(
+        self,
+        req: P.Pdu,
+        lu: S.LogicalUnit,
+        length: int,
+        edtl: int,
+        lun_field: bytes,
+        run: Callable[[bytes], None],
+    ) -> None:
+        """A command whose Data-Out is a parameter list of ``length`` bytes: collect it whole,
+        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it."""
+        if length > S.MAX_PARAMETER_LIST:
+            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        if not req.flags & P.CMD_WRITE:
+            edtl = 0
+        task = WriteTask(req.itt, lu, lun_field, 0, length, edtl)
+        task.parameters = bytearray(task.xfer)
+        task.run = run
+        self.tasks[req.itt] = task
+        if req.data:
+            if len(req.data) > self.params.first_burst:
+                self._fail(task, "immediate data beyond FirstBurstLength")
+                return
+            self._accept(task, 0, req.data)
+        if req.final or self.params.initial_r2t:
+            task.unsolicited_done = True
+        self._advance(task)
+
     def discard_unsolicited(self, req: P.Pdu, edtl: int) -> None:
         """A failed write may still be followed by unsolicited Data-Out: swallow it quietly."""
         if req.flags & P.CMD_WRITE and not req.final and not self.params.initial_r2t:
@@ -162,6 +197,9 @@ class Writes:
         if usable <= 0 or task.error is not None or task.aborted:
             return
         chunk = data[:usable] if usable < len(data) else data
+        if task.parameters is not None:
+            task.parameters[offset : offset + usable] = chunk
+            return
         store = task.lu.store
         at = task.base + offset
         try:
@@ -256,6 +294,23 @@ class Writes:
             cc = S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, task.miscompare)
             send_check(task.itt, cc, flags, residual)
             return
+        if task.run is not None and task.parameters is not None:
+            try:
+                task.run(bytes(task.parameters))
+            except S.CheckCondition as failure:
+                send_check(task.itt, failure, flags, residual)
+                return
+            except OSError as e:
+                log.error(
+                    "%s: command 0x%08x failed on the medium: %s", self.conn.name, task.itt, e
+                )
+                send_check(
+                    task.itt, S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR), flags, residual
+                )
+                return
+            except S.StatusReply as reply:
+                self.responder.send_status(task.itt, reply.status, None, flags, residual)
+                return
         if task.fua and not task.verify:
             try:
                 task.lu.store.flush()
