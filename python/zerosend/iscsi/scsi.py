@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .nexus import Nexus
 from .stores import Store
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
 BUSY = 0x08
+RESERVATION_CONFLICT = 0x18
 TASK_SET_FULL = 0x28
 
 NO_SENSE = 0x00
@@ -67,6 +70,14 @@ class CheckCondition(Exception):
         self.key = key
         self.asc, self.ascq = code
         self.info = info
+
+
+class StatusReply(Exception):
+    """A command ends with this status and no sense data (RESERVATION CONFLICT, BUSY ...)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status 0x{status:02x}")
+        self.status = status
 
 
 def sense_fixed(key: int, asc: int, ascq: int, info: int | None = None) -> bytes:
@@ -151,7 +162,11 @@ class CommandSet:
     def __init__(self, luns: dict[int, LogicalUnit]) -> None:
         self.luns = luns
 
-    def execute(self, lu: LogicalUnit | None, cdb: bytes) -> bytes:
+    def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
+        """Every command to ``lu``, READ and WRITE included, passes here before it starts;
+        raises StatusReply or CheckCondition when ``nexus`` may not run it now."""
+
+    def execute(self, lu: LogicalUnit | None, cdb: bytes, nexus: Nexus) -> bytes:
         """Data-in bytes of a command (b"" for none); raises CheckCondition."""
         op = cdb[0]
         if op == 0x12:
@@ -367,6 +382,23 @@ _HANDLERS = {
     0x1B: CommandSet.start_stop,
     0x1E: CommandSet.prevent_allow,
 }
+
+
+@dataclass(frozen=True)
+class ParameterCommand:
+    """A command whose Data-Out is a parameter list it needs whole before it acts (UNMAP,
+    PERSISTENT RESERVE OUT, ...): the connection collects ``length(cdb)`` bytes, then calls
+    ``run(commands, lu, cdb, parameters, nexus)``, which raises CheckCondition or StatusReply
+    to fail the command."""
+
+    length: Callable[[bytes], int]
+    run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], None]
+
+
+#: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
+PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
+#: The largest parameter list the target collects; longer ones are refused in the CDB.
+MAX_PARAMETER_LIST = 1 << 20
 
 _VPD = {
     0x00: CommandSet._vpd_supported,

@@ -18,6 +18,7 @@ from . import pdu as P
 from . import scsi as S
 from .host import SessionHost
 from .login import LoginFailed, LoginMachine, failure_response
+from .nexus import NO_NEXUS, Nexus
 from .outbox import Outbox
 from .params import SessionParams
 from .reader import ConnectionClosed, PduReader
@@ -48,6 +49,7 @@ class Session:
         self.zs = zerosend.wrap(sock, backend=host.config.backend)
         self.params = SessionParams()
         self.discovery = False
+        self.nexus = NO_NEXUS
         self.logged_in = False
         self.closing = False
         self.failed: BaseException | None = None
@@ -194,6 +196,7 @@ class Session:
             tsih = self.host.session_started(self, st.initiator, st.isid)
             struct.pack_into(">H", hdr, 14, tsih)
             self.logged_in = True
+            self.nexus = Nexus(st.initiator, bytes(st.isid))
             self.discovery = st.discovery
             self.name = self.outbox.name = f"{self.peer} {st.initiator} tsih={tsih}"
             # Header/data digests start with the first PDU after the final login response.
@@ -303,16 +306,25 @@ class Session:
         op = cdb[0]
         try:
             if lu is not None:
+                self.host.commands.admit(lu, cdb, self.nexus)
                 if op in S.READ_OPS:
                     self.reads.command(req, lu, cdb, edtl, lun_field)
                     return
                 if op in S.WRITE_OPS or op in S.VERIFY_OPS:
                     self.writes.command(req, lu, cdb, edtl, lun_field)
                     return
-            data = self.host.commands.execute(lu, cdb)
+                parameter_command = S.PARAMETER_COMMANDS.get(op)
+                if parameter_command is not None:
+                    self._parameter_command(req, lu, cdb, edtl, lun_field, parameter_command)
+                    return
+            data = self.host.commands.execute(lu, cdb, self.nexus)
         except S.CheckCondition as cc:
             self.writes.discard_unsolicited(req, edtl)
             self.responder.send_check(itt, cc)
+            return
+        except S.StatusReply as reply:
+            self.writes.discard_unsolicited(req, edtl)
+            self.responder.send_status(itt, reply.status, None)
             return
         except OSError as e:
             log.error("%s: %s failed on LUN: %s", self.name, cdb[:1].hex(), e)
@@ -323,6 +335,22 @@ class Session:
         if req.flags & P.CMD_WRITE:
             self.writes.discard_unsolicited(req, edtl)
         self.responder.reply_data(itt, lun_field, data, edtl)
+
+    def _parameter_command(
+        self,
+        req: P.Pdu,
+        lu: S.LogicalUnit,
+        cdb: bytes,
+        edtl: int,
+        lun_field: bytes,
+        command: S.ParameterCommand,
+    ) -> None:
+        commands, nexus = self.host.commands, self.nexus
+
+        def run(parameters: bytes) -> None:
+            command.run(commands, lu, cdb, parameters, nexus)
+
+        self.writes.parameters(req, lu, command.length(cdb), edtl, lun_field, run)
 
     def _nop_out(self, req: P.Pdu) -> None:
         itt = req.itt

@@ -1,10 +1,12 @@
-"""Commands that receive data: WRITE, WRITE AND VERIFY, and VERIFY with BYTCHK (immediate and
-unsolicited data, then R2T / Data-Out sequences of at most MaxBurstLength)."""
+"""Commands that receive data: WRITE, WRITE AND VERIFY, VERIFY with BYTCHK, and commands whose
+Data-Out is a parameter list (immediate and unsolicited data, then R2T / Data-Out sequences of at
+most MaxBurstLength)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from . import pdu as P
 from . import scsi as S
@@ -48,7 +50,9 @@ class WriteTask:
         "lun_field",
         "miscompare",
         "next_offset",
+        "parameters",
         "r2tsn",
+        "run",
         "same_blocks",
         "spdtl",
         "ttt",
@@ -81,6 +85,9 @@ class WriteTask:
         self.aborted = False
         self.same_blocks = 0  # VERIFY BYTCHK=3: one block compared against this many
         self.comparing = False  # that comparison is running off the event loop
+        # A parameter-list command: its data is collected here, then handed to ``run``.
+        self.parameters: bytearray | None = None
+        self.run: Callable[[bytes], None] | None = None
 
 
 class Writes:
@@ -107,13 +114,7 @@ class Writes:
         self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
     ) -> None:
         """A WRITE, WRITE AND VERIFY or VERIFY from dispatch; raises CheckCondition."""
-        refused = self._immediate_data_refused(req, edtl)
-        if refused is not None:
-            # RFC 7143 11.17.1: a PDU that breaks the protocol is rejected; the command does
-            # not run, its data goes nowhere, and the connection carries on.
-            log.warning("%s: write ITT 0x%08x rejected: %s", self.conn.name, req.itt, refused)
-            self.discard_unsolicited(req, edtl)
-            self.responder.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, refused)
+        if self._rejected(req, edtl):
             return
         rw = S.decode_rw(cdb)
         op = cdb[0]
@@ -153,6 +154,44 @@ class Writes:
             task.unsolicited_done = True
         self._advance(task)
 
+    def parameters(
+        self,
+        req: P.Pdu,
+        lu: S.LogicalUnit,
+        length: int,
+        edtl: int,
+        lun_field: bytes,
+        run: Callable[[bytes], None],
+    ) -> None:
+        """A command whose Data-Out is a parameter list of ``length`` bytes: collect it whole,
+        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it."""
+        if length > S.MAX_PARAMETER_LIST:
+            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        if self._rejected(req, edtl):
+            return
+        if not req.flags & P.CMD_WRITE:
+            edtl = 0
+        task = WriteTask(req.itt, lu, lun_field, 0, length, edtl)
+        task.parameters = bytearray(task.xfer)
+        task.run = run
+        self.tasks[req.itt] = task
+        if req.data:
+            self._accept(task, 0, req.data)
+        if req.final or self.params.initial_r2t:
+            task.unsolicited_done = True
+        self._advance(task)
+
+    def _rejected(self, req: P.Pdu, edtl: int) -> bool:
+        """Reject a command PDU whose own data breaks the protocol (RFC 7143 11.17.1): the
+        command does not run, its data goes nowhere, and the connection carries on."""
+        why = self._immediate_data_refused(req, edtl)
+        if why is None:
+            return False
+        log.warning("%s: command ITT 0x%08x rejected: %s", self.conn.name, req.itt, why)
+        self.discard_unsolicited(req, edtl)
+        self.responder.send_reject(P.REJECT_PROTOCOL_ERROR, req.bhs, why)
+        return True
+
     def _immediate_data_refused(self, req: P.Pdu, edtl: int) -> str | None:
         """Why the command PDU's own data segment breaks RFC 7143 (11.3.1, 13.11, 13.14)."""
         n = len(req.data)
@@ -187,6 +226,9 @@ class Writes:
         if usable <= 0 or task.error is not None or task.aborted:
             return
         chunk = data[:usable] if usable < len(data) else data
+        if task.parameters is not None:
+            task.parameters[offset : offset + usable] = chunk
+            return
         store = task.lu.store
         at = task.base + offset
         try:
@@ -295,6 +337,23 @@ class Writes:
             cc = S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, task.miscompare)
             send_check(task.itt, cc, flags, residual)
             return
+        if task.run is not None and task.parameters is not None:
+            try:
+                task.run(bytes(task.parameters))
+            except S.CheckCondition as failure:
+                send_check(task.itt, failure, flags, residual)
+                return
+            except OSError as e:
+                log.error(
+                    "%s: command 0x%08x failed on the medium: %s", self.conn.name, task.itt, e
+                )
+                send_check(
+                    task.itt, S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR), flags, residual
+                )
+                return
+            except S.StatusReply as reply:
+                self.responder.send_status(task.itt, reply.status, None, flags, residual)
+                return
         if task.fua and not task.verify:
             try:
                 task.lu.store.flush(task.base, task.xfer)
