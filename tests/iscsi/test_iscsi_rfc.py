@@ -2,15 +2,23 @@
 the negotiated rules allow none (rejected, nothing written, the session carries on), data past
 an R2T or FirstBurstLength (the command fails before a byte is written), MAXIMUM TRANSFER
 LENGTH, a login that names full feature phase as its current stage, and resets that would reach
-other sessions."""
+other sessions; VERIFY with BYTCHK=3 compared off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, make_image
+
+from zerosend.iscsi.config import LunSpec, TargetConfig
+from zerosend.iscsi.scsi import LogicalUnit
+from zerosend.iscsi.stores import FileStore
+from zerosend.iscsi.target import Target
 
 MiB = 1 << 20
 OP_SCSI_RSP, OP_TMF_RSP, OP_R2T, OP_REJECT = 0x21, 0x22, 0x31, 0x3F
@@ -233,3 +241,68 @@ def test_cross_session_resets_when_configured(target_factory, image):
     assert path.read_bytes() == data
     victim.close()
     other.close()
+
+
+# -- VERIFY with BYTCHK=3 off the event loop
+
+
+class GatedStore(FileStore):
+    """An image whose reads wait for a gate, as an uncached disk under load would: what reads
+    it on the event loop stops every session until the gate opens."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait(120)
+        super().read_into(offset, view)
+
+
+def test_verify_bytchk3_compares_off_the_event_loop(tmp_path: Path):
+    """The comparison reads up to MAXIMUM TRANSFER LENGTH blocks: while they are being read,
+    the target answers other PDUs. Before, the scan ran on the event loop, so the NOP below was
+    never answered while the read waited."""
+    path = tmp_path / "disk.img"
+    block = bytes(range(256)) * 2
+    path.write_bytes(block * 2048)  # 1 MiB of one repeated block
+    store = GatedStore(str(path))
+    started: queue.Queue[int] = queue.Queue()
+    loop = asyncio.new_event_loop()
+    target = Target(TargetConfig(listen="127.0.0.1:0", iqn=IQN, luns=[LunSpec(str(path))]))
+    target.luns[0] = LogicalUnit(0, store, IQN)
+
+    async def serve() -> None:
+        started.put((await target.start())[1])
+        await target.serve()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        ini = MiniInitiator(started.get(timeout=30))
+        ini.login(IQN)
+        verify16 = struct.pack(">BBQIBB", 0x8F, 0x06, 0, 2048, 0, 0)  # BYTCHK=3, 2048 blocks
+        itt = ini.scsi(verify16, 512, write=True, data=block)
+        assert store.waiting.wait(30), "the comparison never read the medium"
+        ini.nop()  # answered while the comparison waits for the medium
+        store.gate.set()
+        status, _, _ = ini.read_response()
+        assert status == 0, f"VERIFY ITT {itt:#x}: status {status:#x}"
+        # A block that differs: MISCOMPARE, with the offset of the first difference.
+        other = bytearray(block)
+        other[7] ^= 0xFF
+        itt = ini.scsi(verify16, 512, write=True, data=bytes(other))
+        bhs, seg = ini.recv()
+        assert bhs[3] == 0x02
+        sense = seg[2:]
+        assert sense[2] & 0x0F == 0x0E and struct.unpack_from(">I", sense, 3)[0] == 7
+        ini.close()
+    finally:
+        store.gate.set()
+        loop.call_soon_threadsafe(target.stop)
+        thread.join(60)
+        loop.close()
+        store.close()
