@@ -306,3 +306,40 @@ def test_verify_bytchk3_compares_off_the_event_loop(tmp_path: Path):
         thread.join(60)
         loop.close()
         store.close()
+
+
+# -- commands held for their CmdSN
+
+
+def test_out_of_order_nop_out_keeps_its_own_data(target_factory, image):
+    """A NOP-Out that arrives ahead of its CmdSN is held until the gap is filled; its ping data
+    must be what it carried, not what later PDUs left in the reused receive buffer."""
+    t = target_factory("--lun", str(image[0]))
+    ini = session(t.port)
+    gap = ini.cmdsn
+    held = bytearray(48)
+    held[0], held[1] = 0x00, 0x80  # NOP-Out, not immediate: it takes a CmdSN
+    held_itt = ini.next_itt()
+    held[16:20] = held_itt.to_bytes(4, "big")
+    held[20:24] = b"\xff\xff\xff\xff"
+    held[24:28] = (gap + 1).to_bytes(4, "big")
+    ping = b"held-ping:" + bytes(range(200))
+    ini.send(held, ping)
+    for i in range(40):  # immediate pings: about 40 KiB through the receive buffer
+        bhs = bytearray(48)
+        bhs[0], bhs[1] = 0x40, 0x80
+        bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+        bhs[20:24] = b"\xff\xff\xff\xff"
+        bhs[24:28] = gap.to_bytes(4, "big")
+        ini.send(bhs, bytes([i]) * len(ping) * 5)
+        rsp, _ = ini.recv()
+        assert rsp[0] & 0x3F == 0x20
+    ini.cmdsn = gap
+    ini.scsi(bytes(6), 0)  # TEST UNIT READY fills the gap: both run now
+    ini.cmdsn = gap + 2
+    answers = {}
+    for _ in range(2):
+        rsp, data = ini.recv()
+        answers[int.from_bytes(rsp[16:20], "big")] = (rsp[0] & 0x3F, data)
+    assert answers[held_itt] == (0x20, ping)
+    ini.close()

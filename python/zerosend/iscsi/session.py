@@ -261,7 +261,7 @@ class Session:
                 while (due := window.take_due()) is not None:
                     await self._dispatch(due)
             else:
-                if op == P.OP_SCSI_CMD and req.data:  # kept past the receive buffer's reuse
+                if req.data:  # kept past the receive buffer's reuse (NOP-Out, Text too)
                     req = P.Pdu(req.bhs, req.ahs, bytes(req.data))
                 if not window.hold(cmdsn, req):
                     log.warning(
