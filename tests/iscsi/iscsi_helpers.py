@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -82,6 +83,11 @@ def make_image(path: Path, size: int, seed: int = 1) -> bytes:
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
+    """A WRITE(10) CDB."""
+    return struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, blocks, 0)
 
 
 def run(

@@ -21,16 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from iscsi_helpers import IQN, MiniInitiator, RunningTarget, start_target
+from iscsi_helpers import IQN, MiniInitiator, RunningTarget, start_target, write10
 
 BLOCKS_PER_WRITE = 8
 WRITE_BYTES = BLOCKS_PER_WRITE * 512
 BATCH = 16  # writes in flight at once, then SYNCHRONIZE CACHE
 IMAGE_BYTES = 64 << 20
-
-
-def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, blocks, 0)
 
 
 SYNC10 = bytes((0x35,)) + bytes(9)  # SYNCHRONIZE CACHE(10) of the whole medium

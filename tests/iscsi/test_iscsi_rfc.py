@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from iscsi_helpers import IQN, MiniInitiator, make_image
+from iscsi_helpers import IQN, MiniInitiator, make_image, write10
 
 from zerosend.iscsi.config import LunSpec, TargetConfig
 from zerosend.iscsi.scsi import LogicalUnit
@@ -24,10 +24,6 @@ MiB = 1 << 20
 OP_SCSI_RSP, OP_TMF_RSP, OP_R2T, OP_REJECT = 0x21, 0x22, 0x31, 0x3F
 REJECT_PROTOCOL_ERROR = 0x04
 MAX_TRANSFER_BLOCKS = 16384  # what the Block Limits VPD page advertises
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
 
 
 @pytest.fixture
