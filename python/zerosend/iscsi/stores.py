@@ -86,7 +86,6 @@ class FileStore(Store):
         super().__init__(path)
         self.readonly = readonly
         self._map: memoryview | None = None
-        self._dirty: tuple[int, int] | None = None  # written, not yet flushed: [start, end)
         try:
             self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -100,6 +99,9 @@ class FileStore(Store):
         if self.size == 0:
             os.close(self.fd)
             raise StoreError(f"{path} is smaller than one {BLOCK_SIZE}-byte block")
+        # Written, not yet made durable: [start, end). Unknown at open (an earlier process may
+        # have left dirty pages), so the whole image until the first flush.
+        self._dirty: tuple[int, int] | None = None if readonly else (0, self.size)
         if mapped:
             # Reads are then views of the page cache itself: no read copy, nothing to pool.
             # The image must not shrink while served (a mapped page past EOF is a SIGBUS).
@@ -129,14 +131,14 @@ class FileStore(Store):
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.readonly:
             raise StoreError(f"{self.name}: read-only")
+        end = offset + len(data)
+        dirty = self._dirty  # marked first: a write that fails half-way is dirty too
+        self._dirty = (
+            (offset, end) if dirty is None else (min(dirty[0], offset), max(dirty[1], end))
+        )
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
-        end = offset + len(data)
-        dirty = self._dirty
-        if dirty is not None:
-            offset, end = min(dirty[0], offset), max(dirty[1], end)
-        self._dirty = (offset, end)
 
     @property
     def write_cache(self) -> bool:
@@ -148,22 +150,15 @@ class FileStore(Store):
         return self._dirty
 
     def flush(self, offset: int = 0, length: int = 0) -> None:
-        if self.readonly:
-            return
-        end = self.size if length == 0 else min(offset + length, self.size)
-        if self._map is not None and (offset, end) != (0, self.size):
-            # msync(MS_SYNC) of part of a shared file mapping is the kernel's fdatasync of
-            # that byte range (vfs_fsync_range): only the range is written back and waited
-            # for, the device cache flushed as by fdatasync. Unmapped files have no ranged
-            # durable sync (sync_file_range neither flushes the device cache nor metadata).
-            start = offset - offset % mmap.PAGESIZE
-            self._mmap.flush(start, end - start)
-        else:
-            os.fdatasync(self.fd)
-            offset, end = 0, self.size
         dirty = self._dirty
-        if dirty is not None and offset <= dirty[0] and dirty[1] <= end:
-            self._dirty = None
+        end = self.size if length == 0 else offset + length
+        if dirty is None or dirty[1] <= offset or end <= dirty[0]:
+            return  # nothing written in the range waits: no sync to pay for
+        # fdatasync, whole file: the only durable sync (sync_file_range flushes neither the
+        # device cache nor metadata). Mapped images need no msync: writes go through pwrite
+        # and the mapping only reads, so the file's page cache is all there is to sync.
+        os.fdatasync(self.fd)
+        self._dirty = None
 
     def close(self) -> None:
         os.close(self.fd)
