@@ -6,8 +6,8 @@ the page cache survives a process kill. So the image read back shows that every 
 acknowledged before a completed SYNCHRONIZE CACHE had left the target's own memory and reached
 the kernel; it cannot show that the data reached the disk (that needs a power cut, or a device
 that drops unflushed writes). That part is checked by the store's own record of what it wrote
-since its last fdatasync / msync, dumped on SIGUSR1: empty right after SYNCHRONIZE CACHE or a FUA
-write, not empty after a plain write.
+since its last fdatasync, dumped on SIGUSR1: empty right after SYNCHRONIZE CACHE or a FUA write,
+not empty after a plain write.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ BLOCKS_PER_WRITE = 8
 WRITE_BYTES = BLOCKS_PER_WRITE * 512
 BATCH = 16  # writes in flight at once, then SYNCHRONIZE CACHE
 IMAGE_BYTES = 64 << 20
-
-
 SYNC10 = bytes((0x35,)) + bytes(9)  # SYNCHRONIZE CACHE(10) of the whole medium
 
 
