@@ -13,7 +13,7 @@ import struct
 
 from . import scsi as S
 from .nexus import Nexus
-from .provisioning import MAX_COMPARE_AND_WRITE_BLOCKS
+from .provisioning import MAX_COMPARE_AND_WRITE_BLOCKS, refuse_read_only
 from .stores import BLOCK_SIZE
 
 COMPARE_AND_WRITE = 0x89
@@ -35,19 +35,22 @@ def _caw_length(cdb: bytes) -> int:
     return 2 * blocks * BLOCK_SIZE  # the verify instance, then the write instance
 
 
+def _caw_check(lu: S.LogicalUnit, cdb: bytes) -> None:
+    lba, blocks, _ = _caw_fields(cdb)
+    lu.check_range(lba, blocks)
+    refuse_read_only(lu, cdb)
+
+
 def compare_and_write(
     commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
 ) -> None:
     """Write the second half of ``data`` if the blocks hold the first half; else MISCOMPARE
     with the offset of the first differing byte, and the blocks are left alone."""
     lba, blocks, fua = _caw_fields(cdb)
-    lu.check_range(lba, blocks)
     store = lu.store
     length = blocks * store.block_size
     if not blocks:
         return
-    if lu.readonly:
-        raise S.CheckCondition(S.DATA_PROTECT, S.WRITE_PROTECTED)
     expected, new = memoryview(data)[:length], memoryview(data)[length:]
     current = bytearray(length)
     with lu.media_lock:
@@ -72,5 +75,7 @@ def or_write(lu: S.LogicalUnit, offset: int, data: memoryview | bytes) -> None:
 
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
-    COMPARE_AND_WRITE: S.ParameterCommand(_caw_length, compare_and_write, exact=True)
+    COMPARE_AND_WRITE: S.ParameterCommand(
+        _caw_length, compare_and_write, check=_caw_check, exact=True
+    )
 }

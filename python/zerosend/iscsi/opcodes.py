@@ -48,6 +48,7 @@ USAGE: dict[tuple[int, int | None], bytes] = {
     (0x2F, None): _usage(_RW10.format(op="2f", b1="f6")),  # VERIFY(10)
     (0x34, None): _usage(_RW10.format(op="34", b1="00")),  # PRE-FETCH(10)
     (0x35, None): _usage(_RW10.format(op="35", b1="00")),  # SYNCHRONIZE CACHE(10)
+    (0x37, None): _usage("37 00 1f 00 00 00 00 ff ff 00"),  # READ DEFECT DATA(10)
     (0x41, None): _usage(_RW10.format(op="41", b1="f8")),  # WRITE SAME(10)
     (0x42, None): _usage("42 01 00 00 00 00 00 ff ff 00"),  # UNMAP
     (0x56, None): _usage("56 00 00 00 00 00 00 00 00 00"),  # RESERVE(10)
@@ -79,6 +80,7 @@ USAGE: dict[tuple[int, int | None], bytes] = {
     (0xAA, None): _usage(_RW12.format(op="aa", b1="f8")),  # WRITE(12)
     (0xAE, None): _usage(_RW12.format(op="ae", b1="f0")),  # WRITE AND VERIFY(12)
     (0xAF, None): _usage(_RW12.format(op="af", b1="f6")),  # VERIFY(12)
+    (0xB7, None): _usage("b7 1f ff ff ff ff ff ff ff ff 00 00"),  # READ DEFECT DATA(12)
 }
 #: Opcodes whose commands are told apart by a service action in byte 1.
 _WITH_ACTIONS = frozenset(op for op, action in USAGE if action is not None)

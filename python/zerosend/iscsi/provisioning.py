@@ -31,7 +31,8 @@ _CHUNK = 1 << 20
 _MAPPED, _DEALLOCATED = 0, 1
 
 
-def _check_writable(lu: S.LogicalUnit) -> None:
+def refuse_read_only(lu: S.LogicalUnit, cdb: bytes) -> None:
+    """A command that changes the medium, on a read-only LUN."""
     if lu.readonly:
         raise S.CheckCondition(S.DATA_PROTECT, S.WRITE_PROTECTED)
 
@@ -51,7 +52,6 @@ def unmap(
     """Deallocate the ranges of the block descriptors; all are checked before any is done."""
     if not params:  # a parameter list length of zero is not an error: nothing to do
         return
-    _check_writable(lu)
     if len(params) < 8:
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
     described = int.from_bytes(params[2:4], "big")
@@ -95,23 +95,34 @@ def _write_same_length(cdb: bytes) -> int:
     return 0 if ndob else BLOCK_SIZE
 
 
-def write_same(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
-) -> None:
-    """Write one block over a range (NUMBER OF LOGICAL BLOCKS 0: up to the last block), or
-    deallocate the range when UNMAP is set and the block is zeros."""
-    lba, blocks, unmap_bit, ndob = _write_same_fields(cdb)
-    store = lu.store
-    bs = store.block_size
-    if lba > store.blocks:
+def _write_same_range(lu: S.LogicalUnit, cdb: bytes) -> tuple[int, int]:
+    """(LBA, blocks) a WRITE SAME covers (NUMBER OF LOGICAL BLOCKS 0: up to the last block)."""
+    lba, blocks, _, _ = _write_same_fields(cdb)
+    if lba > lu.store.blocks:
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
     if blocks == 0:
-        blocks = store.blocks - lba
+        blocks = lu.store.blocks - lba
     lu.check_range(lba, blocks)
     if blocks > MAX_WRITE_SAME_BLOCKS:
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    return lba, blocks
+
+
+def _write_same_check(lu: S.LogicalUnit, cdb: bytes) -> None:
+    _write_same_range(lu, cdb)
+    refuse_read_only(lu, cdb)
+
+
+def write_same(
+    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
+) -> None:
+    """Write one block over the range, or deallocate the range when UNMAP is set and the block
+    is zeros."""
+    _, _, unmap_bit, ndob = _write_same_fields(cdb)
+    lba, blocks = _write_same_range(lu, cdb)
+    store = lu.store
+    bs = store.block_size
     block = bytes(bs) if ndob else params
-    _check_writable(lu)
     if not blocks:
         return
     offset, length = lba * bs, blocks * bs
@@ -192,9 +203,11 @@ def logical_block_provisioning(commands: S.CommandSet, lu: S.LogicalUnit) -> byt
 
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
-    UNMAP: S.ParameterCommand(_unmap_length, unmap),
-    WRITE_SAME10: S.ParameterCommand(_write_same_length, write_same, exact=True),
-    WRITE_SAME16: S.ParameterCommand(_write_same_length, write_same, exact=True),
+    UNMAP: S.ParameterCommand(_unmap_length, unmap, check=refuse_read_only),
+    **{
+        op: S.ParameterCommand(_write_same_length, write_same, check=_write_same_check, exact=True)
+        for op in (WRITE_SAME10, WRITE_SAME16)
+    },
 }
 SERVICE_ACTIONS_IN = {GET_LBA_STATUS: get_lba_status}
 VPD_PAGES = {0xB0: block_limits, 0xB2: logical_block_provisioning}

@@ -217,6 +217,7 @@ class CommandSet:
             data[2] = 0x06  # SPC-4
             data[3] = 0x12  # HiSup, response data format 2
             data[4] = len(data) - 5
+            data[5] = 0x08  # 3PC: EXTENDED COPY
             data[7] = 0x02  # CmdQue
             data[8:16] = VENDOR
             data[16:32] = PRODUCT
@@ -394,11 +395,13 @@ class ParameterCommand:
     """A command whose Data-Out is a parameter list it needs whole before it acts (UNMAP,
     PERSISTENT RESERVE OUT, ...): the connection collects ``length(cdb)`` bytes, then calls
     ``run(commands, lu, cdb, parameters, nexus)``, which raises CheckCondition or StatusReply
-    to fail the command. ``exact``: a Data-Out of any other length than ``length(cdb)`` is an
-    error in the CDB (COMPARE AND WRITE, WRITE SAME)."""
+    to fail the command. ``check(lu, cdb)``: what can be refused before any data moves (the LBA
+    range, write protection). ``exact``: a Data-Out of any other length than ``length(cdb)`` is
+    an error in the CDB (COMPARE AND WRITE, WRITE SAME)."""
 
     length: Callable[[bytes], int]
     run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], None]
+    check: Callable[[LogicalUnit, bytes], None] | None = None
     exact: bool = False
 
 
@@ -435,14 +438,15 @@ def implemented(op: int) -> bool:
 
 def _register_families() -> None:
     """The command families in modules of their own add their opcodes to the tables above."""
-    from . import compare, opcodes, provisioning, xcopy
+    from . import compare, defects, opcodes, provisioning, xcopy
 
-    for family in (provisioning, compare, xcopy, opcodes):
+    for family in (provisioning, compare, xcopy, defects, opcodes):
         _HANDLERS.update(family.COMMANDS)
         PARAMETER_COMMANDS.update(family.PARAMETER_COMMANDS)
     SERVICE_ACTIONS_IN.update(provisioning.SERVICE_ACTIONS_IN)
     NEXUS_COMMANDS.update(xcopy.NEXUS_COMMANDS)
     _VPD.update(provisioning.VPD_PAGES)
+    _VPD.update(xcopy.VPD_PAGES)
 
 
 _register_families()

@@ -347,6 +347,8 @@ class Session:
     ) -> None:
         commands, nexus = self.host.commands, self.nexus
         length = command.length(cdb)
+        if command.check is not None:
+            command.check(lu, cdb)
         if command.exact and length != (edtl if req.flags & P.CMD_WRITE else 0):
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
 

@@ -219,6 +219,19 @@ def receive_copy_results(
     return (struct.pack(">I", len(data) - 4) + data[4:])[:alloc]
 
 
+def third_party_copy(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
+    """Third-party Copy VPD page (8Fh): its Supported Commands descriptor names the copy
+    commands and service actions above."""
+    # each command: operation code, number of service actions, the service actions
+    supported = bytes((EXTENDED_COPY, 1, EXTENDED_COPY_LID1)) + bytes(
+        (RECEIVE_COPY_RESULTS, 2, COPY_STATUS, OPERATING_PARAMETERS)
+    )
+    body = bytes((len(supported),)) + supported
+    body += bytes(-len(body) % 4)  # descriptors are a multiple of four bytes long
+    return struct.pack(">HH", 0x0001, len(body)) + body
+
+
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {EXTENDED_COPY: S.ParameterCommand(_parameter_length, extended_copy)}
 NEXUS_COMMANDS = {RECEIVE_COPY_RESULTS: receive_copy_results}
+VPD_PAGES = {0x8F: third_party_copy}
