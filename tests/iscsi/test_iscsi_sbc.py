@@ -5,6 +5,7 @@ ORWRITE, EXTENDED COPY with RECEIVE COPY RESULTS, REPORT SUPPORTED OPERATION COD
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -144,6 +145,28 @@ def test_unmap_punches_holes_in_the_image(target_factory, image):
     assert status == CHECK_CONDITION and sense and sense.code == (0x21, 0x00)
     assert read16(ini, 0, 8) == data[: 8 * BS]
     ini.close()
+
+
+def test_qemu_discards_zeroes_and_maps_holes(target_factory, image):
+    """qemu's iSCSI driver, a real initiator: ``discard`` sends UNMAP, ``write -z -u`` WRITE
+    SAME with UNMAP, and ``qemu-img map`` asks GET LBA STATUS where the holes are."""
+    qemu_io, qemu_img = need("qemu-io"), need("qemu-img")
+    path, data = image
+    t = target_factory("--lun", str(path))
+    run([qemu_io, "-f", "raw", "-c", "discard 1M 2M", "-c", "write -z -u 4M 1M", t.url()])
+    with open(path, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == MiB
+        assert os.lseek(f.fileno(), MiB, os.SEEK_DATA) == 3 * MiB
+        assert os.lseek(f.fileno(), 3 * MiB, os.SEEK_HOLE) == 4 * MiB
+        assert os.lseek(f.fileno(), 4 * MiB, os.SEEK_DATA) == 5 * MiB
+    image_now = path.read_bytes()
+    assert (
+        image_now
+        == data[:MiB] + bytes(2 * MiB) + data[3 * MiB : 4 * MiB] + bytes(MiB) + (data[5 * MiB :])
+    )
+    extents = json.loads(run([qemu_img, "map", "-f", "raw", "--output=json", t.url()]).stdout)
+    holes = [(e["start"], e["length"]) for e in extents if e["zero"] and not e["data"]]
+    assert holes == [(MiB, 2 * MiB), (4 * MiB, MiB)]
 
 
 def test_write_same_writes_a_pattern_or_deallocates_zeros(target_factory, image):
