@@ -5,6 +5,8 @@ blocks).
 Both read, decide and write while holding the LUN's ``media_lock``, which every other change to
 the medium also takes: the compare and the write are one step for every other session, whether
 writes run on the event loop (as today, each command in one synchronous call) or in threads.
+COMPARE AND WRITE runs once its Data-Out is complete; ORWRITE, which may be as long as a WRITE,
+streams: each Data-Out PDU is ORed in as one step.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def compare_and_write(
     """Write the second half of ``data`` if the blocks hold the first half; else MISCOMPARE
     with the offset of the first differing byte, and the blocks are left alone."""
     lba, blocks, fua = _caw_fields(cdb)
-    store = lu.store
-    length = blocks * store.block_size
     if not blocks:
         return
+    store = lu.store
+    length = blocks * store.block_size
     expected, new = memoryview(data)[:length], memoryview(data)[length:]
     current = bytearray(length)
     with lu.media_lock:
