@@ -11,8 +11,11 @@ Where things are:
 - Answering: ``responses`` (every PDU the target sends, stamped and digested) into ``outbox``
   (one vectored send per batch, pooled buffers from ``bufpool`` released after the kernel did).
 - Commands: ``reads`` (the READ path; its inner loop is Rust's ``IscsiReadPath`` or
-  ``readloop``), ``writes`` (Data-Out, R2T), ``taskmgmt``, ``scsi`` (every other command),
-  ``stores`` (the media behind LUNs).
+  ``readloop``), ``writes`` (Data-Out, R2T), ``taskmgmt``, ``scsi`` (every other command, and
+  the tables the command families register in: ``provisioning`` (UNMAP, WRITE SAME, GET LBA
+  STATUS), ``compare`` (COMPARE AND WRITE, ORWRITE), ``xcopy`` (EXTENDED COPY, RECEIVE COPY
+  RESULTS), ``defects``, ``opcodes`` (REPORT SUPPORTED OPERATION CODES)), ``stores`` (the media
+  behind LUNs).
 """
 
 from .config import LunSpec, TargetConfig

@@ -133,7 +133,7 @@ class Responder:
         self.send_pdu(hdr, data)
 
     def send_check(self, itt: int, cc: S.CheckCondition, flags: int = 0, residual: int = 0) -> None:
-        sense = S.sense_fixed(cc.key, cc.asc, cc.ascq, cc.info)
+        sense = S.sense_fixed(cc.key, cc.asc, cc.ascq, cc.info, cc.field)
         self.send_status(itt, S.CHECK_CONDITION, sense, flags, residual)
 
     def send_reject(self, reason: int, bhs: bytes, why: str) -> None:

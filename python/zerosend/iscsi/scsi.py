@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ LBA_OUT_OF_RANGE = (0x21, 0x00)
 INVALID_FIELD_IN_CDB = (0x24, 0x00)
 LUN_NOT_SUPPORTED = (0x25, 0x00)
 INVALID_FIELD_IN_PARAMS = (0x26, 0x00)
+PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
 WRITE_PROTECTED = (0x27, 0x00)
 SAVING_NOT_SUPPORTED = (0x39, 0x00)
 MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
@@ -54,9 +56,10 @@ READ6, READ10, READ12, READ16 = 0x08, 0x28, 0xA8, 0x88
 WRITE6, WRITE10, WRITE12, WRITE16 = 0x0A, 0x2A, 0xAA, 0x8A
 WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16 = 0x2E, 0xAE, 0x8E
 VERIFY10, VERIFY12, VERIFY16 = 0x2F, 0xAF, 0x8F
+ORWRITE16 = 0x8B
 READ_OPS = frozenset((READ6, READ10, READ12, READ16))
 WRITE_OPS = frozenset(
-    (WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16)
+    (WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16, ORWRITE16)
 )
 VERIFY_OPS = frozenset((VERIFY10, VERIFY12, VERIFY16))
 MAX_TRANSFER_BLOCKS = 16384  # 8 MiB with 512-byte blocks; advertised in VPD B0
@@ -65,11 +68,14 @@ MAX_TRANSFER_BLOCKS = 16384  # 8 MiB with 512-byte blocks; advertised in VPD B0
 class CheckCondition(Exception):
     """Ends a command with CHECK CONDITION and the given sense."""
 
-    def __init__(self, key: int, code: tuple[int, int], info: int | None = None) -> None:
+    def __init__(
+        self, key: int, code: tuple[int, int], info: int | None = None, field: int | None = None
+    ) -> None:
         super().__init__(f"sense key 0x{key:x} asc/ascq 0x{code[0]:02x}/0x{code[1]:02x}")
         self.key = key
         self.asc, self.ascq = code
         self.info = info
+        self.field = field  # the CDB byte at fault (sense-key specific field pointer)
 
 
 class StatusReply(Exception):
@@ -80,7 +86,9 @@ class StatusReply(Exception):
         self.status = status
 
 
-def sense_fixed(key: int, asc: int, ascq: int, info: int | None = None) -> bytes:
+def sense_fixed(
+    key: int, asc: int, ascq: int, info: int | None = None, field: int | None = None
+) -> bytes:
     s = bytearray(18)
     s[0] = 0x70 | (0x80 if info is not None else 0)
     s[2] = key
@@ -89,6 +97,9 @@ def sense_fixed(key: int, asc: int, ascq: int, info: int | None = None) -> bytes
     s[7] = 10
     s[12] = asc
     s[13] = ascq
+    if field is not None:  # SKSV, C/D: the field pointer names a byte of the CDB
+        s[15] = 0xC0
+        struct.pack_into(">H", s, 16, field)
     return bytes(s)
 
 
@@ -127,6 +138,9 @@ class LogicalUnit:
     store: Store
     target_iqn: str
     reservations: dict[str, int] = field(default_factory=dict)
+    # Held by every change to the medium (plain writes included) so that the read-compare-write
+    # commands (COMPARE AND WRITE, ORWRITE) are atomic however the writes are scheduled.
+    media_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(
@@ -177,6 +191,9 @@ class CommandSet:
             return self.request_sense(cdb)
         if lu is None:
             raise CheckCondition(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED)
+        nexus_handler = NEXUS_COMMANDS.get(op)
+        if nexus_handler is not None:
+            return nexus_handler(self, lu, cdb, nexus)
         handler = _HANDLERS.get(op)
         if handler is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
@@ -207,6 +224,7 @@ class CommandSet:
             data[2] = 0x06  # SPC-4
             data[3] = 0x12  # HiSup, response data format 2
             data[4] = len(data) - 5
+            data[5] = 0x08  # 3PC: EXTENDED COPY
             data[7] = 0x02  # CmdQue
             data[8:16] = VENDOR
             data[16:32] = PRODUCT
@@ -242,21 +260,10 @@ class CommandSet:
         out += bytes((0x51, 0x94, 0x00, 0x04, 0, 0, 0, 1))
         return bytes(out)
 
-    def _vpd_block_limits(self, lu: LogicalUnit) -> bytes:
-        body = bytearray(0x3C)
-        struct.pack_into(">H", body, 2, 1)  # optimal transfer length granularity: 1 block
-        struct.pack_into(">I", body, 4, MAX_TRANSFER_BLOCKS)  # maximum transfer length
-        struct.pack_into(">I", body, 8, 256)  # optimal transfer length (128 KiB)
-        return bytes(body)
-
     def _vpd_characteristics(self, lu: LogicalUnit) -> bytes:
         body = bytearray(0x3C)
         struct.pack_into(">H", body, 0, 1)  # non-rotating medium
         return bytes(body)
-
-    def _vpd_provisioning(self, lu: LogicalUnit) -> bytes:
-        # No UNMAP / WRITE SAME unmap: fully provisioned, LBPRZ clear.
-        return bytes(4)
 
     def report_luns(self, cdb: bytes) -> bytes:
         select = cdb[2]
@@ -340,11 +347,17 @@ class CommandSet:
         return struct.pack(">II", min(last, 0xFFFFFFFF), lu.store.block_size)
 
     def service_action_in(self, lu: LogicalUnit, cdb: bytes) -> bytes:
-        if cdb[1] & 0x1F != 0x10:  # only READ CAPACITY(16)
+        handler = SERVICE_ACTIONS_IN.get(cdb[1] & 0x1F)
+        if handler is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        return handler(self, lu, cdb)
+
+    def read_capacity16(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         alloc = _alloc(cdb, 10, 4)
-        data = struct.pack(">QI", lu.store.blocks - 1, lu.store.block_size) + bytes(20)
-        return data[:alloc]
+        data = bytearray(struct.pack(">QI", lu.store.blocks - 1, lu.store.block_size) + bytes(20))
+        if lu.store.thin:
+            data[14] = 0xC0  # LBPME (UNMAP, WRITE SAME unmap), LBPRZ (unmapped reads as zeros)
+        return bytes(data[:alloc])
 
     def synchronize_cache(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         if cdb[0] == 0x35:
@@ -369,7 +382,9 @@ class CommandSet:
         return b""
 
 
-_HANDLERS = {
+Handler = Callable[[CommandSet, LogicalUnit, bytes], bytes]
+
+_HANDLERS: dict[int, Handler] = {
     0x00: CommandSet.test_unit_ready,
     0x1A: CommandSet.mode_sense,
     0x5A: CommandSet.mode_sense,
@@ -389,22 +404,58 @@ class ParameterCommand:
     """A command whose Data-Out is a parameter list it needs whole before it acts (UNMAP,
     PERSISTENT RESERVE OUT, ...): the connection collects ``length(cdb)`` bytes, then calls
     ``run(commands, lu, cdb, parameters, nexus)``, which raises CheckCondition or StatusReply
-    to fail the command."""
+    to fail the command. ``check(lu, cdb)``: what can be refused before any data moves (the LBA
+    range, write protection). ``exact``: a Data-Out of any other length than ``length(cdb)`` is
+    an error in the CDB (COMPARE AND WRITE, WRITE SAME)."""
 
     length: Callable[[bytes], int]
     run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], None]
+    check: Callable[[LogicalUnit, bytes], None] | None = None
+    exact: bool = False
 
 
 #: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
 PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
 #: The largest parameter list the target collects; longer ones are refused in the CDB.
 MAX_PARAMETER_LIST = 1 << 20
+#: SERVICE ACTION IN(16) (0x9E) by service action.
+SERVICE_ACTIONS_IN: dict[int, Handler] = {0x10: CommandSet.read_capacity16}
+#: Commands that answer per I_T nexus (``run(commands, lu, cdb, nexus)``): state kept for the
+#: initiator port that asked, such as copy results.
+NEXUS_COMMANDS: dict[int, Callable[[CommandSet, LogicalUnit, bytes, Nexus], bytes]] = {}
 
-_VPD = {
+_VPD: dict[int, Callable[[CommandSet, LogicalUnit], bytes]] = {
     0x00: CommandSet._vpd_supported,
     0x80: CommandSet._vpd_serial,
     0x83: CommandSet._vpd_ids,
-    0xB0: CommandSet._vpd_block_limits,
     0xB1: CommandSet._vpd_characteristics,
-    0xB2: CommandSet._vpd_provisioning,
 }
+
+
+def implemented(op: int) -> bool:
+    """Commands with this operation code run here (REPORT SUPPORTED OPERATION CODES)."""
+    return (
+        op in (0x12, 0xA0, 0x03)  # INQUIRY, REPORT LUNS, REQUEST SENSE: answered for any LUN
+        or op in READ_OPS
+        or op in WRITE_OPS
+        or op in VERIFY_OPS
+        or op in _HANDLERS
+        or op in PARAMETER_COMMANDS
+        or op in NEXUS_COMMANDS
+    )
+
+
+def _register_families() -> None:
+    """The command families in modules of their own add their opcodes to the tables above."""
+    from . import compare, defects, opcodes, provisioning, xcopy
+
+    for family in (provisioning, compare, xcopy, defects, opcodes):
+        _HANDLERS.update(family.COMMANDS)
+        PARAMETER_COMMANDS.update(family.PARAMETER_COMMANDS)
+    SERVICE_ACTIONS_IN.update(provisioning.SERVICE_ACTIONS_IN)
+    NEXUS_COMMANDS.update(xcopy.NEXUS_COMMANDS)
+    _VPD.update(provisioning.VPD_PAGES)
+    _VPD.update(xcopy.VPD_PAGES)
+
+
+_register_families()

@@ -346,11 +346,16 @@ class Session:
         command: S.ParameterCommand,
     ) -> None:
         commands, nexus = self.host.commands, self.nexus
+        length = command.length(cdb)
+        if command.check is not None:
+            command.check(lu, cdb)
+        if command.exact and length != (edtl if req.flags & P.CMD_WRITE else 0):
+            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
 
         def run(parameters: bytes) -> None:
             command.run(commands, lu, cdb, parameters, nexus)
 
-        self.writes.parameters(req, lu, command.length(cdb), edtl, lun_field, run)
+        self.writes.parameters(req, lu, length, edtl, lun_field, run)
 
     def _nop_out(self, req: P.Pdu) -> None:
         itt = req.itt

@@ -9,6 +9,8 @@ while it may be in flight: decompressed clusters are immutable ``bytes``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import re
@@ -19,6 +21,11 @@ from collections import OrderedDict
 
 BLOCK_SIZE = 512
 _ZERO = memoryview(bytes(1 << 20))
+# fallocate(2) modes (linux/falloc.h): Python's os.posix_fallocate cannot pass them.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 class StoreError(Exception):
@@ -66,6 +73,20 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    @property
+    def thin(self) -> bool:
+        """The store can deallocate ranges (``discard``), which then read as zeros."""
+        return False
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate [offset, offset+length): it reads as zeros afterwards."""
+        raise StoreError(f"{self.name}: cannot deallocate ranges")
+
+    def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The (offset, length) ranges inside [offset, offset+length) that hold data; the rest
+        is deallocated and reads as zeros."""
+        return [(offset, length)]
 
 
 def _zero_views(length: int) -> list[memoryview]:
@@ -160,6 +181,42 @@ class FileStore(Store):
         os.fdatasync(self.fd)
         self._dirty = None
 
+    @property
+    def thin(self) -> bool:
+        return not self.readonly
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (regular files: the blocks are freed; block devices: discarded and
+        zeroed). A file system without hole punching gets zeros written instead."""
+        if self.readonly:
+            raise StoreError(f"{self.name}: read-only")
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(self.fd, mode, offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, f"fallocate(PUNCH_HOLE) on {self.name}: {os.strerror(err)}")
+        for at in range(offset, offset + length, len(_ZERO)):
+            self.write(at, _ZERO[: min(len(_ZERO), offset + length - at)])
+
+    def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
+        end = offset + length
+        ranges: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                    break
+                return [(offset, length)]  # no hole reporting here (block devices): all data
+            if data >= end:
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            ranges.append((data, hole - data))
+            pos = hole
+        return ranges
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -184,6 +241,16 @@ class MemoryStore(Store):
     def write(self, offset: int, data: memoryview | bytes) -> None:
         self.view[offset : offset + len(data)] = data
 
+    @property
+    def thin(self) -> bool:
+        return not self.readonly
+
+    def discard(self, offset: int, length: int) -> None:
+        # Zeroed in place: the memory stays mapped (reads hand out views of it).
+        for at in range(offset, offset + length, len(_ZERO)):
+            n = min(len(_ZERO), offset + length - at)
+            self.view[at : at + n] = _ZERO[:n]
+
 
 class NullStore(Store):
     """Reads zeros, discards writes: measures the target itself."""
@@ -202,6 +269,16 @@ class NullStore(Store):
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         pass
+
+    @property
+    def thin(self) -> bool:
+        return not self.readonly
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return []
 
 
 QCOW2_MAGIC = b"QFI\xfb"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from . import pdu as P
 from . import scsi as S
+from .compare import or_write
 from .host import Connection
 from .params import SessionParams
 from .responses import Responder, residual_bits
@@ -50,6 +51,7 @@ class WriteTask:
         "lun_field",
         "miscompare",
         "next_offset",
+        "or_data",
         "parameters",
         "r2tsn",
         "run",
@@ -73,6 +75,7 @@ class WriteTask:
         self.edtl = edtl
         self.xfer = min(spdtl, edtl)
         self.verify = False
+        self.or_data = False  # ORWRITE: the data is ORed into the blocks
         self.next_offset = 0
         self.unsolicited_done = False
         self.ttt = P.NO_TAG
@@ -139,6 +142,7 @@ class Writes:
             edtl = 0
         task = WriteTask(req.itt, lu, lun_field, rw.lba * bs, spdtl, edtl)
         task.verify = verify
+        task.or_data = op == S.ORWRITE16
         task.fua = bool(rw.flags & 0x08) or op in (
             S.WRITE_VERIFY10,
             S.WRITE_VERIFY12,
@@ -241,8 +245,12 @@ class Writes:
                 if memoryview(current) != chunk and task.miscompare is None:
                     first = next(i for i in range(len(chunk)) if current[i] != chunk[i])
                     task.miscompare = offset + first
+            elif task.or_data:
+                or_write(task.lu, at, chunk)
+                self.stats["write_bytes"] += usable
             else:
-                store.write(at, chunk)
+                with task.lu.media_lock:
+                    store.write(at, chunk)
                 self.stats["write_bytes"] += usable
         except OSError as e:
             log.error("%s: write of %d bytes at %d failed: %s", self.conn.name, usable, at, e)

@@ -1,0 +1,83 @@
+"""Commands that change the medium according to what it holds: COMPARE AND WRITE (SBC-3 5.2,
+the atomic test-and-set clusters lock with, VMware's ATS) and ORWRITE (5.9, data ORed into the
+blocks).
+
+Both read, decide and write while holding the LUN's ``media_lock``, which every other change to
+the medium also takes: the compare and the write are one step for every other session, whether
+writes run on the event loop (as today, each command in one synchronous call) or in threads.
+COMPARE AND WRITE runs once its Data-Out is complete; ORWRITE, which may be as long as a WRITE,
+streams: each Data-Out PDU is ORed in as one step.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import scsi as S
+from .nexus import Nexus
+from .provisioning import MAX_COMPARE_AND_WRITE_BLOCKS, refuse_read_only
+from .stores import BLOCK_SIZE
+
+COMPARE_AND_WRITE = 0x89
+
+
+def _caw_fields(cdb: bytes) -> tuple[int, int, bool]:
+    """(LBA, blocks, FUA) of COMPARE AND WRITE; checks the CDB."""
+    if cdb[1] & 0xE0:  # WRPROTECT without protection information
+        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    (lba,) = struct.unpack_from(">Q", cdb, 2)
+    blocks = cdb[13]
+    if blocks > MAX_COMPARE_AND_WRITE_BLOCKS:
+        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    return lba, blocks, bool(cdb[1] & 0x08)
+
+
+def _caw_length(cdb: bytes) -> int:
+    _, blocks, _ = _caw_fields(cdb)
+    return 2 * blocks * BLOCK_SIZE  # the verify instance, then the write instance
+
+
+def _caw_check(lu: S.LogicalUnit, cdb: bytes) -> None:
+    lba, blocks, _ = _caw_fields(cdb)
+    lu.check_range(lba, blocks)
+    refuse_read_only(lu, cdb)
+
+
+def compare_and_write(
+    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
+) -> None:
+    """Write the second half of ``data`` if the blocks hold the first half; else MISCOMPARE
+    with the offset of the first differing byte, and the blocks are left alone."""
+    lba, blocks, fua = _caw_fields(cdb)
+    if not blocks:
+        return
+    store = lu.store
+    length = blocks * store.block_size
+    expected, new = memoryview(data)[:length], memoryview(data)[length:]
+    current = bytearray(length)
+    with lu.media_lock:
+        store.read_into(lba * store.block_size, memoryview(current))
+        if current != expected:
+            first = next(i for i in range(length) if current[i] != data[i])
+            raise S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, first)
+        store.write(lba * store.block_size, new)
+    if fua:
+        store.flush()
+
+
+def or_write(lu: S.LogicalUnit, offset: int, data: memoryview | bytes) -> None:
+    """ORWRITE's data arriving for [offset, offset+len(data)): ORed into what is there."""
+    store = lu.store
+    current = bytearray(len(data))
+    with lu.media_lock:
+        store.read_into(offset, memoryview(current))
+        merged = int.from_bytes(current, "little") | int.from_bytes(data, "little")
+        store.write(offset, merged.to_bytes(len(data), "little"))
+
+
+COMMANDS: dict[int, S.Handler] = {}
+PARAMETER_COMMANDS = {
+    COMPARE_AND_WRITE: S.ParameterCommand(
+        _caw_length, compare_and_write, check=_caw_check, exact=True
+    )
+}
