@@ -11,9 +11,13 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .nexus import Nexus
+from .nexus import NO_NEXUS, Nexus
 from .stores import Store
+
+if TYPE_CHECKING:
+    from .reservations import Reservations
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -127,6 +131,8 @@ class LogicalUnit:
     store: Store
     target_iqn: str
     reservations: dict[str, int] = field(default_factory=dict)
+    # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
+    admission_required: bool = False
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(
@@ -152,16 +158,24 @@ def _alloc(cdb: bytes, offset: int, size: int) -> int:
 class CommandSet:
     """Non-data and data-in commands that return a small buffer."""
 
-    def __init__(self, luns: dict[int, LogicalUnit]) -> None:
+    def __init__(
+        self, luns: dict[int, LogicalUnit], reservations: Reservations | None = None
+    ) -> None:
+        from .reservations import Reservations  # (it builds on this module)
+
         self.luns = luns
+        self.reservations = reservations or Reservations(luns)
+        self.nexus = NO_NEXUS  # the nexus of the command execute() runs (one at a time)
 
     def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """Every command to ``lu``, READ and WRITE included, passes here before it starts;
         raises StatusReply or CheckCondition when ``nexus`` may not run it now."""
+        self.reservations.admit(lu, cdb, nexus)
 
     def execute(self, lu: LogicalUnit | None, cdb: bytes, nexus: Nexus) -> bytes:
         """Data-in bytes of a command (b"" for none); raises CheckCondition."""
         op = cdb[0]
+        self.nexus = nexus
         if op == 0x12:
             return self.inquiry(lu, cdb)
         if op == 0xA0:
@@ -359,6 +373,19 @@ class CommandSet:
     def prevent_allow(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         return b""
 
+    # -- reservations (reservations.py holds their rules)
+
+    def persistent_reserve_in(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        return self.reservations.persistent_reserve_in(lu, cdb)
+
+    def reserve(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        self.reservations.reserve(lu, cdb, self.nexus)
+        return b""
+
+    def release(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+        self.reservations.release(lu, cdb, self.nexus)
+        return b""
+
 
 _HANDLERS = {
     0x00: CommandSet.test_unit_ready,
@@ -372,6 +399,11 @@ _HANDLERS = {
     0x90: CommandSet.prefetch,
     0x1B: CommandSet.start_stop,
     0x1E: CommandSet.prevent_allow,
+    0x5E: CommandSet.persistent_reserve_in,
+    0x16: CommandSet.reserve,
+    0x56: CommandSet.reserve,
+    0x17: CommandSet.release,
+    0x57: CommandSet.release,
 }
 
 
@@ -388,6 +420,12 @@ class ParameterCommand:
 
 #: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
 PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
+PARAMETER_COMMANDS[0x5F] = ParameterCommand(  # PERSISTENT RESERVE OUT
+    lambda cdb: int.from_bytes(cdb[5:9], "big"),
+    lambda commands, lu, cdb, parameters, nexus: commands.reservations.persistent_reserve_out(
+        lu, cdb, parameters, nexus
+    ),
+)
 #: The largest parameter list the target collects; longer ones are refused in the CDB.
 MAX_PARAMETER_LIST = 1 << 20
 
