@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image
 
+from zerosend.iscsi import scsi as S
 from zerosend.iscsi.config import load_config
+from zerosend.iscsi.nexus import Nexus
+from zerosend.iscsi.reservations import Reservations
+from zerosend.iscsi.scsi import LogicalUnit
+from zerosend.iscsi.stores import open_store
 
 NODE_A = "iqn.2024-01.org.zerosend:node-a"
 NODE_B = "iqn.2024-01.org.zerosend:node-b"
@@ -396,3 +401,66 @@ def test_the_state_file_defaults_to_the_config_files_directory(tmp_path):
         tmp_path / "target.reservations.json"
     )
     assert load_config({"luns": ["mem:1M"]}).reservation_state == ""
+
+
+# -- the rules, driven directly (no session): the cases two initiators rarely reach
+
+
+def _unit(state: str | None = None) -> tuple[LogicalUnit, Reservations]:
+    lu = LogicalUnit(0, open_store("mem:1M"), IQN)
+    return lu, Reservations({0: lu}, state)
+
+
+def _out(reservations, lu, nexus, action, key=0, service_key=0, kind=0, aptpl=False):
+    params = struct.pack(">QQ4xB3x", key, service_key, 0x01 if aptpl else 0)
+    cdb = struct.pack(">BBB2xIB", 0x5F, action, kind, len(params), 0)
+    reservations.persistent_reserve_out(lu, cdb, params, nexus)
+
+
+def test_release_of_another_type_is_refused_and_keeps_the_reservation():
+    lu, pr = _unit()
+    a = Nexus(NODE_A, bytes(6))
+    _out(pr, lu, a, REGISTER, 0, KEY_A)
+    _out(pr, lu, a, RESERVE, KEY_A, kind=WE)
+    with pytest.raises(S.CheckCondition) as refused:
+        _out(pr, lu, a, RELEASE, KEY_A, kind=EA)
+    assert (refused.value.asc, refused.value.ascq) == (0x26, 0x04)
+    assert pr.units[0].type == WE
+
+
+def test_preempt_of_an_all_registrants_reservation_with_key_zero_takes_it_over():
+    lu, pr = _unit()
+    a, b, c = (Nexus(n, bytes(6)) for n in (NODE_A, NODE_B, "iqn.2024-01.org.zerosend:c"))
+    for nexus, key in ((a, KEY_A), (b, KEY_B), (c, 3)):
+        _out(pr, lu, nexus, REGISTER, 0, key)
+    _out(pr, lu, b, RESERVE, KEY_B, kind=EA_AR)
+    _out(pr, lu, a, PREEMPT, KEY_A, 0, kind=WE)
+    unit = pr.units[0]
+    assert (unit.type, unit.holder, list(unit.registrations)) == (WE, a, [a])
+    write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+    for nexus in (b, c):  # told once that their registrations went, then refused
+        with pytest.raises(S.CheckCondition) as told:
+            pr.admit(lu, write, nexus)
+        assert (told.value.key, told.value.asc, told.value.ascq) == (0x6, 0x2A, 0x05)
+        with pytest.raises(S.StatusReply):
+            pr.admit(lu, write, nexus)
+    pr.admit(lu, write, a)
+
+
+def test_a_state_file_that_cannot_be_written_fails_the_command_and_changes_nothing(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    lu, pr = _unit(str(directory / "pr.json"))
+    a = Nexus(NODE_A, bytes(6))
+    _out(pr, lu, a, REGISTER, 0, KEY_A, aptpl=True)
+    saved = (directory / "pr.json").read_text()
+    directory.chmod(0o500)  # (root ignores modes: a file where the directory was, then)
+    (directory / "pr.json.tmp").mkdir()
+    try:
+        with pytest.raises(S.CheckCondition) as failed:
+            _out(pr, lu, a, REGISTER, KEY_A, 0)
+    finally:
+        directory.chmod(0o700)
+    assert failed.value.key == S.HARDWARE_ERROR
+    assert pr.units[0].registrations == {a: KEY_A} and pr.units[0].generation == 1
+    assert (directory / "pr.json").read_text() == saved

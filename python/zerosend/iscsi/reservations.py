@@ -38,7 +38,8 @@ WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 0x5
 EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 0x6
 WRITE_EXCLUSIVE_ALL_REGISTRANTS = 0x7
 EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 0x8
-TYPES = frozenset((1, 3, 5, 6, 7, 8))
+TYPE_NAMES = {1: "WE", 3: "EA", 5: "WE-RO", 6: "EA-RO", 7: "WE-AR", 8: "EA-AR"}
+TYPES = frozenset(TYPE_NAMES)
 _ALL_REGISTRANTS = frozenset((7, 8))
 _WRITE_EXCLUSIVE = frozenset((1, 5, 7))  # the others exclude reads as well
 
@@ -47,6 +48,8 @@ READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES, READ_FULL_STATUS = 0, 1, 2, 3
 # PERSISTENT RESERVE OUT service actions
 REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT = 0, 1, 2, 3, 4, 5
 REGISTER_AND_IGNORE_EXISTING_KEY, REGISTER_AND_MOVE = 6, 7
+ACTION_NAMES = ("REGISTER", "RESERVE", "RELEASE", "CLEAR", "PREEMPT", "PREEMPT AND ABORT",
+                "REGISTER AND IGNORE EXISTING KEY", "REGISTER AND MOVE")  # fmt: skip
 
 # Unit attentions (ASC, ASCQ)
 RESET_OCCURRED = (0x29, 0x00)  # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
@@ -172,6 +175,14 @@ class UnitState:
 
     def release(self) -> None:
         self.type, self.holder = 0, None
+
+    def describe(self) -> str:
+        held = "no reservation"
+        if self.type:
+            who = "all registrants" if self.holder is None else self.holder.initiator_port
+            held = f"{TYPE_NAMES[self.type]} reservation held by {who}"
+        persist = ", kept across restarts" if self.aptpl else ""
+        return f"{len(self.registrations)} registered, {held}{persist}"
 
     def check_access(self, cdb: bytes, nexus: Nexus) -> None:
         """Raise RESERVATION CONFLICT when ``nexus`` may not run ``cdb`` now."""
@@ -460,6 +471,8 @@ class Reservations:
         for other in dict.fromkeys(effects.aborted):
             self.abort_tasks(other, lu.number)
         self._update_guard(lu.number)
+        log.info("LUN %d: PERSISTENT RESERVE OUT %s from %s: %s", lu.number,
+                 ACTION_NAMES[action], nexus.initiator_port, unit.describe())  # fmt: skip
 
     def _register(self, unit: UnitState, nexus: Nexus, service_key: int, fx: _Effects) -> None:
         if service_key:

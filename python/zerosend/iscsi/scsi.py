@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .nexus import NO_NEXUS, Nexus
@@ -130,7 +130,6 @@ class LogicalUnit:
     number: int
     store: Store
     target_iqn: str
-    reservations: dict[str, int] = field(default_factory=dict)
     # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
     admission_required: bool = False
 

@@ -75,6 +75,7 @@ class Target:
         if old is not None and old is not session:
             log.info("%s: session reinstated by a new login; closing the old one", old.name)
             old.abort_connection()
+            self.commands.reservations.nexus_lost(old.nexus)  # the old I_T nexus ended
             registered = self._registered.pop(old, None)
             if registered is not None:
                 self._sessions.pop(registered[0], None)
