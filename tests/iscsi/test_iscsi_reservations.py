@@ -127,7 +127,7 @@ def wait_for_log(t: RunningTarget, text: str) -> None:
         time.sleep(0.02)
 
 
-# Per type: (registered B may read, may write, unregistered B may read, may write), SPC-4 5.13.1
+# Per type: (registered B may read, may write, unregistered B may read, may write), per SPC-4
 ACCESS = {
     WE: (True, False, True, False),
     EA: (False, False, False, False),

@@ -1,4 +1,4 @@
-"""Reservations of the logical units: persistent reservations (SPC-4 5.13, PERSISTENT RESERVE
+"""Reservations of the logical units: persistent reservations (SPC-4, PERSISTENT RESERVE
 IN/OUT), SPC-2 reservations (RESERVE/RELEASE 6 and 10), the unit attentions they and resets
 raise for the other I_T nexuses, and the state file that keeps persistent reservations across a
 restart when an initiator asked for it (APTPL).
@@ -31,7 +31,7 @@ PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 RESERVE6, RELEASE6, RESERVE10, RELEASE10 = 0x16, 0x17, 0x56, 0x57
 LEGACY_OPS = frozenset((RESERVE6, RELEASE6, RESERVE10, RELEASE10))
 
-# Persistent reservation types (SPC-4 table 208)
+# Persistent reservation types (the TYPE field of PERSISTENT RESERVE OUT)
 WRITE_EXCLUSIVE = 0x1
 EXCLUSIVE_ACCESS = 0x3
 WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 0x5
@@ -67,8 +67,9 @@ MAX_ATTENTIONS = 8  # pending per I_T nexus and logical unit; older ones are dro
 ISCSI_PROTOCOL = 0x5
 TARGET_PORT = 1  # the relative target port identifier of the one portal group
 
-# Commands a nexus may run whatever the reservation (SPC-4 table 66, SBC-3 table 13); PERSISTENT
-# RESERVE OUT follows its own rules, RESERVE and RELEASE the SPC-2 ones.
+# Commands a nexus may run whatever the reservation (SPC-4's and SBC-3's tables of commands
+# allowed in the presence of persistent reservations); PERSISTENT RESERVE OUT follows its own
+# rules, RESERVE and RELEASE the SPC-2 ones.
 _ALWAYS = (
     frozenset((0x00, 0x03, 0x12, 0x25, 0x4D, 0xA0, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT))
     | LEGACY_OPS
@@ -120,7 +121,7 @@ def _invalid_parameters() -> S.CheckCondition:
 
 
 def transport_id(nexus: Nexus) -> bytes:
-    """The iSCSI TransportID of an initiator port (SPC-4 7.6.4.6, format 01b): the name, ",i,0x"
+    """The iSCSI TransportID of an initiator port (SPC-4, format 01b): the name, ",i,0x"
     and the ISID, NUL-terminated and padded to a multiple of four (at least 20 bytes)."""
     name = nexus.initiator_port.encode() + b"\0"
     name += b"\0" * (-len(name) % 4)
@@ -189,7 +190,7 @@ class UnitState:
         op = cdb[0]
         if self.legacy_holder is not None:
             if self.legacy_holder == nexus:
-                # SPC-4 5.13.3: under an SPC-2 reservation every PERSISTENT RESERVE command
+                # SPC-4: under an SPC-2 reservation every PERSISTENT RESERVE command
                 # conflicts, whoever sends it.
                 if op in (PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT):
                     raise _conflict()
@@ -324,7 +325,7 @@ class Reservations:
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus ended: its SPC-2 reservations end with it, its unit attentions too.
-        Persistent reservations and registrations stay (SPC-4 5.13.1)."""
+        Persistent reservations and registrations stay (SPC-4)."""
         for lun, unit in self.units.items():
             if unit.legacy_holder == nexus:
                 unit.legacy_holder = None
@@ -455,7 +456,7 @@ class Reservations:
             if action == PREEMPT_AND_ABORT:
                 effects.aborted = [n for n in gone if n != nexus]
         else:
-            self._move(unit, nexus, service_key, parameters, effects)
+            self._move(unit, nexus, service_key, parameters)
             unit.aptpl = aptpl
         if changes:
             unit.generation = (unit.generation + 1) & 0xFFFFFFFF
@@ -508,7 +509,7 @@ class Reservations:
     def _preempt(
         self, unit: UnitState, nexus: Nexus, service_key: int, kind: int, fx: _Effects
     ) -> list[Nexus]:
-        """PREEMPT (SPC-4 5.13.11.4): remove the registrations of ``service_key`` and, when it
+        """PREEMPT (SPC-4): remove the registrations of ``service_key`` and, when it
         is the reservation's key (or 0 for an all registrants reservation), take over the
         reservation with type ``kind``. Returns the nexuses whose registrations went."""
         old_type = unit.type
@@ -537,9 +538,7 @@ class Reservations:
             unit.release()  # an all registrants reservation loses its last registrant
         return gone
 
-    def _move(
-        self, unit: UnitState, nexus: Nexus, service_key: int, parameters: bytes, fx: _Effects
-    ) -> None:
+    def _move(self, unit: UnitState, nexus: Nexus, service_key: int, parameters: bytes) -> None:
         """REGISTER AND MOVE: register the nexus a TransportID names and hand it the
         reservation; UNREG also unregisters the sender."""
         if not unit.holds(nexus) or unit.type in _ALL_REGISTRANTS:
