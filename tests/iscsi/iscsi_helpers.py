@@ -112,6 +112,7 @@ class MiniInitiator:
         self.hd = False
         self.dd = False
         self.mrdsl = 8192
+        self.isid = b"\x80\x00\x00\x01\x02\x03"  # with the initiator name: the I_T nexus
 
     def close(self) -> None:
         self.sock.close()
@@ -183,7 +184,7 @@ class MiniInitiator:
         bhs = bytearray(48)
         bhs[0] = 0x43
         bhs[1] = 0x80 | (0 << 2) | 3  # T, CSG security, NSG full feature
-        bhs[8:14] = b"\x80\x00\x00\x01\x02\x03"
+        bhs[8:14] = self.isid
         bhs[16:20] = self.next_itt().to_bytes(4, "big")
         bhs[24:28] = self.cmdsn.to_bytes(4, "big")
         text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in keys.items())

@@ -27,6 +27,7 @@ def test_command_line_and_toml_give_the_same_config(tmp_path: Path):
         "--max-connections", "9", "--max-pending-logins", "3",
         "--buffers", "12", "--buffer-size", "64K",
         "--backend", "msg_zerocopy", "--zerocopy-probe", "off",
+        "--reservation-state", "/var/lib/zs/pr.json",
     ]  # fmt: skip
     toml = tmp_path / "target.toml"
     toml.write_text(
@@ -37,6 +38,7 @@ def test_command_line_and_toml_give_the_same_config(tmp_path: Path):
         'allow = ["iqn.b", "iqn.a"]\ncross_session_resets = true\n'
         'max_connections = 9\nmax_pending_logins = "3"\n'
         'buffers = 12\nbuffer_size = "64K"\nbackend = "msg_zerocopy"\nzerocopy_probe = false\n'
+        'reservation_state = "/var/lib/zs/pr.json"\n'
     )
     from_cli = load_config(vars(build_parser().parse_args(argv)))
     from_toml = load_config(vars(build_parser().parse_args(["--config", str(toml)])), str(toml))

@@ -38,8 +38,10 @@ def test_iscsi_test_cu_family(target_factory, tmp_path: Path, family: str, confi
     with image.open("wb") as f:
         f.truncate(64 << 20)
     t = target_factory("--lun", CONFIGURATIONS[configuration].format(image=image))
-    # -d allows the destructive (write) tests; the image is scratch.
-    res = run([cu, "-d", "-v", "-t", family, t.url()], timeout=900, check=False)
+    # -d allows the destructive (write) tests; the image is scratch. The URL twice: a second
+    # path to the same LUN, logged in as iscsi-test-cu's second initiator name, for the tests
+    # of several I_T nexuses (reservations, multipath I/O and resets).
+    res = run([cu, "-d", "-v", "-t", family, t.url(), t.url()], timeout=900, check=False)
     text = res.stdout + res.stderr
     (tmp_path / f"iscsi-test-cu-{configuration}-{family}.txt").write_text(text)
     outcomes = cuparse.parse(text)

@@ -29,6 +29,11 @@ options win:
   allow = ["iqn.1994-05.com.redhat:client1"]
   backend = "io_uring"            # force a zerosend backend (default auto)
   zerocopy_probe = false          # keep sending zero-copy even where the kernel copies
+  reservation_state = "/var/lib/zerosend/pr.json"  # persistent reservations kept with APTPL
+
+Persistent reservations whose initiator set APTPL are kept in the reservation_state file
+(written atomically) and restored at start; a corrupt file stops the start with an error
+(restore it, or move it aside to start without reservations), a missing one starts with none.
 """
 
 

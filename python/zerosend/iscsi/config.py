@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class TargetConfig:
     buffer_size: int = 256 * 1024
     backend: BackendName = "auto"
     zerocopy_probe: bool = True
+    reservation_state: str = ""
 
 
 def _lun(item: Any) -> LunSpec:
@@ -136,6 +138,13 @@ SETTINGS = (
         _on_off,
         "on|off",
     ),
+    Setting(
+        "reservation_state",
+        "file keeping the persistent reservations initiators ask to survive a restart (APTPL); "
+        "default: NAME.reservations.json next to --config NAME.toml, none without a config",
+        str,
+        "FILE",
+    ),
 )
 DEFAULTS = TargetConfig()  # for help texts
 
@@ -176,6 +185,8 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}: {e}") from e
         setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
+    if not cfg.reservation_state and path:
+        cfg.reservation_state = os.path.splitext(path)[0] + ".reservations.json"
     if cfg.mutual_chap and not cfg.chap:
         raise ValueError("--mutual-chap needs --chap as well")
     check_mutual(cfg.chap, cfg.mutual_chap)

@@ -48,6 +48,10 @@ class SessionHost(Protocol):
     def abort_tasks(self, lun: int | None, only: Session | None) -> None:
         """Abort the tasks of ``lun`` (None: all) in session ``only`` (None: in every one)."""
 
+    def reset_logical_units(self, lun: int | None) -> None:
+        """LOGICAL UNIT RESET of ``lun`` (None: a target reset): SPC-2 reservations end, every
+        nexus gets a unit attention."""
+
     def reset(self) -> None:
         """TARGET COLD RESET: drop every connection."""
 

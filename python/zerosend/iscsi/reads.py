@@ -48,6 +48,9 @@ class _InnerLoop(Protocol):
     ) -> _Run: ...
 
 
+_Entry = tuple[_InnerLoop, Store, S.LogicalUnit]  # a LUN's inner loop, image, logical unit
+
+
 class Reads:
     """The READ commands of one connection."""
 
@@ -72,9 +75,9 @@ class Reads:
         self.outbox: Outbox = responder.outbox
         self.stats = stats
         self.loop = asyncio.get_running_loop()
-        self._inner: dict[bytes, tuple[_InnerLoop, Store] | None] = {}  # by LUN field
+        self._inner: dict[bytes, _Entry | None] = {}  # by LUN field
         self._last_lun = bytes(8)  # the LUN field last looked up, and its entry
-        self._last: tuple[_InnerLoop, Store] | None = None
+        self._last: _Entry | None = None
         self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
 
     def __len__(self) -> int:
@@ -98,7 +101,9 @@ class Reads:
             self._last_lun, self._last = lun_field, entry
             if entry is None:
                 return False
-        inner, store = entry
+        inner, store, lu = entry
+        if lu.admission_required:  # a reservation or unit attention: each READ is admitted
+            return False
         window, outbox, stats = self.window, self.outbox, self.stats
         outbox.ensure_packing()  # (a packing buffer that stays unused goes back at the flush)
         served = False
@@ -120,7 +125,7 @@ class Reads:
             if not run.need or not outbox.new_packing(run.need):
                 return served
 
-    def _inner_loop(self, lun_field: bytes) -> tuple[_InnerLoop, Store] | None:
+    def _inner_loop(self, lun_field: bytes) -> _Entry | None:
         lu = self.luns.get(P.decode_lun(lun_field))
         if lu is None or not isinstance(lu.store, FileStore):
             return None
@@ -132,7 +137,7 @@ class Reads:
         kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min, CMD_WINDOW)  # fmt: skip
-        return inner, store
+        return inner, store, lu
 
     # -- every other READ
 

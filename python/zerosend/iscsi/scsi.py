@@ -12,9 +12,13 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .nexus import Nexus
 from .stores import Store
+
+if TYPE_CHECKING:
+    from .reservations import Reservations
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -137,10 +141,11 @@ class LogicalUnit:
     number: int
     store: Store
     target_iqn: str
-    reservations: dict[str, int] = field(default_factory=dict)
     # Held by every change to the medium (plain writes included) so that the read-compare-write
     # commands (COMPARE AND WRITE, ORWRITE) are atomic however the writes are scheduled.
     media_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
+    admission_required: bool = False
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(
@@ -173,12 +178,18 @@ def _alloc(cdb: bytes, offset: int, size: int) -> int:
 class CommandSet:
     """Non-data and data-in commands that return a small buffer."""
 
-    def __init__(self, luns: dict[int, LogicalUnit]) -> None:
+    def __init__(
+        self, luns: dict[int, LogicalUnit], reservations: Reservations | None = None
+    ) -> None:
+        from .reservations import Reservations  # (it builds on this module)
+
         self.luns = luns
+        self.reservations = reservations or Reservations(luns)
 
     def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """Every command to ``lu``, READ and WRITE included, passes here before it starts;
         raises StatusReply or CheckCondition when ``nexus`` may not run it now."""
+        self.reservations.admit(lu, cdb, nexus)
 
     def execute(self, lu: LogicalUnit | None, cdb: bytes, nexus: Nexus) -> bytes:
         """Data-in bytes of a command (b"" for none); raises CheckCondition."""
@@ -381,6 +392,19 @@ class CommandSet:
     def prevent_allow(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         return b""
 
+    # -- reservations (reservations.py holds their rules)
+
+    def persistent_reserve_in(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> bytes:
+        return self.reservations.persistent_reserve_in(lu, cdb)
+
+    def reserve(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> bytes:
+        self.reservations.reserve(lu, cdb, nexus)
+        return b""
+
+    def release(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> bytes:
+        self.reservations.release(lu, cdb, nexus)
+        return b""
+
 
 Handler = Callable[[CommandSet, LogicalUnit, bytes], bytes]
 
@@ -416,13 +440,25 @@ class ParameterCommand:
 
 #: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
 PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
+PARAMETER_COMMANDS[0x5F] = ParameterCommand(  # PERSISTENT RESERVE OUT
+    lambda cdb: int.from_bytes(cdb[5:9], "big"),
+    lambda commands, lu, cdb, parameters, nexus: commands.reservations.persistent_reserve_out(
+        lu, cdb, parameters, nexus
+    ),
+)
 #: The largest parameter list the target collects; longer ones are refused in the CDB.
 MAX_PARAMETER_LIST = 1 << 20
 #: SERVICE ACTION IN(16) (0x9E) by service action.
 SERVICE_ACTIONS_IN: dict[int, Handler] = {0x10: CommandSet.read_capacity16}
 #: Commands that answer per I_T nexus (``run(commands, lu, cdb, nexus)``): state kept for the
 #: initiator port that asked, such as copy results.
-NEXUS_COMMANDS: dict[int, Callable[[CommandSet, LogicalUnit, bytes, Nexus], bytes]] = {}
+NEXUS_COMMANDS: dict[int, Callable[[CommandSet, LogicalUnit, bytes, Nexus], bytes]] = {
+    0x5E: CommandSet.persistent_reserve_in,
+    0x16: CommandSet.reserve,
+    0x56: CommandSet.reserve,
+    0x17: CommandSet.release,
+    0x57: CommandSet.release,
+}
 
 _VPD: dict[int, Callable[[CommandSet, LogicalUnit], bytes]] = {
     0x00: CommandSet._vpd_supported,

@@ -14,6 +14,8 @@ import zerosend
 from .bufpool import MmapPool
 from .config import TargetConfig, split_hostport
 from .login import LoginPolicy
+from .nexus import Nexus
+from .reservations import Reservations
 from .scsi import CommandSet, LogicalUnit
 from .session import Session
 from .stores import Store, open_store
@@ -48,7 +50,10 @@ class Target:
             store = open_store(spec.path, spec.readonly, spec.mapped)
             self._stores.append(store)
             self.luns[number] = LogicalUnit(number, store, self.iqn)
-        self.commands = CommandSet(self.luns)
+        reservations = Reservations(
+            self.luns, config.reservation_state or None, self._abort_nexus_tasks
+        )
+        self.commands = CommandSet(self.luns, reservations)
         self.pool = MmapPool(config.buffers, config.buffer_size)
         self.stopping = False
         self.address: tuple[str, int] | None = None
@@ -70,6 +75,7 @@ class Target:
         if old is not None and old is not session:
             log.info("%s: session reinstated by a new login; closing the old one", old.name)
             old.abort_connection()
+            self.commands.reservations.nexus_lost(old.nexus)  # the old I_T nexus ended
             registered = self._registered.pop(old, None)
             if registered is not None:
                 self._sessions.pop(registered[0], None)
@@ -92,12 +98,22 @@ class Target:
         del self._sessions[tsih]
         if self._by_nexus.get(nexus) is session:
             del self._by_nexus[nexus]
+            self.commands.reservations.nexus_lost(session.nexus)
         log.info("%s: session ended (%s)", session.name, session.summary())
 
     def abort_tasks(self, lun: int | None, only: Session | None) -> None:
         for s in list(self._sessions.values()):
             if only is None or s is only:
                 s.abort_tasks(lun)
+
+    def _abort_nexus_tasks(self, nexus: Nexus, lun: int) -> None:
+        session = self._by_nexus.get((nexus.initiator, nexus.isid))
+        if session is not None:
+            session.abort_tasks(lun)
+
+    def reset_logical_units(self, lun: int | None) -> None:
+        nexuses = [s.nexus for s in self._sessions.values()]
+        self.commands.reservations.reset(lun, nexuses)
 
     def reset(self) -> None:
         for s in list(self._connections):

@@ -59,13 +59,17 @@ def task_management(session: Session, req: P.Pdu) -> None:
         response = AUTHORIZATION_FAILED
     elif function in (ABORT_TASK_SET, CLEAR_TASK_SET, LOGICAL_UNIT_RESET):
         host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)
+        if function == LOGICAL_UNIT_RESET:
+            host.reset_logical_units(lun)
         response = COMPLETE
     elif function == TARGET_WARM_RESET:
         host.abort_tasks(None, None)
+        host.reset_logical_units(None)
         response = COMPLETE
     elif function == TARGET_COLD_RESET:
         response = COMPLETE
         host.abort_tasks(None, None)
+        host.reset_logical_units(None)
         session.loop.call_soon(host.reset)
     elif function == CLEAR_ACA:
         response = NOT_SUPPORTED  # ACA is never established (NACA is not supported)
