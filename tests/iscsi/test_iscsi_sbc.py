@@ -292,6 +292,32 @@ def test_compare_and_write_race_between_two_initiators(target_factory, image):
     assert path.read_bytes()[lba * BS : (lba + blocks) * BS] == current
 
 
+def test_write_atomic_is_seen_whole_or_not_at_all(target_factory, image):
+    """WRITE ATOMIC(16) of 16 blocks arrives as two Data-Out PDUs; another initiator reading
+    the blocks between the two sees none of the new data, and all of it once it is done."""
+    path, data = image
+    t = target_factory("--lun", str(path))
+    writer = session(t.port, "iqn.2024-01.org.zerosend:writer", ImmediateData="No")
+    reader = session(t.port, "iqn.2024-01.org.zerosend:reader")
+    new = b"\x5a" * (16 * BS)
+    writer.scsi(struct.pack(">BBQHHBB", 0x9C, 0, 300, 0, 16, 0, 0), len(new), write=True)
+    itt, ttt, offset, length = _solicited(writer)
+    assert (offset, length) == (0, len(new))
+    writer.data_out(itt, ttt, 0, 0, new[:8192], False)
+    writer.nop()  # the first half has been taken in
+    assert read16(reader, 300, 16) == data[300 * BS : 316 * BS]
+    writer.data_out(itt, ttt, 1, 8192, new[8192:], True)
+    status, _, _ = writer.read_response()
+    assert status == GOOD
+    assert read16(reader, 300, 16) == new
+    # longer than MAXIMUM ATOMIC TRANSFER LENGTH (VPD B0): refused before any data
+    most = struct.unpack_from(">I", inquiry_vpd(reader, 0xB0), 44)[0]
+    status, _, sense = exchange(reader, struct.pack(">BBQHHBB", 0x9C, 0, 0, 0, most + 1, 0, 0))
+    assert status == CHECK_CONDITION and sense and sense.code == (0x24, 0x00)
+    writer.close()
+    reader.close()
+
+
 def test_orwrite_ors_data_into_the_blocks(target_factory, image):
     path, data = image
     t = target_factory("--lun", str(path))
@@ -445,6 +471,7 @@ SUITES = [
     "SCSI.Inquiry.BlockLimits",
     "SCSI.ReadDefectData10.*",
     "SCSI.ReadDefectData12.*",
+    "SCSI.WriteAtomic16.*",
 ]
 # Skips that remain: logical blocks per physical block is 1 here (see the conformance list).
 ALLOWED_SKIPS = {

@@ -13,9 +13,9 @@ Where things are:
 - Commands: ``reads`` (the READ path; its inner loop is Rust's ``IscsiReadPath`` or
   ``readloop``), ``writes`` (Data-Out, R2T), ``taskmgmt``, ``scsi`` (every other command, and
   the tables the command families register in: ``provisioning`` (UNMAP, WRITE SAME, GET LBA
-  STATUS), ``compare`` (COMPARE AND WRITE, ORWRITE), ``xcopy`` (EXTENDED COPY, RECEIVE COPY
-  RESULTS), ``defects``, ``opcodes`` (REPORT SUPPORTED OPERATION CODES)), ``stores`` (the media
-  behind LUNs).
+  STATUS), ``compare`` (COMPARE AND WRITE, ORWRITE), ``atomic`` (WRITE ATOMIC), ``xcopy``
+  (EXTENDED COPY, RECEIVE COPY RESULTS), ``defects``, ``opcodes`` (REPORT SUPPORTED OPERATION
+  CODES)), ``stores`` (the media behind LUNs).
 """
 
 from .config import LunSpec, TargetConfig

@@ -72,6 +72,7 @@ USAGE: dict[tuple[int, int | None], bytes] = {
     (0x90, None): _usage(_RW16.format(op="90", b1="00")),  # PRE-FETCH(16)
     (0x91, None): _usage(_RW16.format(op="91", b1="00")),  # SYNCHRONIZE CACHE(16)
     (0x93, None): _usage(_RW16.format(op="93", b1="f9")),  # WRITE SAME(16)
+    (0x9C, None): _usage("9c f8 " + _LBA8 + " ff ff ff ff 00 00"),  # WRITE ATOMIC(16)
     (0x9E, 0x10): _usage("9e 1f " + "00" * 8 + " ff ff ff ff 00 00"),  # READ CAPACITY(16)
     (0x9E, 0x12): _usage("9e 1f " + _LBA8 + " ff ff ff ff 00 00"),  # GET LBA STATUS
     (0xA0, None): _usage("a0 00 ff 00 00 00 ff ff ff ff 00 00"),  # REPORT LUNS

@@ -25,6 +25,7 @@ MAX_UNMAP_DESCRIPTORS = 256
 OPTIMAL_UNMAP_GRANULARITY = 8  # 4 KiB: the file system block a hole is made of
 MAX_WRITE_SAME_BLOCKS = S.MAX_TRANSFER_BLOCKS  # what one WRITE of the same size may move
 MAX_COMPARE_AND_WRITE_BLOCKS = 255  # (the field is one byte)
+MAX_ATOMIC_TRANSFER_BLOCKS = S.MAX_PARAMETER_LIST // BLOCK_SIZE  # collected whole: 1 MiB
 #: GET LBA STATUS looks this far ahead for the extents it reports.
 _STATUS_WINDOW_BLOCKS = 1 << 21
 _CHUNK = 1 << 20
@@ -179,7 +180,8 @@ def get_lba_status(commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes) -> byt
 
 
 def block_limits(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
-    """Block Limits (B0): transfer, COMPARE AND WRITE, UNMAP and WRITE SAME limits."""
+    """Block Limits (B0): transfer, COMPARE AND WRITE, UNMAP, WRITE SAME and WRITE ATOMIC
+    limits."""
     body = bytearray(0x3C)
     body[1] = MAX_COMPARE_AND_WRITE_BLOCKS
     struct.pack_into(">H", body, 2, 1)  # optimal transfer length granularity: 1 block
@@ -189,6 +191,8 @@ def block_limits(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
         struct.pack_into(">II", body, 16, MAX_UNMAP_LBA_COUNT, MAX_UNMAP_DESCRIPTORS)
         struct.pack_into(">I", body, 24, OPTIMAL_UNMAP_GRANULARITY)
     struct.pack_into(">Q", body, 32, MAX_WRITE_SAME_BLOCKS)
+    # WRITE ATOMIC: no alignment or granularity asked for, no atomic boundaries
+    struct.pack_into(">I", body, 40, MAX_ATOMIC_TRANSFER_BLOCKS)
     return bytes(body)
 
 

@@ -483,9 +483,9 @@ def implemented(op: int) -> bool:
 
 def _register_families() -> None:
     """The command families in modules of their own add their opcodes to the tables above."""
-    from . import compare, defects, opcodes, provisioning, xcopy
+    from . import atomic, compare, defects, opcodes, provisioning, xcopy
 
-    for family in (provisioning, compare, xcopy, defects, opcodes):
+    for family in (provisioning, compare, atomic, xcopy, defects, opcodes):
         _HANDLERS.update(family.COMMANDS)
         PARAMETER_COMMANDS.update(family.PARAMETER_COMMANDS)
     SERVICE_ACTIONS_IN.update(provisioning.SERVICE_ACTIONS_IN)

@@ -39,6 +39,7 @@ class Store:
     block_size: int = BLOCK_SIZE
     readonly: bool = False
     kind: str = "store"
+    can_discard: bool = False  # ``discard`` deallocates (UNMAP)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -77,7 +78,7 @@ class Store:
     @property
     def thin(self) -> bool:
         """The store can deallocate ranges (``discard``), which then read as zeros."""
-        return False
+        return self.can_discard and not self.readonly
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate [offset, offset+length): it reads as zeros afterwards."""
@@ -102,6 +103,7 @@ class FileStore(Store):
     """A raw image file or a block device, read with pread into the caller's pooled buffer."""
 
     kind = "raw"
+    can_discard = True
 
     def __init__(self, path: str, readonly: bool = False, mapped: bool = False) -> None:
         super().__init__(path)
@@ -181,10 +183,6 @@ class FileStore(Store):
         os.fdatasync(self.fd)
         self._dirty = None
 
-    @property
-    def thin(self) -> bool:
-        return not self.readonly
-
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole (regular files: the blocks are freed; block devices: discarded and
         zeroed). A file system without hole punching gets zeros written instead."""
@@ -225,6 +223,7 @@ class MemoryStore(Store):
     """An anonymous-memory LUN: reads are views straight into it (no read copy at all)."""
 
     kind = "mem"
+    can_discard = True
 
     def __init__(self, size: int) -> None:
         super().__init__(f"mem:{size}")
@@ -241,10 +240,6 @@ class MemoryStore(Store):
     def write(self, offset: int, data: memoryview | bytes) -> None:
         self.view[offset : offset + len(data)] = data
 
-    @property
-    def thin(self) -> bool:
-        return not self.readonly
-
     def discard(self, offset: int, length: int) -> None:
         # Zeroed in place: the memory stays mapped (reads hand out views of it).
         for at in range(offset, offset + length, len(_ZERO)):
@@ -256,6 +251,7 @@ class NullStore(Store):
     """Reads zeros, discards writes: measures the target itself."""
 
     kind = "null"
+    can_discard = True
 
     def __init__(self, size: int) -> None:
         super().__init__(f"null:{size}")
@@ -269,10 +265,6 @@ class NullStore(Store):
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         pass
-
-    @property
-    def thin(self) -> bool:
-        return not self.readonly
 
     def discard(self, offset: int, length: int) -> None:
         pass
