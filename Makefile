@@ -6,7 +6,8 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 .PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean test-mutants
 TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
-	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3"
+	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3" \
+	"hypothesis>=6.100" "prometheus_client>=0.20"
 
 run: develop
 	$(PY) -m bench.demo

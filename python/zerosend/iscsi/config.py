@@ -50,6 +50,7 @@ class TargetConfig:
     buffer_size: int = 256 * 1024
     backend: BackendName = "auto"
     zerocopy_probe: bool = True
+    metrics: str | None = None
 
 
 def _lun(item: Any) -> LunSpec:
@@ -127,6 +128,7 @@ SETTINGS = (
         _on_off,
         "on|off",
     ),
+    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", str, "HOST:PORT"),
 )
 DEFAULTS = TargetConfig()  # for help texts
 
