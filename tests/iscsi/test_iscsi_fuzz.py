@@ -399,6 +399,11 @@ def malformed_pdus(draw: st.DrawFn) -> bytes:
     bhs[0] = op | draw(st.sampled_from([0, 0x40]))
     if draw(st.booleans()):
         bhs[8:16] = draw(st.sampled_from([LUN0, P.encode_lun(1), bytes(8)]))
+    if op == P.OP_SCSI_CMD and draw(st.booleans()):  # a READ/WRITE/VERIFY CDB inside the LUN
+        code = draw(st.sampled_from(RW_OPS))
+        rest = struct.pack(">QI", draw(st.integers(0, IMAGE_BLOCKS)), draw(st.integers(0, 4)))
+        bhs[32:48] = bytes((code, 0)) + rest + bytes(2)
+        struct.pack_into(">I", bhs, 20, draw(st.sampled_from([0, 512, 1024, 4096])))
     ahs = draw(st.sampled_from([b"", b"", bytes((0, 5, 1, 0)) + bytes(4), bytes(300)]))
     data = draw(st.binary(max_size=64))
     bhs[4] = len(ahs) // 4
@@ -454,3 +459,45 @@ def test_live_target_answers_malformed_pdus(live_target, pdu, login_first):
     finally:
         check.close()
     assert t.proc.poll() is None, t.log()
+
+
+def _write10_pdu(flags: int, edtl: int, data: bytes) -> bytes:
+    bhs = bytearray(P.BHS_LEN)
+    bhs[0], bhs[1] = P.OP_SCSI_CMD, flags
+    struct.pack_into(">II", bhs, 16, 7, edtl)
+    bhs[32:42] = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+    bhs[5:8] = len(data).to_bytes(3, "big")
+    return bytes(bhs) + data
+
+
+# Crashes found (the first minimized by `make fuzz` from the live test above, the others its
+# neighbours): issue 11 ("Immediate data past EDTL, or a WRITE PDU without the W bit, ends the
+# connection with an internal error") owns the fix. Strict: once it lands these pass, and the
+# markers must go.
+KNOWN_CRASHES = [
+    pytest.param(
+        bytes((0x41, 0, 0, 0, 0, 0, 0, 1)) + bytes(24) + b"*" + bytes(15) + bytes(4),
+        id="immediate-write10-one-data-byte-no-W-bit-edtl-0",
+    ),
+    pytest.param(_write10_pdu(P.F_FINAL | 1, 512, bytes(512)), id="write-without-W-bit"),
+    pytest.param(
+        _write10_pdu(P.F_FINAL | P.CMD_WRITE | 1, 512, bytes(1024)), id="immediate-data-past-edtl"
+    ),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 item 4: internal error instead of an answer")
+@pytest.mark.parametrize("pdu", KNOWN_CRASHES)
+def test_known_malformed_writes_are_answered(image_dir, tmp_path, pdu):
+    t = start_target(tmp_path, "--lun", str(image_dir / "disk.img"))
+    try:
+        ini = MiniInitiator(t.port, timeout=30)
+        try:
+            ini.login(IQN)
+            ini.sock.sendall(pdu[:24] + ini.cmdsn.to_bytes(4, "big") + pdu[28:])
+            _ping(ini)
+            _answered_or_closed(t, ini, True)
+        finally:
+            ini.close()
+    finally:
+        assert t.stop() == 0, t.log()
