@@ -29,6 +29,19 @@ def write_config(path: Path, luns: list[Path], extra: str = "") -> None:
     path.write_text(f"luns = [{items}]\n{extra}")
 
 
+def serve(target_factory, tmp_path: Path, luns: list[Path], extra: str = ""):
+    """The target started on a config file; returns it and the file, to rewrite and reload."""
+    config = tmp_path / "target.toml"
+    write_config(config, luns, extra)
+    return target_factory("--config", str(config)), config
+
+
+def logged_in(t: RunningTarget, initiator: str = MINI) -> MiniInitiator:
+    ini = MiniInitiator(t.port)
+    ini.login(IQN, {"InitiatorName": initiator})
+    return ini
+
+
 def reload(t: RunningTarget, outcome: str = "reload done") -> str:
     """SIGHUP, then the log once the reload finished with ``outcome`` (one more of them)."""
     before = t.log().count(outcome)
@@ -67,12 +80,9 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, imag
     perf = need("iscsi-perf")
     ls = need("iscsi-ls")
     (lun0, lun1, _), (data0, _, _) = images
-    config = tmp_path / "target.toml"
-    write_config(config, [lun0, lun1])
-    t = target_factory("--config", str(config))
+    t, config = serve(target_factory, tmp_path, [lun0, lun1])
     # A raw-PDU session on LUN 0, and two libiscsi clients reading LUN 0 and LUN 1 throughout.
-    mini = MiniInitiator(t.port)
-    mini.login(IQN)
+    mini = logged_in(t)
     read_ok(mini, 0, data0)
     on0 = "iqn.2024-01.org.zerosend:perf-lun0"
     on1 = "iqn.2024-01.org.zerosend:perf-lun1"
@@ -117,14 +127,10 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, imag
 
 def test_replacing_a_lun_serves_the_new_image_to_new_sessions(target_factory, images, tmp_path):
     (lun0, lun1, lun1_new), (data0, _, data1_new) = images
-    config = tmp_path / "target.toml"
-    write_config(config, [lun0, lun1])
-    t = target_factory("--config", str(config))
-    on0 = MiniInitiator(t.port)
-    on0.login(IQN)
+    t, config = serve(target_factory, tmp_path, [lun0, lun1])
+    on0 = logged_in(t)
     read_ok(on0, 0, data0)
-    on1 = MiniInitiator(t.port)
-    on1.login(IQN, {"InitiatorName": OTHER})
+    on1 = logged_in(t, OTHER)
     on1.scsi(read10(0, 8), 8 * 512, read=True, lun=1)
     assert on1.read_response()[0] == 0
     write_config(config, [lun0, lun1_new])
@@ -132,8 +138,7 @@ def test_replacing_a_lun_serves_the_new_image_to_new_sessions(target_factory, im
     assert "LUN 1 is now" in log and str(lun1_new) in log
     told_dropped_then_closed(on1)
     read_ok(on0, 8, data0)
-    again = MiniInitiator(t.port)
-    again.login(IQN, {"InitiatorName": OTHER})
+    again = logged_in(t, OTHER)
     read_ok(again, 16, data1_new, lun=1)
     for ini in (on0, again):
         ini.close()
@@ -142,11 +147,8 @@ def test_replacing_a_lun_serves_the_new_image_to_new_sessions(target_factory, im
 def test_bad_config_is_refused_and_the_old_one_kept(target_factory, images, tmp_path):
     rc16 = need("iscsi-readcapacity16")
     (lun0, lun1, _), (data0, _, _) = images
-    config = tmp_path / "target.toml"
-    write_config(config, [lun0, lun1])
-    t = target_factory("--config", str(config))
-    mini = MiniInitiator(t.port)
-    mini.login(IQN)
+    t, config = serve(target_factory, tmp_path, [lun0, lun1])
+    mini = logged_in(t)
     config.write_text('luns = ["unterminated\n')
     log = reload(t, "reload refused")
     assert "is not valid TOML" in log
@@ -166,13 +168,9 @@ def test_bad_config_is_refused_and_the_old_one_kept(target_factory, images, tmp_
 def test_allow_list_change_ends_sessions_it_no_longer_admits(target_factory, images, tmp_path):
     inq = need("iscsi-inq")
     (lun0, _, _), (data0, _, _) = images
-    config = tmp_path / "target.toml"
-    write_config(config, [lun0], f'allow = ["{MINI}", "{OTHER}"]\n')
-    t = target_factory("--config", str(config))
-    kept = MiniInitiator(t.port)
-    kept.login(IQN)
-    dropped = MiniInitiator(t.port)
-    dropped.login(IQN, {"InitiatorName": OTHER})
+    t, config = serve(target_factory, tmp_path, [lun0], f'allow = ["{MINI}", "{OTHER}"]\n')
+    kept = logged_in(t)
+    dropped = logged_in(t, OTHER)
     read_ok(dropped, 0, data0)
     write_config(config, [lun0], f'allow = ["{MINI}"]\n')
     log = reload(t)
@@ -188,11 +186,8 @@ def test_allow_list_change_ends_sessions_it_no_longer_admits(target_factory, ima
 def test_chap_change_ends_sessions_without_the_new_credentials(target_factory, images, tmp_path):
     inq = need("iscsi-inq")
     (lun0, _, _), (data0, _, _) = images
-    config = tmp_path / "target.toml"
-    write_config(config, [lun0])
-    t = target_factory("--config", str(config))
-    no_auth = MiniInitiator(t.port)
-    no_auth.login(IQN)
+    t, config = serve(target_factory, tmp_path, [lun0])
+    no_auth = logged_in(t)
     read_ok(no_auth, 0, data0)
     write_config(config, [lun0], 'chap = "alice:a-long-secret-1"\n')
     log = reload(t)
