@@ -60,7 +60,6 @@ LATENCY_BUCKETS = (
     0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 HTTP_TIMEOUT = 10.0
-MAX_REQUEST = 8192
 
 
 def available() -> str | None:
@@ -146,7 +145,7 @@ class TargetMetrics:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT)
-            status, body, ctype = self._answer(head[:MAX_REQUEST])
+            status, body, ctype = self._answer(head)
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

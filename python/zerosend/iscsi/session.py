@@ -49,8 +49,7 @@ class Session:
         self.params = SessionParams()
         self.discovery = False
         self.logged_in = False
-        self.initiator = ""  # once logged in: the initiator's name, the CHAP user (None: no CHAP)
-        self.auth_user: str | None = None
+        self.initiator = ""  # once logged in
         self.luns_addressed: set[int] = set()  # by commands outside the READ inner loop
         self.closing = False
         self.failed: BaseException | None = None
@@ -202,7 +201,7 @@ class Session:
             struct.pack_into(">H", hdr, 14, tsih)
             self.logged_in = True
             self.discovery = st.discovery
-            self.initiator, self.auth_user = st.initiator, machine.auth_user
+            self.initiator = st.initiator
             self.name = self.outbox.name = f"{self.peer} {st.initiator} tsih={tsih}"
             # Header/data digests start with the first PDU after the final login response.
             p = self.params
