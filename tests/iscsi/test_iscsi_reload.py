@@ -4,6 +4,7 @@ Message and are closed; a bad config is refused and the old one kept."""
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import subprocess
@@ -24,12 +25,12 @@ def read10(lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
 
 
-def write_config(path: Path, luns: list[Path], extra: str = "") -> None:
+def write_config(path: Path, luns: list[Path] | list[str], extra: str = "") -> None:
     items = ", ".join(f'"{p}"' for p in luns)
     path.write_text(f"luns = [{items}]\n{extra}")
 
 
-def serve(target_factory, tmp_path: Path, luns: list[Path], extra: str = ""):
+def serve(target_factory, tmp_path: Path, luns: list[Path] | list[str], extra: str = ""):
     """The target started on a config file; returns it and the file, to rewrite and reload."""
     config = tmp_path / "target.toml"
     write_config(config, luns, extra)
@@ -40,6 +41,17 @@ def logged_in(t: RunningTarget, initiator: str = MINI) -> MiniInitiator:
     ini = MiniInitiator(t.port)
     ini.login(IQN, {"InitiatorName": initiator})
     return ini
+
+
+def holds_open(t: RunningTarget, image: Path) -> bool:
+    """Whether the target process has a descriptor of ``image`` open."""
+    for fd in Path(f"/proc/{t.proc.pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(image):
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
 
 
 def reload(t: RunningTarget, outcome: str = "reload done") -> str:
@@ -76,11 +88,14 @@ def images(tmp_path: Path) -> tuple[list[Path], list[bytes]]:
     return paths, [make_image(p, 4 * MiB, seed=i + 1) for i, p in enumerate(paths)]
 
 
-def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, images, tmp_path):
+@pytest.mark.parametrize("option", ["", ":mmap"])
+def test_removing_a_lun_ends_only_the_sessions_that_used_it(
+    target_factory, images, tmp_path, option
+):
     perf = need("iscsi-perf")
     ls = need("iscsi-ls")
     (lun0, lun1, _), (data0, _, _) = images
-    t, config = serve(target_factory, tmp_path, [lun0, lun1])
+    t, config = serve(target_factory, tmp_path, [str(lun0), f"{lun1}{option}"])
     # A raw-PDU session on LUN 0, and two libiscsi clients reading LUN 0 and LUN 1 throughout.
     mini = logged_in(t)
     read_ok(mini, 0, data0)
@@ -88,7 +103,7 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, imag
     on1 = "iqn.2024-01.org.zerosend:perf-lun1"
     readers = {
         name: subprocess.Popen(
-            [perf, "-i", name, "-m", "4", t.url(lun)],
+            [perf, "-i", name, "-m", "4", "-b", "64", t.url(lun)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -100,6 +115,7 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, imag
         while t.log().count("normal session logged in") < 3:
             assert time.monotonic() < deadline, t.log()
             time.sleep(0.05)
+        assert holds_open(t, lun1)
         write_config(config, [lun0])
         log = reload(t)
         assert f"{on1} tsih=" in log and "ending session: LUN 1 removed or replaced" in log
@@ -116,6 +132,9 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(target_factory, imag
         status, _, sense = mini.read_response()
         assert status == 2 and sense[2] & 0x0F == 0x05 and sense[12] == 0x25  # LUN not supported
         assert "Lun:1" not in run([ls, "-s", t.url(None)]).stdout
+        while holds_open(t, lun1):  # closed once its sessions are gone
+            assert time.monotonic() < deadline + 60, t.log()
+            time.sleep(0.05)
     finally:
         for p in readers.values():
             if p.poll() is None:
