@@ -4,9 +4,10 @@ DIST   := dist
 PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean test-mutants
+.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean test-mutants fuzz
 TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
-	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3"
+	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3" \
+	"hypothesis>=6.100" "prometheus_client>=0.20"
 
 run: develop
 	$(PY) -m bench.demo
@@ -41,6 +42,12 @@ lint: develop
 
 test-python: develop
 	$(PY) -m pytest -q
+
+# The fuzz tests with a hundred times the examples of `make test`, random rather than fixed;
+# what fails is kept in .hypothesis/ and replayed first next time.
+fuzz: develop
+	ZEROSEND_FUZZ=long $(PY) -m pytest -q --timeout=3600 --hypothesis-show-statistics \
+		tests/iscsi/test_iscsi_fuzz.py
 
 wheel: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Installs the Debian packages the tests and benchmarks use, if any is missing:
 # real iSCSI clients (libiscsi-bin, qemu-img with iscsi://), tgt to compare against,
-# iproute2 for the network-namespace rig and nftables for packet-loss tests.
+# iproute2 for the network-namespace rig, nftables for packet-loss tests, systemd for checking
+# the service unit (systemd-analyze).
 set -eu
-PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps"
+PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps systemd"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

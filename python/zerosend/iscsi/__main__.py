@@ -7,8 +7,12 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from .config import DEFAULTS, SETTINGS, TargetConfig, load_config
+from .metrics import TargetMetrics
+from .reload import Reloader
 from .stores import StoreError
 from .target import Target
 
@@ -30,10 +34,15 @@ options win:
   backend = "io_uring"            # force a zerosend backend (default auto)
   zerocopy_probe = false          # keep sending zero-copy even where the kernel copies
   reservation_state = "/var/lib/zerosend/pr.json"  # persistent reservations kept with APTPL
+  metrics = "127.0.0.1:9310"      # Prometheus metrics at http://127.0.0.1:9310/metrics
 
 Persistent reservations whose initiator set APTPL are kept in the reservation_state file
 (written atomically) and restored at start; a corrupt file stops the start with an error
 (restore it, or move it aside to start without reservations), a missing one starts with none.
+
+Signals: SIGTERM/SIGINT stop (in-flight sends drain); SIGHUP reads the config again and applies
+its LUNs, allow-list and CHAP (sessions the change does not touch stay; a bad config is refused
+and the running one kept); SIGUSR1 logs each connection's state.
 """
 
 
@@ -61,14 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(cfg: TargetConfig) -> int:
+async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) -> int:
     target = Target(cfg)
     await target.start()
+    metrics = None
+    if cfg.metrics:
+        metrics = target.metrics = TargetMetrics(target)
+        await metrics.start(cfg.metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, target.stop)
     loop.add_signal_handler(signal.SIGUSR1, target.log_state)
-    await target.serve()
+    reloader = Reloader(target, options, path)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    try:
+        await target.serve()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
@@ -80,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        cfg = load_config(vars(args), args.config)
-        return asyncio.run(_run(cfg))
+        options = vars(args)
+        cfg = load_config(options, args.config)
+        return asyncio.run(_run(cfg, options, args.config))
     except (ValueError, StoreError, OSError) as e:
         log.error("%s", e)
         return 2

@@ -53,6 +53,7 @@ class TargetConfig:
     backend: BackendName = "auto"
     zerocopy_probe: bool = True
     reservation_state: str = ""
+    metrics: str | None = None
 
 
 def _lun(item: Any) -> LunSpec:
@@ -145,6 +146,7 @@ SETTINGS = (
         str,
         "FILE",
     ),
+    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", str, "HOST:PORT"),
 )
 DEFAULTS = TargetConfig()  # for help texts
 

@@ -53,6 +53,8 @@ class Outbox:
         self.on_failure = on_failure
         self.probe = probe  # switch to copy where the kernel copies zero-copy sends anyway
         self.reader_task: asyncio.Task[None] | None = None
+        # Hears of every send submitted (its future, and whether it goes zero-copy): metrics.
+        self.on_submit: Callable[[asyncio.Future[Any], bool], None] | None = None
         self.loop = asyncio.get_running_loop()
         self._parts: list[Any] = []
         self._leases: list[MmapLease] = []
@@ -171,6 +173,8 @@ class Outbox:
             if asyncio.current_task() is self.reader_task:
                 raise  # the read loop itself: the session ends the connection
             return None
+        if self.on_submit is not None:
+            self.on_submit(fut, zc)
         if leases or zc:
             fut.add_done_callback(lambda f: self._sent(f, leases, zc))
         else:

@@ -258,6 +258,19 @@ def reject(reason: int, rejected_bhs: bytes) -> bytearray:
     return h
 
 
+ASYNC_DROP_SESSION = 3  # AsyncEvent: the target drops all connections of the session
+
+
+def async_drop_session(time2wait: int, time2retain: int) -> bytearray:
+    """Async Message (11.9) announcing that the target ends the session; the initiator may log
+    in again after ``time2wait`` seconds."""
+    h = _bhs(OP_ASYNC, F_FINAL, 0)
+    _U32.pack_into(h, 16, NO_TAG)
+    h[36] = ASYNC_DROP_SESSION
+    struct.pack_into(">HHH", h, 38, 0, time2wait, time2retain)
+    return h
+
+
 def login_response(
     flags: int,
     isid: bytes,

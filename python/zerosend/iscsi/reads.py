@@ -139,6 +139,11 @@ class Reads:
                      refer_min, CMD_WINDOW)  # fmt: skip
         return inner, store, lu
 
+    def luns_cached(self) -> set[int]:
+        """The LUNs whose image the inner loop holds (a reload that removes one ends the
+        connection before the image is closed)."""
+        return {P.decode_lun(f) for f, entry in self._inner.items() if entry is not None}
+
     # -- every other READ
 
     def command(

@@ -51,6 +51,8 @@ class Session:
         self.discovery = False
         self.nexus = NO_NEXUS
         self.logged_in = False
+        self.initiator = ""  # once logged in
+        self.luns_addressed: set[int] = set()  # by commands outside the READ inner loop
         self.closing = False
         self.failed: BaseException | None = None
         self.stats = {"commands": 0, "read_bytes": 0, "write_bytes": 0, "zc_sends": 0,
@@ -89,6 +91,10 @@ class Session:
         """Abort the reads and writes in progress (of ``lun``, or all)."""
         self.reads.abort(lun)
         self.writes.abort(lun)
+
+    def luns_in_use(self) -> set[int]:
+        """The LUNs this session addressed (a reload that removes one ends the session)."""
+        return self.luns_addressed | self.reads.luns_cached()
 
     def state_line(self) -> str:
         """The connection's windows and in-flight counts, for the state dump (SIGUSR1)."""
@@ -198,6 +204,7 @@ class Session:
             self.logged_in = True
             self.nexus = Nexus(st.initiator, bytes(st.isid))
             self.discovery = st.discovery
+            self.initiator = st.initiator
             self.name = self.outbox.name = f"{self.peer} {st.initiator} tsih={tsih}"
             # Header/data digests start with the first PDU after the final login response.
             p = self.params
@@ -302,7 +309,9 @@ class Session:
             if len(ahs) >= 4 and ahs[2] == 1:
                 cdb = cdb + ahs[4 : 4 + struct.unpack_from(">H", ahs, 0)[0] - 1]
         lun_field = bytes(bhs[8:16])
-        lu = self.host.luns.get(P.decode_lun(lun_field))
+        lun = P.decode_lun(lun_field)
+        self.luns_addressed.add(lun)
+        lu = self.host.luns.get(lun)
         op = cdb[0]
         try:
             if lu is not None:

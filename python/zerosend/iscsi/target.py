@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import zerosend
 
@@ -19,6 +20,9 @@ from .reservations import Reservations
 from .scsi import CommandSet, LogicalUnit
 from .session import Session
 from .stores import Store, open_store
+
+if TYPE_CHECKING:
+    from .metrics import TargetMetrics
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -65,6 +69,7 @@ class Target:
         self._next_tsih = 1
         self._server: socket.socket | None = None
         self._stopped = asyncio.Event()
+        self.metrics: TargetMetrics | None = None  # set when --metrics serves them
 
     # -- sessions (the SessionHost protocol)
 
@@ -89,6 +94,8 @@ class Target:
         return tsih
 
     def session_ended(self, session: Session) -> None:
+        if self.metrics is not None:
+            self.metrics.detach(session)
         self._connections.pop(session, None)
         self._logging_in.pop(session, None)
         registered = self._registered.pop(session, None)
@@ -132,6 +139,29 @@ class Target:
             span = lu.store.unsynced  # written since the last SYNCHRONIZE CACHE / FUA
             unsynced = "none" if span is None else f"bytes {span[0]}..{span[1]}"
             log.info("state: LUN %d %s unsynced: %s", lu.number, lu.store.name, unsynced)
+
+    # -- for reload (SIGHUP) and metrics
+
+    def sessions(self) -> list[Session]:
+        """The session of every open connection, logged in or not."""
+        return list(self._connections)
+
+    def connection_task(self, session: Session) -> asyncio.Task[None] | None:
+        """The task running ``session``'s connection (None once it ended)."""
+        return self._connections.get(session)
+
+    def add_store(self, store: Store) -> None:
+        """A LUN's image opened after start: closed at shutdown with the others."""
+        self._stores.append(store)
+
+    def remove_store(self, store: Store) -> None:
+        """Flush and close the image of a LUN no session uses any more."""
+        self._stores.remove(store)
+        try:
+            store.flush()
+        except OSError as e:
+            log.error("flush of %s failed: %s", store.name, e)
+        store.close()
 
     # -- serving
 
@@ -225,5 +255,7 @@ class Target:
                 conn.close()
                 continue
             log.info("%s: connection accepted", peer)
+            if self.metrics is not None:
+                self.metrics.attach(session)
             self._logging_in[session] = None
             self._connections[session] = session.start()

@@ -1,0 +1,224 @@
+"""``--metrics HOST:PORT``: the target's counters in the Prometheus text format.
+
+Counters are not bumped on the I/O path: a scrape adds up what each open session already
+counts (its commands and bytes, and its zerosend socket's ``stats``) and what sessions that
+ended counted, kept when they end. The one measurement taken as it happens is the send latency:
+how long each vectored send of a connection took from submission until it resolved, which for a
+zero-copy send is when the kernel released its pages.
+
+The endpoint is served on the target's own event loop (an HTTP/1.0 GET of ``/metrics``), so a
+scrape reads the sessions between two steps of the loop, never while one changes them.
+``prometheus_client`` (the ``zerosend[metrics]`` extra) writes the text format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .config import split_hostport
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .target import Target
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
+    from prometheus_client import generate_latest as _generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+except ImportError:  # the extra is not installed: `--metrics` says so at start-up
+    CollectorRegistry = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("zerosend.iscsi")
+
+PREFIX = "zerosend_iscsi"
+# zerosend's per-socket byte counters by how the bytes went (zerosend.STATS_KEYS).
+SENT_HOW = {
+    "zerocopy": "bytes_zerocopy",
+    "copied_by_kernel": "bytes_copied_by_kernel",
+    "copied_below_threshold": "bytes_copied_below_threshold",
+    "copied_requested": "bytes_copied_requested",
+    "copied_backend": "bytes_copied_backend",
+    "sendfile": "bytes_sendfile",
+}
+# The session's own counters (Session.stats) exported as <PREFIX>_<name>_total.
+SESSION_COUNTERS = {
+    "commands": ("commands", "SCSI commands received"),
+    "read_bytes": ("read_bytes", "bytes of READ data sent (Data-In)"),
+    "write_bytes": ("write_bytes", "bytes of WRITE data received (Data-Out and immediate)"),
+    "zerocopy_fallbacks": (
+        "zc_fallbacks",
+        "times a connection left zero-copy because the kernel copied its zero-copy sends anyway",
+    ),
+}
+# Send latency buckets: from a loopback copy (tens of microseconds) to a congested link.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+HTTP_TIMEOUT = 10.0
+
+
+def available() -> str | None:
+    """None if the endpoint can be served, else what to install."""
+    if CollectorRegistry is None:
+        return "--metrics needs prometheus_client: pip install 'zerosend[metrics]'"
+    return None
+
+
+class TargetMetrics:
+    """The target's metrics registry; ``attach``/``detach`` follow each connection."""
+
+    def __init__(self, target: Target) -> None:
+        reason = available()
+        if reason is not None:
+            raise ValueError(reason)
+        self.target = target
+        self.registry = CollectorRegistry()
+        self.ended_sessions = 0
+        self._ended_stats: dict[str, int] = dict.fromkeys(
+            [key for key, _ in SESSION_COUNTERS.values()] + list(SENT_HOW.values()), 0
+        )
+        self._latency = Histogram(
+            f"{PREFIX}_send_seconds",
+            "time from submitting a send until it resolved (zero-copy: the kernel released "
+            "its pages), by how it was sent",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._observe = {
+            True: self._latency.labels("zerocopy").observe,
+            False: self._latency.labels("copy").observe,
+        }
+        self.registry.register(_SessionCollector(self))
+        self._server: asyncio.Server | None = None
+
+    # -- following the connections
+
+    def attach(self, session: Session) -> None:
+        session.outbox.on_submit = self._submitted
+
+    def detach(self, session: Session) -> None:
+        """The session ended: keep what it counted."""
+        if session.logged_in:
+            self.ended_sessions += 1
+        for key, value in _session_counts(session).items():
+            self._ended_stats[key] += value
+
+    def _submitted(self, fut: asyncio.Future[Any], zerocopy: bool) -> None:
+        start = time.perf_counter()
+        observe = self._observe[zerocopy]
+        fut.add_done_callback(lambda _: observe(time.perf_counter() - start))
+
+    def totals(self) -> dict[str, int]:
+        """Every counter summed over ended and open sessions."""
+        out = dict(self._ended_stats)
+        for session in self.target.sessions():
+            for key, value in _session_counts(session).items():
+                out[key] += value
+        return out
+
+    def render(self) -> bytes:
+        data: bytes = _generate_latest(self.registry)
+        return data
+
+    # -- the endpoint
+
+    async def start(self, listen: str) -> tuple[str, int]:
+        host, port = split_hostport(listen)
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve metrics on {listen}: {e.strerror}") from e
+        bound = self._server.sockets[0].getsockname()
+        log.info("metrics on http://%s:%d/metrics", bound[0], bound[1])
+        return bound[0], bound[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT)
+            status, body, ctype = self._answer(head)
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if not head.startswith(b"HEAD "):
+                writer.write(body)
+            await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a scraper that went away or never sent a whole request
+        finally:
+            writer.close()
+
+    def _answer(self, head: bytes) -> tuple[str, bytes, str]:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", b"only GET /metrics\n", "text/plain"
+        if parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+            return "404 Not Found", b"the metrics are at /metrics\n", "text/plain"
+        return "200 OK", self.render(), CONTENT_TYPE_LATEST
+
+
+def _session_counts(session: Session) -> dict[str, int]:
+    st = session.stats
+    zs = session.zs.stats
+    counts = {key: st.get(key, 0) for key, _ in SESSION_COUNTERS.values()}
+    counts.update({key: zs.get(key, 0) for key in SENT_HOW.values()})
+    return counts
+
+
+class _SessionCollector:
+    """Reads the sessions at scrape time."""
+
+    def __init__(self, metrics: TargetMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        m = self.metrics
+        target = m.target
+        sessions = target.sessions()
+        kinds = {"normal": 0, "discovery": 0}
+        for s in sessions:
+            if s.logged_in:
+                kinds["discovery" if s.discovery else "normal"] += 1
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_sessions", "logged-in sessions, by type", labels=["type"]
+        )
+        for kind, n in kinds.items():
+            gauge.add_metric([kind], n)
+        yield gauge
+        yield _gauge("connections", "open connections, logged in or not", len(sessions))
+        yield _counter("sessions_ended", "sessions that ended", m.ended_sessions)
+        yield _gauge("luns", "LUNs served", len(target.luns))
+        pool = target.pool
+        yield _gauge("transmit_buffers", "transmit buffers in the pool", pool.count)
+        yield _gauge("transmit_buffers_free", "transmit buffers free now", pool.available)
+        totals = m.totals()
+        for name, (key, text) in SESSION_COUNTERS.items():
+            yield _counter(name, text, totals[key])
+        sent = CounterMetricFamily(
+            f"{PREFIX}_sent_bytes",
+            "bytes the connections sent, by how: zerocopy (the kernel sent the pages without "
+            "copying), copied_by_kernel (sent zero-copy, copied by the kernel: loopback, veth), "
+            "copied_* (sent by copy, and why), sendfile",
+            labels=["how"],
+        )
+        for how, key in SENT_HOW.items():
+            sent.add_metric([how], totals[key])
+        yield sent
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", text, value=value)

@@ -1,0 +1,178 @@
+"""SIGHUP: the config read again and applied to the running target.
+
+What a reload changes: the LUNs, the allow-list and CHAP (``RELOADABLE``). The new settings are
+read and every new LUN opened first; anything wrong (a file that is not TOML, an unknown key, an
+image that cannot be opened) refuses the whole reload with a logged error, and the target keeps
+running on the settings it had. Other settings (listen address, buffers, backend ...) take
+effect at the next start; a reload that changes them says so.
+
+A session is left alone unless the change touches it. It ends, with an Async Message that tells
+the initiator the target drops the session, when:
+- it addressed a LUN that the reload removes or replaces (LUNs are numbered by position: a LUN
+  whose path or options change is a different LUN),
+- the new allow-list does not admit its initiator,
+- CHAP changed and it logged in without the new credentials (without CHAP, or under old ones),
+- it had not finished its login and the allow-list or CHAP changed (it logs in again under the
+  new rules).
+A removed LUN's image is closed once the sessions that used it have ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import pdu as P
+from .config import SETTINGS, LunSpec, TargetConfig, load_config
+from .scsi import LogicalUnit
+from .stores import Store, StoreError, open_store
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .target import Target
+
+log = logging.getLogger("zerosend.iscsi")
+
+RELOADABLE = ("luns", "chap", "mutual_chap", "allow")
+# How long the sessions a reload ends may take to drain before their LUNs' images are closed.
+DRAIN_TIMEOUT = 15.0
+# What the Async Message tells the initiator (RFC 7143 11.9.1): wait this long before logging in
+# again; nothing of the session is kept for it (ErrorRecoveryLevel 0).
+TIME2WAIT = 2
+
+
+@dataclass
+class LunChanges:
+    """The LUN numbers a reload takes away (removed or replaced) and the units it adds."""
+
+    gone: dict[int, LogicalUnit]
+    added: dict[int, LogicalUnit]
+
+
+def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
+    """Opens the new LUNs' images (closing them again if one fails)."""
+    old = target.config.luns
+    gone = {n: target.luns[n] for n, spec in enumerate(old) if n >= len(new) or new[n] != spec}
+    added: dict[int, LogicalUnit] = {}
+    try:
+        for n, spec in enumerate(new):
+            if n >= len(old) or old[n] != spec:
+                store = open_store(spec.path, spec.readonly, spec.mapped)
+                added[n] = LogicalUnit(n, store, target.iqn)
+    except (StoreError, OSError, ValueError):
+        for lu in added.values():
+            lu.store.close()
+        raise
+    return LunChanges(gone, added)
+
+
+def _why_ended(
+    session: Session, old: TargetConfig, new: TargetConfig, gone: Mapping[int, LogicalUnit]
+) -> str | None:
+    """Why the new settings end ``session``, or None if they leave it alone."""
+    policy_changed = new.allow != old.allow or new.chap != old.chap
+    if not session.logged_in:
+        return "login in progress under the old allow-list or CHAP" if policy_changed else None
+    if new.allow and session.initiator not in new.allow:
+        return f"initiator {session.initiator} is no longer on the allow-list"
+    if new.chap is not None and new.chap != old.chap:
+        return "CHAP credentials changed"
+    if not session.discovery:
+        used = sorted(session.luns_in_use() & gone.keys())
+        if used:
+            return f"LUN {', '.join(map(str, used))} removed or replaced"
+    return None
+
+
+def _tell_dropped(session: Session) -> None:
+    """Queue an Async Message "the target drops all connections of this session"; the
+    connection's close then sends it ahead of the FIN."""
+    if session.logged_in and not session.closing:
+        session.responder.send_pdu(P.async_drop_session(TIME2WAIT, 0))
+
+
+class Reloader:
+    """Re-reads the settings on request (``request()``, from the SIGHUP handler); one reload at
+    a time, in order."""
+
+    def __init__(self, target: Target, options: Mapping[str, Any], path: str | None) -> None:
+        self.target = target
+        self.options = options
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
+
+    def request(self) -> asyncio.Task[bool]:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def reload(self) -> bool:
+        """Apply the settings as they are now; False if refused (the old ones stay)."""
+        async with self._lock:
+            if self.target.stopping:
+                return False
+            where = self.path or "the command line"
+            log.info("reload: reading %s", where)
+            try:
+                new = load_config(self.options, self.path)
+                changes = _lun_changes(self.target, new.luns)
+            except (ValueError, StoreError, OSError) as e:
+                log.error("reload refused, the running config is kept: %s", e)
+                return False
+            await self._apply(new, changes)
+            return True
+
+    async def _apply(self, new: TargetConfig, changes: LunChanges) -> None:
+        target = self.target
+        old = target.config
+        for s in SETTINGS:
+            if s.key not in RELOADABLE and getattr(new, s.key) != getattr(old, s.key):
+                log.warning("reload: %s changed; it takes effect at the next start", s.flag)
+        ending = {}
+        for session in target.sessions():
+            why = _why_ended(session, old, new, changes.gone)
+            if why is not None:
+                ending[session] = why
+        policy_changed = new.allow != old.allow or new.chap != old.chap
+        # The config object is the sessions' login policy: new logins see the new values.
+        for key in RELOADABLE:
+            setattr(old, key, getattr(new, key))
+        for n in changes.gone:
+            del target.luns[n]
+        target.luns.update(changes.added)
+        for n, lu in sorted(changes.added.items()):
+            target.add_store(lu.store)
+            log.info("reload: LUN %d is now %s (%s, %d bytes)", n, lu.store.name, lu.store.kind,
+                     lu.store.size)  # fmt: skip
+        for n, lu in sorted(changes.gone.items()):
+            if n not in changes.added:
+                log.info("reload: LUN %d (%s) removed", n, lu.store.name)
+        if policy_changed:
+            log.info("reload: new logins see the new allow-list and CHAP settings")
+        for session, why in ending.items():
+            log.info("%s: ending session: %s", session.name, why)
+            _tell_dropped(session)
+            session.abort_connection()
+        log.info("reload done: %d LUNs, %d sessions ended, %d kept", len(target.luns),
+                 len(ending), len(target.sessions()) - len(ending))  # fmt: skip
+        await self._close_when_unused(list(ending), [lu.store for lu in changes.gone.values()])
+
+    async def _close_when_unused(self, ended: list[Session], stores: list[Store]) -> None:
+        """Close the removed LUNs' images once the sessions that used them are gone (their
+        in-flight sends may still point into a mapped image)."""
+        if not stores:
+            return
+        waits = [t for s in ended if (t := self.target.connection_task(s)) is not None]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=DRAIN_TIMEOUT)
+            if late:
+                log.warning("reload: %d ended sessions still draining; the removed LUNs' images "
+                            "stay open until shutdown", len(late))  # fmt: skip
+                return
+        for store in stores:
+            self.target.remove_store(store)
