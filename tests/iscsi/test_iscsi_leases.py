@@ -1,0 +1,144 @@
+"""A pooled transmit buffer goes back to the pool only when the kernel released its pages, on
+every path, cancellation included.
+
+The connection whose bytes are checked is a stalled reader: a tiny receive buffer it never
+reads, so most of a zero-copy Data-In stays queued in the target's socket, in the pooled
+buffer's own pages, until the test reads it. Its session is then ended from outside (session
+reinstatement, TARGET COLD RESET) while its task waits for that send, and another session reads
+a different LUN through the same pool. Had the buffer gone back at the cancellation, that read
+would land in the queued pages and the stalled connection would receive the other LUN's bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from iscsi_helpers import MiniInitiator, make_image
+
+MiB = 1 << 20
+BLOCK = 512
+READ_BYTES = 64 * 1024  # one Data-In PDU (MaxRecvDataSegmentLength below): a zero-copy send
+TARGET_COLD_RESET = 7
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+def stalled_initiator(port: int) -> MiniInitiator:
+    """An initiator whose socket has the smallest receive buffer (set before connecting, so the
+    window stays small); the test reads it only at the end."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", port))
+    ini = MiniInitiator(port, sock=sock)
+    ini.mrdsl = READ_BYTES
+    return ini
+
+
+def send_logout(ini: MiniInitiator, cmdsn: int) -> None:
+    bhs = bytearray(48)
+    bhs[0] = 0x06  # Logout Request, not immediate
+    bhs[1] = 0x80  # close the session
+    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+    bhs[24:28] = cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    ini.send(bhs)
+
+
+def task_management(ini: MiniInitiator, function: int) -> int:
+    bhs = bytearray(48)
+    bhs[0] = 0x42  # immediate Task Management Function Request
+    bhs[1] = 0x80 | function
+    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+    bhs[20:24] = b"\xff\xff\xff\xff"
+    bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    ini.send(bhs)
+    rsp, _ = ini.recv()
+    assert rsp[0] & 0x3F == 0x22, rsp.hex()
+    return rsp[2]
+
+
+def queued_for_reading(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s receive queue (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("ending", ["reinstatement", "cold reset"])
+def test_cancelled_session_keeps_its_buffers_until_release(
+    target_factory, zc_backend: str, tmp_path: Path, ending: str
+):
+    first = tmp_path / "first.img"
+    first_data = make_image(first, 1 * MiB, seed=21)
+    other = tmp_path / "other.img"
+    other_data = make_image(other, 1 * MiB, seed=22)
+    # Two pooled buffers: the stalled READ holds one; the other session's two READs, sent
+    # together, need two at once, so one of them would get the stalled READ's buffer if it
+    # came back early (whichever order the pool hands buffers out in).
+    t = target_factory("--backend", zc_backend, "--zerocopy-probe", "off", "--buffers", "2",
+                       "--lun", str(first), "--lun", str(other))  # fmt: skip
+    stalled = stalled_initiator(t.port)
+    try:
+        stalled.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
+        # The Logout first, with the next CmdSN (held in the window), then the READ that fills
+        # the gap: the READ's Data-In is queued, then the Logout's response goes out with it in
+        # one send that the session's task waits for (send_now).
+        send_logout(stalled, stalled.cmdsn + 1)
+        stalled.scsi(read10(0, READ_BYTES // BLOCK), READ_BYTES, read=True)
+        wait_for(lambda: queued_for_reading(stalled.sock) > 0, "the stalled READ to be sent")
+
+        if ending == "reinstatement":  # the same initiator name and ISID log in again
+            reader = MiniInitiator(t.port)
+            reader.mrdsl = READ_BYTES
+            reader.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
+        else:
+            resetter = MiniInitiator(t.port)
+            resetter.login(t.iqn, {"InitiatorName": "iqn.2024-01.org.zerosend:resetter"})
+            assert task_management(resetter, TARGET_COLD_RESET) == 0
+            resetter.close()
+            reader = MiniInitiator(t.port)
+            reader.mrdsl = READ_BYTES
+            reader.login(t.iqn, {"InitiatorName": "iqn.2024-01.org.zerosend:reader",
+                                 "MaxRecvDataSegmentLength": str(READ_BYTES)})  # fmt: skip
+        wait_for(lambda: "closing the old one" in t.log() or "COLD RESET" in t.log(),
+                 "the stalled session to be ended")  # fmt: skip
+
+        reader.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for lba in (0, 2 * READ_BYTES // BLOCK):
+            reader.scsi(read10(lba, READ_BYTES // BLOCK), READ_BYTES, read=True, lun=1)
+        reader.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        for at in (0, 2 * READ_BYTES):
+            status, data, _ = reader.read_response()
+            assert status == 0
+            assert data == other_data[at : at + READ_BYTES]
+        reader.close()
+
+        # Read on with room for all of it (a window that opens by a few bytes at a time would
+        # leave the target to the zero-window probes' backoff)
+        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 * MiB)
+        status, data, _ = stalled.read_response()
+        assert status == 0
+        mixed = [
+            b for b in range(READ_BYTES // BLOCK)
+            if data[b * BLOCK : (b + 1) * BLOCK] != first_data[b * BLOCK : (b + 1) * BLOCK]
+        ]  # fmt: skip
+        assert not mixed, f"the stalled READ received other bytes in blocks {mixed}"
+    finally:
+        stalled.close()
