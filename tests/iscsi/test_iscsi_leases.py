@@ -11,6 +11,7 @@ would land in the queued pages and the stalled connection would receive the othe
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -142,3 +143,62 @@ def test_cancelled_session_keeps_its_buffers_until_release(
         assert not mixed, f"the stalled READ received other bytes in blocks {mixed}"
     finally:
         stalled.close()
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("lun_form", ["mem", "mmap"])
+@pytest.mark.parametrize("digests", ["None", "CRC32C"])
+def test_write_never_changes_a_read_in_flight(
+    target_factory, zc_backend: str, tmp_path: Path, lun_form: str, digests: str
+):
+    """A READ of a LUN whose memory the target can send as is (``mem:``, a mapped image) stays
+    queued at a stalled reader while a WRITE to the same blocks lands (another session reads
+    the new bytes back); the READ must then arrive with the old bytes, under their own data
+    digest (MiniInitiator checks every digest)."""
+    if lun_form == "mem":
+        lun = "mem:1M"
+        old_blocks = bytes(READ_BYTES)
+    else:
+        image = tmp_path / "disk.img"
+        old_blocks = make_image(image, 1 * MiB, seed=23)[:READ_BYTES]
+        lun = f"{image}:mmap"
+    t = target_factory("--backend", zc_backend, "--zerocopy-probe", "off", "--lun", lun)
+    new_blocks = random.Random(25).randbytes(4096)
+    keys = {"MaxRecvDataSegmentLength": str(READ_BYTES), "HeaderDigest": digests,
+            "DataDigest": digests}  # fmt: skip
+    writer = MiniInitiator(t.port)
+    writer.mrdsl = READ_BYTES
+    writer.login(t.iqn, {"InitiatorName": "iqn.2024-01.org.zerosend:writer", **keys})
+    stalled = stalled_initiator(t.port)
+    try:
+        stalled.login(t.iqn, keys)
+        stalled.scsi(read10(0, READ_BYTES // BLOCK), READ_BYTES, read=True)
+        wait_for(lambda: queued_for_reading(stalled.sock) > 0, "the READ to be sent")
+        at = 8 * 1024
+        assert write(writer, at // BLOCK, new_blocks) == 0
+        writer.scsi(read10(at // BLOCK, len(new_blocks) // BLOCK), len(new_blocks), read=True)
+        status, back, _ = writer.read_response()
+        assert status == 0 and back == new_blocks  # the WRITE landed while the READ waits
+        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 * MiB)
+        status, data, _ = stalled.read_response()
+        assert status == 0
+        changed = [
+            b
+            for b in range(READ_BYTES // BLOCK)
+            if data[b * BLOCK : (b + 1) * BLOCK] != old_blocks[b * BLOCK : (b + 1) * BLOCK]
+        ]
+        assert not changed, f"blocks the later WRITE changed in flight: {changed}"
+    finally:
+        stalled.close()
+        writer.close()
+
+
+def write(ini: MiniInitiator, lba: int, data: bytes) -> int:
+    """A WRITE(10) with all its data as immediate data; its SCSI status."""
+    ini.scsi(write10(lba, len(data) // BLOCK), len(data), write=True, data=data)
+    status, _, _ = ini.read_response()
+    return status

@@ -114,9 +114,10 @@ class Reads:
                 stats["zc_sends"] += run.commands
                 served = True
                 if run.send_len:  # sent from the mapped image, right behind its header
-                    segments = store.segments(run.send_from, run.send_len)
-                    assert segments is not None
-                    outbox.queue(segments, large=True)
+                    loan = store.borrow(run.send_from, run.send_len)
+                    assert loan is not None
+                    outbox.queue(loan.views, large=True)
+                    outbox.hold(loan)
             if not run.need or not outbox.new_packing(run.need):
                 return served
 
@@ -127,8 +128,8 @@ class Reads:
         store = lu.store
         p = self.params
         longest = min(p.initiator_max_recv_dsl, p.max_burst)
-        # Large reads of a mapped image go zero-copy straight from its pages.
-        refer_min = ZC_MIN if store.mapped else 0xFFFFFFFF
+        # Large reads of a read-only mapped image go zero-copy straight from its pages.
+        refer_min = ZC_MIN if store.lends else 0xFFFFFFFF
         kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min, CMD_WINDOW)  # fmt: skip
@@ -158,9 +159,10 @@ class Reads:
         offset = rw.lba * bs
         store = lu.store
         self.stats["read_bytes"] += n
-        segments = store.segments(offset, n)
-        if segments is not None:  # memory the store owns: sent as is
-            self.responder.send_data_in(itt, lun_field, segments, n, 0, 0, status)
+        loan = store.borrow(offset, n)
+        if loan is not None:  # memory the store owns: sent as is, unchanged until released
+            self.responder.send_data_in(itt, lun_field, loan.views, n, 0, 0, status)
+            self.outbox.hold(loan)
             return
         if n <= self.pool.size:
             lease = self.pool.try_acquire()
