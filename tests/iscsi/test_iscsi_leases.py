@@ -11,19 +11,23 @@ would land in the queued pages and the stalled connection would receive the othe
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import signal
 import socket
 import struct
 import time
 from pathlib import Path
 
 import pytest
+from gatedfs import GatedFile
 from iscsi_helpers import MiniInitiator, make_image
 
 MiB = 1 << 20
 BLOCK = 512
 READ_BYTES = 64 * 1024  # one Data-In PDU (MaxRecvDataSegmentLength below): a zero-copy send
-TARGET_COLD_RESET = 7
+ABORT_TASK, TARGET_COLD_RESET = 1, 7
 
 
 def read10(lba: int, blocks: int) -> bytes:
@@ -52,14 +56,18 @@ def send_logout(ini: MiniInitiator, cmdsn: int) -> None:
     ini.send(bhs)
 
 
-def task_management(ini: MiniInitiator, function: int) -> int:
+def task_management(
+    ini: MiniInitiator, function: int, ref: int = 0xFFFFFFFF, refcmdsn: int = 0
+) -> int:
+    """An immediate Task Management Function Request; the response code."""
     bhs = bytearray(48)
-    bhs[0] = 0x42  # immediate Task Management Function Request
+    bhs[0] = 0x42
     bhs[1] = 0x80 | function
     bhs[16:20] = ini.next_itt().to_bytes(4, "big")
-    bhs[20:24] = b"\xff\xff\xff\xff"
+    bhs[20:24] = ref.to_bytes(4, "big")  # Referenced Task Tag
     bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
     bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    bhs[32:36] = refcmdsn.to_bytes(4, "big")
     ini.send(bhs)
     rsp, _ = ini.recv()
     assert rsp[0] & 0x3F == 0x22, rsp.hex()
@@ -202,3 +210,69 @@ def write(ini: MiniInitiator, lba: int, data: bytes) -> int:
     ini.scsi(write10(lba, len(data) // BLOCK), len(data), write=True, data=data)
     status, _, _ = ini.read_response()
     return status
+
+
+# ---------------------------------------------------------------- a device that blocks
+
+
+@pytest.fixture
+def gated(tmp_path: Path):
+    """A FUSE file whose reads wait at a gate (root only). Ask for it before ``target_factory``:
+    the target must close the file before the file system goes."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+    fs = GatedFile(tmp_path / "gated", random.Random(26).randbytes(1 * MiB))
+    try:
+        yield fs
+    finally:
+        fs.unmount()
+
+
+def dump_state(t) -> str:
+    """The target's state line of transmit buffers, fresh from SIGUSR1."""
+    before = t.log().count("transmit buffers free")
+    t.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: t.log().count("transmit buffers free") > before, "the state dump")
+    return re.findall(r"(\d+/\d+) transmit buffers free", t.log())[-1]
+
+
+@pytest.mark.timeout(90)
+def test_a_blocked_device_stops_only_its_own_reads(gated, target_factory, tmp_path: Path):
+    """A READ stuck in its device (a FUSE file whose reads wait at a gate) is read by a thread:
+    another session logs in and reads another LUN meanwhile; ABORT TASK of the stuck READ
+    leaves its buffer with the thread until the device answers; then the READ's bytes arrive."""
+    plain = tmp_path / "plain.img"
+    plain_data = make_image(plain, 1 * MiB, seed=27)
+    t = target_factory("--buffers", "2", "--lun", f"{gated.path}:ro", "--lun", str(plain))
+    stuck = MiniInitiator(t.port)
+    other = None
+    try:
+        stuck.mrdsl = READ_BYTES
+        stuck.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
+        gated.close_gate()
+        stuck.scsi(read10(0, READ_BYTES // BLOCK), READ_BYTES, read=True)
+        wait_for(lambda: gated.waiting > 0, "the READ to wait in the device")
+
+        other = MiniInitiator(t.port)
+        other.login(t.iqn, {"InitiatorName": "iqn.2024-01.org.zerosend:other"})
+        for at in (0, 5 * READ_BYTES):
+            other.scsi(read10(at // BLOCK, 8), 8 * BLOCK, read=True, lun=1)
+            status, data, _ = other.read_response()
+            assert status == 0 and data == plain_data[at : at + 8 * BLOCK]
+
+        # The stuck READ's buffer stays with it, before and after ABORT TASK
+        assert dump_state(t) == "1/2"
+        assert task_management(stuck, ABORT_TASK, stuck.itt, stuck.cmdsn - 1) == 0
+        assert dump_state(t) == "1/2"
+        gated.open_gate()
+        wait_for(lambda: dump_state(t) == "2/2", "the buffer back once the device answered")
+
+        # The device answers again: a new READ of it arrives whole
+        stuck.scsi(read10(8, READ_BYTES // BLOCK), READ_BYTES, read=True)
+        status, data, _ = stuck.read_response()
+        assert status == 0 and data == gated.data[8 * BLOCK : 8 * BLOCK + READ_BYTES]
+    finally:
+        gated.open_gate()
+        stuck.close()
+        if other is not None:
+            other.close()

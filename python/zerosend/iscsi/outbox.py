@@ -204,6 +204,19 @@ class Outbox:
             fut.add_done_callback(self._check)
         return fut
 
+    def send_file(self, fd: int, offset: int, count: int) -> None:
+        """Send what is queued, then ``count`` bytes of file ``fd`` from ``offset`` with
+        ``sendfile(2)``, in order: page cache to socket with no copy through user memory."""
+        self._send()
+        try:
+            fut: asyncio.Future[Any] = self.zs.send_file(fd, offset, count)
+        except Exception as e:
+            self.on_failure(e)
+            if asyncio.current_task() is self.reader_task:
+                raise
+            return
+        fut.add_done_callback(self._check)
+
     def _check(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled():
             exc = fut.exception()

@@ -12,6 +12,7 @@ in place), so its READs are read into pooled buffers like a plain file's.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -69,6 +70,12 @@ class Store:
     def read_into(self, offset: int, view: memoryview) -> None:
         raise NotImplementedError
 
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` if that cannot wait for a disk; False if it would (then ``read_into``
+        it where waiting stops nobody)."""
+        self.read_into(offset, view)
+        return True
+
     def write(self, offset: int, data: memoryview | bytes) -> None:
         raise StoreError(f"{self.name}: read-only")
 
@@ -110,6 +117,8 @@ class FileStore(Store):
         if self.size == 0:
             os.close(self.fd)
             raise StoreError(f"{path} is smaller than one {BLOCK_SIZE}-byte block")
+        # Reads that the page cache holds are served at once; the rest may wait for a disk
+        self.nowait = _reads_nowait(self.fd)
         if mapped:
             # Reads are then views of the page cache itself: no read copy, nothing to pool.
             # The image must not shrink while served (a mapped page past EOF is a SIGBUS).
@@ -136,9 +145,28 @@ class FileStore(Store):
         return super().borrow(offset, length) if self.lends else None
 
     def read_into(self, offset: int, view: memoryview) -> None:
+        self._read(offset, view, 0)
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Only what the page cache holds (``preadv2(RWF_NOWAIT)``); False if any of it is not
+        there, or the file system cannot tell (every read then goes through ``read_into``)."""
+        if not self.nowait:
+            return False
+        try:
+            self._read(offset, view, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = False
+            return False
+        return True
+
+    def _read(self, offset: int, view: memoryview, flags: int) -> None:
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            n = os.preadv(self.fd, [view[done:]], offset + done, flags)
             if n == 0:  # the file shrank under us: serve zeros rather than stale bytes
                 view[done:] = _ZERO[: len(view) - done]
                 return
@@ -157,6 +185,19 @@ class FileStore(Store):
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _reads_nowait(fd: int) -> bool:
+    """Whether ``preadv2(RWF_NOWAIT)`` works on ``fd`` (some file systems refuse it)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return False
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass  # supported; the first block is just not cached
+    except OSError:
+        return False
+    return True
 
 
 class MemoryStore(Store):
