@@ -74,9 +74,9 @@ class Reads:
         self.outbox: Outbox = responder.outbox
         self.stats = stats
         self.loop = asyncio.get_running_loop()
-        self._inner: dict[bytes, tuple[_InnerLoop, Store] | None] = {}  # by LUN field
+        self._inner: dict[bytes, tuple[_InnerLoop, FileStore] | None] = {}  # by LUN field
         self._last_lun = bytes(8)  # the LUN field last looked up, and its entry
-        self._last: tuple[_InnerLoop, Store] | None = None
+        self._last: tuple[_InnerLoop, FileStore] | None = None
         self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
 
     def __len__(self) -> int:
@@ -125,7 +125,7 @@ class Reads:
             if not run.need or not outbox.new_packing(run.need):
                 return served
 
-    def _inner_loop(self, lun_field: bytes) -> tuple[_InnerLoop, Store] | None:
+    def _inner_loop(self, lun_field: bytes) -> tuple[_InnerLoop, FileStore] | None:
         lu = self.luns.get(P.decode_lun(lun_field))
         if lu is None or not isinstance(lu.store, FileStore) or not lu.store.nowait:
             return None  # (a store whose reads may always wait goes through the general path)
