@@ -257,9 +257,7 @@ class MemoryStore(Store):
         pos = 0
         for i, a, b in self._pieces(offset, len(data)):
             if self._lent[i]:
-                fresh = memoryview(mmap.mmap(-1, len(self._chunks[i])))
-                fresh[:] = self._chunks[i]
-                self._chunks[i] = fresh
+                self._chunks[i] = memoryview(bytearray(self._chunks[i]))
                 self._lent[i] = 0
                 self._copies[i] += 1
             self._chunks[i][a:b] = data[pos : pos + b - a]
