@@ -240,7 +240,8 @@ def dump_state(t) -> str:
 def test_a_blocked_device_stops_only_its_own_reads(gated, target_factory, tmp_path: Path):
     """A READ stuck in its device (a FUSE file whose reads wait at a gate) is read by a thread:
     another session logs in and reads another LUN meanwhile; ABORT TASK of the stuck READ
-    leaves its buffer with the thread until the device answers; then the READ's bytes arrive."""
+    leaves its buffer with the thread until the device answers (the thread still writes into
+    it); then the LUN serves READs again."""
     plain = tmp_path / "plain.img"
     plain_data = make_image(plain, 1 * MiB, seed=27)
     t = target_factory("--buffers", "2", "--lun", f"{gated.path}:ro", "--lun", str(plain))
