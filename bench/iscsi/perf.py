@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10, help="seconds per run (default 10)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--markdown", help="write the result table to this file")
+    ap.add_argument("--only", help="the zerosend variants to run, separated by ';' (and tgtd)")
     opts = ap.parse_args()
     if shutil.which("iscsi-perf") is None:
         sys.exit("iscsi-perf not found (Debian package libiscsi-bin)")
@@ -104,25 +105,30 @@ def main() -> int:
         chunk = os.urandom(1 << 20)
         for _ in range(image.stat().st_size >> 20):
             f.write(chunk)
-    # zerosend three times: reading into pooled buffers (the default), the same with the READ
-    # fast path's inner loop in Python instead of Rust ("py-loop"), and sending straight from
-    # the mapped page cache (":mmap"); tgtd with its default backing store (pread in threads).
-    procs: list[subprocess.Popen[bytes]] = []
-    urls = {
-        "zerosend": f"iscsi://127.0.0.1:3270/{IQN_ZS}/0",
-        "zerosend:py-loop": f"iscsi://127.0.0.1:3273/{IQN_ZS}/0",
-        "zerosend:mmap": f"iscsi://127.0.0.1:3272/{IQN_ZS}/0",
-        "tgtd": f"iscsi://127.0.0.1:3271/{IQN_TGT}/1",
+    # zerosend as (LUN form, environment): reading into pooled buffers (the default), the same
+    # with the READ fast path's inner loop in Python instead of Rust ("py-loop"), a writable
+    # mapped image (":mmap": read into pooled buffers too, since a WRITE could change mapped
+    # pages in flight), a read-only image read into pooled buffers (":ro"), sent from its
+    # mapping (":ro,mmap") or with sendfile (":ro sendfile"); tgtd with its default backing
+    # store (pread in threads).
+    variants: dict[str, tuple[str, dict[str, str]]] = {
+        "zerosend": ("", {}),
+        "zerosend:py-loop": ("", {"ZEROSEND_ISCSI_NATIVE": "0"}),
+        "zerosend:mmap": (":mmap", {}),
+        "zerosend:ro": (":ro", {}),
+        "zerosend:ro,mmap": (":ro,mmap", {}),
+        "zerosend:ro sendfile": (":ro", {"ZEROSEND_ISCSI_SENDFILE": "1"}),
     }
+    if opts.only:
+        variants = {k: v for k, v in variants.items() if k in opts.only.split(";")}
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = {name: f"iscsi://127.0.0.1:{3272 + i}/{IQN_ZS}/0" for i, name in enumerate(variants)}
+    urls["tgtd"] = f"iscsi://127.0.0.1:3271/{IQN_TGT}/1"
     results: dict[tuple[str, str], list[tuple[int, int]]] = {}
     try:
-        procs.append(start_zerosend(str(image), 3270, tmp / "zerosend.log"))
-        procs.append(
-            start_zerosend(
-                str(image), 3273, tmp / "zerosend-py.log", {"ZEROSEND_ISCSI_NATIVE": "0"}
-            )
-        )
-        procs.append(start_zerosend(f"{image}:mmap", 3272, tmp / "zerosend-mmap.log"))
+        for i, (form, env) in enumerate(variants.values()):
+            log = tmp / f"zerosend-{i}.log"
+            procs.append(start_zerosend(f"{image}{form}", 3272 + i, log, env))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         for r in range(opts.rounds):
             for wl, args in WORKLOADS.items():

@@ -185,36 +185,18 @@ WRITE_LBA, WRITE_BLOCKS = 16, 8  # a 4 KiB WRITE inside it, as immediate data
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "digests",
-    [
-        "off",
-        pytest.param(
-            "on",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="issue 11: a mapped LUN's READ sends live pages, and its data digest is "
-                "computed when it is queued; a WRITE to those pages before their release goes "
-                "out under the old digest",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("digests", ["off", "on"])
 def test_read_racing_write_on_mmap_lun(
     target_factory, rig: Rig, zc_backend: str, tmp_path: Path, digests: str
 ):
     """A READ whose Data-In is held in flight (the ingress-drop window) while a WRITE to the same
     blocks lands; then the window is lifted and the READ arrives by retransmission.
 
-    What the target guarantees today: a READ of 10 KiB or more of a ``:mmap`` LUN sends the
-    mapped pages themselves, so its bytes are whatever the pages hold each time the kernel
-    transmits them, until their release. A WRITE that lands meanwhile shows through; in the
-    window here every segment is retransmitted after it, so each block comes back whole (old or
-    new: asserted below). Nothing keeps a block whole when a WRITE lands between two
-    transmissions of its bytes (a block split over TCP segments sent at different times), and
-    with DataDigest on the digest of the old bytes goes out with the new ones: that case fails
-    today and is marked so.
+    A ``:mmap`` LUN that can be written lends no pages to its READs (a WRITE would change them
+    in place while the kernel still transmits them: a block torn between two transmissions,
+    or with DataDigest on, new bytes under the old digest); its READs are read into pooled
+    buffers, so the READ queued before the WRITE arrives whole with the old bytes, under their
+    own digest.
     """
     image = tmp_path / "disk.img"
     old = make_image(image, 4 * MiB, seed=9)
@@ -243,14 +225,12 @@ def test_read_racing_write_on_mmap_lun(
     finally:
         ini.close()
     assert len(data) == READ_BLOCKS * BLOCK
-    new = old[:at] + new_blocks + old[at + len(new_blocks) :]
-    torn = [
+    changed = [
         b
         for b in range(READ_BLOCKS)
-        if data[b * BLOCK : (b + 1) * BLOCK]
-        not in (old[b * BLOCK : (b + 1) * BLOCK], new[b * BLOCK : (b + 1) * BLOCK])
+        if data[b * BLOCK : (b + 1) * BLOCK] != old[b * BLOCK : (b + 1) * BLOCK]
     ]
-    assert not torn, f"blocks neither old nor new: {torn}"
+    assert not changed, f"blocks the later WRITE changed in flight: {changed}"
     (end,) = session_ends(t, 1)
     assert_zero_copy_reads(end, zc_backend)
 

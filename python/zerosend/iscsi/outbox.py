@@ -4,9 +4,11 @@ loop queued something).
 
 A Data-In PDU is [header(+digest), data views, padding, data digest]; the data views point into
 pooled buffers (or memory the store owns), and a pooled buffer is released only when the send
-that carries it has resolved, i.e. when the kernel let go of the pages. Small reads are packed
-back to back, header and data, into one pooled buffer (the packing buffer), so a batch of them
-is one contiguous region.
+that carries it has resolved, i.e. when the kernel let go of the pages. The send's own future
+never leaves this module: a task that waits for a flush waits on a future of its own, so
+cancelling that task (session reinstatement, task management, shutdown) cannot cancel the
+record of the release the buffers wait for. Small reads are packed back to back, header and
+data, into one pooled buffer (the packing buffer), so a batch of them is one contiguous region.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .bufpool import MmapLease, MmapPool
+
+
+class Releasable(Protocol):
+    """A pooled buffer, or other memory a send borrows until the kernel let go of it."""
+
+    def release(self) -> None: ...
+
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -57,7 +66,7 @@ class Outbox:
         self.on_submit: Callable[[asyncio.Future[Any], bool], None] | None = None
         self.loop = asyncio.get_running_loop()
         self._parts: list[Any] = []
-        self._leases: list[MmapLease] = []
+        self._leases: list[Releasable] = []
         self._zerocopy = False
         self._zc_copied = 0  # zero-copy sends in a row that the kernel copied anyway
         self._zc_skip = 0  # large sends still to go by copy before zero-copy is tried again
@@ -84,7 +93,7 @@ class Outbox:
             self._flush_soon = True
             self.loop.call_soon(self.flush)
 
-    def hold(self, lease: MmapLease) -> None:
+    def hold(self, lease: Releasable) -> None:
         """Release ``lease`` with the send that carries what is queued now."""
         self._leases.append(lease)
 
@@ -138,8 +147,26 @@ class Outbox:
         if self._zerocopy or len(self._parts) >= OUTBOX_MAX:
             self.flush()
 
-    def flush(self) -> asyncio.Future[Any] | None:
-        """Send everything queued as one vectored send; returns its future (None if empty)."""
+    def flush(self) -> None:
+        """Send everything queued as one vectored send."""
+        self._send()
+
+    def flush_released(self) -> asyncio.Future[None] | None:
+        """Send everything queued; a future (None if nothing was queued) that resolves once the
+        kernel released it. Cancelling that future leaves the send and its buffers alone."""
+        sent = self._send()
+        if sent is None:
+            return None
+        released: asyncio.Future[None] = self.loop.create_future()
+
+        def follow(fut: asyncio.Future[Any]) -> None:
+            if not released.done():
+                released.set_result(None)
+
+        sent.add_done_callback(follow)
+        return released
+
+    def _send(self) -> asyncio.Future[Any] | None:
         self._flush_soon = False
         packing = self._packing
         if packing is not None:
@@ -181,13 +208,26 @@ class Outbox:
             fut.add_done_callback(self._check)
         return fut
 
+    def send_file(self, fd: int, offset: int, count: int) -> None:
+        """Send what is queued, then ``count`` bytes of file ``fd`` from ``offset`` with
+        ``sendfile(2)``, in order: page cache to socket with no copy through user memory."""
+        self._send()
+        try:
+            fut: asyncio.Future[Any] = self.zs.send_file(fd, offset, count)
+        except Exception as e:
+            self.on_failure(e)
+            if asyncio.current_task() is self.reader_task:
+                raise
+            return
+        fut.add_done_callback(self._check)
+
     def _check(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled():
             exc = fut.exception()
             if exc is not None:
                 self.on_failure(exc)
 
-    def _sent(self, fut: asyncio.Future[Any], leases: list[MmapLease], zc: bool) -> None:
+    def _sent(self, fut: asyncio.Future[Any], leases: list[Releasable], zc: bool) -> None:
         for lease in leases:
             lease.release()
         if self.probe and zc and not fut.cancelled() and fut.exception() is None:

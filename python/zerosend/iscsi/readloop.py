@@ -8,7 +8,8 @@ written in front of it. "Plain": a non-immediate SCSI Command for this LUN with 
 only, no AHS or data segment, CmdSN equal to ExpCmdSN, no RDPROTECT, a transfer length equal to
 the Expected Data Transfer Length, inside the LUN, not empty and at most ``max_len`` bytes. The
 run stops at the first command that is not plain, at one that does not fit (``need`` then says
-how much room it wants), at a read that fails or comes up short, and right after a read of
+how much room it wants), at a read that fails, comes up short or would wait for the disk (only
+what the page cache holds is read here: ``preadv2(RWF_NOWAIT)``), and right after a read of
 ``zc_min`` bytes or more. A read of ``refer_min`` bytes or more is not read at all: its header
 is written and the run ends with ``send_from``/``send_len``, for the caller to send those bytes
 straight from its mapping of the image.
@@ -125,11 +126,12 @@ class ReadLoop:
                        send_from, send_len)  # fmt: skip
 
     def _read(self, view: memoryview, offset: int) -> bool:
-        """Fill ``view`` from the image; False if it ends first or the read fails."""
+        """Fill ``view`` from the page cache; False if the image ends first, the read fails or
+        it would wait for the disk."""
         done = 0
         try:
             while done < len(view):
-                got = os.preadv(self.fd, [view[done:]], offset + done)
+                got = os.preadv(self.fd, [view[done:]], offset + done, os.RWF_NOWAIT)
                 if got == 0:
                     return False
                 done += got

@@ -15,9 +15,10 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import diskreads
 from . import pdu as P
 from . import scsi as S
-from .bufpool import MmapLease, MmapPool
+from .bufpool import MmapPool
 from .host import Connection
 from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
@@ -40,6 +41,7 @@ log = logging.getLogger("zerosend.iscsi")
 
 # "0": the Python inner loop even where the Rust one is there (for comparisons)
 NATIVE = IscsiReadPath is not None and os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"
+SENDFILE = os.environ.get("ZEROSEND_ISCSI_SENDFILE", "0") == "1"
 
 
 class _InnerLoop(Protocol):
@@ -48,7 +50,7 @@ class _InnerLoop(Protocol):
     ) -> _Run: ...
 
 
-_Entry = tuple[_InnerLoop, Store, S.LogicalUnit]  # a LUN's inner loop, image, logical unit
+_Entry = tuple[_InnerLoop, FileStore, S.LogicalUnit]  # a LUN's inner loop, image, logical unit
 
 
 class Reads:
@@ -118,22 +120,26 @@ class Reads:
                 stats["read_bytes"] += run.nbytes
                 stats["zc_sends"] += run.commands
                 served = True
-                if run.send_len:  # sent from the mapped image, right behind its header
-                    segments = store.segments(run.send_from, run.send_len)
-                    assert segments is not None
-                    outbox.queue(segments, large=True)
+                if run.send_len:  # sent from the image's pages, right behind its header
+                    loan = store.borrow(run.send_from, run.send_len)
+                    if loan is None:
+                        outbox.send_file(store.fd, run.send_from, run.send_len)
+                    else:
+                        outbox.queue(loan.views, large=True)
+                        outbox.hold(loan)
             if not run.need or not outbox.new_packing(run.need):
                 return served
 
     def _inner_loop(self, lun_field: bytes) -> _Entry | None:
         lu = self.luns.get(P.decode_lun(lun_field))
-        if lu is None or not isinstance(lu.store, FileStore):
-            return None
+        if lu is None or not isinstance(lu.store, FileStore) or not lu.store.nowait:
+            return None  # (a store whose reads may always wait goes through the general path)
         store = lu.store
         p = self.params
         longest = min(p.initiator_max_recv_dsl, p.max_burst)
-        # Large reads of a mapped image go zero-copy straight from its pages.
-        refer_min = ZC_MIN if store.mapped else 0xFFFFFFFF
+        # Large reads of a read-only image go straight from its pages: zero-copy from its
+        # mapping, or with sendfile.
+        refer_min = ZC_MIN if store.lends or (SENDFILE and store.readonly) else 0xFFFFFFFF
         kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min, CMD_WINDOW)  # fmt: skip
@@ -169,16 +175,27 @@ class Reads:
         offset = rw.lba * bs
         store = lu.store
         self.stats["read_bytes"] += n
-        segments = store.segments(offset, n)
-        if segments is not None:  # memory the store owns: sent as is
-            self.responder.send_data_in(itt, lun_field, segments, n, 0, 0, status)
+        loan = store.borrow(offset, n)
+        if loan is not None:  # memory the store owns: sent as is, unchanged until released
+            self.responder.send_data_in(itt, lun_field, loan.views, n, 0, 0, status)
+            self.outbox.hold(loan)
             return
         if n <= self.pool.size:
             lease = self.pool.try_acquire()
             if lease is not None:
-                self._read_chunk(itt, lun_field, store, offset, lease, 0, n, 0, status)
-                return
-        task = self.loop.create_task(self._read_large(itt, lun_field, store, offset, n, status))
+                view = lease.view[:n]
+                try:
+                    cached = store.read_cached(offset, view)
+                except OSError as e:
+                    lease.release()
+                    self._read_failed(itt, offset, n, e)
+                    return
+                if cached:
+                    self.responder.send_data_in(itt, lun_field, [view], n, 0, 0, status)
+                    self.outbox.hold(lease)  # released with the send carrying it
+                    return
+                lease.release()  # read by the task (a task cancelled before it runs frees nothing)
+        task = self.loop.create_task(self._read_task(itt, lun_field, store, offset, n, status))
         self.tasks[itt] = (task, P.decode_lun(lun_field))
         task.add_done_callback(lambda t: self._done(itt, t))
 
@@ -189,34 +206,11 @@ class Reads:
             log.error("%s: read task failed: %s", self.conn.name, task.exception())
             self.conn.abort_connection()
 
-    def _read_chunk(
-        self,
-        itt: int,
-        lun_field: bytes,
-        store: Store,
-        offset: int,
-        lease: MmapLease,
-        pos: int,
-        n: int,
-        datasn: int,
-        status: tuple[int, int] | None,
-    ) -> int | None:
-        """Read ``n`` bytes at ``offset + pos`` into ``lease`` and queue them as Data-In (with
-        ``status`` on the last PDU, if given); the next DataSN, or None after a read error."""
-        view = lease.view[:n]
-        try:
-            store.read_into(offset + pos, view)
-        except OSError as e:
-            lease.release()
-            log.error("%s: read of %d bytes at %d failed: %s", self.conn.name, n, offset + pos, e)
-            cc = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
-            self.responder.send_check(itt, cc)
-            return None
-        datasn = self.responder.send_data_in(itt, lun_field, [view], n, pos, datasn, status)
-        self.outbox.hold(lease)  # released with the send carrying its last PDU
-        return datasn
+    def _read_failed(self, itt: int, offset: int, n: int, e: OSError) -> None:
+        log.error("%s: read of %d bytes at %d failed: %s", self.conn.name, n, offset, e)
+        self.responder.send_check(itt, S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR))
 
-    async def _read_large(
+    async def _read_task(
         self,
         itt: int,
         lun_field: bytes,
@@ -225,7 +219,8 @@ class Reads:
         total: int,
         status: tuple[int, int],
     ) -> None:
-        """A read larger than one pooled buffer, or one that waits for a free buffer."""
+        """A read larger than one pooled buffer, one that waits for a free buffer, or one the
+        page cache cannot serve at once (read in the store's threads: ``diskreads``)."""
         pool = self.pool
         pos = datasn = 0
         while pos < total and not self.conn.closing:
@@ -234,17 +229,24 @@ class Reads:
             if lease is None:
                 self.outbox.flush()  # what is queued may hold the buffers this read waits for
                 lease = await pool.acquire()
+            view = lease.view[:n]
+            try:
+                if not store.read_cached(offset + pos, view):
+                    # if cancelled meanwhile, the lease goes back when the thread is done
+                    await diskreads.read_into(store, offset + pos, view, lease)
+            except OSError as e:
+                lease.release()
+                self._read_failed(itt, offset + pos, n, e)
+                return
             if self.conn.closing:
                 lease.release()
                 return
             last = pos + n == total
-            res = self._read_chunk(
-                itt, lun_field, store, offset, lease, pos, n, datasn, status if last else None
+            datasn = self.responder.send_data_in(
+                itt, lun_field, [view], n, pos, datasn, status if last else None
             )
+            self.outbox.hold(lease)  # released with the send carrying its last PDU
             self.outbox.flush()
-            if res is None:
-                return
-            datasn = res
             pos += n
 
     # -- task management

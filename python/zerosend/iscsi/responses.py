@@ -55,9 +55,9 @@ class Responder:
     async def send_now(self, hdr: bytearray, data: bytes = b"") -> None:
         """Queue a PDU, send the outbox and wait until the kernel released it."""
         self.send_pdu(hdr, data)
-        fut = self.outbox.flush()
-        if fut is not None:
-            await fut
+        released = self.outbox.flush_released()
+        if released is not None:
+            await released
 
     def send_data_in(
         self,

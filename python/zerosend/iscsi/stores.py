@@ -2,9 +2,12 @@
 (read-only, decompressed in user space), and memory / null LUNs for benchmarks.
 
 A store either fills a caller's buffer (``read_into``: raw files, read into pooled buffers) or
-hands out views of memory it owns (``segments``: memory LUNs, decompressed clusters), which the
-target sends without any copy. Memory handed out by ``segments`` is never modified in place
-while it may be in flight: decompressed clusters are immutable ``bytes``.
+lends views of memory it owns (``borrow``: memory LUNs, decompressed clusters, read-only mapped
+images), which the target sends without any copy. Lent memory never changes while the loan
+lasts (until the send carrying it was released by the kernel): decompressed clusters are
+immutable ``bytes``, a memory LUN copies a lent chunk before a WRITE changes it, and a mapped
+image that can be written lends nothing (its pages are the page cache, which a WRITE changes
+in place), so its READs are read into pooled buffers like a plain file's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ class StoreError(Exception):
     """A backing store that cannot be opened or read; the message names the file and why."""
 
 
+class Loan:
+    """Views of a store's memory for one send; ``release()`` once the kernel let go of them."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+
+    def release(self) -> None:
+        pass
+
+
 class Store:
     """Base class: a byte-addressed medium of ``size`` bytes."""
 
@@ -49,11 +64,24 @@ class Store:
         return self.size // self.block_size
 
     def segments(self, offset: int, length: int) -> list[memoryview] | None:
-        """Views covering [offset, offset+length) if the data already lives in memory."""
+        """Views covering [offset, offset+length) if the data already lives in memory (views
+        of memory a WRITE may change: to send them, ``borrow``)."""
         return None
+
+    def borrow(self, offset: int, length: int) -> Loan | None:
+        """[offset, offset+length) as memory that stays unchanged until the loan is released,
+        or None: then ``read_into`` a buffer of the caller's."""
+        views = self.segments(offset, length)
+        return None if views is None else Loan(views)
 
     def read_into(self, offset: int, view: memoryview) -> None:
         raise NotImplementedError
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` if that cannot wait for a disk; False if it would (then ``read_into``
+        it where waiting stops nobody)."""
+        self.read_into(offset, view)
+        return True
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         raise StoreError(f"{self.name}: read-only")
@@ -125,6 +153,8 @@ class FileStore(Store):
         # Written, not yet made durable: [start, end). Unknown at open (an earlier process may
         # have left dirty pages), so the whole image until the first flush.
         self._dirty: tuple[int, int] | None = None if readonly else (0, self.size)
+        # Reads that the page cache holds are served at once; the rest may wait for a disk
+        self.nowait = _reads_nowait(self.fd)
         if mapped:
             # Reads are then views of the page cache itself: no read copy, nothing to pool.
             # The image must not shrink while served (a mapped page past EOF is a SIGBUS).
@@ -142,10 +172,37 @@ class FileStore(Store):
             return None
         return [self._map[offset : offset + length]]
 
+    @property
+    def lends(self) -> bool:
+        """READs may be sent straight from the mapped pages: nothing can write to them."""
+        return self._map is not None and self.readonly
+
+    def borrow(self, offset: int, length: int) -> Loan | None:
+        return super().borrow(offset, length) if self.lends else None
+
     def read_into(self, offset: int, view: memoryview) -> None:
+        self._read(offset, view, 0)
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        """Only what the page cache holds (``preadv2(RWF_NOWAIT)``); False if any of it is not
+        there, or the file system cannot tell (every read then goes through ``read_into``)."""
+        if not self.nowait:
+            return False
+        try:
+            self._read(offset, view, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self.nowait = False
+            return False
+        return True
+
+    def _read(self, offset: int, view: memoryview, flags: int) -> None:
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            n = os.preadv(self.fd, [view[done:]], offset + done, flags)
             if n == 0:  # the file shrank under us: serve zeros rather than stale bytes
                 view[done:] = _ZERO[: len(view) - done]
                 return
@@ -219,32 +276,102 @@ class FileStore(Store):
         os.close(self.fd)
 
 
+def _reads_nowait(fd: int) -> bool:
+    """Whether ``preadv2(RWF_NOWAIT)`` works on ``fd`` (some file systems refuse it)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return False
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass  # supported; the first block is just not cached
+    except OSError:
+        return False
+    return True
+
+
 class MemoryStore(Store):
-    """An anonymous-memory LUN: reads are views straight into it (no read copy at all)."""
+    """An anonymous-memory LUN: reads are lent straight out of it (no read copy at all).
+
+    The memory is split in chunks; a WRITE to a chunk that a send still holds goes to a fresh
+    copy of the chunk (copy-on-write), which replaces it in the LUN, and the send keeps the old
+    one, unchanged, until its release."""
 
     kind = "mem"
     can_discard = True
+    CHUNK = 64 * 1024
 
     def __init__(self, size: int) -> None:
         super().__init__(f"mem:{size}")
         self.size = size - size % BLOCK_SIZE
-        self.mem = mmap.mmap(-1, self.size)
-        self.view = memoryview(self.mem)
+        base = memoryview(mmap.mmap(-1, self.size))
+        c = self.CHUNK
+        self._chunks = [base[at : at + c] for at in range(0, self.size, c)]
+        self._lent = [0] * len(self._chunks)  # loans of each chunk as it is now
+        # Times each chunk was copied on write (a loan of an older copy no longer counts)
+        self._copies = [0] * len(self._chunks)
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(chunk, start, end) of every chunk [offset, offset+length) touches."""
+        c = self.CHUNK
+        out = []
+        end = offset + length
+        while offset < end:
+            index, start = divmod(offset, c)
+            n = min(c - start, end - offset)
+            out.append((index, start, start + n))
+            offset += n
+        return out
 
     def segments(self, offset: int, length: int) -> list[memoryview]:
-        return [self.view[offset : offset + length]]
+        return [self._chunks[i][a:b] for i, a, b in self._pieces(offset, length)]
+
+    def borrow(self, offset: int, length: int) -> Loan:
+        pieces = self._pieces(offset, length)
+        for i, _, _ in pieces:
+            self._lent[i] += 1
+        return _ChunkLoan(self, [self._chunks[i][a:b] for i, a, b in pieces],
+                          [(i, self._copies[i]) for i, _, _ in pieces])  # fmt: skip
+
+    def _returned(self, chunks: list[tuple[int, int]]) -> None:
+        for i, copy in chunks:
+            if self._copies[i] == copy:
+                self._lent[i] -= 1
 
     def read_into(self, offset: int, view: memoryview) -> None:
-        view[:] = self.view[offset : offset + len(view)]
+        pos = 0
+        for seg in self.segments(offset, len(view)):
+            view[pos : pos + len(seg)] = seg
+            pos += len(seg)
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
-        self.view[offset : offset + len(data)] = data
+        pos = 0
+        for i, a, b in self._pieces(offset, len(data)):
+            if self._lent[i]:
+                self._chunks[i] = memoryview(bytearray(self._chunks[i]))
+                self._lent[i] = 0
+                self._copies[i] += 1
+            self._chunks[i][a:b] = data[pos : pos + b - a]
+            pos += b - a
 
     def discard(self, offset: int, length: int) -> None:
-        # Zeroed in place: the memory stays mapped (reads hand out views of it).
+        # Zeroed through write(), so copy-on-write keeps the pages a send still holds.
         for at in range(offset, offset + length, len(_ZERO)):
-            n = min(len(_ZERO), offset + length - at)
-            self.view[at : at + n] = _ZERO[:n]
+            self.write(at, _ZERO[: min(len(_ZERO), offset + length - at)])
+
+
+class _ChunkLoan(Loan):
+    __slots__ = ("_chunks", "_store")
+
+    def __init__(
+        self, store: MemoryStore, views: list[memoryview], chunks: list[tuple[int, int]]
+    ) -> None:
+        super().__init__(views)
+        self._store = store
+        self._chunks = chunks
+
+    def release(self) -> None:
+        chunks, self._chunks = self._chunks, []  # at most once
+        self._store._returned(chunks)
 
 
 class NullStore(Store):

@@ -6,8 +6,9 @@
 //! data segment, CmdSN equal to ExpCmdSN, no RDPROTECT, a transfer length equal to the
 //! Expected Data Transfer Length, inside the LUN, not empty and at most `max_len` bytes (one
 //! Data-In PDU). The run stops at the first command that is not plain, at one that does not fit
-//! in the buffer (`ReadRun::need` then says how much room it wants), at a read that fails or
-//! comes up short, and right after a read of `zc_min` bytes or more (worth a zero-copy send of
+//! in the buffer (`ReadRun::need` then says how much room it wants), at a read that fails, comes
+//! up short or would wait for the disk (`FdMedium` reads only what the page cache holds), and
+//! right after a read of `zc_min` bytes or more (worth a zero-copy send of
 //! its own). Whatever stops the run is left to the caller's general path, which answers every
 //! case this loop does not take, errors included.
 //!
@@ -48,8 +49,10 @@ impl Medium for Vec<u8> {
     }
 }
 
-/// An open file or block device, read with `pread`. The descriptor is borrowed: its owner keeps
-/// it open for as long as the path is used.
+/// An open file or block device, read with `preadv2(RWF_NOWAIT)`: only what the page cache
+/// already holds, so the loop never waits for a disk (a read that would block fails with
+/// `EAGAIN`, and the caller reads it where waiting is harmless). The descriptor is borrowed: its
+/// owner keeps it open for as long as the path is used.
 #[derive(Debug, Clone, Copy)]
 pub struct FdMedium(pub RawFd);
 
@@ -60,9 +63,27 @@ impl Medium for FdMedium {
             let rest = &mut buf[done..];
             let at = libc::off_t::try_from(offset + done as u64)
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: `rest` is a live, exclusively borrowed slice, so the kernel writes at most
-            // `rest.len()` bytes into memory we own for the duration of the call.
-            let got = unsafe { libc::pread(self.0, rest.as_mut_ptr().cast(), rest.len(), at) };
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // The system call itself, not libc's wrapper: glibc gained preadv2 in 2.26, after
+            // the oldest glibc the wheels support. On 64-bit targets the offset is one
+            // register (pos_l); pos_h is ignored.
+            // SAFETY: `iov` points at `rest`, a live, exclusively borrowed slice, so the kernel
+            // writes at most `rest.len()` bytes into memory we own for the duration of the call.
+            let (count, high): (libc::c_long, libc::c_long) = (1, 0);
+            let got = unsafe {
+                libc::syscall(
+                    libc::SYS_preadv2,
+                    libc::c_long::from(self.0),
+                    &iov as *const libc::iovec,
+                    count,
+                    libc::c_long::from(at),
+                    high,
+                    libc::c_long::from(libc::RWF_NOWAIT),
+                )
+            };
             if got < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() == std::io::ErrorKind::Interrupted {

@@ -1,0 +1,134 @@
+"""A one-file FUSE file system whose reads wait at a gate: a real device that blocks.
+
+``GatedFile(mountpoint, data)`` mounts (root only) a file system holding one file,
+``mountpoint / "disk.img"``, with ``data`` in it. While the gate is closed (``close_gate()``),
+every read of it waits in the kernel until ``open_gate()``; ``waiting`` counts the reads held
+there. The file is opened with direct I/O, so every read reaches this server (nothing is
+served from the page cache). Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
+(``include/uapi/linux/fuse.h``): just the requests a read-only file needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+import threading
+from pathlib import Path
+
+# Opcodes
+LOOKUP, FORGET, GETATTR, OPEN, READ, RELEASE, FLUSH, INIT, INTERRUPT, DESTROY = (
+    1, 2, 3, 14, 15, 18, 25, 26, 36, 38,
+)  # fmt: skip
+BATCH_FORGET = 42
+NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
+FOPEN_DIRECT_IO = 1
+ROOT, FILE = 1, 2
+NAME = "disk.img"
+
+_IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, ...
+_OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+_ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks times nsecs mode nlink ... flags
+_READ_IN = struct.Struct("<QQI")  # fh, offset, size
+
+
+class GatedFile:
+    def __init__(self, mountpoint: Path, data: bytes) -> None:
+        self.mountpoint = mountpoint
+        self.data = data
+        self.waiting = 0
+        self._gate = threading.Event()
+        self._gate.set()
+        self._lock = threading.Lock()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={self._fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+        mountpoint.mkdir(exist_ok=True)
+        if self._libc.mount(b"gatedfs", str(mountpoint).encode(), b"fuse", 0, options) != 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, f"mounting FUSE at {mountpoint}: {os.strerror(err)}")
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> Path:
+        return self.mountpoint / NAME
+
+    def close_gate(self) -> None:
+        self._gate.clear()
+
+    def open_gate(self) -> None:
+        self._gate.set()
+
+    def unmount(self) -> None:
+        self.open_gate()
+        self._libc.umount2(str(self.mountpoint).encode(), 2)  # MNT_DETACH
+        os.close(self._fd)
+
+    # -- the server
+
+    def _attr(self, node: int) -> bytes:
+        if node == ROOT:
+            return _ATTR.pack(
+                ROOT, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 4096, 0
+            )
+        size = len(self.data)
+        mode = stat.S_IFREG | 0o644
+        return _ATTR.pack(FILE, size, size // 512, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+
+    def _reply(self, unique: int, body: bytes = b"", error: int = 0) -> None:
+        try:
+            os.write(
+                self._fd, _OUT_HEADER.pack(_OUT_HEADER.size + len(body), -error, unique) + body
+            )
+        except OSError:  # the request was interrupted, or the file system is gone
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                request = os.read(self._fd, 1 << 20)
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue
+                return  # ENODEV: unmounted
+            _, opcode, unique, node, *_ = _IN_HEADER.unpack_from(request)
+            arg = request[_IN_HEADER.size :]
+            if opcode in NO_REPLY:
+                continue
+            if opcode == INIT:
+                (readahead,) = struct.unpack_from("<I", arg, 8)
+                out = struct.pack("<IIIIHHIIHHII", 7, 31, readahead, 0, 16, 12, 1 << 17, 1, 32,
+                                  0, 0, 0)  # fmt: skip
+                self._reply(unique, out.ljust(64, b"\0"))
+            elif opcode == LOOKUP:
+                if node == ROOT and arg.rstrip(b"\0") == NAME.encode():
+                    entry = struct.pack("<QQQQII", FILE, 0, 60, 60, 0, 0)  # node, valid 60 s
+                    self._reply(unique, entry + self._attr(FILE))
+                else:
+                    self._reply(unique, error=errno.ENOENT)
+            elif opcode == GETATTR:
+                self._reply(unique, struct.pack("<QII", 60, 0, 0) + self._attr(node))
+            elif opcode == OPEN:
+                self._reply(unique, struct.pack("<QIi", 0, FOPEN_DIRECT_IO, 0))
+            elif opcode == READ:
+                _, offset, size = _READ_IN.unpack_from(arg)
+                threading.Thread(
+                    target=self._read, args=(unique, offset, size), daemon=True
+                ).start()
+            elif opcode in (RELEASE, FLUSH, DESTROY):
+                self._reply(unique)
+            else:
+                self._reply(unique, error=errno.ENOSYS)
+
+    def _read(self, unique: int, offset: int, size: int) -> None:
+        if not self._gate.is_set():
+            with self._lock:
+                self.waiting += 1
+            self._gate.wait()
+            with self._lock:
+                self.waiting -= 1
+        self._reply(unique, self.data[offset : offset + size])
