@@ -101,8 +101,10 @@ def test_cancelled_session_keeps_its_buffers_until_release(
     # Two pooled buffers: the stalled READ holds one; the other session's two READs, sent
     # together, need two at once, so one of them would get the stalled READ's buffer if it
     # came back early (whichever order the pool hands buffers out in).
+    # (a cold reset from another session needs the target set up to allow it)
     t = target_factory("--backend", zc_backend, "--zerocopy-probe", "off", "--buffers", "2",
-                       "--lun", str(first), "--lun", str(other))  # fmt: skip
+                       "--lun", str(first), "--lun", str(other),
+                       "--cross-session-resets", "on")  # fmt: skip
     stalled = stalled_initiator(t.port)
     try:
         stalled.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
