@@ -471,9 +471,8 @@ def _write10_pdu(flags: int, edtl: int, data: bytes) -> bytes:
 
 
 # Crashes found (the first minimized by `make fuzz` from the live test above, the others its
-# neighbours): issue 11 ("Immediate data past EDTL, or a WRITE PDU without the W bit, ends the
-# connection with an internal error") owns the fix. Strict: once it lands these pass, and the
-# markers must go.
+# neighbours): immediate data past EDTL, or a WRITE PDU without the W bit, ended the connection
+# with an internal error. Kept as regression tests.
 KNOWN_CRASHES = [
     pytest.param(
         bytes((0x41, 0, 0, 0, 0, 0, 0, 1)) + bytes(24) + b"*" + bytes(15) + bytes(4),
@@ -486,7 +485,6 @@ KNOWN_CRASHES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 4: internal error instead of an answer")
 @pytest.mark.parametrize("pdu", KNOWN_CRASHES)
 def test_known_malformed_writes_are_answered(image_dir, tmp_path, pdu):
     t = start_target(tmp_path, "--lun", str(image_dir / "disk.img"))
