@@ -215,21 +215,21 @@ class Socket:
         export is held (a bytearray cannot be resized). Cancelling the future or the task
         awaiting it does not stop the send: the bytes still go out whole and the buffer is held
         until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
+
+        A send the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or
+        the copy backend) returns a ``CompletedSend``: already done, with the methods of a done
+        future, and awaiting it does not even yield to the event loop.
         """
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit(self._handle, buf, True, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, True, self._loop)
+        return sent
 
     def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
         """Send ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
 
         Resolves once the kernel has copied all of it (``zerocopy`` is False).
         """
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit(self._handle, buf, False, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, False, self._loop)
+        return sent
 
     def send_file(
         self, file: FileSource, offset: int = 0, count: int | None = None
@@ -251,10 +251,10 @@ class Socket:
         _check_byte_count("offset", offset)
         if count is not None:
             _check_byte_count("count", count)
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit_file(self._handle, fd, offset, count, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit_file(
+            self._handle, fd, offset, count, self._loop
+        )
+        return sent
 
     async def drain(self) -> None:
         """Wait until every send submitted so far has been released by the kernel."""

@@ -13,9 +13,10 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use zerosend::{Backend, Completion, SocketId, SocketOptions};
+use zerosend::{Backend, Completion, SocketId, SocketOptions, Submitted};
 
 use crate::buffer::{extract_buffers, PyBuf};
+use crate::completed::CompletedSend;
 use crate::errors::to_pyerr;
 use crate::pool::PoolMemory;
 use crate::types::SendResult;
@@ -32,6 +33,8 @@ pub struct Driver {
     core: Mutex<CoreDriver>,
     /// A `flush` call is scheduled on the loop: later submits of this turn need no other.
     flush_scheduled: AtomicBool,
+    /// The last send that finished inside its call, with its outcome, for reuse.
+    last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
 }
 
 impl Driver {
@@ -39,6 +42,76 @@ impl Driver {
         self.core
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The future of a send in flight, made now (outside the lock: making it runs Python code)
+    /// and given to the send as its token.
+    fn future_for(
+        &self,
+        py: Python<'_>,
+        send: zerosend::PendingSend,
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let future = event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
+        match self.lock().set_token(send, future.clone_ref(py)) {
+            Ok(_placeholder) => Ok(future),
+            // Only this driver's own progress could have finished the send meanwhile, and
+            // nothing here made any; say so rather than hand out a future that never resolves.
+            Err(_) => Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "zerosend: the send finished before its future was attached; its outcome is lost",
+            )),
+        }
+    }
+
+    /// The awaitable of a send that finished inside its call. Successive sends of one size on
+    /// one loop share one (it is immutable): no allocation per small send.
+    fn completed(
+        &self,
+        py: Python<'_>,
+        event_loop: &Bound<'_, PyAny>,
+        result: zerosend::Result<zerosend::SendResult>,
+    ) -> PyResult<Py<PyAny>> {
+        let result = match result {
+            Ok(result) => result,
+            Err(err) => {
+                let error = to_pyerr(err).into_value(py).into_any();
+                let done = CompletedSend::error(event_loop.clone().unbind(), error);
+                return Ok(Py::new(py, done)?.into_any());
+            }
+        };
+        let mut last = self
+            .last_completed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((held, done)) = last.as_ref() {
+            if *held == result && done.get().on_loop(event_loop) {
+                return Ok(done.clone_ref(py).into_any());
+            }
+        }
+        let value = Py::new(py, SendResult::from(result))?.into_any();
+        let done = Py::new(py, CompletedSend::value(event_loop.clone().unbind(), value))?;
+        *last = Some((result, done.clone_ref(py)));
+        Ok(done.into_any())
+    }
+
+    /// Schedules `flush` on the loop if sends wait for it and no flush is scheduled yet.
+    fn schedule_flush(
+        &self,
+        slf: &Bound<'_, Self>,
+        needs_flush: bool,
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            let py = slf.py();
+            let flush = slf.getattr(intern!(py, "flush"))?;
+            if let Err(err) = event_loop.call_method1(intern!(py, "call_soon"), (flush,)) {
+                self.flush_scheduled.store(false, Ordering::Release);
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     fn collect(core: &mut CoreDriver) -> Vec<CoreCompletion> {
@@ -65,31 +138,34 @@ fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
         Completion::Drained { token } => (token, None),
     };
     let future = future.bind(py);
-    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
-        return Ok(());
+    if future.is_none() {
+        return Ok(()); // a send whose future could not be made: `submit` raised already
     }
-    match outcome {
+    let set = match outcome {
         Some(Ok(result)) => {
             let value = Py::new(py, SendResult::from(result))?;
-            future.call_method1(intern!(py, "set_result"), (value,))?;
+            future.call_method1(intern!(py, "set_result"), (value,))
         }
-        Some(Err(err)) => {
-            future.call_method1(
-                intern!(py, "set_exception"),
-                (to_pyerr(err).into_value(py),),
-            )?;
-        }
-        None => {
-            future.call_method1(intern!(py, "set_result"), (py.None(),))?;
-        }
+        Some(Err(err)) => future.call_method1(
+            intern!(py, "set_exception"),
+            (to_pyerr(err).into_value(py),),
+        ),
+        None => future.call_method1(intern!(py, "set_result"), (py.None(),)),
+    };
+    // Only a cancelled future refuses its outcome; asking first would cost every send a call.
+    match set {
+        Err(_) if future.call_method0(intern!(py, "cancelled"))?.is_truthy()? => Ok(()),
+        other => other.map(drop),
     }
-    Ok(())
 }
 
 /// The early-release fault: cancelling `future` drops the buffers' exports at once.
 #[cfg(feature = "mutants")]
-fn release_exports_on_cancel(py: Python<'_>, future: &Py<PyAny>, bufs: &[PyBuf]) -> PyResult<()> {
-    let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+fn release_exports_on_cancel(
+    py: Python<'_>,
+    future: &Py<PyAny>,
+    exports: Vec<crate::buffer::Export>,
+) -> PyResult<()> {
     let callback = pyo3::types::PyCFunction::new_closure(
         py,
         None,
@@ -124,6 +200,7 @@ impl Driver {
         Ok(Self {
             core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
             flush_scheduled: AtomicBool::new(false),
+            last_completed: Mutex::new(None),
         })
     }
 
@@ -167,62 +244,85 @@ impl Driver {
         Ok(id.to_raw())
     }
 
-    /// Submits one send (a buffer, or a list/tuple of buffers sent as one) whose completion
-    /// resolves `future` with a `SendResult`. Returns True when the caller should schedule
-    /// `flush` to run once this event loop turn's callbacks are done: io_uring requests are handed
-    /// to the kernel together, one system call for every send of the turn.
+    /// Submits one send (a buffer, or a list/tuple of buffers sent as one) and returns a future
+    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`. A
+    /// send that finished inside the call (a copy the kernel took whole) gets a future that is
+    /// already done, and nothing else happens for it. io_uring requests are handed to the
+    /// kernel together by `flush`, which this schedules with `event_loop.call_soon` once per
+    /// event loop turn: one system call for every send of the turn.
     fn submit(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         socket: u64,
         buffers: &Bound<'_, PyAny>,
         zerocopy: bool,
-        future: Py<PyAny>,
-    ) -> PyResult<bool> {
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
         let bufs = extract_buffers(buffers)?;
         #[cfg(feature = "mutants")]
-        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
-            release_exports_on_cancel(py, &future, &bufs)?;
-        }
+        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+        let this = slf.get();
         let (submitted, needs_flush, completions) = {
-            let mut core = self.lock();
-            let submitted = core.submit(SocketId::from_raw(socket), bufs, zerocopy, future);
+            let mut core = this.lock();
+            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
         resolve_all(py, completions)?;
         // A rejected send's buffers are released here, outside the lock.
-        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        let future = match submitted {
+            Submitted::Done { result, bufs, .. } => {
+                drop(bufs);
+                this.completed(py, event_loop, result)?
+            }
+            Submitted::InFlight(send) => this.future_for(py, send, event_loop)?,
+        };
+        #[cfg(feature = "mutants")]
+        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
+            release_exports_on_cancel(py, &future, exports)?;
+        }
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
     }
 
     /// Submits a send of `count` bytes (None: up to the end) of the file open on descriptor
     /// `fd`, from `offset`, with sendfile(2); the driver holds its own duplicate of `fd`.
-    /// Returns True when the caller should schedule `flush`, as `submit` does.
-    #[pyo3(signature = (socket, fd, offset, count, future))]
+    /// Returns its future, as `submit` does.
+    #[pyo3(signature = (socket, fd, offset, count, event_loop))]
     fn submit_file(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         socket: u64,
         fd: i32,
         offset: u64,
         count: Option<u64>,
-        future: Py<PyAny>,
-    ) -> PyResult<bool> {
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
         if fd < 0 {
             return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
         }
         // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
         // this call; the driver only duplicates it.
         let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        let future = event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
+        let this = slf.get();
         let (submitted, needs_flush, completions) = {
-            let mut core = self.lock();
-            let submitted =
-                core.submit_file(SocketId::from_raw(socket), file, offset, count, future);
+            let mut core = this.lock();
+            let submitted = core.submit_file(
+                SocketId::from_raw(socket),
+                file,
+                offset,
+                count,
+                future.clone_ref(py),
+            );
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
         resolve_all(py, completions)?;
         submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
     }
 
     /// Hands the io_uring requests queued by `submit` to the kernel.

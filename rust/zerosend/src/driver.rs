@@ -22,13 +22,15 @@ mod uring;
 
 use queue::Entry;
 use types::socket_tag;
-pub use types::{Backend, Completion, Rejected, SocketId, SocketOptions, SocketStats};
+pub use types::{
+    Backend, Completion, PendingSend, Rejected, SocketId, SocketOptions, SocketStats, Submitted,
+};
 
 use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::fork;
-use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp};
+use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp, SendResult};
 use crate::region::Region;
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
@@ -55,6 +57,12 @@ pub struct Driver<T, B: IoBuf> {
     fixed_unavailable: Option<String>,
     capabilities: Capabilities,
     completions: Vec<Completion<T, B>>,
+    /// The send that `submit_now` is submitting: its completion, if it comes within the call,
+    /// goes to `inline_done` instead of `completions`.
+    inline: Option<OpKey>,
+    inline_done: Option<(T, Result<SendResult>, Vec<B>)>,
+    next_serial: u64,
+    scratch_finished: Vec<OpKey>,
     scratch_iov: Vec<libc::iovec>,
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
@@ -88,6 +96,10 @@ impl<T, B: IoBuf> Driver<T, B> {
             fixed_unavailable: None,
             capabilities: Capabilities::probe(),
             completions: Vec::new(),
+            inline: None,
+            inline_done: None,
+            next_serial: 0,
+            scratch_finished: Vec::new(),
             scratch_iov: Vec::with_capacity(IOV_MAX),
             scratch_keys: Vec::new(),
             scratch_events: Vec::new(),
@@ -241,6 +253,33 @@ impl<T, B: IoBuf> Driver<T, B> {
         zerocopy: bool,
         token: T,
     ) -> std::result::Result<(), Rejected<T, B>> {
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.submit_now(id, bufs, zerocopy, token)?
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Like [`Driver::submit`], but a send that finishes within the call (a copying send the
+    /// kernel took whole, or a send on a stream that already failed) comes back at once as
+    /// [`Submitted::Done`] instead of as a queued completion: a binding can then skip whatever
+    /// it would do to wait for it. Otherwise the send is [`Submitted::InFlight`]; its token may
+    /// still be replaced with [`Driver::set_token`] until its completion is taken.
+    pub fn submit_now(
+        &mut self,
+        id: SocketId,
+        bufs: Vec<B>,
+        zerocopy: bool,
+        token: T,
+    ) -> std::result::Result<Submitted<T, B>, Rejected<T, B>> {
         let entry = match self.entry_mut(id) {
             Ok(entry) => entry,
             Err(error) => return Err(Rejected { error, token, bufs }),
@@ -249,12 +288,13 @@ impl<T, B: IoBuf> Driver<T, B> {
             // The stream already broke: this send fails like the ones before it, through its
             // completion, so callers handle every stream error in one place.
             let result = Err(err.clone());
-            self.completions.push(Completion::Send {
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
+            return Ok(Submitted::Done {
                 token,
                 result,
                 bufs,
             });
-            return Ok(());
         }
         if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
             let error = Error::InvalidArgument(format!(
@@ -278,8 +318,18 @@ impl<T, B: IoBuf> Driver<T, B> {
         if use_ring && op.bufs.len() == 1 {
             op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
-        self.enqueue(id.index, op);
-        Ok(())
+        Ok(self.enqueue_now(id.index, op))
+    }
+
+    /// Replaces the token of a send in flight; returns the old one. Fails, handing `token`
+    /// back, if the send's completion was already queued (or taken).
+    pub fn set_token(&mut self, send: PendingSend, token: T) -> std::result::Result<T, T> {
+        match self.ops.get_mut(send.key as usize) {
+            Some(Some(op)) if op.serial == send.serial => {
+                Ok(std::mem::replace(&mut op.token, token))
+            }
+            _ => Err(token),
+        }
     }
 
     /// Submits a send of `count` bytes of `file` from `offset` (to its end if `count` is None)
@@ -319,6 +369,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("entry checked above");
         if let Some(err) = &entry.failed {
             let result = Err(err.clone());
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
             self.completions.push(Completion::Send {
                 token,
                 result,
@@ -327,19 +379,46 @@ impl<T, B: IoBuf> Driver<T, B> {
             return Ok(());
         }
         let op = SendOp::file(token, FileSource { fd, offset }, count, id.index);
-        self.enqueue(id.index, op);
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.enqueue_now(id.index, op)
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
         Ok(())
     }
 
-    fn enqueue(&mut self, index: u32, op: SendOp<T, B>) {
+    /// Queues the send behind the socket's others and writes it at once if it is the head;
+    /// a send that finishes meanwhile is handed back as done.
+    fn enqueue_now(&mut self, index: u32, op: SendOp<T, B>) -> Submitted<T, B> {
         let key = self.insert_op(op);
+        let serial = self.ops[key as usize]
+            .as_ref()
+            .expect("just inserted")
+            .serial;
         let entry = self.entries[index as usize]
             .as_mut()
             .expect("the socket was checked by the caller");
         entry.inflight += 1;
         entry.queue.push_back(key);
         if entry.queue.len() == 1 {
+            self.inline = Some(key);
             self.pump(index);
+            self.inline = None;
+        }
+        match self.inline_done.take() {
+            Some((token, result, bufs)) => Submitted::Done {
+                token,
+                result,
+                bufs,
+            },
+            None => Submitted::InFlight(PendingSend { key, serial }),
         }
     }
 
@@ -409,7 +488,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         !self.completions.is_empty()
     }
 
-    fn insert_op(&mut self, op: SendOp<T, B>) -> OpKey {
+    fn insert_op(&mut self, mut op: SendOp<T, B>) -> OpKey {
+        self.next_serial += 1;
+        op.serial = self.next_serial;
         match self.free_ops.pop() {
             Some(key) => {
                 self.ops[key as usize] = Some(op);
