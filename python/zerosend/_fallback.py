@@ -534,6 +534,15 @@ class Driver:
             self._pump(entry)
         return future
 
+    def watch_ring(self) -> int:
+        """No io_uring here: nothing for the loop to watch besides ``fileno()``."""
+        self._check_not_forked()
+        return -1
+
+    def dispatch_ring(self) -> None:
+        """No io_uring here: never called (``watch_ring`` gave no descriptor)."""
+        self._check_not_forked()
+
     def register_pool(self, pool: PoolMemory) -> None:
         """Nothing to register: pool buffers are sent like any buffer here."""
         self._check_not_forked()

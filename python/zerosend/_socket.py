@@ -33,6 +33,8 @@ class Loop(Protocol):
 
     def call_soon(self, callback: Any, /) -> Any: ...
 
+    def add_reader(self, fd: int, callback: Any, /) -> Any: ...
+
 
 # One driver per event loop; its descriptor is watched with add_reader, so completions are
 # reaped on the loop thread in batches, with no thread hop per send.
@@ -103,6 +105,11 @@ def wrap(
     chosen = _resolve_backend(backend)
     loop, driver = _loop_and_driver()
     handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
+    # The driver's io_uring (made by the first io_uring socket) is watched by the loop itself:
+    # a completion then wakes the loop once and is read from the ring's shared memory.
+    ring = driver.watch_ring()
+    if ring >= 0:
+        loop.add_reader(ring, driver.dispatch_ring)
     return Socket(sock, loop, driver, handle)
 
 

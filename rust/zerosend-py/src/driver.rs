@@ -33,6 +33,9 @@ pub struct Driver {
     core: Mutex<CoreDriver>,
     /// A `flush` call is scheduled on the loop: later submits of this turn need no other.
     flush_scheduled: AtomicBool,
+    /// `watch_ring` handed the io_uring's descriptor to the loop: completions are reaped from
+    /// the ring by `dispatch_ring` and after every `flush`.
+    ring_watched: AtomicBool,
     /// The last send that finished inside its call, with its outcome, for reuse.
     last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
 }
@@ -200,6 +203,7 @@ impl Driver {
         Ok(Self {
             core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
             flush_scheduled: AtomicBool::new(false),
+            ring_watched: AtomicBool::new(false),
             last_completed: Mutex::new(None),
         })
     }
@@ -325,10 +329,49 @@ impl Driver {
         Ok(future)
     }
 
-    /// Hands the io_uring requests queued by `submit` to the kernel.
-    fn flush(&self) -> PyResult<()> {
+    /// Hands the io_uring requests queued by `submit` to the kernel, then resolves whatever
+    /// completions the ring already holds (reading them costs no system call, and each one
+    /// reaped here is one wake-up of the loop fewer).
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.flush_scheduled.store(false, Ordering::Release);
-        self.lock().flush().map_err(to_pyerr)
+        let (flushed, completions) = {
+            let mut core = self.lock();
+            let mut flushed = core.flush();
+            if flushed.is_ok() && self.ring_watched.load(Ordering::Acquire) {
+                flushed = core.poll_ring();
+            }
+            (flushed, Self::collect(&mut core))
+        };
+        resolve_all(py, completions)?;
+        flushed.map_err(to_pyerr)
+    }
+
+    /// The io_uring's descriptor, the first time the driver has one: from then on the caller
+    /// watches it (readable: call `dispatch_ring`) and `fileno()` no longer reports it, so a
+    /// completion wakes the loop once and is reaped from shared memory. -1 otherwise.
+    fn watch_ring(&self) -> PyResult<i32> {
+        if self.ring_watched.load(Ordering::Acquire) {
+            return Ok(-1);
+        }
+        let mut core = self.lock();
+        match core.ring_fd_apart().map_err(to_pyerr)? {
+            Some(fd) => {
+                self.ring_watched.store(true, Ordering::Release);
+                Ok(fd.as_raw_fd())
+            }
+            None => Ok(-1),
+        }
+    }
+
+    /// Processes the io_uring's completions and resolves the finished sends' futures.
+    fn dispatch_ring(&self, py: Python<'_>) -> PyResult<()> {
+        let (polled, completions) = {
+            let mut core = self.lock();
+            let polled = core.poll_ring();
+            (polled, Self::collect(&mut core))
+        };
+        resolve_all(py, completions)?;
+        polled.map_err(to_pyerr)
     }
 
     /// Lets sends from the pool's memory use io_uring registered buffers on this driver.

@@ -37,7 +37,7 @@ use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
 
-/// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
+/// Epoll data tag of the ring's descriptor (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
 const EVENT_BATCH: usize = 64;
 
@@ -70,6 +70,9 @@ pub struct Driver<T, B: IoBuf> {
     /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
     ring_waiting: VecDeque<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
+    /// The caller watches the ring's descriptor itself (see [`Driver::ring_fd_apart`]), so it is
+    /// not in the epoll set.
+    ring_apart: bool,
     /// The process that created the driver; in any other (a fork child) it refuses all work.
     process: fork::Process,
 }
@@ -106,6 +109,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_completions: Vec::new(),
             ring_waiting: VecDeque::new(),
             vectored: Vec::new(),
+            ring_apart: false,
             process: fork::current(),
         })
     }
@@ -129,6 +133,39 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// The descriptor to watch for readability; when readable, call [`Driver::poll`].
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.epoll.0.as_fd()
+    }
+
+    /// For an event loop that can watch two descriptors: takes the io_uring out of
+    /// [`Driver::fd`]'s epoll set (now and for a ring created later) and returns its descriptor,
+    /// if the driver has a ring yet. The caller then watches it too and, when it is readable,
+    /// calls [`Driver::poll_ring`]: completions are reaped straight from the ring's shared
+    /// memory, with no nested `epoll_wait`. Idempotent.
+    pub fn ring_fd_apart(&mut self) -> Result<Option<BorrowedFd<'_>>> {
+        self.check_process()?;
+        if !self.ring_apart {
+            self.ring_apart = true;
+            if let Some(ring) = &self.ring {
+                // SAFETY: the ring's descriptor is open while `self.ring` holds it.
+                let fd = unsafe { BorrowedFd::borrow_raw(ring.fd()) };
+                self.epoll
+                    .delete(fd)
+                    .map_err(|e| Error::os("taking the io_uring out of the epoll set", e))?;
+            }
+        }
+        // SAFETY: as above; the borrow is tied to `self`, which owns the ring.
+        Ok(self
+            .ring
+            .as_ref()
+            .map(|ring| unsafe { BorrowedFd::borrow_raw(ring.fd()) }))
+    }
+
+    /// Processes the io_uring's completions (from shared memory: no system call unless the
+    /// kernel overflowed some) and hands sends they unblocked to the kernel. For a caller that
+    /// watches the ring apart ([`Driver::ring_fd_apart`]); [`Driver::poll`] does this too.
+    pub fn poll_ring(&mut self) -> Result<()> {
+        self.check_process()?;
+        self.process_ring()?;
+        self.flush()
     }
 
     /// What the kernel offered when this driver was created.
@@ -464,12 +501,18 @@ impl<T, B: IoBuf> Driver<T, B> {
                     Err(e) => return Err(Error::os("epoll_wait on the driver", e)),
                 }
             };
+            let mut ring_ready = self.ring_apart && self.ring.is_some();
             for event in &events[..n] {
                 if event.data() == RING_TAG {
-                    self.process_ring()?;
+                    ring_ready = true;
                 } else {
                     self.process_socket(event.data(), event.events());
                 }
+            }
+            // Also when watched apart: reading the completion queue costs no system call, and
+            // what it finds now need not wake the event loop again.
+            if ring_ready {
+                self.process_ring()?;
             }
             self.flush()?;
             if n < EVENT_BATCH {
