@@ -36,6 +36,7 @@ pub struct Driver {
     /// `watch_ring` handed the io_uring's descriptor to the loop: completions are reaped from
     /// the ring by `dispatch_ring` and after every `flush`.
     ring_watched: AtomicBool,
+    results: Results,
     /// The last send that finished inside its call, with its outcome, for reuse.
     last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
 }
@@ -93,7 +94,7 @@ impl Driver {
                 return Ok(done.clone_ref(py).into_any());
             }
         }
-        let value = Py::new(py, SendResult::from(result))?.into_any();
+        let value = self.results.object(py, result)?.into_any();
         let done = Py::new(py, CompletedSend::value(event_loop.clone().unbind(), value))?;
         *last = Some((result, done.clone_ref(py)));
         Ok(done.into_any())
@@ -127,7 +128,7 @@ impl Driver {
 }
 
 /// Sets the future's result or exception unless it was cancelled meanwhile.
-fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
+fn resolve(py: Python<'_>, results: &Results, completion: CoreCompletion) -> PyResult<()> {
     let (future, outcome) = match completion {
         Completion::Send {
             token,
@@ -146,8 +147,7 @@ fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
     }
     let set = match outcome {
         Some(Ok(result)) => {
-            let value = Py::new(py, SendResult::from(result))?;
-            future.call_method1(intern!(py, "set_result"), (value,))
+            future.call_method1(intern!(py, "set_result"), (results.object(py, result)?,))
         }
         Some(Err(err)) => future.call_method1(
             intern!(py, "set_exception"),
@@ -186,10 +186,38 @@ fn release_exports_on_cancel(
     Ok(())
 }
 
-fn resolve_all(py: Python<'_>, completions: Vec<CoreCompletion>) -> PyResult<()> {
+/// `SendResult` objects: successive sends with equal outcomes (a stream of equal-sized sends)
+/// share one, which is immutable, instead of allocating one per send.
+#[derive(Default)]
+struct Results {
+    last: Mutex<Option<(zerosend::SendResult, Py<SendResult>)>>,
+}
+
+impl Results {
+    fn object(&self, py: Python<'_>, result: zerosend::SendResult) -> PyResult<Py<SendResult>> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last.as_ref() {
+            Some((held, object)) if *held == result => Ok(object.clone_ref(py)),
+            _ => {
+                let object = Py::new(py, SendResult::from(result))?;
+                *last = Some((result, object.clone_ref(py)));
+                Ok(object)
+            }
+        }
+    }
+}
+
+fn resolve_all(
+    py: Python<'_>,
+    results: &Results,
+    completions: Vec<CoreCompletion>,
+) -> PyResult<()> {
     let mut first_error = None;
     for completion in completions {
-        if let Err(err) = resolve(py, completion) {
+        if let Err(err) = resolve(py, results, completion) {
             first_error.get_or_insert(err);
         }
     }
@@ -204,6 +232,7 @@ impl Driver {
             core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
             flush_scheduled: AtomicBool::new(false),
             ring_watched: AtomicBool::new(false),
+            results: Results::default(),
             last_completed: Mutex::new(None),
         })
     }
@@ -271,7 +300,7 @@ impl Driver {
             let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &this.results, completions)?;
         // A rejected send's buffers are released here, outside the lock.
         let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
         let future = match submitted {
@@ -323,7 +352,7 @@ impl Driver {
             );
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &this.results, completions)?;
         submitted.map_err(|rejected| to_pyerr(rejected.error))?;
         this.schedule_flush(slf, needs_flush, event_loop)?;
         Ok(future)
@@ -342,7 +371,7 @@ impl Driver {
             }
             (flushed, Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &self.results, completions)?;
         flushed.map_err(to_pyerr)
     }
 
@@ -370,7 +399,7 @@ impl Driver {
             let polled = core.poll_ring();
             (polled, Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &self.results, completions)?;
         polled.map_err(to_pyerr)
     }
 
@@ -397,7 +426,7 @@ impl Driver {
             (polled, Self::collect(&mut core))
         };
         // Whatever finished is resolved even if polling then failed.
-        resolve_all(py, completions)?;
+        resolve_all(py, &self.results, completions)?;
         polled.map_err(to_pyerr)
     }
 
@@ -409,7 +438,7 @@ impl Driver {
                 .map_err(to_pyerr)?;
             Self::collect(&mut core)
         };
-        resolve_all(py, completions)
+        resolve_all(py, &self.results, completions)
     }
 
     /// Stops sending on the socket; its descriptor closes after the last release.
@@ -419,7 +448,7 @@ impl Driver {
             core.close(SocketId::from_raw(socket));
             Self::collect(&mut core)
         };
-        resolve_all(py, completions)
+        resolve_all(py, &self.results, completions)
     }
 
     fn backend(&self, socket: u64) -> PyResult<&'static str> {
