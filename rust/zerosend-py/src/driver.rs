@@ -278,11 +278,11 @@ impl Driver {
     }
 
     /// Submits one send (a buffer, or a list/tuple of buffers sent as one) and returns a future
-    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`. A
-    /// send that finished inside the call (a copy the kernel took whole) gets a future that is
-    /// already done, and nothing else happens for it. io_uring requests are handed to the
-    /// kernel together by `flush`, which this schedules with `event_loop.call_soon` once per
-    /// event loop turn: one system call for every send of the turn.
+    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`, or,
+    /// for a send that finished inside the call (a copy the kernel took whole), a done
+    /// `CompletedSend`. io_uring requests are handed to the kernel together by `flush`, which
+    /// this schedules with `event_loop.call_soon` once per event loop turn: one system call for
+    /// every send of the turn.
     fn submit(
         slf: &Bound<'_, Self>,
         socket: u64,
