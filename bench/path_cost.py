@@ -18,6 +18,7 @@ the machine's load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -85,7 +86,7 @@ def syscalls_per_send(
         done = subprocess.run(argv, capture_output=True, text=True, env=sender_env(build))
         if done.returncode != 0:
             raise RuntimeError(f"strace of {cell.label()} failed: {done.stderr[-500:]}")
-        sends = int(__import__("json").loads(done.stdout.strip().splitlines()[-1])["sends"])
+        sends = int(json.loads(done.stdout.strip().splitlines()[-1])["sends"])
         table = Path(out.name).read_text()
     counts: dict[str, float] = {}
     for line in table.splitlines():
