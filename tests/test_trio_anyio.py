@@ -106,15 +106,25 @@ async def test_order_and_integrity_with_hundreds_in_flight(
 async def test_wrap_picks_the_running_library(
     anyio_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
-    client, _ = pair
+    client, server = pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
     zs = zerosend.wrap(client, backend="copy")
-    future = zs.send(b"x")
+    # A send the kernel took whole inside the call is done at once, under either library.
+    done = zs.send(b"x")
+    assert type(done).__name__ == "CompletedSend" and done.done()
+    # One that must wait for room gets the running library's future.
+    waiting = zs.send(bytes(4 << 20))
     if anyio_backend == "trio":
-        assert type(future).__name__ == "TrioFuture"
+        assert type(waiting).__name__ == "TrioFuture"
     else:
-        assert type(future).__name__ in ("Future", "UVFuture")
-    assert await future == zerosend.SendResult(1, False)
-    await zs.aclose()
+        assert type(waiting).__name__ in ("Future", "UVFuture")
+    received = bytearray()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_until_eof, server, received)
+        assert await done == zerosend.SendResult(1, False)
+        assert await waiting == zerosend.SendResult(4 << 20, False)
+        await zs.aclose()
+    assert len(received) == 1 + (4 << 20)
 
 
 async def test_cancelled_waiter_does_not_stop_the_send(

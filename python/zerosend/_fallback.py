@@ -25,7 +25,7 @@ import socket
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any, final
 
@@ -34,6 +34,7 @@ __all__ = [
     "STATS_KEYS",
     "BackendUnavailableError",
     "Capabilities",
+    "CompletedSend",
     "Driver",
     "PoolBuffer",
     "PoolMemory",
@@ -92,6 +93,53 @@ def stand_in_for_native(error: ImportError) -> ModuleType:
 
 class BackendUnavailableError(OSError):
     """The requested zero-copy backend cannot be used on this kernel or socket."""
+
+
+@final
+class CompletedSend:
+    """The outcome of a send that finished inside its call: awaiting it returns (or raises) at
+    once, and it has the methods of a done ``asyncio.Future``."""
+
+    __slots__ = ("_error", "_loop", "_value")
+    _asyncio_future_blocking = False
+
+    def __init__(self, event_loop: Any, value: Any, error: BaseException | None) -> None:
+        self._loop, self._value, self._error = event_loop, value, error
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.result()
+        yield  # a generator that never suspends
+
+    __iter__ = __await__
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def add_done_callback(self, callback: Callable[[Any], object], *, context: Any = None) -> None:
+        if context is None:
+            self._loop.call_soon(callback, self)
+        else:
+            self._loop.call_soon(callback, self, context=context)
+
+    def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
+        return 0
+
+    def get_loop(self) -> Any:
+        return self._loop
 
 
 @final
@@ -420,7 +468,8 @@ class Driver:
             raise _closed()
         return entry
 
-    def submit(self, socket: int, buffers: Any, zerocopy: bool, future: Any) -> bool:
+    def submit(self, socket: int, buffers: Any, zerocopy: bool, event_loop: Any) -> Any:
+        """Submits one send; returns its future of ``event_loop`` (done if written at once)."""
         views = _export_all(buffers)
         try:
             entry = self._entry(socket)
@@ -432,24 +481,26 @@ class Driver:
         except BaseException:
             _release(views)
             raise
+        future = event_loop.create_future()
         if entry.failed is not None:
             # The stream already broke: this send fails like the ones before it.
             _release(views)
+            _count_failed_send(entry)
             _resolve(future, None, entry.failed)
-            return False
+            return _completed_in_call(event_loop, future)
         entry.inflight += 1
         entry.queue.append(_Send(future, views, requested=not zerocopy))
         if len(entry.queue) == 1:
             self._pump(entry)
-        return False  # written at once: nothing waits for a flush
+        return _completed_in_call(event_loop, future)
 
     def flush(self) -> None:
         """Nothing to flush: sends are written when submitted."""
         self._check_not_forked()
 
     def submit_file(
-        self, socket: int, fd: int, offset: int, count: int | None, future: Any
-    ) -> bool:
+        self, socket: int, fd: int, offset: int, count: int | None, event_loop: Any
+    ) -> Any:
         if fd < 0:
             raise ValueError("the file is closed (fileno() is -1)")
         entry = self._entry(socket)
@@ -470,16 +521,27 @@ class Driver:
                 f"invalid argument: offset {offset} + count {count} is past the end of the file "
                 f"({size} bytes); pass count=None to send up to the end"
             )
+        future = event_loop.create_future()
         if entry.failed is not None:
+            _count_failed_send(entry)
             _resolve(future, None, entry.failed)
-            return False
+            return future
         send = _Send(future, [], requested=True)
         send.file, send.offset, send.total = os.dup(fd), offset, count
         entry.inflight += 1
         entry.queue.append(send)
         if len(entry.queue) == 1:
             self._pump(entry)
-        return False
+        return future
+
+    def watch_ring(self) -> int:
+        """No io_uring here: nothing for the loop to watch besides ``fileno()``."""
+        self._check_not_forked()
+        return -1
+
+    def dispatch_ring(self) -> None:
+        """No io_uring here: never called (``watch_ring`` gave no descriptor)."""
+        self._check_not_forked()
 
     def register_pool(self, pool: PoolMemory) -> None:
         """Nothing to register: pool buffers are sent like any buffer here."""
@@ -665,6 +727,20 @@ class Driver:
             _claimed.discard(entry.key)
         if hasattr(self, "_selector"):
             self._selector.close()
+
+
+def _completed_in_call(event_loop: Any, future: Any) -> Any:
+    """A send's awaitable: a :class:`CompletedSend` if it already finished, else its future."""
+    if not future.done():
+        return future
+    error = future.exception()
+    return CompletedSend(event_loop, None if error else future.result(), error)
+
+
+def _count_failed_send(entry: _Entry) -> None:
+    """A send refused because its stream already broke still counts as a send that failed."""
+    entry.stats["sends"] += 1
+    entry.stats["errors"] += 1
 
 
 def _resolve(future: Any, result: Any, error: tuple[int, str] | None) -> None:

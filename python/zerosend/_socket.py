@@ -33,6 +33,8 @@ class Loop(Protocol):
 
     def call_soon(self, callback: Any, /) -> Any: ...
 
+    def add_reader(self, fd: int, callback: Any, /) -> Any: ...
+
 
 # One driver per event loop; its descriptor is watched with add_reader, so completions are
 # reaped on the loop thread in batches, with no thread hop per send.
@@ -103,6 +105,11 @@ def wrap(
     chosen = _resolve_backend(backend)
     loop, driver = _loop_and_driver()
     handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
+    # The driver's io_uring (made by the first io_uring socket) is watched by the loop itself:
+    # a completion then wakes the loop once and is read from the ring's shared memory.
+    ring = driver.watch_ring()
+    if ring >= 0:
+        loop.add_reader(ring, driver.dispatch_ring)
     return Socket(sock, loop, driver, handle)
 
 
@@ -215,21 +222,21 @@ class Socket:
         export is held (a bytearray cannot be resized). Cancelling the future or the task
         awaiting it does not stop the send: the bytes still go out whole and the buffer is held
         until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
+
+        A send the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or
+        the copy backend) returns a ``CompletedSend``: already done, with the methods of a done
+        future, and awaiting it does not even yield to the event loop.
         """
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit(self._handle, buf, True, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, True, self._loop)
+        return sent
 
     def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
         """Send ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
 
         Resolves once the kernel has copied all of it (``zerocopy`` is False).
         """
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit(self._handle, buf, False, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, False, self._loop)
+        return sent
 
     def send_file(
         self, file: FileSource, offset: int = 0, count: int | None = None
@@ -251,10 +258,10 @@ class Socket:
         _check_byte_count("offset", offset)
         if count is not None:
             _check_byte_count("count", count)
-        future: asyncio.Future[SendResult] = self._loop.create_future()
-        if self._driver.submit_file(self._handle, fd, offset, count, future):
-            self._loop.call_soon(self._driver.flush)
-        return future
+        sent: asyncio.Future[SendResult] = self._driver.submit_file(
+            self._handle, fd, offset, count, self._loop
+        )
+        return sent
 
     async def drain(self) -> None:
         """Wait until every send submitted so far has been released by the kernel."""

@@ -202,10 +202,7 @@ class StreamWriter:
         """
         self._check_writable("write_zc")
         nbytes = _nbytes(buf, "write_zc")
-        sent = self._submit(self._zs.send_zc, buf)
-        result: asyncio.Future[SendResult] = self._loop.create_future()
-        self._track(sent, nbytes, result)
-        return result
+        return self._tracked(self._submit(self._zs.send_zc, buf), nbytes)
 
     def send_file(
         self, file: FileSource, offset: int = 0, count: int | None = None
@@ -218,9 +215,7 @@ class StreamWriter:
         sent = self._submit(lambda _: self._zs.send_file(file, offset, count), None)
         # The socket checked the file, so its size is there to read.
         nbytes = count if count is not None else os.fstat(_file_descriptor(file)).st_size - offset
-        result: asyncio.Future[SendResult] = self._loop.create_future()
-        self._track(sent, max(nbytes, 0), result)
-        return result
+        return self._tracked(sent, max(nbytes, 0))
 
     def write(self, data: Buffers) -> None:
         """Send a copy of ``data`` in the same ordered stream; ``data`` may be reused at once."""
@@ -250,6 +245,16 @@ class StreamWriter:
             self._fail(exc)
             self._error_raised = True
             raise
+
+    def _tracked(self, sent: asyncio.Future[SendResult], nbytes: int) -> asyncio.Future[SendResult]:
+        """Tracks a send and returns what the caller gets for it: the send's own awaitable if it
+        finished inside the call (nothing is left to cancel), else a future of the caller's own."""
+        if sent.done():
+            self._track(sent, nbytes, None)
+            return sent
+        result: asyncio.Future[SendResult] = self._loop.create_future()
+        self._track(sent, nbytes, result)
+        return result
 
     def _track(
         self,

@@ -1,7 +1,8 @@
 """The trio face of the driver: a driver per trio run, watched by a system task.
 
-asyncio gets ``loop.add_reader``; trio gets a system task that waits for the driver's one
-descriptor with ``trio.lowlevel.wait_readable`` and reaps completions on the run's own thread.
+asyncio gets ``loop.add_reader``; trio gets a system task per descriptor of the driver (its epoll
+set, and its io_uring once it has one) that waits with ``trio.lowlevel.wait_readable`` and reaps
+completions on the run's own thread.
 Sends resolve :class:`TrioFuture` objects, which trio can await. trio is imported only here, and
 this module only once :func:`zerosend.wrap` found itself running under trio.
 """
@@ -94,23 +95,25 @@ class TrioLoop:
         # Runs after the tasks already scheduled: every send of this turn goes in one flush.
         self._token.run_sync_soon(callback)
 
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        trio.lowlevel.spawn_system_task(_watch, fd, callback, name="zerosend driver")
+
 
 def driver_for_run() -> tuple[TrioLoop, _native.Driver]:
     """The current trio run's driver (created, and watched, on first use) and its loop face."""
     driver = _driver_var.get()
     if driver is None or driver.forked:
         driver = _native.Driver()
-        trio.lowlevel.spawn_system_task(_watch, driver, name="zerosend driver")
+        TrioLoop().add_reader(driver.fileno(), driver.dispatch)
         _driver_var.set(driver)
     return TrioLoop(), driver
 
 
-async def _watch(driver: _native.Driver) -> None:
-    fd = driver.fileno()
+async def _watch(fd: int, dispatch: Callable[[], object]) -> None:
     while True:
         await trio.lowlevel.wait_readable(fd)
         try:
-            driver.dispatch()
+            dispatch()
         except Exception:
             # As asyncio does for a failing reader callback: log it and keep serving.
             _log.exception("zerosend: processing the kernel's completions failed")

@@ -13,9 +13,10 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use zerosend::{Backend, Completion, SocketId, SocketOptions};
+use zerosend::{Backend, Completion, SocketId, SocketOptions, Submitted};
 
 use crate::buffer::{extract_buffers, PyBuf};
+use crate::completed::CompletedSend;
 use crate::errors::to_pyerr;
 use crate::pool::PoolMemory;
 use crate::types::SendResult;
@@ -32,6 +33,12 @@ pub struct Driver {
     core: Mutex<CoreDriver>,
     /// A `flush` call is scheduled on the loop: later submits of this turn need no other.
     flush_scheduled: AtomicBool,
+    /// `watch_ring` handed the io_uring's descriptor to the loop: completions are reaped from
+    /// the ring by `dispatch_ring` and after every `flush`.
+    ring_watched: AtomicBool,
+    results: Results,
+    /// The last send that finished inside its call, with its outcome, for reuse.
+    last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
 }
 
 impl Driver {
@@ -39,6 +46,76 @@ impl Driver {
         self.core
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The future of a send in flight, made now (outside the lock: making it runs Python code)
+    /// and given to the send as its token.
+    fn future_for(
+        &self,
+        py: Python<'_>,
+        send: zerosend::PendingSend,
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let future = event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
+        match self.lock().set_token(send, future.clone_ref(py)) {
+            Ok(_placeholder) => Ok(future),
+            // Only this driver's own progress could have finished the send meanwhile, and
+            // nothing here made any; say so rather than hand out a future that never resolves.
+            Err(_) => Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "zerosend: the send finished before its future was attached; its outcome is lost",
+            )),
+        }
+    }
+
+    /// The awaitable of a send that finished inside its call. Successive sends of one size on
+    /// one loop share one (it is immutable): no allocation per small send.
+    fn completed(
+        &self,
+        py: Python<'_>,
+        event_loop: &Bound<'_, PyAny>,
+        result: zerosend::Result<zerosend::SendResult>,
+    ) -> PyResult<Py<PyAny>> {
+        let result = match result {
+            Ok(result) => result,
+            Err(err) => {
+                let error = to_pyerr(err).into_value(py).into_any();
+                let done = CompletedSend::error(event_loop.clone().unbind(), error);
+                return Ok(Py::new(py, done)?.into_any());
+            }
+        };
+        let mut last = self
+            .last_completed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((held, done)) = last.as_ref() {
+            if *held == result && done.get().on_loop(event_loop) {
+                return Ok(done.clone_ref(py).into_any());
+            }
+        }
+        let value = self.results.object(py, result)?.into_any();
+        let done = Py::new(py, CompletedSend::value(event_loop.clone().unbind(), value))?;
+        *last = Some((result, done.clone_ref(py)));
+        Ok(done.into_any())
+    }
+
+    /// Schedules `flush` on the loop if sends wait for it and no flush is scheduled yet.
+    fn schedule_flush(
+        &self,
+        slf: &Bound<'_, Self>,
+        needs_flush: bool,
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            let py = slf.py();
+            let flush = slf.getattr(intern!(py, "flush"))?;
+            if let Err(err) = event_loop.call_method1(intern!(py, "call_soon"), (flush,)) {
+                self.flush_scheduled.store(false, Ordering::Release);
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     fn collect(core: &mut CoreDriver) -> Vec<CoreCompletion> {
@@ -51,7 +128,7 @@ impl Driver {
 }
 
 /// Sets the future's result or exception unless it was cancelled meanwhile.
-fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
+fn resolve(py: Python<'_>, results: &Results, completion: CoreCompletion) -> PyResult<()> {
     let (future, outcome) = match completion {
         Completion::Send {
             token,
@@ -65,31 +142,33 @@ fn resolve(py: Python<'_>, completion: CoreCompletion) -> PyResult<()> {
         Completion::Drained { token } => (token, None),
     };
     let future = future.bind(py);
-    if future.call_method0(intern!(py, "done"))?.is_truthy()? {
-        return Ok(());
+    if future.is_none() {
+        return Ok(()); // a send whose future could not be made: `submit` raised already
     }
-    match outcome {
+    let set = match outcome {
         Some(Ok(result)) => {
-            let value = Py::new(py, SendResult::from(result))?;
-            future.call_method1(intern!(py, "set_result"), (value,))?;
+            future.call_method1(intern!(py, "set_result"), (results.object(py, result)?,))
         }
-        Some(Err(err)) => {
-            future.call_method1(
-                intern!(py, "set_exception"),
-                (to_pyerr(err).into_value(py),),
-            )?;
-        }
-        None => {
-            future.call_method1(intern!(py, "set_result"), (py.None(),))?;
-        }
+        Some(Err(err)) => future.call_method1(
+            intern!(py, "set_exception"),
+            (to_pyerr(err).into_value(py),),
+        ),
+        None => future.call_method1(intern!(py, "set_result"), (py.None(),)),
+    };
+    // Only a cancelled future refuses its outcome; asking first would cost every send a call.
+    match set {
+        Err(_) if future.call_method0(intern!(py, "cancelled"))?.is_truthy()? => Ok(()),
+        other => other.map(drop),
     }
-    Ok(())
 }
 
 /// The early-release fault: cancelling `future` drops the buffers' exports at once.
 #[cfg(feature = "mutants")]
-fn release_exports_on_cancel(py: Python<'_>, future: &Py<PyAny>, bufs: &[PyBuf]) -> PyResult<()> {
-    let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+fn release_exports_on_cancel(
+    py: Python<'_>,
+    future: &Py<PyAny>,
+    exports: Vec<crate::buffer::Export>,
+) -> PyResult<()> {
     let callback = pyo3::types::PyCFunction::new_closure(
         py,
         None,
@@ -107,10 +186,38 @@ fn release_exports_on_cancel(py: Python<'_>, future: &Py<PyAny>, bufs: &[PyBuf])
     Ok(())
 }
 
-fn resolve_all(py: Python<'_>, completions: Vec<CoreCompletion>) -> PyResult<()> {
+/// `SendResult` objects: successive sends with equal outcomes (a stream of equal-sized sends)
+/// share one, which is immutable, instead of allocating one per send.
+#[derive(Default)]
+struct Results {
+    last: Mutex<Option<(zerosend::SendResult, Py<SendResult>)>>,
+}
+
+impl Results {
+    fn object(&self, py: Python<'_>, result: zerosend::SendResult) -> PyResult<Py<SendResult>> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last.as_ref() {
+            Some((held, object)) if *held == result => Ok(object.clone_ref(py)),
+            _ => {
+                let object = Py::new(py, SendResult::from(result))?;
+                *last = Some((result, object.clone_ref(py)));
+                Ok(object)
+            }
+        }
+    }
+}
+
+fn resolve_all(
+    py: Python<'_>,
+    results: &Results,
+    completions: Vec<CoreCompletion>,
+) -> PyResult<()> {
     let mut first_error = None;
     for completion in completions {
-        if let Err(err) = resolve(py, completion) {
+        if let Err(err) = resolve(py, results, completion) {
             first_error.get_or_insert(err);
         }
     }
@@ -124,6 +231,9 @@ impl Driver {
         Ok(Self {
             core: Mutex::new(CoreDriver::new().map_err(to_pyerr)?),
             flush_scheduled: AtomicBool::new(false),
+            ring_watched: AtomicBool::new(false),
+            results: Results::default(),
+            last_completed: Mutex::new(None),
         })
     }
 
@@ -167,68 +277,130 @@ impl Driver {
         Ok(id.to_raw())
     }
 
-    /// Submits one send (a buffer, or a list/tuple of buffers sent as one) whose completion
-    /// resolves `future` with a `SendResult`. Returns True when the caller should schedule
-    /// `flush` to run once this event loop turn's callbacks are done: io_uring requests are handed
-    /// to the kernel together, one system call for every send of the turn.
+    /// Submits one send (a buffer, or a list/tuple of buffers sent as one) and returns a future
+    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`, or,
+    /// for a send that finished inside the call (a copy the kernel took whole), a done
+    /// `CompletedSend`. io_uring requests are handed to the kernel together by `flush`, which
+    /// this schedules with `event_loop.call_soon` once per event loop turn: one system call for
+    /// every send of the turn.
     fn submit(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         socket: u64,
         buffers: &Bound<'_, PyAny>,
         zerocopy: bool,
-        future: Py<PyAny>,
-    ) -> PyResult<bool> {
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
         let bufs = extract_buffers(buffers)?;
         #[cfg(feature = "mutants")]
-        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
-            release_exports_on_cancel(py, &future, &bufs)?;
-        }
+        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+        let this = slf.get();
         let (submitted, needs_flush, completions) = {
-            let mut core = self.lock();
-            let submitted = core.submit(SocketId::from_raw(socket), bufs, zerocopy, future);
+            let mut core = this.lock();
+            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &this.results, completions)?;
         // A rejected send's buffers are released here, outside the lock.
-        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        let future = match submitted {
+            Submitted::Done { result, bufs, .. } => {
+                drop(bufs);
+                this.completed(py, event_loop, result)?
+            }
+            Submitted::InFlight(send) => this.future_for(py, send, event_loop)?,
+        };
+        #[cfg(feature = "mutants")]
+        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
+            release_exports_on_cancel(py, &future, exports)?;
+        }
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
     }
 
     /// Submits a send of `count` bytes (None: up to the end) of the file open on descriptor
     /// `fd`, from `offset`, with sendfile(2); the driver holds its own duplicate of `fd`.
-    /// Returns True when the caller should schedule `flush`, as `submit` does.
-    #[pyo3(signature = (socket, fd, offset, count, future))]
+    /// Returns its future, as `submit` does.
+    #[pyo3(signature = (socket, fd, offset, count, event_loop))]
     fn submit_file(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         socket: u64,
         fd: i32,
         offset: u64,
         count: Option<u64>,
-        future: Py<PyAny>,
-    ) -> PyResult<bool> {
+        event_loop: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
         if fd < 0 {
             return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
         }
         // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
         // this call; the driver only duplicates it.
         let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        let future = event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind();
+        let this = slf.get();
         let (submitted, needs_flush, completions) = {
-            let mut core = self.lock();
-            let submitted =
-                core.submit_file(SocketId::from_raw(socket), file, offset, count, future);
+            let mut core = this.lock();
+            let submitted = core.submit_file(
+                SocketId::from_raw(socket),
+                file,
+                offset,
+                count,
+                future.clone_ref(py),
+            );
             (submitted, core.needs_flush(), Self::collect(&mut core))
         };
-        resolve_all(py, completions)?;
+        resolve_all(py, &this.results, completions)?;
         submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        Ok(needs_flush && !self.flush_scheduled.swap(true, Ordering::AcqRel))
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
     }
 
-    /// Hands the io_uring requests queued by `submit` to the kernel.
-    fn flush(&self) -> PyResult<()> {
+    /// Hands the io_uring requests queued by `submit` to the kernel, then resolves whatever
+    /// completions the ring already holds (reading them costs no system call, and each one
+    /// reaped here is one wake-up of the loop fewer).
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.flush_scheduled.store(false, Ordering::Release);
-        self.lock().flush().map_err(to_pyerr)
+        let (flushed, completions) = {
+            let mut core = self.lock();
+            let mut flushed = core.flush();
+            if flushed.is_ok() && self.ring_watched.load(Ordering::Acquire) {
+                flushed = core.poll_ring();
+            }
+            (flushed, Self::collect(&mut core))
+        };
+        resolve_all(py, &self.results, completions)?;
+        flushed.map_err(to_pyerr)
+    }
+
+    /// The io_uring's descriptor, the first time the driver has one: from then on the caller
+    /// watches it (readable: call `dispatch_ring`) and `fileno()` no longer reports it, so a
+    /// completion wakes the loop once and is reaped from shared memory. -1 otherwise.
+    fn watch_ring(&self) -> PyResult<i32> {
+        if self.ring_watched.load(Ordering::Acquire) {
+            return Ok(-1);
+        }
+        let mut core = self.lock();
+        match core.ring_fd_apart().map_err(to_pyerr)? {
+            Some(fd) => {
+                self.ring_watched.store(true, Ordering::Release);
+                Ok(fd.as_raw_fd())
+            }
+            None => Ok(-1),
+        }
+    }
+
+    /// Processes the io_uring's completions and resolves the finished sends' futures.
+    fn dispatch_ring(&self, py: Python<'_>) -> PyResult<()> {
+        let (polled, completions) = {
+            let mut core = self.lock();
+            let polled = core.poll_ring();
+            (polled, Self::collect(&mut core))
+        };
+        resolve_all(py, &self.results, completions)?;
+        polled.map_err(to_pyerr)
     }
 
     /// Lets sends from the pool's memory use io_uring registered buffers on this driver.
@@ -254,7 +426,7 @@ impl Driver {
             (polled, Self::collect(&mut core))
         };
         // Whatever finished is resolved even if polling then failed.
-        resolve_all(py, completions)?;
+        resolve_all(py, &self.results, completions)?;
         polled.map_err(to_pyerr)
     }
 
@@ -266,7 +438,7 @@ impl Driver {
                 .map_err(to_pyerr)?;
             Self::collect(&mut core)
         };
-        resolve_all(py, completions)
+        resolve_all(py, &self.results, completions)
     }
 
     /// Stops sending on the socket; its descriptor closes after the last release.
@@ -276,7 +448,7 @@ impl Driver {
             core.close(SocketId::from_raw(socket));
             Self::collect(&mut core)
         };
-        resolve_all(py, completions)
+        resolve_all(py, &self.results, completions)
     }
 
     fn backend(&self, socket: u64) -> PyResult<&'static str> {

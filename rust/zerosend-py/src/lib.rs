@@ -1,6 +1,7 @@
 //! `zerosend._native`: the thin PyO3 layer over the `zerosend` core crate.
 
 mod buffer;
+mod completed;
 mod driver;
 mod errors;
 mod iscsi;
@@ -20,6 +21,7 @@ fn capabilities() -> types::Capabilities {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<types::SendResult>()?;
+    m.add_class::<completed::CompletedSend>()?;
     m.add_class::<types::Capabilities>()?;
     m.add_class::<pool::PoolMemory>()?;
     m.add_class::<pool::PoolBuffer>()?;

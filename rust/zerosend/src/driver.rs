@@ -22,20 +22,22 @@ mod uring;
 
 use queue::Entry;
 use types::socket_tag;
-pub use types::{Backend, Completion, Rejected, SocketId, SocketOptions, SocketStats};
+pub use types::{
+    Backend, Completion, PendingSend, Rejected, SocketId, SocketOptions, SocketStats, Submitted,
+};
 
 use crate::buf::IoBuf;
 use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::fork;
-use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp};
+use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp, SendResult};
 use crate::region::Region;
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
 
-/// Epoll data tag of the ring's eventfd (socket tags carry their index and generation).
+/// Epoll data tag of the ring's descriptor (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
 const EVENT_BATCH: usize = 64;
 
@@ -55,6 +57,12 @@ pub struct Driver<T, B: IoBuf> {
     fixed_unavailable: Option<String>,
     capabilities: Capabilities,
     completions: Vec<Completion<T, B>>,
+    /// The send that `submit_now` is submitting: its completion, if it comes within the call,
+    /// goes to `inline_done` instead of `completions`.
+    inline: Option<OpKey>,
+    inline_done: Option<(T, Result<SendResult>, Vec<B>)>,
+    next_serial: u64,
+    scratch_finished: Vec<OpKey>,
     scratch_iov: Vec<libc::iovec>,
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
@@ -62,6 +70,9 @@ pub struct Driver<T, B: IoBuf> {
     /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
     ring_waiting: VecDeque<u32>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
+    /// The caller watches the ring's descriptor itself (see [`Driver::ring_fd_apart`]), so it is
+    /// not in the epoll set.
+    ring_apart: bool,
     /// The process that created the driver; in any other (a fork child) it refuses all work.
     process: fork::Process,
 }
@@ -88,12 +99,17 @@ impl<T, B: IoBuf> Driver<T, B> {
             fixed_unavailable: None,
             capabilities: Capabilities::probe(),
             completions: Vec::new(),
+            inline: None,
+            inline_done: None,
+            next_serial: 0,
+            scratch_finished: Vec::new(),
             scratch_iov: Vec::with_capacity(IOV_MAX),
             scratch_keys: Vec::new(),
             scratch_events: Vec::new(),
             scratch_completions: Vec::new(),
             ring_waiting: VecDeque::new(),
             vectored: Vec::new(),
+            ring_apart: false,
             process: fork::current(),
         })
     }
@@ -117,6 +133,39 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// The descriptor to watch for readability; when readable, call [`Driver::poll`].
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.epoll.0.as_fd()
+    }
+
+    /// For an event loop that can watch two descriptors: takes the io_uring out of
+    /// [`Driver::fd`]'s epoll set (now and for a ring created later) and returns its descriptor,
+    /// if the driver has a ring yet. The caller then watches it too and, when it is readable,
+    /// calls [`Driver::poll_ring`]: completions are reaped straight from the ring's shared
+    /// memory, with no nested `epoll_wait`. Idempotent.
+    pub fn ring_fd_apart(&mut self) -> Result<Option<BorrowedFd<'_>>> {
+        self.check_process()?;
+        if !self.ring_apart {
+            self.ring_apart = true;
+            if let Some(ring) = &self.ring {
+                // SAFETY: the ring's descriptor is open while `self.ring` holds it.
+                let fd = unsafe { BorrowedFd::borrow_raw(ring.fd()) };
+                self.epoll
+                    .delete(fd)
+                    .map_err(|e| Error::os("taking the io_uring out of the epoll set", e))?;
+            }
+        }
+        // SAFETY: as above; the borrow is tied to `self`, which owns the ring.
+        Ok(self
+            .ring
+            .as_ref()
+            .map(|ring| unsafe { BorrowedFd::borrow_raw(ring.fd()) }))
+    }
+
+    /// Processes the io_uring's completions (from shared memory: no system call unless the
+    /// kernel overflowed some) and hands sends they unblocked to the kernel. For a caller that
+    /// watches the ring apart ([`Driver::ring_fd_apart`]); [`Driver::poll`] does this too.
+    pub fn poll_ring(&mut self) -> Result<()> {
+        self.check_process()?;
+        self.process_ring()?;
+        self.flush()
     }
 
     /// What the kernel offered when this driver was created.
@@ -241,6 +290,33 @@ impl<T, B: IoBuf> Driver<T, B> {
         zerocopy: bool,
         token: T,
     ) -> std::result::Result<(), Rejected<T, B>> {
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.submit_now(id, bufs, zerocopy, token)?
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Like [`Driver::submit`], but a send that finishes within the call (a copying send the
+    /// kernel took whole, or a send on a stream that already failed) comes back at once as
+    /// [`Submitted::Done`] instead of as a queued completion: a binding can then skip whatever
+    /// it would do to wait for it. Otherwise the send is [`Submitted::InFlight`]; its token may
+    /// still be replaced with [`Driver::set_token`] until its completion is taken.
+    pub fn submit_now(
+        &mut self,
+        id: SocketId,
+        bufs: Vec<B>,
+        zerocopy: bool,
+        token: T,
+    ) -> std::result::Result<Submitted<T, B>, Rejected<T, B>> {
         let entry = match self.entry_mut(id) {
             Ok(entry) => entry,
             Err(error) => return Err(Rejected { error, token, bufs }),
@@ -249,12 +325,13 @@ impl<T, B: IoBuf> Driver<T, B> {
             // The stream already broke: this send fails like the ones before it, through its
             // completion, so callers handle every stream error in one place.
             let result = Err(err.clone());
-            self.completions.push(Completion::Send {
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
+            return Ok(Submitted::Done {
                 token,
                 result,
                 bufs,
             });
-            return Ok(());
         }
         if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
             let error = Error::InvalidArgument(format!(
@@ -278,8 +355,18 @@ impl<T, B: IoBuf> Driver<T, B> {
         if use_ring && op.bufs.len() == 1 {
             op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
-        self.enqueue(id.index, op);
-        Ok(())
+        Ok(self.enqueue_now(id.index, op))
+    }
+
+    /// Replaces the token of a send in flight; returns the old one. Fails, handing `token`
+    /// back, if the send's completion was already queued (or taken).
+    pub fn set_token(&mut self, send: PendingSend, token: T) -> std::result::Result<T, T> {
+        match self.ops.get_mut(send.key as usize) {
+            Some(Some(op)) if op.serial == send.serial => {
+                Ok(std::mem::replace(&mut op.token, token))
+            }
+            _ => Err(token),
+        }
     }
 
     /// Submits a send of `count` bytes of `file` from `offset` (to its end if `count` is None)
@@ -319,6 +406,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("entry checked above");
         if let Some(err) = &entry.failed {
             let result = Err(err.clone());
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
             self.completions.push(Completion::Send {
                 token,
                 result,
@@ -327,19 +416,46 @@ impl<T, B: IoBuf> Driver<T, B> {
             return Ok(());
         }
         let op = SendOp::file(token, FileSource { fd, offset }, count, id.index);
-        self.enqueue(id.index, op);
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.enqueue_now(id.index, op)
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
         Ok(())
     }
 
-    fn enqueue(&mut self, index: u32, op: SendOp<T, B>) {
+    /// Queues the send behind the socket's others and writes it at once if it is the head;
+    /// a send that finishes meanwhile is handed back as done.
+    fn enqueue_now(&mut self, index: u32, op: SendOp<T, B>) -> Submitted<T, B> {
         let key = self.insert_op(op);
+        let serial = self.ops[key as usize]
+            .as_ref()
+            .expect("just inserted")
+            .serial;
         let entry = self.entries[index as usize]
             .as_mut()
             .expect("the socket was checked by the caller");
         entry.inflight += 1;
         entry.queue.push_back(key);
         if entry.queue.len() == 1 {
+            self.inline = Some(key);
             self.pump(index);
+            self.inline = None;
+        }
+        match self.inline_done.take() {
+            Some((token, result, bufs)) => Submitted::Done {
+                token,
+                result,
+                bufs,
+            },
+            None => Submitted::InFlight(PendingSend { key, serial }),
         }
     }
 
@@ -385,12 +501,18 @@ impl<T, B: IoBuf> Driver<T, B> {
                     Err(e) => return Err(Error::os("epoll_wait on the driver", e)),
                 }
             };
+            let mut ring_ready = self.ring_apart && self.ring.is_some();
             for event in &events[..n] {
                 if event.data() == RING_TAG {
-                    self.process_ring()?;
+                    ring_ready = true;
                 } else {
                     self.process_socket(event.data(), event.events());
                 }
+            }
+            // Also when watched apart: reading the completion queue costs no system call, and
+            // what it finds now need not wake the event loop again.
+            if ring_ready {
+                self.process_ring()?;
             }
             self.flush()?;
             if n < EVENT_BATCH {
@@ -409,7 +531,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         !self.completions.is_empty()
     }
 
-    fn insert_op(&mut self, op: SendOp<T, B>) -> OpKey {
+    fn insert_op(&mut self, mut op: SendOp<T, B>) -> OpKey {
+        self.next_serial += 1;
+        op.serial = self.next_serial;
         match self.free_ops.pop() {
             Some(key) => {
                 self.ops[key as usize] = Some(op);

@@ -22,7 +22,10 @@ mod tracker;
 
 pub use buf::IoBuf;
 pub use capabilities::Capabilities;
-pub use driver::{Backend, Completion, Driver, Rejected, SocketId, SocketOptions, SocketStats};
+pub use driver::{
+    Backend, Completion, Driver, PendingSend, Rejected, SocketId, SocketOptions, SocketStats,
+    Submitted,
+};
 pub use error::{Error, Result};
 pub use op::SendResult;
 pub use region::Region;

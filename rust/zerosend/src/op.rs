@@ -75,6 +75,8 @@ pub(crate) struct SendOp<T, B> {
     pub fixed: Option<u16>,
     pub error: Option<Error>,
     pub socket: u32,
+    /// Tells this send from later ones that reuse its key (set by the driver).
+    pub serial: u64,
     /// Set for a `send_file`, whose bytes come from this file (`bufs` is empty).
     pub file: Option<FileSource>,
 }
@@ -98,6 +100,7 @@ impl<T, B: IoBuf> SendOp<T, B> {
             fixed: None,
             error: None,
             socket,
+            serial: 0,
             file: None,
         }
     }

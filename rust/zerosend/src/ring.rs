@@ -1,10 +1,12 @@
 //! The driver's io_uring: submission of SEND_ZC / SENDMSG_ZC and reaping of their completions.
 //!
-//! The ring signals an eventfd on every completion; the driver watches that eventfd in its epoll
-//! set, so one descriptor tells the event loop that sends progressed on either backend.
+//! The ring's own descriptor is readable while completions wait in its completion queue (or in
+//! the kernel's overflow list): the driver watches it in its epoll set, or hands it to the
+//! event loop to watch directly. No eventfd: that would cost a signal per completion and a
+//! `read` per wake-up.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -58,7 +60,6 @@ impl VectoredRequest {
 
 pub(crate) struct Ring {
     ring: IoUring,
-    eventfd: OwnedFd,
     unsubmitted: usize,
     /// Completions the kernel may still post for requests already queued: two per send (result
     /// and notification) until the first says no notification follows. Kept at or below the
@@ -74,28 +75,18 @@ impl Ring {
             .setup_cqsize(cq_entries)
             .setup_submit_all()
             .build(sq_entries)?;
-        // SAFETY: eventfd(2) has no memory arguments; a non-negative result is a new descriptor
-        // that we own from here on.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor returned by eventfd and owned by no one else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let cq_entries = ring.params().cq_entries() as usize;
         Ok(Self {
             ring,
-            eventfd,
             unsubmitted: 0,
             expected_completions: 0,
             cq_entries,
         })
     }
 
-    /// The descriptor that becomes readable when completions are waiting.
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    /// The ring's descriptor: readable while completions are waiting.
+    pub fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
     /// How many sends can be queued now without risking a completion queue overflow; makes room
@@ -205,20 +196,11 @@ impl Ring {
         Ok(())
     }
 
-    /// Empties the eventfd counter and collects every completion waiting in the ring, including
-    /// any the kernel held back after the completion queue overflowed (it returns those only to
-    /// an `io_uring_enter` with GETEVENTS, which `submit` makes when the overflow flag is up).
+    /// Collects every completion waiting in the ring, from shared memory (no system call),
+    /// including any the kernel held back after the completion queue overflowed (it returns those
+    /// only to an `io_uring_enter` with GETEVENTS, which `submit` makes when the overflow flag is
+    /// up).
     pub fn reap(&mut self, out: &mut Vec<RingEvent>) -> io::Result<()> {
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64, as eventfd requires; EAGAIN (nothing pending)
-        // is fine because the completion queue is read below regardless.
-        let _ = unsafe {
-            libc::read(
-                self.eventfd.as_raw_fd(),
-                (&mut counter as *mut u64).cast(),
-                8,
-            )
-        };
         loop {
             for cqe in self.ring.completion() {
                 let key = cqe.user_data() as u32;

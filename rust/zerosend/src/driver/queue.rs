@@ -84,10 +84,11 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// Credits `n` bytes the kernel accepted to the sends at the head of the socket's queue
     /// (one sendmsg may gather several copying sends) and dequeues those now fully written.
     pub(super) fn advance_queue(&mut self, index: u32, mut n: usize) {
-        let mut finished = Vec::new();
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
             return;
         };
+        let mut finished = std::mem::take(&mut self.scratch_finished);
+        finished.clear();
         while let Some(&key) = entry.queue.front() {
             let op = self.ops[key as usize].as_mut().expect("queued send exists");
             let take = (op.total - op.written).min(n);
@@ -106,9 +107,10 @@ impl<T, B: IoBuf> Driver<T, B> {
                 break; // one sendmsg, one datagram
             }
         }
-        for key in finished {
+        for &key in &finished {
             self.try_finish(key);
         }
+        self.scratch_finished = finished;
     }
 
     /// Resumes writing a socket that waited for releases (ENOBUFS/ENOMEM) now that one came.
@@ -203,11 +205,15 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
         }
         let (token, result, bufs) = op.finish();
-        self.completions.push(Completion::Send {
-            token,
-            result,
-            bufs,
-        });
+        if self.inline == Some(key) {
+            self.inline_done = Some((token, result, bufs));
+        } else {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
         if entry.inflight == 0 {
             for token in entry.drain_waiters.drain(..) {
                 self.completions.push(Completion::Drained { token });

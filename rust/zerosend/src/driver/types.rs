@@ -161,6 +161,30 @@ pub struct Rejected<T, B> {
     pub bufs: Vec<B>,
 }
 
+/// What became of a send given to [`super::Driver::submit_now`].
+#[derive(Debug)]
+pub enum Submitted<T, B> {
+    /// The send finished within the call (a copying send the kernel took whole, or a send on a
+    /// stream that had already failed). Its completion is this one and no other is queued.
+    Done {
+        token: T,
+        result: Result<SendResult>,
+        bufs: Vec<B>,
+    },
+    /// The send is in flight; its completion comes from
+    /// [`super::Driver::take_completions`], with the token last given for it (see
+    /// [`super::Driver::set_token`]).
+    InFlight(PendingSend),
+}
+
+/// A send in flight, as [`super::Driver::submit_now`] names it. Valid until its completion was
+/// taken; the driver checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingSend {
+    pub(super) key: u32,
+    pub(super) serial: u64,
+}
+
 pub(super) fn socket_tag(index: u32, generation: u32) -> u64 {
     u64::from(index) | (u64::from(generation) << 32)
 }

@@ -48,19 +48,23 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
         }
         let ring = created.map_err(|e| format!("creating the io_uring failed: {e}"))?;
-        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
-        // SAFETY: the eventfd is owned by `ring`, which lives in this driver as long as the
-        // epoll set; it is removed from the set only by the ring being dropped with the driver.
-        let eventfd = unsafe { BorrowedFd::borrow_raw(ring.eventfd()) };
-        self.epoll
-            .add(eventfd, event)
-            .map_err(|e| format!("watching the io_uring eventfd failed: {e}"))?;
+        if !self.ring_apart {
+            self.watch_ring_in_epoll(ring.fd())
+                .map_err(|e| format!("watching the io_uring failed: {e}"))?;
+        }
         if let Err(e) = ring.reserve_fixed_slots(FIXED_SLOTS as u32) {
             self.fixed_unavailable = Some(format!("reserving fixed-buffer slots failed: {e}"));
         }
         self.ring = Some(ring);
         self.register_all_regions();
         Ok(())
+    }
+
+    pub(super) fn watch_ring_in_epoll(&self, fd: RawFd) -> nix::Result<()> {
+        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
+        // SAFETY: the descriptor is the ring's, which lives in this driver as long as the epoll
+        // set; it leaves the set when the ring is watched apart or dropped with the driver.
+        self.epoll.add(unsafe { BorrowedFd::borrow_raw(fd) }, event)
     }
 
     pub(super) fn process_ring(&mut self) -> Result<()> {
