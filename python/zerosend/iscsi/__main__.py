@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(DEFAULTS, s.key)
         if isinstance(default, bool):
             default = "on" if default else "off"
-        shown = f" (default {default})" if isinstance(default, (str, int)) else ""
+        shown = f" (default {default})" if isinstance(default, (str, int, float)) else ""
         p.add_argument(
             s.flag,
             dest=s.key,

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .bufpool import MmapLease, MmapPool
+from .bufpool import MmapLease, PoolShare
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -40,7 +40,7 @@ class Outbox:
     def __init__(
         self,
         zs: Any,
-        pool: MmapPool,
+        pool: PoolShare,
         name: str,
         stats: dict[str, int],
         on_failure: Callable[[BaseException], None],
@@ -53,6 +53,8 @@ class Outbox:
         self.on_failure = on_failure
         self.probe = probe  # switch to copy where the kernel copies zero-copy sends anyway
         self.reader_task: asyncio.Task[None] | None = None
+        # Hears of every send submitted (its future and buffers): the session's budget.
+        self.on_submit: Callable[[asyncio.Future[Any], list[Any]], None] | None = None
         self.loop = asyncio.get_running_loop()
         self._parts: list[Any] = []
         self._leases: list[MmapLease] = []
@@ -175,6 +177,8 @@ class Outbox:
             fut.add_done_callback(lambda f: self._sent(f, leases, zc))
         else:
             fut.add_done_callback(self._check)
+        if self.on_submit is not None:
+            self.on_submit(fut, parts)
         return fut
 
     def _check(self, fut: asyncio.Future[Any]) -> None:
