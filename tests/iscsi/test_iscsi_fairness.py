@@ -320,3 +320,31 @@ def test_pool_shares_cap_a_session_and_serve_the_one_holding_fewest():
         a.close()
 
     asyncio.run(scenario())
+
+
+def test_initiator_answering_pings_is_kept(target_factory, image):
+    """A write waiting for data makes no progress, so the target pings; an initiator that
+    answers every ping keeps its session, then completes the write."""
+    path, _ = image
+    t = target_factory("--lun", str(path), "--nop-interval", "1", "--nop-timeout", "1")
+    ini = MiniInitiator(t.port, timeout=HANG)
+    ini.login(IQN, {"InitialR2T": "Yes", "ImmediateData": "No"})
+    block = bytes(range(256)) * 2
+    itt = ini.scsi(write10(3, 1), 512, write=True)
+    r2t, _ = ini.recv()
+    assert r2t[0] & 0x3F == 0x31
+    for _ in range(3):
+        ping, _ = ini.recv()
+        assert ping[0] & 0x3F == 0x20 and u32(ping, 16) == NO_TAG and u32(ping, 20) != NO_TAG
+        answer = bytearray(48)
+        answer[0], answer[1] = 0x40, 0x80  # immediate NOP-Out echoing the ping's TTT
+        answer[16:20] = NO_TAG.to_bytes(4, "big")
+        answer[20:24] = ping[20:24]
+        answer[24:28] = ini.cmdsn.to_bytes(4, "big")
+        ini.send(answer)
+    ini.data_out(itt, u32(r2t, 20), 0, 0, block, True)
+    status, _, _ = ini.read_response()
+    assert status == 0
+    assert "declared dead" not in t.log()
+    ini.close()
+    assert path.read_bytes()[3 * 512 : 4 * 512] == block
