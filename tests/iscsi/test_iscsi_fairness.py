@@ -37,6 +37,15 @@ def u32(bhs: bytes, at: int) -> int:
     return int.from_bytes(bhs[at : at + 4], "big")
 
 
+def nop_out(itt: int, ttt: int, cmdsn: int, immediate: bool = True) -> bytearray:
+    bhs = bytearray(48)
+    bhs[0], bhs[1] = 0x40 if immediate else 0x00, 0x80
+    bhs[16:20] = itt.to_bytes(4, "big")
+    bhs[20:24] = ttt.to_bytes(4, "big")
+    bhs[24:28] = cmdsn.to_bytes(4, "big")
+    return bhs
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, bytes]:
     path = tmp_path / "disk.img"
@@ -239,12 +248,7 @@ def test_pending_writes_are_bounded_by_the_window(target_factory, image):
     for i in range(10):
         ini.scsi(write10(i * 16, 16), 16 * 512, write=True)
     wait_for_log(t, r"outside window")
-    ping = bytearray(48)
-    ping[0], ping[1] = 0x40, 0x80
-    ping[16:20] = ini.next_itt().to_bytes(4, "big")
-    ping[20:24] = NO_TAG.to_bytes(4, "big")
-    ping[24:28] = ini.cmdsn.to_bytes(4, "big")
-    ini.send(ping, b"ping")
+    ini.send(nop_out(ini.next_itt(), NO_TAG, ini.cmdsn), b"ping")
     r2ts = 0
     while True:
         bhs, seg = ini.recv()
@@ -266,21 +270,11 @@ def test_held_nop_out_echoes_its_own_bytes(target_factory, image):
     ini.login(IQN)
     first = ini.cmdsn
     ahead = bytes(range(256)) * 16  # 4 KiB
-    nop = bytearray(48)
-    nop[0], nop[1] = 0x00, 0x80  # non-immediate NOP-Out, answered by an echo
-    nop_itt = ini.next_itt()
-    nop[16:20] = nop_itt.to_bytes(4, "big")
-    nop[20:24] = NO_TAG.to_bytes(4, "big")
-    nop[24:28] = (first + 1).to_bytes(4, "big")  # ahead of its turn
-    ini.send(nop, ahead)
+    nop_itt = ini.next_itt()  # a NOP-Out ahead of its turn, answered by an echo
+    ini.send(nop_out(nop_itt, NO_TAG, first + 1, immediate=False), ahead)
     for i in range(4):  # immediate NOP-Outs that fill the receive buffer with other bytes
         filler = bytes([0xA0 + i]) * 8000
-        ping = bytearray(48)
-        ping[0], ping[1] = 0x40, 0x80
-        ping[16:20] = ini.next_itt().to_bytes(4, "big")
-        ping[20:24] = NO_TAG.to_bytes(4, "big")
-        ping[24:28] = first.to_bytes(4, "big")
-        ini.send(ping, filler)
+        ini.send(nop_out(ini.next_itt(), NO_TAG, first), filler)
         _, echo = ini.recv()
         assert echo == filler
     ini.scsi(b"\x00" * 6, 0, cmdsn=first)  # the gap fills: TEST UNIT READY, then the NOP-Out
@@ -336,12 +330,7 @@ def test_initiator_answering_pings_is_kept(target_factory, image):
     for _ in range(3):
         ping, _ = ini.recv()
         assert ping[0] & 0x3F == 0x20 and u32(ping, 16) == NO_TAG and u32(ping, 20) != NO_TAG
-        answer = bytearray(48)
-        answer[0], answer[1] = 0x40, 0x80  # immediate NOP-Out echoing the ping's TTT
-        answer[16:20] = NO_TAG.to_bytes(4, "big")
-        answer[20:24] = ping[20:24]
-        answer[24:28] = ini.cmdsn.to_bytes(4, "big")
-        ini.send(answer)
+        ini.send(nop_out(NO_TAG, u32(ping, 20), ini.cmdsn))  # the answer: the ping's TTT
     ini.data_out(itt, u32(r2t, 20), 0, 0, block, True)
     status, _, _ = ini.read_response()
     assert status == 0
