@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .pdu import Pdu
 
-CMD_WINDOW = 128  # commands a session may have queued or in progress, unless configured
 _SERIAL_HALF = 1 << 31
 
 
@@ -27,7 +26,7 @@ class CmdWindow:
 
     __slots__ = ("expcmdsn", "maxcmdsn", "pending", "room", "statsn")
 
-    def __init__(self, room: Callable[[], int] = lambda: CMD_WINDOW) -> None:
+    def __init__(self, room: Callable[[], int]) -> None:
         self.room = room
         self.statsn = 0
         self.expcmdsn = 0
