@@ -337,3 +337,18 @@ def test_initiator_answering_pings_is_kept(target_factory, image):
     assert "declared dead" not in t.log()
     ini.close()
     assert path.read_bytes()[3 * 512 : 4 * 512] == block
+
+
+def test_limit_and_liveness_settings_say_what_is_wrong(tmp_path):
+    from zerosend.iscsi.config import load_config
+
+    cfg = load_config({"luns": ["null:1M"], "nop_interval": "2.5", "session_bytes": "8M"})
+    assert (cfg.nop_interval, cfg.session_bytes, cfg.session_commands) == (2.5, 8 * MiB, 128)
+    with pytest.raises(ValueError, match="--session-commands: must be 1 or more"):
+        load_config({"luns": ["null:1M"], "session_commands": "0"})
+    with pytest.raises(ValueError, match="--nop-timeout: must be a number of seconds"):
+        load_config({"luns": ["null:1M"], "nop_timeout": "-1"})
+    toml = tmp_path / "target.toml"
+    toml.write_text('luns = ["null:1M"]\nuser_timeout = 0\nsession_buffers = 8\n')
+    cfg = load_config({}, str(toml))
+    assert (cfg.user_timeout, cfg.session_buffers) == (0.0, 8)

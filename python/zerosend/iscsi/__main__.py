@@ -29,6 +29,8 @@ options win:
   allow = ["iqn.1994-05.com.redhat:client1"]
   backend = "io_uring"            # force a zerosend backend (default auto)
   zerocopy_probe = false          # keep sending zero-copy even where the kernel copies
+  session_commands = 64           # per-session limits: commands, unsent bytes, buffers
+  nop_interval = 5                # ping an initiator after 5 s without progress
 """
 
 
