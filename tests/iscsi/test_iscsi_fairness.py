@@ -110,11 +110,15 @@ def target_sockets(target_port: int, peer_port: int) -> list[str]:
     return found
 
 
-def test_stalled_initiator_does_not_freeze_another(target_factory, image):
-    """Dead-peer detection off: the bystander can only get through by the per-session limits."""
+@pytest.mark.parametrize(
+    "limits", [[], ["--session-commands", "1000"]], ids=["defaults", "share-of-the-pool-alone"]
+)
+def test_stalled_initiator_does_not_freeze_another(target_factory, image, limits):
+    """Dead-peer detection off: the bystander can only get through by the per-session limits
+    (with a window wider than the stalled initiator's queue, by its share of the pool alone)."""
     path, data = image
     inq = need("iscsi-inq")
-    t = target_factory("--lun", str(path), "--nop-interval", "0", "--user-timeout", "0")
+    t = target_factory("--lun", str(path), "--nop-interval", "0", "--user-timeout", "0", *limits)
     stalled = stalled_initiator(t.port)
     one_block_read(t.port, data)
     assert "Vendor:ZEROSEND" in run([inq, t.url()], timeout=HANG).stdout
