@@ -123,7 +123,8 @@ def test_stalled_initiator_does_not_freeze_another(target_factory, image, limits
     one_block_read(t.port, data)
     assert "Vendor:ZEROSEND" in run([inq, t.url()], timeout=HANG).stdout
     assert target_sockets(t.port, stalled.sock.getsockname()[1]), "the stalled one is still there"
-    assert "outside window" in t.log()  # it queued past its window: those were dropped
+    if not limits:  # it queued past its window of 128: those were dropped
+        assert "outside window" in t.log()
     stalled.close()
 
 
