@@ -51,15 +51,6 @@ class PoolShare:
     def size(self) -> int:
         return self._pool.size
 
-    @property
-    def count(self) -> int:
-        return self._pool.count
-
-    @property
-    def available(self) -> int:
-        """Buffers this session could take now."""
-        return min(self._pool.available, self.cap - self.held)
-
     def try_acquire(self) -> MmapLease | None:
         if self.held >= self.cap or self._waiters:
             return None
