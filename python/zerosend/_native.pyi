@@ -173,7 +173,6 @@ class IscsiReadPath:
         max_len: int,
         zc_min: int,
         refer_min: int,
-        window: int,
     ) -> IscsiReadPath: ...
     def serve(
         self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]

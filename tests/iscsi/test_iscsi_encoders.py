@@ -123,7 +123,7 @@ def test_inner_loops_agree_on_random_command_streams(image):
         max_len = rnd.choice([4096, 8192, 10240, 20480])
         zc_min = rnd.choice([4096, 10240])
         refer_min = rnd.choice([0xFFFFFFFF, 0xFFFFFFFF, zc_min, 8192])
-        args = (fd, lun, BS, BLOCKS, max_len, zc_min, refer_min, 128)
+        args = (fd, lun, BS, BLOCKS, max_len, zc_min, refer_min)
         loops = (_native.IscsiReadPath(*args), ReadLoop(*args))
         cmdsn = rnd.getrandbits(32)
         rx = bytearray(rnd.randbytes(rnd.randrange(0, 3)))  # where the commands start
@@ -132,7 +132,8 @@ def test_inner_loops_agree_on_random_command_streams(image):
             rx += _command(rnd, (cmdsn + i) & 0xFFFFFFFF, 0x1000 + i)
         rx += rnd.randbytes(rnd.randrange(0, 47))  # a partial PDU at the end
         size, pos = rnd.choice([(0, 0), (4096, 0), (65536, 100), (65536, 60000), (300000, 7)])
-        sn = (cmdsn, rnd.getrandbits(32), rnd.choice([cmdsn, (cmdsn + 127) & 0xFFFFFFFF]))
+        top = cmdsn + rnd.choice([-1, 0, 2, 127])  # MaxCmdSN: a closed window up to a wide one
+        sn = (cmdsn, rnd.getrandbits(32), top & 0xFFFFFFFF)
         outs = [bytearray(b"\xee" * size) for _ in loops]
         runs = [
             loop.serve(rx, start, len(rx), memoryview(out), pos, sn)
@@ -147,7 +148,7 @@ def test_inner_loops_agree_on_random_command_streams(image):
 
 def test_inner_loop_output_is_data_in_with_the_image_bytes(image):
     fd, data = image
-    loop = _native.IscsiReadPath(fd, bytes(8), BS, BLOCKS, 8192, 10240, 0xFFFFFFFF, 128)
+    loop = _native.IscsiReadPath(fd, bytes(8), BS, BLOCKS, 8192, 10240, 0xFFFFFFFF)
     rx = bytearray()
     for i, (lba, blocks) in enumerate([(0, 1), (7, 8), (100, 2)]):
         bhs = bytearray(48)
@@ -158,12 +159,12 @@ def test_inner_loop_output_is_data_in_with_the_image_bytes(image):
     out = bytearray(16384)
     run = loop.serve(rx, 0, len(rx), out, 0, (10, 1000, 137))
     assert (run.commands, run.start, run.nbytes) == (3, 144, 11 * BS)
-    assert (run.expcmdsn, run.statsn, run.maxcmdsn) == (13, 1003, 140)
+    assert (run.expcmdsn, run.statsn, run.maxcmdsn) == (13, 1003, 137)  # MaxCmdSN is the caller's
     at = 0
     for i, (lba, blocks) in enumerate([(0, 1), (7, 8), (100, 2)]):
         n = blocks * BS
         want = bytearray(48)
-        P.data_in_into(want, 0, 0x81, 0, n, bytes(8), 0x500 + i, 1000 + i, 11 + i, 138 + i, 0, 0, 0)
+        P.data_in_into(want, 0, 0x81, 0, n, bytes(8), 0x500 + i, 1000 + i, 11 + i, 137, 0, 0, 0)
         assert out[at : at + 48] == want
         assert out[at + 48 : at + 48 + n] == data[lba * BS : lba * BS + n]
         at += 48 + n

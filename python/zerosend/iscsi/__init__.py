@@ -8,6 +8,9 @@ Where things are:
   phase's dispatch; it reaches the target only through ``host.SessionHost``.
 - Receiving: ``reader`` (PDUs out of one receive buffer), ``pdu`` (header layout and builders);
   ``window``: StatSN, the CmdSN window, serial number arithmetic.
+- Sharing the target: ``budget`` (what a session has in flight: the room in its CmdSN window),
+  ``bufpool`` (each session's share of the transmit buffers), ``liveness`` (keepalive,
+  TCP_USER_TIMEOUT, NOP-In pings, resetting a dead peer's connection).
 - Answering: ``responses`` (every PDU the target sends, stamped and digested) into ``outbox``
   (one vectored send per batch, pooled buffers from ``bufpool`` released after the kernel did).
 - Commands: ``reads`` (the READ path; its inner loop is Rust's ``IscsiReadPath`` or

@@ -35,6 +35,8 @@ options win:
   zerocopy_probe = false          # keep sending zero-copy even where the kernel copies
   reservation_state = "/var/lib/zerosend/pr.json"  # persistent reservations kept with APTPL
   metrics = "127.0.0.1:9310"      # Prometheus metrics at http://127.0.0.1:9310/metrics
+  session_commands = 64           # per-session limits: commands, unsent bytes, buffers
+  nop_interval = 5                # ping an initiator after 5 s without progress
 
 Persistent reservations whose initiator set APTPL are kept in the reservation_state file
 (written atomically) and restored at start; a corrupt file stops the start with an error
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(DEFAULTS, s.key)
         if isinstance(default, bool):
             default = "on" if default else "off"
-        shown = f" (default {default})" if isinstance(default, (str, int)) else ""
+        shown = f" (default {default})" if isinstance(default, (str, int, float)) else ""
         p.add_argument(
             s.flag,
             dest=s.key,

@@ -54,6 +54,12 @@ class TargetConfig:
     zerocopy_probe: bool = True
     reservation_state: str = ""
     metrics: str | None = None
+    session_commands: int = 128
+    session_bytes: int = 32 * 1024 * 1024
+    session_buffers: int = 32
+    nop_interval: float = 10.0
+    nop_timeout: float = 10.0
+    user_timeout: float = 30.0
 
 
 def _lun(item: Any) -> LunSpec:
@@ -83,6 +89,20 @@ def _on_off(value: Any) -> bool:
     if value in ("on", "off"):
         return bool(value == "on")
     raise ValueError(f"must be on or off, not {value!r}")
+
+
+def _at_least_one(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be 1 or more, not {number}")
+    return number
+
+
+def _seconds(value: Any) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses NaN
+        raise ValueError(f"must be a number of seconds, 0 or more (0: off), not {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,42 @@ SETTINGS = (
         "FILE",
     ),
     Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", str, "HOST:PORT"),
+    Setting(
+        "session_commands",
+        "commands one session may have queued or in progress: its CmdSN window",
+        _at_least_one,
+    ),
+    Setting(
+        "session_bytes",
+        "bytes one session may have queued for sending before its window closes",
+        lambda v: _at_least_one(parse_size(str(v))),
+    ),
+    Setting(
+        "session_buffers",
+        "transmit buffers one session may hold; sessions waiting for buffers get equal shares",
+        _at_least_one,
+    ),
+    Setting(
+        "nop_interval",
+        "seconds without progress, with work outstanding, before a session pings its initiator "
+        "(NOP-In); 0: no pings",
+        _seconds,
+        "SECONDS",
+    ),
+    Setting(
+        "nop_timeout",
+        "seconds a ping may go unanswered before the initiator is declared dead and its "
+        "connection reset",
+        _seconds,
+        "SECONDS",
+    ),
+    Setting(
+        "user_timeout",
+        "seconds sent data may go unacknowledged before the kernel drops the connection "
+        "(TCP_USER_TIMEOUT; keepalive probes every third of it); 0: the kernel's defaults",
+        _seconds,
+        "SECONDS",
+    ),
 )
 DEFAULTS = TargetConfig()  # for help texts
 

@@ -33,7 +33,7 @@ class SessionHost(Protocol):
 
     @property
     def pool(self) -> MmapPool:
-        """Transmit buffers, shared by every session."""
+        """Transmit buffers, shared by every session (each through its ``share()``)."""
 
     @property
     def stopping(self) -> bool:

@@ -100,7 +100,7 @@ class TargetMetrics:
     # -- following the connections
 
     def attach(self, session: Session) -> None:
-        session.outbox.on_submit = self._submitted
+        session.outbox.on_submit.append(self._submitted)
 
     def detach(self, session: Session) -> None:
         """The session ended: keep what it counted."""
@@ -109,7 +109,7 @@ class TargetMetrics:
         for key, value in _session_counts(session).items():
             self._ended_stats[key] += value
 
-    def _submitted(self, fut: asyncio.Future[Any], zerocopy: bool) -> None:
+    def _submitted(self, fut: asyncio.Future[Any], zerocopy: bool, _parts: list[Any]) -> None:
         start = time.perf_counter()
         observe = self._observe[zerocopy]
         fut.add_done_callback(lambda _: observe(time.perf_counter() - start))

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .bufpool import MmapLease, MmapPool
+from .bufpool import MmapLease, PoolShare
 
 
 class Releasable(Protocol):
@@ -49,7 +49,7 @@ class Outbox:
     def __init__(
         self,
         zs: Any,
-        pool: MmapPool,
+        pool: PoolShare,
         name: str,
         stats: dict[str, int],
         on_failure: Callable[[BaseException], None],
@@ -62,8 +62,9 @@ class Outbox:
         self.on_failure = on_failure
         self.probe = probe  # switch to copy where the kernel copies zero-copy sends anyway
         self.reader_task: asyncio.Task[None] | None = None
-        # Hears of every send submitted (its future, and whether it goes zero-copy): metrics.
-        self.on_submit: Callable[[asyncio.Future[Any], bool], None] | None = None
+        # Hear of every send submitted (its future, whether it goes zero-copy, its buffers): the
+        # session's budget, metrics.
+        self.on_submit: list[Callable[[asyncio.Future[Any], bool, list[Any]], None]] = []
         self.loop = asyncio.get_running_loop()
         self._parts: list[Any] = []
         self._leases: list[Releasable] = []
@@ -200,8 +201,8 @@ class Outbox:
             if asyncio.current_task() is self.reader_task:
                 raise  # the read loop itself: the session ends the connection
             return None
-        if self.on_submit is not None:
-            self.on_submit(fut, zc)
+        for hook in self.on_submit:
+            hook(fut, zc, parts)
         if leases or zc:
             fut.add_done_callback(lambda f: self._sent(f, leases, zc))
         else:

@@ -7,9 +7,10 @@ read from the image straight into the transmit buffer, behind the Data-In header
 written in front of it. "Plain": a non-immediate SCSI Command for this LUN with the Read bit
 only, no AHS or data segment, CmdSN equal to ExpCmdSN, no RDPROTECT, a transfer length equal to
 the Expected Data Transfer Length, inside the LUN, not empty and at most ``max_len`` bytes. The
-run stops at the first command that is not plain, at one that does not fit (``need`` then says
-how much room it wants), at a read that fails, comes up short or would wait for the disk (only
-what the page cache holds is read here: ``preadv2(RWF_NOWAIT)``), and right after a read of
+run stops at the first command that is not plain, at one past MaxCmdSN (the run never raises
+MaxCmdSN: the window is the caller's), at one that does not fit (``need`` then says how much
+room it wants), at a read that fails, comes up short or would wait for the disk (only what the
+page cache holds is read here: ``preadv2(RWF_NOWAIT)``), and right after a read of
 ``zc_min`` bytes or more. A read of ``refer_min`` bytes or more is not read at all: its header
 is written and the run ends with ``send_from``/``send_len``, for the caller to send those bytes
 straight from its mapping of the image.
@@ -55,12 +56,12 @@ class ReadLoop:
 
     def __init__(
         self, fd: int, lun: bytes, block_size: int, blocks: int, max_len: int, zc_min: int,
-        refer_min: int, window: int,
+        refer_min: int,
     ) -> None:  # fmt: skip
         if len(lun) != 8:
             raise ValueError("lun must be the 8-byte LUN field")
-        if fd < 0 or block_size <= 0 or window <= 0:
-            raise ValueError("fd, block_size and window must be positive")
+        if fd < 0 or block_size <= 0:
+            raise ValueError("fd and block_size must be positive")
         self.fd = fd
         self.lun = bytes(lun)
         self.block_size = block_size
@@ -68,7 +69,6 @@ class ReadLoop:
         self.max_len = min(max_len, 0xFFFFFF)
         self.zc_min = zc_min
         self.refer_min = refer_min
-        self.window = window
 
     def serve(
         self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
@@ -79,7 +79,7 @@ class ReadLoop:
         at = start
         commands = nbytes = need = send_from = send_len = 0
         large = False
-        while end - at >= P.BHS_LEN:
+        while end - at >= P.BHS_LEN and not sn_lt(maxcmdsn, expcmdsn):
             op, flags, lengths, lun, itt, edtl, cmdsn = _CMD.unpack_from(rx, at)
             if op != P.OP_SCSI_CMD or flags & (P.CMD_READ | P.CMD_WRITE) != P.CMD_READ:
                 break
@@ -108,9 +108,6 @@ class ReadLoop:
             answer_statsn = statsn
             statsn = (statsn + 1) & 0xFFFFFFFF
             expcmdsn = (expcmdsn + 1) & 0xFFFFFFFF
-            top = (expcmdsn + self.window - 1) & 0xFFFFFFFF
-            if sn_lt(maxcmdsn, top):
-                maxcmdsn = top
             P.data_in_into(out, pos, _DATAIN_GOOD, 0, n, lun, itt, answer_statsn, expcmdsn,
                            maxcmdsn, 0, 0, 0)  # fmt: skip
             at += P.BHS_LEN

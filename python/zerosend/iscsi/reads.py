@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import diskreads
 from . import pdu as P
 from . import scsi as S
-from .bufpool import MmapPool
+from .bufpool import PoolShare
 from .host import Connection
 from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
@@ -26,7 +26,7 @@ from .reader import PduReader
 from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
 from .stores import FileStore, Store
-from .window import CMD_WINDOW, CmdWindow
+from .window import CmdWindow
 
 try:  # the inner loop in Rust
     from zerosend._native import IscsiReadPath
@@ -60,7 +60,7 @@ class Reads:
         self,
         conn: Connection,
         luns: dict[int, S.LogicalUnit],
-        pool: MmapPool,
+        pool: PoolShare,
         params: SessionParams,
         reader: PduReader,
         window: CmdWindow,
@@ -142,7 +142,7 @@ class Reads:
         refer_min = ZC_MIN if store.lends or (SENDFILE and store.readonly) else 0xFFFFFFFF
         kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
-                     refer_min, CMD_WINDOW)  # fmt: skip
+                     refer_min)  # fmt: skip
         return inner, store, lu
 
     def luns_cached(self) -> set[int]:

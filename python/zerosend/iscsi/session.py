@@ -16,7 +16,9 @@ import zerosend
 
 from . import pdu as P
 from . import scsi as S
+from .budget import SessionBudget
 from .host import SessionHost
+from .liveness import Pinger, reset_connection
 from .login import LoginFailed, LoginMachine, failure_response
 from .nexus import NO_NEXUS, Nexus
 from .outbox import Outbox
@@ -31,6 +33,7 @@ from .writes import Writes
 log = logging.getLogger("zerosend.iscsi")
 
 LOGIN_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 10.0  # for what is queued at the end, before the connection is reset
 _RECEIVE_BUFFER = 2 * P.BHS_LEN + 8192 + 64
 _FULL_FEATURE_OPS = frozenset(
     (P.OP_SCSI_CMD, P.OP_NOP_OUT, P.OP_TMF_REQ, P.OP_TEXT_REQ, P.OP_LOGOUT_REQ, P.OP_LOGIN_REQ)
@@ -54,18 +57,27 @@ class Session:
         self.initiator = ""  # once logged in
         self.luns_addressed: set[int] = set()  # by commands outside the READ inner loop
         self.closing = False
+        self.dead = False  # found dead: the connection is reset, not drained
         self.failed: BaseException | None = None
         self.stats = {"commands": 0, "read_bytes": 0, "write_bytes": 0, "zc_sends": 0,
                       "zc_fallbacks": 0}  # fmt: skip
-        self.window = CmdWindow()
-        self.outbox = Outbox(self.zs, host.pool, peer, self.stats, self._send_failed,
-                             host.config.zerocopy_probe)  # fmt: skip
+        cfg = host.config
+        self.window = CmdWindow(self._room)
+        self.budget = SessionBudget(self.window, cfg.session_commands, cfg.session_bytes)
+        self.budget.on_release = self._released
+        self.share = host.pool.share(cfg.session_buffers)
+        self.outbox = Outbox(self.zs, self.share, peer, self.stats, self._send_failed,
+                             cfg.zerocopy_probe)  # fmt: skip
+        self.outbox.on_submit.append(self.budget.submitted)
         self.reader = PduReader(sock, _RECEIVE_BUFFER, self.outbox.flush)
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
-        self.reads = Reads(self, host.luns, host.pool, self.params, self.reader, self.window,
+        self.reads = Reads(self, host.luns, self.share, self.params, self.reader, self.window,
                            self.responder, self.stats)  # fmt: skip
         self.writes = Writes(self, self.params, self.responder, self.stats)
+        self.pinger = Pinger(cfg.nop_interval, cfg.nop_timeout, self._progress, self._busy,
+                             self._ping, self._found_dead)  # fmt: skip
         self._task: asyncio.Task[None] | None = None
+        self._pinging: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- for the target
 
@@ -102,7 +114,8 @@ class Session:
         return (
             f"{self.name} ExpCmdSN={w.expcmdsn} MaxCmdSN={w.maxcmdsn} "
             f"active={len(self.reads) + len(self.writes)} writes={len(self.writes)} "
-            f"reads={len(self.reads)} inflight={getattr(self.zs, 'inflight', '?')}"
+            f"reads={len(self.reads)} inflight={getattr(self.zs, 'inflight', '?')} "
+            f"unreleased-bytes={self.budget.bytes} buffers={self.share.held}"
         )
 
     def summary(self) -> str:
@@ -131,6 +144,8 @@ class Session:
                 )
                 return
             if self.logged_in:
+                if self.pinger.interval > 0:
+                    self._pinging = self.loop.create_task(self.pinger.run())
                 await self._full_feature()
         except ConnectionClosed:
             if self.logged_in:
@@ -155,22 +170,67 @@ class Session:
         self.abort_connection()
 
     async def _shutdown(self) -> None:
+        """Free everything the session held: its tasks, its buffers, both descriptors."""
         self.closing = True
+        if self._pinging is not None:
+            self._pinging.cancel()
         self.writes.abort(None)
+        self.reads.abort(None)
+        self.share.close()
         self.reader.close()
+        if self.dead:
+            self._reset()
         try:
             self.outbox.flush()
         except Exception:  # already reported; the socket is closed below all the same
             pass
         try:
-            await asyncio.wait_for(self.zs.aclose(), 10)
+            await asyncio.wait_for(self.zs.aclose(), DRAIN_TIMEOUT)
         except (TimeoutError, OSError, asyncio.CancelledError) as e:
-            log.warning("%s: close did not drain cleanly: %s", self.name, e or type(e).__name__)
+            log.warning("%s: close did not drain cleanly: %s; resetting the connection",
+                        self.name, e or type(e).__name__)  # fmt: skip
+            self._reset()  # the sends still in flight end, their buffers come back
             try:
+                await asyncio.wait_for(self.zs.aclose(), DRAIN_TIMEOUT)
+            except (TimeoutError, OSError, asyncio.CancelledError):
                 self.sock.close()
-            except OSError:
-                pass
         self.host.session_ended(self)
+
+    def _reset(self) -> None:
+        try:
+            reset_connection(self.sock)
+        except OSError as e:
+            log.warning("%s: %s", self.name, e)
+
+    # ---------------------------------------------------------------- limits and liveness
+
+    def _room(self) -> int:
+        """Commands the session may still take (``SessionBudget``): its CmdSN window."""
+        return self.budget.room(len(self.reads) + len(self.writes))
+
+    def _released(self) -> None:
+        """A send was released: if the window was closed and now has room, say so with a
+        NOP-In (nothing else may be on its way to tell the initiator)."""
+        if self.logged_in and not self.closing and self.window.closed and self._room() > 0:
+            self.responder.send_pdu(P.nop_in(bytes(8), P.NO_TAG, P.NO_TAG, 0), advance=False)
+
+    def _progress(self) -> tuple[int, int, int]:
+        return self.budget.released, self.stats["commands"], self.stats["write_bytes"]
+
+    def _busy(self) -> bool:
+        return bool(self.budget.sends or len(self.outbox) or self.reads or self.writes)
+
+    def _ping(self, ttt: int) -> None:
+        self.responder.send_pdu(P.nop_in(bytes(8), P.NO_TAG, ttt, 0), advance=False)
+
+    def _found_dead(self) -> None:
+        p = self.pinger
+        log.warning(
+            "%s: initiator declared dead: no progress for %gs and no answer to a NOP-In ping "
+            "within %gs; resetting the connection", self.name, p.interval, p.timeout,
+        )  # fmt: skip
+        self.dead = True
+        self.abort_connection()
 
     # ---------------------------------------------------------------- login
 
@@ -213,6 +273,7 @@ class Session:
             p.header_digest = p.data_digest = False
             await self.responder.send_now(hdr, data)
             p.header_digest, p.data_digest = digests
+            self.budget.start()
             log.info(
                 "%s: %s session logged in (auth=%s, digests=%s/%s, mrdsl=%d/%d, burst=%d)",
                 self.name, "discovery" if self.discovery else "normal",
@@ -236,9 +297,12 @@ class Session:
             if inner_loop:
                 if rd.buffered < P.BHS_LEN:
                     await rd.fill(P.BHS_LEN)
+                advertised = window.maxcmdsn
+                window.slide()  # the run's answers carry the room the session has now
                 if self.reads.serve_run():
                     outbox.flush_if_due()
                     continue
+                window.maxcmdsn = advertised  # nothing carried it: the window is as advertised
             try:
                 req = await rd.read_pdu(p.target_max_recv_dsl, p.header_digest, p.data_digest)
             except P.PduError as e:
@@ -260,6 +324,9 @@ class Session:
                 )
                 continue
             if req.immediate:
+                if op == P.OP_SCSI_CMD and self._room() <= 0:
+                    respond.send_reject(P.REJECT_IMMEDIATE, req.bhs, "session at its limit")
+                    continue
                 await self._dispatch(req)
                 continue
             cmdsn = req.u32(24)
@@ -368,8 +435,11 @@ class Session:
 
     def _nop_out(self, req: P.Pdu) -> None:
         itt = req.itt
-        if itt == P.NO_TAG:
-            return  # a ping answer (we never ping) or a CmdSN-only update
+        if itt == P.NO_TAG:  # an answer to our ping, or a CmdSN-only update
+            ttt = req.u32(20)
+            if ttt != P.NO_TAG and not self.pinger.answered(ttt):
+                log.info("%s: NOP-Out answers a ping (TTT 0x%08x) not outstanding", self.name, ttt)
+            return
         if req.u32(20) != P.NO_TAG:
             self.responder.send_reject(
                 P.REJECT_PROTOCOL_ERROR, req.bhs, "NOP-Out answers a ping we never sent"

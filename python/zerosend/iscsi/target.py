@@ -14,6 +14,7 @@ import zerosend
 
 from .bufpool import MmapPool
 from .config import TargetConfig, split_hostport
+from .liveness import tune_socket
 from .login import LoginPolicy
 from .nexus import Nexus
 from .reservations import Reservations
@@ -247,8 +248,9 @@ class Target:
                 conn.close()
                 continue
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tune_socket(conn, self.config.user_timeout)
                 session = Session(self, conn, peer)
             except OSError as e:
                 log.warning("%s: cannot set up connection: %s", peer, e)

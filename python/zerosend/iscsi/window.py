@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pdu import Pdu
 
-# A fixed window: the commands an initiator may have outstanding are bounded by it, and the
-# memory they pin by the shared buffer pool. (A window shrunk by busy work would need an
-# unsolicited NOP-In to reopen once the work is done, or the initiator stalls.)
-CMD_WINDOW = 128
 _SERIAL_HALF = 1 << 31
 
 
@@ -20,11 +17,17 @@ def sn_lt(a: int, b: int) -> bool:
 
 
 class CmdWindow:
-    """ExpCmdSN..MaxCmdSN, the next StatSN, and commands that arrived ahead of ExpCmdSN."""
+    """ExpCmdSN..MaxCmdSN, the next StatSN, and commands that arrived ahead of ExpCmdSN.
 
-    __slots__ = ("expcmdsn", "maxcmdsn", "pending", "statsn")
+    MaxCmdSN is what the session may still take: ``room()`` commands past the last one it
+    received (its limit less what it has in progress or not yet sent), so ExpCmdSN moving on
+    at dispatch opens no room by itself. ``maxcmdsn`` is the value last advertised; it never
+    moves back (an initiator ignores a smaller one), and a command past it is dropped."""
 
-    def __init__(self) -> None:
+    __slots__ = ("expcmdsn", "maxcmdsn", "pending", "room", "statsn")
+
+    def __init__(self, room: Callable[[], int]) -> None:
+        self.room = room
         self.statsn = 0
         self.expcmdsn = 0
         self.maxcmdsn = 0
@@ -33,20 +36,26 @@ class CmdWindow:
     def open_at(self, cmdsn: int) -> None:
         """Login: the window starts at the initiator's first CmdSN."""
         self.expcmdsn = cmdsn
-        self.maxcmdsn = (cmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
+        self.maxcmdsn = (cmdsn - 1) & 0xFFFFFFFF
+        self.slide()
 
     def slide(self) -> None:
-        """Keep MaxCmdSN a whole window past ExpCmdSN (it never moves back)."""
-        top = (self.expcmdsn + CMD_WINDOW - 1) & 0xFFFFFFFF
+        """Raise MaxCmdSN to what the session may take now (it never moves back)."""
+        top = (self.expcmdsn - 1 + max(0, self.room())) & 0xFFFFFFFF
         if sn_lt(self.maxcmdsn, top):
             self.maxcmdsn = top
 
+    @property
+    def closed(self) -> bool:
+        """The initiator may send no command now (MaxCmdSN = ExpCmdSN - 1)."""
+        return sn_lt(self.maxcmdsn, self.expcmdsn)
+
     def next_statsn(self, advance: bool) -> int:
         """The StatSN for a PDU queued now; ``advance`` for a PDU that carries status."""
-        self.slide()
         statsn = self.statsn
         if advance:
             self.statsn = (statsn + 1) & 0xFFFFFFFF
+        self.slide()  # with this PDU's status counted as not yet sent
         return statsn
 
     def numbers(self) -> tuple[int, int, int]:
@@ -57,9 +66,9 @@ class CmdWindow:
         self.expcmdsn, self.statsn, self.maxcmdsn = expcmdsn, statsn, maxcmdsn
 
     def accept(self, cmdsn: int) -> bool:
-        """A non-immediate command's CmdSN: True if it is the one expected (ExpCmdSN moves
-        past it), False if not."""
-        if cmdsn != self.expcmdsn:
+        """A non-immediate command's CmdSN: True if it is the one expected and inside the
+        window (ExpCmdSN moves past it), False if not."""
+        if cmdsn != self.expcmdsn or sn_lt(self.maxcmdsn, cmdsn):
             return False
         self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
         return True

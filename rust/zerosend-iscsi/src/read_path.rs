@@ -5,11 +5,12 @@
 //! "Plain" means: a non-immediate SCSI Command for this LUN with the Read bit only, no AHS or
 //! data segment, CmdSN equal to ExpCmdSN, no RDPROTECT, a transfer length equal to the
 //! Expected Data Transfer Length, inside the LUN, not empty and at most `max_len` bytes (one
-//! Data-In PDU). The run stops at the first command that is not plain, at one that does not fit
-//! in the buffer (`ReadRun::need` then says how much room it wants), at a read that fails, comes
-//! up short or would wait for the disk (`FdMedium` reads only what the page cache holds), and
-//! right after a read of `zc_min` bytes or more (worth a zero-copy send of
-//! its own). Whatever stops the run is left to the caller's general path, which answers every
+//! Data-In PDU). The run stops at the first command that is not plain, at one past MaxCmdSN (the
+//! window is the caller's: the run never raises MaxCmdSN, as every command it answers is still
+//! unsent when it ends), at one that does not fit in the buffer (`ReadRun::need` then says how
+//! much room it wants), at a read that fails, comes up short or would wait for the disk
+//! (`FdMedium` reads only what the page cache holds), and right after a read of `zc_min` bytes or
+//! more (worth a zero-copy send of its own). Whatever stops the run is left to the caller's general path, which answers every
 //! case this loop does not take, errors included.
 //!
 //! A read of `refer_min` bytes or more is not read at all: its header is written and the run
@@ -138,8 +139,6 @@ pub struct ReadLimits {
     pub zc_min: u32,
     /// Reads this long are left for the caller to send from its own mapping (`u32::MAX`: none).
     pub refer_min: u32,
-    /// The CmdSN window: MaxCmdSN = ExpCmdSN + window - 1.
-    pub window: u32,
 }
 
 /// One LUN's READ path on one connection.
@@ -173,8 +172,8 @@ impl<M: Medium> ReadPath<M> {
         blocks: u64,
         limits: ReadLimits,
     ) -> Result<Self, InvalidReadPath> {
-        if block_size == 0 || limits.window == 0 {
-            return Err(InvalidReadPath("block_size and window must be positive"));
+        if block_size == 0 {
+            return Err(InvalidReadPath("block_size must be positive"));
         }
         let max_len = limits.max_len.min(0xFF_FFFF);
         Ok(Self {
@@ -195,7 +194,7 @@ impl<M: Medium> ReadPath<M> {
             ..ReadRun::default()
         };
         let mut at = 0;
-        while rx.len() - at >= BHS_LEN {
+        while rx.len() - at >= BHS_LEN && !sn_lt(sn.maxcmdsn, sn.expcmdsn) {
             let Some((itt, lba, n)) = self.plain(&rx[at..at + BHS_LEN], sn.expcmdsn) else {
                 break;
             };
@@ -214,10 +213,6 @@ impl<M: Medium> ReadPath<M> {
             let statsn = sn.statsn;
             sn.statsn = statsn.wrapping_add(1);
             sn.expcmdsn = sn.expcmdsn.wrapping_add(1);
-            let top = sn.expcmdsn.wrapping_add(self.limits.window - 1);
-            if sn_lt(sn.maxcmdsn, top) {
-                sn.maxcmdsn = top;
-            }
             let header = DataIn {
                 flags: F_FINAL | DATAIN_STATUS,
                 data_len: n as u32,
@@ -289,7 +284,6 @@ mod tests {
             max_len,
             zc_min: 10240,
             refer_min: u32::MAX,
-            window: 128,
         }
     }
 
@@ -319,7 +313,7 @@ mod tests {
         assert_eq!(run.consumed, 96);
         assert_eq!(run.bytes, 1536);
         assert_eq!(run.pos, 100 + 48 + 1024 + 48 + 512);
-        assert_eq!(run.sn, sn(7, 42, 134));
+        assert_eq!(run.sn, sn(7, 42, 132));
         assert!(!run.large && run.need == 0);
         let mut want = [0u8; 48];
         DataIn {
@@ -328,7 +322,7 @@ mod tests {
             itt: 10,
             statsn: 40,
             expcmdsn: 6,
-            maxcmdsn: 133,
+            maxcmdsn: 132,
             ..DataIn::default()
         }
         .encode(&mut want);
@@ -449,12 +443,20 @@ mod tests {
     }
 
     #[test]
-    fn the_window_advances_across_the_serial_wrap() {
+    fn the_run_stops_at_the_window_and_leaves_maxcmdsn_alone() {
         let p = path(image(8), 8192);
-        let rx = command(0xC1, 0, 1, 512, 0xFFFF_FFFF, &read10(0, 1));
-        let run = p.serve(&rx, &mut [0u8; 1024], 0, sn(0xFFFF_FFFF, 0xFFFF_FFFF, 0x7E));
-        // MaxCmdSN = ExpCmdSN + 127 = 127 after the wrap, ahead of 0x7E.
-        assert_eq!(run.sn, sn(0, 0, 127));
+        let mut rx = Vec::new();
+        for (itt, cmdsn) in [(1, 0xFFFF_FFFE), (2, 0xFFFF_FFFF), (3, 0)] {
+            rx.extend_from_slice(&command(0xC1, 0, itt, 512, cmdsn, &read10(0, 1)));
+        }
+        // MaxCmdSN 0xFFFF_FFFF: two commands fit, across the serial wrap the third is outside.
+        let sn0 = sn(0xFFFF_FFFE, 7, 0xFFFF_FFFF);
+        let run = p.serve(&rx, &mut [0u8; 4096], 0, sn0);
+        assert_eq!((run.commands, run.consumed), (2, 96));
+        assert_eq!(run.sn, sn(0, 9, 0xFFFF_FFFF));
+        // a closed window (MaxCmdSN = ExpCmdSN - 1) serves nothing
+        let run = p.serve(&rx[96..], &mut [0u8; 4096], 0, run.sn);
+        assert_eq!((run.commands, run.consumed), (0, 0));
     }
 
     #[test]

@@ -122,7 +122,8 @@ impl IscsiReadPath {
     /// `fd`: the image, read with pread (the caller keeps it open); `lun`: the 8-byte LUN field;
     /// `blocks` of `block_size` bytes; `max_len`: the longest read one Data-In PDU may carry;
     /// `zc_min`: reads this long end a run; `refer_min`: reads this long are not read but left
-    /// to the caller (`ReadRun.send_from`); `window`: the CmdSN window.
+    /// to the caller (`ReadRun.send_from`). A run serves commands up to MaxCmdSN and leaves
+    /// MaxCmdSN as it was.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -133,7 +134,6 @@ impl IscsiReadPath {
         max_len: u32,
         zc_min: u32,
         refer_min: u32,
-        window: u32,
     ) -> PyResult<Self> {
         let lun: [u8; 8] = lun
             .try_into()
@@ -145,7 +145,6 @@ impl IscsiReadPath {
             max_len,
             zc_min,
             refer_min,
-            window,
         };
         let path = ReadPath::new(FdMedium(fd), lun, block_size, blocks, limits)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
