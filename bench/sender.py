@@ -15,8 +15,12 @@ What "N in flight" means for each contender:
 
 * zerosend ``send_zc``: one connection, N sends submitted and not yet released by the kernel;
   each has its own buffer, reused once its send completes (one task awaits the oldest future).
+  ``zerosend-auto`` wraps with the defaults (backend and zero-copy threshold); a named backend
+  is wrapped with ``zerocopy_threshold=0``, so it sends zero-copy at every size.
 * ``loop.sock_sendall``: N connections, one task each, each with one ``sock_sendall`` pending
   (a socket cannot have two: their bytes would interleave).
+* ``loop.sock_sendall`` on one connection (``-1conn``): the loop a user writes for one stream,
+  one ``await loop.sock_sendall`` after the other; N does not apply (one buffer is enough).
 * streams: one connection, N ``writer.write()`` calls, then ``await writer.drain()``.
 """
 
@@ -45,6 +49,7 @@ CONTENDERS = (
     "zerosend-io_uring-pool",
     "zerosend-msg_zerocopy",
     "zerosend-copy",
+    "asyncio-sock_sendall-1conn",
     "asyncio-sock_sendall",
     "asyncio-streams",
     "uvloop-sock_sendall",
@@ -120,7 +125,10 @@ async def read_ack(sock: socket.socket) -> int:
 
 async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -> None:
     sock = await connect(plan)
-    zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
+    if backend == "auto":  # the defaults, threshold included: what a user gets
+        zs = zerosend.wrap(sock)
+    else:  # the backend itself at every size: the figures auto's rule is read from
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
     outcome.backend = zs.backend
     window: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
     buffer_pool = zerosend.BufferPool(plan.inflight, plan.size) if pool else None
@@ -195,6 +203,28 @@ async def run_sock_sendall(plan: Plan, outcome: Outcome) -> None:
     outcome.bytes, outcome.sends, outcome.connections = sum(totals), sum(counts), len(socks)
 
 
+async def run_sock_sendall_one(plan: Plan, outcome: Outcome) -> None:
+    loop = asyncio.get_running_loop()
+    sock = await connect(plan)
+    (buf,) = plan.buffers(1)
+    size, limit, monotonic, sendall = plan.size, plan.max_bytes, time.monotonic, loop.sock_sendall
+    sent = sends = 0
+    plan.start()
+    deadline = plan.deadline
+    while True:
+        await sendall(sock, buf)
+        sent += size
+        sends += 1
+        if sent >= limit or monotonic() >= deadline:
+            break
+    sock.shutdown(socket.SHUT_WR)
+    received = await read_ack(sock)
+    plan.finish()
+    sock.close()
+    check_count(sent, received)
+    outcome.bytes, outcome.sends = sent, sends
+
+
 async def run_streams(plan: Plan, outcome: Outcome) -> None:
     sock = await connect(plan)
     reader, writer = await asyncio.open_connection(sock=sock)
@@ -236,6 +266,8 @@ def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Corouti
         return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
     if variant == "sock_sendall":
         return lambda: run_sock_sendall(plan, outcome)
+    if variant == "sock_sendall-1conn":
+        return lambda: run_sock_sendall_one(plan, outcome)
     if variant == "streams":
         return lambda: run_streams(plan, outcome)
     raise ValueError(f"unknown contender {contender!r}")

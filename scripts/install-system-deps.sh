@@ -1,9 +1,10 @@
 #!/bin/sh
 # Installs the Debian packages the tests and benchmarks use, if any is missing:
 # real iSCSI clients (libiscsi-bin, qemu-img with iscsi://), tgt to compare against,
-# iproute2 for the network-namespace rig and nftables for packet-loss tests.
+# iproute2 for the network-namespace rig and nftables for packet-loss tests; liburing-dev for
+# the C io_uring sender the benchmark builds as its anchor.
 set -eu
-PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps"
+PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps liburing-dev"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
