@@ -147,9 +147,10 @@ copy backend is the copying reference), and a run ends at the last release.
 is alike):
 - *zerosend* (`send_zc` on each backend, with `zerocopy_threshold=0` so that it sends zero-copy
   at every size; *auto* is `wrap()`'s defaults, threshold included; "+ pool" takes
-  `zerosend.BufferPool` buffers): one connection, N sends submitted and not yet released by the kernel; one task awaits the oldest and
-  submits the next from the buffer that came back. The pure-Rust sender (the core `Driver` with no
-  Python, `rust/zerosend/examples/bench_sender.rs`) does the same, from heap `Vec`s or
+  `zerosend.BufferPool` buffers): one connection, N sends submitted and not yet released by
+  the kernel; one task awaits the oldest and submits the next from the buffer that came back.
+  The pure-Rust sender (the core `Driver` with no Python,
+  `rust/zerosend/examples/bench_sender.rs`) does the same, from heap `Vec`s or
   ("registered") from one locked region registered as io_uring fixed buffers, as `BufferPool` is.
 - *C* (`bench/c_sender.c`, built by the harness with `cc` over liburing): one connection, N
   requests in flight, each buffer reused at its release (SEND_ZC: the notification CQE; plain
