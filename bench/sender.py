@@ -174,16 +174,16 @@ async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -
     outcome.bytes, outcome.sends = sent, sends
 
 
-async def run_sock_sendall(plan: Plan, outcome: Outcome) -> None:
+async def run_sock_sendall(plan: Plan, outcome: Outcome, connections: int) -> None:
     loop = asyncio.get_running_loop()
-    socks = [await connect(plan) for _ in range(plan.inflight)]
-    buffers = plan.buffers(plan.inflight)
-    totals = [0] * plan.inflight
-    counts = [0] * plan.inflight
+    socks = [await connect(plan) for _ in range(connections)]
+    buffers = plan.buffers(connections)
+    totals = [0] * connections
+    counts = [0] * connections
 
     async def pump(index: int) -> None:
         sock, buf, size, limit = socks[index], buffers[index], plan.size, plan.max_bytes
-        share = limit // plan.inflight if limit < 1 << 62 else limit
+        share = limit // connections if limit < 1 << 62 else limit
         deadline, monotonic, sendall = plan.deadline, time.monotonic, loop.sock_sendall
         sent = sends = 0
         while True:
@@ -198,31 +198,9 @@ async def run_sock_sendall(plan: Plan, outcome: Outcome) -> None:
         sock.close()
 
     plan.start()
-    await asyncio.gather(*(pump(i) for i in range(plan.inflight)))
+    await asyncio.gather(*(pump(i) for i in range(connections)))
     plan.finish()
     outcome.bytes, outcome.sends, outcome.connections = sum(totals), sum(counts), len(socks)
-
-
-async def run_sock_sendall_one(plan: Plan, outcome: Outcome) -> None:
-    loop = asyncio.get_running_loop()
-    sock = await connect(plan)
-    (buf,) = plan.buffers(1)
-    size, limit, monotonic, sendall = plan.size, plan.max_bytes, time.monotonic, loop.sock_sendall
-    sent = sends = 0
-    plan.start()
-    deadline = plan.deadline
-    while True:
-        await sendall(sock, buf)
-        sent += size
-        sends += 1
-        if sent >= limit or monotonic() >= deadline:
-            break
-    sock.shutdown(socket.SHUT_WR)
-    received = await read_ack(sock)
-    plan.finish()
-    sock.close()
-    check_count(sent, received)
-    outcome.bytes, outcome.sends = sent, sends
 
 
 async def run_streams(plan: Plan, outcome: Outcome) -> None:
@@ -265,9 +243,9 @@ def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Corouti
         backend, _, extra = variant.partition("-")
         return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
     if variant == "sock_sendall":
-        return lambda: run_sock_sendall(plan, outcome)
+        return lambda: run_sock_sendall(plan, outcome, plan.inflight)
     if variant == "sock_sendall-1conn":
-        return lambda: run_sock_sendall_one(plan, outcome)
+        return lambda: run_sock_sendall(plan, outcome, 1)
     if variant == "streams":
         return lambda: run_streams(plan, outcome)
     raise ValueError(f"unknown contender {contender!r}")
