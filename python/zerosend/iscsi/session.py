@@ -18,7 +18,7 @@ from . import pdu as P
 from . import scsi as S
 from .host import SessionHost
 from .login import LoginFailed, LoginMachine, failure_response
-from .outbox import Outbox
+from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
 from .reader import ConnectionClosed, PduReader
 from .reads import Reads
@@ -45,7 +45,8 @@ class Session:
         self.peer = peer
         self.name = peer
         self.loop = asyncio.get_running_loop()
-        self.zs = zerosend.wrap(sock, backend=host.config.backend)
+        # The outbox picks the batches that go zero-copy by ZC_MIN; the driver keeps that floor.
+        self.zs = zerosend.wrap(sock, backend=host.config.backend, zerocopy_threshold=ZC_MIN)
         self.params = SessionParams()
         self.discovery = False
         self.logged_in = False
