@@ -75,6 +75,22 @@ static double seconds_of(struct timeval tv)
 	return tv.tv_sec + tv.tv_usec / 1e6;
 }
 
+/* Queue buffer i's send from offset on; the next io_uring_enter hands it to the kernel. */
+static void queue_send(struct io_uring *ring, int fd, enum mode mode, char *buf, size_t size,
+		       size_t offset, unsigned i)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+	unsigned zc_flags = IORING_SEND_ZC_REPORT_USAGE;
+	if (mode == SEND)
+		io_uring_prep_send(sqe, fd, buf + offset, size - offset, MSG_WAITALL);
+	else if (mode == SEND_ZC)
+		io_uring_prep_send_zc(sqe, fd, buf + offset, size - offset, MSG_WAITALL, zc_flags);
+	else
+		io_uring_prep_send_zc_fixed(sqe, fd, buf + offset, size - offset, MSG_WAITALL,
+					    zc_flags, i);
+	io_uring_sqe_set_data64(sqe, i);
+}
+
 static int connect_to(const char *address)
 {
 	char host[256];
@@ -165,7 +181,6 @@ int main(int argc, char **argv)
 		if (rc < 0)
 			die("io_uring_register_buffers", -rc);
 	}
-	unsigned zc_flags = IORING_SEND_ZC_REPORT_USAGE;
 
 	struct rusage before, after;
 	getrusage(RUSAGE_SELF, &before);
@@ -173,24 +188,9 @@ int main(int argc, char **argv)
 	uint64_t bytes = 0, sends = 0, notifications = 0, copied_by_kernel = 0;
 	unsigned busy = 0;
 	int stopping = 0;
-	/* Queue (part of) slot i's send; the next io_uring_enter hands it to the kernel. */
-#define QUEUE(i)                                                                               \
-	do {                                                                                   \
-		struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);                            \
-		char *from = bufs[i] + slots[i].offset;                                        \
-		size_t left = size - slots[i].offset;                                          \
-		if (mode == SEND)                                                              \
-			io_uring_prep_send(sqe, fd, from, left, MSG_WAITALL);                  \
-		else if (mode == SEND_ZC)                                                      \
-			io_uring_prep_send_zc(sqe, fd, from, left, MSG_WAITALL, zc_flags);     \
-		else                                                                           \
-			io_uring_prep_send_zc_fixed(sqe, fd, from, left, MSG_WAITALL,          \
-						    zc_flags, i);                              \
-		io_uring_sqe_set_data64(sqe, i);                                               \
-	} while (0)
 	for (unsigned i = 0; i < inflight && !stopping; i++) {
 		slots[i] = (struct slot){0};
-		QUEUE(i);
+		queue_send(&ring, fd, mode, bufs[i], size, slots[i].offset, i);
 		busy++;
 		sends++;
 		bytes += size;
@@ -219,7 +219,8 @@ int main(int argc, char **argv)
 					die("send", -cqe->res);
 				slot->offset += cqe->res;
 				if (slot->offset < size) {
-					QUEUE(i); /* a short send: the rest goes next */
+					/* A short send: the rest goes next. */
+					queue_send(&ring, fd, mode, bufs[i], size, slot->offset, i);
 					continue;
 				}
 			}
@@ -230,7 +231,7 @@ int main(int argc, char **argv)
 				continue;
 			}
 			slot->offset = 0;
-			QUEUE(i);
+			queue_send(&ring, fd, mode, bufs[i], size, slots[i].offset, i);
 			sends++;
 			bytes += size;
 			stopping = bytes >= max_bytes || now() >= deadline;
