@@ -71,9 +71,12 @@ lint-release: $(VENV)/.release-tools
 	$(VENV)/bin/ruff check scripts
 	$(VENV)/bin/ruff format --check scripts
 
+# The core benchmark (about 15 minutes on 2 CPUs): BENCHMARKS.md, plots, targets met / not met.
+# `make bench BENCH_ARGS=--quick` is a smoke run of seconds; see `python -m bench --help`.
+BENCH_ARGS ?=
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 # Mutation controls: the extension built with deliberate faults (cargo feature "mutants", never
 # in a release build) into its own venv and target directory; each fault must make a contract

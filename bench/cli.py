@@ -39,10 +39,11 @@ from bench.config import (
     MiB,
     State,
     parse_size,
+    size_label,
 )
 from bench.report import machine, markdown, plot, write_json, write_markdown
 from bench.run import measure
-from bench.stats import evaluate
+from bench.stats import auto_choices, evaluate
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -124,9 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     write_json(config.out / "core.json", config, state, info, elapsed)
     write_markdown(config.markdown, markdown(config, state, info, elapsed))
     print(f"wrote {config.out / 'core.json'} and {config.markdown}", flush=True)
+    print("targets:")
     for r in evaluate(state.rows, config.inflight):
-        verdict = "met" if r["met"] else "MISSED"
-        print(f"  {r['target']} [{r['inflight']} in flight]: {r['ratio']:.2f}x {verdict}")
+        verdict = "met" if r["met"] else "NOT MET"
+        where = f"{r['topology']}, {size_label(r['size'])}, {r['inflight']} in flight"
+        print(f"  {r['target']} [{where}]: {r['ratio']:.2f}x {verdict}")
+    choices = auto_choices(state.rows)
+    for c in choices:
+        if c["beaten_on_both_by"]:
+            print(
+                f"  auto picked {c['pick']} on {c['topology']}, {size_label(c['size'])}, "
+                f"{c['inflight']} in flight: beaten on CPU/GB and MB/s by "
+                + ", ".join(c["beaten_on_both_by"])
+            )
+    if choices:
+        lost = sum(1 for c in choices if c["beaten_on_both_by"])
+        print(f"  auto's pick lost on both CPU/GB and MB/s in {lost} of {len(choices)} cells")
     if state.failures:
         print(f"{len(state.failures)} sender run(s) failed", file=sys.stderr)
         return 1

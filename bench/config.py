@@ -11,22 +11,36 @@ from typing import Any
 from bench.sender import CONTENDERS as PYTHON_CONTENDERS
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The anchors: the Rust core driven directly, and C over liburing (bench/c_sender.c).
 RUST = "rust-io_uring"
-CONTENDERS = (*PYTHON_CONTENDERS, RUST)
-ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's default backend
+RUST_POOL = "rust-io_uring-pool"
+C_SEND_ZC = "c-send_zc"
+C_SEND_ZC_FIXED = "c-send_zc_fixed"
+C_SEND = "c-send"
+C_CONTENDERS = (C_SEND_ZC, C_SEND_ZC_FIXED, C_SEND)
+RUST_CONTENDERS = (RUST, RUST_POOL)
+CONTENDERS = (*PYTHON_CONTENDERS, *RUST_CONTENDERS, *C_CONTENDERS)
+ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's io_uring backend
 POOL = "zerosend-io_uring-pool"
-AUTO = "zerosend-auto"  # what wrap() picks by default: copy for a peer on this host
-BASELINE = "asyncio-sock_sendall"
+AUTO = "zerosend-auto"  # what wrap() picks by default
+COPY = "zerosend-copy"
+MSG_ZEROCOPY = "zerosend-msg_zerocopy"
+#: zerosend's three backends, the choices ``auto`` picks from (plain buffers).
+BACKENDS = {"copy": COPY, "msg_zerocopy": MSG_ZEROCOPY, "io_uring": ZEROSEND}
+#: The baseline the targets are read against: the loop a user writes for one stream.
+BASELINE = "asyncio-sock_sendall-1conn"
+#: N connections with one ``sock_sendall`` each, for N in flight.
+BASELINE_N = "asyncio-sock_sendall"
 KiB = 1 << 10
 MiB = 1 << 20
 FULL_SIZES = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 8 * MiB)
 FULL_INFLIGHT = (1, 8, 32)
 IFB = "ifb"
 #: Datagram sizes on the ifb topology (a datagram holds at most 65,507 bytes).
-IFB_SIZES = (16 * KiB, 32 * KiB, 60_000)
+IFB_SIZES = (4 * KiB, 16 * KiB, 32 * KiB, 60_000)
 MAX_DATAGRAM = 65_507
 #: The senders that can send datagrams: zerosend's backends, the copying one included.
-IFB_CONTENDERS = (ZEROSEND, POOL, "zerosend-msg_zerocopy", "zerosend-copy")
+IFB_CONTENDERS = (AUTO, ZEROSEND, POOL, MSG_ZEROCOPY, COPY)
 
 LABELS = {
     "zerosend-auto": "zerosend auto",
@@ -34,11 +48,16 @@ LABELS = {
     "zerosend-io_uring-pool": "zerosend io_uring + pool",
     "zerosend-msg_zerocopy": "zerosend MSG_ZEROCOPY",
     "zerosend-copy": "zerosend copy",
-    "asyncio-sock_sendall": "asyncio sock_sendall",
+    "asyncio-sock_sendall-1conn": "asyncio sock_sendall, 1 connection",
+    "asyncio-sock_sendall": "asyncio sock_sendall, N connections",
     "asyncio-streams": "asyncio streams",
     "uvloop-sock_sendall": "uvloop sock_sendall",
     "uvloop-streams": "uvloop streams",
     RUST: "pure Rust (io_uring)",
+    RUST_POOL: "pure Rust (io_uring, registered)",
+    C_SEND_ZC: "C SEND_ZC",
+    C_SEND_ZC_FIXED: "C SEND_ZC, registered",
+    C_SEND: "C send (copy)",
 }
 
 

@@ -65,7 +65,10 @@ async def _connect(host: str, port: int, datagrams: bool) -> socket.socket:
 async def _push(
     sock: socket.socket, backend: str, pooled: bool, total: int, size: int, depth: int
 ) -> Row:
-    zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
+    if sock.type == socket.SOCK_DGRAM:  # below the default threshold; zero-copy is the point
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+    else:
+        zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
     buffers: list[Any]
     if pooled:
         # Registered buffers: io_uring sends them without looking up and pinning pages.

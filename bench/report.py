@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import (
+    BACKENDS,
     LABELS,
     ROOT,
-    RUST,
     Config,
     State,
     size_label,
     topology_contenders,
     topology_sizes,
 )
-from bench.stats import Key, evaluate, summarize
+from bench.stats import MARGIN, Key, auto_choices, evaluate, summarize
 
 #: Hand-written findings (causes of missed targets), included in the Markdown after the targets.
 NOTES = ROOT / "bench" / "core-notes.md"
@@ -86,6 +86,7 @@ def write_json(
         "failures": state.failures,
         "retries": state.retries,
         "targets": evaluate(state.rows, config.inflight),
+        "auto": auto_choices(state.rows),
         "summary": [
             {"topology": t, "size": s, "inflight": i, "contender": c, **figs}
             for (t, s, i, c), figs in sorted(summary.items())
@@ -144,12 +145,23 @@ copy backend is the copying reference), and a run ends at the last release.
 
 **What "in flight" means for each sender** (every sender keeps N buffers of the size, so memory
 is alike):
-- *zerosend* (`send_zc` on each backend; "+ pool" takes `zerosend.BufferPool` buffers): one
-  connection, N sends submitted and not yet released by the kernel; one task awaits the oldest and
-  submits the next from the buffer that came back. The pure-Rust sender (the core `Driver` with no
-  Python, `rust/zerosend/examples/bench_sender.rs`) does the same.
-- *`loop.sock_sendall`*: N connections, each with one `sock_sendall` pending (one socket cannot
-  have two: their bytes would interleave), N tasks.
+- *zerosend* (`send_zc` on each backend, with `zerocopy_threshold=0` so that it sends zero-copy
+  at every size; *auto* is `wrap()`'s defaults, threshold included; "+ pool" takes
+  `zerosend.BufferPool` buffers): one connection, N sends submitted and not yet released by
+  the kernel; one task awaits the oldest and submits the next from the buffer that came back.
+  The pure-Rust sender (the core `Driver` with no Python,
+  `rust/zerosend/examples/bench_sender.rs`) does the same, from heap `Vec`s or
+  ("registered") from one locked region registered as io_uring fixed buffers, as `BufferPool` is.
+- *C* (`bench/c_sender.c`, built by the harness with `cc` over liburing): one connection, N
+  requests in flight, each buffer reused at its release (SEND_ZC: the notification CQE; plain
+  send: its CQE), every batch submitted in the `io_uring_enter` that waits for the next
+  completion; plain or registered buffers. Its requests are not linked (it only counts bytes, as
+  liburing's send-zerocopy example does); zerosend keeps byte order.
+- *`loop.sock_sendall`, 1 connection*: one `await loop.sock_sendall(sock, buf)` after the other,
+  the program a user writes for one stream (in flight does not apply): **the baseline the
+  targets are read against**.
+- *`loop.sock_sendall`, N connections*: N connections, each with one `sock_sendall` pending (one
+  socket cannot have two: their bytes would interleave), N tasks.
 - *streams* (`asyncio.open_connection`): one connection, N `writer.write()` calls then one
   `await writer.drain()`.
 - *uvloop*: the same two programs on `uvloop.run`.
@@ -188,15 +200,16 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
         out += [
             "### Targets (ratios measured in this run)",
             "",
-            "| target | in flight | ratio | met |",
-            "|---|---|---|---|",
+            "| target | topology | size | in flight | ratio | met |",
+            "|---|---|---|---|---|---|",
         ]
         for r in results:
             out.append(
-                f"| {r['target']} | {r['inflight']} | {r['ratio']:.2f}x | "
-                f"{'yes' if r['met'] else '**no**'} |"
+                f"| {r['target']} | {r['topology']} | {size_label(r['size'])} | "
+                f"{r['inflight']} | {r['ratio']:.2f}x | {'met' if r['met'] else '**not met**'} |"
             )
         out.append("")
+    out += auto_table(state.rows)
     if NOTES.exists() and not config.quick:
         out += [NOTES.read_text().rstrip(), ""]
     for topology in config.topologies:
@@ -219,7 +232,7 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
             out += [f"**{title}** ({topology})", ""]
             out += table(summary, topology, config, here, metric, digits)
             out.append("")
-        zc = [c for c in here if c.startswith("zerosend") or c == RUST]
+        zc = [c for c in here if c.startswith(("zerosend", "rust", "c-"))]
         out += [
             f"**Bytes the kernel sent without copying / copied, %** ({topology}; "
             "asyncio and uvloop copy everything)",
@@ -240,6 +253,44 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
                 out.append(f"| {size_label(size)} | {depth} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def auto_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The crossover of zerosend's backends, cell by cell, and what ``auto`` picked there."""
+    choices = auto_choices(rows)
+    if not choices:
+        return []
+    names = list(BACKENDS)
+    lost = [c for c in choices if c["beaten_on_both_by"]]
+    out = [
+        "### Which backend wins, and what `auto` picks",
+        "",
+        "Per cell, CPU s/GB and MB/s of each backend (plain buffers, medians), the cheapest and "
+        "the fastest, and what `auto` did there (its backend, or copy below the zero-copy "
+        f"threshold). *Lost on both*: a backend beat auto's pick by more than "
+        f"{100 * (MARGIN - 1):.0f} % on CPU/GB and on MB/s. "
+        f"**auto's pick lost on both in {len(lost)} of {len(choices)} cells.**",
+        "",
+        "| topology | size | in flight | "
+        + " | ".join(f"{n} CPU/GB, MB/s" for n in names)
+        + " | cheapest | fastest | auto | lost on both to |",
+        "|" + "---|" * (len(names) + 7),
+    ]
+    for c in choices:
+        cells = [
+            f"{fmt(c['cpu_s_per_gb'].get(n), 3)}, {fmt(c['mb_per_s'].get(n))}"
+            if n in c["cpu_s_per_gb"]
+            else "-"
+            for n in names
+        ]
+        beaten = ", ".join(c["beaten_on_both_by"]) or "-"
+        out.append(
+            f"| {c['topology']} | {size_label(c['size'])} | {c['inflight']} | "
+            + " | ".join(cells)
+            + f" | {c['cheapest']} | {c['fastest']} | {c['pick']} | {beaten} |"
+        )
+    out.append("")
+    return out
 
 
 def rel(path: Path) -> str:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import (
+    C_CONTENDERS,
     IFB,
     LABELS,
     POOL,
     ROOT,
-    RUST,
+    RUST_CONTENDERS,
+    RUST_POOL,
     Config,
     State,
     topology_contenders,
@@ -36,6 +38,11 @@ def pinning() -> tuple[int | None, int | None]:
     return None, None
 
 
+def target_dir() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target if target.is_absolute() else ROOT / target
+
+
 def build_rust_sender() -> tuple[Path | None, str | None]:
     """Builds the cargo example; returns (binary, None) or (None, why not)."""
     cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
@@ -49,12 +56,29 @@ def build_rust_sender() -> tuple[Path | None, str | None]:
     )
     if done.returncode != 0:
         raise RuntimeError(f"building the Rust sender failed:\n{done.stderr}")
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    if not target.is_absolute():
-        target = ROOT / target
-    binary = target / "release" / "examples" / "bench_sender"
+    binary = target_dir() / "release" / "examples" / "bench_sender"
     if not binary.exists():
         raise RuntimeError(f"cargo built the Rust sender but {binary.name} is missing")
+    return binary, None
+
+
+def build_c_sender() -> tuple[Path | None, str | None]:
+    """Compiles bench/c_sender.c against liburing; returns (binary, None) or (None, why not)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        return None, "no C compiler (cc) on PATH"
+    binary = target_dir() / "bench" / "c_sender"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    source = ROOT / "bench" / "c_sender.c"
+    done = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(binary), str(source), "-luring"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        if "liburing.h" in done.stderr:
+            return None, "liburing's headers are missing (scripts/install-system-deps.sh)"
+        raise RuntimeError(f"building the C sender failed:\n{done.stderr}")
     return binary, None
 
 
@@ -85,7 +109,7 @@ def run_sender(
     inflight: int,
     config: Config,
     cpu: int | None,
-    rust: Path | None,
+    native: dict[str, Path],
     udp: bool = False,
 ) -> dict[str, Any]:
     """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
@@ -105,9 +129,11 @@ def run_sender(
         common += ["--cpu", str(cpu)]
     if udp:
         common.append("--udp")
-    if contender == RUST:
-        assert rust is not None
-        argv = [str(rust), *common]
+    if contender in RUST_CONTENDERS:
+        buffers = "registered" if contender == RUST_POOL else "plain"
+        argv = [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
+    elif contender in C_CONTENDERS:
+        argv = [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
     else:
         argv = [sys.executable, "-m", "bench.sender", contender, *common]
     timeout = 60 + config.seconds * 4
@@ -122,6 +148,10 @@ def run_sender(
             f"{last_line(done.stderr)}"
         )
     result: dict[str, Any] = json.loads(lines[-1])
+    if contender in C_CONTENDERS:  # it counts what it can; zerosend's other counters are 0
+        import zerosend
+
+        result["stats"] = {**dict.fromkeys(zerosend.STATS_KEYS, 0), **result["stats"]}
     return result
 
 
@@ -146,7 +176,8 @@ def kernel_skips() -> dict[str, str]:
     skips = {}
     if not caps.io_uring_send_zc:
         why = f"io_uring SEND_ZC unavailable: {caps.io_uring_send_zc_reason}"
-        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, RUST), why))
+        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, *RUST_CONTENDERS), why))
+        skips.update(dict.fromkeys(C_CONTENDERS, why))
     if not caps.msg_zerocopy:
         skips["zerosend-msg_zerocopy"] = f"MSG_ZEROCOPY unavailable: {caps.msg_zerocopy_reason}"
     return skips
@@ -158,12 +189,21 @@ def measure(config: Config, state: State) -> None:
         if contender in config.contenders:
             state.skipped[contender] = why
             print(f"skipping {LABELS[contender]}: {why}", flush=True)
-    rust: Path | None = None
-    if RUST in config.contenders and RUST not in state.skipped:
-        rust, no_rust = build_rust_sender()
-        if no_rust:
-            state.skipped[RUST] = no_rust
-            print(f"skipping {LABELS[RUST]}: {no_rust}", flush=True)
+    native: dict[str, Path] = {}
+    for name, group, build in (
+        ("rust", RUST_CONTENDERS, build_rust_sender),
+        ("c", C_CONTENDERS, build_c_sender),
+    ):
+        wanted = [c for c in group if c in config.contenders and c not in state.skipped]
+        if not wanted:
+            continue
+        binary, why_not = build()
+        if binary is not None:
+            native[name] = binary
+            continue
+        for contender in wanted:
+            state.skipped[contender] = str(why_not)
+            print(f"skipping {LABELS[contender]}: {why_not}", flush=True)
     for topology in config.topologies:
         cells = [(s, i) for s in topology_sizes(config, topology) for i in config.inflight]
         contenders = topology_contenders(config.contenders, topology)
@@ -185,7 +225,7 @@ def measure(config: Config, state: State) -> None:
                             continue
                         args = (contender, address, size, inflight, config, sender_cpu)
                         try:
-                            result = run_sender(*args, rust, udp)
+                            result = run_sender(*args, native, udp)
                         except RuntimeError as first:
                             # Once more, in case the machine changed under us (a sysctl toggled
                             # by another test, say); a contender that fails twice has failed.
@@ -193,7 +233,7 @@ def measure(config: Config, state: State) -> None:
                             state.retries.append(f"{topology}: {str(first).splitlines()[-1]}")
                             time.sleep(1)
                             try:
-                                result = run_sender(*args, rust, udp)
+                                result = run_sender(*args, native, udp)
                             except RuntimeError as exc:
                                 state.failures.append(f"{topology}: {exc}")
                                 print(f"FAILED {exc}", flush=True)

@@ -15,8 +15,12 @@ What "N in flight" means for each contender:
 
 * zerosend ``send_zc``: one connection, N sends submitted and not yet released by the kernel;
   each has its own buffer, reused once its send completes (one task awaits the oldest future).
+  ``zerosend-auto`` wraps with the defaults (backend and zero-copy threshold); a named backend
+  is wrapped with ``zerocopy_threshold=0``, so it sends zero-copy at every size.
 * ``loop.sock_sendall``: N connections, one task each, each with one ``sock_sendall`` pending
   (a socket cannot have two: their bytes would interleave).
+* ``loop.sock_sendall`` on one connection (``-1conn``): the loop a user writes for one stream,
+  one ``await loop.sock_sendall`` after the other; N does not apply (one buffer is enough).
 * streams: one connection, N ``writer.write()`` calls, then ``await writer.drain()``.
 """
 
@@ -45,6 +49,7 @@ CONTENDERS = (
     "zerosend-io_uring-pool",
     "zerosend-msg_zerocopy",
     "zerosend-copy",
+    "asyncio-sock_sendall-1conn",
     "asyncio-sock_sendall",
     "asyncio-streams",
     "uvloop-sock_sendall",
@@ -120,7 +125,10 @@ async def read_ack(sock: socket.socket) -> int:
 
 async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -> None:
     sock = await connect(plan)
-    zs = zerosend.wrap(sock, backend=backend)  # type: ignore[arg-type]
+    if backend == "auto":  # the defaults, threshold included: what a user gets
+        zs = zerosend.wrap(sock)
+    else:  # the backend itself at every size: the figures auto's rule is read from
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
     outcome.backend = zs.backend
     window: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
     buffer_pool = zerosend.BufferPool(plan.inflight, plan.size) if pool else None
@@ -166,16 +174,16 @@ async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -
     outcome.bytes, outcome.sends = sent, sends
 
 
-async def run_sock_sendall(plan: Plan, outcome: Outcome) -> None:
+async def run_sock_sendall(plan: Plan, outcome: Outcome, connections: int) -> None:
     loop = asyncio.get_running_loop()
-    socks = [await connect(plan) for _ in range(plan.inflight)]
-    buffers = plan.buffers(plan.inflight)
-    totals = [0] * plan.inflight
-    counts = [0] * plan.inflight
+    socks = [await connect(plan) for _ in range(connections)]
+    buffers = plan.buffers(connections)
+    totals = [0] * connections
+    counts = [0] * connections
 
     async def pump(index: int) -> None:
         sock, buf, size, limit = socks[index], buffers[index], plan.size, plan.max_bytes
-        share = limit // plan.inflight if limit < 1 << 62 else limit
+        share = limit // connections if limit < 1 << 62 else limit
         deadline, monotonic, sendall = plan.deadline, time.monotonic, loop.sock_sendall
         sent = sends = 0
         while True:
@@ -190,7 +198,7 @@ async def run_sock_sendall(plan: Plan, outcome: Outcome) -> None:
         sock.close()
 
     plan.start()
-    await asyncio.gather(*(pump(i) for i in range(plan.inflight)))
+    await asyncio.gather(*(pump(i) for i in range(connections)))
     plan.finish()
     outcome.bytes, outcome.sends, outcome.connections = sum(totals), sum(counts), len(socks)
 
@@ -235,7 +243,9 @@ def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Corouti
         backend, _, extra = variant.partition("-")
         return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
     if variant == "sock_sendall":
-        return lambda: run_sock_sendall(plan, outcome)
+        return lambda: run_sock_sendall(plan, outcome, plan.inflight)
+    if variant == "sock_sendall-1conn":
+        return lambda: run_sock_sendall(plan, outcome, 1)
     if variant == "streams":
         return lambda: run_streams(plan, outcome)
     raise ValueError(f"unknown contender {contender!r}")

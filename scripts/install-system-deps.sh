@@ -2,9 +2,10 @@
 # Installs the Debian packages the tests and benchmarks use, if any is missing:
 # real iSCSI clients (libiscsi-bin, qemu-img with iscsi://), tgt to compare against,
 # iproute2 for the network-namespace rig, nftables for packet-loss tests, systemd for checking
-# the service unit (systemd-analyze).
+# the service unit (systemd-analyze); liburing-dev for the C io_uring sender the benchmark builds
+# as its anchor.
 set -eu
-PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps systemd"
+PACKAGES="libiscsi-bin qemu-utils qemu-block-extra tgt nftables iproute2 procps systemd liburing-dev"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

@@ -19,7 +19,9 @@ CAPS = zerosend.capabilities()
 MAY_SKIP: dict[str, str] = {}
 if not CAPS.io_uring_send_zc:
     MAY_SKIP.update(dict.fromkeys(("zerosend-io_uring", "zerosend-io_uring-pool"), "io_uring"))
-    MAY_SKIP["rust-io_uring"] = "io_uring"
+    # The anchors drive io_uring themselves (the C copying sender too: IORING_OP_SEND).
+    for anchor in ("rust-io_uring", "rust-io_uring-pool", "c-send_zc", "c-send_zc_fixed", "c-send"):
+        MAY_SKIP[anchor] = "io_uring"
 if not CAPS.msg_zerocopy:
     MAY_SKIP["zerosend-msg_zerocopy"] = "MSG_ZEROCOPY"
 
@@ -63,6 +65,11 @@ def test_quick_run_drives_every_contender(tmp_path: Path) -> None:
     assert text.rstrip().endswith("kept below")
     assert "stale section" not in text
     assert "sends/s" in text and "CPU seconds per GB" in text
+    # The targets and the backend crossover are read from the same run, with a verdict each.
+    assert any(t["size"] == 4096 and t["inflight"] == 1 for t in report["targets"])
+    assert "### Targets" in text and "| topology | size | in flight |" in text
+    assert report["auto"] and all(c["pick"] == "copy" for c in report["auto"])  # loopback
+    assert "what `auto` picks" in text
 
 
 @pytest.mark.slow
@@ -73,7 +80,7 @@ def test_quick_run_on_the_true_zero_copy_topology(tmp_path: Path) -> None:
     require("rig", RIG_UNAVAILABLE)
     report = run_quick(tmp_path, "--topologies", "ifb")
     ran = {r["contender"] for r in report["runs"]}
-    expected = {"zerosend-copy"}
+    expected = {"zerosend-copy", "zerosend-auto"}
     if CAPS.io_uring_send_zc:
         expected |= {"zerosend-io_uring", "zerosend-io_uring-pool"}
     if CAPS.msg_zerocopy:
@@ -81,6 +88,8 @@ def test_quick_run_on_the_true_zero_copy_topology(tmp_path: Path) -> None:
     assert ran == expected
     for run in report["runs"]:
         assert run["size"] <= 65507 and run["bytes"] > 0, run
-        uncopied = 0 if run["contender"] == "zerosend-copy" else run["bytes"]
+        # auto copies datagrams at the default threshold (the copy backend); the others never.
+        uncopied = 0 if run["backend"] == "copy" else run["bytes"]
+        assert run["backend"] == "copy" or run["contender"] != "zerosend-auto", run
         assert run["stats"]["bytes_zerocopy"] == uncopied, run
     assert "### ifb" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -23,7 +23,8 @@ def _needs_msg_zerocopy() -> None:
 
 async def _send_all(limit: int, sysctl: SetSysctl) -> tuple[zerosend.Socket, list[object], bool]:
     client, server = await tcp_pair()
-    zs = zerosend.wrap(client, backend="msg_zerocopy")
+    # 256 KiB sends, below the default threshold: sent zero-copy here.
+    zs = zerosend.wrap(client, backend="msg_zerocopy", zerocopy_threshold=0)
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
     data = os.urandom(32 * MiB)

@@ -87,7 +87,7 @@ async def test_sends_from_the_pool(backend: str) -> None:
     client, server = await tcp_pair()
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
-    zs = zerosend.wrap(client, backend=backend)
+    zs = zerosend.wrap(client, backend=backend, zerocopy_threshold=0)  # the slices too
     expected = bytearray()
     for round_ in range(6):
         async with pool.acquire() as buf:
@@ -115,7 +115,7 @@ async def test_release_waits_for_the_kernel(rig: Rig, zc_backend: str) -> None:
     # buffer must stay out of the pool, also after the task awaiting the send was cancelled.
     pool = zerosend.BufferPool(1, HELD)
     async with rig_connection(rig, 5312) as (sock, report):
-        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
+        zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=HELD)  # type: ignore[arg-type]
         buf = await pool.acquire()
         memoryview(buf)[:] = b"p" * HELD
 

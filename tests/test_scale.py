@@ -63,12 +63,12 @@ async def test_ten_thousand_udp_sockets_on_one_loop_all_resolve() -> None:
         receiver.bind(("127.0.0.1", 0))
         wrapped: list[zerosend.Socket] = []
         try:
-            payload = bytes(range(256)) * 64  # 16 KiB, above the zero-copy threshold
+            payload = bytes(range(256)) * 64  # 16 KiB, sent zero-copy (threshold 0)
             for _ in range(UDP_SOCKETS):
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                     sock.setblocking(False)
                     sock.connect(receiver.getsockname())
-                    wrapped.append(zerosend.wrap(sock, backend="io_uring"))
+                    wrapped.append(zerosend.wrap(sock, backend="io_uring", zerocopy_threshold=0))
             # Two datagrams in flight on every socket: 20,000 sends, 40,000 completions.
             futures = [zs.send_zc(payload) for zs in wrapped for _ in range(2)]
             results = await asyncio.wait_for(asyncio.gather(*futures), HANG_GUARD_S)
@@ -91,7 +91,10 @@ async def test_two_thousand_tcp_connections_each_with_a_send_in_flight() -> None
             pytest.skip(f"RLIMIT_NOFILE cannot be raised above {limit}")
         pairs = [await tcp_pair() for _ in range(TCP_CONNECTIONS)]
         try:
-            wrapped = [zerosend.wrap(client, backend="io_uring") for client, _ in pairs]
+            wrapped = [
+                zerosend.wrap(client, backend="io_uring", zerocopy_threshold=0)
+                for client, _ in pairs
+            ]
             payloads = [bytes([i % 251]) * 65536 for i in range(TCP_CONNECTIONS)]
             futures = [zs.send_zc(p) for zs, p in zip(wrapped, payloads, strict=True)]
             results = await asyncio.wait_for(asyncio.gather(*futures), HANG_GUARD_S)

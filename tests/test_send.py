@@ -42,7 +42,7 @@ def _payloads() -> list[object]:
         bytes(os.urandom(7)),
         view[3:103],  # unaligned slice
         bytearray(os.urandom(4095)),
-        view[1 : 1 + 10239],  # just below the default threshold
+        view[1 : 1 + 10239],  # just below the threshold
         view[5 : 5 + 10240],  # at the threshold
         mapped,
         numbers,  # format "i": sent as its raw bytes
@@ -64,7 +64,8 @@ async def test_integrity_and_order_with_many_in_flight(backend: str) -> None:
     client, server = await tcp_pair()
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
-    zs = zerosend.wrap(client, backend=backend)
+    # The payloads straddle 10 KiB (just below it, at it): that threshold, set here.
+    zs = zerosend.wrap(client, backend=backend, zerocopy_threshold=10240)
     assert zs.backend == backend
     payloads = _payloads()
     expected = bytearray()
@@ -107,7 +108,7 @@ async def test_buffer_is_held_until_the_kernel_releases_it(rig: Rig, zc_backend:
     data = bytearray(os.urandom(HELD))
     expected = hashlib.sha256(data).hexdigest()
     async with rig_connection(rig, RIG_PORT) as (sock, report):
-        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
+        zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=HELD)  # type: ignore[arg-type]
         with rig.ingress_drop() as drop:
             future = zs.send_zc(data)
             await accepted_not_released(sock, HELD)
@@ -130,7 +131,7 @@ async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: 
     after = b"after-the-cancelled-send"
     expected = hashlib.sha256(bytes(data) + after).hexdigest()
     async with rig_connection(rig, RIG_PORT) as (sock, report):
-        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
+        zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=HELD)  # type: ignore[arg-type]
 
         async def waiter() -> None:
             await zs.send_zc(data)

@@ -219,7 +219,8 @@ async def test_send_file_between_zero_copy_sends_on_the_rig(
     path, content = data_file
     expected = hashlib.sha256()
     async with rig_connection(rig, 5421) as (sock, report):
-        zs = zerosend.wrap(sock, backend=zc_backend)  # type: ignore[arg-type]
+        # 256 KiB sends, below the default threshold: sent zero-copy here.
+        zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=256 * KiB)  # type: ignore[arg-type]
         futures = []
         with path.open("rb") as file:
             for i in range(24):

@@ -41,7 +41,7 @@ async def _integrity(backend: str) -> None:
     echo_task = asyncio.create_task(echo())
     reader = asyncio.create_task(read_back())
     view = memoryview(data)
-    async with zerosend.wrap(client, backend=backend) as zs:
+    async with zerosend.wrap(client, backend=backend, zerocopy_threshold=0) as zs:
         parts = [view[i : i + 300_001] for i in range(0, len(data), 300_001)]
         sends = [zs.send_zc(p) for p in parts]
         assert zs.inflight > 0

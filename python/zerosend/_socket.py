@@ -71,7 +71,7 @@ def wrap(
     sock: socket.socket,
     *,
     backend: BackendName = "auto",
-    zerocopy_threshold: int = 10240,
+    zerocopy_threshold: int = 1048576,
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 

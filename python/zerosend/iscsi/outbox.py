@@ -30,7 +30,8 @@ class Releasable(Protocol):
 log = logging.getLogger("zerosend.iscsi")
 
 # A Data-In segment at least this long makes its batch go zero-copy (below it the kernel's copy
-# is cheaper than pinning pages and waiting for the release: zerosend's own default threshold).
+# is cheaper than pinning pages and waiting for the release); the session wraps its socket with
+# this as zerosend's threshold.
 ZC_MIN = 10240
 # When the kernel reports this many zero-copy sends in a row as copied (loopback, veth, a device
 # without scatter-gather: kernel msg_zerocopy.rst suggests falling back then), the connection

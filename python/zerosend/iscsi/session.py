@@ -21,7 +21,7 @@ from .host import SessionHost
 from .liveness import Pinger, reset_connection
 from .login import LoginFailed, LoginMachine, failure_response
 from .nexus import NO_NEXUS, Nexus
-from .outbox import Outbox
+from .outbox import ZC_MIN, Outbox
 from .params import SessionParams
 from .reader import ConnectionClosed, PduReader
 from .reads import Reads
@@ -49,7 +49,8 @@ class Session:
         self.peer = peer
         self.name = peer
         self.loop = asyncio.get_running_loop()
-        self.zs = zerosend.wrap(sock, backend=host.config.backend)
+        # The outbox picks the batches that go zero-copy by ZC_MIN; the driver keeps that floor.
+        self.zs = zerosend.wrap(sock, backend=host.config.backend, zerocopy_threshold=ZC_MIN)
         self.params = SessionParams()
         self.discovery = False
         self.nexus = NO_NEXUS

@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! bench_sender --connect HOST:PORT --size BYTES --inflight N [--seconds S] [--max-bytes B]
-//!              [--backend io_uring|msg_zerocopy|copy] [--threshold BYTES] [--cpu CPU]
+//!              [--backend io_uring|msg_zerocopy|copy] [--threshold BYTES]
+//!              [--buffers plain|registered] [--cpu CPU]
 //! ```
 //!
 //! It keeps `N` sends of `BYTES` each in flight on one TCP connection (a send is in flight from
 //! submission until the kernel released its buffer), each from its own buffer, which is reused
-//! only once it comes back with its completion. It stops submitting after `S` seconds or `B`
+//! only once it comes back with its completion. `--buffers registered` carves the buffers from
+//! one locked [`Region`] registered with the driver (io_uring fixed buffers, as Python's
+//! `BufferPool` does); `plain` (the default) sends from ordinary heap `Vec`s. It stops submitting after `S` seconds or `B`
 //! bytes, waits for every release, shuts the write side and waits for the receiver's 8-byte
 //! acknowledgement (the byte count it read). Then it prints one JSON line: elapsed time, bytes,
 //! sends, its own CPU time (getrusage), peak RSS and the driver's counters.
@@ -16,9 +19,38 @@
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zerosend::{Backend, Completion, Driver, SocketOptions};
+use zerosend::{Backend, Completion, Driver, IoBuf, Region, SocketOptions};
+
+/// One send buffer: heap memory, or a piece of a registered region.
+enum Buffer {
+    Plain(Vec<u8>),
+    Registered {
+        region: Arc<Region>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+// SAFETY: a Vec's heap allocation stays in place while the Vec is only moved; a region piece
+// lies inside a mapping that the Arc keeps alive and that never moves.
+unsafe impl IoBuf for Buffer {
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Buffer::Plain(vec) => vec.as_ptr(),
+            // SAFETY: `offset + len` is within the region (checked where the piece is made).
+            Buffer::Registered { region, offset, .. } => unsafe { region.as_ptr().add(*offset) },
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Buffer::Plain(vec) => vec.len(),
+            Buffer::Registered { len, .. } => *len,
+        }
+    }
+}
 
 struct Args {
     connect: String,
@@ -28,6 +60,7 @@ struct Args {
     max_bytes: u64,
     backend: Backend,
     threshold: usize,
+    registered: bool,
     cpu: Option<usize>,
 }
 
@@ -35,7 +68,8 @@ fn usage(message: &str) -> ! {
     eprintln!("bench_sender: {message}");
     eprintln!(
         "usage: bench_sender --connect HOST:PORT --size BYTES --inflight N [--seconds S] \
-         [--max-bytes B] [--backend io_uring|msg_zerocopy|copy] [--threshold BYTES] [--cpu CPU]"
+         [--max-bytes B] [--backend io_uring|msg_zerocopy|copy] [--threshold BYTES] \
+         [--buffers plain|registered] [--cpu CPU]"
     );
     std::process::exit(2)
 }
@@ -48,7 +82,8 @@ fn parse_args() -> Args {
         seconds: 1.0,
         max_bytes: u64::MAX,
         backend: Backend::IoUring,
-        threshold: 10 * 1024,
+        threshold: SocketOptions::default().zerocopy_threshold,
+        registered: false,
         cpu: None,
     };
     let mut it = std::env::args().skip(1);
@@ -75,6 +110,13 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|| usage(&format!("unknown backend {value}")))
             }
             "--threshold" => args.threshold = number(&value) as usize,
+            "--buffers" => {
+                args.registered = match value.as_str() {
+                    "plain" => false,
+                    "registered" => true,
+                    _ => usage(&format!("--buffers: plain or registered, not {value}")),
+                }
+            }
             "--cpu" => args.cpu = Some(number(&value) as usize),
             _ => usage(&format!("unknown option {flag}")),
         }
@@ -149,7 +191,7 @@ fn main() {
         .set_nonblocking(true)
         .unwrap_or_else(|e| fail("set_nonblocking", e));
 
-    let mut driver: Driver<u64, Vec<u8>> = Driver::new().unwrap_or_else(|e| fail("driver", e));
+    let mut driver: Driver<u64, Buffer> = Driver::new().unwrap_or_else(|e| fail("driver", e));
     let options = SocketOptions {
         backend: Some(args.backend),
         zerocopy_threshold: args.threshold,
@@ -160,7 +202,27 @@ fn main() {
     let driver_fd = driver.fd().as_raw_fd();
 
     // Every buffer written once, so its pages exist before the clock starts.
-    let mut free: Vec<Vec<u8>> = (0..args.inflight).map(|_| vec![0xa5; args.size]).collect();
+    let mut free: Vec<Buffer> = if args.registered {
+        let (region, _) = Region::new(args.size * args.inflight, false)
+            .unwrap_or_else(|e| fail("buffer region", e));
+        // SAFETY: the mapping is `len` bytes long and nothing sends from it yet.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), 0xa5, region.len()) };
+        let region = Arc::new(region);
+        driver
+            .register_region(region.clone())
+            .unwrap_or_else(|e| fail("register_region", e));
+        (0..args.inflight)
+            .map(|i| Buffer::Registered {
+                region: region.clone(),
+                offset: i * args.size,
+                len: args.size,
+            })
+            .collect()
+    } else {
+        (0..args.inflight)
+            .map(|_| Buffer::Plain(vec![0xa5; args.size]))
+            .collect()
+    };
 
     let (user0, sys0, _) = rusage();
     let start = Instant::now();

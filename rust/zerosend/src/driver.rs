@@ -185,7 +185,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let claim = Claim::acquire(registry::socket_key(socket)?)?;
         let fd = sys::duplicate(socket)?;
         let (backend, fallback_reason, first_number) =
-            self.choose_backend(fd.as_fd(), &claim, options.backend)?;
+            self.choose_backend(fd.as_fd(), &claim, transport, options)?;
 
         let index = match self.free_entries.pop() {
             Some(index) => index,

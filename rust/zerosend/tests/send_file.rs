@@ -11,7 +11,11 @@ use common::backends;
 use zerosend::{Completion, Driver, SocketOptions};
 
 fn temp_file(content: &[u8]) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("zerosend-send-file-{}", std::process::id()));
+    // One name per call: the tests run in parallel threads of one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("zerosend-send-file-{}-{call}", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
     file.write_all(content).unwrap();
     let reopened = std::fs::File::open(&path).unwrap();

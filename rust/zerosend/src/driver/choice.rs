@@ -1,15 +1,24 @@
 //! Which backend a socket gets: the one asked for, or the best this kernel and socket allow,
 //! with the reason for every better one refused.
+//!
+//! `auto`'s rule, from the benchmark's crossover figures (BENCHMARKS.md, "Which backend wins"):
+//! a peer on this host gets copy (local delivery copies every zero-copy send anyway); so does a
+//! UDP socket whose zero-copy threshold is above the largest datagram (no send could go
+//! zero-copy); other UDP sockets prefer MSG_ZEROCOPY, TCP sockets io_uring. Per send, the
+//! socket's zero-copy threshold then decides between copy and zero-copy.
 
 use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 
-use super::{Backend, Driver};
+use super::{Backend, Driver, SocketOptions};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::registry::Claim;
-use crate::sys;
+use crate::sys::{self, Transport};
+
+/// The largest UDP payload without jumbograms (IPv6: 65,535 - 8 bytes; IPv4's is 20 less).
+const MAX_DATAGRAM: usize = 65_527;
 
 impl<T, B: IoBuf> Driver<T, B> {
     /// Picks the socket's backend: `(backend, why not a better one, first MSG_ZEROCOPY number)`.
@@ -17,13 +26,14 @@ impl<T, B: IoBuf> Driver<T, B> {
         &mut self,
         fd: BorrowedFd<'_>,
         claim: &Claim,
-        wanted: Option<Backend>,
+        transport: Transport,
+        options: &SocketOptions,
     ) -> Result<(Backend, Option<String>, u32)> {
         let unavailable = |backend: Backend, reason: String| Error::BackendUnavailable {
             backend: backend.name(),
             reason,
         };
-        match wanted {
+        match options.backend {
             Some(Backend::Copy) => Ok((Backend::Copy, None, 0)),
             Some(Backend::MsgZerocopy) => self
                 .enable_msg_zerocopy(fd, claim)
@@ -43,25 +53,50 @@ impl<T, B: IoBuf> Driver<T, B> {
                 ),
                 0,
             )),
-            None => {
-                let uring_reason = match self.ensure_ring() {
-                    Ok(()) => return Ok((Backend::IoUring, None, 0)),
-                    Err(reason) => reason,
-                };
-                match self.enable_msg_zerocopy(fd, claim) {
-                    Ok(first) => Ok((
-                        Backend::MsgZerocopy,
-                        Some(format!("io_uring: {uring_reason}")),
-                        first,
+            None if transport == Transport::Udp && options.zerocopy_threshold > MAX_DATAGRAM => {
+                Ok((
+                    Backend::Copy,
+                    Some(format!(
+                        "a datagram holds at most {MAX_DATAGRAM} bytes, below the zero-copy \
+                         threshold of {} bytes, so no send on this socket would go zero-copy \
+                         (lower zerocopy_threshold, or ask for a backend, to send zero-copy)",
+                        options.zerocopy_threshold
                     )),
-                    Err(reason) => Ok((
-                        Backend::Copy,
-                        Some(format!("io_uring: {uring_reason}; msg_zerocopy: {reason}")),
-                        0,
-                    )),
+                    0,
+                ))
+            }
+            None if transport == Transport::Udp => self.best_of(fd, claim, Backend::MsgZerocopy),
+            None => self.best_of(fd, claim, Backend::IoUring),
+        }
+    }
+
+    /// `first` if this kernel and socket allow it, else the other zero-copy backend, else copy;
+    /// with the reasons of every refusal.
+    fn best_of(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        claim: &Claim,
+        first: Backend,
+    ) -> Result<(Backend, Option<String>, u32)> {
+        let mut refusals = Vec::new();
+        let order = match first {
+            Backend::MsgZerocopy => [Backend::MsgZerocopy, Backend::IoUring],
+            _ => [Backend::IoUring, Backend::MsgZerocopy],
+        };
+        for backend in order {
+            let tried = match backend {
+                Backend::IoUring => self.ensure_ring().map(|()| 0),
+                _ => self.enable_msg_zerocopy(fd, claim),
+            };
+            match tried {
+                Ok(first_number) => {
+                    let reason = (!refusals.is_empty()).then(|| refusals.join("; "));
+                    return Ok((backend, reason, first_number));
                 }
+                Err(reason) => refusals.push(format!("{}: {reason}", backend.name())),
             }
         }
+        Ok((Backend::Copy, Some(refusals.join("; ")), 0))
     }
 
     /// Turns on SO_ZEROCOPY; returns the number the kernel will give the next zero-copy send.

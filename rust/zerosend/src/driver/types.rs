@@ -45,7 +45,7 @@ impl Default for SocketOptions {
     fn default() -> Self {
         Self {
             backend: None,
-            zerocopy_threshold: 10 * 1024,
+            zerocopy_threshold: 1 << 20,
         }
     }
 }
