@@ -32,6 +32,7 @@ from zerosend.iscsi import pdu as P
 from zerosend.iscsi import scsi as S
 from zerosend.iscsi.chap import Credentials
 from zerosend.iscsi.login import LoginFailed, LoginMachine
+from zerosend.iscsi.nexus import Nexus
 from zerosend.iscsi.params import MAX_BURST, NegotiationError, SessionParams, negotiate
 from zerosend.iscsi.reader import ConnectionClosed, PduReader
 from zerosend.iscsi.readloop import ReadLoop
@@ -199,7 +200,7 @@ def test_rust_and_python_read_loops_agree(
     pos = min(pos, out_size)
     sn = (expcmdsn, statsn, (expcmdsn + window - 1) & 0xFFFFFFFF)
     with open(image_dir / "disk.img", "rb") as f:
-        args = (f.fileno(), LUN0, BLOCK, IMAGE_BLOCKS, max_len, zc_min, refer_min, window)
+        args = (f.fileno(), LUN0, BLOCK, IMAGE_BLOCKS, max_len, zc_min, refer_min)
         outs, runs = [], []
         for kind in (IscsiReadPath, ReadLoop):
             out = bytearray(b"\xee" * out_size)
@@ -337,6 +338,9 @@ CDBS = st.tuples(st.integers(0, 255), st.binary(min_size=15, max_size=31)).map(
 )
 
 
+FUZZ_NEXUS = Nexus("iqn.2024-01.org.zerosend:fuzz", bytes(6))
+
+
 @examples(1500)
 @given(cdb=CDBS, no_lun=st.booleans())
 @example(cdb=bytes((0x12, 0x01, 0xB0)) + bytes(13), no_lun=True)
@@ -344,7 +348,7 @@ CDBS = st.tuples(st.integers(0, 255), st.binary(min_size=15, max_size=31)).map(
 def test_every_opcode_returns_data_or_check_condition(command_set, cdb, no_lun):
     commands, lu = command_set
     try:
-        data = commands.execute(None if no_lun else lu, cdb)
+        data = commands.execute(None if no_lun else lu, cdb, FUZZ_NEXUS)
     except S.CheckCondition as cc:
         assert cc.key in (S.ILLEGAL_REQUEST, S.DATA_PROTECT, S.MEDIUM_ERROR, S.MISCOMPARE,
                           S.NOT_READY, S.UNIT_ATTENTION, S.ABORTED_COMMAND)  # fmt: skip
