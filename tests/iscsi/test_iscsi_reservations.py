@@ -288,7 +288,8 @@ def test_reserve6_excludes_other_nexuses_and_conflicts_with_persistent_reservati
 
 def test_logical_unit_reset_ends_reserve6_and_raises_a_unit_attention(target_factory, image):
     path, _ = image
-    t = target_factory("--lun", str(path))
+    # (one session's LUN RESET reaches the other's only when the target is set up to allow it)
+    t = target_factory("--lun", str(path), "--cross-session-resets", "on")
     a, b = login(t.port, NODE_A), login(t.port, NODE_B)
     assert command(a, bytes((0x16, 0, 0, 0, 0, 0)))[0] == GOOD
     tmf = bytearray(48)

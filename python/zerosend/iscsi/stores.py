@@ -274,6 +274,15 @@ class FileStore(Store):
 
     def close(self) -> None:
         os.close(self.fd)
+        if self._map is not None:
+            # The mapping keeps a descriptor of the image of its own: unmap it now, unless a
+            # send still holds its pages (then the mapping goes with the last of them).
+            self._map.release()
+            self._map = None
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass
 
 
 def _reads_nowait(fd: int) -> bool:
