@@ -27,7 +27,8 @@ async def test_small_send_behind_a_zero_copy_send_in_flight_keeps_the_order(
     client, server = await tcp_pair()
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
-    zs = zerosend.wrap(client, backend=zc_backend)  # type: ignore[arg-type]
+    # A threshold between the two sends: the big one zero-copy, the small one a copy.
+    zs = zerosend.wrap(client, backend=zc_backend, zerocopy_threshold=10 * KiB)  # type: ignore[arg-type]
     big = os.urandom(256 * KiB)
     small = b"after the big one"
     first = zs.send_zc(big)
