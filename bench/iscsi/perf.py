@@ -1,10 +1,15 @@
 """iscsi-perf against zerosend's target and against tgtd serving the same image, alternating.
 
     python bench/iscsi/perf.py [--size 512M] [--seconds 10] [--rounds 3] [--markdown FILE]
+                               [--only NAMES] [--before PYTHON]
 
 Needs root (tgtd), libiscsi-bin (iscsi-perf) and tgt. Workloads: sequential 128 KiB reads with
 16 in flight, random 4 KiB reads with 32 in flight. Every (target, workload) pair runs once per
 round, the targets alternating, so drift on the machine hits both alike; the median is reported.
+
+`--before PYTHON` adds the same variants run by another interpreter, one whose environment has an
+earlier build of zerosend (a checkout of an older commit with `make develop`): a change's cost is
+then read against tgtd in the same run, before and after side by side.
 """
 
 from __future__ import annotations
@@ -46,12 +51,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 def start_zerosend(
-    image: str, port: int, log: Path, env: dict[str, str] | None = None
+    python: str, image: str, port: int, log: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
+    cmd = [python, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--iqn", IQN_ZS, "--lun", image, "--log-level", "WARNING"]
     proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env}
     )
     wait_port(port, proc, "zerosend-iscsi")
     return proc
@@ -95,7 +100,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--markdown", help="write the result table to this file")
     ap.add_argument("--only", help="the zerosend variants to run, separated by ';' (and tgtd)")
+    ap.add_argument(
+        "--before",
+        metavar="PYTHON",
+        help="also run the variants with this interpreter (an earlier build), named 'before ...'",
+    )
     opts = ap.parse_args()
+    if opts.before and shutil.which(opts.before) is None:
+        sys.exit(f"--before: {opts.before} is not an executable interpreter")
     if shutil.which("iscsi-perf") is None:
         sys.exit("iscsi-perf not found (Debian package libiscsi-bin)")
     tmp = Path(tempfile.mkdtemp(prefix="zs-iscsi-bench-"))
@@ -111,7 +123,7 @@ def main() -> int:
     # pages in flight), a read-only image read into pooled buffers (":ro"), sent from its
     # mapping (":ro,mmap") or with sendfile (":ro sendfile"); tgtd with its default backing
     # store (pread in threads).
-    variants: dict[str, tuple[str, dict[str, str]]] = {
+    forms: dict[str, tuple[str, dict[str, str]]] = {
         "zerosend": ("", {}),
         "zerosend:py-loop": ("", {"ZEROSEND_ISCSI_NATIVE": "0"}),
         "zerosend:mmap": (":mmap", {}),
@@ -120,15 +132,20 @@ def main() -> int:
         "zerosend:ro sendfile": (":ro", {"ZEROSEND_ISCSI_SENDFILE": "1"}),
     }
     if opts.only:
-        variants = {k: v for k, v in variants.items() if k in opts.only.split(";")}
+        forms = {k: v for k, v in forms.items() if k in opts.only.split(";")}
+    # name -> (interpreter, LUN form, environment)
+    variants = {name: (sys.executable, form, env) for name, (form, env) in forms.items()}
+    if opts.before:
+        for name, (form, env) in forms.items():
+            variants[name.replace("zerosend", "before", 1)] = (opts.before, form, env)
     procs: list[subprocess.Popen[bytes]] = []
     urls = {name: f"iscsi://127.0.0.1:{3272 + i}/{IQN_ZS}/0" for i, name in enumerate(variants)}
     urls["tgtd"] = f"iscsi://127.0.0.1:3271/{IQN_TGT}/1"
     results: dict[tuple[str, str], list[tuple[int, int]]] = {}
     try:
-        for i, (form, env) in enumerate(variants.values()):
+        for i, (python, form, env) in enumerate(variants.values()):
             log = tmp / f"zerosend-{i}.log"
-            procs.append(start_zerosend(f"{image}{form}", 3272 + i, log, env))
+            procs.append(start_zerosend(python, f"{image}{form}", 3272 + i, log, env))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         for r in range(opts.rounds):
             for wl, args in WORKLOADS.items():
@@ -157,9 +174,10 @@ def main() -> int:
     for wl in WORKLOADS:
         base = statistics.median(i for i, _ in results[("tgtd", wl)])
         for name in urls:
-            iops = statistics.median(i for i, _ in results[(name, wl)])
-            mbs = statistics.median(m for _, m in results[(name, wl)])
-            lines.append(f"| {wl} | {name} | {iops:.0f} | {mbs:.0f} | {iops / base:.2f} |")
+            median_iops = statistics.median(i for i, _ in results[(name, wl)])
+            median_mbs = statistics.median(m for _, m in results[(name, wl)])
+            ratio = median_iops / base
+            lines.append(f"| {wl} | {name} | {median_iops:.0f} | {median_mbs:.0f} | {ratio:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
     if opts.markdown:

@@ -1,11 +1,12 @@
-"""A one-file FUSE file system whose reads wait at a gate: a real device that blocks.
+"""A one-file FUSE file system whose I/O waits at a gate: a real device that blocks.
 
 ``GatedFile(mountpoint, data)`` mounts (root only) a file system holding one file,
 ``mountpoint / "disk.img"``, with ``data`` in it. While the gate is closed (``close_gate()``),
-every read of it waits in the kernel until ``open_gate()``; ``waiting`` counts the reads held
-there. The file is opened with direct I/O, so every read reaches this server (nothing is
-served from the page cache). Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
-(``include/uapi/linux/fuse.h``): just the requests a read-only file needs.
+every read, write and fsync of it waits in the kernel until ``open_gate()``; ``waiting`` counts
+the requests held there, ``syncs`` the fsyncs answered. The file is opened with direct I/O, so
+every read and write reaches this server (nothing stays in the page cache); writes change
+``data``. Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
+(``include/uapi/linux/fuse.h``): just the requests a fixed-size file needs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import threading
 from pathlib import Path
 
 # Opcodes
-LOOKUP, FORGET, GETATTR, OPEN, READ, RELEASE, FLUSH, INIT, INTERRUPT, DESTROY = (
-    1, 2, 3, 14, 15, 18, 25, 26, 36, 38,
+LOOKUP, FORGET, GETATTR, OPEN, READ, WRITE, RELEASE, FSYNC, FLUSH, INIT, INTERRUPT, DESTROY = (
+    1, 2, 3, 14, 15, 16, 18, 20, 25, 26, 36, 38,
 )  # fmt: skip
 BATCH_FORGET = 42
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
@@ -32,13 +33,15 @@ _IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gi
 _OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 _ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks times nsecs mode nlink ... flags
 _READ_IN = struct.Struct("<QQI")  # fh, offset, size
+_WRITE_IN = struct.Struct("<QQIIQII")  # fh, offset, size, write flags, lock owner, flags, pad
 
 
 class GatedFile:
     def __init__(self, mountpoint: Path, data: bytes) -> None:
         self.mountpoint = mountpoint
-        self.data = data
+        self.data = bytearray(data)
         self.waiting = 0
+        self.syncs = 0
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
@@ -119,16 +122,39 @@ class GatedFile:
                 threading.Thread(
                     target=self._read, args=(unique, offset, size), daemon=True
                 ).start()
+            elif opcode == WRITE:
+                _, offset, size, *_ = _WRITE_IN.unpack_from(arg)
+                data = arg[_WRITE_IN.size : _WRITE_IN.size + size]
+                threading.Thread(
+                    target=self._write, args=(unique, offset, data), daemon=True
+                ).start()
+            elif opcode == FSYNC:
+                threading.Thread(target=self._fsync, args=(unique,), daemon=True).start()
             elif opcode in (RELEASE, FLUSH, DESTROY):
                 self._reply(unique)
             else:
                 self._reply(unique, error=errno.ENOSYS)
 
-    def _read(self, unique: int, offset: int, size: int) -> None:
+    def _pass_gate(self) -> None:
         if not self._gate.is_set():
             with self._lock:
                 self.waiting += 1
             self._gate.wait()
             with self._lock:
                 self.waiting -= 1
-        self._reply(unique, self.data[offset : offset + size])
+
+    def _read(self, unique: int, offset: int, size: int) -> None:
+        self._pass_gate()
+        self._reply(unique, bytes(self.data[offset : offset + size]))
+
+    def _write(self, unique: int, offset: int, data: bytes) -> None:
+        self._pass_gate()
+        size = max(0, min(len(data), len(self.data) - offset))  # the file keeps its size
+        self.data[offset : offset + size] = data[:size]
+        self._reply(unique, struct.pack("<II", size, 0))
+
+    def _fsync(self, unique: int) -> None:
+        self._pass_gate()
+        with self._lock:
+            self.syncs += 1
+        self._reply(unique)

@@ -48,5 +48,5 @@ def write_atomic(
 
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
-    WRITE_ATOMIC16: S.ParameterCommand(_length, write_atomic, check=_check, exact=True)
+    WRITE_ATOMIC16: S.ParameterCommand(_length, write_atomic, check=_check, exact=True, medium=True)
 }

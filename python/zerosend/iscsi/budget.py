@@ -49,6 +49,13 @@ class SessionBudget:
 
     def submitted(self, fut: asyncio.Future[Any], _zerocopy: bool, parts: list[Any]) -> None:
         """A send went to the socket (``Outbox.on_submit``): count it until it is released."""
+        if fut.done():  # released within the call (a copy): nothing to count
+            if self._counted is not None:
+                self._counted = self.window.statsn
+            self.released += 1
+            if self.on_release is not None:
+                self.on_release()
+            return
         statuses = 0
         if self._counted is not None:
             statsn = self.window.statsn

@@ -130,6 +130,9 @@ class MmapPool:
         if owner is not None:
             owner.held -= 1
             lease.owner = None
+        if not self._waiting:  # the common case, per send: nobody waits
+            self._free.append(lease)
+            return
         while True:
             # The waiting session with the fewest buffers (that may hold one more) gets it.
             best = min(

@@ -4,7 +4,7 @@ blocks).
 
 Both read, decide and write while holding the LUN's ``media_lock``, which every other change to
 the medium also takes: the compare and the write are one step for every other session, whether
-writes run on the event loop (as today, each command in one synchronous call) or in threads.
+writes run on the event loop (memory LUNs) or in the store's threads (``diskio``).
 COMPARE AND WRITE runs once its Data-Out is complete; ORWRITE, which may be as long as a WRITE,
 streams: each Data-Out PDU is ORed in as one step.
 """
@@ -78,6 +78,6 @@ def or_write(lu: S.LogicalUnit, offset: int, data: memoryview | bytes) -> None:
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
     COMPARE_AND_WRITE: S.ParameterCommand(
-        _caw_length, compare_and_write, check=_caw_check, exact=True
+        _caw_length, compare_and_write, check=_caw_check, exact=True, medium=True
     )
 }

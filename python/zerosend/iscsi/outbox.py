@@ -126,12 +126,13 @@ class Outbox:
         if self._packing is None:
             self.new_packing(0)
 
-    def new_packing(self, need: int) -> bool:
-        """Start a fresh packing buffer with room for ``need`` bytes; False if none is free
-        now or pooled buffers are smaller."""
+    def new_packing(self, need: int, lease: MmapLease | None = None) -> bool:
+        """Start a fresh packing buffer (``lease``, or one from the pool) with room for ``need``
+        bytes; False if none is free now or pooled buffers are smaller."""
         if need > self.pool.size:
             return False
-        lease = self.pool.try_acquire()
+        if lease is None:
+            lease = self.pool.try_acquire()
         if lease is None:
             return False
         if self._packing is not None:
@@ -204,7 +205,9 @@ class Outbox:
             return None
         for hook in self.on_submit:
             hook(fut, zc, parts)
-        if leases or zc:
+        if fut.done():  # released within the call: no callback to schedule
+            self._sent(fut, leases, zc)
+        elif leases or zc:
             fut.add_done_callback(lambda f: self._sent(f, leases, zc))
         else:
             fut.add_done_callback(self._check)

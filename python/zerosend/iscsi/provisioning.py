@@ -207,9 +207,11 @@ def logical_block_provisioning(commands: S.CommandSet, lu: S.LogicalUnit) -> byt
 
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
-    UNMAP: S.ParameterCommand(_unmap_length, unmap, check=refuse_read_only),
+    UNMAP: S.ParameterCommand(_unmap_length, unmap, check=refuse_read_only, medium=True),
     **{
-        op: S.ParameterCommand(_write_same_length, write_same, check=_write_same_check, exact=True)
+        op: S.ParameterCommand(
+            _write_same_length, write_same, check=_write_same_check, exact=True, medium=True
+        )
         for op in (WRITE_SAME10, WRITE_SAME16)
     },
 }

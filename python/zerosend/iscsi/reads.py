@@ -15,7 +15,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import diskreads
+from . import diskio
 from . import pdu as P
 from . import scsi as S
 from .bufpool import PoolShare
@@ -81,6 +81,8 @@ class Reads:
         self._last_lun = bytes(8)  # the LUN field last looked up, and its entry
         self._last: _Entry | None = None
         self.tasks: dict[int, tuple[asyncio.Task[None], int]] = {}  # ITT -> multi-buffer read
+        # The inner loop stopped at a READ for want of a buffer (the session's share is used up)
+        self.starved = False
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -90,6 +92,7 @@ class Reads:
     def serve_run(self) -> bool:
         """Serve the plain READs at the reader's start; False if the first one is not plain
         (the general path then takes it)."""
+        self.starved = False
         if self.window.pending:
             return False
         rd = self.reader
@@ -127,8 +130,21 @@ class Reads:
                     else:
                         outbox.queue(loan.views, large=True)
                         outbox.hold(loan)
-            if not run.need or not outbox.new_packing(run.need):
+            if not run.need:
                 return served
+            if not outbox.new_packing(run.need):
+                # Out of buffers: the session waits for one (``wait_for_buffer``) rather than
+                # take READs it could not serve; larger ones go the general way.
+                self.starved = run.need <= self.pool.size
+                return served
+
+    async def wait_for_buffer(self) -> None:
+        """After ``serve_run`` starved: send what is queued (its buffers come back with it),
+        then wait for a buffer to pack the next READs into."""
+        self.outbox.flush()
+        lease = await self.pool.acquire()
+        if not self.outbox.new_packing(0, lease):
+            lease.release()
 
     def _inner_loop(self, lun_field: bytes) -> _Entry | None:
         lu = self.luns.get(P.decode_lun(lun_field))
@@ -220,7 +236,7 @@ class Reads:
         status: tuple[int, int],
     ) -> None:
         """A read larger than one pooled buffer, one that waits for a free buffer, or one the
-        page cache cannot serve at once (read in the store's threads: ``diskreads``)."""
+        page cache cannot serve at once (read in the store's threads: ``diskio``)."""
         pool = self.pool
         pos = datasn = 0
         while pos < total and not self.conn.closing:
@@ -233,7 +249,7 @@ class Reads:
             try:
                 if not store.read_cached(offset + pos, view):
                     # if cancelled meanwhile, the lease goes back when the thread is done
-                    await diskreads.read_into(store, offset + pos, view, lease)
+                    await diskio.read_into(store, offset + pos, view, lease)
             except OSError as e:
                 lease.release()
                 self._read_failed(itt, offset + pos, n, e)

@@ -1,17 +1,17 @@
 """VERIFY with BYTCHK=3 (SBC-4 5.34): one block from the initiator compared against every block
 of a range. The range may be MAXIMUM TRANSFER LENGTH blocks of a store that blocks on reads (an
-uncached block device), so the comparison runs in a small thread pool, never on the event loop,
-and reads the medium in bounded chunks."""
+uncached block device), so the comparison runs in the store's threads (``diskio``), never on the
+event loop, and reads the medium in bounded chunks."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
+from . import diskio
 from .stores import Store
 
 CHUNK = 1 << 20  # bytes read and compared at a time
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zerosend-verify")
 
 
 def first_difference(store: Store, base: int, block: bytes, count: int) -> int | None:
@@ -36,6 +36,5 @@ def first_difference(store: Store, base: int, block: bytes, count: int) -> int |
 def compare_off_loop(
     store: Store, base: int, block: bytes, count: int
 ) -> asyncio.Future[int | None]:
-    """``first_difference`` in the pool; the future resolves on the running loop."""
-    loop = asyncio.get_running_loop()
-    return loop.run_in_executor(_POOL, first_difference, store, base, block, count)
+    """``first_difference`` in the store's threads; the future resolves on the running loop."""
+    return diskio.run(store, functools.partial(first_difference, store, base, block, count))

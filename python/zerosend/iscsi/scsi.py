@@ -370,17 +370,6 @@ class CommandSet:
             data[14] = 0xC0  # LBPME (UNMAP, WRITE SAME unmap), LBPRZ (unmapped reads as zeros)
         return bytes(data[:alloc])
 
-    def synchronize_cache(self, lu: LogicalUnit, cdb: bytes) -> bytes:
-        if cdb[0] == 0x35:
-            lba, blocks = struct.unpack_from(">IxH", cdb, 2)
-        else:
-            lba, blocks = struct.unpack_from(">QI", cdb, 2)
-        lu.check_range(lba, blocks)
-        bs = lu.store.block_size
-        # NUMBER OF LOGICAL BLOCKS 0: from LBA to the end of the medium (SBC-4 5.31)
-        lu.store.flush(lba * bs, blocks * bs)
-        return b""
-
     def prefetch(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         rw = decode_rw(cdb)
         lu.check_range(rw.lba, rw.blocks)
@@ -414,8 +403,6 @@ _HANDLERS: dict[int, Handler] = {
     0x5A: CommandSet.mode_sense,
     0x25: CommandSet.read_capacity10,
     0x9E: CommandSet.service_action_in,
-    0x35: CommandSet.synchronize_cache,
-    0x91: CommandSet.synchronize_cache,
     0x34: CommandSet.prefetch,
     0x90: CommandSet.prefetch,
     0x1B: CommandSet.start_stop,
@@ -425,27 +412,62 @@ _HANDLERS: dict[int, Handler] = {
 
 @dataclass(frozen=True)
 class ParameterCommand:
-    """A command whose Data-Out is a parameter list it needs whole before it acts (UNMAP,
-    PERSISTENT RESERVE OUT, ...): the connection collects ``length(cdb)`` bytes, then calls
-    ``run(commands, lu, cdb, parameters, nexus)``, which raises CheckCondition or StatusReply
-    to fail the command. ``check(lu, cdb)``: what can be refused before any data moves (the LBA
-    range, write protection). ``exact``: a Data-Out of any other length than ``length(cdb)`` is
-    an error in the CDB (COMPARE AND WRITE, WRITE SAME)."""
+    """A command that acts once its Data-Out, a parameter list, is whole (UNMAP, PERSISTENT
+    RESERVE OUT, ...; SYNCHRONIZE CACHE, with an empty list): the connection collects
+    ``length(cdb)`` bytes, then calls ``run(commands, lu, cdb, parameters, nexus)``, which
+    raises CheckCondition or StatusReply to fail the command. ``check(lu, cdb)``: what can be
+    refused before any data moves (the LBA range, write protection). ``exact``: a Data-Out of
+    any other length than ``length(cdb)`` is an error in the CDB (COMPARE AND WRITE, WRITE SAME).
+    ``medium``: ``run`` works on media only, never on the target's own state, so it may run in
+    the store's threads; it does when the store may block, or always if ``slow`` (it may move
+    more data than the event loop should wait for)."""
 
     length: Callable[[bytes], int]
     run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], None]
     check: Callable[[LogicalUnit, bytes], None] | None = None
     exact: bool = False
+    medium: bool = False
+    slow: bool = False
+
+    def off_loop(self, store: Store) -> bool:
+        """``run`` goes to ``store``'s threads."""
+        return self.medium and (self.slow or store.may_block)
+
+
+def _sync_range(cdb: bytes) -> tuple[int, int]:
+    if cdb[0] == 0x35:
+        lba, blocks = struct.unpack_from(">IxH", cdb, 2)
+    else:
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    return lba, blocks
+
+
+def _check_sync(lu: LogicalUnit, cdb: bytes) -> None:
+    lu.check_range(*_sync_range(cdb))
+
+
+def _synchronize_cache(
+    commands: CommandSet, lu: LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
+) -> None:
+    lba, blocks = _sync_range(cdb)
+    bs = lu.store.block_size
+    # NUMBER OF LOGICAL BLOCKS 0: from LBA to the end of the medium (SBC-4 5.31)
+    lu.store.flush(lba * bs, blocks * bs)
 
 
 #: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
-PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
-PARAMETER_COMMANDS[0x5F] = ParameterCommand(  # PERSISTENT RESERVE OUT
-    lambda cdb: int.from_bytes(cdb[5:9], "big"),
-    lambda commands, lu, cdb, parameters, nexus: commands.reservations.persistent_reserve_out(
-        lu, cdb, parameters, nexus
+PARAMETER_COMMANDS: dict[int, ParameterCommand] = {
+    0x5F: ParameterCommand(  # PERSISTENT RESERVE OUT
+        lambda cdb: int.from_bytes(cdb[5:9], "big"),
+        lambda commands, lu, cdb, parameters, nexus: commands.reservations.persistent_reserve_out(
+            lu, cdb, parameters, nexus
+        ),
     ),
-)
+    **{
+        op: ParameterCommand(lambda cdb: 0, _synchronize_cache, check=_check_sync, medium=True)
+        for op in (0x35, 0x91)  # SYNCHRONIZE CACHE(10), (16): a sync that may wait for a disk
+    },
+}
 #: The largest parameter list the target collects; longer ones are refused in the CDB.
 MAX_PARAMETER_LIST = 1 << 20
 #: SERVICE ACTION IN(16) (0x9E) by service action.

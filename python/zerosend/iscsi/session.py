@@ -295,6 +295,9 @@ class Session:
         # Plain READs are served straight from the receive buffer (no digests to check there)
         inner_loop = not (p.header_digest or p.data_digest or self.discovery)
         while not self.closing:
+            if self.writes.backlogged:
+                await self.writes.drained()
+                continue
             if inner_loop:
                 if rd.buffered < P.BHS_LEN:
                     await rd.fill(P.BHS_LEN)
@@ -304,6 +307,9 @@ class Session:
                     outbox.flush_if_due()
                     continue
                 window.maxcmdsn = advertised  # nothing carried it: the window is as advertised
+                if self.reads.starved:
+                    await self.reads.wait_for_buffer()
+                    continue
             try:
                 req = await rd.read_pdu(p.target_max_recv_dsl, p.header_digest, p.data_digest)
             except P.PduError as e:
@@ -432,7 +438,7 @@ class Session:
         def run(parameters: bytes) -> None:
             command.run(commands, lu, cdb, parameters, nexus)
 
-        self.writes.parameters(req, lu, length, edtl, lun_field, run)
+        self.writes.parameters(req, lu, length, edtl, lun_field, run, command.off_loop(lu.store))
 
     def _nop_out(self, req: P.Pdu) -> None:
         itt = req.itt

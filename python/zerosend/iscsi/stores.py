@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 
@@ -55,6 +56,9 @@ class Store:
     readonly: bool = False
     kind: str = "store"
     can_discard: bool = False  # ``discard`` deallocates (UNMAP)
+    # Reads, writes and syncs may wait for a device: they run in the store's threads
+    # (``diskio``), and every method but ``borrow`` and ``read_cached`` may be called there.
+    may_block: bool = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -132,6 +136,7 @@ class FileStore(Store):
 
     kind = "raw"
     can_discard = True
+    may_block = True
 
     def __init__(self, path: str, readonly: bool = False, mapped: bool = False) -> None:
         super().__init__(path)
@@ -153,6 +158,7 @@ class FileStore(Store):
         # Written, not yet made durable: [start, end). Unknown at open (an earlier process may
         # have left dirty pages), so the whole image until the first flush.
         self._dirty: tuple[int, int] | None = None if readonly else (0, self.size)
+        self._dirty_lock = threading.Lock()  # writes and syncs run in several threads
         # Reads that the page cache holds are served at once; the rest may wait for a disk
         self.nowait = _reads_nowait(self.fd)
         if mapped:
@@ -211,14 +217,20 @@ class FileStore(Store):
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.readonly:
             raise StoreError(f"{self.name}: read-only")
-        end = offset + len(data)
-        dirty = self._dirty  # marked first: a write that fails half-way is dirty too
-        self._dirty = (
-            (offset, end) if dirty is None else (min(dirty[0], offset), max(dirty[1], end))
-        )
         done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+        finally:  # marked once written (a flush that began earlier does not cover it); a
+            # write that failed half-way is dirty too
+            self._mark_dirty(offset, offset + len(data))
+
+    def _mark_dirty(self, start: int, end: int) -> None:
+        with self._dirty_lock:
+            dirty = self._dirty
+            self._dirty = (
+                (start, end) if dirty is None else (min(dirty[0], start), max(dirty[1], end))
+            )
 
     @property
     def write_cache(self) -> bool:
@@ -230,15 +242,20 @@ class FileStore(Store):
         return self._dirty
 
     def flush(self, offset: int = 0, length: int = 0) -> None:
-        dirty = self._dirty
         end = self.size if length == 0 else offset + length
-        if dirty is None or dirty[1] <= offset or end <= dirty[0]:
-            return  # nothing written in the range waits: no sync to pay for
+        with self._dirty_lock:
+            dirty = self._dirty
+            if dirty is None or dirty[1] <= offset or end <= dirty[0]:
+                return  # nothing written in the range waits: no sync to pay for
+            self._dirty = None  # what is written from now on is marked again
         # fdatasync, whole file: the only durable sync (sync_file_range flushes neither the
         # device cache nor metadata). Mapped images need no msync: writes go through pwrite
         # and the mapping only reads, so the file's page cache is all there is to sync.
-        os.fdatasync(self.fd)
-        self._dirty = None
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            self._mark_dirty(*dirty)
+            raise
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole (regular files: the blocks are freed; block devices: discarded and
@@ -247,6 +264,7 @@ class FileStore(Store):
             raise StoreError(f"{self.name}: read-only")
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
         if _libc.fallocate(self.fd, mode, offset, length) == 0:
+            self._mark_dirty(offset, offset + length)  # the freed blocks are metadata to sync
             return
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -412,11 +430,19 @@ class NullStore(Store):
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+class _Missing:
+    """Not in memory: finding out would read the image."""
+
+
+MISSING = _Missing()
+
+
 class Qcow2Store(Store):
     """A qcow2 image served read-only. Compressed clusters (``qemu-img convert -c``) are inflated
     into immutable buffers kept in a small LRU and sent straight from there."""
 
     kind = "qcow2"
+    may_block = True
 
     def __init__(self, path: str, cache_bytes: int = 16 << 20) -> None:
         super().__init__(path)
@@ -430,6 +456,8 @@ class Qcow2Store(Store):
         except StoreError:
             os.close(self.fd)
             raise
+        # Both caches are shared by the store's threads; the lock is never held across a read.
+        self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = max(4, cache_bytes // self.cluster_size)
         self._l2_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
@@ -477,30 +505,46 @@ class Qcow2Store(Store):
         self.csize_mask = (1 << (cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
 
-    def _l2(self, l2_off: int) -> tuple[int, ...]:
-        table = self._l2_cache.get(l2_off)
-        if table is None:
-            raw = self._pread(self.cluster_size, l2_off)
-            table = struct.unpack(f">{self.l2_entries}Q", raw)
+    def _l2(self, l2_off: int, cached_only: bool) -> tuple[int, ...] | None:
+        with self._lock:
+            table = self._l2_cache.get(l2_off)
+            if table is not None:
+                self._l2_cache.move_to_end(l2_off)
+                return table
+        if cached_only:
+            return None
+        raw = self._pread(self.cluster_size, l2_off)  # never under the lock: it may block
+        table = struct.unpack(f">{self.l2_entries}Q", raw)
+        with self._lock:
             self._l2_cache[l2_off] = table
             if len(self._l2_cache) > 64:
                 self._l2_cache.popitem(last=False)
-        else:
-            self._l2_cache.move_to_end(l2_off)
         return table
 
-    def _cluster(self, index: int) -> memoryview | None:
-        """The cluster's contents, or None when it reads as zeros."""
-        cached = self._cache.get(index)
-        if cached is not None:
-            self._cache.move_to_end(index)
-            return memoryview(cached)
+    def _cluster(self, index: int, cached_only: bool) -> memoryview | _Missing | None:
+        """The cluster's contents, or None when it reads as zeros; MISSING if ``cached_only``
+        and finding out would read the image."""
+        with self._lock:
+            cached = self._cache.get(index)
+            if cached is not None:
+                self._cache.move_to_end(index)
+                return memoryview(cached)
         l1_index, l2_index = divmod(index, self.l2_entries)
         l1e = self.l1[l1_index] if l1_index < len(self.l1) else 0
         l2_off = l1e & 0x00FFFFFFFFFFFE00
         if not l2_off:
             return None
-        entry = self._l2(l2_off)[l2_index]
+        table = self._l2(l2_off, cached_only)
+        if table is None:
+            return MISSING
+        entry = table[l2_index]
+        if entry & 1 and not entry & (1 << 62):  # v3 "reads as zero"
+            return None
+        off = entry & 0x00FFFFFFFFFFFE00
+        if not entry & (1 << 62) and not off:
+            return None
+        if cached_only:
+            return MISSING
         if entry & (1 << 62):
             coff = entry & self.coffset_mask
             nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
@@ -513,34 +557,40 @@ class Qcow2Store(Store):
             if len(data) < self.cluster_size:
                 data += bytes(self.cluster_size - len(data))
         else:
-            if entry & 1:  # v3 "reads as zero"
-                return None
-            off = entry & 0x00FFFFFFFFFFFE00
-            if not off:
-                return None
             data = self._pread(self.cluster_size, off)
-        self._cache[index] = data
-        if len(self._cache) > self._cache_max:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[index] = data
+            if len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
         return memoryview(data)
 
-    def segments(self, offset: int, length: int) -> list[memoryview]:
+    def _segments(self, offset: int, length: int, cached_only: bool) -> list[memoryview] | None:
         out: list[memoryview] = []
         end = offset + length
         while offset < end:
             index, within = divmod(offset, self.cluster_size)
             n = min(self.cluster_size - within, end - offset)
-            cluster = self._cluster(index)
+            cluster = self._cluster(index, cached_only)
             if cluster is None:
                 out.extend(_zero_views(n))
+            elif isinstance(cluster, _Missing):
+                return None
             else:
                 out.append(cluster[within : within + n])
             offset += n
         return out
 
+    def segments(self, offset: int, length: int) -> list[memoryview] | None:
+        """Only clusters already in memory (finding the rest reads, and maybe inflates, the
+        image: that is left to ``read_into`` in the store's threads)."""
+        return self._segments(offset, length, cached_only=True)
+
+    def read_cached(self, offset: int, view: memoryview) -> bool:
+        return False  # ``borrow`` served what was in memory; the rest reads the image
+
     def read_into(self, offset: int, view: memoryview) -> None:
         pos = 0
-        for seg in self.segments(offset, len(view)):
+        for seg in self._segments(offset, len(view), cached_only=False) or ():
             view[pos : pos + len(seg)] = seg
             pos += len(seg)
 

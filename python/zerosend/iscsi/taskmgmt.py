@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from . import diskio
 from . import pdu as P
 from .window import sn_lt
 
@@ -79,4 +81,25 @@ def task_management(session: Session, req: P.Pdu) -> None:
         response = REJECTED
     name = NAMES.get(function, f"function {function}")
     log.info("%s: task management %s lun=%d -> response %d", session.name, name, lun, response)
-    session.responder.send_pdu(P.tmf_response(req.itt, response))
+    answer = P.tmf_response(req.itt, response)
+    # An aborted command's writes already in a disk thread cannot be stopped: the abort is
+    # answered once they landed, so none lands over what the initiator writes next (SAM-5 7.3).
+    scope = [lun] if function not in (TARGET_WARM_RESET, TARGET_COLD_RESET) else list(host.luns)
+    landing = diskio.changes([host.luns[n].store for n in scope if n in host.luns])
+    if response == COMPLETE and landing:
+        waiting = session.loop.create_task(_answer_when_landed(session, landing, answer))
+        _answering.add(waiting)  # the loop keeps only a weak reference
+        waiting.add_done_callback(_answering.discard)
+    else:
+        session.responder.send_pdu(answer)
+
+
+_answering: set[asyncio.Task[None]] = set()
+
+
+async def _answer_when_landed(
+    session: Session, landing: list[asyncio.Future[Any]], answer: bytearray
+) -> None:
+    await asyncio.wait(landing)
+    if not session.closing:
+        session.responder.send_pdu(answer)

@@ -1,13 +1,21 @@
 """Commands that receive data: WRITE, WRITE AND VERIFY, VERIFY with BYTCHK, and commands whose
 Data-Out is a parameter list (immediate and unsolicited data, then R2T / Data-Out sequences of at
-most MaxBurstLength)."""
+most MaxBurstLength).
+
+For a store that may block, each Data-Out's data is copied out of the receive buffer and written
+(or compared) in the store's threads (``diskio``), and so is the work done at the end (FUA's
+sync, a parameter command's ``run``); a command's status waits for all of it. A connection
+stops reading while more than ``BACKLOG`` bytes of its data wait for a disk.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
+from . import diskio
 from . import pdu as P
 from . import scsi as S
 from .compare import or_write
@@ -18,6 +26,10 @@ from .samecheck import compare_off_loop
 from .stores import Store
 
 log = logging.getLogger("zerosend.iscsi")
+
+#: Data-Out bytes one connection may have waiting for its stores' threads before it stops
+#: reading from the initiator (the initiator's own window then holds it back).
+BACKLOG = 16 << 20
 
 
 class DataError(Exception):
@@ -51,8 +63,10 @@ class WriteTask:
         "lun_field",
         "miscompare",
         "next_offset",
+        "off_loop",
         "or_data",
         "parameters",
+        "pending",
         "r2tsn",
         "run",
         "same_blocks",
@@ -91,6 +105,9 @@ class WriteTask:
         # A parameter-list command: its data is collected here, then handed to ``run``.
         self.parameters: bytearray | None = None
         self.run: Callable[[bytes], None] | None = None
+        # Data-Out, and the work done at the end, go to the store's threads (``diskio``)
+        self.off_loop = lu.store.may_block
+        self.pending = 0  # jobs of this command in those threads
 
 
 class Writes:
@@ -109,9 +126,21 @@ class Writes:
         self.stats = stats
         self.tasks: dict[int, WriteTask] = {}
         self._ttt = 0
+        self.backlog = 0  # bytes copied for the stores' threads, not yet on the medium
+        self._drained: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    @property
+    def backlogged(self) -> bool:
+        """Too much data waits for a disk: stop reading until ``drained()``."""
+        return self.backlog >= BACKLOG
+
+    async def drained(self) -> None:
+        while self.backlog >= BACKLOG:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
 
     def command(
         self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
@@ -166,9 +195,11 @@ class Writes:
         edtl: int,
         lun_field: bytes,
         run: Callable[[bytes], None],
+        off_loop: bool = False,
     ) -> None:
         """A command whose Data-Out is a parameter list of ``length`` bytes: collect it whole,
-        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it."""
+        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it;
+        ``off_loop``: in the store's threads."""
         if length > S.MAX_PARAMETER_LIST:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
         if self._rejected(req, edtl):
@@ -178,6 +209,7 @@ class Writes:
         task = WriteTask(req.itt, lu, lun_field, 0, length, edtl)
         task.parameters = bytearray(task.xfer)
         task.run = run
+        task.off_loop = off_loop
         self.tasks[req.itt] = task
         if req.data:
             self._accept(task, 0, req.data)
@@ -233,28 +265,65 @@ class Writes:
         if task.parameters is not None:
             task.parameters[offset : offset + usable] = chunk
             return
-        store = task.lu.store
         at = task.base + offset
+        if task.verify and task.same_blocks:
+            self._verify_same(task, bytes(chunk))
+            return
+        job = _medium_job(task, at, chunk)
+        if task.off_loop:
+            self._offload(task, offset, functools.partial(job, bytes(chunk)), usable)
+            return
         try:
-            if task.verify:
-                if task.same_blocks:
-                    self._verify_same(task, bytes(chunk))
-                    return
-                current = bytearray(len(chunk))
-                store.read_into(at, memoryview(current))
-                if memoryview(current) != chunk and task.miscompare is None:
-                    first = next(i for i in range(len(chunk)) if current[i] != chunk[i])
-                    task.miscompare = offset + first
-            elif task.or_data:
-                or_write(task.lu, at, chunk)
-                self.stats["write_bytes"] += usable
-            else:
-                with task.lu.media_lock:
-                    store.write(at, chunk)
-                self.stats["write_bytes"] += usable
+            self._landed(task, offset, usable, job(chunk), None)
         except OSError as e:
-            log.error("%s: write of %d bytes at %d failed: %s", self.conn.name, usable, at, e)
-            task.error = S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
+            self._landed(task, offset, usable, None, e)
+
+    def _offload(
+        self, task: WriteTask, offset: int, job: Callable[[], int | None], nbytes: int
+    ) -> None:
+        """``job`` (a chunk of ``nbytes`` at ``offset`` of the transfer) in the threads."""
+        task.pending += 1
+        self.backlog += nbytes
+        future = diskio.run(task.lu.store, job, changes=not task.verify)
+
+        def done(f: asyncio.Future[int | None]) -> None:
+            task.pending -= 1
+            self.backlog -= nbytes
+            waiter = self._drained
+            if waiter is not None and self.backlog < BACKLOG and not waiter.done():
+                waiter.set_result(None)
+            error = f.exception()
+            self._landed(task, offset, nbytes, None if error else f.result(), error)
+            if self.tasks.get(task.itt) is task:  # not aborted meanwhile
+                self._advance(task)
+
+        future.add_done_callback(done)
+
+    def _landed(
+        self,
+        task: WriteTask,
+        offset: int,
+        nbytes: int,
+        mismatch: int | None,
+        error: BaseException | None,
+    ) -> None:
+        """A chunk was written (or compared: ``mismatch``, its first differing byte)."""
+        if error is not None:
+            what = "verify" if task.verify else "write"
+            at = task.base + offset
+            log.error(
+                "%s: %s of %d bytes at %d failed: %s", self.conn.name, what, nbytes, at, error
+            )
+            sense = S.UNRECOVERED_READ_ERROR if task.verify else S.WRITE_ERROR
+            task.error = task.error or S.CheckCondition(S.MEDIUM_ERROR, sense)
+        elif task.verify:
+            if mismatch is not None:
+                first = offset + mismatch
+                task.miscompare = min(
+                    first, task.miscompare if task.miscompare is not None else first
+                )
+        else:
+            self.stats["write_bytes"] += nbytes
 
     def _verify_same(self, task: WriteTask, block: bytes) -> None:
         """Compare off the event loop; the command completes when the comparison has."""
@@ -323,9 +392,14 @@ class Writes:
 
     def _advance(self, task: WriteTask) -> None:
         """After a sequence ends: ask for more with an R2T, or complete the command."""
-        if task.aborted or task.comparing or not task.unsolicited_done or task.ttt != P.NO_TAG:
+        if (
+            task.aborted
+            or task.comparing
+            or task.pending
+            or not task.unsolicited_done
+            or task.ttt != P.NO_TAG
+        ):
             return
-        send_check = self.responder.send_check
         if task.next_offset < task.xfer:
             length = min(self.params.max_burst, task.xfer - task.next_offset)
             self._ttt = (self._ttt + 1) & 0x7FFFFFFF
@@ -336,41 +410,55 @@ class Writes:
             task.r2tsn += 1
             self.responder.send_pdu(hdr, advance=False)
             return
+        finish = _finishing_job(task)
+        if finish is None:
+            self._complete(task, None)
+        elif task.off_loop:
+            task.pending += 1
+            future = diskio.run(task.lu.store, finish, changes=True)
+
+            def done(f: asyncio.Future[None]) -> None:
+                task.pending -= 1
+                self._complete(task, f.exception())
+
+            future.add_done_callback(done)
+        else:
+            try:
+                finish()
+            except Exception as e:
+                self._complete(task, e)
+            else:
+                self._complete(task, None)
+
+    def _complete(self, task: WriteTask, failure: BaseException | None) -> None:
+        """The command's status, once its data and its final work (``failure``: what that
+        raised) are done; nothing if it was aborted meanwhile."""
+        if self.tasks.get(task.itt) is not task:
+            return
         del self.tasks[task.itt]
         flags, residual = residual_bits(task.spdtl, task.edtl, P.RSP_OVERFLOW, P.RSP_UNDERFLOW)
+        send_check = self.responder.send_check
         if task.error is not None:
             send_check(task.itt, task.error, flags, residual)
-            return
-        if task.miscompare is not None:
+        elif task.miscompare is not None:
             cc = S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, task.miscompare)
             send_check(task.itt, cc, flags, residual)
-            return
-        if task.run is not None and task.parameters is not None:
-            try:
-                task.run(bytes(task.parameters))
-            except S.CheckCondition as failure:
-                send_check(task.itt, failure, flags, residual)
-                return
-            except OSError as e:
-                log.error(
-                    "%s: command 0x%08x failed on the medium: %s", self.conn.name, task.itt, e
-                )
-                send_check(
-                    task.itt, S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR), flags, residual
-                )
-                return
-            except S.StatusReply as reply:
-                self.responder.send_status(task.itt, reply.status, None, flags, residual)
-                return
-        if task.fua and not task.verify:
-            try:
-                task.lu.store.flush(task.base, task.xfer)
-            except OSError as e:
-                log.error("%s: flush failed: %s", self.conn.name, e)
+        elif failure is None:
+            self.responder.send_status(task.itt, S.GOOD, None, flags, residual)
+        elif isinstance(failure, S.CheckCondition):
+            send_check(task.itt, failure, flags, residual)
+        elif isinstance(failure, S.StatusReply):
+            self.responder.send_status(task.itt, failure.status, None, flags, residual)
+        else:
+            if isinstance(failure, OSError):
+                log.error("%s: command 0x%08x failed on the medium: %s", self.conn.name, task.itt,
+                          failure)  # fmt: skip
                 cc = S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
-                send_check(task.itt, cc, flags, residual)
-                return
-        self.responder.send_status(task.itt, S.GOOD, None, flags, residual)
+            else:
+                log.error("%s: command 0x%08x failed", self.conn.name, task.itt,
+                          exc_info=failure)  # fmt: skip
+                cc = S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE)
+            send_check(task.itt, cc, flags, residual)
 
     # -- task management
 
@@ -388,3 +476,42 @@ class Writes:
             if lun is None or task.lun == lun:
                 task.aborted = True
                 del self.tasks[itt]
+
+
+def _medium_job(task: WriteTask, at: int, chunk: memoryview | bytes) -> Callable[..., int | None]:
+    """What a chunk of the transfer does at byte ``at`` of the medium, called with the chunk:
+    compared (returns the offset of its first differing byte, or None), ORed in, or written."""
+    lu = task.lu
+    store = lu.store
+    if task.verify:
+
+        def compare(data: memoryview | bytes) -> int | None:
+            current = bytearray(len(data))
+            store.read_into(at, memoryview(current))
+            if memoryview(current) == data:
+                return None
+            return next(i for i in range(len(data)) if current[i] != data[i])
+
+        return compare
+    if task.or_data:
+
+        def orwrite(data: memoryview | bytes) -> None:
+            or_write(lu, at, data)
+
+        return orwrite
+
+    def write(data: memoryview | bytes) -> None:
+        with lu.media_lock:
+            store.write(at, data)
+
+    return write
+
+
+def _finishing_job(task: WriteTask) -> Callable[[], None] | None:
+    """What a command does once all its data is in: a parameter command's ``run``, or the sync
+    FUA asks for; raises CheckCondition or StatusReply to fail the command."""
+    if task.run is not None and task.parameters is not None:
+        return functools.partial(task.run, bytes(task.parameters))
+    if task.fua and not task.verify:
+        return functools.partial(task.lu.store.flush, task.base, task.xfer)
+    return None

@@ -11,6 +11,7 @@ within the command, so COPY STATUS always reports a finished copy.
 from __future__ import annotations
 
 import struct
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class CopyResult:
 _results: weakref.WeakKeyDictionary[S.CommandSet, dict[tuple[str, int], CopyResult]] = (
     weakref.WeakKeyDictionary()
 )
+# Copies run in the LUNs' threads (``diskio``), several at once: their results change under it.
+_results_lock = threading.Lock()
 
 
 def _held(commands: S.CommandSet) -> dict[tuple[str, int], CopyResult]:
@@ -171,11 +174,12 @@ def extended_copy(
     list_id, usage, segments = _parse(commands, params)
     result = CopyResult(_COMPLETED_WITH_ERRORS, 0, 0)
     if usage == _HOLD:
-        held = _held(commands)
-        held.pop((nexus.initiator_port, list_id), None)
-        held[nexus.initiator_port, list_id] = result
-        if len(held) > MAX_HELD_RESULTS:
-            del held[next(iter(held))]
+        with _results_lock:
+            held = _held(commands)
+            held.pop((nexus.initiator_port, list_id), None)
+            held[nexus.initiator_port, list_id] = result
+            if len(held) > MAX_HELD_RESULTS:
+                del held[next(iter(held))]
     for segment in segments:
         _copy_segment(segment)
         result.segments += 1
@@ -207,7 +211,8 @@ def receive_copy_results(
         body[43] = len(codes)
         data = bytes(body) + codes
     elif action == COPY_STATUS:
-        result = _held(commands).get((nexus.initiator_port, list_id))
+        with _results_lock:
+            result = _held(commands).get((nexus.initiator_port, list_id))
         if result is None:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
         units, count = (0x00, result.nbytes)  # bytes, or KiB (F1h) where they do not fit
@@ -232,6 +237,8 @@ def third_party_copy(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
 
 
 COMMANDS: dict[int, S.Handler] = {}
-PARAMETER_COMMANDS = {EXTENDED_COPY: S.ParameterCommand(_parameter_length, extended_copy)}
+PARAMETER_COMMANDS = {
+    EXTENDED_COPY: S.ParameterCommand(_parameter_length, extended_copy, medium=True, slow=True)
+}
 NEXUS_COMMANDS = {RECEIVE_COPY_RESULTS: receive_copy_results}
 VPD_PAGES = {0x8F: third_party_copy}
