@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,45 @@ def make_image(path: Path, size: int, seed: int = 1) -> bytes:
 def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
     """A WRITE(10) CDB."""
     return struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, blocks, 0)
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    """A READ(10) CDB."""
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 20) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def send_task_management(
+    ini: MiniInitiator, function: int, ref: int = 0xFFFFFFFF, refcmdsn: int = 0, lun: int = 0
+) -> None:
+    """An immediate Task Management Function Request (its response is the caller's to read)."""
+    bhs = bytearray(48)
+    bhs[0] = 0x42
+    bhs[1] = 0x80 | function
+    bhs[9] = lun
+    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+    bhs[20:24] = ref.to_bytes(4, "big")  # Referenced Task Tag
+    bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    bhs[32:36] = refcmdsn.to_bytes(4, "big")
+    ini.send(bhs)
+
+
+def task_management(
+    ini: MiniInitiator, function: int, ref: int = 0xFFFFFFFF, refcmdsn: int = 0, lun: int = 0
+) -> int:
+    """An immediate Task Management Function Request; the response code."""
+    send_task_management(ini, function, ref, refcmdsn, lun)
+    rsp, _ = ini.recv()
+    assert rsp[0] & 0x3F == 0x22, rsp.hex()
+    return rsp[2]
 
 
 def run(

@@ -11,27 +11,18 @@ would land in the queued pages and the stalled connection would receive the othe
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import signal
 import socket
 import struct
-import time
 from pathlib import Path
 
 import pytest
-from gatedfs import GatedFile
-from iscsi_helpers import MiniInitiator, make_image
+from iscsi_helpers import MiniInitiator, make_image, read10, task_management, wait_for, write10
 
 MiB = 1 << 20
 BLOCK = 512
 READ_BYTES = 64 * 1024  # one Data-In PDU (MaxRecvDataSegmentLength below): a zero-copy send
 ABORT_TASK, TARGET_COLD_RESET = 1, 7
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
 
 
 def stalled_initiator(port: int) -> MiniInitiator:
@@ -56,37 +47,12 @@ def send_logout(ini: MiniInitiator, cmdsn: int) -> None:
     ini.send(bhs)
 
 
-def task_management(
-    ini: MiniInitiator, function: int, ref: int = 0xFFFFFFFF, refcmdsn: int = 0
-) -> int:
-    """An immediate Task Management Function Request; the response code."""
-    bhs = bytearray(48)
-    bhs[0] = 0x42
-    bhs[1] = 0x80 | function
-    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
-    bhs[20:24] = ref.to_bytes(4, "big")  # Referenced Task Tag
-    bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
-    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
-    bhs[32:36] = refcmdsn.to_bytes(4, "big")
-    ini.send(bhs)
-    rsp, _ = ini.recv()
-    assert rsp[0] & 0x3F == 0x22, rsp.hex()
-    return rsp[2]
-
-
 def queued_for_reading(sock: socket.socket) -> int:
     """Bytes in ``sock``'s receive queue (FIONREAD)."""
     import fcntl
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.mark.timeout(90)
@@ -155,10 +121,6 @@ def test_cancelled_session_keeps_its_buffers_until_release(
         stalled.close()
 
 
-def write10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("lun_form", ["mem", "mmap"])
 @pytest.mark.parametrize("digests", ["None", "CRC32C"])
@@ -212,73 +174,3 @@ def write(ini: MiniInitiator, lba: int, data: bytes) -> int:
     ini.scsi(write10(lba, len(data) // BLOCK), len(data), write=True, data=data)
     status, _, _ = ini.read_response()
     return status
-
-
-# ---------------------------------------------------------------- a device that blocks
-
-
-@pytest.fixture
-def gated(tmp_path: Path):
-    """A FUSE file whose reads wait at a gate (root only). Ask for it before ``target_factory``:
-    the target must close the file before the file system goes."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
-    try:
-        fs = GatedFile(tmp_path / "gated", random.Random(26).randbytes(1 * MiB))
-    except OSError as e:  # e.g. a container without the right to mount
-        pytest.skip(str(e))
-    try:
-        yield fs
-    finally:
-        fs.unmount()
-
-
-def dump_state(t) -> str:
-    """The target's state line of transmit buffers, fresh from SIGUSR1."""
-    before = t.log().count("transmit buffers free")
-    t.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: t.log().count("transmit buffers free") > before, "the state dump")
-    return re.findall(r"(\d+/\d+) transmit buffers free", t.log())[-1]
-
-
-@pytest.mark.timeout(90)
-def test_a_blocked_device_stops_only_its_own_reads(gated, target_factory, tmp_path: Path):
-    """A READ stuck in its device (a FUSE file whose reads wait at a gate) is read by a thread:
-    another session logs in and reads another LUN meanwhile; ABORT TASK of the stuck READ
-    leaves its buffer with the thread until the device answers (the thread still writes into
-    it); then the LUN serves READs again."""
-    plain = tmp_path / "plain.img"
-    plain_data = make_image(plain, 1 * MiB, seed=27)
-    t = target_factory("--buffers", "2", "--lun", f"{gated.path}:ro", "--lun", str(plain))
-    stuck = MiniInitiator(t.port)
-    other = None
-    try:
-        stuck.mrdsl = READ_BYTES
-        stuck.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
-        gated.close_gate()
-        stuck.scsi(read10(0, READ_BYTES // BLOCK), READ_BYTES, read=True)
-        wait_for(lambda: gated.waiting > 0, "the READ to wait in the device")
-
-        other = MiniInitiator(t.port)
-        other.login(t.iqn, {"InitiatorName": "iqn.2024-01.org.zerosend:other"})
-        for at in (0, 5 * READ_BYTES):
-            other.scsi(read10(at // BLOCK, 8), 8 * BLOCK, read=True, lun=1)
-            status, data, _ = other.read_response()
-            assert status == 0 and data == plain_data[at : at + 8 * BLOCK]
-
-        # The stuck READ's buffer stays with it, before and after ABORT TASK
-        assert dump_state(t) == "1/2"
-        assert task_management(stuck, ABORT_TASK, stuck.itt, stuck.cmdsn - 1) == 0
-        assert dump_state(t) == "1/2"
-        gated.open_gate()
-        wait_for(lambda: dump_state(t) == "2/2", "the buffer back once the device answered")
-
-        # The device answers again: a new READ of it arrives whole
-        stuck.scsi(read10(8, READ_BYTES // BLOCK), READ_BYTES, read=True)
-        status, data, _ = stuck.read_response()
-        assert status == 0 and data == gated.data[8 * BLOCK : 8 * BLOCK + READ_BYTES]
-    finally:
-        gated.open_gate()
-        stuck.close()
-        if other is not None:
-            other.close()

@@ -252,6 +252,7 @@ class Reads:
                     await diskio.read_into(store, offset + pos, view, lease)
             except OSError as e:
                 lease.release()
+                self.tasks.pop(itt, None)
                 self._read_failed(itt, offset + pos, n, e)
                 return
             if self.conn.closing:
@@ -261,6 +262,8 @@ class Reads:
             datasn = self.responder.send_data_in(
                 itt, lun_field, [view], n, pos, datasn, status if last else None
             )
+            if last:  # its status now counts in the session's budget: no longer a task
+                self.tasks.pop(itt, None)
             self.outbox.hold(lease)  # released with the send carrying its last PDU
             self.outbox.flush()
             pos += n

@@ -65,6 +65,9 @@ class Session:
         cfg = host.config
         self.window = CmdWindow(self._room)
         self.budget = SessionBudget(self.window, cfg.session_commands, cfg.session_bytes)
+        # A command being dispatched: neither a task nor a status yet, but one of the session's
+        # (its Data-In may carry MaxCmdSN before its status is queued)
+        self._dispatching = 0
         self.budget.on_release = self._released
         self.share = host.pool.share(cfg.session_buffers)
         self.outbox = Outbox(self.zs, self.share, peer, self.stats, self._send_failed,
@@ -116,7 +119,8 @@ class Session:
             f"{self.name} ExpCmdSN={w.expcmdsn} MaxCmdSN={w.maxcmdsn} "
             f"active={len(self.reads) + len(self.writes)} writes={len(self.writes)} "
             f"reads={len(self.reads)} inflight={getattr(self.zs, 'inflight', '?')} "
-            f"unreleased-bytes={self.budget.bytes} buffers={self.share.held}"
+            f"unreleased-statuses={self.budget.statuses} unreleased-bytes={self.budget.bytes} "
+            f"buffers={self.share.held}"
         )
 
     def summary(self) -> str:
@@ -207,7 +211,7 @@ class Session:
 
     def _room(self) -> int:
         """Commands the session may still take (``SessionBudget``): its CmdSN window."""
-        return self.budget.room(len(self.reads) + len(self.writes))
+        return self.budget.room(len(self.reads) + len(self.writes) + self._dispatching)
 
     def _released(self) -> None:
         """A send was released: if the window was closed and now has room, say so with a
@@ -372,6 +376,13 @@ class Session:
             await self._logout(req)
 
     def _scsi_command(self, req: P.Pdu) -> None:
+        self._dispatching = 1
+        try:
+            self._run_command(req)
+        finally:
+            self._dispatching = 0
+
+    def _run_command(self, req: P.Pdu) -> None:
         self.stats["commands"] += 1
         bhs = req.bhs
         itt = req.itt

@@ -410,7 +410,8 @@ class Writes:
             task.r2tsn += 1
             self.responder.send_pdu(hdr, advance=False)
             return
-        finish = _finishing_job(task)
+        failed = task.error is not None or task.miscompare is not None
+        finish = None if failed else _finishing_job(task)
         if finish is None:
             self._complete(task, None)
         elif task.off_loop:
