@@ -4,7 +4,7 @@ DIST   := dist
 PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: run test test-rust test-python lint wheel bench system-deps venv develop clean test-mutants fuzz
+.PHONY: run test test-rust test-python lint wheel bench bench-iscsi system-deps venv develop clean test-mutants fuzz
 TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
 	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3" \
 	"hypothesis>=6.100" "prometheus_client>=0.20"
@@ -71,12 +71,19 @@ lint-release: $(VENV)/.release-tools
 	$(VENV)/bin/ruff check scripts
 	$(VENV)/bin/ruff format --check scripts
 
-# The core benchmark (about 15 minutes on 2 CPUs): BENCHMARKS.md, plots, targets met / not met.
-# `make bench BENCH_ARGS=--quick` is a smoke run of seconds; see `python -m bench --help`.
+# The core benchmark (about 15 minutes on 2 CPUs): BENCHMARKS.md, plots, targets met / not met;
+# then the iSCSI target against tgtd (root; about 8 minutes), into bench/results/iscsi.md.
+# `make bench BENCH_ARGS=--quick` is a smoke run of seconds of the core benchmark alone; see
+# `python -m bench --help` and `python bench/iscsi/perf.py --help`.
 BENCH_ARGS ?=
+ISCSI_BENCH_ARGS ?= --size 256M --seconds 8 --rounds 3 --markdown bench/results/iscsi.md
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench $(BENCH_ARGS)
+	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) bench/iscsi/perf.py $(ISCSI_BENCH_ARGS))
+
+bench-iscsi: system-deps develop
+	$(PY) bench/iscsi/perf.py $(ISCSI_BENCH_ARGS)
 
 # Mutation controls: the extension built with deliberate faults (cargo feature "mutants", never
 # in a release build) into its own venv and target directory; each fault must make a contract

@@ -3,9 +3,12 @@
     python bench/iscsi/perf.py [--size 512M] [--seconds 10] [--rounds 3] [--markdown FILE]
                                [--only NAMES] [--before PYTHON]
 
-Needs root (tgtd), libiscsi-bin (iscsi-perf) and tgt. Workloads: sequential 128 KiB reads with
-16 in flight, random 4 KiB reads with 32 in flight. Every (target, workload) pair runs once per
-round, the targets alternating, so drift on the machine hits both alike; the median is reported.
+Needs root (tgtd), libiscsi-bin (iscsi-perf), qemu-utils with qemu-block-extra, and tgt.
+Workloads: sequential 128 KiB reads with 16 in flight, random 4 KiB reads with 32 in flight
+(iscsi-perf), and writing the whole image with `qemu-img convert` (8 requests in flight, flushes
+ignored so that the disk under the image is not what is measured). Every (target, workload) pair
+runs once per round, the targets alternating, so drift on the machine hits both alike; the
+median is reported, and each target's ratio to tgtd (IOPS; MB/s for the writes).
 
 `--before PYTHON` adds the same variants run by another interpreter, one whose environment has an
 earlier build of zerosend (a checkout of an older commit with `make develop`): a change's cost is
@@ -26,12 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from zerosend.iscsi.stores import parse_size
+
 IQN_ZS = "iqn.2024-01.org.zerosend:bench"
 IQN_TGT = "iqn.2024-01.org.zerosend:tgt-bench"
 WORKLOADS = {
     "seq 128 KiB x16": ["-m", "16", "-b", "256"],
     "rand 4 KiB x32": ["-r", "-m", "32", "-b", "8"],
 }
+WRITES = "write x8 (qemu-img)"
 _AVG = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
 
 
@@ -91,6 +97,20 @@ def perf(url: str, args: list[str], seconds: int) -> tuple[int, int]:
     return int(iops), int(mbs)
 
 
+def qemu_write(url: str, source: Path, seconds: int) -> tuple[int, int]:
+    """Write ``source`` over the LUN with ``qemu-img convert``, again until ``seconds`` passed:
+    (0, MB/s)."""
+    cmd = ["qemu-img", "convert", "-n", "-W", "-m", "8", "-t", "unsafe", "-f", "raw", "-O", "raw",
+           str(source), url]  # fmt: skip
+    written, start = 0, time.monotonic()
+    while time.monotonic() - start < seconds:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+        if res.returncode != 0:
+            sys.exit(f"qemu-img convert failed ({res.returncode}): {res.stderr[-500:]}")
+        written += source.stat().st_size
+    return 0, int(written / (time.monotonic() - start) / 1e6)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,13 +130,15 @@ def main() -> int:
         sys.exit(f"--before: {opts.before} is not an executable interpreter")
     if shutil.which("iscsi-perf") is None:
         sys.exit("iscsi-perf not found (Debian package libiscsi-bin)")
+    if shutil.which("qemu-img") is None:
+        sys.exit("qemu-img not found (Debian packages qemu-utils and qemu-block-extra)")
     tmp = Path(tempfile.mkdtemp(prefix="zs-iscsi-bench-"))
     image = tmp / "disk.img"
-    subprocess.run(["truncate", "-s", opts.size, str(image)], check=True)
-    with image.open("r+b") as f:  # real bytes, not a hole: both targets read the page cache
-        chunk = os.urandom(1 << 20)
-        for _ in range(image.stat().st_size >> 20):
-            f.write(chunk)
+    source = tmp / "source.img"  # what the writes write
+    for path in (image, source):
+        with path.open("wb") as f:  # real bytes, not a hole: the targets read the page cache
+            for _ in range(parse_size(opts.size) >> 20):
+                f.write(os.urandom(1 << 20))
     # zerosend as (LUN form, environment): reading into pooled buffers (the default), the same
     # with the READ fast path's inner loop in Python instead of Rust ("py-loop"), a writable
     # mapped image (":mmap": read into pooled buffers too, since a WRITE could change mapped
@@ -148,10 +170,13 @@ def main() -> int:
             procs.append(start_zerosend(python, f"{image}{form}", 3272 + i, log, env))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         for r in range(opts.rounds):
-            for wl, args in WORKLOADS.items():
+            for wl in [*WORKLOADS, WRITES]:
                 order = list(urls) if r % 2 == 0 else list(reversed(urls))
                 for name in order:
-                    iops, mbs = perf(urls[name], args, opts.seconds)
+                    if wl == WRITES:
+                        iops, mbs = qemu_write(urls[name], source, opts.seconds)
+                    else:
+                        iops, mbs = perf(urls[name], WORKLOADS[wl], opts.seconds)
                     results.setdefault((name, wl), []).append((iops, mbs))
                     print(
                         f"round {r + 1} {wl:16} {name:16} {iops:8d} IOPS {mbs:6d} MB/s", flush=True
@@ -165,19 +190,21 @@ def main() -> int:
                 proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [
-        f"iscsi-perf, {opts.rounds} alternating rounds of {opts.seconds} s, {opts.size} image, "
-        f"median of rounds, {os.cpu_count()} CPUs, loopback",
+        f"iscsi-perf and qemu-img, {opts.rounds} alternating rounds of {opts.seconds} s, "
+        f"{opts.size} image, median of rounds, {os.cpu_count()} CPUs, loopback",
         "",
         "| workload | target | IOPS | MB/s | vs tgtd |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for wl in WORKLOADS:
-        base = statistics.median(i for i, _ in results[("tgtd", wl)])
+    for wl in [*WORKLOADS, WRITES]:
+        measure = 1 if wl == WRITES else 0  # the ratio of MB/s, or of IOPS
+        base = statistics.median(r[measure] for r in results[("tgtd", wl)])
         for name in urls:
             median_iops = statistics.median(i for i, _ in results[(name, wl)])
             median_mbs = statistics.median(m for _, m in results[(name, wl)])
-            ratio = median_iops / base
-            lines.append(f"| {wl} | {name} | {median_iops:.0f} | {median_mbs:.0f} | {ratio:.2f} |")
+            ratio = statistics.median(r[measure] for r in results[(name, wl)]) / base
+            shown_iops = "-" if wl == WRITES else f"{median_iops:.0f}"
+            lines.append(f"| {wl} | {name} | {shown_iops} | {median_mbs:.0f} | {ratio:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
     if opts.markdown:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,36 @@ def test_a_blocked_qcow2_image_stops_only_its_own_reads(target_factory, tmp_path
             t.stop()
     finally:
         fs.unmount()
+
+
+@pytest.mark.timeout(90)
+def test_a_reinstating_login_waits_for_the_old_sessions_write(gated, target_factory, tmp_path):
+    """The initiator reconnects (same name and ISID) while its old session's WRITE is in the
+    device: the new session is up only once that WRITE landed, so the WRITE the initiator then
+    retries or sends anew is the one that stays on the medium."""
+    t, _ = start(target_factory, tmp_path, str(gated.path))
+    old_session = MiniInitiator(t.port)
+    new_session = MiniInitiator(t.port)
+    try:
+        old_session.login(t.iqn)
+        gated.close_gate()
+        old_session.scsi(write10(192, WRITE_BYTES // BLOCK), WRITE_BYTES, write=True,
+                         data=os.urandom(WRITE_BYTES))  # fmt: skip
+        wait_for(lambda: gated.waiting > 0, "the WRITE to wait in the device")
+
+        login = threading.Thread(target=new_session.login, args=(t.iqn,), daemon=True)
+        login.start()
+        login.join(1.0)
+        assert login.is_alive(), "the new session was up while the old one's WRITE could land"
+        gated.open_gate()
+        login.join(20)
+        assert not login.is_alive()
+        retried = os.urandom(WRITE_BYTES)
+        new_session.scsi(write10(192, WRITE_BYTES // BLOCK), WRITE_BYTES, write=True,
+                         data=retried)  # fmt: skip
+        assert new_session.read_response()[0] == 0
+        assert gated.data[192 * BLOCK : 192 * BLOCK + WRITE_BYTES] == retried
+    finally:
+        gated.open_gate()
+        old_session.close()
+        new_session.close()

@@ -43,6 +43,9 @@ class SessionHost(Protocol):
         """A login reached full feature phase: register it (reinstating an older session of
         the same initiator and ISID) and return its TSIH."""
 
+    def session_of(self, initiator: str, isid: bytes) -> Session | None:
+        """The logged-in session of this I_T nexus, if any (a new login reinstates it)."""
+
     def session_ended(self, session: Session) -> None: ...
 
     def abort_tasks(self, lun: int | None, only: Session | None) -> None:

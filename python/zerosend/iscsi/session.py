@@ -14,6 +14,7 @@ import struct
 
 import zerosend
 
+from . import diskio
 from . import pdu as P
 from . import scsi as S
 from .budget import SessionBudget
@@ -264,7 +265,14 @@ class Session:
             if not machine.done:
                 await self.responder.send_now(hdr, data)
                 continue
+            reinstating = self.host.session_of(st.initiator, bytes(st.isid)) is not None
             tsih = self.host.session_started(self, st.initiator, st.isid)
+            if reinstating:
+                # The old session's writes already in a disk's hands land before the initiator
+                # hears that the new one is up (it may write the same blocks again).
+                landing = diskio.changes([lu.store for lu in self.host.luns.values()])
+                if landing:
+                    await asyncio.wait(landing)
             struct.pack_into(">H", hdr, 14, tsih)
             self.logged_in = True
             self.nexus = Nexus(st.initiator, bytes(st.isid))

@@ -74,6 +74,9 @@ class Target:
 
     # -- sessions (the SessionHost protocol)
 
+    def session_of(self, initiator: str, isid: bytes) -> Session | None:
+        return self._by_nexus.get((initiator, isid))
+
     def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
         self._logging_in.pop(session, None)
         nexus = (initiator, isid)
