@@ -299,3 +299,23 @@ def test_a_reinstating_login_waits_for_the_old_sessions_write(gated, target_fact
         gated.open_gate()
         old_session.close()
         new_session.close()
+
+
+def test_a_held_up_write_sends_the_images_writes_to_threads(gated, tmp_path: Path):
+    """Writes to an image on a local file system go to the page cache on the event loop until
+    one is held up by the kernel; then to the threads for a while, and back once it passed.
+    An image on FUSE (or NFS, ...) is written by the threads from the start."""
+    from zerosend.iscsi.stores import WRITE_STALL, FileStore
+
+    make_image(tmp_path / "local.img", 1 * MiB)
+    local, remote = FileStore(str(tmp_path / "local.img")), FileStore(str(gated.path))
+    try:
+        assert local.writes_on_loop() and not remote.writes_on_loop()
+        local.wrote_on_loop(WRITE_STALL / 10)
+        assert local.writes_on_loop()
+        local.wrote_on_loop(WRITE_STALL * 2)
+        assert not local.writes_on_loop()
+        wait_for(local.writes_on_loop, "writes back on the event loop after the pause")
+    finally:
+        local.close()
+        remote.close()
