@@ -41,6 +41,16 @@ WRITES = "write x8 (qemu-img)"
 _AVG = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
 
 
+def ensure_free(port: int, what: str) -> None:
+    """Refuse to start ``what`` on a port something else listens on (an earlier run's tgtd,
+    which ignores SIGTERM): the run would measure that instead."""
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            sys.exit(f"port {port} for {what} is taken: stop what listens there (ss -ltnp)")
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     import socket
 
@@ -59,6 +69,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 def start_zerosend(
     python: str, image: str, port: int, log: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
+    ensure_free(port, "zerosend-iscsi")
     cmd = [python, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--iqn", IQN_ZS, "--lun", image, "--log-level", "WARNING"]
     proc = subprocess.Popen(
@@ -72,6 +83,7 @@ def start_tgtd(image: Path, port: int, control: int, log: Path) -> subprocess.Po
     tgtd = shutil.which("tgtd")
     if tgtd is None or shutil.which("tgtadm") is None:
         sys.exit("tgtd/tgtadm not found (Debian package tgt)")
+    ensure_free(port, "tgtd")
     cmd = [tgtd, "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_port(port, proc, "tgtd")
@@ -103,7 +115,7 @@ def qemu_write(url: str, source: Path, seconds: int) -> tuple[int, int]:
     cmd = ["qemu-img", "convert", "-n", "-W", "-m", "8", "-t", "unsafe", "-f", "raw", "-O", "raw",
            str(source), url]  # fmt: skip
     written, start = 0, time.monotonic()
-    while time.monotonic() - start < seconds:
+    while not written or time.monotonic() - start < seconds:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
         if res.returncode != 0:
             sys.exit(f"qemu-img convert failed ({res.returncode}): {res.stderr[-500:]}")
@@ -169,6 +181,9 @@ def main() -> int:
             log = tmp / f"zerosend-{i}.log"
             procs.append(start_zerosend(python, f"{image}{form}", 3272 + i, log, env))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
+        # Untimed: the first writes into the image's clean page cache cost more than any later
+        # ones, and no target should be the one to pay for them.
+        qemu_write(urls["tgtd"], source, 0)
         for r in range(opts.rounds):
             for wl in [*WORKLOADS, WRITES]:
                 order = list(urls) if r % 2 == 0 else list(reversed(urls))

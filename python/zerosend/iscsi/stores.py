@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import re
@@ -30,6 +31,7 @@ _ZERO = memoryview(bytes(1 << 20))
 # fallocate(2) modes (linux/falloc.h): Python's os.posix_fallocate cannot pass them.
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+log = logging.getLogger("zerosend.iscsi")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
@@ -255,6 +257,8 @@ class FileStore(Store):
         if seconds > WRITE_STALL:  # held up: threads for 1 s, doubling while it recurs
             self._backoff = min(60.0, self._backoff * 2 or 1.0)
             self._threads_until = time.monotonic() + self._backoff
+            log.info("%s: a write waited %.0f ms in the kernel; writes go to threads for %g s",
+                     self.name, seconds * 1000, self._backoff)  # fmt: skip
         elif self._backoff and time.monotonic() > self._threads_until + self._backoff:
             self._backoff = 0.0  # quiet for as long again: forgiven
 
