@@ -212,7 +212,8 @@ class Session:
 
     def _room(self) -> int:
         """Commands the session may still take (``SessionBudget``): its CmdSN window."""
-        return self.budget.room(len(self.reads) + len(self.writes) + self._dispatching)
+        tasks = len(self.reads.tasks) + len(self.writes.tasks) + self._dispatching
+        return self.budget.room(tasks)
 
     def _released(self) -> None:
         """A send was released: if the window was closed and now has room, say so with a
@@ -313,6 +314,7 @@ class Session:
             if inner_loop:
                 if rd.buffered < P.BHS_LEN:
                     await rd.fill(P.BHS_LEN)
+            if inner_loop and rd.buf[rd.start] & 0x3F == P.OP_SCSI_CMD:  # (a READ, maybe)
                 advertised = window.maxcmdsn
                 window.slide()  # the run's answers carry the room the session has now
                 if self.reads.serve_run():
