@@ -153,8 +153,15 @@ class TargetMetrics:
             if not head.startswith(b"HEAD "):
                 writer.write(body)
             await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT)
+            # Lingering close: take what the client still sends (a request body) until it
+            # closes; closing with unread bytes would make the kernel answer with a reset,
+            # which can destroy the response before the client has read it.
+            writer.write_eof()
+            await asyncio.wait_for(_discard_until_eof(reader), LINGER)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a scraper that went away or never sent a whole request
+        except asyncio.CancelledError:
+            pass  # the target is stopping: the connection just closes (nothing awaits this task)
         finally:
             writer.close()
 
@@ -165,6 +172,15 @@ class TargetMetrics:
         if parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
             return "404 Not Found", b"the metrics are at /metrics\n", "text/plain"
         return "200 OK", self.render(), CONTENT_TYPE_LATEST
+
+
+#: How long a finished request's connection waits for the client to close it.
+LINGER = 2.0
+
+
+async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
 
 
 def _session_counts(session: Session) -> dict[str, int]:
