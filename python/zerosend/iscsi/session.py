@@ -311,9 +311,8 @@ class Session:
             if self.writes.backlogged:
                 await self.writes.drained()
                 continue
-            if inner_loop:
-                if rd.buffered < P.BHS_LEN:
-                    await rd.fill(P.BHS_LEN)
+            if inner_loop and rd.buffered < P.BHS_LEN:
+                await rd.fill(P.BHS_LEN)
             if inner_loop and rd.buf[rd.start] & 0x3F == P.OP_SCSI_CMD:  # (a READ, maybe)
                 advertised = window.maxcmdsn
                 window.slide()  # the run's answers carry the room the session has now

@@ -381,6 +381,10 @@ class MemoryStore(Store):
         self._lent = [0] * len(self._chunks)  # loans of each chunk as it is now
         # Times each chunk was copied on write (a loan of an older copy no longer counts)
         self._copies = [0] * len(self._chunks)
+        # Loans are made on the event loop, while a write may come from a thread (EXTENDED COPY,
+        # or a write that found the medium busy): a chunk's loan count and its copy change
+        # together.
+        self._lock = threading.Lock()
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """(chunk, start, end) of every chunk [offset, offset+length) touches."""
@@ -399,15 +403,17 @@ class MemoryStore(Store):
 
     def borrow(self, offset: int, length: int) -> Loan:
         pieces = self._pieces(offset, length)
-        for i, _, _ in pieces:
-            self._lent[i] += 1
-        return _ChunkLoan(self, [self._chunks[i][a:b] for i, a, b in pieces],
-                          [(i, self._copies[i]) for i, _, _ in pieces])  # fmt: skip
+        with self._lock:
+            for i, _, _ in pieces:
+                self._lent[i] += 1
+            return _ChunkLoan(self, [self._chunks[i][a:b] for i, a, b in pieces],
+                              [(i, self._copies[i]) for i, _, _ in pieces])  # fmt: skip
 
     def _returned(self, chunks: list[tuple[int, int]]) -> None:
-        for i, copy in chunks:
-            if self._copies[i] == copy:
-                self._lent[i] -= 1
+        with self._lock:
+            for i, copy in chunks:
+                if self._copies[i] == copy:
+                    self._lent[i] -= 1
 
     def read_into(self, offset: int, view: memoryview) -> None:
         pos = 0
@@ -418,11 +424,12 @@ class MemoryStore(Store):
     def write(self, offset: int, data: memoryview | bytes) -> None:
         pos = 0
         for i, a, b in self._pieces(offset, len(data)):
-            if self._lent[i]:
-                self._chunks[i] = memoryview(bytearray(self._chunks[i]))
-                self._lent[i] = 0
-                self._copies[i] += 1
-            self._chunks[i][a:b] = data[pos : pos + b - a]
+            with self._lock:  # one chunk at a time: a loan waits for one chunk's copy at most
+                if self._lent[i]:
+                    self._chunks[i] = memoryview(bytearray(self._chunks[i]))
+                    self._lent[i] = 0
+                    self._copies[i] += 1
+                self._chunks[i][a:b] = data[pos : pos + b - a]
             pos += b - a
 
     def discard(self, offset: int, length: int) -> None:
