@@ -70,7 +70,8 @@ class Store:
     kind: str = "store"
     can_discard: bool = False  # ``discard`` deallocates (UNMAP)
     # Reads, writes and syncs may wait for a device: they run in the store's threads
-    # (``diskio``), and every method but ``borrow`` and ``read_cached`` may be called there.
+    # (``diskio``) unless the page cache takes them at once (``read_cached``,
+    # ``writes_on_loop``); ``borrow`` and those two are called on the event loop only.
     may_block: bool = False
 
     def __init__(self, name: str) -> None:
