@@ -10,6 +10,7 @@ land over what the initiator writes next.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,20 +42,27 @@ ABORT_TASK, LOGICAL_UNIT_RESET = 1, 5
 OTHER = "iqn.2024-01.org.zerosend:other"
 
 
-@pytest.fixture
-def gated(tmp_path: Path):
-    """A FUSE file whose I/O waits at a gate (root only). Ask for it before ``target_factory``:
-    the target must close the file before the file system goes."""
+@contextlib.contextmanager
+def mounted_gate(tmp_path: Path, data: bytes) -> Iterator[GatedFile]:
+    """A FUSE file holding ``data`` whose I/O waits at a gate (root only), unmounted after."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("needs root and /dev/fuse")
     try:
-        fs = GatedFile(tmp_path / "gated", random.Random(26).randbytes(1 * MiB))
+        fs = GatedFile(tmp_path / "gated", data)
     except OSError as e:  # e.g. a container without the right to mount
         pytest.skip(str(e))
     try:
         yield fs
     finally:
         fs.unmount()
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[GatedFile]:
+    """The gated file, 1 MiB. Ask for it before ``target_factory``: the target must close the
+    file before the file system goes."""
+    with mounted_gate(tmp_path, random.Random(26).randbytes(1 * MiB)) as fs:
+        yield fs
 
 
 def dump_state(t) -> str:
@@ -94,6 +103,17 @@ def other_lun_serves(port: int, iqn: str, plain_data: bytes) -> None:
         other.close()
 
 
+def stuck_read(t, fs: GatedFile, lba: int) -> MiniInitiator:
+    """A session whose READ of LUN 0 at ``lba`` waits in the gated device (the gate closed)."""
+    stuck = MiniInitiator(t.port)
+    stuck.mrdsl = READ_BYTES
+    stuck.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
+    fs.close_gate()
+    stuck.scsi(read10(lba, READ_BYTES // BLOCK), READ_BYTES, read=True)
+    wait_for(lambda: fs.waiting > 0, "the READ to wait in the device")
+    return stuck
+
+
 def start(target_factory, tmp_path: Path, *luns: str):
     plain = tmp_path / "plain.img"
     plain_data = make_image(plain, 1 * MiB, seed=27)
@@ -108,14 +128,8 @@ def test_a_blocked_device_stops_only_its_own_reads(gated, target_factory, tmp_pa
     another LUN meanwhile; ABORT TASK of the stuck READ leaves its buffer with the thread until
     the device answers (the thread still writes into it); then the LUN serves READs again."""
     t, plain_data = start(target_factory, tmp_path, f"{gated.path}:ro")
-    stuck = MiniInitiator(t.port)
+    stuck = stuck_read(t, gated, 0)
     try:
-        stuck.mrdsl = READ_BYTES
-        stuck.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
-        gated.close_gate()
-        stuck.scsi(read10(0, READ_BYTES // BLOCK), READ_BYTES, read=True)
-        wait_for(lambda: gated.waiting > 0, "the READ to wait in the device")
-
         other_lun_serves(t.port, t.iqn, plain_data)
 
         # The stuck READ's buffer stays with it, before and after ABORT TASK
@@ -235,26 +249,15 @@ def test_a_blocked_qcow2_image_stops_only_its_own_reads(target_factory, tmp_path
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         pytest.skip("needs qemu-img (qemu-utils)")
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
     raw = tmp_path / "source.img"
     source = make_image(raw, 1 * MiB, seed=28)
     image = tmp_path / "image.qcow2"
     subprocess.run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(image)],
                    check=True, capture_output=True)  # fmt: skip
-    try:
-        fs = GatedFile(tmp_path / "gated", image.read_bytes())
-    except OSError as e:
-        pytest.skip(str(e))
-    try:
+    with mounted_gate(tmp_path, image.read_bytes()) as fs:
         t, plain_data = start(target_factory, tmp_path, str(fs.path))
-        stuck = MiniInitiator(t.port)
+        stuck = stuck_read(t, fs, 256)
         try:
-            stuck.mrdsl = READ_BYTES
-            stuck.login(t.iqn, {"MaxRecvDataSegmentLength": str(READ_BYTES)})
-            fs.close_gate()
-            stuck.scsi(read10(256, READ_BYTES // BLOCK), READ_BYTES, read=True)
-            wait_for(lambda: fs.waiting > 0, "the READ to wait in the device")
             other_lun_serves(t.port, t.iqn, plain_data)
             assert nothing_arrives(stuck)
             fs.open_gate()
@@ -263,9 +266,7 @@ def test_a_blocked_qcow2_image_stops_only_its_own_reads(target_factory, tmp_path
         finally:
             fs.open_gate()
             stuck.close()
-            t.stop()
-    finally:
-        fs.unmount()
+            t.stop()  # before the file system goes
 
 
 @pytest.mark.timeout(90)
