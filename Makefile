@@ -4,7 +4,7 @@ DIST   := dist
 PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: run test test-rust test-python lint wheel bench bench-iscsi system-deps venv develop clean test-mutants fuzz
+.PHONY: run test test-rust test-python lint wheel bench bench-iscsi system-deps venv develop clean test-mutants fuzz soak
 TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
 	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3" \
 	"hypothesis>=6.100" "prometheus_client>=0.20"
@@ -48,6 +48,18 @@ test-python: develop
 fuzz: develop
 	ZEROSEND_FUZZ=long $(PY) -m pytest -q --timeout=3600 --hypothesis-show-statistics \
 		tests/iscsi/test_iscsi_fuzz.py
+
+# The history checkers run long: `make soak SEED=7 MINUTES=30` runs each for MINUTES with that
+# seed (CHECKER=core or CHECKER=iscsi runs one). A failing seed prints the command that replays it.
+SEED ?= 1
+MINUTES ?= 30
+CHECKER ?= all
+SOAK_TESTS_core := tests/test_history_core.py
+SOAK_TESTS_iscsi := tests/iscsi/test_history_iscsi.py
+SOAK_TESTS_all := $(SOAK_TESTS_core) $(SOAK_TESTS_iscsi)
+soak: system-deps develop
+	ZEROSEND_SOAK_SEED=$(SEED) ZEROSEND_SOAK_MINUTES=$(MINUTES) $(PY) -m pytest -q -x \
+		$(SOAK_TESTS_$(CHECKER))
 
 wheel: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out $(DIST)
