@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -31,7 +30,6 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::fork;
 use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp, SendResult};
-use crate::region::Region;
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
@@ -52,7 +50,7 @@ pub struct Driver<T, B: IoBuf> {
     ring: Option<Ring>,
     /// Regions that sends may come from; region `i` is fixed-buffer slot `i` of the ring.
     /// Declared after `ring` so the ring (and its registration) goes first on drop.
-    regions: Vec<Option<Arc<Region>>>,
+    regions: Vec<Option<regions::Slot>>,
     /// Why registered buffers cannot be used with this ring, if they cannot.
     fixed_unavailable: Option<String>,
     capabilities: Capabilities,
@@ -353,7 +351,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let use_ring = entry.backend == Backend::IoUring && mode == Mode::ZeroCopy;
         let mut op = SendOp::new(token, bufs, mode, id.index);
         if use_ring && op.bufs.len() == 1 {
-            op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
+            op.fixed = self.fixed_lease(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
         Ok(self.enqueue_now(id.index, op))
     }

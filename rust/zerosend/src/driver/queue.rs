@@ -204,7 +204,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 stats.fixed_buffer_sends += 1;
             }
         }
-        let (token, result, bufs) = op.finish();
+        let (token, result, bufs, lease) = op.finish();
         if self.inline == Some(key) {
             self.inline_done = Some((token, result, bufs));
         } else {
@@ -221,6 +221,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             if entry.closing {
                 self.remove_entry(index);
             }
+        }
+        if let Some(lease) = lease {
+            self.lease_dropped(lease);
         }
     }
 

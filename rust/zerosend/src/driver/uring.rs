@@ -21,6 +21,7 @@ use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
 use crate::mutant;
 use crate::op::OpKey;
+use crate::region::SlotLease;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::IOV_MAX;
 
@@ -237,7 +238,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("io_uring sockets exist only with a ring");
         let pushed = if self.scratch_iov.len() == 1 {
             let iov = self.scratch_iov[0];
-            let fixed = op.fixed;
+            let fixed = op.fixed.as_ref().map(SlotLease::slot);
             let len = iov.iov_len.min(1 << 30) as u32;
             // SAFETY: the iovec points into `op.bufs`, owned by the op in `self.ops` until
             // `try_finish` sees no request in the ring and no notification pending, so the memory
