@@ -32,6 +32,8 @@ pub enum CopyReason {
     KernelFallback,
     /// A file sent with `sendfile(2)`: from the page cache, never through user memory.
     File,
+    /// The io_uring had no room for it and the socket cannot use MSG_ZEROCOPY.
+    RingFull,
 }
 
 /// How a send is transmitted.
@@ -81,6 +83,8 @@ pub(crate) struct SendOp<T, B> {
     pub serial: u64,
     /// Set for a `send_file`, whose bytes come from this file (`bufs` is empty).
     pub file: Option<FileSource>,
+    /// A zero-copy send of an io_uring socket that goes by sendmsg: the ring had no room.
+    pub bypass_ring: bool,
 }
 
 impl<T, B: IoBuf> SendOp<T, B> {
@@ -104,6 +108,7 @@ impl<T, B: IoBuf> SendOp<T, B> {
             socket,
             serial: 0,
             file: None,
+            bypass_ring: false,
         }
     }
 
