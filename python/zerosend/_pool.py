@@ -26,10 +26,11 @@ class BufferPool:
     it: a buffer with a send in flight goes back when that send is released.
 
     ``close()`` (or leaving ``async with BufferPool(...) as pool``) gives the pool's io_uring
-    registration back at once and its locked memory as soon as no buffer of it is held or in
-    flight; a pool dropped without ``close()`` does the same when it is garbage-collected. Up to
-    64 pools can be in use with one event loop at a time; there is no limit on how many are
-    created and closed over time.
+    registration back once no send from it is queued or in the kernel (sends submitted before
+    still go out whole, from their registered slot) and its locked memory as soon as no buffer
+    of it is held or in flight; a pool dropped without ``close()`` does the same when it is
+    garbage-collected. Up to 64 pools can be in use with one event loop at a time; there is no
+    limit on how many are created and closed over time.
 
     Raises ``OSError`` naming ``RLIMIT_MEMLOCK`` if the memory cannot be locked.
     ``hugepages=True`` uses 2 MiB pages when the system has them reserved and otherwise warns
@@ -85,10 +86,12 @@ class BufferPool:
     def close(self) -> None:
         """Stop handing out buffers and give the pool's memory back.
 
-        The io_uring registration goes at once (sends in flight keep their pages); the locked
-        memory is unmapped once no acquired buffer of the pool remains (each goes when it is
-        released and its sends were released by the kernel). Waiting ``acquire()`` calls raise
-        ``ValueError``. Calling it again does nothing.
+        New sends stop using the io_uring registration at once; the registration itself goes
+        after the last send submitted from the pool (queued or in the kernel) finished, so those
+        sends keep their pages and their slot. The locked memory is unmapped once no acquired
+        buffer of the pool remains (each goes when it is released and its sends were released
+        by the kernel). Waiting ``acquire()`` calls raise ``ValueError``. Calling it again does
+        nothing.
         """
         if self._closed:
             return

@@ -463,11 +463,17 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 def _open_stream(
-    sock: socket.socket, backend: BackendName, zerocopy_threshold: int, limit: int
+    sock: socket.socket,
+    backend: BackendName,
+    zerocopy_threshold: int,
+    limit: int,
+    user_timeout_ms: int | None = None,
 ) -> tuple[asyncio.StreamReader, StreamWriter]:
     """Reader and writer of a connected, non-blocking TCP socket; the socket is closed if not."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if user_timeout_ms is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
         zs = wrap(sock, backend=backend, zerocopy_threshold=zerocopy_threshold)
     except BaseException:
         sock.close()
@@ -475,6 +481,24 @@ def _open_stream(
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     return reader, StreamWriter(zs, reader, _SocketFeed(loop, sock, reader))
+
+
+def _user_timeout_ms(user_timeout: float | None) -> int | None:
+    """``user_timeout`` in seconds as TCP_USER_TIMEOUT's milliseconds (None: the kernel's)."""
+    if user_timeout is None:
+        return None
+    if (
+        isinstance(user_timeout, bool)
+        or not isinstance(user_timeout, (int, float))
+        or not 0 < user_timeout < float("inf")
+    ):
+        raise ValueError(
+            f"user_timeout must be a positive number of seconds (or None), not {user_timeout!r}"
+        )
+    ms = max(1, round(user_timeout * 1000))
+    if ms > 2**31 - 1:
+        raise ValueError(f"user_timeout must be at most {(2**31 - 1) // 1000} seconds")
+    return ms
 
 
 def _refuse_tls(ssl: object) -> None:
@@ -552,6 +576,7 @@ async def open_connection(
     flags: int = 0,
     sock: socket.socket | None = None,
     local_addr: tuple[str, int] | None = None,
+    user_timeout: float | None = None,
 ) -> tuple[asyncio.StreamReader, StreamWriter]:
     """Connect over TCP; ``(reader, writer)`` as ``asyncio.open_connection`` returns them, with
     a :class:`StreamWriter` whose ``write_zc`` sends without copying.
@@ -559,9 +584,16 @@ async def open_connection(
     ``backend`` and ``zerocopy_threshold`` are :func:`zerosend.wrap`'s; ``limit``, ``family``,
     ``proto``, ``flags``, ``local_addr`` and ``sock`` (an already connected TCP socket, instead
     of ``host`` and ``port``) are asyncio's. TLS (``ssl``) is refused: it cannot be zero-copy.
+
+    ``user_timeout`` (seconds) sets ``TCP_USER_TIMEOUT``: a peer that acknowledges nothing, or
+    keeps its receive window shut (stops reading), for that long ends the connection with
+    ``ETIMEDOUT``, so its unsent data and in-flight sends are released (failed) instead of held
+    forever. ``None`` keeps the kernel's default (retransmissions give up after about 15
+    minutes; a shut window is probed for as long as the peer answers).
     """
     _refuse_tls(ssl)
     _check_backend(backend)
+    user_timeout_ms = _user_timeout_ms(user_timeout)
     if sock is not None:
         if host is not None or port is not None or local_addr is not None:
             raise ValueError("give either sock or host/port/local_addr, not both")
@@ -572,7 +604,7 @@ async def open_connection(
         if host is None and port is None:
             raise ValueError("host and port are needed (or sock, a connected socket)")
         sock = await _connect(host, port, family, proto, flags, local_addr)
-    return _open_stream(sock, backend, zerocopy_threshold, limit)
+    return _open_stream(sock, backend, zerocopy_threshold, limit, user_timeout_ms)
 
 
 async def _listen(
@@ -637,6 +669,7 @@ class StreamServer:
         zerocopy_threshold: int,
         limit: int,
         backlog: int,
+        user_timeout_ms: int | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] | None = listeners
@@ -645,6 +678,7 @@ class StreamServer:
         self._threshold = zerocopy_threshold
         self._limit = limit
         self._backlog = backlog
+        self._user_timeout_ms = user_timeout_ms
         self._serving = False
         self._writers: set[StreamWriter] = set()
         self._callback_tasks: set[asyncio.Task[None]] = set()
@@ -711,7 +745,9 @@ class StreamServer:
     def _accepted(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         try:
-            reader, writer = _open_stream(conn, self._backend, self._threshold, self._limit)
+            reader, writer = _open_stream(
+                conn, self._backend, self._threshold, self._limit, self._user_timeout_ms
+            )
         except Exception as exc:
             self._loop.call_exception_handler(
                 {"message": "zerosend could not take over an accepted connection", "exception": exc}
@@ -812,6 +848,7 @@ async def start_server(
     reuse_address: bool | None = None,
     reuse_port: bool | None = None,
     start_serving: bool = True,
+    user_timeout: float | None = None,
 ) -> StreamServer:
     """Listen on ``host``:``port``; call ``client_connected_cb(reader, writer)`` (a function or
     a coroutine function) for every connection, as ``asyncio.start_server`` does, with a
@@ -820,9 +857,11 @@ async def start_server(
     ``backend`` and ``zerocopy_threshold`` are :func:`zerosend.wrap`'s for every connection;
     the other arguments are asyncio's (``sock`` is a bound TCP socket to listen on instead of
     ``host`` and ``port``). TLS (``ssl``) is refused: it cannot be zero-copy.
+    ``user_timeout`` is :func:`open_connection`'s, for every connection.
     """
     _refuse_tls(ssl)
     _check_backend(backend)
+    user_timeout_ms = _user_timeout_ms(user_timeout)
     if not callable(client_connected_cb):
         raise TypeError("client_connected_cb must be callable: cb(reader, writer)")
     if sock is not None:
@@ -836,7 +875,7 @@ async def start_server(
     else:
         listeners = await _listen(host, port, family, flags, backlog, reuse_address, reuse_port)
     server = StreamServer(
-        listeners, client_connected_cb, backend, zerocopy_threshold, limit, backlog
+        listeners, client_connected_cb, backend, zerocopy_threshold, limit, backlog, user_timeout_ms
     )
     if start_serving:
         await server.start_serving()

@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -31,7 +30,6 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::fork;
 use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp, SendResult};
-use crate::region::Region;
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, Transport, IOV_MAX};
@@ -39,6 +37,8 @@ use crate::tracker::ZerocopyTracker;
 
 /// Epoll data tag of the ring's descriptor (socket tags carry their index and generation).
 const RING_TAG: u64 = u64::MAX;
+/// Epoll data tag of the timer that ends a wait for ring room (see `uring.rs`).
+const RING_TIMER_TAG: u64 = u64::MAX - 1;
 const EVENT_BATCH: usize = 64;
 
 /// Drives zero-copy sends for many sockets from one thread.
@@ -52,7 +52,7 @@ pub struct Driver<T, B: IoBuf> {
     ring: Option<Ring>,
     /// Regions that sends may come from; region `i` is fixed-buffer slot `i` of the ring.
     /// Declared after `ring` so the ring (and its registration) goes first on drop.
-    regions: Vec<Option<Arc<Region>>>,
+    regions: Vec<Option<regions::Slot>>,
     /// Why registered buffers cannot be used with this ring, if they cannot.
     fixed_unavailable: Option<String>,
     capabilities: Capabilities,
@@ -69,6 +69,12 @@ pub struct Driver<T, B: IoBuf> {
     scratch_completions: Vec<sys::ZerocopyCompletion>,
     /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
     ring_waiting: VecDeque<u32>,
+    /// Sockets with a chain of requests in the ring.
+    ring_chains: usize,
+    /// Since when sockets have waited for ring room with no ring completion reaped.
+    ring_stalled_since: Option<std::time::Instant>,
+    /// Wakes the event loop (through the epoll set) when that wait reaches its limit.
+    ring_timer: Option<std::os::fd::OwnedFd>,
     vectored: Vec<Option<Box<VectoredRequest>>>,
     /// The caller watches the ring's descriptor itself (see [`Driver::ring_fd_apart`]), so it is
     /// not in the epoll set.
@@ -108,6 +114,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             scratch_events: Vec::new(),
             scratch_completions: Vec::new(),
             ring_waiting: VecDeque::new(),
+            ring_chains: 0,
+            ring_stalled_since: None,
+            ring_timer: None,
             vectored: Vec::new(),
             ring_apart: false,
             process: fork::current(),
@@ -216,6 +225,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             queue: VecDeque::new(),
             inflight: 0,
             tracker: ZerocopyTracker::starting_at(first_number),
+            error_queue: backend == Backend::MsgZerocopy,
             want_write: false,
             awaiting_release: false,
             ring_releases_pending: 0,
@@ -353,7 +363,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let use_ring = entry.backend == Backend::IoUring && mode == Mode::ZeroCopy;
         let mut op = SendOp::new(token, bufs, mode, id.index);
         if use_ring && op.bufs.len() == 1 {
-            op.fixed = self.fixed_slot(op.bufs[0].as_ptr(), op.bufs[0].len());
+            op.fixed = self.fixed_lease(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
         Ok(self.enqueue_now(id.index, op))
     }
@@ -505,6 +515,11 @@ impl<T, B: IoBuf> Driver<T, B> {
             for event in &events[..n] {
                 if event.data() == RING_TAG {
                     ring_ready = true;
+                } else if event.data() == RING_TIMER_TAG {
+                    // The flush below sends around the ring if the wait for room went on.
+                    if let Some(timer) = &self.ring_timer {
+                        sys::timer_clear(timer.as_fd());
+                    }
                 } else {
                     self.process_socket(event.data(), event.events());
                 }

@@ -8,6 +8,7 @@ use std::os::fd::OwnedFd;
 
 use crate::buf::IoBuf;
 use crate::error::Error;
+use crate::region::SlotLease;
 
 /// How a send ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub enum CopyReason {
     KernelFallback,
     /// A file sent with `sendfile(2)`: from the page cache, never through user memory.
     File,
+    /// The io_uring had no room for it and the socket cannot use MSG_ZEROCOPY.
+    RingFull,
 }
 
 /// How a send is transmitted.
@@ -71,14 +74,17 @@ pub(crate) struct SendOp<T, B> {
     pub notified_before_result: bool,
     /// A notification said the kernel copied after all.
     pub kernel_copied: bool,
-    /// The io_uring fixed-buffer slot holding this single-buffer send, if registered.
-    pub fixed: Option<u16>,
+    /// The io_uring fixed-buffer slot holding this single-buffer send, if registered. The lease
+    /// keeps the slot registered until the op is gone (see `SlotLease`).
+    pub fixed: Option<SlotLease>,
     pub error: Option<Error>,
     pub socket: u32,
     /// Tells this send from later ones that reuse its key (set by the driver).
     pub serial: u64,
     /// Set for a `send_file`, whose bytes come from this file (`bufs` is empty).
     pub file: Option<FileSource>,
+    /// A zero-copy send of an io_uring socket that goes by sendmsg: the ring had no room.
+    pub bypass_ring: bool,
 }
 
 impl<T, B: IoBuf> SendOp<T, B> {
@@ -102,6 +108,7 @@ impl<T, B: IoBuf> SendOp<T, B> {
             socket,
             serial: 0,
             file: None,
+            bypass_ring: false,
         }
     }
 
@@ -144,8 +151,8 @@ impl<T, B: IoBuf> SendOp<T, B> {
         }
     }
 
-    /// Consumes the released op into its token, outcome and buffers.
-    pub fn finish(self) -> (T, Result<SendResult, Error>, Vec<B>) {
+    /// Consumes the released op into its token, outcome, buffers and fixed-slot lease.
+    pub fn finish(self) -> (T, Result<SendResult, Error>, Vec<B>, Option<SlotLease>) {
         debug_assert!(
             self.released(),
             "a send was finished while the kernel could read it"
@@ -159,6 +166,6 @@ impl<T, B: IoBuf> SendOp<T, B> {
                     && !crate::mutant::active(crate::mutant::ZEROCOPY_FALSE),
             }),
         };
-        (self.token, result, self.bufs)
+        (self.token, result, self.bufs, self.fixed)
     }
 }

@@ -1,6 +1,7 @@
 //! Page-aligned, locked memory for buffer pools that io_uring can register as fixed buffers.
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 
@@ -69,6 +70,29 @@ impl Region {
         let start = self.ptr.as_ptr() as usize;
         let p = ptr as usize;
         p >= start && p.saturating_add(len) <= start + self.len
+    }
+}
+
+/// A send's hold on the fixed-buffer slot it names. The driver keeps a slot registered while any
+/// lease on it exists: a lease lives in its send from submission until the send is finished
+/// (nothing queued, nothing in the kernel), so no request can ever name an emptied or reused slot.
+#[derive(Debug)]
+pub(crate) struct SlotLease {
+    slot: u16,
+    _users: Arc<()>,
+}
+
+impl SlotLease {
+    /// A lease on `slot`, counted in `users` (the slot's count) until it is dropped.
+    pub(crate) fn new(slot: u16, users: &Arc<()>) -> Self {
+        Self {
+            slot,
+            _users: Arc::clone(users),
+        }
+    }
+
+    pub(crate) fn slot(&self) -> u16 {
+        self.slot
     }
 }
 

@@ -84,6 +84,11 @@ impl Ring {
         })
     }
 
+    /// How many sends the ring holds at once (two completions each).
+    pub fn capacity(&self) -> usize {
+        self.cq_entries / 2
+    }
+
     /// The ring's descriptor: readable while completions are waiting.
     pub fn fd(&self) -> RawFd {
         self.ring.as_raw_fd()

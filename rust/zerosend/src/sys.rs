@@ -322,6 +322,52 @@ pub fn send_file(
     }
 }
 
+/// A non-blocking, close-on-exec `CLOCK_MONOTONIC` timerfd, disarmed: readable once it fires.
+pub fn timer_create() -> std::result::Result<OwnedFd, Errno> {
+    // SAFETY: timerfd_create takes no pointers; a non-negative result is a new descriptor.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms the timer to fire once, `after` from now (replacing any earlier setting), and clears
+/// an expiry not read yet.
+pub fn timer_arm(fd: BorrowedFd<'_>, after: std::time::Duration) -> std::result::Result<(), Errno> {
+    timer_clear(fd);
+    let value = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.as_secs() as libc::time_t,
+            // A zero it_value would disarm: at least one nanosecond.
+            tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
+        },
+    };
+    // SAFETY: `value` is a valid itimerspec for the call; the old value is not asked for.
+    let rc = unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &value, std::ptr::null_mut()) };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Reads (and so clears) the timer's expiry count, if it fired.
+pub fn timer_clear(fd: BorrowedFd<'_>) {
+    let mut expirations = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into the local array; EAGAIN (not fired) is fine.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;

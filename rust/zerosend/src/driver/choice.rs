@@ -100,7 +100,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     /// Turns on SO_ZEROCOPY; returns the number the kernel will give the next zero-copy send.
-    fn enable_msg_zerocopy(
+    pub(super) fn enable_msg_zerocopy(
         &self,
         fd: BorrowedFd<'_>,
         claim: &Claim,

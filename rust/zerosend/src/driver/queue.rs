@@ -29,6 +29,9 @@ pub(super) struct Entry<T> {
     /// Sends not yet released (queued or awaiting notifications).
     pub(super) inflight: usize,
     pub(super) tracker: ZerocopyTracker<OpKey>,
+    /// SO_ZEROCOPY is on and `tracker` numbers MSG_ZEROCOPY sends: their releases come on the
+    /// error queue (the MSG_ZEROCOPY backend, or an io_uring socket that found the ring full).
+    pub(super) error_queue: bool,
     /// EPOLLOUT is armed because the socket buffer was full.
     pub(super) want_write: bool,
     /// ENOBUFS/ENOMEM: wait for a release before writing again.
@@ -191,6 +194,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
                 Mode::Copy(CopyReason::Requested) => stats.bytes_copied_requested += total,
                 Mode::Copy(CopyReason::Backend) => stats.bytes_copied_backend += total,
+                Mode::Copy(CopyReason::RingFull) => stats.bytes_copied_ring_full += total,
                 Mode::Copy(CopyReason::File) => stats.bytes_sendfile += total,
             }
             let copied = match op.mode {
@@ -204,7 +208,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 stats.fixed_buffer_sends += 1;
             }
         }
-        let (token, result, bufs) = op.finish();
+        let (token, result, bufs, lease) = op.finish();
         if self.inline == Some(key) {
             self.inline_done = Some((token, result, bufs));
         } else {
@@ -222,12 +226,15 @@ impl<T, B: IoBuf> Driver<T, B> {
                 self.remove_entry(index);
             }
         }
+        if let Some(lease) = lease {
+            self.lease_dropped(lease);
+        }
     }
 
     pub(super) fn remove_entry(&mut self, index: u32) {
         if let Some(entry) = self.entries[index as usize].take() {
             let _ = self.epoll.delete(&entry.fd);
-            if entry.backend == Backend::MsgZerocopy && entry.tracker.outstanding() == 0 {
+            if entry.error_queue && entry.tracker.outstanding() == 0 {
                 entry
                     .claim
                     .save_zerocopy_number(entry.tracker.next_number());

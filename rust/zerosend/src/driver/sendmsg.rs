@@ -27,7 +27,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         if entry.generation != generation {
             return;
         }
-        if entry.backend == Backend::MsgZerocopy && events.contains(EpollFlags::EPOLLERR) {
+        if entry.error_queue && events.contains(EpollFlags::EPOLLERR) {
             self.read_notifications(index);
         }
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
@@ -161,7 +161,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 continue;
             }
             let zerocopy = op.zerocopy();
-            if entry.backend == Backend::IoUring && zerocopy {
+            if entry.backend == Backend::IoUring && zerocopy && !op.bypass_ring {
                 self.wait_for_ring(index);
                 return;
             }

@@ -100,7 +100,7 @@ socket_stats! {
     sends,
     /// Bytes of sends the kernel transmitted without copying.
     bytes_zerocopy,
-    /// Bytes of sends that were copied, for whatever reason (the next four say why).
+    /// Bytes of sends that were copied, for whatever reason (the next five say why).
     bytes_copied,
     /// ... because the kernel copied a zero-copy send (loopback, veth, no scatter-gather).
     bytes_copied_by_kernel,
@@ -110,6 +110,9 @@ socket_stats! {
     bytes_copied_requested,
     /// ... because the socket uses the copy backend.
     bytes_copied_backend,
+    /// ... because the event loop's io_uring had no room for the socket's zero-copy sends and
+    /// the socket cannot use MSG_ZEROCOPY (see ring_full_sends).
+    bytes_copied_ring_full,
     /// Bytes sent from files with `sendfile(2)` (`send_file`): page cache to socket, never through
     /// user memory; not counted in bytes_copied.
     bytes_sendfile,
@@ -129,6 +132,11 @@ socket_stats! {
     zerocopy_refusals,
     /// Sends that went from io_uring registered buffers.
     fixed_buffer_sends,
+    /// Zero-copy sends of an io_uring socket that found the ring with no room for them (other
+    /// sockets' sends filled it, say to peers that do not read) and none of the socket's own
+    /// requests in it: they went by sendmsg instead, with MSG_ZEROCOPY where the socket allows
+    /// it, else by copy (counted in bytes_copied_ring_full), rather than wait on other peers.
+    ring_full_sends,
     /// Sends that ended in an error.
     errors,
     /// Errors the kernel queued on the socket's error queue (ICMP, such as port unreachable)

@@ -9,20 +9,32 @@
 //! fails the link: the requests behind it complete with `ECANCELED` having sent nothing. A
 //! socket has at most one chain in the kernel at a time; once every request of the chain has its
 //! first completion, the unsent rest (the short request's remainder first) forms the next chain.
+//!
+//! Sharing: the ring's room (the completions it can take) is shared by every socket. A flush
+//! gives each socket with sends waiting at most an equal share of it (its chain is cut there),
+//! and a socket it cannot place is skipped, not waited on: the sockets behind it still get
+//! theirs, and it keeps its place in line for the room that completions free. If no completion
+//! at all comes back for `RING_STALL_LIMIT` while sockets wait (the ring is held by requests to
+//! peers that do not read), a timer in the epoll set wakes the loop and the waiting sockets send
+//! by sendmsg instead (MSG_ZEROCOPY, or copy), counted in `ring_full_sends`, rather than wait
+//! on those peers.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::regions::FIXED_SLOTS;
-use super::{Driver, RING_TAG};
+use super::{Driver, RING_TAG, RING_TIMER_TAG};
 use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
 use crate::mutant;
-use crate::op::OpKey;
+use crate::op::{CopyReason, Mode, OpKey};
+use crate::region::SlotLease;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
-use crate::sys::IOV_MAX;
+use crate::sys::{self, IOV_MAX};
+use crate::tracker::ZerocopyTracker;
 
 /// Ring sizes to try, largest first, as (submission, completion) queue entries. Many sockets'
 /// chains go to the kernel in one `io_uring_enter`; every send posts two completions, and no
@@ -33,6 +45,9 @@ use crate::sys::IOV_MAX;
 const RING_SIZES: [(u32, u32); 2] = [(1024, 16384), (256, 1024)];
 /// Longest chain of one socket's sends in the kernel at once.
 const MAX_CHAIN: usize = 64;
+/// How long sockets wait for room in the ring while no ring completion at all comes back (the
+/// ring is held by requests to peers that do not read) before they send around it.
+const RING_STALL_LIMIT: Duration = Duration::from_millis(100);
 
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn ensure_ring(&mut self) -> std::result::Result<(), String> {
@@ -48,6 +63,12 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
         }
         let ring = created.map_err(|e| format!("creating the io_uring failed: {e}"))?;
+        let timer = sys::timer_create()
+            .map_err(|e| format!("creating the io_uring's wait timer failed: {e}"))?;
+        self.epoll
+            .add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, RING_TIMER_TAG))
+            .map_err(|e| format!("watching the io_uring's wait timer failed: {e}"))?;
+        self.ring_timer = Some(timer);
         if !self.ring_apart {
             self.watch_ring_in_epoll(ring.fd())
                 .map_err(|e| format!("watching the io_uring failed: {e}"))?;
@@ -74,6 +95,10 @@ impl<T, B: IoBuf> Driver<T, B> {
             Some(ring) => ring.reap(&mut events),
             None => Ok(()),
         };
+        if !events.is_empty() {
+            // The ring moves: sockets waiting for room get it as its requests complete.
+            self.ring_stalled_since = None;
+        }
         for event in events.iter().copied() {
             match event {
                 RingEvent::Released {
@@ -145,6 +170,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         entry.ring_chain -= 1;
         let chain_done = entry.ring_chain == 0;
+        if chain_done {
+            self.ring_chains -= 1;
+        }
         if res >= 0 {
             if queued {
                 self.advance_queue(index, res as usize);
@@ -178,8 +206,9 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     /// Queues the socket's unsent zero-copy sends, oldest first, as one linked chain (see the
-    /// module comment), as far as the ring has room; returns false if it had none.
-    fn submit_chain(&mut self, index: u32) -> bool {
+    /// module comment) of at most `share` requests, as far as the ring has room; returns false
+    /// if it had none.
+    fn submit_chain(&mut self, index: u32, share: usize) -> bool {
         let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
             return true;
         };
@@ -191,7 +220,8 @@ impl<T, B: IoBuf> Driver<T, B> {
         chain.clear();
         for &key in entry.queue.iter() {
             let op = self.ops[key as usize].as_ref().expect("queued send exists");
-            if !op.zerocopy() || op.in_ring || chain.len() == MAX_CHAIN {
+            if !op.zerocopy() || op.in_ring || op.bypass_ring || chain.len() == share.min(MAX_CHAIN)
+            {
                 break;
             }
             chain.push(key);
@@ -214,6 +244,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         chain.truncate(room);
         entry.ring_chain = chain.len();
+        if !chain.is_empty() {
+            self.ring_chains += 1;
+        }
         for (i, &key) in chain.iter().enumerate() {
             let link = i + 1 < chain.len();
             self.push_request(key, fd, link);
@@ -237,7 +270,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             .expect("io_uring sockets exist only with a ring");
         let pushed = if self.scratch_iov.len() == 1 {
             let iov = self.scratch_iov[0];
-            let fixed = op.fixed;
+            let fixed = op.fixed.as_ref().map(SlotLease::slot);
             let len = iov.iov_len.min(1 << 30) as u32;
             // SAFETY: the iovec points into `op.bufs`, owned by the op in `self.ops` until
             // `try_finish` sees no request in the ring and no notification pending, so the memory
@@ -264,24 +297,39 @@ impl<T, B: IoBuf> Driver<T, B> {
         op.in_ring = pushed.is_ok();
     }
 
-    /// Queues the chains of every socket with zero-copy sends waiting (oldest first, while the
-    /// ring has room; the others wait for completions to make some) and hands them to the kernel
-    /// in one `io_uring_enter`. On failure the requests stay queued (the kernel may take them on
-    /// a later call), so their sends keep their buffers.
+    /// Queues the chains of every socket with zero-copy sends waiting (oldest first, each at
+    /// most its share of the ring; one the ring has no room for sends by sendmsg instead, see
+    /// the module comment) and hands them to the kernel in one `io_uring_enter`. On failure the
+    /// requests stay queued (the kernel may take them on a later call), so their sends keep
+    /// their buffers.
     pub fn flush(&mut self) -> Result<()> {
         self.check_process()?;
-        while let Some(&index) = self.ring_waiting.front() {
-            let waiting = match self.entries.get_mut(index as usize) {
-                Some(Some(entry)) => std::mem::take(&mut entry.ring_waiting),
-                _ => false,
-            };
-            if waiting && !self.submit_chain(index) {
-                if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
-                    entry.ring_waiting = true;
+        if let Some(ring) = self.ring.as_ref() {
+            let contenders = (self.ring_chains + self.ring_waiting.len()).max(1);
+            let share = (ring.capacity() / contenders).max(1);
+            let stalled = self
+                .ring_stalled_since
+                .is_some_and(|since| since.elapsed() >= RING_STALL_LIMIT);
+            let mut skipped = false;
+            // Only the sockets waiting now: one skipped goes to the back for the next flush.
+            for _ in 0..self.ring_waiting.len() {
+                let Some(index) = self.ring_waiting.pop_front() else {
+                    break;
+                };
+                let waiting = match self.entries.get_mut(index as usize) {
+                    Some(Some(entry)) => std::mem::take(&mut entry.ring_waiting),
+                    _ => false,
+                };
+                if waiting && !self.submit_chain(index, share) {
+                    if stalled {
+                        self.bypass_ring(index);
+                    } else {
+                        skipped = true;
+                        self.wait_for_ring(index);
+                    }
                 }
-                break;
             }
-            self.ring_waiting.pop_front();
+            self.ring_wait_clock(skipped)?;
         }
         match self.ring.as_mut() {
             Some(ring) => ring
@@ -289,6 +337,53 @@ impl<T, B: IoBuf> Driver<T, B> {
                 .map_err(|e| Error::os("submitting to io_uring", errno_of(&e))),
             None => Ok(()),
         }
+    }
+
+    /// Starts the clock of a wait for ring room (and the timer that ends it), or stops it.
+    fn ring_wait_clock(&mut self, waiting: bool) -> Result<()> {
+        if !waiting {
+            self.ring_stalled_since = None;
+        } else if self.ring_stalled_since.is_none() {
+            self.ring_stalled_since = Some(Instant::now());
+            if let Some(timer) = &self.ring_timer {
+                sys::timer_arm(timer.as_fd(), RING_STALL_LIMIT)
+                    .map_err(|e| Error::os("arming the io_uring's wait timer", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ring had no room for the socket's zero-copy sends (none of its requests are in it)
+    /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if the socket can have it (its
+    /// releases then come on the error queue), else by copy.
+    fn bypass_ring(&mut self, index: u32) {
+        let Some(Some(entry)) = self.entries.get(index as usize) else {
+            return;
+        };
+        let enabled = if entry.error_queue || entry.tracker.outstanding() > 0 {
+            None
+        } else {
+            self.enable_msg_zerocopy(entry.fd.as_fd(), &entry.claim)
+                .ok()
+        };
+        let entry = self.entries[index as usize]
+            .as_mut()
+            .expect("checked above");
+        if let Some(first) = enabled {
+            entry.tracker = ZerocopyTracker::starting_at(first);
+            entry.error_queue = true;
+        }
+        for &key in entry.queue.iter() {
+            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            if op.zerocopy() && !op.in_ring && !op.bypass_ring {
+                op.bypass_ring = true;
+                entry.stats.ring_full_sends += 1;
+                if !entry.error_queue {
+                    op.mode = Mode::Copy(CopyReason::RingFull);
+                }
+            }
+        }
+        self.pump(index);
     }
 
     /// True if sends are queued for the kernel that only the next [`Driver::flush`] (or
