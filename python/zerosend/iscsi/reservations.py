@@ -336,6 +336,36 @@ class Reservations:
             key[0] == lun for key in self._attentions
         )
 
+    # -- reload
+
+    def luns_changed(self, gone: Iterable[int], added: dict[int, S.LogicalUnit]) -> None:
+        """A reload took away the LUNs ``gone`` (removed or replaced) and brought ``added``.
+        The reservations of a LUN go with it (those kept across restarts stay in the state
+        file, for when its image is served again) and so do its pending unit attentions; an
+        added LUN starts with none, or with the ones its image kept across restarts."""
+        for lun in gone:
+            unit = self.units.pop(lun)
+            if unit.aptpl:
+                self._other_saved[unit.key] = unit.dump()
+            for pending in [k for k in self._attentions if k[0] == lun]:
+                del self._attentions[pending]
+        for lun, lu in added.items():
+            unit = self.units[lun] = UnitState(lu)
+            saved = self._other_saved.get(unit.key)
+            if saved is not None:
+                try:
+                    unit.restore(saved)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    unit = self.units[lun] = UnitState(lu)
+                    log.error("reservation state %s: the entry of %s is corrupt (%s: %s); LUN "
+                              "%d starts with no reservations, the entry is kept", self.state_path,
+                              unit.key, type(e).__name__, e, lun)  # fmt: skip
+                else:
+                    del self._other_saved[unit.key]
+                    log.info("LUN %d: persistent reservations restored: %s", lun,
+                             unit.describe())  # fmt: skip
+            self._update_guard(lun)
+
     # -- nexus loss and resets
 
     def nexus_lost(self, nexus: Nexus) -> None:
