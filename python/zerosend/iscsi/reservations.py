@@ -566,7 +566,8 @@ class Reservations:
             except OSError as e:
                 log.error("cannot save the reservations to %s: %s", self.state_path, e)
                 unit.generation, unit.registrations, unit.type, unit.holder, unit.aptpl = before
-                self._update_guard(lun)
+                if self.units.get(lun) is unit:
+                    self._update_guard(lun)
                 raise S.CheckCondition(S.HARDWARE_ERROR, S.INTERNAL_FAILURE) from e
             later = self._effects(unit, effects, what)
         finally:
@@ -579,6 +580,8 @@ class Reservations:
         """Unit attentions, and the aborts of PREEMPT AND ABORT: what waits for their writes
         already in a disk's hands (None: nothing)."""
         lun = unit.lu.number
+        if self.units.get(lun) is not unit:
+            return None  # a reload took the LUN away while its state was being saved
         for other, code in effects.attentions:
             self._attend(lun, other, code)
         for other in dict.fromkeys(effects.aborted):
