@@ -85,10 +85,10 @@ def prout(ini: MiniInitiator, action: int, key: int, service_key: int = 0, kind:
 
 
 def send_prout(ini: MiniInitiator, action: int, key: int, service_key: int = 0, kind: int = 0,
-               aptpl: bool = False) -> int:  # fmt: skip
-    """Send a PERSISTENT RESERVE OUT (to LUN 0) without waiting for its end; its ITT."""
+               aptpl: bool = False, lun: int = 0) -> int:  # fmt: skip
+    """Send a PERSISTENT RESERVE OUT without waiting for its end; its ITT."""
     cdb, params = prout_cdb(action, key, service_key, kind, aptpl)
-    return ini.scsi(cdb, len(params), write=True, data=params)
+    return ini.scsi(cdb, len(params), write=True, data=params, lun=lun)
 
 
 def read_keys(ini: MiniInitiator, lun: int = 0) -> list[int]:
@@ -191,6 +191,44 @@ def test_a_reset_of_the_copys_destination_waits_for_the_copy(target_factory, tmp
         finally:
             gated.open_gate()
             ini.close()
+            t.stop()  # before the file system goes
+
+
+@pytest.mark.timeout(90)
+def test_preempt_and_abort_of_a_copys_destination_waits_for_the_copy(
+    target_factory, tmp_path: Path
+):
+    """B, registered on LUN 1, copies into it with a copy addressed to LUN 0; the device of LUN 1
+    holds the copy's write when A preempts B there: A's GOOD comes once the copy landed (the
+    copy, a task of LUN 0, is not aborted), so what A writes after it stays."""
+    source = tmp_path / "source.img"
+    source_data = make_image(source, MiB, seed=51)
+    with mounted_gate(tmp_path, bytes(MiB)) as gated:
+        t = target_factory("--lun", str(source), "--lun", str(gated.path))
+        a, b = login(t.port, NODE_A), login(t.port, NODE_B)
+        try:
+            assert prout(a, REGISTER, 0, KEY_A, lun=1) == GOOD
+            assert prout(b, REGISTER, 0, KEY_B, lun=1) == GOOD
+            assert prout(a, RESERVE, KEY_A, kind=WE_RO, lun=1) == GOOD
+            cdb, params = xcopy([naa(b, 0), naa(b, 1)], 0, 1, 16, 0, 32)
+            gated.close_gate()
+            copy_itt = b.scsi(cdb, len(params), write=True, data=params)
+            wait_for(lambda: gated.waiting > 0, "the copy's write to wait in the device")
+            preempt = send_prout(a, PREEMPT_AND_ABORT, KEY_A, KEY_B, kind=WE_RO, lun=1)
+            assert nothing_arrives(a), "PREEMPT AND ABORT answered while the copy could land"
+
+            gated.open_gate()
+            itt, status, _, sense = response(a)
+            assert (itt, status) == (preempt, GOOD), sense.hex()
+            assert gated.data[32 * BLOCK : 48 * BLOCK] == source_data[: 16 * BLOCK]
+            assert response(b)[:2] == (copy_itt, GOOD)
+            after = b"A" * 16 * BLOCK
+            status, _, _ = command(a, write10(32, 16), len(after), after, lun=1, write=True)
+            assert status == GOOD and gated.data[32 * BLOCK : 48 * BLOCK] == after
+        finally:
+            gated.open_gate()
+            a.close()
+            b.close()
             t.stop()  # before the file system goes
 
 
