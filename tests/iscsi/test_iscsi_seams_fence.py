@@ -321,6 +321,30 @@ def test_a_lun_replaced_by_a_reload_has_reservations_of_its_own(target_factory, 
         b.close()
 
 
+def test_a_reload_keeps_an_images_registrations_kept_across_restarts(
+    target_factory, tmp_path: Path
+):
+    """A registration with APTPL belongs to the image: a reload that puts another image at
+    LUN 1 shows none there, and one that puts the image back restores it (from the state
+    file, which kept it meanwhile)."""
+    first, kept, other = tmp_path / "first.img", tmp_path / "kept.img", tmp_path / "other.img"
+    for seed, path in enumerate((first, kept, other), 52):
+        make_image(path, MiB, seed=seed)
+    t, config = serve(target_factory, tmp_path, [first, kept])
+    a = login(t.port, NODE_A)
+    assert prout(a, REGISTER, 0, KEY_A, lun=1, aptpl=True) == GOOD
+    a.close()
+    for luns, keys in (([first, other], []), ([first, kept], [KEY_A])):
+        write_config(config, luns)
+        reload(t)
+        a = login(t.port, NODE_A)
+        try:
+            assert read_keys(a, lun=1) == keys, luns
+        finally:
+            a.close()
+    assert f'"key": {KEY_A}' in (tmp_path / "target.reservations.json").read_text()
+
+
 # -- the reservation state file
 
 
