@@ -15,6 +15,7 @@ a disk's hands, a reload, the state file, and resets.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import threading
 from pathlib import Path
@@ -271,6 +272,60 @@ def test_preempt_and_abort_answers_once_the_preempted_write_landed(target_factor
             assert gated.data[256 * BLOCK : 256 * BLOCK + WRITE_BYTES] == after
         finally:
             gated.open_gate()
+            a.close()
+            b.close()
+            t.stop()  # before the file system goes
+
+
+@pytest.mark.timeout(240)
+def test_no_write_of_a_fenced_node_lands_after_the_fence(target_factory, tmp_path: Path):
+    """A small history check of the fence. Each round B, registered, keeps many WRITEs in flight
+    to a device that takes them in threads (FUSE), and A preempts B with PREEMPT AND ABORT after
+    a random number of them completed, then writes its own data over the range. Invariant, once
+    everything is quiet: the range holds A's data, whatever B's WRITEs did (each landed before
+    the fence's GOOD, or never)."""
+    rng = random.Random(53)
+    span = WRITE_BYTES // BLOCK  # the range: A's one WRITE covers it
+    with mounted_gate(tmp_path, bytes(MiB)) as gated:
+        t = target_factory("--lun", str(gated.path))
+        a, b = login(t.port, NODE_A), login(t.port, NODE_B)
+        try:
+            assert prout(a, REGISTER, 0, KEY_A) == GOOD
+            assert prout(a, RESERVE, KEY_A, kind=WE_RO) == GOOD  # registrants may write
+            for round_ in range(6):
+                assert prout(b, REGISTER, 0, KEY_B) == GOOD
+                data = bytes((round_,)) * 8 * BLOCK
+                writes = [
+                    b.scsi(write10(rng.randrange(span - 8), 8), len(data), write=True, data=data)
+                    for _ in range(32)
+                ]
+                answered = rng.randrange(len(writes))
+                for _ in range(answered):  # (in any order)
+                    itt, status, _, _ = response(b)
+                    assert itt in writes and status == GOOD
+                preempt = send_prout(a, PREEMPT_AND_ABORT, KEY_A, KEY_B, kind=WE_RO)
+                itt, status, _, sense = response(a)
+                assert (itt, status) == (preempt, GOOD), sense.hex()
+                fence = bytes((0xA0 + round_,)) * WRITE_BYTES
+                status, _, _ = command(a, write10(0, span), WRITE_BYTES, fence, write=True)
+                assert status == GOOD
+                # The rest of B's WRITEs: landed before the fence, or (those the target took
+                # after it) told of the preemption once, then refused; the aborted ones say
+                # nothing. The TUR's status comes after all of them.
+                tur = b.scsi(TUR, 0)
+                told = 0
+                while True:
+                    itt, status, _, sense = response(b)
+                    if status == CHECK_CONDITION:
+                        assert sense_code(sense) == (0x6, 0x2A, 0x05)
+                        told += 1
+                    else:
+                        assert status in (GOOD, RESERVATION_CONFLICT) and itt in [*writes, tur]
+                    if itt == tur:
+                        break
+                assert told == 1
+                assert gated.data[:WRITE_BYTES] == fence, f"round {round_}: B wrote after"
+        finally:
             a.close()
             b.close()
             t.stop()  # before the file system goes
