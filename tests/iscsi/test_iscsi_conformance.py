@@ -37,11 +37,10 @@ def test_iscsi_test_cu_family(target_factory, tmp_path: Path, family: str, confi
     image = tmp_path / "cu.img"
     with image.open("wb") as f:
         f.truncate(64 << 20)
-    # The suite's second initiator is the same host on a second path (multipath, clusters): its
-    # LUN and target resets must reach the other session's tasks, which the target allows only
-    # when set up to.
+    # On the default settings: the suite's second initiator is the same host on a second path
+    # (multipath, clusters), whose LUN resets reach the other session's tasks (SAM-5).
     lun = CONFIGURATIONS[configuration].format(image=image)
-    t = target_factory("--lun", lun, "--cross-session-resets", "on")
+    t = target_factory("--lun", lun)
     # -d allows the destructive (write) tests; the image is scratch. The URL twice: a second
     # path to the same LUN, logged in as iscsi-test-cu's second initiator name, for the tests
     # of several I_T nexuses (reservations, multipath I/O and resets).

@@ -4,6 +4,7 @@ across a restart of the target process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import subprocess
@@ -415,7 +416,9 @@ def _unit(state: str | None = None) -> tuple[LogicalUnit, Reservations]:
 def _out(reservations, lu, nexus, action, key=0, service_key=0, kind=0, aptpl=False):
     params = struct.pack(">QQ4xB3x", key, service_key, 0x01 if aptpl else 0)
     cdb = struct.pack(">BBB2xIB", 0x5F, action, kind, len(params), 0)
-    reservations.persistent_reserve_out(lu, cdb, params, nexus)
+    later = reservations.persistent_reserve_out(lu, cdb, params, nexus)
+    if later is not None:  # the state file's save (in a thread), then the command's end
+        asyncio.run(later)
 
 
 def test_release_of_another_type_is_refused_and_keeps_the_reservation():

@@ -132,9 +132,10 @@ SETTINGS = (
     Setting("allow", "only these initiators may log in", str, "IQN", True),
     Setting(
         "cross_session_resets",
-        "on: LOGICAL UNIT RESET and TARGET WARM/COLD RESET from any session abort every "
-        "session's tasks; off: refused (function authorization failed) while another "
-        "session is logged in",
+        "on: TARGET WARM/COLD RESET from any session reset the target under every session; "
+        "off: refused (function authorization failed) while another session is logged in. "
+        "LOGICAL UNIT RESET is always allowed (SAM-5): it aborts every session's tasks of the "
+        "LUN and tells the other sessions by a unit attention",
         _on_off,
         "on|off",
     ),

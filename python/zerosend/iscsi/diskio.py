@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .bufpool import MmapLease
@@ -45,15 +45,19 @@ def _pool(store: Store) -> concurrent.futures.ThreadPoolExecutor:
     return pool
 
 
-def run(store: Store, job: Callable[[], T], *, changes: bool = False) -> asyncio.Future[T]:
+def run(
+    store: Store, job: Callable[[], T], *, changes: bool = False, also: Iterable[Store] = ()
+) -> asyncio.Future[T]:
     """``job()`` in one of ``store``'s threads; the future resolves on the running loop with
-    what it returned or raised. ``changes``: the job writes to the medium (see ``changes``).
-    Cancelling the future does not stop the job."""
+    what it returned or raised. ``changes``: the job writes to the medium (see ``changes``);
+    ``also``: other stores whose media it writes too (a copy between LUNs), where it counts as
+    well. Cancelling the future does not stop the job."""
     future = asyncio.wrap_future(_pool(store).submit(job))
     if changes:
-        pending = _changes.setdefault(store, set())
-        pending.add(future)
-        future.add_done_callback(pending.discard)
+        for changed in (store, *also):
+            pending = _changes.setdefault(changed, set())
+            pending.add(future)
+            future.add_done_callback(pending.discard)
     return future
 
 

@@ -145,6 +145,8 @@ class Reloader:
         for n in changes.gone:
             del target.luns[n]
         target.luns.update(changes.added)
+        # Reservations belong to the image served: a new or replaced LUN starts afresh.
+        target.commands.reservations.luns_changed(changes.gone, changes.added)
         for n, lu in sorted(changes.added.items()):
             target.add_store(lu.store)
             log.info("reload: LUN %d is now %s (%s, %d bytes)", n, lu.store.name, lu.store.kind,

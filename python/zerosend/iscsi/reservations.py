@@ -14,14 +14,17 @@ reset and with a target reset.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import diskio
 from . import scsi as S
 from .nexus import Nexus
 
@@ -87,6 +90,8 @@ _MAINTENANCE_IN = 0xA3  # REPORT TARGET PORT GROUPS is allowed; the REPORT SUPPO
 # Commands a nexus may still send to a logical unit another nexus reserved with RESERVE
 _LEGACY_ALLOWED = frozenset((0x03, 0x12, 0xA0, RELEASE6, RELEASE10))
 _NO_ATTENTION = frozenset((0x03, 0x12, 0xA0))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SAM-5)
+# How a copy's reads and writes of a LUN are judged: as READ(10) and WRITE(10)
+_MEDIUM_READ, _MEDIUM_WRITE = bytes((S.READ10,)) + bytes(9), bytes((S.WRITE10,)) + bytes(9)
 
 
 def _access(cdb: bytes) -> str:
@@ -287,6 +292,8 @@ class Reservations:
         self.abort_tasks = abort_tasks or (lambda nexus, lun: None)
         self._attentions: dict[tuple[int, Nexus], list[tuple[int, int]]] = {}
         self._other_saved: dict[str, Any] = {}  # saved units of images not served now
+        self._saving = False  # a PERSISTENT RESERVE OUT's state is being written
+        self._turns: deque[asyncio.Future[None]] = deque()  # the ones waiting meanwhile
         if state_path is not None:
             self._load(state_path)
 
@@ -307,6 +314,14 @@ class Reservations:
         if unit.restricts:
             unit.check_access(cdb, nexus)
 
+    def admit_medium(self, lu: S.LogicalUnit, nexus: Nexus, writes: bool) -> None:
+        """RESERVATION CONFLICT when ``nexus`` may not read (or write) ``lu``'s medium: for
+        EXTENDED COPY, which reads and writes LUNs it is not addressed to, judged as a READ or
+        WRITE of the same nexus would be. (Unit attentions are reported by the addressed LUN.)"""
+        unit = self.units[lu.number]
+        if unit.restricts:
+            unit.check_access(_MEDIUM_WRITE if writes else _MEDIUM_READ, nexus)
+
     def _attend(self, lun: int, nexus: Nexus, code: tuple[int, int]) -> None:
         pending = self._attentions.setdefault((lun, nexus), [])
         if code not in pending:
@@ -320,6 +335,36 @@ class Reservations:
         unit.lu.admission_required = unit.may_refuse_reads or any(
             key[0] == lun for key in self._attentions
         )
+
+    # -- reload
+
+    def luns_changed(self, gone: Iterable[int], added: dict[int, S.LogicalUnit]) -> None:
+        """A reload took away the LUNs ``gone`` (removed or replaced) and brought ``added``.
+        The reservations of a LUN go with it (those kept across restarts stay in the state
+        file, for when its image is served again) and so do its pending unit attentions; an
+        added LUN starts with none, or with the ones its image kept across restarts."""
+        for lun in gone:
+            unit = self.units.pop(lun)
+            if unit.aptpl:
+                self._other_saved[unit.key] = unit.dump()
+            for pending in [k for k in self._attentions if k[0] == lun]:
+                del self._attentions[pending]
+        for lun, lu in added.items():
+            unit = self.units[lun] = UnitState(lu)
+            saved = self._other_saved.get(unit.key)
+            if saved is not None:
+                try:
+                    unit.restore(saved)
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    unit = self.units[lun] = UnitState(lu)
+                    log.error("reservation state %s: the entry of %s is corrupt (%s: %s); LUN "
+                              "%d starts with no reservations, the entry is kept", self.state_path,
+                              unit.key, type(e).__name__, e, lun)  # fmt: skip
+                else:
+                    del self._other_saved[unit.key]
+                    log.info("LUN %d: persistent reservations restored: %s", lun,
+                             unit.describe())  # fmt: skip
+            self._update_guard(lun)
 
     # -- nexus loss and resets
 
@@ -401,7 +446,44 @@ class Reservations:
 
     def persistent_reserve_out(
         self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
+    ) -> Awaitable[None] | None:
+        """PERSISTENT RESERVE OUT; raises CheckCondition or StatusReply. None: done, the
+        command's GOOD may go now. Otherwise the command ends with the coroutine returned: once
+        the new state is durable in the state file (written by a thread, never on the event
+        loop) and, for PREEMPT AND ABORT, once the preempted nexuses' writes already in a
+        disk's hands landed (after the GOOD, nothing of theirs may reach the medium). While a
+        save is under way, later PERSISTENT RESERVE OUTs wait their turn, in order: each one
+        judges the state the previous one left, and the file is written in the same order."""
+        if self._saving or self._turns:
+            return self._in_turn(lu, cdb, parameters, nexus)
+        return self._out(lu, cdb, parameters, nexus)
+
+    async def _in_turn(
+        self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
     ) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            self._turns.remove(turn)
+            self._next_turn()  # (it may have been this one's turn)
+            raise
+        self._turns.remove(turn)
+        try:
+            later = self._out(lu, cdb, parameters, nexus)
+        finally:
+            self._next_turn()  # (none goes while this one is saving)
+        if later is not None:
+            await later
+
+    def _next_turn(self) -> None:
+        if not self._saving and self._turns and not self._turns[0].done():
+            self._turns[0].set_result(None)
+
+    def _out(
+        self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
+    ) -> Awaitable[None] | None:
         unit = self.units[lu.number]
         action = cdb[1] & 0x1F
         scope, kind = cdb[2] >> 4, cdb[2] & 0x0F
@@ -427,7 +509,7 @@ class Reservations:
             if action == REGISTER and key != (registered or 0):
                 raise _conflict()
             if registered is None and service_key == 0:
-                return  # unregistering a nexus that is not registered: nothing to do
+                return None  # unregistering a nexus that is not registered: nothing to do
         elif registered is None or key != registered:
             raise _conflict()
         if action in (RESERVE, RELEASE) or (action in (PREEMPT, PREEMPT_AND_ABORT) and unit.type):
@@ -460,20 +542,56 @@ class Reservations:
             unit.aptpl = aptpl
         if changes:
             unit.generation = (unit.generation + 1) & 0xFFFFFFFF
+        self._update_guard(lu.number)  # commands are judged by the new state from now on
+        what = f"{ACTION_NAMES[action]} from {nexus.initiator_port}"
         if unit.aptpl or before[4]:
+            self._saving = True
+            return self._saved(unit, before, self._state_text(), effects, what)
+        return self._effects(unit, effects, what)
+
+    async def _saved(
+        self,
+        unit: UnitState,
+        before: tuple[int, dict[Nexus, int], int, Nexus | None, bool],
+        text: str,
+        effects: _Effects,
+        what: str,
+    ) -> None:
+        """The state file written with ``text``; then the command's effects. If it cannot be
+        written, the unit goes back to ``before`` and the command fails."""
+        lun = unit.lu.number
+        try:
             try:
-                self._save()
+                await asyncio.get_running_loop().run_in_executor(None, self._write_state, text)
             except OSError as e:
                 log.error("cannot save the reservations to %s: %s", self.state_path, e)
                 unit.generation, unit.registrations, unit.type, unit.holder, unit.aptpl = before
+                if self.units.get(lun) is unit:
+                    self._update_guard(lun)
                 raise S.CheckCondition(S.HARDWARE_ERROR, S.INTERNAL_FAILURE) from e
+            later = self._effects(unit, effects, what)
+        finally:
+            self._saving = False
+            self._next_turn()
+        if later is not None:
+            await later
+
+    def _effects(self, unit: UnitState, effects: _Effects, what: str) -> Awaitable[None] | None:
+        """Unit attentions, and the aborts of PREEMPT AND ABORT: what waits for their writes
+        already in a disk's hands (None: nothing)."""
+        lun = unit.lu.number
+        if self.units.get(lun) is not unit:
+            return None  # a reload took the LUN away while its state was being saved
         for other, code in effects.attentions:
-            self._attend(lu.number, other, code)
+            self._attend(lun, other, code)
         for other in dict.fromkeys(effects.aborted):
-            self.abort_tasks(other, lu.number)
-        self._update_guard(lu.number)
-        log.info("LUN %d: PERSISTENT RESERVE OUT %s from %s: %s", lu.number,
-                 ACTION_NAMES[action], nexus.initiator_port, unit.describe())  # fmt: skip
+            self.abort_tasks(other, lun)
+        self._update_guard(lun)
+        log.info("LUN %d: PERSISTENT RESERVE OUT %s: %s", lun, what, unit.describe())
+        if not effects.aborted:
+            return None
+        landing = diskio.changes([unit.lu.store])
+        return _landed(landing) if landing else None
 
     def _register(self, unit: UnitState, nexus: Nexus, service_key: int, fx: _Effects) -> None:
         if service_key:
@@ -593,15 +711,19 @@ class Reservations:
         if restored:
             log.info("persistent reservations restored from %s for %s", path, ", ".join(restored))
 
-    def _save(self) -> None:
-        """Write the state of every unit whose last APTPL was set: a temporary file, fsync,
-        rename over the old one, fsync of the directory."""
-        assert self.state_path is not None
+    def _state_text(self) -> str:
+        """The state file's text: every unit whose last APTPL was set, and the saved units
+        of images not served now."""
         units = dict(self._other_saved)
         units.update({u.key: u.dump() for u in self.units.values() if u.aptpl})
-        text = json.dumps(
+        return json.dumps(
             {"format": "zerosend-iscsi reservations", "version": 1, "units": units}, indent=1
         )
+
+    def _write_state(self, text: str) -> None:
+        """Write the state file (in a thread: it waits for the disk): a temporary file, fsync,
+        rename over the old one, fsync of the directory."""
+        assert self.state_path is not None
         path = self.state_path
         directory = os.path.dirname(os.path.abspath(path))
         temporary = f"{path}.tmp"
@@ -615,3 +737,7 @@ class Reservations:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+async def _landed(landing: list[asyncio.Future[Any]]) -> None:
+    await asyncio.wait(landing)

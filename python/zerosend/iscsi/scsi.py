@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -415,7 +415,9 @@ class ParameterCommand:
     """A command that acts once its Data-Out, a parameter list, is whole (UNMAP, PERSISTENT
     RESERVE OUT, ...; SYNCHRONIZE CACHE, with an empty list): the connection collects
     ``length(cdb)`` bytes, then calls ``run(commands, lu, cdb, parameters, nexus)``, which
-    raises CheckCondition or StatusReply to fail the command. ``check(lu, cdb)``: what can be
+    raises CheckCondition or StatusReply to fail the command; run on the event loop, it may
+    return an awaitable instead, and the status waits for it (and fails with what it raises):
+    a state file saved by a thread, a copy in the stores' threads. ``check(lu, cdb)``: what can be
     refused before any data moves (the LBA range, write protection). ``exact``: a Data-Out of
     any other length than ``length(cdb)`` is an error in the CDB (COMPARE AND WRITE, WRITE SAME).
     ``medium``: ``run`` works on media only, never on the target's own state, so it may run in
@@ -423,7 +425,7 @@ class ParameterCommand:
     more data than the event loop should wait for)."""
 
     length: Callable[[bytes], int]
-    run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], None]
+    run: Callable[[CommandSet, LogicalUnit, bytes, bytes, Nexus], Awaitable[None] | None]
     check: Callable[[LogicalUnit, bytes], None] | None = None
     exact: bool = False
     medium: bool = False

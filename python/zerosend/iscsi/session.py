@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Awaitable
 
 import zerosend
 
@@ -455,8 +456,8 @@ class Session:
         if command.exact and length != (edtl if req.flags & P.CMD_WRITE else 0):
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
 
-        def run(parameters: bytes) -> None:
-            command.run(commands, lu, cdb, parameters, nexus)
+        def run(parameters: bytes) -> Awaitable[None] | None:
+            return command.run(commands, lu, cdb, parameters, nexus)
 
         self.writes.parameters(req, lu, length, edtl, lun_field, run, command.off_loop(lu.store))
 

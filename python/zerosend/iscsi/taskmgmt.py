@@ -32,6 +32,10 @@ COMPLETE, NO_TASK, NO_LUN, REASSIGNMENT_NOT_SUPPORTED, NOT_SUPPORTED = 0, 1, 2, 
 AUTHORIZATION_FAILED, REJECTED = 6, 255
 # Functions whose scope is every session, not only the requester's tasks
 RESETS = frozenset((LOGICAL_UNIT_RESET, TARGET_WARM_RESET, TARGET_COLD_RESET))
+# Those refused from one session while another is logged in, unless the target allows them:
+# SAM-5 gives every I_T nexus LOGICAL UNIT RESET (initiators' error handlers escalate to it,
+# clusters clear a dead node's RESERVE with it), so only the target resets are held back.
+TARGET_RESETS = frozenset((TARGET_WARM_RESET, TARGET_COLD_RESET))
 
 
 def task_management(session: Session, req: P.Pdu) -> None:
@@ -52,12 +56,13 @@ def task_management(session: Session, req: P.Pdu) -> None:
     elif function == LOGICAL_UNIT_RESET and lun not in host.luns:
         response = NO_LUN
     elif (
-        function in RESETS
+        function in TARGET_RESETS
         and not host.config.cross_session_resets
         and host.others_logged_in(session)
     ):
-        # One initiator must not abort another's I/O unless the target is set up to allow it
-        # (RFC 7143 11.5.1: the target may refuse a reset the requester is not authorized for).
+        # One initiator must not reset the whole target under another unless the target is set
+        # up to allow it (RFC 7143 11.5.1: the target may refuse a function the requester is
+        # not authorized for).
         response = AUTHORIZATION_FAILED
     elif function in (ABORT_TASK_SET, CLEAR_TASK_SET, LOGICAL_UNIT_RESET):
         host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)

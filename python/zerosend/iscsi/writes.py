@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from . import diskio
 from . import pdu as P
@@ -33,6 +33,8 @@ log = logging.getLogger("zerosend.iscsi")
 #: Data-Out bytes one connection may have waiting for its stores' threads before it stops
 #: reading from the initiator (the initiator's own window then holds it back).
 BACKLOG = 16 << 20
+#: What the statuses of parameter commands wait for (``ParameterCommand.run``'s awaitables)
+_finishing: set[asyncio.Future[None]] = set()
 
 
 class DataError(Exception):
@@ -107,7 +109,7 @@ class WriteTask:
         self.comparing = False  # that comparison is running off the event loop
         # A parameter-list command: its data is collected here, then handed to ``run``.
         self.parameters: bytearray | None = None
-        self.run: Callable[[bytes], None] | None = None
+        self.run: Callable[[bytes], Awaitable[None] | None] | None = None
         # Data-Out, and the work done at the end, go to the store's threads (``diskio``)
         self.off_loop = lu.store.may_block
         self.pending = 0  # jobs of this command in those threads
@@ -197,12 +199,13 @@ class Writes:
         length: int,
         edtl: int,
         lun_field: bytes,
-        run: Callable[[bytes], None],
+        run: Callable[[bytes], Awaitable[None] | None],
         off_loop: bool = False,
     ) -> None:
         """A command whose Data-Out is a parameter list of ``length`` bytes: collect it whole,
-        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it;
-        ``off_loop``: in the store's threads."""
+        then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it, or (on
+        the loop) may return an awaitable the status waits for; ``off_loop``: in the store's
+        threads."""
         if length > S.MAX_PARAMETER_LIST:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
         if self._rejected(req, edtl):
@@ -422,18 +425,35 @@ class Writes:
             task.pending += 1
             future = diskio.run(task.lu.store, finish, changes=True)
 
-            def done(f: asyncio.Future[None]) -> None:
+            def done(f: asyncio.Future[Awaitable[None] | None]) -> None:
                 task.pending -= 1
                 self._complete(task, f.exception())
 
             future.add_done_callback(done)
         else:
             try:
-                finish()
+                later = finish()
             except Exception as e:
                 self._complete(task, e)
-            else:
+                return
+            if later is None:
                 self._complete(task, None)
+                return
+            # The rest happens later (a state file's save, a copy in the threads, writes to
+            # land): the status waits for it.
+            task.pending += 1
+            waiting = asyncio.ensure_future(later)
+            _finishing.add(waiting)  # the loop keeps only a weak reference to a task
+
+            def finished(f: asyncio.Future[None]) -> None:
+                _finishing.discard(f)
+                task.pending -= 1
+                if f.cancelled():
+                    self._complete(task, S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE))
+                else:
+                    self._complete(task, f.exception())
+
+            waiting.add_done_callback(finished)
 
     def _complete(self, task: WriteTask, failure: BaseException | None) -> None:
         """The command's status, once its data and its final work (``failure``: what that
@@ -528,9 +548,10 @@ def _medium_job(task: WriteTask, at: int, chunk: memoryview | bytes) -> Callable
     return write
 
 
-def _finishing_job(task: WriteTask) -> Callable[[], None] | None:
+def _finishing_job(task: WriteTask) -> Callable[[], Awaitable[None] | None] | None:
     """What a command does once all its data is in: a parameter command's ``run``, or the sync
-    FUA asks for; raises CheckCondition or StatusReply to fail the command."""
+    FUA asks for; raises CheckCondition or StatusReply to fail the command (or returns what the
+    status waits for)."""
     if task.run is not None and task.parameters is not None:
         return functools.partial(task.run, bytes(task.parameters))
     if task.fua and not task.verify:

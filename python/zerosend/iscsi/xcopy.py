@@ -10,11 +10,14 @@ within the command, so COPY STATUS always reports a finished copy.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from . import diskio
 from . import scsi as S
 from .nexus import Nexus
 
@@ -166,12 +169,20 @@ def _parse(commands: S.CommandSet, params: bytes) -> tuple[int, int, list[_Segme
 
 def extended_copy(
     commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
-) -> None:
-    """Run every segment of the parameter list, in order; the result is held for RECEIVE
-    COPY RESULTS unless LIST ID USAGE says otherwise."""
+) -> Awaitable[None] | None:
+    """Check the parameter list and admit the copy on the event loop, then run every segment,
+    in order, in the threads of ``lu``'s image; the result is held for RECEIVE COPY RESULTS
+    unless LIST ID USAGE says otherwise. The copy reads and writes LUNs it is not addressed to:
+    each is judged as a READ or a WRITE of ``nexus`` would be, here where reservations change,
+    and the copy counts as a change of its destinations' media until it ended (a PREEMPT AND
+    ABORT, reset or abort there waits for it)."""
     if not params:  # a parameter list length of zero: no copy
-        return
+        return None
     list_id, usage, segments = _parse(commands, params)
+    admit = commands.reservations.admit_medium
+    for segment in segments:
+        admit(segment.source, nexus, writes=False)
+        admit(segment.destination, nexus, writes=True)
     result = CopyResult(_COMPLETED_WITH_ERRORS, 0, 0)
     if usage == _HOLD:
         with _results_lock:
@@ -180,11 +191,19 @@ def extended_copy(
             held[nexus.initiator_port, list_id] = result
             if len(held) > MAX_HELD_RESULTS:
                 del held[next(iter(held))]
+    destinations = {id(s.destination.store): s.destination.store for s in segments}
+    job = functools.partial(_copy, segments, result)
+    return diskio.run(lu.store, job, changes=True, also=destinations.values())
+
+
+def _copy(segments: list[_Segment], result: CopyResult) -> None:
     for segment in segments:
         _copy_segment(segment)
-        result.segments += 1
-        result.nbytes += segment.blocks * segment.source.store.block_size
-    result.status = _COMPLETED
+        with _results_lock:
+            result.segments += 1
+            result.nbytes += segment.blocks * segment.source.store.block_size
+    with _results_lock:
+        result.status = _COMPLETED
 
 
 def _copy_segment(segment: _Segment) -> None:
@@ -238,7 +257,8 @@ def third_party_copy(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
 
 COMMANDS: dict[int, S.Handler] = {}
 PARAMETER_COMMANDS = {
-    EXTENDED_COPY: S.ParameterCommand(_parameter_length, extended_copy, medium=True, slow=True)
+    # (run on the event loop: it admits the copy there and hands the copy to the threads)
+    EXTENDED_COPY: S.ParameterCommand(_parameter_length, extended_copy)
 }
 NEXUS_COMMANDS = {RECEIVE_COPY_RESULTS: receive_copy_results}
 VPD_PAGES = {0x8F: third_party_copy}
