@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,15 @@ from pathlib import Path
 
 import pytest
 from gatedfs import GatedFile
-from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, wait_for, write10
+from iscsi_helpers import (
+    IQN,
+    MiniInitiator,
+    RunningTarget,
+    make_image,
+    read10,
+    wait_for,
+    write10,
+)
 from test_iscsi_diskio import mounted_gate, nothing_arrives, other_lun_serves
 
 from zerosend.iscsi.config import load_config
@@ -181,7 +188,7 @@ def test_a_removed_luns_queued_writes_never_reach_a_file_opened_after(
         check = MiniInitiator(t.port)
         try:
             check.login(t.iqn, {"InitiatorName": OTHER})
-            check.scsi(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), 8 * BLOCK, read=True, lun=1)
+            check.scsi(read10(0, 8), 8 * BLOCK, read=True, lun=1)
             status, got, _ = check.read_response()
             assert status == 0 and got == fresh_data[0][: 8 * BLOCK]
         finally:
@@ -189,6 +196,86 @@ def test_a_removed_luns_queued_writes_never_reach_a_file_opened_after(
     finally:
         gated.open_gate()
         ini.close()
+
+
+# -- seam 11: what a reload does that may wait for a device runs off the event loop
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_opens_a_new_image_off_the_event_loop(gated, target_factory, tmp_path):
+    """A reload replaces LUN 1 by an image that waits in its device (the target reads its
+    first bytes to tell qcow2 from raw): meanwhile other sessions are served; once the device
+    answers the reload completes and the new LUN 1 serves."""
+    plain = tmp_path / "plain.img"
+    plain_data = make_image(plain, 1 * MiB, seed=35)
+    other = tmp_path / "other.img"
+    make_image(other, 1 * MiB, seed=37)
+    config = tmp_path / "target.toml"
+    _config(config, [plain, other])
+    t = target_factory("--config", str(config))
+    _config(config, [plain, gated.path])
+    gated.close_gate()
+    try:  # (the gate must open before the target stops: it cannot while held in the device)
+        before = t.log().count("reload done")
+        t.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: gated.waiting > 0, "the reload's open to wait in the device")
+        serve_plain_lun0(t, plain_data)
+        assert t.log().count("reload done") == before
+    finally:
+        gated.open_gate()
+    wait_for(lambda: t.log().count("reload done") > before, "the reload to complete")
+    ini = MiniInitiator(t.port)
+    try:
+        ini.login(t.iqn, {"InitiatorName": SECOND})
+        ini.scsi(read10(0, 8), 8 * BLOCK, read=True, lun=1)
+        status, got, _ = ini.read_response()
+        assert status == 0 and got == gated.data[: 8 * BLOCK]
+    finally:
+        ini.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_syncs_a_removed_image_off_the_event_loop(gated, target_factory, tmp_path):
+    """A reload removes a LUN with written data: its last sync waits in the device while
+    other sessions are served; the image is closed once the sync is done."""
+    plain = tmp_path / "plain.img"
+    plain_data = make_image(plain, 1 * MiB, seed=36)
+    config = tmp_path / "target.toml"
+    _config(config, [plain, gated.path])
+    t = target_factory("--config", str(config))
+    ini = MiniInitiator(t.port)
+    try:
+        ini.login(t.iqn)
+        data = os.urandom(8 * BLOCK)
+        ini.scsi(write10(0, 8), len(data), write=True, data=data, lun=1)
+        assert ini.read_response()[0] == 0
+    finally:
+        ini.close()
+    wait_for(lambda: "session ended" in t.log(), "the session to end")
+    gated.close_gate()
+    try:
+        syncs = gated.syncs
+        _config(config, [plain])
+        reload(t, "reload done")
+        wait_for(lambda: gated.waiting > 0, "the removed image's sync to wait in the device")
+        serve_plain_lun0(t, plain_data)
+        assert descriptors_of(t, gated.path), "the image was closed before its sync"
+    finally:
+        gated.open_gate()
+    wait_for(lambda: not descriptors_of(t, gated.path), "the removed image to be closed")
+    assert gated.syncs > syncs and gated.data[: len(data)] == data
+
+
+def serve_plain_lun0(t: RunningTarget, plain_data: bytes) -> None:
+    """A new session logs in and reads LUN 0 (an ordinary file): the event loop is free."""
+    other = MiniInitiator(t.port)
+    try:
+        other.login(t.iqn, {"InitiatorName": OTHER})
+        other.scsi(read10(16, 8), 8 * BLOCK, read=True)
+        status, data, _ = other.read_response()
+        assert status == 0 and data == plain_data[16 * BLOCK : 24 * BLOCK]
+    finally:
+        other.close()
 
 
 # -- seam 8: nested tables refuse unknown keys and wrong types, naming the key

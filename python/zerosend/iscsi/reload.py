@@ -125,10 +125,14 @@ class Reloader:
             log.info("reload: reading %s", where)
             loop = asyncio.get_running_loop()
             try:
-                new = load_config(self.options, self.path)
+                new = await loop.run_in_executor(None, load_config, self.options, self.path)
                 changes = await loop.run_in_executor(None, _lun_changes, self.target, new.luns)
             except (ValueError, StoreError, OSError) as e:
                 log.error("reload refused, the running config is kept: %s", e)
+                return False
+            if self.target.stopping:  # (it began while the images were being opened)
+                for lu in changes.added.values():
+                    lu.store.close()
                 return False
             await self._apply(new, changes)
             return True
