@@ -33,6 +33,7 @@ from iscsi_helpers import (
     write10,
 )
 from test_iscsi_diskio import mounted_gate, nothing_arrives, other_lun_serves
+from test_iscsi_sbc import naa, segment, xcopy_cdb, xcopy_params
 
 from zerosend.iscsi.config import load_config
 
@@ -196,6 +197,64 @@ def test_a_removed_luns_queued_writes_never_reach_a_file_opened_after(
     finally:
         gated.open_gate()
         ini.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_copy_into_a_removed_lun_never_reaches_a_file_opened_after(
+    gated, target_factory, tmp_path
+):
+    """Two EXTENDED COPYs addressed to LUN 0 write into LUN 1: the first waits in LUN 1's
+    device, the second for the first (it holds LUN 1's medium). A reload removes LUN 1; the
+    copying session never addressed LUN 1, so it stays. A second reload opens new images.
+    Once the device answers, each copy landed in the removed image or failed (CHECK
+    CONDITION), and the new images are untouched."""
+    plain = tmp_path / "plain.img"
+    plain_data = make_image(plain, 1 * MiB, seed=38)
+    config = tmp_path / "target.toml"
+    _config(config, [plain, gated.path])
+    t = target_factory("--config", str(config))
+    fresh = [tmp_path / f"fresh{n}.img" for n in range(8)]
+    fresh_data = [make_image(path, 1 * MiB, seed=40 + n) for n, path in enumerate(fresh)]
+    setup = MiniInitiator(t.port)
+    try:
+        setup.login(t.iqn, {"InitiatorName": SECOND})
+        setup.scsi(SYNC10, 0, lun=1)  # nothing left dirty: removing LUN 1 needs no sync
+        assert setup.read_response()[0] == 0
+        disks = [naa(setup, 0), naa(setup, 1)]
+    finally:
+        setup.close()
+    wait_for(lambda: "session ended" in t.log(), "the setup session to end")
+    ini = MiniInitiator(t.port)
+    gated.close_gate()
+    try:
+        ini.login(t.iqn)
+        for list_id, lba in ((1, 0), (2, 64)):
+            plist = xcopy_params(list_id, disks, [segment(0, 1, 8, lba, lba)], hold=False)
+            ini.scsi(xcopy_cdb(len(plist)), len(plist), write=True, data=plist)
+        wait_for(lambda: gated.waiting > 0, "the first copy's write to wait in the device")
+        ini.nop()  # both copies went to LUN 0's disk threads
+        _config(config, [plain])
+        log = reload(t, "reload done")
+        assert "ending session" not in log
+        wait_for(
+            lambda: not descriptors_of(t, gated.path) or "closes once its I/O" in t.log(),
+            "the removed LUN's image to be closed",
+        )
+        _config(config, [plain, *fresh])
+        reload(t, "reload done")
+        assert all(descriptors_of(t, path) for path in fresh), t.log()
+    finally:
+        gated.open_gate()
+    try:
+        statuses = [ini.read_response()[0] for _ in range(2)]
+    finally:
+        ini.close()
+    for path, data in zip(fresh, fresh_data, strict=True):
+        assert path.read_bytes() == data, f"a copy into the removed LUN landed in {path.name}"
+    assert all(status in (0, 2) for status in statuses), statuses
+    for lba in (0, 64):  # the copied blocks in the removed image, or its old zeros
+        got = gated.data[lba * BLOCK : (lba + 8) * BLOCK]
+        assert got in (plain_data[lba * BLOCK : (lba + 8) * BLOCK], bytes(8 * BLOCK))
 
 
 # -- seam 11: what a reload does that may wait for a device runs off the event loop
