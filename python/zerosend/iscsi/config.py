@@ -62,15 +62,64 @@ class TargetConfig:
     user_timeout: float = 30.0
 
 
+class FieldError(ValueError):
+    """A bad key of a TOML table inside a setting; ``field`` names it (``read_only``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false"}
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _table(value: dict[str, Any], keys: Mapping[str, type], required: tuple[str, ...]) -> None:
+    """Checks a TOML table as the top level is checked: every key known, every value of its
+    key's type (a typo must not fall back to a default: ``read_only`` would serve writable)."""
+    for key, item in value.items():
+        want = keys.get(key)
+        if want is None:
+            raise FieldError(key, f"unknown key (known: {', '.join(keys)})")
+        if type(item) is not want:  # (bool is an int: isinstance would let true pass as 1)
+            raise FieldError(key, f"must be {_TYPE_NAMES[want]}, not {_toml_type(item)}")
+    for key in required:
+        if key not in value:
+            raise FieldError(key, "missing")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):  # only TOML gives anything else
+        raise ValueError(f"must be a string, not {_toml_type(value)}")
+    return value
+
+
+_LUN_KEYS = {"path": str, "readonly": bool, "mapped": bool}
+
+
 def _lun(item: Any) -> LunSpec:
     if isinstance(item, dict):  # a TOML table
-        return LunSpec(str(item["path"]), bool(item.get("readonly", False)))
-    return LunSpec.parse(str(item))
+        _table(item, _LUN_KEYS, ("path",))
+        return LunSpec(item["path"], item.get("readonly", False), item.get("mapped", False))
+    return LunSpec.parse(_text(item))
+
+
+_CREDENTIAL_KEYS = {"user": str, "secret": str}
 
 
 def _credentials(value: Any) -> Credentials:
     if isinstance(value, dict):  # a TOML table
-        return Credentials(str(value.get("user", "")), str(value.get("secret", "")))
+        _table(value, _CREDENTIAL_KEYS, ())
+        return Credentials(value.get("user", ""), value.get("secret", ""))
     if isinstance(value, str):
         return Credentials.parse(value)
     raise ValueError("must be 'USER:SECRET' or a table with user and secret")
@@ -124,12 +173,12 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("listen", "address to listen on", str, "HOST:PORT"),
-    Setting("iqn", "target name", str),
+    Setting("listen", "address to listen on", _text, "HOST:PORT"),
+    Setting("iqn", "target name", _text),
     Setting("luns", "a LUN, numbered from 0 in order", _lun, "PATH[:ro]", True, "--lun"),
     Setting("chap", "require CHAP from initiators", _credentials, "USER:SECRET"),
     Setting("mutual_chap", "target credentials for mutual CHAP", _credentials, "USER:SECRET"),
-    Setting("allow", "only these initiators may log in", str, "IQN", True),
+    Setting("allow", "only these initiators may log in", _text, "IQN", True),
     Setting(
         "cross_session_resets",
         "on: TARGET WARM/COLD RESET from any session reset the target under every session; "
@@ -164,10 +213,10 @@ SETTINGS = (
         "reservation_state",
         "file keeping the persistent reservations initiators ask to survive a restart (APTPL); "
         "default: NAME.reservations.json next to --config NAME.toml, none without a config",
-        str,
+        _text,
         "FILE",
     ),
-    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", str, "HOST:PORT"),
+    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", _text, "HOST:PORT"),
     Setting(
         "session_commands",
         "commands one session may have queued or in progress: its CmdSN window",
@@ -222,6 +271,24 @@ def _read_toml(path: str) -> dict[str, Any]:
     return table
 
 
+class _Located(ValueError):
+    """An error of one item of a list setting: ``place`` says which (``[0].read_only``)."""
+
+    def __init__(self, place: str, message: str) -> None:
+        super().__init__(message)
+        self.place = place
+
+
+def _located(e: Exception, index: str) -> _Located:
+    return _Located(index + (f".{e.field}" if isinstance(e, FieldError) else ""), str(e))
+
+
+def _place(e: Exception) -> str:
+    if isinstance(e, _Located):
+        return e.place
+    return f".{e.field}" if isinstance(e, FieldError) else ""
+
+
 def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetConfig:
     """The settings from the command line (``options``, by key; None or empty where not given)
     over those of the TOML file at ``path`` over the defaults."""
@@ -238,11 +305,16 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
             if s.repeated:
                 if not isinstance(given, list):
                     raise ValueError("must be a list")
-                value: Any = [s.convert(item) for item in given]
+                value: Any = []
+                for n, item in enumerate(given):
+                    try:
+                        value.append(s.convert(item))
+                    except (ValueError, TypeError, KeyError) as e:
+                        raise _located(e, "" if where == s.flag else f"[{n}]") from e
             else:
                 value = s.convert(given)
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{where}: {e}") from e
+            raise ValueError(f"{where}{_place(e)}: {e}") from e
         setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
     if not cfg.reservation_state and path:
         cfg.reservation_state = os.path.splitext(path)[0] + ".reservations.json"

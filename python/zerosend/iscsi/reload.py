@@ -14,7 +14,10 @@ the initiator the target drops the session, when:
 - CHAP changed and it logged in without the new credentials (without CHAP, or under old ones),
 - it had not finished its login and the allow-list or CHAP changed (it logs in again under the
   new rules).
-A removed LUN's image is closed once the sessions that used it have ended.
+A removed LUN's image is synced and closed once the sessions that used it have ended; disk
+work still under way on it (a queued write of an ended session, an EXTENDED COPY of another
+session) finishes first, and what would start later fails. Opening the new images and syncing
+the removed ones may wait for a device: both run in threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class LunChanges:
 
 
 def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
-    """Opens the new LUNs' images (closing them again if one fails)."""
+    """Opens the new LUNs' images (closing them again if one fails). Called in a thread: an
+    open may wait for a device (the running config cannot change meanwhile: one reload at a
+    time)."""
     old = target.config.luns
     gone = {n: target.luns[n] for n, spec in enumerate(old) if n >= len(new) or new[n] != spec}
     added: dict[int, LogicalUnit] = {}
@@ -118,11 +123,16 @@ class Reloader:
                 return False
             where = self.path or "the command line"
             log.info("reload: reading %s", where)
+            loop = asyncio.get_running_loop()
             try:
-                new = load_config(self.options, self.path)
-                changes = _lun_changes(self.target, new.luns)
+                new = await loop.run_in_executor(None, load_config, self.options, self.path)
+                changes = await loop.run_in_executor(None, _lun_changes, self.target, new.luns)
             except (ValueError, StoreError, OSError) as e:
                 log.error("reload refused, the running config is kept: %s", e)
+                return False
+            if self.target.stopping:  # (it began while the images were being opened)
+                for lu in changes.added.values():
+                    lu.store.close()
                 return False
             await self._apply(new, changes)
             return True
@@ -176,5 +186,21 @@ class Reloader:
                 log.warning("reload: %d ended sessions still draining; the removed LUNs' images "
                             "stay open until shutdown", len(late))  # fmt: skip
                 return
+        loop = asyncio.get_running_loop()
         for store in stores:
+            # The last sync of the image, in a thread: the device may be slow or stuck
+            sync = loop.run_in_executor(None, _sync, store)
+            done, _ = await asyncio.wait([sync], timeout=DRAIN_TIMEOUT)
+            if not done:
+                log.warning("reload: the sync of removed LUN image %s still waits for its device; "
+                            "it stays open until shutdown", store.name)  # fmt: skip
+                continue
             self.target.remove_store(store)
+            log.info("reload: %s closes once its I/O under way is done", store.name)
+
+
+def _sync(store: Store) -> None:
+    try:
+        store.flush()
+    except OSError as e:
+        log.error("reload: the sync of removed LUN image %s failed: %s", store.name, e)

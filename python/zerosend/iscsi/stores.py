@@ -143,6 +143,60 @@ class Store:
         return [(offset, length)]
 
 
+class _Descriptor:
+    """An image's descriptor, closed only once no I/O in any thread uses it. Closed while a
+    queued write still has to run, its number could go to the next file the target opens,
+    which would get the LUN's data: so ``close()`` waits for the I/O under way (the last of it
+    closes the descriptor) and I/O that starts after it fails. ``with descriptor as fd:``."""
+
+    __slots__ = ("_closing", "_lock", "_users", "fd", "name")
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
+
+    def __enter__(self) -> int:
+        with self._lock:
+            if self._closing:
+                raise OSError(errno.ENODEV, f"{self.name}: closed (the LUN was removed)")
+            self._users += 1
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closing and not self._users
+        if last:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            now = not self._users
+        if now:
+            os.close(self.fd)
+
+
+class _Sync:
+    """An fdatasync under way, of the bytes written in ``span`` (and whatever else it finds)."""
+
+    __slots__ = ("done", "error", "span")
+
+    def __init__(self, span: tuple[int, int]) -> None:
+        self.span = span
+        self.done = False
+        self.error: OSError | None = None
+
+
+def _overlaps(span: tuple[int, int] | None, start: int, end: int) -> bool:
+    return span is not None and span[0] < end and start < span[1]
+
+
 def _zero_views(length: int) -> list[memoryview]:
     out = []
     while length > 0:
@@ -179,7 +233,9 @@ class FileStore(Store):
         # Written, not yet made durable: [start, end). Unknown at open (an earlier process may
         # have left dirty pages), so the whole image until the first flush.
         self._dirty: tuple[int, int] | None = None if readonly else (0, self.size)
-        self._dirty_lock = threading.Lock()  # writes and syncs run in several threads
+        self._syncs: list[_Sync] = []  # under way, each covering what was dirty when it began
+        # Writes and syncs run in several threads: the dirty span and the syncs change under it
+        self._dirty_lock = threading.Condition()
         # Reads that the page cache holds are served at once; the rest may wait for a disk
         self.nowait = _reads_nowait(self.fd)
         # Writes go to the page cache on the event loop (five to ten times cheaper than handing
@@ -193,6 +249,7 @@ class FileStore(Store):
             self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
             self._map = memoryview(self._mmap)
             self.kind = "raw, mapped"
+        self._io = _Descriptor(self.fd, path)
 
     @property
     def mapped(self) -> bool:
@@ -233,23 +290,25 @@ class FileStore(Store):
 
     def _read(self, offset: int, view: memoryview, flags: int) -> None:
         done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done, flags)
-            if n == 0:  # the file shrank under us: serve zeros rather than stale bytes
-                view[done:] = _ZERO[: len(view) - done]
-                return
-            done += n
+        with self._io as fd:
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done, flags)
+                if n == 0:  # the file shrank under us: serve zeros rather than stale bytes
+                    view[done:] = _ZERO[: len(view) - done]
+                    return
+                done += n
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.readonly:
             raise StoreError(f"{self.name}: read-only")
         done = 0
-        try:
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], offset + done)
-        finally:  # marked once written (a flush that began earlier does not cover it); a
-            # write that failed half-way is dirty too
-            self._mark_dirty(offset, offset + len(data))
+        with self._io as fd:
+            try:
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], offset + done)
+            finally:  # marked once written (a flush that began earlier does not cover it); a
+                # write that failed half-way is dirty too
+                self._mark_dirty(offset, offset + len(data))
 
     def writes_on_loop(self) -> bool:
         return self._loop_writes and time.monotonic() >= self._threads_until
@@ -277,23 +336,47 @@ class FileStore(Store):
 
     @property
     def unsynced(self) -> tuple[int, int] | None:
-        return self._dirty
+        with self._dirty_lock:  # (a sync under way has not made its span durable yet)
+            spans = [s.span for s in self._syncs]
+            if self._dirty is not None:
+                spans.append(self._dirty)
+        if not spans:
+            return None
+        return min(a for a, _ in spans), max(b for _, b in spans)
 
     def flush(self, offset: int = 0, length: int = 0) -> None:
         end = self.size if length == 0 else offset + length
         with self._dirty_lock:
             dirty = self._dirty
-            if dirty is None or dirty[1] <= offset or end <= dirty[0]:
-                return  # nothing written in the range waits: no sync to pay for
+            if not _overlaps(dirty, offset, end):
+                # Nothing in the range waits for a sync of its own, but syncs under way in other
+                # threads may be all that makes it durable: this flush is done when they are
+                # (answering before them could lose data the initiator was told is durable).
+                running = [s for s in self._syncs if _overlaps(s.span, offset, end)]
+                self._dirty_lock.wait_for(lambda: all(s.done for s in running))
+                for s in running:
+                    if s.error is not None:
+                        raise OSError(s.error.errno, f"fdatasync of {self.name}: {s.error}")
+                return
+            assert dirty is not None
+            sync = _Sync(dirty)
+            self._syncs.append(sync)
             self._dirty = None  # what is written from now on is marked again
         # fdatasync, whole file: the only durable sync (sync_file_range flushes neither the
         # device cache nor metadata). Mapped images need no msync: writes go through pwrite
         # and the mapping only reads, so the file's page cache is all there is to sync.
         try:
-            os.fdatasync(self.fd)
-        except OSError:
-            self._mark_dirty(*dirty)
+            with self._io as fd:
+                os.fdatasync(fd)
+        except OSError as e:
+            sync.error = e
+            self._mark_dirty(*dirty)  # a later flush tries again
             raise
+        finally:
+            with self._dirty_lock:
+                sync.done = True
+                self._syncs.remove(sync)
+                self._dirty_lock.notify_all()
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole (regular files: the blocks are freed; block devices: discarded and
@@ -301,35 +384,24 @@ class FileStore(Store):
         if self.readonly:
             raise StoreError(f"{self.name}: read-only")
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if _libc.fallocate(self.fd, mode, offset, length) == 0:
+        with self._io as fd:
+            punched = _libc.fallocate(fd, mode, offset, length) == 0
+            err = ctypes.get_errno()
+        if punched:
             self._mark_dirty(offset, offset + length)  # the freed blocks are metadata to sync
             return
-        err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(err, f"fallocate(PUNCH_HOLE) on {self.name}: {os.strerror(err)}")
         for at in range(offset, offset + length, len(_ZERO)):
             self.write(at, _ZERO[: min(len(_ZERO), offset + length - at)])
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
-        end = offset + length
-        ranges: list[tuple[int, int]] = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
-                    break
-                return [(offset, length)]  # no hole reporting here (block devices): all data
-            if data >= end:
-                break
-            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
-            ranges.append((data, hole - data))
-            pos = hole
-        return ranges
+        with self._io as fd:
+            return _allocated(fd, offset, length)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Closes the image once no I/O uses it; I/O that starts later fails (ENODEV)."""
+        self._io.close()
         if self._map is not None:
             # The mapping keeps a descriptor of the image of its own: unmap it now, unless a
             # send still holds its pages (then the mapping goes with the last of them).
@@ -339,6 +411,25 @@ class FileStore(Store):
                 self._mmap.close()
             except BufferError:
                 pass
+
+
+def _allocated(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    end = offset + length
+    ranges: list[tuple[int, int]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole up to the end of the file
+                break
+            return [(offset, length)]  # no hole reporting here (block devices): all data
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        ranges.append((data, hole - data))
+        pos = hole
+    return ranges
 
 
 def _fs_type(fd: int) -> int:
@@ -504,10 +595,11 @@ class Qcow2Store(Store):
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"cannot open qcow2 image {path}: {e.strerror}") from e
+        self._io = _Descriptor(self.fd, path)
         try:
             self._parse_header()
         except StoreError:
-            os.close(self.fd)
+            self._io.close()
             raise
         # Both caches are shared by the store's threads; the lock is never held across a read.
         self._lock = threading.Lock()
@@ -516,7 +608,8 @@ class Qcow2Store(Store):
         self._l2_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
 
     def _pread(self, length: int, offset: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        with self._io as fd:
+            data = os.pread(fd, length, offset)
         if len(data) != length:
             raise StoreError(f"{self.name}: truncated qcow2 image (offset {offset})")
         return data
@@ -602,7 +695,8 @@ class Qcow2Store(Store):
             coff = entry & self.coffset_mask
             nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
             csize = nsect * 512 - (coff & 511)
-            comp = os.pread(self.fd, csize, coff)
+            with self._io as fd:
+                comp = os.pread(fd, csize, coff)
             try:
                 data = zlib.decompressobj(-15).decompress(comp, self.cluster_size)
             except zlib.error as e:
@@ -648,7 +742,8 @@ class Qcow2Store(Store):
             pos += len(seg)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Closes the image once no read uses it (see ``_Descriptor``)."""
+        self._io.close()
 
 
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)

@@ -159,12 +159,9 @@ class Target:
         self._stores.append(store)
 
     def remove_store(self, store: Store) -> None:
-        """Flush and close the image of a LUN no session uses any more."""
+        """Close the image of a LUN no session uses any more (the caller synced it, in a
+        thread: a sync may wait for the device)."""
         self._stores.remove(store)
-        try:
-            store.flush()
-        except OSError as e:
-            log.error("flush of %s failed: %s", store.name, e)
         store.close()
 
     # -- serving
