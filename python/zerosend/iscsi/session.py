@@ -486,7 +486,14 @@ class Session:
             if key == "SendTargets":
                 answers += self._send_targets(value)
             elif key == "MaxRecvDataSegmentLength":
-                answers.append((key, value))
+                # Declarative: each side says what it receives, so the answer is our own limit.
+                # (The initiator's value is not taken up: the Data-In we send keep the limit
+                # declared at login, which the READ path's inner loop was built with.)
+                try:
+                    valid = 512 <= int(value, 0) <= 16777215
+                except ValueError:
+                    valid = False
+                answers.append((key, str(self.params.target_max_recv_dsl) if valid else "Reject"))
             else:
                 answers.append((key, "NotUnderstood"))
         data = P.build_text(answers)[: self.params.initiator_max_recv_dsl]

@@ -1,0 +1,186 @@
+"""The session layer where its features meet, driven with raw PDUs: failed commands whose
+unsolicited data is still coming (the task table and the CmdSN window), memory held on the
+receive side (parameter lists, commands held for their CmdSN) counted in the session's budget,
+and protocol corners (a Text request's MaxRecvDataSegmentLength, FirstBurstLength answered
+after its clamp to MaxBurstLength, an ITT reused while its task is in progress)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, write10
+
+MiB = 1 << 20
+NO_TAG = 0xFFFFFFFF
+OP_NOP_IN, OP_SCSI_RSP, OP_TEXT_RSP, OP_DATA_IN, OP_R2T, OP_REJECT = (
+    0x20, 0x21, 0x24, 0x25, 0x31, 0x3F,
+)  # fmt: skip
+REJECT_TASK_IN_PROGRESS = 0x07
+GOOD, CHECK_CONDITION, TASK_SET_FULL = 0x00, 0x02, 0x28
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, bytes]:
+    path = tmp_path / "disk.img"
+    return path, make_image(path, 4 * MiB)
+
+
+def session(port: int, name: str = "mini", **keys: str) -> MiniInitiator:
+    ini = MiniInitiator(port, timeout=60)  # a hang guard only: the machine may be loaded
+    ini.login(IQN, {"InitiatorName": f"iqn.2024-01.org.zerosend:{name}", **keys})
+    return ini
+
+
+def command(ini: MiniInitiator, cdb: bytes, edtl: int, flags: int, data: bytes = b"",
+            itt: int | None = None, cmdsn: int | None = None) -> int:  # fmt: skip
+    """A SCSI Command PDU with exactly the given flags byte; a fresh ITT unless told."""
+    bhs = bytearray(48)
+    bhs[0] = 0x01
+    bhs[1] = flags
+    if itt is None:
+        itt = ini.next_itt()
+    bhs[16:20] = itt.to_bytes(4, "big")
+    bhs[20:24] = edtl.to_bytes(4, "big")
+    bhs[24:28] = (ini.cmdsn if cmdsn is None else cmdsn).to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    bhs[32 : 32 + len(cdb)] = cdb
+    if cmdsn is None:
+        ini.cmdsn += 1
+    ini.send(bhs, data)
+    return itt
+
+
+def next_pdu(ini: MiniInitiator) -> tuple[bytes, bytes]:
+    """The next PDU that is not a NOP-In of the target's own (a window update, or a ping,
+    which is answered)."""
+    while True:
+        bhs, seg = ini.recv()
+        if bhs[0] & 0x3F != OP_NOP_IN or int.from_bytes(bhs[16:20], "big") != NO_TAG:
+            return bhs, seg
+        if bhs[20:24] != b"\xff\xff\xff\xff":  # a ping: answered with its TTT
+            out = bytearray(48)
+            out[0], out[1] = 0x40, 0x80
+            out[8:16] = bhs[8:16]
+            out[16:20] = b"\xff\xff\xff\xff"
+            out[20:24] = bhs[20:24]
+            out[24:28] = ini.cmdsn.to_bytes(4, "big")
+            out[28:32] = ini.expstatsn.to_bytes(4, "big")
+            ini.send(out)
+
+
+def status_of(ini: MiniInitiator, itt: int) -> tuple[int, bytes]:
+    """The next PDU must be the SCSI Response of ``itt``: (status, sense)."""
+    bhs, seg = next_pdu(ini)
+    assert bhs[0] & 0x3F == OP_SCSI_RSP, f"expected SCSI Response, got opcode {bhs[0] & 0x3F:#x}"
+    assert int.from_bytes(bhs[16:20], "big") == itt
+    return bhs[3], seg[2:]
+
+
+def r2t_of(ini: MiniInitiator, itt: int) -> tuple[int, int, int]:
+    """The next PDU must be an R2T for ``itt``: (TTT, offset, length)."""
+    bhs, _ = next_pdu(ini)
+    assert bhs[0] & 0x3F == OP_R2T, f"expected R2T, got opcode {bhs[0] & 0x3F:#x}"
+    assert int.from_bytes(bhs[16:20], "big") == itt
+    ttt, offset, length = struct.unpack_from(">I16xII", bhs, 20)
+    return ttt, offset, length
+
+
+def state(t: RunningTarget, name: str) -> dict[str, int]:
+    """The numbers of the state line of the session of initiator ``name`` (SIGUSR1)."""
+    after = len(t.log())
+    t.proc.send_signal(signal.SIGUSR1)
+    pattern = re.compile(rf"state: \S+ iqn\.2024-01\.org\.zerosend:{name} .*")
+    deadline = time.monotonic() + 60  # a hang guard
+    while time.monotonic() < deadline:
+        m = pattern.search(t.log(), after)
+        if m:
+            return {k: int(v) for k, v in re.findall(r"([\w-]+)=(\d+)\b", m[0])}
+        time.sleep(0.05)
+    pytest.fail(f"no state line for {name}:\n{t.log()[-4000:]}")
+
+
+def send_burst(ini: MiniInitiator, itt: int, ttt: int, offset: int, data: bytes) -> None:
+    """``data`` as Data-Out PDUs of at most 256 KiB (the target's MaxRecvDataSegmentLength)."""
+    step = 256 * 1024
+    for n, at in enumerate(range(0, len(data), step)):
+        chunk = data[at : at + step]
+        ini.data_out(itt, ttt, n, offset + at, chunk, at + step >= len(data))
+
+
+def pr_out(length: int) -> bytes:
+    """PERSISTENT RESERVE OUT (REGISTER) with a parameter list of ``length`` bytes."""
+    return struct.pack(">BBBxxIx", 0x5F, 0x00, 0x00, length)
+
+
+# -- 9: a failed command whose unsolicited data is still coming
+
+
+# -- 10: memory the session holds on the receive side
+
+
+def nop_out(ini: MiniInitiator, cmdsn: int, data: bytes) -> int:
+    """A non-immediate NOP-Out (a ping: it takes a CmdSN) at ``cmdsn``."""
+    bhs = bytearray(48)
+    bhs[0], bhs[1] = 0x00, 0x80
+    itt = ini.next_itt()
+    bhs[16:20] = itt.to_bytes(4, "big")
+    bhs[20:24] = NO_TAG.to_bytes(4, "big")
+    bhs[24:28] = cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    ini.send(bhs, data)
+    return itt
+
+
+# -- 11: protocol corners
+
+
+def text_request(ini: MiniInitiator, text: bytes) -> dict[str, str]:
+    bhs = bytearray(48)
+    bhs[0], bhs[1] = 0x44, 0x80  # immediate Text Request, final
+    bhs[16:20] = ini.next_itt().to_bytes(4, "big")
+    bhs[20:24] = NO_TAG.to_bytes(4, "big")
+    bhs[24:28] = ini.cmdsn.to_bytes(4, "big")
+    bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
+    ini.send(bhs, text)
+    rsp, data = ini.recv()
+    assert rsp[0] & 0x3F == OP_TEXT_RSP, rsp.hex()
+    return dict(kv.split("=", 1) for kv in data.decode().split("\0") if kv)
+
+
+def test_text_max_recv_data_segment_length_is_answered_with_the_targets_own(target_factory, image):
+    """MaxRecvDataSegmentLength is declarative (RFC 7143 13.12): each side declares what it
+    receives. The target answered a Text request's with the initiator's own value."""
+    t = target_factory("--lun", str(image[0]))
+    ini = session(t.port)
+    answers = text_request(ini, b"MaxRecvDataSegmentLength=4096\0")
+    assert answers == {"MaxRecvDataSegmentLength": "262144"}
+    answers = text_request(ini, b"MaxRecvDataSegmentLength=lots\0")
+    assert answers == {"MaxRecvDataSegmentLength": "Reject"}
+    ini.nop()
+    ini.close()
+
+
+def test_first_burst_is_answered_after_its_clamp_to_max_burst(target_factory, image):
+    """FirstBurstLength must not exceed MaxBurstLength (RFC 7143 13.14): the target clamped its
+    own value but had already answered the unclamped one."""
+    path, _ = image
+    t = target_factory("--lun", str(path))
+    ini = MiniInitiator(t.port, timeout=60)
+    answers = ini.login(IQN, {"InitialR2T": "No", "FirstBurstLength": "262144",
+                              "MaxBurstLength": "16384"})  # fmt: skip
+    assert answers["MaxBurstLength"] == "16384"
+    assert answers["FirstBurstLength"] == "16384"
+    # What the target answered is what it enforces: 16 KiB of unsolicited data is taken.
+    itt = command(ini, write10(0, 64), 32768, 0x20)
+    ini.data_out(itt, NO_TAG, 0, 0, b"\x22" * 16384, True)
+    ttt, offset, length = r2t_of(ini, itt)
+    assert (offset, length) == (16384, 16384)
+    ini.data_out(itt, ttt, 0, offset, b"\x33" * 16384, True)
+    assert status_of(ini, itt)[0] == GOOD
+    ini.close()
+    assert path.read_bytes()[:32768] == b"\x22" * 16384 + b"\x33" * 16384
