@@ -73,11 +73,16 @@ def next_pdu(ini: MiniInitiator) -> tuple[bytes, bytes]:
             ini.send(out)
 
 
-def status_of(ini: MiniInitiator, itt: int) -> tuple[int, bytes]:
-    """The next PDU must be the SCSI Response of ``itt``: (status, sense)."""
+def status_of(ini: MiniInitiator, itt: int, window: bool = False) -> tuple[int, bytes]:
+    """The next PDU must be the SCSI Response of ``itt``: (status, sense). ``window``: it must
+    leave room for the next command (with one command at a time, only what the target holds
+    can close it)."""
     bhs, seg = next_pdu(ini)
     assert bhs[0] & 0x3F == OP_SCSI_RSP, f"expected SCSI Response, got opcode {bhs[0] & 0x3F:#x}"
     assert int.from_bytes(bhs[16:20], "big") == itt
+    if window:
+        maxcmdsn = int.from_bytes(bhs[32:36], "big")
+        assert maxcmdsn >= ini.cmdsn, f"MaxCmdSN {maxcmdsn} stopped before CmdSN {ini.cmdsn}"
     return bhs[3], seg[2:]
 
 
@@ -118,6 +123,50 @@ def pr_out(length: int) -> bytes:
 
 
 # -- 9: a failed command whose unsolicited data is still coming
+
+
+def test_failed_commands_with_unsolicited_data_keep_the_session_moving(target_factory, image):
+    """Each failed WRITE left a placeholder task (to swallow its unsolicited Data-Out) that
+    never left the task table and held a CmdSN slot: after 128 of them MaxCmdSN stopped and
+    the session with it. Now the placeholder goes with the last Data-Out, and counts in no
+    window."""
+    path, data = image
+    t = target_factory("--lun", str(path))
+    ini = session(t.port, InitialR2T="No", ImmediateData="Yes")
+    beyond = 4 * MiB // 512  # the first LBA past the end: LOGICAL BLOCK ADDRESS OUT OF RANGE
+    for i in range(300):
+        immediate = b"\x5a" * 512 * (i % 2)  # every other one with immediate data
+        itt = command(ini, write10(beyond, 2), 1024, 0x20, immediate)  # W, not final
+        ini.data_out(itt, NO_TAG, 0, len(immediate), b"\x5a" * (1024 - len(immediate)), True)
+        st, sense = status_of(ini, itt, window=True)
+        assert st == CHECK_CONDITION and sense[12] == 0x21, (i, st, sense.hex())
+    ini.nop()
+    s = state(t, "mini")
+    assert (s["active"], s["writes"], s["discarding"]) == (0, 0, 0), s
+    # Still a working session: a write lands.
+    itt = command(ini, write10(0, 1), 512, 0xA0, b"\x11" * 512)
+    assert status_of(ini, itt)[0] == GOOD
+    ini.close()
+    assert path.read_bytes()[:512] == b"\x11" * 512
+    assert path.read_bytes()[512:] == data[512:]
+
+
+def test_failed_commands_whose_data_never_comes_hold_nothing(target_factory, image):
+    """An initiator may stop sending a command's unsolicited data once its status came: the
+    placeholders are bounded and hold no CmdSN slot."""
+    path, _ = image
+    t = target_factory("--lun", str(path))
+    ini = session(t.port, InitialR2T="No", ImmediateData="Yes")
+    beyond = 4 * MiB // 512
+    for i in range(600):
+        itt = command(ini, write10(beyond, 2), 1024, 0x20, b"\x5a" * 512)
+        st, _ = status_of(ini, itt, window=True)
+        assert st == CHECK_CONDITION, (i, st)
+    ini.nop()
+    s = state(t, "mini")
+    assert (s["active"], s["writes"]) == (0, 0), s
+    assert 0 < s["discarding"] <= 256, s
+    ini.close()
 
 
 # -- 10: memory the session holds on the receive side

@@ -119,7 +119,8 @@ class Session:
         return (
             f"{self.name} ExpCmdSN={w.expcmdsn} MaxCmdSN={w.maxcmdsn} "
             f"active={len(self.reads) + len(self.writes)} writes={len(self.writes)} "
-            f"reads={len(self.reads)} inflight={getattr(self.zs, 'inflight', '?')} "
+            f"reads={len(self.reads)} discarding={len(self.writes.discarding)} "
+            f"inflight={getattr(self.zs, 'inflight', '?')} "
             f"unreleased-statuses={self.budget.statuses} unreleased-bytes={self.budget.bytes} "
             f"buffers={self.share.held}"
         )

@@ -33,6 +33,9 @@ log = logging.getLogger("zerosend.iscsi")
 #: Data-Out bytes one connection may have waiting for its stores' threads before it stops
 #: reading from the initiator (the initiator's own window then holds it back).
 BACKLOG = 16 << 20
+#: Failed commands whose unsolicited Data-Out is swallowed (``Writes.discarding``); past this
+#: the oldest is forgotten (its data, if it still comes, goes nowhere all the same).
+DISCARDING_MAX = 256
 
 
 class DataError(Exception):
@@ -128,6 +131,10 @@ class Writes:
         self.responder = responder
         self.stats = stats
         self.tasks: dict[int, WriteTask] = {}
+        # Failed commands whose unsolicited Data-Out may still come, by ITT: their status is
+        # sent, so they are no tasks in progress (no CmdSN slot); each goes with its last
+        # Data-Out, when its ITT is used again, or as the oldest past DISCARDING_MAX.
+        self.discarding: dict[int, WriteTask] = {}
         self._ttt = 0
         self.backlog = 0  # bytes copied for the stores' threads, not yet on the medium
         self._drained: asyncio.Future[None] | None = None
@@ -182,6 +189,7 @@ class Writes:
         )
         if verify and bytchk == 3:
             task.same_blocks = rw.blocks
+        self.discarding.pop(req.itt, None)
         self.tasks[req.itt] = task
         if req.data:
             self._accept(task, 0, req.data)
@@ -213,6 +221,7 @@ class Writes:
         task.parameters = bytearray(task.xfer)
         task.run = run
         task.off_loop = off_loop
+        self.discarding.pop(req.itt, None)
         self.tasks[req.itt] = task
         if req.data:
             self._accept(task, 0, req.data)
@@ -249,9 +258,21 @@ class Writes:
     def discard_unsolicited(self, req: P.Pdu, edtl: int) -> None:
         """A failed write may still be followed by unsolicited Data-Out: swallow it quietly."""
         if req.flags & P.CMD_WRITE and not req.final and not self.params.initial_r2t:
-            task = WriteTask(req.itt, S.LogicalUnit(-1, _NoStore(), ""), b"", 0, 0, edtl)
+            task = WriteTask(req.itt, _NOWHERE, b"", 0, 0, edtl)
             task.aborted = True
-            self.tasks[req.itt] = task
+            task.next_offset = len(req.data)  # its unsolicited data continues from there
+            discarding = self.discarding
+            discarding.pop(req.itt, None)
+            if len(discarding) >= DISCARDING_MAX:
+                del discarding[next(iter(discarding))]
+            discarding[req.itt] = task
+
+    def _forget(self, task: WriteTask) -> None:
+        """``task`` leaves the tables."""
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        if self.discarding.get(task.itt) is task:
+            del self.discarding[task.itt]
 
     def _accept(self, task: WriteTask, offset: int, data: memoryview | bytes) -> None:
         """Move received write data to the medium (only the part inside the SCSI transfer)."""
@@ -353,7 +374,7 @@ class Writes:
 
     def data_out(self, req: P.Pdu) -> None:
         itt = req.itt
-        task = self.tasks.get(itt)
+        task = self.tasks.get(itt) or self.discarding.get(itt)
         if task is None:
             # Unsolicited data for a command that already failed, or data after an abort.
             return
@@ -387,11 +408,14 @@ class Writes:
             else:
                 task.ttt = P.NO_TAG
             task.datasn = 0
+            if task.aborted:  # a failed command's data ended: nothing more is swallowed
+                self._forget(task)
+                return
             self._advance(task)
 
     def _fail(self, task: WriteTask, why: str) -> None:
         log.warning("%s: write ITT 0x%08x failed: %s", self.conn.name, task.itt, why)
-        self.tasks.pop(task.itt, None)
+        self._forget(task)
         if not task.aborted:
             cc = S.CheckCondition(S.ABORTED_COMMAND, S.DATA_PHASE_ERROR)
             self.responder.send_check(task.itt, cc)
@@ -440,7 +464,7 @@ class Writes:
         raised) are done; nothing if it was aborted meanwhile."""
         if self.tasks.get(task.itt) is not task:
             return
-        del self.tasks[task.itt]
+        self._forget(task)
         flags, residual = residual_bits(task.spdtl, task.edtl, P.RSP_OVERFLOW, P.RSP_UNDERFLOW)
         send_check = self.responder.send_check
         if task.error is not None:
@@ -469,18 +493,25 @@ class Writes:
 
     def cancel(self, itt: int) -> bool:
         """ABORT TASK: forget the write (no status follows)."""
-        task = self.tasks.pop(itt, None)
+        task = self.tasks.get(itt)
         if task is None:
             return False
+        self._forget(task)
         task.aborted = True
         return True
 
     def abort(self, lun: int | None) -> None:
         """Forget the writes in progress (of ``lun``, or all)."""
-        for itt, task in list(self.tasks.items()):
+        for task in list(self.tasks.values()):
             if lun is None or task.lun == lun:
+                self._forget(task)
                 task.aborted = True
-                del self.tasks[itt]
+        if lun is None:
+            self.discarding.clear()
+
+
+#: The medium of a placeholder (``Writes.discarding``): one for all of them.
+_NOWHERE = S.LogicalUnit(-1, _NoStore(), "")
 
 
 def _write_on_loop(lu: S.LogicalUnit, at: int, chunk: memoryview | bytes) -> bool:
