@@ -233,3 +233,34 @@ def test_first_burst_is_answered_after_its_clamp_to_max_burst(target_factory, im
     assert status_of(ini, itt)[0] == GOOD
     ini.close()
     assert path.read_bytes()[:32768] == b"\x22" * 16384 + b"\x33" * 16384
+
+
+@pytest.mark.parametrize("unsolicited", [False, True], ids=["solicited", "unsolicited-data"])
+def test_itt_reused_while_its_task_is_in_progress_is_rejected(target_factory, image, unsolicited):
+    """RFC 7143 11.17.1: a command whose ITT belongs to a task in progress is answered with a
+    Reject, reason "Task in progress"; the old task carries on (before: the new command took
+    the ITT's slot in the task table and the old task was orphaned). The rejected command's
+    own unsolicited data, if any, is swallowed without touching the old task."""
+    path, data = image
+    t = target_factory("--lun", str(path))
+    keys = {"InitialR2T": "No", "ImmediateData": "Yes"} if unsolicited else {}
+    ini = session(t.port, **keys)
+    old = command(ini, write10(16, 8), 4096, 0xA0)  # F, W: all its data on R2T
+    ttt, offset, length = r2t_of(ini, old)
+    assert (offset, length) == (0, 4096)
+    if unsolicited:  # W, not final: 512 bytes immediate, 512 unsolicited
+        again = command(ini, write10(64, 2), 1024, 0x20, b"\x77" * 512, itt=old)
+        ini.data_out(old, NO_TAG, 0, 512, b"\x77" * 512, True)
+    else:
+        again = command(ini, write10(64, 2), 1024, 0xA0, itt=old)
+    bhs, seg = next_pdu(ini)
+    assert bhs[0] & 0x3F == OP_REJECT, f"expected a Reject, got opcode {bhs[0] & 0x3F:#x}"
+    assert bhs[2] == REJECT_TASK_IN_PROGRESS, f"reject reason {bhs[2]:#x}"
+    assert int.from_bytes(seg[16:20], "big") == again
+    # The old task is intact: its data lands and it completes.
+    ini.data_out(old, ttt, 0, 0, b"\x99" * 4096, True)
+    assert status_of(ini, old)[0] == GOOD
+    ini.nop()
+    ini.close()
+    assert path.read_bytes()[16 * 512 : 24 * 512] == b"\x99" * 4096
+    assert path.read_bytes()[64 * 512 : 66 * 512] == data[64 * 512 : 66 * 512]

@@ -396,6 +396,13 @@ class Session:
         self.stats["commands"] += 1
         bhs = req.bhs
         itt = req.itt
+        if self.writes.in_progress(itt) or itt in self.reads.tasks:
+            # RFC 7143 11.17.1: rejected, and the task that has the ITT carries on
+            self.writes.reused(itt, req)
+            self.responder.send_reject(
+                P.REJECT_TASK_IN_PROGRESS, bhs, f"ITT 0x{itt:08x} belongs to a task in progress"
+            )
+            return
         edtl = req.u32(20)
         cdb = bhs[32:48]
         if req.ahs:

@@ -77,6 +77,7 @@ class WriteTask:
         "run",
         "same_blocks",
         "spdtl",
+        "stray",
         "ttt",
         "unsolicited_done",
         "verify",
@@ -111,6 +112,9 @@ class WriteTask:
         # A parameter-list command: its data is collected here, then handed to ``run``.
         self.parameters: bytearray | None = None
         self.run: Callable[[bytes], None] | None = None
+        # A command that reused this ITT was rejected: its unsolicited Data-Out (TTT 0xffffffff
+        # after this task's own unsolicited data ended) is swallowed until its final PDU.
+        self.stray = False
         # Data-Out, and the work done at the end, go to the store's threads (``diskio``)
         self.off_loop = lu.store.may_block
         self.pending = 0  # jobs of this command in those threads
@@ -267,6 +271,18 @@ class Writes:
                 del discarding[next(iter(discarding))]
             discarding[req.itt] = task
 
+    def in_progress(self, itt: int) -> bool:
+        """A task in progress has this ITT (a failed command's swallowed data is none)."""
+        return itt in self.tasks
+
+    def reused(self, itt: int, req: P.Pdu) -> None:
+        """A command that reused ``itt`` was rejected: its unsolicited data, if any comes, must
+        not reach the task in progress."""
+        task = self.tasks.get(itt)
+        if task is not None and req.flags & P.CMD_WRITE and not req.final:
+            if not self.params.initial_r2t and task.unsolicited_done:
+                task.stray = True
+
     def _forget(self, task: WriteTask) -> None:
         """``task`` leaves the tables."""
         if self.tasks.get(task.itt) is task:
@@ -381,6 +397,10 @@ class Writes:
         ttt = req.u32(20)
         datasn = req.u32(36)
         offset = req.u32(40)
+        if task.stray and ttt == P.NO_TAG and task.unsolicited_done:
+            if req.final:  # the rejected command's data ends here
+                task.stray = False
+            return
         if ttt != task.ttt or (ttt == P.NO_TAG and task.unsolicited_done):
             if task.aborted:
                 return
