@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, write10
+from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, read10, write10
 
 MiB = 1 << 20
 NO_TAG = 0xFFFFFFFF
@@ -172,6 +172,49 @@ def test_failed_commands_whose_data_never_comes_hold_nothing(target_factory, ima
 # -- 10: memory the session holds on the receive side
 
 
+def test_parameter_lists_count_in_the_session_budget(target_factory, image):
+    """Each parameter-list command (here PERSISTENT RESERVE OUT of 1 MiB) holds a buffer for its
+    list until it is whole: these count in --session-bytes; past it a command is refused with
+    TASK SET FULL (before: every one got its buffer, 128 MiB a session). The target stays up,
+    other sessions are unaffected, and the buffers are given back once the lists came."""
+    path, _ = image
+    t = target_factory("--lun", str(path), "--session-bytes", "4M")
+    ini = session(t.port, "hog", InitialR2T="Yes", ImmediateData="No",
+                  MaxBurstLength="1048576")  # fmt: skip
+    waiting: list[tuple[int, int, int]] = []
+    refused = 0
+    for _ in range(8):
+        itt = command(ini, pr_out(MiB), MiB, 0xA0)  # F, W: the list comes on R2T
+        bhs, _ = next_pdu(ini)
+        op = bhs[0] & 0x3F
+        if op == OP_R2T:
+            ttt, offset, length = struct.unpack_from(">I16xII", bhs, 20)
+            assert (offset, length) == (0, MiB)
+            waiting.append((itt, ttt, length))
+        else:
+            assert op == OP_SCSI_RSP and bhs[3] == TASK_SET_FULL, (op, bhs[3])
+            refused += 1
+    assert refused, "every 1 MiB parameter list was taken past a 4 MiB session budget"
+    assert 1 <= len(waiting) <= 4, len(waiting)
+    held = state(t, "hog")
+    assert held["held-bytes"] == len(waiting) * MiB, held
+    # Another session is not affected.
+    other = session(t.port, "other")
+    itt = other.scsi(read10(0, 8), 4096, read=True)
+    assert other.read_response()[0] == GOOD
+    other.close()
+    # The lists come (whatever the commands make of them); their buffers go back.
+    for itt, ttt, length in waiting:
+        send_burst(ini, itt, ttt, 0, bytes(length))
+        status_of(ini, itt)
+    assert state(t, "hog")["held-bytes"] == 0
+    itt = command(ini, pr_out(MiB), MiB, 0xA0)
+    ttt, _, _ = r2t_of(ini, itt)  # taken again
+    send_burst(ini, itt, ttt, 0, bytes(MiB))
+    status_of(ini, itt)
+    ini.close()
+
+
 def nop_out(ini: MiniInitiator, cmdsn: int, data: bytes) -> int:
     """A non-immediate NOP-Out (a ping: it takes a CmdSN) at ``cmdsn``."""
     bhs = bytearray(48)
@@ -183,6 +226,60 @@ def nop_out(ini: MiniInitiator, cmdsn: int, data: bytes) -> int:
     bhs[28:32] = ini.expstatsn.to_bytes(4, "big")
     ini.send(bhs, data)
     return itt
+
+
+def test_commands_held_out_of_order_count_in_the_session_budget(target_factory, image):
+    """Commands that arrive ahead of their CmdSN are held with their data (up to 256 KiB each)
+    until the gap fills; on one connection only an initiator that leaves a gap on purpose gets
+    there. Their bytes count in --session-bytes: past it the session is ended (before: held
+    without limit). The target stays up and other sessions are unaffected."""
+    path, _ = image
+    t = target_factory("--lun", str(path), "--session-bytes", "1M")
+    ini = session(t.port, "gap", MaxRecvDataSegmentLength="262144")
+    gap = ini.cmdsn
+    other = session(t.port, "other")
+    ended = False
+    for i in range(1, 9):  # 8 x 200 KiB held behind CmdSN ``gap``
+        try:
+            nop_out(ini, gap + i, bytes([i]) * 200 * 1024)
+        except (BrokenPipeError, ConnectionResetError):
+            ended = True
+            break
+    if not ended:
+        try:
+            ended = ini.sock.recv(48) == b""
+        except ConnectionResetError:
+            ended = True
+    assert ended, "the session held 1.6 MB of out-of-order commands past a 1 MiB budget"
+    assert "past the session's budget" in t.log()
+    ini.close()
+    other.nop()
+    other.scsi(read10(0, 8), 4096, read=True)
+    assert other.read_response()[0] == GOOD
+    other.close()
+
+
+def test_commands_held_out_of_order_within_the_budget_still_run(target_factory, image):
+    """The budget does not refuse what fits: held commands run once the gap fills."""
+    path, _ = image
+    t = target_factory("--lun", str(path), "--session-bytes", "4M")
+    ini = session(t.port, MaxRecvDataSegmentLength="262144")
+    gap = ini.cmdsn
+    held = {nop_out(ini, gap + i, bytes([i]) * 100 * 1024): bytes([i]) * 100 * 1024
+            for i in (1, 2, 3)}  # fmt: skip
+    ini.nop()  # answered after the target read the held ones
+    s = state(t, "mini")
+    assert s["held-bytes"] >= 300 * 1024, s
+    ini.cmdsn = gap
+    itt = ini.scsi(bytes(6), 0)  # TEST UNIT READY fills the gap
+    got = {}
+    for _ in range(4):
+        bhs, data = next_pdu(ini)
+        got[int.from_bytes(bhs[16:20], "big")] = data
+    assert got[itt] == b""
+    assert {k: got[k] for k in held} == held
+    assert state(t, "mini")["held-bytes"] == 0
+    ini.close()
 
 
 # -- 11: protocol corners

@@ -28,7 +28,7 @@ from .reader import ConnectionClosed, PduReader
 from .reads import Reads
 from .responses import Responder
 from .taskmgmt import task_management
-from .window import CmdWindow
+from .window import CmdWindow, held_size
 from .writes import Writes
 
 log = logging.getLogger("zerosend.iscsi")
@@ -78,7 +78,7 @@ class Session:
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
         self.reads = Reads(self, host.luns, self.share, self.params, self.reader, self.window,
                            self.responder, self.stats)  # fmt: skip
-        self.writes = Writes(self, self.params, self.responder, self.stats)
+        self.writes = Writes(self, self.params, self.responder, self.stats, self.budget)
         self.pinger = Pinger(cfg.nop_interval, cfg.nop_timeout, self._progress, self._busy,
                              self._ping, self._found_dead)  # fmt: skip
         self._task: asyncio.Task[None] | None = None
@@ -122,7 +122,7 @@ class Session:
             f"reads={len(self.reads)} discarding={len(self.writes.discarding)} "
             f"inflight={getattr(self.zs, 'inflight', '?')} "
             f"unreleased-statuses={self.budget.statuses} unreleased-bytes={self.budget.bytes} "
-            f"buffers={self.share.held}"
+            f"held-bytes={self.budget.held} buffers={self.share.held}"
         )
 
     def summary(self) -> str:
@@ -355,6 +355,15 @@ class Session:
                 await self._dispatch(req)
                 while (due := window.take_due()) is not None:
                     await self._dispatch(due)
+            elif window.ahead(cmdsn) and not self.budget.fits(held_size(req)):
+                # Only an initiator that leaves a CmdSN gap on purpose (one connection) gets
+                # here; refusing the one command would stall the session at the gap.
+                log.warning(
+                    "%s: commands held for CmdSN %d hold %d bytes, past the session's budget "
+                    "of %d; closing connection",
+                    self.name, window.expcmdsn, window.held_bytes, self.budget.max_bytes,
+                )  # fmt: skip
+                return
             else:
                 if req.data:  # kept past the receive buffer's reuse (NOP-Out, Text too)
                     req = P.Pdu(req.bhs, req.ahs, bytes(req.data))

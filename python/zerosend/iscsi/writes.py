@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from . import diskio
 from . import pdu as P
@@ -57,6 +58,7 @@ class WriteTask:
     __slots__ = (
         "aborted",
         "base",
+        "budget",
         "burst_end",
         "comparing",
         "datasn",
@@ -112,12 +114,21 @@ class WriteTask:
         # A parameter-list command: its data is collected here, then handed to ``run``.
         self.parameters: bytearray | None = None
         self.run: Callable[[bytes], None] | None = None
+        self.budget: ListBudget | None = None  # where the parameter buffer is counted
         # A command that reused this ITT was rejected: its unsolicited Data-Out (TTT 0xffffffff
         # after this task's own unsolicited data ended) is swallowed until its final PDU.
         self.stray = False
         # Data-Out, and the work done at the end, go to the store's threads (``diskio``)
         self.off_loop = lu.store.may_block
         self.pending = 0  # jobs of this command in those threads
+
+
+class ListBudget(Protocol):
+    """Where a connection counts the parameter-list buffers it holds (``SessionBudget``)."""
+
+    def hold(self, nbytes: int) -> bool: ...
+
+    def unhold(self, nbytes: int) -> None: ...
 
 
 class Writes:
@@ -129,11 +140,13 @@ class Writes:
         params: SessionParams,
         responder: Responder,
         stats: dict[str, int],
+        budget: ListBudget | None = None,
     ) -> None:
         self.conn = conn
         self.params = params
         self.responder = responder
         self.stats = stats
+        self.budget = budget
         self.tasks: dict[int, WriteTask] = {}
         # Failed commands whose unsolicited Data-Out may still come, by ITT: their status is
         # sent, so they are no tasks in progress (no CmdSN slot); each goes with its last
@@ -222,6 +235,12 @@ class Writes:
         if not req.flags & P.CMD_WRITE:
             edtl = 0
         task = WriteTask(req.itt, lu, lun_field, 0, length, edtl)
+        if self.budget is not None:
+            # The list's buffer is held until the command ends: past the session's budget the
+            # command is refused (the initiator retries it later).
+            if not self.budget.hold(task.xfer):
+                raise S.StatusReply(S.TASK_SET_FULL)
+            task.budget = self.budget
         task.parameters = bytearray(task.xfer)
         task.run = run
         task.off_loop = off_loop
@@ -284,11 +303,14 @@ class Writes:
                 task.stray = True
 
     def _forget(self, task: WriteTask) -> None:
-        """``task`` leaves the tables."""
+        """``task`` leaves the tables; its parameter buffer leaves the session's budget."""
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
         if self.discarding.get(task.itt) is task:
             del self.discarding[task.itt]
+        if task.budget is not None and task.parameters is not None:
+            task.budget.unhold(len(task.parameters))
+            task.budget = None
 
     def _accept(self, task: WriteTask, offset: int, data: memoryview | bytes) -> None:
         """Move received write data to the medium (only the part inside the SCSI transfer)."""
