@@ -5,6 +5,11 @@ a command counts from its dispatch until the kernel released the send carrying i
 an initiator that stops reading cannot make the target queue more. While the bytes it has
 submitted and not yet released reach ``max_bytes`` (``--session-bytes``) it may take none. Its
 CmdSN window (``CmdWindow.room``) is what is left.
+
+What the session holds on the receive side counts in the same bytes: the buffers of parameter
+lists being collected (``hold``: past the budget such a command is refused) and the commands
+held for their CmdSN (``CmdWindow.held_bytes``: past the budget the session is ended, see
+``fits``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ _SN_MASK = 0xFFFFFFFF
 class SessionBudget:
     """The statuses and bytes one session has submitted and the kernel not yet released."""
 
-    __slots__ = ("_counted", "bytes", "commands", "max_bytes", "on_release", "released",
-                 "sends", "statuses", "window")  # fmt: skip
+    __slots__ = ("_counted", "bytes", "commands", "lists", "max_bytes", "on_release",
+                 "released", "sends", "statuses", "window")  # fmt: skip
 
     def __init__(self, window: CmdWindow, commands: int, max_bytes: int) -> None:
         self.window = window
@@ -33,6 +38,7 @@ class SessionBudget:
         self.bytes = 0  # bytes submitted, not yet released
         self.sends = 0  # sends submitted, not yet released
         self.released = 0  # sends released so far: the session's progress
+        self.lists = 0  # bytes of parameter-list buffers held
         self._counted: int | None = None  # StatSN up to which statuses are counted (submitted)
         self.on_release: Callable[[], None] | None = None
 
@@ -40,9 +46,30 @@ class SessionBudget:
         """Login is over: count statuses from the next StatSN on."""
         self._counted = self.window.statsn
 
+    @property
+    def held(self) -> int:
+        """Bytes held on the receive side: parameter lists, commands held for their CmdSN."""
+        return self.lists + self.window.held_bytes
+
+    def fits(self, nbytes: int) -> bool:
+        """``nbytes`` more held stay within the budget (or nothing else is held: one always
+        fits, so a list larger than the budget is not refused forever)."""
+        held = self.held
+        return held == 0 or self.bytes + held + nbytes <= self.max_bytes
+
+    def hold(self, nbytes: int) -> bool:
+        """Count a parameter-list buffer of ``nbytes``; False (not counted) past the budget."""
+        if nbytes and not self.fits(nbytes):
+            return False
+        self.lists += nbytes
+        return True
+
+    def unhold(self, nbytes: int) -> None:
+        self.lists -= nbytes
+
     def room(self, tasks: int) -> int:
         """Commands the session may still take, with ``tasks`` commands in progress."""
-        if self.bytes >= self.max_bytes:
+        if self.bytes + self.held >= self.max_bytes:
             return 0
         unsent = 0 if self._counted is None else (self.window.statsn - self._counted) & _SN_MASK
         return self.commands - tasks - self.statuses - unsent

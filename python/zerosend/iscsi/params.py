@@ -160,8 +160,10 @@ def negotiate(
         else:
             answer = "NotUnderstood"
         out.append((key, answer))
+    # FirstBurstLength never exceeds MaxBurstLength (RFC 7143 13.14): clamped, then answered
     params.first_burst = min(params.first_burst, params.max_burst)
-    return out
+    return [(k, str(params.first_burst)) if k == "FirstBurstLength" and v.isdigit() else (k, v)
+            for k, v in out]  # fmt: skip
 
 
 def declare_target(params: SessionParams) -> list[tuple[str, str]]:

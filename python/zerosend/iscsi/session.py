@@ -29,7 +29,7 @@ from .reader import ConnectionClosed, PduReader
 from .reads import Reads
 from .responses import Responder
 from .taskmgmt import task_management
-from .window import CmdWindow
+from .window import CmdWindow, held_size
 from .writes import Writes
 
 log = logging.getLogger("zerosend.iscsi")
@@ -79,7 +79,7 @@ class Session:
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
         self.reads = Reads(self, host.luns, self.share, self.params, self.reader, self.window,
                            self.responder, self.stats)  # fmt: skip
-        self.writes = Writes(self, self.params, self.responder, self.stats)
+        self.writes = Writes(self, self.params, self.responder, self.stats, self.budget)
         self.pinger = Pinger(cfg.nop_interval, cfg.nop_timeout, self._progress, self._busy,
                              self._ping, self._found_dead)  # fmt: skip
         self._task: asyncio.Task[None] | None = None
@@ -120,9 +120,10 @@ class Session:
         return (
             f"{self.name} ExpCmdSN={w.expcmdsn} MaxCmdSN={w.maxcmdsn} "
             f"active={len(self.reads) + len(self.writes)} writes={len(self.writes)} "
-            f"reads={len(self.reads)} inflight={getattr(self.zs, 'inflight', '?')} "
+            f"reads={len(self.reads)} discarding={len(self.writes.discarding)} "
+            f"inflight={getattr(self.zs, 'inflight', '?')} "
             f"unreleased-statuses={self.budget.statuses} unreleased-bytes={self.budget.bytes} "
-            f"buffers={self.share.held}"
+            f"held-bytes={self.budget.held} buffers={self.share.held}"
         )
 
     def summary(self) -> str:
@@ -355,6 +356,15 @@ class Session:
                 await self._dispatch(req)
                 while (due := window.take_due()) is not None:
                     await self._dispatch(due)
+            elif window.ahead(cmdsn) and not self.budget.fits(held_size(req)):
+                # Only an initiator that leaves a CmdSN gap on purpose (one connection) gets
+                # here; refusing the one command would stall the session at the gap.
+                log.warning(
+                    "%s: commands held for CmdSN %d hold %d bytes, past the session's budget "
+                    "of %d; closing connection",
+                    self.name, window.expcmdsn, window.held_bytes, self.budget.max_bytes,
+                )  # fmt: skip
+                return
             else:
                 if req.data:  # kept past the receive buffer's reuse (NOP-Out, Text too)
                     req = P.Pdu(req.bhs, req.ahs, bytes(req.data))
@@ -396,6 +406,13 @@ class Session:
         self.stats["commands"] += 1
         bhs = req.bhs
         itt = req.itt
+        if self.writes.in_progress(itt) or itt in self.reads.tasks:
+            # RFC 7143 11.17.1: rejected, and the task that has the ITT carries on
+            self.writes.reused(itt, req)
+            self.responder.send_reject(
+                P.REJECT_TASK_IN_PROGRESS, bhs, f"ITT 0x{itt:08x} belongs to a task in progress"
+            )
+            return
         edtl = req.u32(20)
         cdb = bhs[32:48]
         if req.ahs:
@@ -487,7 +504,14 @@ class Session:
             if key == "SendTargets":
                 answers += self._send_targets(value)
             elif key == "MaxRecvDataSegmentLength":
-                answers.append((key, value))
+                # Declarative: each side says what it receives, so the answer is our own limit.
+                # (The initiator's value is not taken up: the Data-In we send keep the limit
+                # declared at login, which the READ path's inner loop was built with.)
+                try:
+                    valid = 512 <= int(value, 0) <= 16777215
+                except ValueError:
+                    valid = False
+                answers.append((key, str(self.params.target_max_recv_dsl) if valid else "Reject"))
             else:
                 answers.append((key, "NotUnderstood"))
         data = P.build_text(answers)[: self.params.initiator_max_recv_dsl]

@@ -24,7 +24,7 @@ class CmdWindow:
     at dispatch opens no room by itself. ``maxcmdsn`` is the value last advertised; it never
     moves back (an initiator ignores a smaller one), and a command past it is dropped."""
 
-    __slots__ = ("expcmdsn", "maxcmdsn", "pending", "room", "statsn")
+    __slots__ = ("expcmdsn", "held_bytes", "maxcmdsn", "pending", "room", "statsn")
 
     def __init__(self, room: Callable[[], int]) -> None:
         self.room = room
@@ -32,6 +32,7 @@ class CmdWindow:
         self.expcmdsn = 0
         self.maxcmdsn = 0
         self.pending: dict[int, Pdu] = {}  # CmdSN -> command waiting for the gap to fill
+        self.held_bytes = 0  # their size (the session's budget counts it)
 
     def open_at(self, cmdsn: int) -> None:
         """Login: the window starts at the initiator's first CmdSN."""
@@ -73,12 +74,20 @@ class CmdWindow:
         self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
         return True
 
+    def ahead(self, cmdsn: int) -> bool:
+        """``cmdsn`` lies inside the window, past ExpCmdSN (``hold`` would keep it)."""
+        return sn_lt(self.expcmdsn, cmdsn) and not sn_lt(self.maxcmdsn, cmdsn)
+
     def hold(self, cmdsn: int, cmd: Pdu) -> bool:
         """Keep a command that arrived ahead of ExpCmdSN until the gap fills; False (and not
         kept) if its CmdSN lies outside the window."""
-        if not (sn_lt(self.expcmdsn, cmdsn) and not sn_lt(self.maxcmdsn, cmdsn)):
+        if not self.ahead(cmdsn):
             return False
+        old = self.pending.get(cmdsn)
+        if old is not None:  # the same CmdSN again: the later one is kept
+            self.held_bytes -= held_size(old)
         self.pending[cmdsn] = cmd
+        self.held_bytes += held_size(cmd)
         return True
 
     def take_due(self) -> Pdu | None:
@@ -86,4 +95,10 @@ class CmdWindow:
         cmd = self.pending.pop(self.expcmdsn, None)
         if cmd is not None:
             self.expcmdsn = (self.expcmdsn + 1) & 0xFFFFFFFF
+            self.held_bytes -= held_size(cmd)
         return cmd
+
+
+def held_size(cmd: Pdu) -> int:
+    """The bytes a command held for its CmdSN keeps (header, AHS, data)."""
+    return len(cmd.bhs) + len(cmd.ahs) + len(cmd.data)

@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from . import diskio
 from . import pdu as P
@@ -35,6 +36,9 @@ log = logging.getLogger("zerosend.iscsi")
 BACKLOG = 16 << 20
 #: What the statuses of parameter commands wait for (``ParameterCommand.run``'s awaitables)
 _finishing: set[asyncio.Future[None]] = set()
+#: Failed commands whose unsolicited Data-Out is swallowed (``Writes.discarding``); past this
+#: the oldest is forgotten (its data, if it still comes, goes nowhere all the same).
+DISCARDING_MAX = 256
 
 
 class DataError(Exception):
@@ -56,6 +60,7 @@ class WriteTask:
     __slots__ = (
         "aborted",
         "base",
+        "budget",
         "burst_end",
         "comparing",
         "datasn",
@@ -76,6 +81,7 @@ class WriteTask:
         "run",
         "same_blocks",
         "spdtl",
+        "stray",
         "ttt",
         "unsolicited_done",
         "verify",
@@ -110,9 +116,21 @@ class WriteTask:
         # A parameter-list command: its data is collected here, then handed to ``run``.
         self.parameters: bytearray | None = None
         self.run: Callable[[bytes], Awaitable[None] | None] | None = None
+        self.budget: ListBudget | None = None  # where the parameter buffer is counted
+        # A command that reused this ITT was rejected: its unsolicited Data-Out (TTT 0xffffffff
+        # after this task's own unsolicited data ended) is swallowed until its final PDU.
+        self.stray = False
         # Data-Out, and the work done at the end, go to the store's threads (``diskio``)
         self.off_loop = lu.store.may_block
         self.pending = 0  # jobs of this command in those threads
+
+
+class ListBudget(Protocol):
+    """Where a connection counts the parameter-list buffers it holds (``SessionBudget``)."""
+
+    def hold(self, nbytes: int) -> bool: ...
+
+    def unhold(self, nbytes: int) -> None: ...
 
 
 class Writes:
@@ -124,12 +142,18 @@ class Writes:
         params: SessionParams,
         responder: Responder,
         stats: dict[str, int],
+        budget: ListBudget | None = None,
     ) -> None:
         self.conn = conn
         self.params = params
         self.responder = responder
         self.stats = stats
+        self.budget = budget
         self.tasks: dict[int, WriteTask] = {}
+        # Failed commands whose unsolicited Data-Out may still come, by ITT: their status is
+        # sent, so they are no tasks in progress (no CmdSN slot); each goes with its last
+        # Data-Out, when its ITT is used again, or as the oldest past DISCARDING_MAX.
+        self.discarding: dict[int, WriteTask] = {}
         self._ttt = 0
         self.backlog = 0  # bytes copied for the stores' threads, not yet on the medium
         self._drained: asyncio.Future[None] | None = None
@@ -184,6 +208,7 @@ class Writes:
         )
         if verify and bytchk == 3:
             task.same_blocks = rw.blocks
+        self.discarding.pop(req.itt, None)
         self.tasks[req.itt] = task
         if req.data:
             self._accept(task, 0, req.data)
@@ -213,9 +238,16 @@ class Writes:
         if not req.flags & P.CMD_WRITE:
             edtl = 0
         task = WriteTask(req.itt, lu, lun_field, 0, length, edtl)
+        if self.budget is not None:
+            # The list's buffer is held until the command ends: past the session's budget the
+            # command is refused (the initiator retries it later).
+            if not self.budget.hold(task.xfer):
+                raise S.StatusReply(S.TASK_SET_FULL)
+            task.budget = self.budget
         task.parameters = bytearray(task.xfer)
         task.run = run
         task.off_loop = off_loop
+        self.discarding.pop(req.itt, None)
         self.tasks[req.itt] = task
         if req.data:
             self._accept(task, 0, req.data)
@@ -252,9 +284,36 @@ class Writes:
     def discard_unsolicited(self, req: P.Pdu, edtl: int) -> None:
         """A failed write may still be followed by unsolicited Data-Out: swallow it quietly."""
         if req.flags & P.CMD_WRITE and not req.final and not self.params.initial_r2t:
-            task = WriteTask(req.itt, S.LogicalUnit(-1, _NoStore(), ""), b"", 0, 0, edtl)
+            task = WriteTask(req.itt, _NOWHERE, b"", 0, 0, edtl)
             task.aborted = True
-            self.tasks[req.itt] = task
+            task.next_offset = len(req.data)  # its unsolicited data continues from there
+            discarding = self.discarding
+            discarding.pop(req.itt, None)
+            if len(discarding) >= DISCARDING_MAX:
+                del discarding[next(iter(discarding))]
+            discarding[req.itt] = task
+
+    def in_progress(self, itt: int) -> bool:
+        """A task in progress has this ITT (a failed command's swallowed data is none)."""
+        return itt in self.tasks
+
+    def reused(self, itt: int, req: P.Pdu) -> None:
+        """A command that reused ``itt`` was rejected: its unsolicited data, if any comes, must
+        not reach the task in progress."""
+        task = self.tasks.get(itt)
+        if task is not None and req.flags & P.CMD_WRITE and not req.final:
+            if not self.params.initial_r2t and task.unsolicited_done:
+                task.stray = True
+
+    def _forget(self, task: WriteTask) -> None:
+        """``task`` leaves the tables; its parameter buffer leaves the session's budget."""
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        if self.discarding.get(task.itt) is task:
+            del self.discarding[task.itt]
+        if task.budget is not None and task.parameters is not None:
+            task.budget.unhold(len(task.parameters))
+            task.budget = None
 
     def _accept(self, task: WriteTask, offset: int, data: memoryview | bytes) -> None:
         """Move received write data to the medium (only the part inside the SCSI transfer)."""
@@ -356,13 +415,17 @@ class Writes:
 
     def data_out(self, req: P.Pdu) -> None:
         itt = req.itt
-        task = self.tasks.get(itt)
+        task = self.tasks.get(itt) or self.discarding.get(itt)
         if task is None:
             # Unsolicited data for a command that already failed, or data after an abort.
             return
         ttt = req.u32(20)
         datasn = req.u32(36)
         offset = req.u32(40)
+        if task.stray and ttt == P.NO_TAG and task.unsolicited_done:
+            if req.final:  # the rejected command's data ends here
+                task.stray = False
+            return
         if ttt != task.ttt or (ttt == P.NO_TAG and task.unsolicited_done):
             if task.aborted:
                 return
@@ -390,11 +453,14 @@ class Writes:
             else:
                 task.ttt = P.NO_TAG
             task.datasn = 0
+            if task.aborted:  # a failed command's data ended: nothing more is swallowed
+                self._forget(task)
+                return
             self._advance(task)
 
     def _fail(self, task: WriteTask, why: str) -> None:
         log.warning("%s: write ITT 0x%08x failed: %s", self.conn.name, task.itt, why)
-        self.tasks.pop(task.itt, None)
+        self._forget(task)
         if not task.aborted:
             cc = S.CheckCondition(S.ABORTED_COMMAND, S.DATA_PHASE_ERROR)
             self.responder.send_check(task.itt, cc)
@@ -460,7 +526,7 @@ class Writes:
         raised) are done; nothing if it was aborted meanwhile."""
         if self.tasks.get(task.itt) is not task:
             return
-        del self.tasks[task.itt]
+        self._forget(task)
         flags, residual = residual_bits(task.spdtl, task.edtl, P.RSP_OVERFLOW, P.RSP_UNDERFLOW)
         send_check = self.responder.send_check
         if task.error is not None:
@@ -489,18 +555,25 @@ class Writes:
 
     def cancel(self, itt: int) -> bool:
         """ABORT TASK: forget the write (no status follows)."""
-        task = self.tasks.pop(itt, None)
+        task = self.tasks.get(itt)
         if task is None:
             return False
+        self._forget(task)
         task.aborted = True
         return True
 
     def abort(self, lun: int | None) -> None:
         """Forget the writes in progress (of ``lun``, or all)."""
-        for itt, task in list(self.tasks.items()):
+        for task in list(self.tasks.values()):
             if lun is None or task.lun == lun:
+                self._forget(task)
                 task.aborted = True
-                del self.tasks[itt]
+        if lun is None:
+            self.discarding.clear()
+
+
+#: The medium of a placeholder (``Writes.discarding``): one for all of them.
+_NOWHERE = S.LogicalUnit(-1, _NoStore(), "")
 
 
 def _write_on_loop(lu: S.LogicalUnit, at: int, chunk: memoryview | bytes) -> bool:
