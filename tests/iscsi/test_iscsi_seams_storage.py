@@ -6,8 +6,8 @@
   opened afterwards that got the image's descriptor number.
 - A LUN or CHAP table with a typo or a value of the wrong type is refused, naming the key, at
   start and on reload (a refused reload keeps the old config).
-- The slow parts of a reload (opening images, the removed ones' final sync) and GET LBA
-  STATUS's walk over the image run off the event loop.
+- The slow parts of a reload (reading the config, opening images, the removed ones' final
+  sync) run off the event loop.
 
 The device that blocks is a FUSE file whose I/O waits at a gate (``gatedfs``).
 """
