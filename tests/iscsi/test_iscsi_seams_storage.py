@@ -6,8 +6,8 @@
   opened afterwards that got the image's descriptor number.
 - A LUN or CHAP table with a typo or a value of the wrong type is refused, naming the key, at
   start and on reload (a refused reload keeps the old config).
-- The slow parts of a reload (opening images, the removed ones' final sync) and GET LBA
-  STATUS's walk over the image run off the event loop.
+- The slow parts of a reload (reading the config, opening images, the removed ones' final
+  sync) run off the event loop.
 
 The device that blocks is a FUSE file whose I/O waits at a gate (``gatedfs``).
 """
@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,44 @@ def test_a_sync_waits_for_the_sync_under_way_in_another_thread(gated, target_fac
         gated.open_gate()
         first.close()
         second.close()
+
+
+def test_a_flush_waits_only_for_the_syncs_that_cover_its_range(gated):
+    """The store itself, from threads (as FUA and SYNCHRONIZE CACHE run): while a sync of the
+    written blocks waits in the device, a flush of those blocks waits for it too, and a
+    flush of blocks nobody wrote since the last sync returns at once."""
+    from zerosend.iscsi.stores import FileStore
+
+    store = FileStore(str(gated.path))
+    waiting: list[threading.Thread] = []
+    try:
+        store.flush()  # the image is clean
+        before = gated.syncs
+        store.write(0, os.urandom(4096))
+        assert store.unsynced == (0, 4096)
+        gated.close_gate()
+        first = threading.Thread(target=store.flush, daemon=True)
+        first.start()
+        waiting.append(first)
+        wait_for(lambda: gated.waiting > 0, "the first sync to wait in the device")
+        assert store.unsynced == (0, 4096), "a sync under way has not made its span durable"
+
+        elsewhere = threading.Thread(target=store.flush, args=(512 * 1024, 4096), daemon=True)
+        elsewhere.start()
+        wait_for(lambda: not elsewhere.is_alive(), "a flush of unwritten blocks to return")
+        covered = threading.Thread(target=store.flush, args=(2048, 512), daemon=True)
+        covered.start()
+        waiting.append(covered)
+        covered.join(1.0)
+        assert covered.is_alive(), "a flush returned while the sync of its blocks was under way"
+        assert gated.syncs == before
+    finally:
+        gated.open_gate()
+        for thread in waiting:
+            thread.join(30)
+        store.close()
+    assert not any(thread.is_alive() for thread in waiting)
+    assert gated.syncs == before + 1 and store.unsynced is None  # (one sync served all three)
 
 
 # -- seam 7: a removed LUN's image is closed only when no disk work uses it
