@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 import zerosend
-from tests.helpers import read_all, require_backend, tcp_pair
+from tests.helpers import read_all, require, require_backend, tcp_pair
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,7 +58,7 @@ def descriptors(needed: int) -> Iterator[int]:
 async def test_ten_thousand_udp_sockets_on_one_loop_all_resolve() -> None:
     with descriptors(UDP_SOCKETS + 1024) as limit:
         if limit < UDP_SOCKETS + 1024:
-            pytest.skip(f"RLIMIT_NOFILE cannot be raised above {limit}")
+            require("nofile", f"RLIMIT_NOFILE cannot be raised above {limit}")
         receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         receiver.bind(("127.0.0.1", 0))
         wrapped: list[zerosend.Socket] = []
@@ -88,7 +88,7 @@ async def test_ten_thousand_udp_sockets_on_one_loop_all_resolve() -> None:
 async def test_two_thousand_tcp_connections_each_with_a_send_in_flight() -> None:
     with descriptors(3 * TCP_CONNECTIONS + 1024) as limit:
         if limit < 3 * TCP_CONNECTIONS + 1024:
-            pytest.skip(f"RLIMIT_NOFILE cannot be raised above {limit}")
+            require("nofile", f"RLIMIT_NOFILE cannot be raised above {limit}")
         pairs = [await tcp_pair() for _ in range(TCP_CONNECTIONS)]
         try:
             wrapped = [

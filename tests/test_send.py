@@ -17,8 +17,10 @@ from bench.rig import Rig
 from tests.helpers import (
     HELD,
     accepted_not_released,
+    driver_round_trip,
     read_all,
     require_backend,
+    require_probed,
     rig_connection,
     tcp_pair,
     unsent_bytes,
@@ -111,7 +113,7 @@ async def test_buffer_is_held_until_the_kernel_releases_it(rig: Rig, zc_backend:
         zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=HELD)  # type: ignore[arg-type]
         with rig.ingress_drop() as drop:
             future = zs.send_zc(data)
-            await accepted_not_released(sock, HELD)
+            await accepted_not_released(sock, HELD, zc_backend)
             assert not future.done(), "resolved while the kernel still holds the pages"
             assert zs.inflight == 1
             with pytest.raises(BufferError):
@@ -138,7 +140,7 @@ async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: 
 
         with rig.ingress_drop():
             task = asyncio.create_task(waiter())
-            await accepted_not_released(sock, HELD)
+            await accepted_not_released(sock, HELD, zc_backend)
             assert not task.done(), "resolved while the kernel still holds the pages"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -146,12 +148,12 @@ async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: 
             del task
             gc.collect()
             # Cancelled, but the kernel still has the pages: the buffer stays held.
-            await asyncio.sleep(0.05)
+            await driver_round_trip(zc_backend)
             assert zs.inflight == 1
             with pytest.raises(BufferError):
                 data.extend(b"!")
             following = zs.send_zc(after)  # small: goes by copy, behind the held send
-            await asyncio.sleep(0.05)
+            await driver_round_trip(zc_backend)
             with pytest.raises(BufferError):
                 data.extend(b"!")
         await following
@@ -220,10 +222,8 @@ async def test_reading_the_socket_while_sends_are_in_flight(backend: str) -> Non
 
 
 async def test_ipv6(backend: str) -> None:
-    try:
-        client, server = await tcp_pair(socket.AF_INET6)
-    except OSError as err:
-        pytest.skip(f"no IPv6 loopback here: {err}")
+    require_probed("ipv6")
+    client, server = await tcp_pair(socket.AF_INET6)
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
     data = os.urandom(3 * MiB + 1)

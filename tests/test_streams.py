@@ -17,7 +17,7 @@ import pytest
 import zerosend
 from bench.receiver import fill_chunk, start_receiver
 from bench.rig import Rig
-from tests.helpers import read_all
+from tests.helpers import read_all, require_probed
 
 MiB = 1 << 20
 
@@ -470,7 +470,9 @@ async def test_on_the_rig_reuse_before_release_is_detected(rig: Rig, zc_backend:
 
 
 def test_streams_on_uvloop(backend: str) -> None:
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+    require_probed("uvloop")
+    import uvloop
+
     payload = os.urandom(6 * MiB + 1)
 
     async def round_trip() -> bytes:

@@ -23,7 +23,7 @@ import pytest
 
 import zerosend
 from bench.rig import Rig
-from tests.helpers import RIG_UNAVAILABLE, require
+from tests.helpers import RIG_UNAVAILABLE, require, require_probed
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,8 +66,7 @@ async def test_datagrams_dropped_by_a_full_qdisc_keep_completions_matched(
     zc_backend: str,
 ) -> None:
     require("rig", RIG_UNAVAILABLE)
-    if subprocess.run(["which", "tc"], capture_output=True).returncode != 0:
-        pytest.skip("needs iproute2's tc")
+    require_probed("tc")
     with Rig() as rig:
         # A slow shaper in front of a two-packet queue: a burst of datagrams overflows it.
         tc = ["tc", "qdisc", "replace", "dev", rig.host_if, "root", "handle", "1:", "tbf"]
