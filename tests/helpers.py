@@ -185,6 +185,18 @@ def require_backend(backend: str) -> None:
     require(backend, UNAVAILABLE[backend])
 
 
+def assert_zero_copy_sends(stats: dict[str, int], backend: str, nbytes: int) -> None:
+    """The socket's ``nbytes`` went as zero-copy sends (the kernel may still have copied them,
+    as loopback does: that is counted apart), not by copy below the threshold or by request;
+    on the copy backend, by that backend."""
+    if backend == "copy":
+        assert stats["bytes_copied_backend"] == nbytes, stats
+        return
+    zero_copy_sends = stats["bytes_zerocopy"] + stats["bytes_copied_by_kernel"]
+    assert zero_copy_sends == nbytes, f"{nbytes} bytes should have gone zero-copy: {stats}"
+    assert stats["notifications"] > 0, stats
+
+
 def unsent_bytes(sock: socket.socket) -> int:
     """``ioctl(TIOCOUTQ)``: bytes in the socket's send queue, not yet acknowledged by the peer."""
     raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)

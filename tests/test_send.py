@@ -17,6 +17,7 @@ from bench.rig import Rig
 from tests.helpers import (
     HELD,
     accepted_not_released,
+    assert_zero_copy_sends,
     driver_round_trip,
     read_all,
     require_backend,
@@ -341,7 +342,8 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
     reader = asyncio.create_task(read_all(server, received))
     expected = bytearray()
     for _ in range(3):
-        zs = zerosend.wrap(client, backend=backend)
+        # Threshold 0: every send a zero-copy send, each one moving the kernel's counter.
+        zs = zerosend.wrap(client, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="already wrapped"):
             zerosend.wrap(client, backend=backend)
         chunks = [os.urandom(256 * 1024) for _ in range(8)]
@@ -349,6 +351,7 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
         assert sum(r.nbytes for r in results) == 8 * 256 * 1024
         expected += b"".join(chunks)
         await zs.drain()
+        assert_zero_copy_sends(zs.stats, backend, 8 * 256 * 1024)
         del zs  # the driver lets go of the socket; the connection stays open
         gc.collect()
     client.close()
