@@ -25,18 +25,19 @@ import pytest
 import zerosend
 from tests.helpers import read_all, require, require_backend, tcp_pair
 
-pytestmark = pytest.mark.asyncio
+UDP_SOCKETS = 10_000
+TCP_CONNECTIONS = 2_000
+#: Guards against a hang only (a stranded send never resolves); not a performance bound.
+HANG_GUARD_S = 300
+
+# pytest's own limit comes after this test's hang guards (two waits and the set-up), so that
+# a stranded send is reported by the guard that names it, not by a 120 s default.
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(2 * HANG_GUARD_S + 120)]
 
 
 @pytest.fixture(autouse=True)
 def _needs_io_uring() -> None:
     require_backend("io_uring")
-
-
-UDP_SOCKETS = 10_000
-TCP_CONNECTIONS = 2_000
-#: Guards against a hang only (a stranded send never resolves); not a performance bound.
-HANG_GUARD_S = 300
 
 
 @contextlib.contextmanager
