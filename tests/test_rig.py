@@ -62,27 +62,6 @@ async def _send_reusing_buffers(
     return stats
 
 
-def test_auto_picks_the_best_zero_copy_backend_for_a_remote_peer() -> None:
-    caps = zerosend.capabilities()
-    expected = (
-        "io_uring" if caps.io_uring_send_zc else "msg_zerocopy" if caps.msg_zerocopy else "copy"
-    )
-
-    async def probe(host: str) -> tuple[str, str | None]:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (host, PORT))
-        async with zerosend.wrap(sock) as zs:
-            await zs.send_zc(bytearray(1 << 20))
-            return zs.backend, zs.fallback_reason
-
-    with Rig() as rig, start_receiver(rig.peer_addr, PORT, namespace=rig.ns, once=True) as rx:
-        backend, reason = asyncio.run(probe(rig.peer_addr))
-        rx.report()
-    assert backend == expected, reason
-
-
 def _run(backend: str, *, wait_for_release: bool, depth: int = 1, loss: int = 0) -> dict[str, Any]:
     with Rig() as rig:
         if loss:

@@ -185,6 +185,8 @@ async def test_peer_reset_raises_and_nothing_hangs(backend: str) -> None:
     # Once the stream failed, new sends fail at once with the same kind of error.
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         await zs.send_zc(payload)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        await zs.send(b"a copying send after the reset")
     await asyncio.wait_for(zs.drain(), 30)
     assert zs.inflight == 0
     payload.extend(b"released")
