@@ -24,6 +24,8 @@ def _needs_the_rig() -> None:
 CHUNK = 1 << 20
 CHUNKS = 192
 PORT = 5301
+#: Guards against a hang only (a send that never resolves); not a performance bound.
+HANG_GUARD_S = 30
 
 
 def verifying_receiver(rig: Rig) -> Receiver:
@@ -199,7 +201,13 @@ def test_releases_out_of_order_reach_their_own_sends(backend: str) -> None:
         sock.setblocking(False)
         zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
         buffers = [bytearray([i]) * 1400 for i in range(16)]
-        results = await asyncio.gather(*(zs.send_zc(buf) for buf in buffers))
+        # A send whose release is never matched never resolves: the guard says so before
+        # pytest's time limit would (which would only say "slow").
+        every = asyncio.gather(*(zs.send_zc(buf) for buf in buffers))
+        try:
+            results = await asyncio.wait_for(every, HANG_GUARD_S)
+        except TimeoutError:
+            raise AssertionError(f"sends stranded: {zs.inflight} never resolved") from None
         stats = zs.stats
         await zs.aclose()
         return results, stats
