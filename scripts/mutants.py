@@ -1,73 +1,176 @@
-"""Run the contract tests against each deliberate fault of a ``mutants`` build (``make
-test-mutants``): first with no fault (everything must pass), then once per fault with
-``ZEROSEND_MUTANT=<fault>``. Prints, for each fault, the tests that failed; exits 1 if a fault
-made no test fail (the tests would not notice that bug) or the fault-free run failed."""
+"""Run the core test suite and the core crate's Rust tests against each deliberate fault of a
+``mutants`` build (``make test-mutants``): first with no fault (everything must pass), then once
+per fault with ``ZEROSEND_MUTANT=<fault>``. Prints, for each fault, the tests that failed; exits
+1 if the fault-free run failed, or a fault made no test fail (the tests would not notice that
+bug).
+
+The faults are read from the core crate's ``src/mutant.rs`` (its ``ALL`` list and each fault's
+doc comment): the one place they are written.
+
+Every core test module runs against every fault (a faulty run ends at its first failure), and
+so do the core crate's Rust tests. A fault is killed only by a test's own verdict (an assertion,
+an error, a test's own hang guard). A test stopped by pytest's time limit is reported apart, as
+timed out: a fault that only makes things slower is not a kill, and the fault-free run must not
+time out either. The limits are the suite's own (120 s unless a test says otherwise), generous
+for a loaded machine.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The faults of rust/zerosend/src/mutant.rs (ALL), each with what it breaks.
-FAULTS = {
-    "resolve_at_acceptance": "a send resolves when accepted (first CQE / sendmsg return)",
-    "zerocopy_false": "every result says zerocopy=False",
-    "drop_out_of_order": "MSG_ZEROCOPY ranges that come out of order are ignored",
-    "early_release_on_cancel": "cancelling a send's future releases its buffer export",
-}
-# The contract tests: release vs acceptance, held buffers, cancellation, order, honest results.
-CONTRACT_TESTS = [
-    "tests/test_send.py",
-    "tests/test_pool.py",
-    "tests/test_rig.py",
-    "tests/test_true_zerocopy.py",
-]
-# A fault that makes a send never resolve is caught by the per-test time limit; a short one
-# keeps the whole run short.
-TIMEOUT_SECONDS = 30
+MUTANT_RS = ROOT / "rust" / "zerosend" / "src" / "mutant.rs"
+#: Where the mutants build keeps its Rust artefacts (the Makefile builds the wheel there too).
+TARGET_DIR = ROOT / "target" / "mutants"
+#: The modules that own the release/acceptance contract run first, so that a fault they catch
+#: is killed within seconds; then every other core test module.
+FIRST = ["test_send.py", "test_pool.py", "test_true_zerocopy.py", "test_rig.py"]
+#: Not the core suite: the slow packaging and benchmark tests (marked slow) and the iSCSI
+#: target's own tests (tests/iscsi).
+SELECT = ["-m", "not slow"]
 
 
-def run_tests(fault: str | None, report: Path) -> tuple[list[str], float]:
-    """The tests that failed (or errored) with ``fault`` on, and the run's duration."""
+def core_tests() -> list[str]:
+    """Every core test module (tests/test_*.py), the contract's owners first."""
+    found = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    ordered = [name for name in FIRST if name in found] + [n for n in found if n not in FIRST]
+    return [f"tests/{name}" for name in ordered]
+
+
+#: A faulty run stops at its first failure: the fault is caught (or, if that failure was a time
+#: limit, only slowed things: not a kill). A fault nothing catches runs the whole suite.
+MAX_FAILURES = 1
+#: Guards a whole run against a hang the per-test limits did not catch; not a time budget.
+RUN_HANG_GUARD_S = 1800
+
+
+def faults() -> dict[str, str]:
+    """``{fault: what it breaks}``, from mutant.rs: each ``pub const X: &str = "name";`` named
+    in ``ALL``, described by the doc comment above it."""
+    text = MUTANT_RS.read_text()
+    consts: dict[str, tuple[str, str]] = {}
+    for m in re.finditer(r'((?:^///[^\n]*\n)+)pub const (\w+): &str = "(\w+)";', text, re.M):
+        doc = " ".join(line.removeprefix("///").strip() for line in m.group(1).splitlines())
+        consts[m.group(2)] = (m.group(3), doc)
+    listed = re.search(r"pub const ALL: \[&str; \d+\] = \[([^\]]*)\]", text)
+    if listed is None:
+        raise SystemExit(f"no ALL list in {MUTANT_RS}")
+    names = [n.strip() for n in listed.group(1).split(",") if n.strip()]
+    unknown = [n for n in names if n not in consts]
+    if unknown or not names:
+        raise SystemExit(
+            f"{MUTANT_RS}: ALL names {unknown or 'nothing'} without a documented const"
+        )
+    return dict(consts[n] for n in names)
+
+
+@dataclass
+class Outcome:
+    failed: list[str] = field(default_factory=list)  # the tests' own verdicts
+    timed_out: list[str] = field(default_factory=list)  # stopped by a time limit
+    seconds: float = 0.0
+
+
+def environment(fault: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("ZEROSEND_MUTANT", None)
     if fault is not None:
         env["ZEROSEND_MUTANT"] = fault
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            f"--timeout={TIMEOUT_SECONDS}", f"--junitxml={report}", *CONTRACT_TESTS]  # fmt: skip
+    return env
+
+
+def python_tests(fault: str | None, report: Path) -> Outcome:
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+            *SELECT, *core_tests()]  # fmt: skip
+    if fault is not None:
+        argv.append(f"--maxfail={MAX_FAILURES}")
     started = time.monotonic()
-    subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
-    elapsed = time.monotonic() - started
+    try:
+        subprocess.run(argv, cwd=ROOT, env=environment(fault), stdout=subprocess.DEVNULL,
+                       timeout=RUN_HANG_GUARD_S, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return Outcome(timed_out=["(the pytest run as a whole)"], seconds=RUN_HANG_GUARD_S)
+    outcome = Outcome(seconds=time.monotonic() - started)
     if not report.exists():
-        return ["(pytest wrote no report: it could not start)"], elapsed
-    failed = []
+        outcome.failed.append("(pytest wrote no report: it could not start)")
+        return outcome
     for case in ET.parse(report).iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(f"{case.get('classname')}::{case.get('name')}")
-    return failed, elapsed
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is None:
+            continue
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if "Timeout" in (bad.get("message") or "") and "pytest-timeout" in (bad.text or ""):
+            outcome.timed_out.append(name)
+        else:
+            outcome.failed.append(name)
+    return outcome
+
+
+def cargo(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = ["cargo", "test", "-p", "zerosend", "--release", "--features", "mutants", *args]
+    env = environment(fault)
+    env["CARGO_TARGET_DIR"] = str(TARGET_DIR)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=RUN_HANG_GUARD_S, check=False)  # fmt: skip
+
+
+def rust_tests(fault: str | None) -> Outcome:
+    started = time.monotonic()
+    try:
+        done = cargo("--no-fail-fast", fault=fault)
+    except subprocess.TimeoutExpired:
+        return Outcome(timed_out=["(cargo test as a whole)"], seconds=RUN_HANG_GUARD_S)
+    outcome = Outcome(seconds=time.monotonic() - started)
+    outcome.failed = [f"rust::{m}" for m in re.findall(r"^test (\S+) \.\.\. FAILED$",
+                                                        done.stdout, re.M)]  # fmt: skip
+    if done.returncode != 0 and not outcome.failed:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        outcome.failed.append(f"(cargo test failed outside a test: {tail})")
+    return outcome
+
+
+def run(fault: str | None, tmp: Path) -> Outcome:
+    py = python_tests(fault, tmp / f"{fault or 'none'}.xml")
+    rs = rust_tests(fault)
+    return Outcome(py.failed + rs.failed, py.timed_out + rs.timed_out, py.seconds + rs.seconds)
+
+
+def show(outcome: Outcome) -> None:
+    for name in outcome.failed:
+        print(f"    {name}")
+    for name in outcome.timed_out:
+        print(f"    {name} (timed out: not a kill)")
 
 
 def main() -> int:
-    ok = True
+    known = faults()
+    build = cargo("--no-run")  # once, before the clock of any run starts
+    if build.returncode != 0:
+        print(build.stderr)
+        return 1
     with tempfile.TemporaryDirectory() as tmp:
-        failed, elapsed = run_tests(None, Path(tmp) / "none.xml")
-        print(f"no fault: {len(failed)} failed ({elapsed:.0f} s)", flush=True)
-        for name in failed:
-            print(f"    {name}")
-        ok = not failed
-        for fault, what in FAULTS.items():
-            failed, elapsed = run_tests(fault, Path(tmp) / f"{fault}.xml")
-            verdict = f"killed by {len(failed)} tests" if failed else "SURVIVED"
-            print(f"{fault} ({what}): {verdict} ({elapsed:.0f} s)", flush=True)
-            for name in failed:
-                print(f"    {name}")
-            ok = ok and bool(failed)
+        clean = run(None, Path(tmp))
+        print(f"no fault: {len(clean.failed) + len(clean.timed_out)} failed "
+              f"({clean.seconds:.0f} s)", flush=True)  # fmt: skip
+        show(clean)
+        ok = not clean.failed and not clean.timed_out
+        for fault, what in known.items():
+            outcome = run(fault, Path(tmp))
+            verdict = f"killed by {len(outcome.failed)} tests" if outcome.failed else "SURVIVED"
+            print(f"{fault} ({what}): {verdict} ({outcome.seconds:.0f} s)", flush=True)
+            show(outcome)
+            ok = ok and bool(outcome.failed)
     return 0 if ok else 1
 
 

@@ -2,6 +2,14 @@
 settings changed only through a fixture that always puts them back. Plain helpers are in
 tests/helpers.py, whose import repairs sysctls a killed run left behind before zerosend probes
 the kernel.
+
+Capabilities a test may lack, each skipped with its reason or, named in ``ZEROSEND_REQUIRE``
+(comma-separated; ``.ci/run`` names all that CI has), failed: ``io_uring``, ``msg_zerocopy``,
+``rig`` (root, iproute2, nftables), ``fuse`` (root, /dev/fuse), ``nofile`` (RLIMIT_NOFILE of
+12,000), ``sysctl`` (root; the sysctls tests change), ``hugepages``, ``setpriv``, ``ipv6``,
+``tc``, ``uvloop``, ``iscsi_clients`` (libiscsi-bin, qemu-img, tgt), ``make``, ``native`` (the
+Rust extension). ``CAPABILITIES`` in tests/helpers.py says what each is; ``python -m
+tests.helpers`` what this machine has.
 """
 
 from __future__ import annotations
@@ -76,9 +84,9 @@ def sysctl() -> Iterator[Callable[[str, str], str]]:
     def set_sysctl(name: str, value: str) -> str:
         path = SYSCTL_ROOT / name.replace(".", "/")
         if not path.exists():
-            pytest.skip(f"this kernel has no {name} sysctl")
+            require("sysctl", f"this kernel has no {name} sysctl")
         if not os.access(path, os.W_OK):
-            pytest.skip(f"changing {name} needs root")
+            require("sysctl", f"changing {name} needs root")
         before = path.read_text().strip()
         marker = SYSCTL_MARKERS / name
         if not marker.exists():  # the first change of this test: remember the original

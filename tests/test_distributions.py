@@ -8,7 +8,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import tomllib
@@ -19,14 +18,20 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import require_probed
+
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
 
 pytestmark = [
     pytest.mark.slow,  # each builds a distribution and installs it into a fresh venv
     pytest.mark.timeout(900),  # a cold release build of the Rust code from the sdist
-    pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _needs_make() -> None:
+    require_probed("make")
 
 
 def make(target: str, dist: Path) -> None:

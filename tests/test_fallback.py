@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import zerosend
+from tests.helpers import require_probed
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDE = "import tests.hide_native; "
@@ -93,9 +94,9 @@ def test_fallback_implements_what_the_python_layer_uses_from_the_extension() -> 
 
 def test_iscsi_target_serves_qemu_img_on_the_fallback(tmp_path: Path) -> None:
     """The reference consumer on the copy backend, with the fallback's pure-Python CRC32C."""
+    require_probed("iscsi_clients")
     qemu = shutil.which("qemu-img")
-    if qemu is None:
-        pytest.skip("qemu-img is not installed (Debian: qemu-utils, qemu-block-extra)")
+    assert qemu is not None
     image, source = tmp_path / "disk.img", tmp_path / "source.raw"
     data = random.Random(1).randbytes(1 << 20)
     image.write_bytes(data)

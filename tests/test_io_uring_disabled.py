@@ -18,6 +18,7 @@ from tests.helpers import (
     CAPS,
     SYSCTL_MARKERS,
     SYSCTL_ROOT,
+    require,
     restore_sysctls_left_by_a_killed_run,
     tcp_pair,
 )
@@ -71,7 +72,7 @@ def test_a_killed_runs_sysctl_is_restored_at_the_next_start() -> None:
     # original value. The next session's start (conftest, before probing the kernel) repairs it.
     path = SYSCTL_ROOT / "kernel" / "io_uring_disabled"
     if not path.exists() or not os.access(path, os.W_OK):
-        pytest.skip("needs root and the kernel.io_uring_disabled sysctl (Linux 6.6+)")
+        require("sysctl", "needs root and the kernel.io_uring_disabled sysctl (Linux 6.6+)")
     original = path.read_text().strip()
     marker = SYSCTL_MARKERS / "kernel.io_uring_disabled"
     SYSCTL_MARKERS.mkdir(exist_ok=True)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import require_backend
+from tests.helpers import require_backend, require_probed
 
 SCRIPT = r"""
 import asyncio, json, socket, sys, zerosend
@@ -49,9 +48,9 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 @pytest.mark.parametrize("backend", ["io_uring", "msg_zerocopy"])
 def test_no_pinnable_memory_falls_back_to_copy(backend: str) -> None:
+    require_probed("setpriv")
     require_backend(backend)
 
     def low_memlock() -> None:

@@ -68,6 +68,8 @@ async def test_numbered_stream_with_hundreds_in_flight_through_tiny_buffers(back
             # A vectored send (SENDMSG_ZC on io_uring) in three unequal parts.
             third = len(payload) // 3 // 8 * 8
             futures.append(zs.send_zc([payload[:third], payload[third:-8], payload[-8:]]))
+        elif i % 5 == 4:
+            futures.append(zs.send(payload))  # a copying send, in the same ordered stream
         else:
             futures.append(zs.send_zc(payload))
     received = bytearray()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from tests.helpers import CAPS, tcp_pair
+from tests.helpers import CAPS, require_probed, tcp_pair
 from zerosend._socket import BackendName
 
 PACKAGE = Path(zerosend.__file__).resolve().parent
@@ -85,8 +85,7 @@ def test_the_readme_lists_every_counter() -> None:
 
 
 def test_backend_unavailable_error_belongs_to_zerosend_native() -> None:
-    if zerosend._native.__name__ != "zerosend._native":
-        pytest.skip("the native extension is not loaded")
+    require_probed("native")
     error_type = zerosend.BackendUnavailableError
     assert error_type.__module__ == "zerosend._native"
     assert issubclass(error_type, OSError)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import warnings
@@ -19,7 +18,16 @@ import pytest
 
 import zerosend
 from bench.rig import Rig
-from tests.helpers import HELD, accepted_not_released, read_all, rig_connection, tcp_pair
+from tests.helpers import (
+    HELD,
+    accepted_not_released,
+    driver_round_trip,
+    read_all,
+    require,
+    require_probed,
+    rig_connection,
+    tcp_pair,
+)
 
 MiB = 1 << 20
 
@@ -127,7 +135,7 @@ async def test_release_waits_for_the_kernel(rig: Rig, zc_backend: str) -> None:
 
             waiter = asyncio.create_task(wait())
             buf.release()  # given back at once: the pool must wait for the kernel
-            await accepted_not_released(sock, HELD)
+            await accepted_not_released(sock, HELD, zc_backend)
             assert not waiter.done(), "resolved while the kernel still holds the pages"
             assert pool.available == 0
             waiter.cancel()
@@ -135,7 +143,7 @@ async def test_release_waits_for_the_kernel(rig: Rig, zc_backend: str) -> None:
                 await waiter
             assert pool.available == 0, "cancelling the waiter must not return the buffer"
             acquiring = asyncio.ensure_future(pool.acquire())
-            await asyncio.sleep(0.05)
+            await driver_round_trip(zc_backend)
             assert not acquiring.done(), "the only buffer is still the kernel's"
         again = await acquiring  # the rule is lifted: the kernel releases, the pool hands it out
         assert zs.inflight == 0
@@ -169,7 +177,7 @@ async def test_hugepages_when_reserved_are_used(sysctl: Callable[[str, str], str
     sysctl("vm.nr_hugepages", "4")
     free = _free_huge_pages()
     if free < 1:
-        pytest.skip("the kernel could not reserve a huge page (memory too fragmented)")
+        require("hugepages", "the kernel could not reserve a huge page (memory too fragmented?)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         pool = zerosend.BufferPool(2, 4096, hugepages=True)
@@ -197,8 +205,9 @@ else:
 """
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_memlock_limit_is_named_in_the_error() -> None:
+    require_probed("setpriv")
+
     def low_memlock() -> None:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * 1024, 64 * 1024))
 

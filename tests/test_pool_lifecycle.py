@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 
 import pytest
 
 import zerosend
-from tests.helpers import read_all, tcp_pair
+from tests.helpers import assert_zero_copy_sends, read_all, tcp_pair
 
 pytestmark = pytest.mark.asyncio
 
@@ -104,17 +105,29 @@ async def test_pool_dropped_with_a_send_in_flight_keeps_its_memory_until_release
     assert locked_kib() == baseline
 
 
-async def test_close_gives_locked_memory_back_once_the_last_send_is_released() -> None:
+async def test_close_gives_locked_memory_back_once_the_last_send_is_released(
+    zc_backend: str, request: pytest.FixtureRequest
+) -> None:
+    if zc_backend == "io_uring":
+        # Known bug: close() gives up the fixed-buffer slot under the queued send, which then
+        # fails with EFAULT (fixed where a send holds its slot until it is finished).
+        request.applymarker(pytest.mark.xfail(raises=OSError, strict=True, reason="EFAULT"))
     baseline = locked_kib()
     client, server = await tcp_pair()
-    zs = zerosend.wrap(client, backend="auto")
+    # Small socket buffers and nobody reading: the 2 MiB zero-copy send stays in flight.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    zs = zerosend.wrap(client, backend=zc_backend, zerocopy_threshold=0)  # type: ignore[arg-type]
     pool = zerosend.BufferPool(2, 2 * MiB)
     assert locked_kib() == baseline + 4 * 1024
     buf = await pool.acquire()
     memoryview(buf)[:] = b"z" * (2 * MiB)
     in_flight = zs.send_zc(memoryview(buf))
     buf.release()
+    del buf  # nothing in the test pins the region: only the send can
+    gc.collect()
     pool.close()
+    assert not in_flight.done()
     assert locked_kib() == baseline + 4 * 1024  # held by the send in flight
     with pytest.raises(ValueError, match="closed"):
         await pool.acquire()
@@ -125,6 +138,6 @@ async def test_close_gives_locked_memory_back_once_the_last_send_is_released() -
     await reader
     server.close()
     assert received == b"z" * (2 * MiB)
-    del buf
+    assert_zero_copy_sends(zs.stats, zc_backend, 2 * MiB)
     gc.collect()
     assert locked_kib() == baseline

@@ -24,6 +24,8 @@ def _needs_the_rig() -> None:
 CHUNK = 1 << 20
 CHUNKS = 192
 PORT = 5301
+#: Guards against a hang only (a send that never resolves); not a performance bound.
+HANG_GUARD_S = 30
 
 
 def verifying_receiver(rig: Rig) -> Receiver:
@@ -60,27 +62,6 @@ async def _send_reusing_buffers(
     stats = zs.stats
     await zs.aclose()
     return stats
-
-
-def test_auto_picks_the_best_zero_copy_backend_for_a_remote_peer() -> None:
-    caps = zerosend.capabilities()
-    expected = (
-        "io_uring" if caps.io_uring_send_zc else "msg_zerocopy" if caps.msg_zerocopy else "copy"
-    )
-
-    async def probe(host: str) -> tuple[str, str | None]:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (host, PORT))
-        async with zerosend.wrap(sock) as zs:
-            await zs.send_zc(bytearray(1 << 20))
-            return zs.backend, zs.fallback_reason
-
-    with Rig() as rig, start_receiver(rig.peer_addr, PORT, namespace=rig.ns, once=True) as rx:
-        backend, reason = asyncio.run(probe(rig.peer_addr))
-        rx.report()
-    assert backend == expected, reason
 
 
 def _run(backend: str, *, wait_for_release: bool, depth: int = 1, loss: int = 0) -> dict[str, Any]:
@@ -220,7 +201,13 @@ def test_releases_out_of_order_reach_their_own_sends(backend: str) -> None:
         sock.setblocking(False)
         zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
         buffers = [bytearray([i]) * 1400 for i in range(16)]
-        results = await asyncio.gather(*(zs.send_zc(buf) for buf in buffers))
+        # A send whose release is never matched never resolves: the guard says so before
+        # pytest's time limit would (which would only say "slow").
+        every = asyncio.gather(*(zs.send_zc(buf) for buf in buffers))
+        try:
+            results = await asyncio.wait_for(every, HANG_GUARD_S)
+        except TimeoutError:
+            raise AssertionError(f"sends stranded: {zs.inflight} never resolved") from None
         stats = zs.stats
         await zs.aclose()
         return results, stats

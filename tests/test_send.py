@@ -17,8 +17,11 @@ from bench.rig import Rig
 from tests.helpers import (
     HELD,
     accepted_not_released,
+    assert_zero_copy_sends,
+    driver_round_trip,
     read_all,
     require_backend,
+    require_probed,
     rig_connection,
     tcp_pair,
     unsent_bytes,
@@ -111,7 +114,7 @@ async def test_buffer_is_held_until_the_kernel_releases_it(rig: Rig, zc_backend:
         zs = zerosend.wrap(sock, backend=zc_backend, zerocopy_threshold=HELD)  # type: ignore[arg-type]
         with rig.ingress_drop() as drop:
             future = zs.send_zc(data)
-            await accepted_not_released(sock, HELD)
+            await accepted_not_released(sock, HELD, zc_backend)
             assert not future.done(), "resolved while the kernel still holds the pages"
             assert zs.inflight == 1
             with pytest.raises(BufferError):
@@ -138,7 +141,7 @@ async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: 
 
         with rig.ingress_drop():
             task = asyncio.create_task(waiter())
-            await accepted_not_released(sock, HELD)
+            await accepted_not_released(sock, HELD, zc_backend)
             assert not task.done(), "resolved while the kernel still holds the pages"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -146,12 +149,12 @@ async def test_cancelling_the_waiter_keeps_the_send_whole(rig: Rig, zc_backend: 
             del task
             gc.collect()
             # Cancelled, but the kernel still has the pages: the buffer stays held.
-            await asyncio.sleep(0.05)
+            await driver_round_trip(zc_backend)
             assert zs.inflight == 1
             with pytest.raises(BufferError):
                 data.extend(b"!")
             following = zs.send_zc(after)  # small: goes by copy, behind the held send
-            await asyncio.sleep(0.05)
+            await driver_round_trip(zc_backend)
             with pytest.raises(BufferError):
                 data.extend(b"!")
         await following
@@ -182,6 +185,8 @@ async def test_peer_reset_raises_and_nothing_hangs(backend: str) -> None:
     # Once the stream failed, new sends fail at once with the same kind of error.
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         await zs.send_zc(payload)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        await zs.send(b"a copying send after the reset")
     await asyncio.wait_for(zs.drain(), 30)
     assert zs.inflight == 0
     payload.extend(b"released")
@@ -220,10 +225,8 @@ async def test_reading_the_socket_while_sends_are_in_flight(backend: str) -> Non
 
 
 async def test_ipv6(backend: str) -> None:
-    try:
-        client, server = await tcp_pair(socket.AF_INET6)
-    except OSError as err:
-        pytest.skip(f"no IPv6 loopback here: {err}")
+    require_probed("ipv6")
+    client, server = await tcp_pair(socket.AF_INET6)
     received = bytearray()
     reader = asyncio.create_task(read_all(server, received))
     data = os.urandom(3 * MiB + 1)
@@ -341,7 +344,8 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
     reader = asyncio.create_task(read_all(server, received))
     expected = bytearray()
     for _ in range(3):
-        zs = zerosend.wrap(client, backend=backend)
+        # Threshold 0: every send a zero-copy send, each one moving the kernel's counter.
+        zs = zerosend.wrap(client, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="already wrapped"):
             zerosend.wrap(client, backend=backend)
         chunks = [os.urandom(256 * 1024) for _ in range(8)]
@@ -349,6 +353,7 @@ async def test_wrapping_again_after_the_first_wrapper_is_gone(backend: str) -> N
         assert sum(r.nbytes for r in results) == 8 * 256 * 1024
         expected += b"".join(chunks)
         await zs.drain()
+        assert_zero_copy_sends(zs.stats, backend, 8 * 256 * 1024)
         del zs  # the driver lets go of the socket; the connection stays open
         gc.collect()
     client.close()

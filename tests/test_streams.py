@@ -17,7 +17,7 @@ import pytest
 import zerosend
 from bench.receiver import fill_chunk, start_receiver
 from bench.rig import Rig
-from tests.helpers import read_all
+from tests.helpers import read_all, require_probed
 
 MiB = 1 << 20
 
@@ -79,7 +79,13 @@ async def test_echo_keeps_bytes_and_order_with_many_writes_in_flight(backend: st
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await zerosend.open_connection("127.0.0.1", port, backend=backend)  # type: ignore[arg-type]
+    # 64 KiB pieces: below the default threshold, so it is set to what the test means.
+    reader, writer = await zerosend.open_connection(
+        "127.0.0.1",
+        port,
+        backend=backend,  # type: ignore[arg-type]
+        zerocopy_threshold=64 * 1024,
+    )
     assert isinstance(reader, asyncio.StreamReader)
     assert writer.get_extra_info("zerosend").backend == backend
     big = bytearray(os.urandom(8 * MiB + 3))
@@ -109,6 +115,12 @@ async def test_echo_keeps_bytes_and_order_with_many_writes_in_flight(backend: st
     assert [r.nbytes for r in results[:-2]] == [64 * 1024 + i for i in range(48)]
     assert [r.nbytes for r in results[-2:]] == [4 + len(big) + 3, 4]
     assert echoed == expected
+    # Every write_zc at or above the threshold was a zero-copy send; "tail" went below it.
+    zero_copy = sum(r.nbytes for r in results[:-1])
+    stats = writer.get_extra_info("zerosend").stats
+    if backend != "copy":
+        assert stats["bytes_zerocopy"] + stats["bytes_copied_by_kernel"] == zero_copy, stats
+        assert stats["bytes_copied_below_threshold"] == 4, stats
     await writer.drain()
     assert writer.get_write_buffer_size() == 0
     writer.close()
@@ -470,7 +482,9 @@ async def test_on_the_rig_reuse_before_release_is_detected(rig: Rig, zc_backend:
 
 
 def test_streams_on_uvloop(backend: str) -> None:
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+    require_probed("uvloop")
+    import uvloop
+
     payload = os.urandom(6 * MiB + 1)
 
     async def round_trip() -> bytes:

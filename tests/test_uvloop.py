@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-import pytest
-
 import zerosend
-from tests.helpers import tcp_pair
-
-uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+from tests.helpers import require_probed, tcp_pair
 
 MiB = 1 << 20
 
@@ -53,4 +49,7 @@ async def _integrity(backend: str) -> None:
 
 
 def test_send_zc_on_uvloop(backend: str) -> None:
+    require_probed("uvloop")
+    import uvloop
+
     uvloop.run(_integrity(backend))

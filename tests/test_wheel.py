@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import venv
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import CAPS
+from tests.helpers import CAPS, require_probed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +44,8 @@ asyncio.run(main())
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a release build from scratch, with zig, on a fresh machine
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_manylinux_wheel_installs_and_works(tmp_path: Path) -> None:
+    require_probed("make")
     dist = tmp_path / "dist"
     subprocess.run(
         ["make", "-s", "wheel", f"DIST={dist}"], cwd=ROOT, check=True, capture_output=True

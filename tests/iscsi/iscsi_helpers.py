@@ -18,13 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require
+
 IQN = "iqn.2024-01.org.zerosend:test"
 
 
 def need(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
-        pytest.skip(f"{binary} is not installed (Debian: libiscsi-bin / qemu-utils / tgt)")
+        hint = "Debian: libiscsi-bin / qemu-utils / tgt"
+        require("iscsi_clients", f"{binary} is not installed ({hint})")
+    assert path is not None
     return path
 
 

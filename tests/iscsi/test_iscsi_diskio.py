@@ -14,7 +14,6 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +26,15 @@ from gatedfs import GatedFile
 from iscsi_helpers import (
     MiniInitiator,
     make_image,
+    need,
     read10,
     send_task_management,
     task_management,
     wait_for,
     write10,
 )
+
+from tests.helpers import require, require_probed
 
 MiB = 1 << 20
 BLOCK = 512
@@ -45,12 +47,11 @@ OTHER = "iqn.2024-01.org.zerosend:other"
 @contextlib.contextmanager
 def mounted_gate(tmp_path: Path, data: bytes) -> Iterator[GatedFile]:
     """A FUSE file holding ``data`` whose I/O waits at a gate (root only), unmounted after."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
+    require_probed("fuse")
     try:
         fs = GatedFile(tmp_path / "gated", data)
     except OSError as e:  # e.g. a container without the right to mount
-        pytest.skip(str(e))
+        require("fuse", f"cannot mount: {e}")
     try:
         yield fs
     finally:
@@ -246,9 +247,7 @@ def test_an_abort_is_answered_once_the_aborted_write_landed(
 def test_a_blocked_qcow2_image_stops_only_its_own_reads(target_factory, tmp_path: Path):
     """A qcow2 image's clusters are looked up and read (inflated, if compressed) in a thread:
     its device stuck, other LUNs are served; then the READ completes with the image's data."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        pytest.skip("needs qemu-img (qemu-utils)")
+    qemu_img = need("qemu-img")
     raw = tmp_path / "source.img"
     source = make_image(raw, 1 * MiB, seed=28)
     image = tmp_path / "image.qcow2"

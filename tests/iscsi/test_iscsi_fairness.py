@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, need, run
 
-import zerosend
 from zerosend.iscsi.bufpool import MmapPool
 
 MiB = 1 << 20
@@ -143,19 +142,10 @@ def test_stalled_initiator_does_not_freeze_another(target_factory, image, limits
     stalled.close()
 
 
-def _backends() -> list[str]:
-    caps = zerosend.capabilities()
-    return (
-        ["copy"]
-        + (["msg_zerocopy"] if caps.msg_zerocopy else [])
-        + (["io_uring"] if caps.io_uring_send_zc else [])
-    )
-
-
-@pytest.mark.parametrize("backend", _backends())
 def test_dead_initiator_leaves_with_everything_it_held(target_factory, image, backend):
     """Pinged, unanswered, declared dead: its connection is reset (zerosend's duplicate of the
     descriptor included), its buffers are back in the pool, and others carry on."""
+    # Every backend, each one this kernel lacks a visible skip (or, required, a failure).
     path, data = image
     t = target_factory("--lun", str(path), "--nop-interval", "1", "--nop-timeout", "1",
                        "--user-timeout", "0", "--backend", backend, "--zerocopy-probe", "off",
@@ -315,7 +305,10 @@ def test_initiator_answering_pings_is_kept(target_factory, image):
     """A write waiting for data makes no progress, so the target pings; an initiator that
     answers every ping keeps its session, then completes the write."""
     path, _ = image
-    t = target_factory("--lun", str(path), "--nop-interval", "1", "--nop-timeout", "1")
+    # A generous answer time: this test's own answers may be late on a loaded machine. The
+    # verdict is an event: the target pings again only once it took the answer (an ignored
+    # answer would leave it waiting, then declaring the initiator dead, never pinging again).
+    t = target_factory("--lun", str(path), "--nop-interval", "1", "--nop-timeout", str(HANG / 2))
     ini = MiniInitiator(t.port, timeout=HANG)
     ini.login(IQN, {"InitialR2T": "Yes", "ImmediateData": "No"})
     block = bytes(range(256)) * 2

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, start_target
 
+from tests.helpers import require_probed
 from zerosend.iscsi import pdu as P
 from zerosend.iscsi import scsi as S
 from zerosend.iscsi.chap import Credentials
@@ -181,7 +182,13 @@ RUN_FIELDS = ("start", "pos", "expcmdsn", "statsn", "maxcmdsn", "commands", "nby
               "need", "send_from", "send_len")  # fmt: skip
 
 
-@pytest.mark.skipif(IscsiReadPath is None, reason="the pure-Python install has no Rust loop")
+@pytest.fixture
+def rust_read_loop() -> None:
+    """The pure-Python install has no Rust loop to compare."""
+    require_probed("native")
+
+
+@pytest.mark.usefixtures("rust_read_loop")
 @examples(300)
 @given(
     run=read_runs(),

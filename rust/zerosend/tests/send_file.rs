@@ -49,7 +49,7 @@ fn run_until(driver: &mut Driver<u32, Vec<u8>>, expected: usize) -> Vec<(u32, us
 fn file_bytes_keep_their_place_between_buffer_sends() {
     let content: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let file = temp_file(&content);
-    for backend in backends() {
+    for backend in backends("file_bytes_keep_their_place_between_buffer_sends") {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();

@@ -34,7 +34,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_arrive_whole_in_order_and_buffers_come_back() {
-    for backend in backends() {
+    for backend in backends("sends_arrive_whole_in_order_and_buffers_come_back") {
         let (client, mut server) = connected_pair().await;
         let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(backend)).unwrap();
         assert_eq!(sender.backend(), backend);
@@ -83,7 +83,7 @@ async fn sends_arrive_whole_in_order_and_buffers_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_future_does_not_cancel_the_send() {
-    for backend in backends() {
+    for backend in backends("dropping_the_future_does_not_cancel_the_send") {
         let (client, mut server) = connected_pair().await;
         let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(backend)).unwrap();
         let data = pattern(16 << 20, 9);
@@ -104,7 +104,7 @@ async fn dropping_the_future_does_not_cancel_the_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_peer_fails_the_send_with_its_errno() {
-    for backend in backends() {
+    for backend in backends("a_reset_peer_fails_the_send_with_its_errno") {
         let (client, server) = connected_pair().await;
         let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(backend)).unwrap();
         server.set_zero_linger().unwrap();
@@ -131,7 +131,7 @@ async fn a_reset_peer_fails_the_send_with_its_errno() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams() {
-    for backend in backends() {
+    for backend in backends("udp_datagrams") {
         let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         socket
@@ -151,7 +151,7 @@ async fn udp_datagrams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_sender_lets_its_sends_finish() {
-    for backend in backends() {
+    for backend in backends("dropping_the_sender_lets_its_sends_finish") {
         let (client, mut server) = connected_pair().await;
         let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(backend)).unwrap();
         let futures: Vec<_> = (0..32u8)

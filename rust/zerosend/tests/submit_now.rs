@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 mod common;
 
-use common::backends;
-use zerosend::{Backend, Completion, Driver, SocketOptions, Submitted};
+use common::{available, backends};
+use zerosend::{Backend, Capabilities, Completion, Driver, SocketOptions, Submitted};
 
 fn connected() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -32,7 +32,9 @@ fn wait_readable(fd: RawFd) {
 
 #[test]
 fn a_copy_taken_whole_is_done_at_once_and_one_that_waits_keeps_its_new_token() {
-    for backend in backends() {
+    for backend in
+        backends("a_copy_taken_whole_is_done_at_once_and_one_that_waits_keeps_its_new_token")
+    {
         let (client, mut server) = connected();
         let mut driver: Driver<u32, Vec<u8>> = Driver::new().unwrap();
         let options = SocketOptions {
@@ -101,8 +103,13 @@ fn a_copy_taken_whole_is_done_at_once_and_one_that_waits_keeps_its_new_token() {
 
 #[test]
 fn a_ring_watched_apart_completes_every_send() {
-    if !backends().contains(&Backend::IoUring) {
-        return; // no io_uring on this kernel: nothing to watch apart
+    let test = "a_ring_watched_apart_completes_every_send";
+    if !available(
+        test,
+        "io_uring",
+        Capabilities::probe().io_uring_send_zc.err(),
+    ) {
+        return; // reported as skipped: no io_uring, no ring to watch apart
     }
     let (client, mut server) = connected();
     let mut driver: Driver<u32, Vec<u8>> = Driver::new().unwrap();
