@@ -106,12 +106,8 @@ async def test_pool_dropped_with_a_send_in_flight_keeps_its_memory_until_release
 
 
 async def test_close_gives_locked_memory_back_once_the_last_send_is_released(
-    zc_backend: str, request: pytest.FixtureRequest
+    zc_backend: str,
 ) -> None:
-    if zc_backend == "io_uring":
-        # Known bug: close() gives up the fixed-buffer slot under the queued send, which then
-        # fails with EFAULT (fixed where a send holds its slot until it is finished).
-        request.applymarker(pytest.mark.xfail(raises=OSError, strict=True, reason="EFAULT"))
     baseline = locked_kib()
     client, server = await tcp_pair()
     # Small socket buffers and nobody reading: the 2 MiB zero-copy send stays in flight.
