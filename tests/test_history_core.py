@@ -1,0 +1,465 @@
+"""The send engine's history check: random mixes of sends and faults over many sockets, on each
+backend, checked against the contract afterwards (tests/history_core.py says which invariants).
+
+Each round connects a handful of sockets to receivers inside the rig's namespace (behind veth,
+their receive work on the other CPU, so the kernel releases pages late, as with a NIC) and
+drives them from one seeded random generator: sends from plain buffers (overwritten as soon as
+they resolve) and from buffer pools (refilled when handed out again), vectored or not; and
+faults: the awaiting task cancelled, the socket closed and the wrapper dropped with sends in
+flight, pools closed, peers that stall, reset (SO_LINGER 0) or read slowly, fork() with a child
+that exits at once. While peers stall, a send on a healthy socket must still resolve.
+
+``ZEROSEND_SOAK_SEED`` picks the first round's seed (round r uses seed + r), and
+``ZEROSEND_SOAK_MINUTES`` how long all backends run together (default about a minute); a failure
+prints the command that replays its round first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+import zerosend
+from bench.rig import Rig
+from tests.helpers import RIG_UNAVAILABLE, require
+from tests.history_core import (
+    WORD,
+    History,
+    Send,
+    StreamVerifier,
+    check,
+    numbered,
+    poison,
+    report,
+)
+
+SEED = int(os.environ.get("ZEROSEND_SOAK_SEED", "20260120"))
+MINUTES = float(os.environ.get("ZEROSEND_SOAK_MINUTES", "1"))
+BACKENDS = [b for b in zerosend.BACKENDS if b != "auto"]
+#: Each backend's share of the run.
+ROUND_SECONDS = MINUTES * 60 / len(BACKENDS)
+#: Hang guards only (a loaded 2-CPU machine), never a verdict on speed.
+PROGRESS_GUARD_S = 30.0
+HANG_GUARD_S = 90.0
+KiB = 1 << 10
+STEPS = 80
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def socket_in_namespace(ns: str) -> socket.socket:
+    """A TCP socket of network namespace ``ns``: made on a thread that entered it (setns
+    changes only the calling thread), usable from any thread afterwards."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns into {ns}: {os.strerror(errno)}")
+                made.append(socket.socket())
+            finally:
+                os.close(fd)
+        except BaseException as error:
+            made.append(error)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+class Peer:
+    """The receiving end of one connection, in the rig: reads and verifies, or stalls, reads
+    slowly, or resets."""
+
+    def __init__(self, sock: socket.socket, verifier: StreamVerifier) -> None:
+        self.sock = sock
+        self.verifier = verifier
+        self.mode = "read"  # read, slow, stalled, reset
+        self.running = asyncio.Event()
+        self.running.set()
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        buf = bytearray(256 * KiB)
+        view = memoryview(buf)
+        while True:
+            await self.running.wait()
+            size = 3000 if self.mode == "slow" else len(buf)
+            n = await loop.sock_recv_into(self.sock, view[:size])
+            if n == 0:
+                self.verifier.eof = True
+                self.sock.close()
+                return
+            self.verifier.feed(view[:n])
+            if self.mode == "slow":
+                await asyncio.sleep(0.002)
+
+    def stall(self) -> None:
+        self.mode = "stalled"
+        self.running.clear()
+
+    def resume(self, mode: str = "read") -> None:
+        if self.mode != "reset":
+            self.mode = mode
+            self.running.set()
+
+    async def reset(self) -> None:
+        self.mode = "reset"
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        if self.sock.fileno() >= 0:
+            # SO_LINGER 0: close() sends RST instead of FIN.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.sock.close()
+
+
+@dataclass
+class Live:
+    """A connection's sending side while the round runs."""
+
+    id: int
+    sock: socket.socket
+    zs: zerosend.Socket | None
+    peer: Peer
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Each send's task, its record and its plain buffers.
+    sends: dict[asyncio.Task[None], tuple[Send, list[bytearray]]] = field(default_factory=dict)
+    #: drain() calls running in the background.
+    drains: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Plain buffers of cancelled sends: overwritten only after a drain() saw them released.
+    held: list[bytearray] = field(default_factory=list)
+    raw_closed: bool = False
+
+    def sendable(self) -> bool:
+        return self.zs is not None and not self.raw_closed
+
+    def healthy(self, history: History) -> bool:
+        model = history.conns[self.id]
+        return (
+            self.sendable()
+            and self.peer.mode in ("read", "slow")
+            and not any(s.outcome == "error" for s in model.sends)
+        )
+
+
+class Round:
+    def __init__(self, rig: Rig, backend: str, seed: int, *, early_reuse: bool = False) -> None:
+        self.rig = rig
+        self.backend = backend
+        self.rng = random.Random(seed)
+        self.history = History(backend, seed)
+        self.early_reuse = early_reuse
+        self.conns: list[Live] = []
+        self.pools: list[zerosend.BufferPool] = []
+        self.forks = 0
+
+    async def connect(self, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket_in_namespace(self.rig.ns)
+        # Small receive buffers: a stalled peer backs its sender up quickly.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * KiB)
+        listener.bind((self.rig.peer_addr, 0))
+        listener.listen(64)
+        listener.setblocking(False)
+        with listener:
+            for c in range(count):
+                client = socket.socket()
+                client.setblocking(False)
+                if self.rng.random() < 0.5:
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+                await loop.sock_connect(client, listener.getsockname())
+                server, _ = await loop.sock_accept(listener)
+                server.setblocking(False)
+                zs = zerosend.wrap(client, backend=self.backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+                verifier = StreamVerifier(c)
+                self.history.conn(c, verifier)
+                self.conns.append(Live(c, client, zs, Peer(server, verifier)))
+
+    # The operations ------------------------------------------------------------------------
+
+    def _size(self) -> int:
+        return self.rng.choice([4, 16, 64, 200, 256]) * KiB + self.rng.randrange(0, 64) * WORD
+
+    async def send(
+        self, live: Live, *, size: int | None = None, kind: str | None = None
+    ) -> Send | None:
+        assert live.zs is not None
+        model = self.history.conns[live.id]
+        nbytes = size or self._size()
+        payload = numbered(live.id, model.next_offset // WORD, nbytes // WORD)
+        pools = [p for p in self.pools if not p.closed and p.available and p.size >= nbytes]
+        bufs: list[bytearray] = []
+        try:
+            if kind is None and pools and self.rng.random() < 0.4:
+                pool = self.rng.choice(pools)
+                taken = await pool.acquire()
+                view = memoryview(taken)
+                view[:nbytes] = payload
+                fut = live.zs.send_zc(view[:nbytes])
+                del view
+                taken.release()  # back to the pool only once the kernel released it
+                kind = f"pool {self.pools.index(pool)} buffer"
+            elif kind is None and self.rng.random() < 0.25:
+                cut = self.rng.randrange(1, nbytes // WORD) * WORD
+                bufs = [bytearray(payload[:cut]), bytearray(payload[cut:])]
+                fut = live.zs.send_zc(bufs)
+                kind = "vectored plain"
+            else:
+                bufs = [bytearray(payload)]
+                fut = live.zs.send_zc(bufs[0])
+                kind = kind or "plain"
+        except (OSError, RuntimeError, ValueError) as error:
+            # Refused at the call: nothing was submitted. Fine once the stream failed.
+            if not model.reset:
+                self.history.violation(
+                    live.id, f"conn {live.id}: send_zc() raised {error!r} on a healthy stream"
+                )
+            else:
+                self.history.log(live.id, f"send_zc() raised {error!r}")
+            return None
+        send = self.history.submit(live.id, nbytes, kind)
+        if self.early_reuse:  # the control: reuse before release must be caught
+            for buf in bufs:
+                memoryview(buf)[:] = poison(len(buf))
+        task = asyncio.ensure_future(self._await(send, fut, bufs))
+        live.tasks.append(task)
+        live.sends[task] = (send, bufs)
+        return send
+
+    async def _await(
+        self,
+        send: Send,
+        fut: asyncio.Future[zerosend.SendResult],
+        bufs: list[bytearray],
+    ) -> None:
+        try:
+            result = await fut
+        except asyncio.CancelledError:
+            raise  # recorded by cancel(): a task cancelled before it ran never gets here
+        except OSError as error:
+            self.history.complete(send, "error", f"{type(error).__name__}: {error}")
+            return
+        if result.nbytes != send.nbytes:
+            self.history.complete(send, "error", f"resolved with nbytes={result.nbytes}")
+            return
+        self.history.complete(send, "ok")
+        for buf in bufs:  # released: the owner may reuse it now
+            memoryview(buf)[:] = poison(len(buf))
+
+    async def cancel(self) -> None:
+        pending = [(live, t) for live in self.conns for t in live.tasks if not t.done()]
+        if pending:
+            live, task = self.rng.choice(pending)
+            task.cancel()
+            send, bufs = live.sends[task]
+            self.history.complete(send, "cancelled", "fault: the task awaiting it was cancelled")
+            live.held += bufs  # overwritten only after a drain(): the send may be in flight
+
+    async def drain(self, live: Live) -> None:
+        zs, held = live.zs, list(live.held)
+        if zs is None:
+            return
+        self.history.log(live.id, f"drain() started ({len(held)} cancelled buffers held)")
+        await zs.drain()
+        for buf in held:
+            memoryview(buf)[:] = poison(len(buf))
+
+    async def close_raw(self, live: Live) -> None:
+        live.sock.close()
+        live.raw_closed = True
+        self.history.log(live.id, "fault: closed the socket with sends in flight")
+
+    async def drop_wrapper(self, live: Live) -> None:
+        live.zs = None  # the only reference: Socket.__del__ runs now
+        self.history.log(live.id, "fault: dropped the wrapper with sends in flight")
+
+    async def close_pool(self) -> None:
+        open_pools = [p for p in self.pools if not p.closed]
+        if open_pools:
+            pool = self.rng.choice(open_pools)
+            pool.close()
+            self.history.log(None, f"fault: closed pool {self.pools.index(pool)}")
+        self.new_pool()
+
+    def new_pool(self) -> None:
+        size = self.rng.choice([64, 256]) * KiB + 64 * WORD
+        self.pools.append(zerosend.BufferPool(self.rng.choice([2, 4, 8]), size))
+        self.history.log(None, f"new pool {len(self.pools) - 1} ({size} B buffers)")
+
+    async def fork(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        self.forks += 1
+        self.history.log(None, f"fault: fork() (child {pid} exits at once)")
+        await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
+
+    async def probe_progress(self) -> bool:
+        """With peers stalled, a send on a healthy connection must resolve (False if not)."""
+        stalled = [live.id for live in self.conns if live.peer.mode == "stalled"]
+        healthy = [live for live in self.conns if live.healthy(self.history)]
+        if not stalled or not healthy:
+            return True
+        live = self.rng.choice(healthy)
+        send = await self.send(live, size=64 * KiB, kind="progress probe")
+        if send is None:
+            return True
+        await asyncio.wait([live.tasks[-1]], timeout=PROGRESS_GUARD_S)
+        if send.outcome == "pending":
+            self.history.violation(
+                live.id,
+                f"conn {live.id} made no progress: {send} unresolved after {PROGRESS_GUARD_S:.0f}"
+                f" s while the peers of conns {stalled} stalled",
+            )
+            return False
+        return True
+
+    # The round ------------------------------------------------------------------------------
+
+    async def run(self) -> History:
+        rng = self.rng
+        await self.connect(rng.randint(4, 10))
+        for _ in range(rng.randint(1, 3)):
+            self.new_pool()
+        for _ in range(STEPS):
+            sendable = [live for live in self.conns if live.sendable()]
+            live = rng.choice(self.conns)
+            roll = rng.random()
+            if roll < 0.55:
+                if sendable:
+                    await self.send(rng.choice(sendable))
+            elif roll < 0.62:
+                await self.cancel()
+            elif roll < 0.70:
+                if live.peer.mode == "stalled":
+                    live.peer.resume()
+                    self.history.log(live.id, "peer resumes reading")
+                else:
+                    live.peer.stall()
+                    self.history.log(live.id, "fault: peer stalls (stops reading)")
+            elif roll < 0.73:
+                live.peer.resume("slow")
+                self.history.log(live.id, "fault: peer reads slowly")
+            elif roll < 0.75:
+                if live.peer.mode != "reset":
+                    await live.peer.reset()
+                    self.history.conns[live.id].reset = True
+                    self.history.log(live.id, "fault: peer reset (SO_LINGER 0)")
+            elif roll < 0.77:
+                if live.sendable():
+                    await self.close_raw(live)
+            elif roll < 0.79:
+                if live.sendable():
+                    await self.drop_wrapper(live)
+            elif roll < 0.84:
+                await self.close_pool()
+            elif roll < 0.86:
+                await self.fork()
+            elif roll < 0.89:
+                if live.zs is not None and live.held:
+                    live.drains.append(asyncio.ensure_future(self.drain(live)))
+            elif roll < 0.95:
+                if not await self.probe_progress():
+                    break
+            else:
+                await asyncio.sleep(rng.choice([0, 0.001, 0.01]))
+        await self.finish()
+        return self.history
+
+    async def finish(self) -> None:
+        """Every peer reads again, every connection ends; what does not end in the guard is
+        recorded as hanging."""
+        for live in self.conns:
+            live.peer.resume()
+        closing = []
+        for live in self.conns:
+            if live.zs is not None:
+                closing.append(asyncio.ensure_future(self._close(live, live.zs)))
+                live.zs = None
+            else:
+                closing.append(asyncio.ensure_future(self._close(live, None)))
+        everything = closing + [t for live in self.conns for t in live.tasks + live.drains]
+        everything += [live.peer.task for live in self.conns]
+        _, pending = await asyncio.wait(everything, timeout=HANG_GUARD_S)
+        for live in self.conns:
+            if not live.peer.task.done() and live.peer.mode != "reset":
+                self.history.log(live.id, "the receiver is still reading at the hang guard")
+        for live, task in zip(self.conns, closing, strict=True):
+            if task in pending:
+                self.history.violation(
+                    live.id, f"conn {live.id}: closing it (aclose() or the last sends) hung"
+                )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for live in self.conns:
+            if live.peer.sock.fileno() >= 0:
+                live.peer.sock.close()
+        for pool in self.pools:
+            pool.close()
+
+    async def _close(self, live: Live, zs: zerosend.Socket | None) -> None:
+        if zs is not None:
+            try:
+                await zs.aclose()
+                self.history.conns[live.id].final_stats = zs.stats
+            except OSError as error:
+                self.history.log(live.id, f"aclose() raised {error!r}")
+                zs.socket.close()
+            self.history.log(live.id, "wrapper closed")
+        else:
+            await asyncio.gather(*live.tasks, return_exceptions=True)
+            live.sock.close()
+            self.history.log(live.id, "socket closed after its sends ended")
+
+
+def replay_command(backend: str, seed: int) -> str:
+    return (
+        f"make soak SEED={seed} MINUTES={MINUTES:g}  (one backend: ZEROSEND_SOAK_SEED={seed} "
+        f"ZEROSEND_SOAK_MINUTES={MINUTES:g} .venv/bin/python -m pytest -q "
+        f"tests/test_history_core.py -k {backend})"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(MINUTES * 60 + 600))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_mixes_keep_the_contract(backend: str) -> None:
+    require("rig", RIG_UNAVAILABLE)
+    from tests.helpers import require_backend
+
+    require_backend(backend)
+    deadline = time.monotonic() + ROUND_SECONDS
+    seed = SEED
+    zero_copy_bytes = 0
+    with Rig() as rig:
+        while True:
+            history = asyncio.run(Round(rig, backend, seed).run())
+            found = check(history, zero_copy=backend != "copy")
+            assert not found, report(history, found, replay_command(backend, seed))
+            for conn in history.conns.values():
+                if conn.final_stats:
+                    zero_copy_bytes += conn.final_stats["bytes_zerocopy"]
+                    zero_copy_bytes += conn.final_stats["bytes_copied_by_kernel"]
+            seed += 1
+            if time.monotonic() > deadline:
+                break
+    if backend != "copy":
+        assert zero_copy_bytes > 0, "no send went the zero-copy path"
