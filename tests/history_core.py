@@ -119,7 +119,7 @@ class History:
         self.seed = seed
         self.conns: dict[int, Conn] = {}
         self.events: list[tuple[float, int | None, str]] = []
-        self.violations: list[str] = []
+        self.violations: list[tuple[int | None, str]] = []
         self._t0 = time.monotonic()
         self._next_send = 0
 
@@ -147,7 +147,7 @@ class History:
         self.log(send.conn, f"{outcome} #{send.id}" + (f": {detail}" if detail else ""))
 
     def violation(self, conn: int | None, what: str) -> None:
-        self.violations.append(what)
+        self.violations.append((conn, what))
         self.log(conn, f"VIOLATION {what}")
 
     def trace(self, conn: int) -> list[str]:
@@ -164,7 +164,7 @@ def _send_at(conn: Conn, offset: int) -> str:
 
 def check(history: History, zero_copy: bool) -> list[tuple[int | None, str]]:
     """The violations of the recorded round, each with the connection it concerns."""
-    found: list[tuple[int | None, str]] = [(None, v) for v in history.violations]
+    found = list(history.violations)
     for conn in history.conns.values():
         c = conn.id
         verifier = conn.verifier
