@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import zerosend
 from bench.rig import Rig
-from tests.helpers import RIG_UNAVAILABLE, require
+from tests.helpers import RIG_UNAVAILABLE, require, require_backend
 from tests.history_core import (
     WORD,
     History,
@@ -147,8 +147,10 @@ class Live:
     zs: zerosend.Socket | None
     peer: Peer
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    #: Each send's task, its record and its plain buffers.
-    sends: dict[asyncio.Task[None], tuple[Send, list[bytearray]]] = field(default_factory=dict)
+    #: Each send's task, its record, future and plain buffers.
+    sends: dict[
+        asyncio.Task[None], tuple[Send, asyncio.Future[zerosend.SendResult], list[bytearray]]
+    ] = field(default_factory=dict)
     #: drain() calls running in the background.
     drains: list[asyncio.Task[None]] = field(default_factory=list)
     #: Plain buffers of cancelled sends: overwritten only after a drain() saw them released.
@@ -249,7 +251,7 @@ class Round:
                 memoryview(buf)[:] = poison(len(buf))
         task = asyncio.ensure_future(self._await(send, fut, bufs))
         live.tasks.append(task)
-        live.sends[task] = (send, bufs)
+        live.sends[task] = (send, fut, bufs)
         return send
 
     async def _await(
@@ -277,9 +279,28 @@ class Round:
         if pending:
             live, task = self.rng.choice(pending)
             task.cancel()
-            send, bufs = live.sends[task]
+            send, fut, bufs = live.sends[task]
             self.history.complete(send, "cancelled", "fault: the task awaiting it was cancelled")
+            fut.add_done_callback(lambda fut: self._settle(live, send, fut, bufs))
+
+    def _settle(
+        self,
+        live: Live,
+        send: Send,
+        fut: asyncio.Future[zerosend.SendResult],
+        bufs: list[bytearray],
+    ) -> None:
+        """The end of a send whose awaiting task was cancelled. Its future may still resolve
+        (a task cancelled before it ran never awaited it): then it is held to the contract."""
+        if fut.cancelled():
             live.held += bufs  # overwritten only after a drain(): the send may be in flight
+        elif (error := fut.exception()) is not None:
+            detail = f"{type(error).__name__}: {error} (its awaiting task was cancelled)"
+            self.history.complete(send, "error", detail)
+        else:
+            self.history.log(live.id, f"cancelled #{send.id} resolved all the same")
+            for buf in bufs:
+                memoryview(buf)[:] = poison(len(buf))
 
     async def drain(self, live: Live) -> None:
         zs, held = live.zs, list(live.held)
@@ -472,12 +493,10 @@ def replay_command(backend: str, seed: int) -> str:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_mixes_keep_the_contract(backend: str) -> None:
     require("rig", RIG_UNAVAILABLE)
-    from tests.helpers import require_backend
-
     require_backend(backend)
     deadline = time.monotonic() + ROUND_SECONDS
     seed = SEED
-    zero_copy_bytes = 0
+    zero_copy_bytes = fixed_buffer_sends = 0
     with Rig() as rig:
         while True:
             history = asyncio.run(Round(rig, backend, seed).run())
@@ -487,11 +506,14 @@ def test_random_mixes_keep_the_contract(backend: str) -> None:
                 if conn.final_stats:
                     zero_copy_bytes += conn.final_stats["bytes_zerocopy"]
                     zero_copy_bytes += conn.final_stats["bytes_copied_by_kernel"]
+                    fixed_buffer_sends += conn.final_stats["fixed_buffer_sends"]
             seed += 1
             if time.monotonic() > deadline:
                 break
     if backend != "copy":
         assert zero_copy_bytes > 0, "no send went the zero-copy path"
+    if backend == "io_uring":
+        assert fixed_buffer_sends > 0, "no pool buffer went as a registered buffer"
 
 
 # The checker itself: each invariant it holds must be able to fail. ------------------------------
@@ -591,8 +613,6 @@ def test_the_rig_round_catches_buffers_reused_before_release(backend: str) -> No
     # Control for the reuse check: plain buffers overwritten right after send_zc() returned,
     # before their release, must show up at the receivers.
     require("rig", RIG_UNAVAILABLE)
-    from tests.helpers import require_backend
-
     require_backend(backend)
     with Rig() as rig:
         for seed in range(SEED, SEED + 10):
