@@ -44,8 +44,21 @@ from tests.history_core import (
     report,
 )
 
-SEED = int(os.environ.get("ZEROSEND_SOAK_SEED", "20260120"))
-MINUTES = float(os.environ.get("ZEROSEND_SOAK_MINUTES", "1"))
+
+def _from_environment(name: str, kind: type[int] | type[float], default: str) -> float:
+    text = os.environ.get(name, default)
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an int" if kind is int else "a number"
+        raise pytest.UsageError(f"{name}={text!r} is not {what}") from None
+    if value < 0:
+        raise pytest.UsageError(f"{name}={text!r} must be >= 0")
+    return value
+
+
+SEED = int(_from_environment("ZEROSEND_SOAK_SEED", int, "20260120"))
+MINUTES = _from_environment("ZEROSEND_SOAK_MINUTES", float, "1")
 BACKENDS = [b for b in zerosend.BACKENDS if b != "auto"]
 #: Each backend's share of the run.
 ROUND_SECONDS = MINUTES * 60 / len(BACKENDS)
@@ -53,7 +66,7 @@ ROUND_SECONDS = MINUTES * 60 / len(BACKENDS)
 PROGRESS_GUARD_S = 30.0
 HANG_GUARD_S = 90.0
 KiB = 1 << 10
-STEPS = 80
+STEPS = (40, 160)
 #: Share of rounds with a crowd of stalled peers, each with sends queued behind small socket
 #: buffers: together more than one io_uring takes at once (measured on this kernel: 200 sockets
 #: with 100 sends of 4 KiB each exceed it, 150 do not).
@@ -388,7 +401,7 @@ class Round:
         if crowded and not await self.crowd():
             await self.finish()
             return self.history
-        for _ in range(STEPS):
+        for _ in range(rng.randint(*STEPS)):
             sendable = [live for live in self.conns if live.sendable()]
             live = rng.choice(self.conns)
             roll = rng.random()
@@ -481,10 +494,11 @@ class Round:
 
 
 def replay_command(backend: str, seed: int) -> str:
+    """The failing round first (MINUTES=0: one round per backend)."""
     return (
-        f"make soak SEED={seed} MINUTES={MINUTES:g}  (one backend: ZEROSEND_SOAK_SEED={seed} "
-        f"ZEROSEND_SOAK_MINUTES={MINUTES:g} .venv/bin/python -m pytest -q "
-        f"tests/test_history_core.py -k {backend})"
+        f"make soak SEED={seed} MINUTES=0  (or this backend alone: ZEROSEND_SOAK_SEED={seed} "
+        f"ZEROSEND_SOAK_MINUTES=0 .venv/bin/python -m pytest -q tests/test_history_core.py "
+        f"-k 'random_mixes and {backend}')"
     )
 
 
