@@ -45,8 +45,11 @@ def poison(nbytes: int) -> bytes:
 
 
 def describe_word(conn: int, value: int) -> str:
+    reused = "a buffer overwritten after its send resolved: reused before release"
     if value == POISON_WORD:
-        return "poison (a buffer overwritten after its send resolved: reused before release)"
+        return f"poison ({reused})"
+    if POISON_WORD & 0xFFFF_FFFF in (value >> 32, value & 0xFFFF_FFFF):
+        return f"a word half poison {value:#018x} ({reused})"
     if value >> CONN_SHIFT == conn:
         return f"the word of stream offset {(value & ((1 << CONN_SHIFT) - 1)) * WORD}"
     if value >> CONN_SHIFT < 1 << 10:
