@@ -185,6 +185,8 @@ class Live:
 
 
 class Round:
+    """One round: connections, pools and a seeded random mix of operations, recorded."""
+
     def __init__(self, rig: Rig, backend: str, seed: int, *, early_reuse: bool = False) -> None:
         self.rig = rig
         self.backend = backend
@@ -193,7 +195,6 @@ class Round:
         self.early_reuse = early_reuse
         self.conns: list[Live] = []
         self.pools: list[zerosend.BufferPool] = []
-        self.forks = 0
 
     async def connect(self, count: int, *, crowded: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -236,11 +237,13 @@ class Round:
             if kind is None and pools and self.rng.random() < 0.4:
                 pool = self.rng.choice(pools)
                 taken = await pool.acquire()
-                view = memoryview(taken)
-                view[:nbytes] = payload
-                fut = live.zs.send_zc(view[:nbytes])
-                del view
-                taken.release()  # back to the pool only once the kernel released it
+                try:
+                    view = memoryview(taken)
+                    view[:nbytes] = payload
+                    fut = live.zs.send_zc(view[:nbytes])
+                    del view
+                finally:
+                    taken.release()  # back to the pool only once the kernel released it
                 kind = f"pool {self.pools.index(pool)} buffer"
             elif kind is None and self.rng.random() < 0.25:
                 cut = self.rng.randrange(1, nbytes // WORD) * WORD
@@ -352,7 +355,6 @@ class Round:
         pid = os.fork()
         if pid == 0:
             os._exit(0)
-        self.forks += 1
         self.history.log(None, f"fault: fork() (child {pid} exits at once)")
         await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
 
