@@ -30,8 +30,10 @@ WORD = 8
 CONN_SHIFT = 40
 #: What a plain buffer is overwritten with once its send resolved.
 POISON_WORD = 0xEEEE_EEEE_EEEE_EEEE
-#: Events of a connection shown with a violation (the most recent ones).
+#: Events of a connection shown with a violation: those up to its first failure...
 SHOWN_EVENTS = 25
+#: ... and those after its first failure.
+AFTER_EVENTS = 5
 
 
 def numbered(conn: int, first_word: int, words: int) -> bytes:
@@ -154,8 +156,15 @@ class History:
         self.log(conn, f"VIOLATION {what}")
 
     def trace(self, conn: int) -> list[str]:
+        """The connection's events (and the global ones) that led to its first failure or
+        violation, and a few after it; its latest ones if it has none."""
         mine = [(t, what) for t, c, what in self.events if c in (conn, None)]
-        return [f"    {t:8.3f}s  {what}" for t, what in mine[-SHOWN_EVENTS:]]
+        first = next(
+            (i for i, (_, what) in enumerate(mine) if what.startswith(("error ", "VIOLATION"))),
+            len(mine) - 1,
+        )
+        shown = mine[max(0, first + 1 - SHOWN_EVENTS) : first + 1 + AFTER_EVENTS]
+        return [f"    {t:8.3f}s  {what}" for t, what in shown]
 
 
 def _send_at(conn: Conn, offset: int) -> str:
@@ -244,7 +253,7 @@ def report(history: History, found: list[tuple[int | None, str]], replay: str) -
     ]
     lines += [f"  - {what}" for _, what in found]
     for conn in sorted({c for c, _ in found if c is not None}):
-        lines.append(f"  history of conn {conn} (latest {SHOWN_EVENTS} events, with faults):")
+        lines.append(f"  history of conn {conn} up to its first failure, with global faults:")
         lines += history.trace(conn)
     lines.append(f"replay: {replay}")
     return "\n".join(lines)
