@@ -507,7 +507,7 @@ def replay_command(backend: str, seed: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(int(MINUTES * 60 + 600))
+@pytest.mark.timeout(int(ROUND_SECONDS + 400))  # rounds end past their share by one round
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_mixes_keep_the_contract(backend: str) -> None:
     require("rig", RIG_UNAVAILABLE)
