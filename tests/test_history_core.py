@@ -225,16 +225,26 @@ class Round:
         return self.rng.choice([4, 16, 64, 200, 256]) * KiB + self.rng.randrange(0, 64) * WORD
 
     async def send(
-        self, live: Live, *, size: int | None = None, kind: str | None = None
+        self,
+        live: Live,
+        *,
+        size: int | None = None,
+        kind: str | None = None,
+        source: str | None = None,
     ) -> Send | None:
+        """A send of the connection's next ``size`` bytes from a ``source`` of "pool" (if one
+        has a buffer free), "vectored" or "plain"; both drawn at random if not given."""
         assert live.zs is not None
         model = self.history.conns[live.id]
         nbytes = size or self._size()
         payload = numbered(live.id, model.next_offset // WORD, nbytes // WORD)
         pools = [p for p in self.pools if not p.closed and p.available and p.size >= nbytes]
+        if source is None and kind is None:
+            roll = self.rng.random()
+            source = "pool" if roll < 0.4 else "vectored" if roll < 0.55 else "plain"
         bufs: list[bytearray] = []
         try:
-            if kind is None and pools and self.rng.random() < 0.4:
+            if source == "pool" and pools:
                 pool = self.rng.choice(pools)
                 taken = await pool.acquire()
                 try:
@@ -245,7 +255,7 @@ class Round:
                 finally:
                     taken.release()  # back to the pool only once the kernel released it
                 kind = f"pool {self.pools.index(pool)} buffer"
-            elif kind is None and self.rng.random() < 0.25:
+            elif source == "vectored":
                 cut = self.rng.randrange(1, nbytes // WORD) * WORD
                 bufs = [bytearray(payload[:cut]), bytearray(payload[cut:])]
                 fut = live.zs.send_zc(bufs)
@@ -292,8 +302,28 @@ class Round:
         for buf in bufs:  # released: the owner may reuse it now
             memoryview(buf)[:] = poison(len(buf))
 
-    async def cancel(self) -> None:
+    def stall_or_resume(self, live: Live) -> None:
+        if live.peer.mode == "stalled":
+            live.peer.resume()
+            self.history.log(live.id, "peer resumes reading")
+        else:
+            live.peer.stall()
+            self.history.log(live.id, "fault: peer stalls (stops reading)")
+
+    def read_slowly(self, live: Live) -> None:
+        live.peer.resume("slow")
+        self.history.log(live.id, "fault: peer reads slowly")
+
+    async def reset_peer(self, live: Live) -> None:
+        if live.peer.mode != "reset":
+            await live.peer.reset()
+            self.history.conns[live.id].reset = True
+            self.history.log(live.id, "fault: peer reset (SO_LINGER 0)")
+
+    async def cancel(self, conn: int | None = None) -> None:
         pending = [(live, t) for live in self.conns for t in live.tasks if not t.done()]
+        if conn is not None:
+            pending = [(live, t) for live, t in pending if live.id == conn]
         if pending:
             live, task = self.rng.choice(pending)
             task.cancel()
@@ -415,20 +445,11 @@ class Round:
             elif roll < 0.62:
                 await self.cancel()
             elif roll < 0.70:
-                if live.peer.mode == "stalled":
-                    live.peer.resume()
-                    self.history.log(live.id, "peer resumes reading")
-                else:
-                    live.peer.stall()
-                    self.history.log(live.id, "fault: peer stalls (stops reading)")
+                self.stall_or_resume(live)
             elif roll < 0.73:
-                live.peer.resume("slow")
-                self.history.log(live.id, "fault: peer reads slowly")
+                self.read_slowly(live)
             elif roll < 0.75:
-                if live.peer.mode != "reset":
-                    await live.peer.reset()
-                    self.history.conns[live.id].reset = True
-                    self.history.log(live.id, "fault: peer reset (SO_LINGER 0)")
+                await self.reset_peer(live)
             elif roll < 0.77:
                 if live.sendable():
                     await self.close_raw(live)
