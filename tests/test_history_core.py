@@ -24,11 +24,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 import zerosend
 from bench.rig import Rig
@@ -66,6 +69,10 @@ ROUND_SECONDS = MINUTES * 60 / len(BACKENDS)
 PROGRESS_GUARD_S = 30.0
 HANG_GUARD_S = 90.0
 KiB = 1 << 10
+#: Examples of the stateful test per backend (each a short round of up to 30 steps): the same
+#: ones in every `make test` run (100 find the pool-close seam), new ones in longer soaks.
+STATEFUL_EXAMPLES = max(100, int(100 * MINUTES))
+STATEFUL_DERANDOMIZED = MINUTES <= 1
 #: Failing rounds whose report a failure shows.
 SHOWN_ROUNDS = 3
 STEPS = (40, 160)
@@ -666,3 +673,106 @@ def test_the_rig_round_catches_buffers_reused_before_release(backend: str) -> No
             if any("poison" in what for _, what in found):
                 return
     pytest.fail("ten rounds overwrote buffers before their release, unnoticed")
+
+
+# The same operations driven by Hypothesis' stateful testing: a failing run is shrunk to a
+# short list of steps, which Hypothesis prints as the program that replays it. -----------------
+
+CONNS = 2
+CONN = st.integers(0, CONNS - 1)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Two connections on the rig and a pool, each step one operation of :class:`Round`;
+    the whole record is checked at the end."""
+
+    rig: Rig
+    backend: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.round = Round(self.rig, self.backend, 0)
+        # Small socket buffers: a few sends fill them, and the next ones queue.
+        self.loop.run_until_complete(self.round.connect(CONNS, crowded=True))
+        self.round.new_pool()
+
+    def _run(self, step: Coroutine[Any, Any, object]) -> None:
+        self.loop.run_until_complete(step)
+
+    def _live(self, conn: int) -> Live:
+        return self.round.conns[conn]
+
+    @rule(conn=CONN, kib=st.sampled_from([4, 256, 1024]), vectored=st.booleans())
+    def send_plain(self, conn: int, kib: int, vectored: bool) -> None:
+        if self._live(conn).sendable():
+            source = "vectored" if vectored else "plain"
+            self._run(self.round.send(self._live(conn), size=kib * KiB, source=source))
+
+    @rule(conn=CONN, kib=st.sampled_from([4, 64]))  # every pool's buffers hold 64 KiB
+    def send_from_pool(self, conn: int, kib: int) -> None:
+        if self._live(conn).sendable():
+            self._run(self.round.send(self._live(conn), size=kib * KiB, source="pool"))
+
+    @rule(conn=CONN, action=st.sampled_from(["stall or resume", "read slowly", "reset"]))
+    def peer(self, conn: int, action: str) -> None:
+        if action == "reset":
+            self._run(self.round.reset_peer(self._live(conn)))
+        elif action == "read slowly":
+            self.round.read_slowly(self._live(conn))
+        else:
+            self.round.stall_or_resume(self._live(conn))
+
+    @rule(conn=CONN)
+    def cancel(self, conn: int) -> None:
+        self._run(self.round.cancel(conn))
+
+    @rule(conn=CONN, drop=st.booleans())
+    def let_go(self, conn: int, drop: bool) -> None:
+        """Close the socket, or drop the wrapper, with sends in flight."""
+        live = self._live(conn)
+        if live.sendable():
+            self._run(self.round.drop_wrapper(live) if drop else self.round.close_raw(live))
+
+    @rule()
+    def close_pool(self) -> None:
+        self._run(self.round.close_pool())
+
+    @rule()
+    def fork(self) -> None:
+        self._run(self.round.fork())
+
+    @rule()
+    def let_the_loop_run(self) -> None:
+        self._run(asyncio.sleep(0.01))
+
+    def teardown(self) -> None:
+        try:
+            self._run(self.round.finish())
+        finally:
+            self.loop.close()
+        history = self.round.history
+        found = check(history, zero_copy=self.backend != "copy")
+        replay = "the steps Hypothesis printed above (state = CoreMachine() ...)"
+        assert not found, report(history, found, replay)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # shrinking a failure runs many short rounds
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stateful_mixes_keep_the_contract(backend: str) -> None:
+    require("rig", RIG_UNAVAILABLE)
+    require_backend(backend)
+    with Rig() as rig:
+        CoreMachine.rig, CoreMachine.backend = rig, backend
+        run_state_machine_as_test(
+            CoreMachine,
+            settings=settings(
+                max_examples=STATEFUL_EXAMPLES,
+                stateful_step_count=30,
+                deadline=None,
+                database=None,  # a replay comes from the printed steps, not a local cache
+                derandomize=STATEFUL_DERANDOMIZED,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
