@@ -12,6 +12,10 @@ that exits at once. While peers stall, a send on a healthy socket must still res
 ``ZEROSEND_SOAK_SEED`` picks the first round's seed (round r uses seed + r), and
 ``ZEROSEND_SOAK_MINUTES`` how long all backends run together (default about a minute); a failure
 prints the command that replays its round first.
+
+The same operations also run under Hypothesis' stateful testing on two connections, so that a
+failure shrinks to the few steps that cause it (printed as the program that replays it); and the
+checker is tested on its own, so that each invariant is seen to fail.
 """
 
 from __future__ import annotations
@@ -758,7 +762,7 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # shrinking a failure runs many short rounds
+@pytest.mark.timeout(STATEFUL_EXAMPLES * 2 + 600)  # and shrinking a failure runs many more
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stateful_mixes_keep_the_contract(backend: str) -> None:
     require("rig", RIG_UNAVAILABLE)
