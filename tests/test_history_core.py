@@ -276,8 +276,9 @@ class Round:
                 fut = live.zs.send_zc(bufs[0])
                 kind = kind or "plain"
         except (OSError, RuntimeError, ValueError) as error:
-            # Refused at the call: nothing was submitted. Fine once the stream failed.
-            if not model.reset:
+            # Refused at the call: nothing was submitted. Fine once the stream failed (a
+            # failure nothing explains is reported as such).
+            if not model.reset and not any(s.outcome == "error" for s in model.sends):
                 self.history.violation(
                     live.id, f"conn {live.id}: send_zc() raised {error!r} on a healthy stream"
                 )
