@@ -1,0 +1,378 @@
+"""A history checker for the iSCSI target: operations of many initiators, recorded with the
+times they were issued and answered and their outcome, then checked against invariants.
+
+- Every block written carries its own name (writer, operation, disk, LBA), so a block read back
+  says which write it came from; reads are checked per block for linearizability: a read
+  returns the value of a write that precedes or overlaps it, and no write that certainly took
+  effect lies wholly between that write and the read.
+- Durability: at a SIGKILL the image (page cache dropped) holds, per block, a value that no
+  write synced (FUA, or a later GOOD SYNCHRONIZE CACHE) before the kill supersedes.
+- Reservations: while the reservation state of a LUN is known (between two PERSISTENT RESERVE
+  OUTs, which the workload serializes), a command succeeds exactly where the state allows it;
+  a write of a nexus that PREEMPT AND ABORT removed lands before that PREEMPT's GOOD.
+- COMPARE AND WRITE is atomic: two that succeed never compare against the same unique value.
+- Liveness: every command gets a status, or its connection ends, within a bound.
+
+Each violation names the operations involved (initiator, op, LUN, LBA, times, outcome).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import struct
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+BLOCK = 512
+MAGIC = b"ZSHB"
+_HEADER = struct.Struct(">4sBBHIIQ8x")  # magic, kind, writer, epoch, seq, disk, lba
+assert _HEADER.size == 32
+KIND_INIT, KIND_WRITE, KIND_SAME = 0, 1, 2
+SAME_LBA = (1 << 64) - 1  # WRITE SAME: one block, written to many LBAs
+
+GOOD, CHECK_CONDITION, RESERVATION_CONFLICT = 0x00, 0x02, 0x18
+# Outcomes that are not a SCSI status
+UNKNOWN = "unknown"  # no status: aborted, connection lost, target killed
+HUNG = "hung"  # no status and no connection end within the bound
+
+# Value of a block: ("zero",), ("tag", kind, writer, epoch, seq, disk, lba), ("torn", hex)
+Value = tuple[object, ...]
+ZERO: Value = ("zero",)
+
+
+def block(kind: int, writer: int, epoch: int, seq: int, disk: int, lba: int) -> bytes:
+    return _HEADER.pack(MAGIC, kind, writer, epoch, seq, disk, lba) * (BLOCK // _HEADER.size)
+
+
+def decode(data: bytes) -> Value:
+    """The value one block holds."""
+    if not any(data):
+        return ZERO
+    head = data[: _HEADER.size]
+    magic, kind, writer, epoch, seq, disk, lba = _HEADER.unpack(head)
+    if magic != MAGIC or data != head * (BLOCK // _HEADER.size):
+        return ("torn", data[:48].hex())
+    return ("tag", kind, writer, epoch, seq, disk, lba)
+
+
+def show(v: Value) -> str:
+    if v[0] == "tag":
+        kind, writer, epoch, seq, disk, lba = v[1:]
+        what = {KIND_INIT: "initial", KIND_WRITE: "write", KIND_SAME: "write-same"}[int(kind)]  # type: ignore[call-overload]
+        at = "" if lba == SAME_LBA else f" lba {lba}"
+        return f"{what} of ini{writer} e{epoch} #{seq} (disk {disk}{at})"
+    return "zeros" if v == ZERO else f"torn block {v[1]}"
+
+
+@dataclass
+class Op:
+    """One operation of one initiator. ``writes``: (disk, lba) -> the value it writes there
+    (None: a copy, whose value comes from ``copy_from``). ``reads``: (disk, lba) -> the
+    value it returned. Times are time.monotonic()."""
+
+    initiator: str
+    seq: int
+    name: str
+    lun: int
+    lba: int = 0
+    blocks: int = 0
+    epoch: int = 0
+    nexus: str = ""
+    invoked: float = 0.0
+    completed: float = math.inf  # inf: no answer (yet)
+    outcome: object = None  # SCSI status, UNKNOWN or HUNG
+    sense: str = ""
+    writes: dict[tuple[int, int], Value | None] = field(default_factory=dict)
+    copy_from: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    reads: dict[tuple[int, int], Value] = field(default_factory=dict)
+    compare: Value | None = None  # COMPARE AND WRITE: the value it expected
+    fua: bool = False
+    end: float = math.inf  # a write without status cannot land after this
+    note: str = ""
+    # reservation admission: disks it reads and disks it writes
+    reads_disks: tuple[int, ...] = ()
+    writes_disks: tuple[int, ...] = ()
+
+    @property
+    def good(self) -> bool:
+        return self.outcome == GOOD
+
+    @property
+    def effect_end(self) -> float:
+        return min(self.completed, self.end) if self.good else self.end
+
+    def __str__(self) -> str:
+        done = "never" if self.completed == math.inf else f"{self.completed:.4f}"
+        out = self.outcome if not isinstance(self.outcome, int) else f"status {self.outcome:#04x}"
+        extra = f" sense {self.sense}" if self.sense else ""
+        extra += f" fenced at {self.end:.4f}" if self.end != math.inf else ""
+        extra += f" ({self.note})" if self.note else ""
+        return (
+            f"{self.initiator} #{self.seq} {self.name} lun {self.lun} lba {self.lba}+{self.blocks}"
+            f" e{self.epoch} issued {self.invoked:.4f} answered {done}: {out}{extra}"
+        )
+
+
+@dataclass
+class Epoch:
+    """One life of the target process: what each disk held when it started."""
+
+    number: int
+    started: float
+    killed: float = math.inf
+    initial: dict[tuple[int, int], Value] = field(default_factory=dict)
+    final: dict[tuple[int, int], Value] = field(default_factory=dict)  # read after the kill
+
+
+@dataclass
+class PrState:
+    """The reservation state of one disk, known from ``since`` (a PR OUT's GOOD and its read
+    back) until ``until`` (the next PR OUT issued, a restart or reload)."""
+
+    disk: int
+    since: float
+    until: float
+    registered: frozenset[str]
+    holders: frozenset[str]  # every registrant for the all-registrants types
+    kind: int  # 0: no reservation
+    source: str
+
+    def allows(self, nexus: str, write: bool) -> bool:
+        """SPC-4 table 48 for the six persistent reservation types."""
+        if not self.kind or nexus in self.holders:
+            return True
+        registered = nexus in self.registered
+        we, ea, we_ro, ea_ro, we_ar, ea_ar = 1, 3, 5, 6, 7, 8
+        if self.kind in (we, ea):
+            return not write and self.kind == we
+        if self.kind in (we_ro, we_ar):
+            return registered or not write
+        if self.kind in (ea_ro, ea_ar):
+            return registered
+        return True
+
+
+class History:
+    """The record, filled by many threads; ``check()`` returns the violations found."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.epochs: list[Epoch] = []
+        self.pr: list[PrState] = []
+        self.events: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self.disks: dict[int, str] = {}  # disk number -> its description
+        self.volatile: set[int] = set()  # disks that start empty in every epoch (mem:)
+
+    def begin(self, initiator: str, name: str, lun: int, epoch: int, **kw: object) -> Op:
+        op = Op(initiator, next(self._seq), name, lun, epoch=epoch, **kw)  # type: ignore[arg-type]
+        op.invoked = time.monotonic()
+        with self.lock:
+            self.ops.append(op)
+        return op
+
+    def event(self, what: str) -> None:
+        with self.lock:
+            self.events.append((time.monotonic(), what))
+
+    # -- the checks
+
+    def check(self) -> list[str]:
+        out: list[str] = []
+        out += self.check_reads()
+        out += self.check_durability()
+        out += self.check_compare_and_write()
+        out += self.check_reservations()
+        out += self.check_liveness()
+        return out
+
+    def _index(self) -> None:
+        """Per block, its writes; and for the supersede test, the GOOD writes (all of them,
+        and the durable ones) sorted by completion with the running maximum of their issue."""
+        self._by_block: dict[int, dict[tuple[int, int], list[Op]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        last_sync: dict[tuple[int, int], float] = {}
+        for op in self.ops:
+            if op.name.startswith("SYNC") and op.good:
+                at = (op.epoch, op.writes_disks[0])
+                last_sync[at] = max(last_sync.get(at, -math.inf), op.invoked)
+            for key in op.writes:
+                self._by_block[op.epoch][key].append(op)
+        self._durable_ops = {
+            id(w) for w in self.ops if w.good and (
+                w.fua or any(last_sync.get((w.epoch, d), -math.inf) > w.completed
+                             for d in {d for d, _ in w.writes}))
+        }  # fmt: skip
+        self._goods: dict[tuple[int, int, int, bool], tuple[list[float], list[float]]] = {}
+        for epoch, blocks in self._by_block.items():
+            for key, writes in blocks.items():
+                for durable in (False, True):
+                    goods = sorted(
+                        (w for w in writes
+                         if w.good and (not durable or id(w) in self._durable_ops)),
+                        key=lambda w: w.completed,
+                    )  # fmt: skip
+                    running, peak = [], -math.inf
+                    for w in goods:
+                        peak = max(peak, w.invoked)
+                        running.append(peak)
+                    self._goods[(epoch, *key, durable)] = ([w.completed for w in goods], running)
+
+    def _latest_issue(
+        self, epoch: int, key: tuple[int, int], before: float, durable: bool
+    ) -> float:
+        """The latest issue time of a GOOD (durable) write of ``key`` answered before ``before``."""
+        done, running = self._goods.get((epoch, *key, durable), ([], []))
+        n = bisect.bisect_left(done, before)
+        return running[n - 1] if n else -math.inf
+
+    def _may_produce(self, op: Op, key: tuple[int, int], value: Value) -> bool:
+        """Whether ``op``, writing ``key``, could have left ``value`` there."""
+        want = op.writes[key]
+        if want is not None:
+            return want == value
+        return value == ZERO or value[0] == "tag"  # a copy: of whatever the source held
+
+    def _explain(
+        self, epoch: Epoch, key: tuple[int, int], value: Value, start: float, end: float,
+        durable_only: bool = False,
+    ) -> tuple[bool, list[Op]]:  # fmt: skip
+        """Whether ``value`` may be read at ``key`` by a read over [start, end]: some write of
+        it was issued before the read ended, and no GOOD write was issued after that write's
+        effect ended and answered before the read began. Else the writes for the report."""
+        writes = self._by_block[epoch.number].get(key, [])
+        latest = self._latest_issue(epoch.number, key, start, durable_only)
+        if epoch.initial.get(key, ZERO) == value and latest == -math.inf:
+            return True, []
+        for w in writes:
+            if w.invoked < end and w.outcome in (GOOD, UNKNOWN, HUNG, None):
+                if self._may_produce(w, key, value) and not latest > w.effect_end:
+                    return True, []
+        involved = [w for w in writes if w.writes[key] in (value, None)]
+        involved += [s for s in writes if s.good and s.completed < start][-3:]
+        return False, involved
+
+    def check_reads(self) -> list[str]:
+        self._index()
+        out = []
+        epochs = {e.number: e for e in self.epochs}
+        for op in self.ops:
+            if not op.good or not op.reads:
+                continue
+            epoch = epochs[op.epoch]
+            for key, value in sorted(op.reads.items()):
+                if value[0] == "torn":
+                    out.append(f"torn block at disk {key[0]} lba {key[1]}: {show(value)}\n  {op}")
+                    continue
+                ok, involved = self._explain(epoch, key, value, op.invoked, op.completed)
+                if not ok:
+                    lines = "\n  ".join(str(w) for w in involved) or "(no write of it)"
+                    out.append(
+                        f"not linearizable: disk {key[0]} lba {key[1]} read {show(value)}"
+                        f"\n  read: {op}\n  writes:\n  {lines}"
+                    )
+        return out
+
+    def check_durability(self) -> list[str]:
+        out = []
+        for epoch in self.epochs:
+            for key, value in sorted(epoch.final.items()):
+                if key[0] in self.volatile:
+                    continue
+                if value[0] == "torn":
+                    out.append(f"after the kill of e{epoch.number}: torn block {key}: {value}")
+                    continue
+                ok, involved = self._explain(
+                    epoch, key, value, epoch.killed, epoch.killed, durable_only=True
+                )
+                if not ok:
+                    lines = "\n  ".join(str(w) for w in involved)
+                    out.append(
+                        f"lost after SIGKILL of e{epoch.number}: disk {key[0]} lba {key[1]}"
+                        f" holds {show(value)}, but synced writes say otherwise:\n  {lines}"
+                    )
+        return out
+
+    def check_compare_and_write(self) -> list[str]:
+        out = []
+        seen: dict[tuple[int, int, Value], Op] = {}
+        for op in self.ops:
+            if op.name != "COMPARE AND WRITE" or not op.good or op.compare is None:
+                continue
+            if op.compare[0] != "tag":
+                continue  # zeros come back with every UNMAP: not unique
+            key = next(iter(op.writes))
+            copied = any(w.copy_from for w in self._by_block[op.epoch].get(key, []))
+            if copied:
+                continue
+            prior = seen.get((op.epoch, *key, op.compare))  # type: ignore[arg-type]
+            if prior is not None:
+                out.append(
+                    f"COMPARE AND WRITE not atomic: two succeeded on disk {key[0]} lba {key[1]}"
+                    f" against the same {show(op.compare)}\n  {prior}\n  {op}"
+                )
+            seen[(op.epoch, *key, op.compare)] = op  # type: ignore[index]
+        return out
+
+    def check_reservations(self) -> list[str]:
+        out = []
+        for op in self.ops:
+            if op.outcome not in (GOOD, RESERVATION_CONFLICT) or not op.nexus:
+                continue
+            if not (op.reads_disks or op.writes_disks):
+                continue
+            verdicts = []
+            for disk, write in [(d, False) for d in op.reads_disks] + [
+                (d, True) for d in op.writes_disks
+            ]:
+                state = self._pr_during(disk, op.invoked, op.completed)
+                if state is None:
+                    verdicts.append(None)
+                    continue
+                verdicts.append((state, write, state.allows(op.nexus, write)))
+            if any(v is None for v in verdicts):
+                continue
+            allowed = all(v[2] for v in verdicts)  # type: ignore[index]
+            if op.good and not allowed:
+                why = [v for v in verdicts if not v[2]]  # type: ignore[index]
+                out.append(
+                    f"reservation bypassed: {op}\n  forbidden by "
+                    + "; ".join(self._show_pr(s, w) for s, w, _ in why)  # type: ignore[misc]
+                )
+            if op.outcome == RESERVATION_CONFLICT and allowed:
+                out.append(
+                    f"RESERVATION CONFLICT where none applies: {op}\n  state "
+                    + "; ".join(self._show_pr(s, w) for s, w, _ in verdicts)  # type: ignore[misc]
+                )
+        return out
+
+    def _show_pr(self, s: PrState, write: bool) -> str:
+        what = "write" if write else "read"
+        return (
+            f"disk {s.disk} ({what}) type {s.kind} holders {sorted(s.holders)} registered"
+            f" {sorted(s.registered)} from {s.since:.4f} ({s.source}) to {s.until:.4f}"
+        )
+
+    def _pr_during(self, disk: int, start: float, end: float) -> PrState | None:
+        for s in self.pr:
+            if s.disk == disk and s.since < start and end < s.until:
+                return s
+        return None
+
+    def check_liveness(self) -> list[str]:
+        return [f"no status and no end of the connection within the bound: {op}"
+                for op in self.ops if op.outcome == HUNG]  # fmt: skip
+
+    def set_pr_until(self, disks: Iterable[int], when: float) -> None:
+        """The known states of ``disks`` end at ``when`` (a PR OUT issued, a kill, a reload)."""
+        with self.lock:
+            for s in self.pr:
+                if s.disk in disks and s.until == math.inf:
+                    s.until = when

@@ -1,0 +1,566 @@
+"""The iSCSI history check: several raw-PDU initiators at once issue random mixes of READ, WRITE
+(with and without FUA), SYNCHRONIZE CACHE, UNMAP, WRITE SAME, COMPARE AND WRITE, EXTENDED COPY
+across LUNs, PERSISTENT RESERVE OUT, ABORT TASK and LOGICAL UNIT RESET, while the target is
+killed with SIGKILL and restarted; every operation is recorded and ``history`` checks the
+invariants afterwards.
+
+``ZEROSEND_SOAK_SEED`` (int) picks the run, ``ZEROSEND_SOAK_MINUTES`` (float) its length; a
+failing run prints the command that replays it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import history as H
+import pytest
+from iscsi_helpers import IQN, MiniInitiator, RunningTarget, read10, start_target, write10
+from test_iscsi_reservations import READ_FULL_STATUS
+from test_iscsi_sbc import (
+    naa,
+    segment,
+    unmap_cdb,
+    unmap_list,
+    write_same16,
+    xcopy_cdb,
+    xcopy_params,
+)
+
+SEED = int(os.environ.get("ZEROSEND_SOAK_SEED", "20"))
+MINUTES = float(os.environ.get("ZEROSEND_SOAK_MINUTES", "0.75"))
+INITIATORS = 4
+SPAN = 96  # blocks of each LUN the workload touches: small, so that operations collide
+MAX_BLOCKS = 8
+IMAGE_BYTES = 1 << 20
+BOUND = 90.0  # seconds: a command without status or connection end by then has hung
+SYNC10 = bytes((0x35,)) + bytes(9)
+ABORT_TASK, LOGICAL_UNIT_RESET = 1, 5
+REGISTER_AND_IGNORE, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT = 6, 1, 2, 3, 4, 5
+PR_TYPES = (1, 3, 5, 6, 7, 8)
+ASYNC_MESSAGE, NOP_IN, R2T, DATA_IN, SCSI_RESPONSE, TMF_RESPONSE = (
+    0x32,
+    0x20,
+    0x31,
+    0x25,
+    0x21,
+    0x22,
+)
+
+
+def replay() -> str:
+    return (
+        f"make soak SEED={SEED} MINUTES={MINUTES}  (or: ZEROSEND_SOAK_SEED={SEED}"
+        f" ZEROSEND_SOAK_MINUTES={MINUTES} python -m pytest tests/iscsi/test_history_iscsi.py)"
+    )
+
+
+@dataclass
+class Lun:
+    """A LUN of the target and the disk (image) behind it."""
+
+    disk: int
+    spec: str  # the config's entry
+    path: Path | None  # None: a mem: LUN, empty at every start
+
+
+class Cluster:
+    """The target under test across its restarts: which process, which epoch."""
+
+    def __init__(self, tmp_path: Path, luns: list[Lun], hist: H.History) -> None:
+        self.tmp_path = tmp_path
+        self.luns = luns
+        self.hist = hist
+        self.config = tmp_path / "target.toml"
+        self.cond = threading.Condition()
+        self.target: RunningTarget | None = None
+        self.epoch = -1
+        self.stop = threading.Event()
+        self.resets: list[tuple[int, int, float, float]] = []  # epoch, lun, issued, answered
+        self.pr_lock = threading.Lock()  # PR OUTs are serialized: the state between them is known
+        for lun in luns:
+            hist.disks[lun.disk] = lun.spec
+            if lun.path is None:
+                hist.volatile.add(lun.disk)
+
+    def write_config(self) -> None:
+        items = ", ".join(f'"{lun.spec}"' for lun in self.luns)
+        # (resets from any session: they end other sessions' commands, a seam worth the run)
+        self.config.write_text(f"luns = [{items}]\nnop_interval = 0\ncross_session_resets = true\n")
+
+    def start(self, initial: dict[tuple[int, int], H.Value]) -> None:
+        self.write_config()
+        started = time.monotonic()
+        target = start_target(self.tmp_path, "--config", str(self.config))
+        with self.cond:
+            self.epoch += 1
+            self.hist.epochs.append(H.Epoch(self.epoch, started, initial=initial))
+            for lun in self.luns:  # no APTPL: a new process starts without reservations
+                empty = H.PrState(lun.disk, started, math.inf, frozenset(), frozenset(), 0,
+                                  f"start of e{self.epoch}")  # fmt: skip
+                self.hist.pr.append(empty)
+            self.target = target
+            self.cond.notify_all()
+
+    def reset_after(self, op: H.Op) -> float | None:
+        """When a LOGICAL UNIT RESET of ``op``'s LUN issued after ``op`` was answered."""
+        with self.cond:
+            for epoch, lun, issued, answered in self.resets:
+                if (epoch, lun) == (op.epoch, op.lun) and issued > op.invoked:
+                    return answered
+        return None
+
+    def current(self, after: int) -> tuple[RunningTarget, int] | None:
+        """The target of an epoch later than ``after``, once there is one (None: stopping)."""
+        with self.cond:
+            while self.epoch <= after or self.target is None:
+                if self.stop.is_set():
+                    return None
+                self.cond.wait(1)
+            return self.target, self.epoch
+
+    def kill(self) -> dict[tuple[int, int], H.Value]:
+        """SIGKILL, then the images as the disks hold them (page cache dropped)."""
+        assert self.target is not None
+        with self.cond:
+            target, self.target = self.target, None
+        with self.pr_lock:
+            target.proc.send_signal(signal.SIGKILL)
+            target.proc.wait(30)
+        killed = time.monotonic()
+        self.hist.set_pr_until([lun.disk for lun in self.luns], killed)
+        epoch = self.hist.epochs[-1]
+        epoch.killed = killed
+        with self.hist.lock:
+            for op in self.hist.ops:
+                if op.epoch == epoch.number and op.end == math.inf and not op.good:
+                    op.end = killed  # nothing of a dead process lands later
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError as e:  # not root, or a read-only /proc: the page cache is read instead
+            self.hist.event(f"drop_caches: {e}")
+        values: dict[tuple[int, int], H.Value] = {}
+        for lun in self.luns:
+            if lun.path is None:
+                continue
+            data = lun.path.read_bytes()
+            for lba in range(SPAN):
+                values[lun.disk, lba] = H.decode(data[lba * H.BLOCK : (lba + 1) * H.BLOCK])
+        epoch.final = values
+        return values
+
+    def log(self) -> str:
+        logs = sorted(self.tmp_path.glob("target-*.log"))
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in logs[-2:])
+
+
+class ResetAborted(Exception):
+    """A command ended without status by another session's LOGICAL UNIT RESET."""
+
+
+class Client(threading.Thread):
+    """One initiator: a raw-PDU session doing random operations, one at a time, reconnecting
+    after the target restarts."""
+
+    def __init__(self, cluster: Cluster, number: int, seed: int) -> None:
+        super().__init__(daemon=True, name=f"ini{number}")
+        self.cluster = cluster
+        self.hist = cluster.hist
+        self.number = number
+        self.rng = random.Random(seed * 1000 + number)
+        self.name_ = f"iqn.2024-01.org.zerosend:hist{number}"
+        self.isid = bytes((0x80, 0, 0, 0x10, 0, number))
+        self.nexus = f"{self.name_},i,0x{self.isid.hex()}"
+        self.key = 0x1000 + number
+        self.ini: MiniInitiator | None = None
+        self.epoch = -1
+        self.naas: dict[int, bytes] = {}
+        self.error: BaseException | None = None
+
+    # -- the session
+
+    def connect(self) -> bool:
+        got = self.cluster.current(self.epoch)
+        if got is None:
+            return False
+        target, self.epoch = got
+        try:
+            ini = MiniInitiator(target.port, timeout=BOUND)
+            ini.isid = self.isid
+            ini.login(IQN, {"InitiatorName": self.name_})
+            self.ini = ini
+            for i in range(len(self.cluster.luns)):
+                self.naas[i] = naa(ini, i)
+        except (OSError, ConnectionError, AssertionError):
+            self.ini = None  # the target died meanwhile: wait for the next one
+        return True
+
+    def run(self) -> None:
+        try:
+            while not self.cluster.stop.is_set():
+                if self.ini is None:
+                    if not self.connect():
+                        return
+                    continue
+                try:
+                    self.one()
+                except (OSError, ConnectionError):
+                    self.ini.close()
+                    self.ini = None
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def response(self, op: H.Op, itt: int, out: bytes = b"") -> tuple[int, bytes, bytes]:
+        """Serve R2Ts and collect Data-In until the status of ``itt``: (status, data, sense).
+        OSError / ConnectionError end the connection (the op's outcome is then unknown)."""
+        assert self.ini is not None
+        data = bytearray()
+        while True:
+            bhs, seg = self.receive(op)
+            code = bhs[0] & 0x3F
+            if code in (R2T, DATA_IN, SCSI_RESPONSE) and int.from_bytes(bhs[16:20], "big") != itt:
+                continue  # of a command a reset ended (its answer may still come)
+            if code == R2T:
+                ttt, offset, length = struct.unpack_from(">I16xII", bhs, 20)
+                for n, pos in enumerate(range(offset, offset + length, 8192)):
+                    chunk = out[pos : min(pos + 8192, offset + length)]
+                    self.ini.data_out(itt, ttt, n, pos, chunk, pos + len(chunk) == offset + length)
+            elif code == DATA_IN:
+                offset = struct.unpack_from(">I", bhs, 40)[0]
+                data[offset : offset + len(seg)] = seg
+                if bhs[1] & 0x01:
+                    return bhs[3], bytes(data), b""
+            elif code == SCSI_RESPONSE:
+                return bhs[3], bytes(data), seg[2:] if seg else b""
+            elif code == ASYNC_MESSAGE:
+                op.note = f"async message {bhs[36]}"
+            elif code == NOP_IN:
+                pass
+            else:
+                raise AssertionError(f"unexpected PDU {bhs.hex()}")
+
+    def receive(self, op: H.Op) -> tuple[bytes, bytes]:
+        """The next PDU. A LOGICAL UNIT RESET of another session may end ``op`` without a
+        status: then ResetAborted once the reset was answered; HUNG after the bound."""
+        assert self.ini is not None
+        self.ini.sock.settimeout(1.0)
+        try:
+            while True:
+                try:
+                    return self.ini.recv()
+                except TimeoutError:
+                    reset = self.cluster.reset_after(op)
+                    if reset is not None:
+                        op.outcome, op.end = H.UNKNOWN, min(op.end, reset)
+                        op.note += " ended by a LOGICAL UNIT RESET"
+                        raise ResetAborted from None
+                    if time.monotonic() - op.invoked > BOUND:
+                        op.outcome = H.HUNG
+                        raise
+        finally:
+            self.ini.sock.settimeout(BOUND)
+
+    def command(self, op: H.Op, cdb: bytes, out: bytes = b"", want: int = 0) -> bytes:
+        """Issue ``op``'s command and record how it ended; the data it read."""
+        assert self.ini is not None
+        op.invoked = time.monotonic()  # before it leaves: a late stamp could hide a write
+        try:
+            itt = self.ini.scsi(cdb, len(out) or want, read=want > 0, write=bool(out),
+                                data=out[:8192], lun=op.lun)  # fmt: skip
+            status, data, sense = self.response(op, itt, out)
+        except ResetAborted:
+            return b""
+        except (OSError, ConnectionError):
+            if op.outcome is None:
+                op.outcome = H.UNKNOWN
+            raise
+        op.completed = time.monotonic()
+        op.outcome, op.sense = status, sense[:18].hex()
+        return data
+
+    # -- operations
+
+    def begin(self, name: str, lun: int, lba: int = 0, blocks: int = 0, **kw: object) -> H.Op:
+        return self.hist.begin(self.name_, name, lun, self.epoch, lba=lba, blocks=blocks,
+                               nexus=self.nexus, **kw)  # fmt: skip
+
+    def disk(self, lun: int) -> int:
+        return self.cluster.luns[lun].disk
+
+    def tagged(self, op: H.Op, disk: int) -> bytes:
+        out = b""
+        for lba in range(op.lba, op.lba + op.blocks):
+            data = H.block(H.KIND_WRITE, self.number, op.epoch, op.seq, disk, lba)
+            op.writes[disk, lba] = H.decode(data)
+            out += data
+        return out
+
+    def one(self) -> None:
+        rng = self.rng
+        lun = rng.randrange(len(self.cluster.luns))
+        disk = self.disk(lun)
+        blocks = rng.randint(1, MAX_BLOCKS)
+        lba = rng.randrange(SPAN - blocks + 1)
+        kind = rng.choices(
+            ["read", "write", "fua", "sync", "unmap", "same", "caw", "xcopy", "pr", "abort",
+             "reset"],
+            [30, 25, 8, 6, 4, 4, 6, 5, 6, 3, 1],
+        )[0]  # fmt: skip
+        if kind == "read":
+            op = self.begin("READ", lun, lba, blocks, reads_disks=(disk,))
+            data = self.command(op, read10(lba, blocks), want=blocks * H.BLOCK)
+            if op.good:
+                for i in range(blocks):
+                    op.reads[disk, lba + i] = H.decode(data[i * H.BLOCK : (i + 1) * H.BLOCK])
+        elif kind in ("write", "fua"):
+            fua = kind == "fua"
+            op = self.begin("WRITE FUA" if fua else "WRITE", lun, lba, blocks, fua=fua,
+                            writes_disks=(disk,))  # fmt: skip
+            self.command(op, write10(lba, blocks, fua=fua), out=self.tagged(op, disk))
+        elif kind == "sync":
+            op = self.begin("SYNCHRONIZE CACHE", lun, writes_disks=(disk,))
+            self.command(op, SYNC10)
+        elif kind == "unmap":
+            op = self.begin("UNMAP", lun, lba, blocks, writes_disks=(disk,))
+            for i in range(blocks):
+                op.writes[disk, lba + i] = H.ZERO
+            params = unmap_list((lba, blocks))
+            self.command(op, unmap_cdb(len(params)), out=params)
+        elif kind == "same":
+            op = self.begin("WRITE SAME", lun, lba, blocks, writes_disks=(disk,))
+            data = H.block(H.KIND_SAME, self.number, op.epoch, op.seq, disk, H.SAME_LBA)
+            for i in range(blocks):
+                op.writes[disk, lba + i] = H.decode(data)
+            self.command(op, write_same16(lba, blocks), out=data)
+        elif kind == "caw":
+            self.compare_and_write(lun, disk, lba)
+        elif kind == "xcopy":
+            self.extended_copy(lun, blocks)
+        elif kind == "pr":
+            self.reserve_out(lun, disk)
+        else:
+            self.abort(
+                lun, disk, lba, blocks, ABORT_TASK if kind == "abort" else LOGICAL_UNIT_RESET
+            )
+
+    def compare_and_write(self, lun: int, disk: int, lba: int) -> None:
+        read = self.begin("READ", lun, lba, 1, reads_disks=(disk,))
+        old = self.command(read, read10(lba, 1), want=H.BLOCK)
+        if not read.good:
+            return
+        read.reads[disk, lba] = H.decode(old)
+        op = self.begin("COMPARE AND WRITE", lun, lba, 1, reads_disks=(disk,),
+                        writes_disks=(disk,))  # fmt: skip
+        op.compare = H.decode(old)
+        new = self.tagged(op, disk)
+        cdb = struct.pack(">BBQ3xBBB", 0x89, 0, lba, 1, 0, 0)
+        self.command(op, cdb, out=old + new)
+        if op.good:
+            op.reads[disk, lba] = op.compare  # what it compared against was there
+
+    def extended_copy(self, lun: int, blocks: int) -> None:
+        """A copy addressed to ``lun`` from one LUN to another (any of them may be the same):
+        SPC-4 admits EXTENDED COPY on the LUN addressed as a write, and the copy reads its
+        source and writes its destination."""
+        src_lun = self.rng.randrange(len(self.cluster.luns))
+        dst_lun = self.rng.randrange(len(self.cluster.luns))
+        src, dst = self.disk(src_lun), self.disk(dst_lun)
+        src_lba = self.rng.randrange(SPAN - blocks + 1)
+        dst_lba = self.rng.randrange(SPAN - blocks + 1)
+        op = self.begin("EXTENDED COPY", lun, dst_lba, blocks, reads_disks=(src,),
+                        writes_disks=tuple({self.disk(lun), dst}),
+                        note=f"from lun {src_lun} lba {src_lba} to lun {dst_lun}")  # fmt: skip
+        for i in range(blocks):
+            op.writes[dst, dst_lba + i] = None
+            op.copy_from[dst, dst_lba + i] = (src, src_lba + i)
+        plist = xcopy_params(self.number, [self.naas[src_lun], self.naas[dst_lun]],
+                             [segment(0, 1, blocks, src_lba, dst_lba)], hold=False)  # fmt: skip
+        self.command(op, xcopy_cdb(len(plist)), out=plist)
+
+    def reserve_out(self, lun: int, disk: int) -> None:
+        """One PERSISTENT RESERVE OUT, then the state it left read back, with no other PR OUT
+        in between: the admission check knows the state from then to the next one."""
+        rng = self.rng
+        others = [0x1000 + n for n in range(INITIATORS) if n != self.number]
+        action = rng.choices([REGISTER_AND_IGNORE, RESERVE, RELEASE, CLEAR, PREEMPT,
+                              PREEMPT_AND_ABORT], [4, 4, 3, 2, 2, 2])[0]  # fmt: skip
+        kind = rng.choice(PR_TYPES)
+        key, service = self.key, 0
+        if action == REGISTER_AND_IGNORE:
+            key, service = 0, (self.key if rng.random() < 0.8 else 0)
+        elif action in (PREEMPT, PREEMPT_AND_ABORT):
+            service = rng.choice(others)
+        name = {6: "PR REGISTER", 1: "PR RESERVE", 2: "PR RELEASE", 3: "PR CLEAR",
+                4: "PR PREEMPT", 5: "PR PREEMPT AND ABORT"}[action]  # fmt: skip
+        params = struct.pack(">QQ4xB3x", key, service, 0)
+        cdb = struct.pack(">BBB2xIB", 0x5F, action, kind, len(params), 0)
+        with self.cluster.pr_lock:
+            op = self.begin(name, lun, note=f"type {kind} key {key:#x} service key {service:#x}")
+            self.hist.set_pr_until([disk], time.monotonic())
+            self.command(op, cdb, out=params)
+            if op.good and action == PREEMPT_AND_ABORT:
+                self.fence(disk, f"hist{service - 0x1000},", op.completed)
+            state = self.begin("PR IN READ FULL STATUS", lun)
+            data = self.command(state, struct.pack(">BB5xHB", 0x5E, READ_FULL_STATUS, 4096, 0),
+                                want=4096)  # fmt: skip
+            if not state.good:
+                return
+            registered, holders, reservation = set(), set(), 0
+            (length,) = struct.unpack_from(">I", data, 4)
+            at = 8
+            while at < 8 + length:
+                _, flags, scope_type, _, tid_len = struct.unpack_from(">Q4xBB4xHI", data, at)
+                tid = data[at + 24 : at + 24 + tid_len]
+                (name_len,) = struct.unpack_from(">H", tid, 2)
+                port = tid[4 : 4 + name_len].split(b"\0", 1)[0].decode()
+                registered.add(port)
+                if flags & 0x01:
+                    holders.add(port)
+                    reservation = scope_type & 0x0F
+                at += 24 + tid_len
+            self.hist.pr.append(H.PrState(disk, op.completed, math.inf, frozenset(registered),
+                                          frozenset(holders), reservation, str(op)))  # fmt: skip
+
+    def fence(self, disk: int, who: str, when: float) -> None:
+        """Writes of the preempted nexus to ``disk`` still without status land before ``when``."""
+        with self.hist.lock:
+            for op in self.hist.ops:
+                if who in op.initiator + "," and op.completed == math.inf and op.end > when:
+                    if any(d == disk for d, _ in op.writes):
+                        op.end = when
+                        op.note += " preempted and aborted"
+
+    def abort(self, lun: int, disk: int, lba: int, blocks: int, function: int) -> None:
+        """A WRITE and, right behind it, ABORT TASK (or LOGICAL UNIT RESET): the WRITE may
+        answer or not; if not, it must have landed (or not) by the TMF's response."""
+        assert self.ini is not None
+        op = self.begin("WRITE", lun, lba, blocks, writes_disks=(disk,))
+        data = self.tagged(op, disk)
+        op.invoked = time.monotonic()
+        try:
+            itt = self.ini.scsi(write10(lba, blocks), len(data), write=True, data=data[:8192],
+                                lun=lun)  # fmt: skip
+        except OSError:
+            op.outcome = H.UNKNOWN
+            raise
+        tmf_name = "ABORT TASK" if function == ABORT_TASK else "LOGICAL UNIT RESET"
+        tmf = self.begin(tmf_name, lun, lba, blocks, note=f"of #{op.seq}")
+        bhs = bytearray(48)
+        bhs[0], bhs[1], bhs[9] = 0x42, 0x80 | function, lun
+        bhs[16:20] = self.ini.next_itt().to_bytes(4, "big")
+        bhs[20:24] = itt.to_bytes(4, "big") if function == ABORT_TASK else b"\xff\xff\xff\xff"
+        bhs[24:28] = self.ini.cmdsn.to_bytes(4, "big")
+        bhs[28:32] = self.ini.expstatsn.to_bytes(4, "big")
+        bhs[32:36] = (self.ini.cmdsn - 1).to_bytes(4, "big")
+        tmf.invoked = time.monotonic()
+        try:
+            self.ini.send(bhs)
+            while tmf.outcome is None:
+                try:
+                    rsp, seg = self.ini.recv()
+                except TimeoutError:
+                    tmf.outcome = H.HUNG
+                    if op.outcome is None:
+                        op.outcome = H.HUNG
+                    raise
+                code = rsp[0] & 0x3F
+                rsp_itt = int.from_bytes(rsp[16:20], "big")
+                if code == R2T and rsp_itt == itt:
+                    ttt, offset, length = struct.unpack_from(">I16xII", rsp, 20)
+                    for n, pos in enumerate(range(offset, offset + length, 8192)):
+                        chunk = data[pos : min(pos + 8192, offset + length)]
+                        last = pos + len(chunk) == offset + length
+                        self.ini.data_out(itt, ttt, n, pos, chunk, last)
+                elif code == SCSI_RESPONSE and rsp_itt == itt:
+                    op.completed, op.outcome = time.monotonic(), rsp[3]
+                    op.sense = seg[2:20].hex()
+                elif code == TMF_RESPONSE:
+                    tmf.completed, tmf.outcome = time.monotonic(), rsp[2]
+                elif code not in (ASYNC_MESSAGE, NOP_IN, R2T, DATA_IN, SCSI_RESPONSE):
+                    raise AssertionError(f"unexpected PDU {rsp.hex()}")
+        except (OSError, ConnectionError):
+            for o in (op, tmf):
+                if o.outcome is None:
+                    o.outcome = H.UNKNOWN
+            raise
+        if op.outcome is None:
+            op.outcome = H.UNKNOWN
+            if tmf.outcome == 0:  # function complete: the aborted write landed or never will
+                op.end = tmf.completed
+        if function == LOGICAL_UNIT_RESET and tmf.outcome == 0:
+            with self.cluster.cond:
+                self.cluster.resets.append((op.epoch, lun, tmf.invoked, tmf.completed))
+            with self.hist.lock:  # every write of the LUN in flight ended with the reset
+                for other in self.hist.ops:
+                    if (other.epoch, other.lun) == (op.epoch, lun) and other.writes:
+                        if other.outcome is None and other.invoked < tmf.invoked:
+                            other.end = min(other.end, tmf.completed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(MINUTES * 60 * 2 + 240))
+def test_history_of_many_initiators_with_kills(tmp_path: Path):
+    hist = H.History()
+    luns = [
+        Lun(0, str(tmp_path / "file0.img"), tmp_path / "file0.img"),
+        Lun(1, "mem:1M", None),
+        Lun(2, f"{tmp_path / 'mapped2.img'}:mmap", tmp_path / "mapped2.img"),
+    ]
+    initial: dict[tuple[int, int], H.Value] = {}
+    for lun in luns:
+        if lun.path is not None:
+            blocks = [H.block(H.KIND_INIT, 0, 0, 0, lun.disk, lba) for lba in range(SPAN)]
+            data = b"".join(blocks)
+            lun.path.write_bytes(data + bytes(IMAGE_BYTES - len(data)))
+            initial.update({(lun.disk, lba): H.decode(b) for lba, b in enumerate(blocks)})
+    cluster = Cluster(tmp_path, luns, hist)
+    rng = random.Random(SEED)
+    cluster.start(initial)
+    clients = [Client(cluster, n, SEED) for n in range(INITIATORS)]
+    for c in clients:
+        c.start()
+    try:
+        deadline = time.monotonic() + MINUTES * 60
+        while time.monotonic() < deadline:
+            time.sleep(min(rng.uniform(4, 12), max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                break
+            values = cluster.kill()
+            initial = {k: (H.ZERO if k[0] in hist.volatile else v) for k, v in values.items()}
+            cluster.start(initial)
+        cluster.stop.set()
+        for c in clients:
+            c.join(BOUND + 30)
+        hung = [c.name for c in clients if c.is_alive()]
+        cluster.kill()  # the last epoch's durability, too
+    finally:
+        cluster.stop.set()
+        if cluster.target is not None and cluster.target.proc.poll() is None:
+            cluster.target.proc.kill()
+    errors = [f"{c.name}: {c.error!r}" for c in clients if c.error is not None]
+    violations = hist.check()
+    done = sum(1 for op in hist.ops if op.good)
+    summary = (
+        f"seed {SEED}: {len(hist.ops)} operations ({done} GOOD) in {len(hist.epochs)} lives"
+        f" of the target"
+    )
+    if hung or errors or violations:
+        kinds: dict[str, int] = {}
+        for v in violations:
+            kinds[v.split(":")[0]] = kinds.get(v.split(":")[0], 0) + 1
+        summary += f"\nviolations by kind: {kinds}"
+        text = "\n\n".join(violations[:12])
+        more = f"\n... and {len(violations) - 12} more" if len(violations) > 12 else ""
+        pytest.fail(
+            f"{summary}\n{len(violations)} violations; hung clients {hung}; errors {errors}\n\n"
+            f"{text}{more}\n\nreplay: {replay()}\n\ntarget log tail:\n{cluster.log()[-3000:]}",
+            pytrace=False,
+        )
+    print(summary)
