@@ -97,14 +97,20 @@ class Op:
     # reservation admission: disks it reads and disks it writes
     reads_disks: tuple[int, ...] = ()
     writes_disks: tuple[int, ...] = ()
+    touches: tuple[int, ...] = ()  # LUN numbers it names (the addressed one first)
+    # A reload changed one of its LUNs while it ran: which image it reached is not known.
+    # It may have written either; its reads and its status decide nothing.
+    ambiguous: bool = False
 
     @property
     def good(self) -> bool:
-        return self.outcome == GOOD
+        return self.outcome == GOOD and not self.ambiguous
 
     @property
     def effect_end(self) -> float:
-        return min(self.completed, self.end) if self.good else self.end
+        if self.outcome == GOOD:
+            return min(self.completed, self.end)
+        return self.end
 
     def __str__(self) -> str:
         done = "never" if self.completed == math.inf else f"{self.completed:.4f}"
@@ -252,7 +258,7 @@ class History:
         if epoch.initial.get(key, ZERO) == value and latest == -math.inf:
             return True, []
         for w in writes:
-            if w.invoked < end and w.outcome in (GOOD, UNKNOWN, HUNG, None):
+            if w.invoked < end and (w.outcome in (GOOD, UNKNOWN, HUNG, None) or w.ambiguous):
                 if self._may_produce(w, key, value) and not latest > w.effect_end:
                     return True, []
         involved = [w for w in writes if w.writes[key] in (value, None)]
@@ -324,7 +330,7 @@ class History:
     def check_reservations(self) -> list[str]:
         out = []
         for op in self.ops:
-            if op.outcome not in (GOOD, RESERVATION_CONFLICT) or not op.nexus:
+            if op.outcome not in (GOOD, RESERVATION_CONFLICT) or not op.nexus or op.ambiguous:
                 continue
             if not (op.reads_disks or op.writes_disks):
                 continue
@@ -352,6 +358,20 @@ class History:
                     + "; ".join(self._show_pr(s, w) for s, w, _ in verdicts)  # type: ignore[misc]
                 )
         return out
+
+    def remap(self, epoch: int, lun: int, old: int, new: int, start: float, end: float) -> None:
+        """A reload over [start, end] made ``lun`` another image (disk ``old`` -> ``new``):
+        operations naming it meanwhile may have reached either."""
+        with self.lock:
+            for op in self.ops:
+                if op.epoch != epoch or lun not in op.touches:
+                    continue
+                if op.invoked < end and op.completed > start:
+                    op.ambiguous = True
+                    op.note += f" overlapped the reload of lun {lun}"
+                    for (disk, lba), value in list(op.writes.items()):
+                        if disk in (old, new):
+                            op.writes[old, lba] = op.writes[new, lba] = value
 
     def _show_pr(self, s: PrState, write: bool) -> str:
         what = "write" if write else "read"

@@ -71,6 +71,12 @@ class Lun:
     path: Path | None  # None: a mem: LUN, empty at every start
 
 
+def fill(path: Path, disk: int) -> None:
+    """An image whose touched blocks each carry their own initial name."""
+    blocks = b"".join(H.block(H.KIND_INIT, 0, 0, 0, disk, lba) for lba in range(SPAN))
+    path.write_bytes(blocks + bytes(IMAGE_BYTES - len(blocks)))
+
+
 class Cluster:
     """The target under test across its restarts: which process, which epoch."""
 
@@ -82,6 +88,10 @@ class Cluster:
         self.cond = threading.Condition()
         self.target: RunningTarget | None = None
         self.epoch = -1
+        self.generation = 0  # of the LUN list: a reload changes it
+        self.next_disk = len(luns)
+        self.lost: list[tuple[int, str, str]] = []  # epoch, initiator, op: connections lost
+        self.logs: dict[int, str] = {}  # epoch -> the target's log
         self.stop = threading.Event()
         self.resets: list[tuple[int, int, float, float]] = []  # epoch, lun, issued, answered
         self.pr_lock = threading.Lock()  # PR OUTs are serialized: the state between them is known
@@ -126,6 +136,76 @@ class Cluster:
                 self.cond.wait(1)
             return self.target, self.epoch
 
+    def new_lun(self, rng: random.Random) -> Lun:
+        """A LUN on a disk never used before: a file (plain or mapped) or memory."""
+        disk = self.next_disk
+        self.next_disk += 1
+        kind = rng.choice(["file", "mmap", "mem"])
+        if kind == "mem":
+            self.hist.volatile.add(disk)
+            lun = Lun(disk, "mem:1M", None)
+        else:
+            path = self.tmp_path / f"disk{disk}.img"
+            fill(path, disk)
+            lun = Lun(disk, f"{path}:mmap" if kind == "mmap" else str(path), path)
+        self.hist.disks[disk] = lun.spec
+        epoch = self.hist.epochs[-1]
+        for lba in range(SPAN):
+            epoch.initial[disk, lba] = (
+                H.ZERO if lun.path is None else H.decode(H.block(H.KIND_INIT, 0, 0, 0, disk, lba))
+            )
+        return lun
+
+    def reload(self, rng: random.Random) -> str:
+        """SIGHUP after adding, removing or replacing a LUN in the config file; reservations
+        stay on the LUNs it keeps and start empty on the others."""
+        target = self.target
+        assert target is not None
+        with self.pr_lock:  # no PR OUT meanwhile: the states before and after are known
+            old = list(self.luns)
+            new = list(old)
+            action = rng.choice(
+                ["add", "remove", "replace"] if len(old) > 3 else ["add", "replace"]
+            )
+            if action == "add" and len(old) < 5:
+                new.append(self.new_lun(rng))
+            elif action == "remove" and len(old) > 3:
+                new.pop()
+            else:
+                action = "replace"
+                new[rng.randrange(len(new))] = self.new_lun(rng)
+            before = target.log().count("reload done")
+            start = time.monotonic()
+            self.hist.set_pr_until([lun.disk for lun in old], start)
+            with self.cond:
+                self.luns = new
+                self.generation += 1
+            self.write_config()
+            target.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60  # a hang guard
+            while target.log().count("reload done") == before:
+                assert target.proc.poll() is None, target.log()[-3000:]
+                assert time.monotonic() < deadline, f"no reload done:\n{target.log()[-3000:]}"
+                time.sleep(0.02)
+            done = time.monotonic()
+            epoch = self.hist.epochs[-1].number
+            kept = {lun.disk for lun in old}
+            for number, lun in enumerate(new):
+                if number < len(old) and old[number].disk != lun.disk:
+                    self.hist.remap(epoch, number, old[number].disk, lun.disk, start, done)
+                known = [s for s in self.hist.pr if s.disk == lun.disk and s.until == start]
+                if lun.disk in kept and known:  # the reload keeps its reservations
+                    state = known[-1]
+                    self.hist.pr.append(H.PrState(lun.disk, done, math.inf, state.registered,
+                                                  state.holders, state.kind,
+                                                  f"kept by the reload at {done:.4f}"))  # fmt: skip
+                elif lun.disk not in kept:  # a new image: nothing reserved
+                    empty = H.PrState(lun.disk, done, math.inf, frozenset(), frozenset(), 0,
+                                      f"reload at {done:.4f}")  # fmt: skip
+                    self.hist.pr.append(empty)
+            self.hist.event(f"reload {action}: {[lun.spec for lun in new]}")
+            return action
+
     def kill(self) -> dict[tuple[int, int], H.Value]:
         """SIGKILL, then the images as the disks hold them (page cache dropped)."""
         assert self.target is not None
@@ -135,6 +215,7 @@ class Cluster:
             target.proc.send_signal(signal.SIGKILL)
             target.proc.wait(30)
         killed = time.monotonic()
+        self.logs[self.epoch] = target.log()
         self.hist.set_pr_until([lun.disk for lun in self.luns], killed)
         epoch = self.hist.epochs[-1]
         epoch.killed = killed
@@ -181,13 +262,16 @@ class Client(threading.Thread):
         self.key = 0x1000 + number
         self.ini: MiniInitiator | None = None
         self.epoch = -1
+        self.failed = -1  # the epoch whose target refused a login: wait for the next
+        self.generation = -1
         self.naas: dict[int, bytes] = {}
+        self.view: list[Lun] = []
         self.error: BaseException | None = None
 
     # -- the session
 
     def connect(self) -> bool:
-        got = self.cluster.current(self.epoch)
+        got = self.cluster.current(self.failed)
         if got is None:
             return False
         target, self.epoch = got
@@ -196,11 +280,22 @@ class Client(threading.Thread):
             ini.isid = self.isid
             ini.login(IQN, {"InitiatorName": self.name_})
             self.ini = ini
-            for i in range(len(self.cluster.luns)):
-                self.naas[i] = naa(ini, i)
+            self.generation = -1
         except (OSError, ConnectionError, AssertionError):
             self.ini = None  # the target died meanwhile: wait for the next one
+            self.failed = self.epoch
         return True
+
+    def refresh(self) -> None:
+        """The NAA of every LUN (EXTENDED COPY names LUNs by it), again after a reload."""
+        assert self.ini is not None
+        self.generation = self.cluster.generation
+        self.naas = {}
+        for i in range(len(self.cluster.luns)):
+            try:
+                self.naas[i] = naa(self.ini, i)
+            except AssertionError:  # a unit attention, a LUN gone: no copies naming it
+                pass
 
     def run(self) -> None:
         try:
@@ -210,10 +305,14 @@ class Client(threading.Thread):
                         return
                     continue
                 try:
+                    if self.generation != self.cluster.generation:
+                        self.refresh()
                     self.one()
-                except (OSError, ConnectionError):
+                except (OSError, ConnectionError) as e:
                     self.ini.close()
                     self.ini = None
+                    if self.cluster.target is not None:
+                        self.cluster.lost.append((self.epoch, self.name_, repr(e)))
         except BaseException as e:  # reported by the test
             self.error = e
 
@@ -288,11 +387,12 @@ class Client(threading.Thread):
     # -- operations
 
     def begin(self, name: str, lun: int, lba: int = 0, blocks: int = 0, **kw: object) -> H.Op:
+        kw.setdefault("touches", (lun,))
         return self.hist.begin(self.name_, name, lun, self.epoch, lba=lba, blocks=blocks,
                                nexus=self.nexus, **kw)  # fmt: skip
 
     def disk(self, lun: int) -> int:
-        return self.cluster.luns[lun].disk
+        return self.view[lun].disk
 
     def tagged(self, op: H.Op, disk: int) -> bytes:
         out = b""
@@ -304,7 +404,8 @@ class Client(threading.Thread):
 
     def one(self) -> None:
         rng = self.rng
-        lun = rng.randrange(len(self.cluster.luns))
+        self.view = self.cluster.luns  # the LUNs as this operation sees them (a reload may follow)
+        lun = rng.randrange(len(self.view))
         disk = self.disk(lun)
         blocks = rng.randint(1, MAX_BLOCKS)
         lba = rng.randrange(SPAN - blocks + 1)
@@ -369,13 +470,16 @@ class Client(threading.Thread):
         """A copy addressed to ``lun`` from one LUN to another (any of them may be the same):
         SPC-4 admits EXTENDED COPY on the LUN addressed as a write, and the copy reads its
         source and writes its destination."""
-        src_lun = self.rng.randrange(len(self.cluster.luns))
-        dst_lun = self.rng.randrange(len(self.cluster.luns))
+        src_lun = self.rng.randrange(len(self.view))
+        dst_lun = self.rng.randrange(len(self.view))
+        if src_lun not in self.naas or dst_lun not in self.naas:
+            return
         src, dst = self.disk(src_lun), self.disk(dst_lun)
         src_lba = self.rng.randrange(SPAN - blocks + 1)
         dst_lba = self.rng.randrange(SPAN - blocks + 1)
         op = self.begin("EXTENDED COPY", lun, dst_lba, blocks, reads_disks=(src,),
                         writes_disks=tuple({self.disk(lun), dst}),
+                        touches=(lun, src_lun, dst_lun),
                         note=f"from lun {src_lun} lba {src_lba} to lun {dst_lun}")  # fmt: skip
         for i in range(blocks):
             op.writes[dst, dst_lba + i] = None
@@ -504,6 +608,33 @@ class Client(threading.Thread):
                             other.end = min(other.end, tmf.completed)
 
 
+def dropped(cluster: Cluster) -> list[str]:
+    """Connections the live target ended must be ones a reload ended (and said so); no
+    traceback in any log."""
+    out = []
+    for epoch, log in sorted(cluster.logs.items()):
+        if "Traceback" in log:
+            at = log.index("Traceback")
+            out.append(f"traceback in the target log of e{epoch}:\n{log[at - 300 : at + 1500]}")
+        for n in range(INITIATORS):
+            name = f"iqn.2024-01.org.zerosend:hist{n}"
+            lost = sum(1 for e, who, _ in cluster.lost if (e, who) == (epoch, name))
+            ended = sum(1 for line in log.splitlines() if name in line and "ending session" in line)
+            if lost > ended:
+                said = [
+                    li
+                    for li in log.splitlines()
+                    if name in li and ("WARNING" in li or "ERROR" in li)
+                ]
+                errors = [err for e, who, err in cluster.lost if (e, who) == (epoch, name)]
+                out.append(
+                    f"connection dropped: {name} lost {lost} connections in e{epoch}, a reload"
+                    f" ended {ended}; client saw {errors[:3]}; target said:\n  "
+                    + "\n  ".join(said[-5:])
+                )
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(int(MINUTES * 60 * 2 + 240))
 def test_history_of_many_initiators_with_kills(tmp_path: Path):
@@ -516,10 +647,9 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
     initial: dict[tuple[int, int], H.Value] = {}
     for lun in luns:
         if lun.path is not None:
-            blocks = [H.block(H.KIND_INIT, 0, 0, 0, lun.disk, lba) for lba in range(SPAN)]
-            data = b"".join(blocks)
-            lun.path.write_bytes(data + bytes(IMAGE_BYTES - len(data)))
-            initial.update({(lun.disk, lba): H.decode(b) for lba, b in enumerate(blocks)})
+            fill(lun.path, lun.disk)
+            for lba in range(SPAN):
+                initial[lun.disk, lba] = H.decode(H.block(H.KIND_INIT, 0, 0, 0, lun.disk, lba))
     cluster = Cluster(tmp_path, luns, hist)
     rng = random.Random(SEED)
     cluster.start(initial)
@@ -528,10 +658,15 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
         c.start()
     try:
         deadline = time.monotonic() + MINUTES * 60
+        faults, first = 0, rng.randrange(2)
         while time.monotonic() < deadline:
-            time.sleep(min(rng.uniform(4, 12), max(0.0, deadline - time.monotonic())))
+            time.sleep(min(rng.uniform(2, 8), max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
+            faults += 1
+            if faults % 2 == first:  # reloads and kills take turns, in an order the seed picks
+                cluster.reload(rng)
+                continue
             values = cluster.kill()
             initial = {k: (H.ZERO if k[0] in hist.volatile else v) for k, v in values.items()}
             cluster.start(initial)
@@ -545,19 +680,30 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
         if cluster.target is not None and cluster.target.proc.poll() is None:
             cluster.target.proc.kill()
     errors = [f"{c.name}: {c.error!r}" for c in clients if c.error is not None]
-    violations = hist.check()
+    violations = hist.check() + dropped(cluster)
     done = sum(1 for op in hist.ops if op.good)
+    by_name: dict[str, list[int]] = {}
+    for op in hist.ops:
+        counts = by_name.setdefault(op.name, [0, 0])
+        counts[0] += 1
+        counts[1] += op.good
+    reloads = [what for _, what in hist.events if what.startswith("reload")]
     summary = (
         f"seed {SEED}: {len(hist.ops)} operations ({done} GOOD) in {len(hist.epochs)} lives"
-        f" of the target"
+        f" of the target, {len(reloads)} reloads; issued/GOOD: {by_name}"
     )
     if hung or errors or violations:
         kinds: dict[str, int] = {}
         for v in violations:
             kinds[v.split(":")[0]] = kinds.get(v.split(":")[0], 0) + 1
         summary += f"\nviolations by kind: {kinds}"
-        text = "\n\n".join(violations[:12])
-        more = f"\n... and {len(violations) - 12} more" if len(violations) > 12 else ""
+        shown, per_kind = [], dict.fromkeys(kinds, 0)
+        for v in violations:  # a few of every kind
+            if per_kind[v.split(":")[0]] < 3:
+                per_kind[v.split(":")[0]] += 1
+                shown.append(v)
+        text = "\n\n".join(shown)
+        more = f"\n... and {len(violations) - len(shown)} more" if len(violations) > 12 else ""
         pytest.fail(
             f"{summary}\n{len(violations)} violations; hung clients {hung}; errors {errors}\n\n"
             f"{text}{more}\n\nreplay: {replay()}\n\ntarget log tail:\n{cluster.log()[-3000:]}",
