@@ -710,3 +710,100 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
             pytrace=False,
         )
     print(summary)
+
+
+# -- the checker itself, on made-up histories: every invariant can fail
+
+
+def made_up() -> tuple[H.History, H.Value]:
+    """One epoch; block (0, 0) starts with its initial value, which is returned."""
+    hist = H.History()
+    initial = H.decode(H.block(H.KIND_INIT, 0, 0, 0, 0, 0))
+    hist.epochs.append(H.Epoch(0, 0.0, killed=100.0, initial={(0, 0): initial}))
+    return hist, initial
+
+
+def op(hist: H.History, name: str, invoked: float, completed: float, outcome: object = H.GOOD,
+       **kw: object) -> H.Op:  # fmt: skip
+    o = H.Op(kw.pop("initiator", "ini1"), len(hist.ops) + 1, name, 0, **kw)  # type: ignore[arg-type]
+    o.invoked, o.completed, o.outcome = invoked, completed, outcome
+    hist.ops.append(o)
+    return o
+
+
+def written(writer: int, seq: int) -> H.Value:
+    return H.decode(H.block(H.KIND_WRITE, writer, 0, seq, 0, 0))
+
+
+def test_checker_finds_a_stale_read_and_accepts_an_overlapping_one():
+    hist, initial = made_up()
+    op(hist, "WRITE", 1, 2, writes={(0, 0): written(1, 1)})
+    op(hist, "READ", 1.5, 1.6, reads={(0, 0): initial})  # overlaps the write: either value
+    op(hist, "READ", 3, 4, reads={(0, 0): written(1, 1)})
+    assert hist.check() == []
+    op(hist, "READ", 5, 6, reads={(0, 0): initial})  # the write was answered before
+    (violation,) = hist.check()
+    assert violation.startswith("not linearizable: disk 0 lba 0 read initial")
+    assert "ini1 #1 WRITE" in violation and "ini1 #4 READ" in violation
+
+
+def test_checker_finds_a_write_that_landed_after_its_fence():
+    """B's WRITE without status, fenced by a PREEMPT AND ABORT at 2; A writes at 3..4; a read
+    at 5 must not see B's data."""
+    hist, _ = made_up()
+    op(hist, "WRITE", 1, math.inf, H.UNKNOWN, end=2.0, writes={(0, 0): written(2, 1)},
+       initiator="ini2")  # fmt: skip
+    op(hist, "WRITE", 3, 4, writes={(0, 0): written(1, 2)})
+    op(hist, "READ", 2.5, 2.6, reads={(0, 0): written(2, 1)})  # before A's write: fine
+    assert hist.check() == []
+    op(hist, "READ", 5, 6, reads={(0, 0): written(2, 1)})
+    (violation,) = hist.check()
+    assert "not linearizable" in violation and "fenced at 2.0000" in violation
+
+
+def test_checker_finds_a_synced_write_lost_at_the_kill():
+    hist, initial = made_up()
+    hist.epochs[0].final = {(0, 0): initial}
+    op(hist, "WRITE", 1, 2, writes={(0, 0): written(1, 1)}, writes_disks=(0,))
+    assert hist.check() == []  # not synced: it may be lost
+    op(hist, "SYNCHRONIZE CACHE", 3, 4, writes_disks=(0,))
+    (violation,) = hist.check()
+    assert violation.startswith("lost after SIGKILL of e0: disk 0 lba 0 holds initial")
+
+
+def test_checker_finds_commands_a_reservation_forbids_and_conflicts_without_one():
+    hist, _ = made_up()
+    hist.pr.append(H.PrState(0, 1, 10, frozenset({"a"}), frozenset({"a"}), 1, "made up"))
+    op(hist, "READ", 2, 3, nexus="b", reads_disks=(0,))  # WRITE EXCLUSIVE: reads allowed
+    op(hist, "WRITE", 2, 3, H.RESERVATION_CONFLICT, nexus="b", writes_disks=(0,))
+    op(hist, "EXTENDED COPY", 11, 12, nexus="b", writes_disks=(0,))  # state unknown by then
+    assert hist.check() == []
+    op(hist, "EXTENDED COPY", 4, 5, nexus="b", reads_disks=(1,), writes_disks=(0,))
+    hist.pr.append(H.PrState(1, 1, 10, frozenset(), frozenset(), 0, "made up"))
+    op(hist, "READ", 4, 5, H.RESERVATION_CONFLICT, nexus="b", reads_disks=(0,))
+    bypass, conflict = hist.check()
+    assert bypass.startswith("reservation bypassed: ini1 #4 EXTENDED COPY")
+    assert conflict.startswith("RESERVATION CONFLICT where none applies: ini1 #5 READ")
+
+
+def test_checker_finds_two_compare_and_writes_that_saw_the_same_value():
+    hist, _ = made_up()
+    hist.epochs[0].initial[0, 0] = written(3, 9)
+    for n in (1, 2):
+        op(hist, "COMPARE AND WRITE", n, n + 0.5, compare=written(3, 9),
+           writes={(0, 0): written(1, n + 10)})  # fmt: skip
+    (violation,) = hist.check()
+    assert violation.startswith("COMPARE AND WRITE not atomic")
+
+
+def test_checker_finds_hangs_and_torn_blocks():
+    hist, _ = made_up()
+    op(hist, "WRITE", 1, math.inf, H.HUNG)
+    torn = bytearray(H.block(H.KIND_WRITE, 1, 0, 1, 0, 0))
+    torn[300] ^= 1
+    op(hist, "READ", 2, 3, reads={(0, 0): H.decode(bytes(torn))})
+    violations = hist.check()
+    assert [v.split(":")[0] for v in violations] == [
+        "torn block at disk 0 lba 0",
+        "no status and no end of the connection within the bound",
+    ]
