@@ -195,6 +195,7 @@ class History:
     def check(self) -> list[str]:
         out: list[str] = []
         out += self.check_reads()
+        out += self.check_no_return()
         out += self.check_durability()
         out += self.check_compare_and_write()
         out += self.check_reservations()
@@ -287,6 +288,68 @@ class History:
                     out.append(
                         f"not linearizable: disk {key[0]} lba {key[1]} read {show(value)}"
                         f"\n  read: {op}\n  writes:\n  {lines}"
+                    )
+        return out
+
+    def check_no_return(self) -> list[str]:
+        """A value, once a read that began after its write's effect ended saw another one,
+        never comes back: names are unique, so its coming back means the write landed late
+        (after its fence, or after a newer write). Blocks a copy wrote are left out (a copy
+        may bring a value back)."""
+        out = []
+        reads: dict[tuple[int, tuple[int, int]], list[tuple[float, float, Value, Op]]] = (
+            defaultdict(list)
+        )
+        for op in self.ops:
+            if op.good:
+                for key, value in op.reads.items():
+                    if value[0] == "tag":
+                        reads[op.epoch, key].append((op.invoked, op.completed, value, op))
+        for (epoch, key), seen in reads.items():
+            writes = self._by_block[epoch].get(key, [])
+            if any(w.copy_from for w in writes):
+                continue
+            producer: dict[Value, float] = {}
+            epochs = {e.number: e for e in self.epochs}
+            if epochs[epoch].initial.get(key) is not None:
+                producer[epochs[epoch].initial[key]] = -math.inf
+            for w in writes:
+                if w.ambiguous or w.writes[key] is None:
+                    continue
+                producer[w.writes[key]] = w.effect_end  # type: ignore[index]
+            seen.sort(key=lambda r: r[0])
+            starts = [r[0] for r in seen]
+            # from each position on: the earliest-answered read, and the earliest of another value
+            best: list[tuple[tuple[float, Value, Op] | None, tuple[float, Value, Op] | None]] = []
+            b1 = b2 = None
+            for _, completed, value, op in reversed(seen):
+                cand = (completed, value, op)
+                if b1 is None or completed < b1[0]:
+                    if b1 is not None and b1[1] != value:
+                        b2 = b1
+                    b1 = cand
+                elif value != b1[1] and (b2 is None or completed < b2[0]):
+                    b2 = cand
+                best.append((b1, b2))
+            best.reverse()
+            last_read: dict[Value, tuple[float, Op]] = {}
+            for invoked, _, value, op in seen:
+                if value not in last_read or invoked > last_read[value][0]:
+                    last_read[value] = (invoked, op)
+            for value, effect_end in producer.items():
+                if value not in last_read or effect_end == math.inf:
+                    continue
+                n = bisect.bisect_right(starts, effect_end)
+                if n >= len(seen):
+                    continue
+                b1, b2 = best[n]
+                other = b1 if b1 is not None and b1[1] != value else b2
+                if other is not None and last_read[value][0] > other[0]:
+                    makers = [str(w) for w in writes if w.writes[key] in (value, other[1])]
+                    out.append(
+                        f"a value came back: disk {key[0]} lba {key[1]} read {show(other[1])},"
+                        f" then {show(value)} again\n  {other[2]}\n  {last_read[value][1]}\n"
+                        f"  writes:\n  " + "\n  ".join(makers)
                     )
         return out
 

@@ -10,6 +10,7 @@ failing run prints the command that replays it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -82,7 +83,34 @@ class VolatileDevice(GatedFile):
         self.flushed = 0  # writes of ``log`` made durable
         self.landed = 0
         self.cut = threading.Lock()
+        self.held: list[threading.Event] = []
+        self.gate_lock = threading.Lock()  # one user of the gate at a time
         super().__init__(mountpoint, data)
+
+    def _pass_gate(self) -> None:
+        """Requests held at the gate go on newest first when it opens (a device reorders):
+        a write issued later lands before an older one still held."""
+        if self._gate.is_set():
+            return
+        mine = threading.Event()
+        with self._lock:
+            self.waiting += 1
+            self.held.append(mine)
+        if self._gate.is_set():  # opened meanwhile
+            self.open_gate()
+        mine.wait()
+        with self._lock:
+            self.waiting -= 1
+
+    def open_gate(self) -> None:
+        self._gate.set()
+        while True:
+            with self._lock:
+                if not self.held:
+                    return
+                newest = self.held.pop()
+            newest.set()
+            time.sleep(0.002)  # (its write lands before the next one goes)
 
     def _write(self, unique: int, offset: int, data: bytes) -> None:
         self._pass_gate()
@@ -159,7 +187,9 @@ class Cluster:
         self.lost: list[tuple[int, str, str]] = []  # epoch, initiator, op: connections lost
         self.logs: dict[int, str] = {}  # epoch -> the target's log
         self.stop = threading.Event()
-        self.resets: list[tuple[int, int, float, float]] = []  # epoch, lun, issued, answered
+        # LOGICAL UNIT RESETs and PREEMPT AND ABORTs answered: (epoch, lun, the initiator
+        # whose commands it aborted or "" for all, when answered)
+        self.aborts: list[tuple[int, int, str, float]] = []
         self.pr_lock = threading.Lock()  # PR OUTs are serialized: the state between them is known
         for lun in luns:
             hist.disks[lun.disk] = lun.spec
@@ -185,12 +215,14 @@ class Cluster:
             self.target = target
             self.cond.notify_all()
 
-    def reset_after(self, op: H.Op) -> float | None:
-        """When a LOGICAL UNIT RESET of ``op``'s LUN issued after ``op`` was answered."""
+    def aborted(self, op: H.Op) -> float | None:
+        """When a LOGICAL UNIT RESET, or a PREEMPT AND ABORT of its initiator, on ``op``'s
+        LUN was answered after ``op`` was issued: such a command may end without status."""
         with self.cond:
-            for epoch, lun, issued, answered in self.resets:
-                if (epoch, lun) == (op.epoch, op.lun) and issued > op.invoked:
-                    return answered
+            for epoch, lun, whose, answered in self.aborts:
+                if (epoch, lun) == (op.epoch, op.lun) and whose in ("", op.initiator):
+                    if answered > op.invoked:
+                        return answered
         return None
 
     def current(self, after: int) -> tuple[RunningTarget, int] | None:
@@ -278,13 +310,12 @@ class Cluster:
             time.sleep(rng.uniform(0.05, 0.5))
             with self.cond:
                 devices = [lun.device for lun in self.luns if lun.device is not None]
-                if self.target is None:
+                if self.target is None or not devices:
                     continue
-                for device in devices:
-                    device.close_gate()
-            time.sleep(rng.uniform(0.01, 0.3))
-            for device in devices:
-                device.open_gate()
+            with devices[0].gate_lock:
+                devices[0].close_gate()
+                time.sleep(rng.uniform(0.01, 0.3))
+                devices[0].open_gate()
 
     def kill(self) -> dict[tuple[int, int], H.Value]:
         """SIGKILL, then the images as the disks hold them (page cache dropped)."""
@@ -433,8 +464,9 @@ class Client(threading.Thread):
                 raise AssertionError(f"unexpected PDU {bhs.hex()}")
 
     def receive(self, op: H.Op) -> tuple[bytes, bytes]:
-        """The next PDU. A LOGICAL UNIT RESET of another session may end ``op`` without a
-        status: then ResetAborted once the reset was answered; HUNG after the bound."""
+        """The next PDU. A LOGICAL UNIT RESET, or a PREEMPT AND ABORT, of another session may
+        end ``op`` without status (SAM-5, TAS=0): then ResetAborted once that was answered
+        (and a second passed without a PDU); HUNG after the bound."""
         assert self.ini is not None
         self.ini.sock.settimeout(1.0)
         try:
@@ -442,10 +474,10 @@ class Client(threading.Thread):
                 try:
                     return self.ini.recv()
                 except TimeoutError:
-                    reset = self.cluster.reset_after(op)
+                    reset = self.cluster.aborted(op)
                     if reset is not None:
                         op.outcome, op.end = H.UNKNOWN, min(op.end, reset)
-                        op.note += " ended by a LOGICAL UNIT RESET"
+                        op.note += " aborted by a reset or a preempt"
                         raise ResetAborted from None
                     if time.monotonic() - op.invoked > BOUND:
                         op.outcome = H.HUNG
@@ -492,7 +524,9 @@ class Client(threading.Thread):
     def one(self) -> None:
         rng = self.rng
         self.view = self.cluster.luns  # the LUNs as this operation sees them (a reload may follow)
-        lun = rng.randrange(len(self.view))
+        # The device LUN oftener: there writes and syncs wait in the device's threads
+        weights = [4 if lun.device is not None else 1 for lun in self.view]
+        lun = rng.choices(range(len(self.view)), weights)[0]
         disk = self.disk(lun)
         blocks = rng.randint(1, MAX_BLOCKS)
         lba = rng.randrange(SPAN - blocks + 1)
@@ -579,25 +613,54 @@ class Client(threading.Thread):
         """One PERSISTENT RESERVE OUT, then the state it left read back, with no other PR OUT
         in between: the admission check knows the state from then to the next one."""
         rng = self.rng
-        others = [0x1000 + n for n in range(INITIATORS) if n != self.number]
-        action = rng.choices([REGISTER_AND_IGNORE, RESERVE, RELEASE, CLEAR, PREEMPT,
-                              PREEMPT_AND_ABORT], [4, 4, 3, 2, 2, 2])[0]  # fmt: skip
-        kind = rng.choice(PR_TYPES)
-        key, service = self.key, 0
-        if action == REGISTER_AND_IGNORE:
-            key, service = 0, (self.key if rng.random() < 0.8 else 0)
-        elif action in (PREEMPT, PREEMPT_AND_ABORT):
-            service = rng.choice(others)
-        name = {6: "PR REGISTER", 1: "PR RESERVE", 2: "PR RELEASE", 3: "PR CLEAR",
-                4: "PR PREEMPT", 5: "PR PREEMPT AND ABORT"}[action]  # fmt: skip
-        params = struct.pack(">QQ4xB3x", key, service, 0)
-        cdb = struct.pack(">BBB2xIB", 0x5F, action, kind, len(params), 0)
-        with self.cluster.pr_lock:
+        with self.cluster.pr_lock, contextlib.ExitStack() as held:
+            # What to do, from the last state read back: register first; preempt a registrant
+            known = [st for st in self.hist.pr if st.disk == disk and st.until == math.inf]
+            registered = known[-1].registered if known else frozenset()
+            others = [0x1000 + int(port.split(",")[0].rsplit("hist", 1)[1])
+                      for port in registered if port != self.nexus]  # fmt: skip
+            others = others or [0x1000 + n for n in range(INITIATORS) if n != self.number]
+            action = rng.choices([REGISTER_AND_IGNORE, RESERVE, RELEASE, CLEAR, PREEMPT,
+                                  PREEMPT_AND_ABORT], [4, 4, 3, 2, 2, 3])[0]  # fmt: skip
+            if known and self.nexus not in registered and rng.random() < 0.7:
+                action = REGISTER_AND_IGNORE
+            kind = rng.choice(PR_TYPES)
+            key, service = self.key, 0
+            if action == REGISTER_AND_IGNORE:
+                key, service = 0, (self.key if rng.random() < 0.8 else 0)
+            elif action in (PREEMPT, PREEMPT_AND_ABORT):
+                service = rng.choice(others)
+            name = {6: "PR REGISTER", 1: "PR RESERVE", 2: "PR RELEASE", 3: "PR CLEAR",
+                    4: "PR PREEMPT", 5: "PR PREEMPT AND ABORT"}[action]  # fmt: skip
+            params = struct.pack(">QQ4xB3x", key, service, 0)
+            cdb = struct.pack(">BBB2xIB", 0x5F, action, kind, len(params), 0)
+            device = self.view[lun].device
+            if device is not None and action == PREEMPT_AND_ABORT:
+                # The preempted nexus's writes held in the device: they must land before
+                # the GOOD (the gate opens in a moment, newest request first).
+                held.enter_context(device.gate_lock)
+                device.close_gate()
+                threading.Timer(0.5, device.open_gate).start()
+                wait_for(lambda: device.waiting > 0 or device._gate.is_set(), "a request held",
+                         timeout=60)  # fmt: skip
+                with self.hist.lock:  # a registrant with a write in flight there, if any
+                    writing = {o.initiator for o in self.hist.ops[-64:] if o.outcome is None
+                               and o.writes_disks == (disk,) and o.writes}  # fmt: skip
+                victims = [0x1000 + int(port.split(",")[0].rsplit("hist", 1)[1])
+                           for port in registered if port.split(",")[0] in writing]  # fmt: skip
+                if victims and victims[0] != self.key:
+                    service = victims[0]
+                    params = struct.pack(">QQ4xB3x", key, service, 0)
             op = self.begin(name, lun, note=f"type {kind} key {key:#x} service key {service:#x}")
             self.hist.set_pr_until([disk], time.monotonic())
             self.command(op, cdb, out=params)
             if op.good and action == PREEMPT_AND_ABORT:
-                self.fence(disk, f"hist{service - 0x1000},", op.completed)
+                whose = f"iqn.2024-01.org.zerosend:hist{service - 0x1000}"
+                ranges = self.fence(disk, whose, op.completed)
+                with self.cluster.cond:
+                    self.cluster.aborts.append((op.epoch, lun, whose, op.completed))
+            if op.good and action == PREEMPT_AND_ABORT:
+                self.overwrite(lun, disk, ranges)
             state = self.begin("PR IN READ FULL STATUS", lun)
             data = self.command(state, struct.pack(">BB5xHB", 0x5E, READ_FULL_STATUS, 4096, 0),
                                 want=4096)  # fmt: skip
@@ -619,14 +682,34 @@ class Client(threading.Thread):
             self.hist.pr.append(H.PrState(disk, op.completed, math.inf, frozenset(registered),
                                           frozenset(holders), reservation, str(op)))  # fmt: skip
 
-    def fence(self, disk: int, who: str, when: float) -> None:
-        """Writes of the preempted nexus to ``disk`` still without status land before ``when``."""
+    def fence(self, disk: int, who: str, when: float) -> list[tuple[int, int]]:
+        """Writes of the preempted nexus to ``disk`` still without status land before ``when``;
+        the (LBA, blocks) they cover."""
+        ranges = []
         with self.hist.lock:
             for op in self.hist.ops:
-                if who in op.initiator + "," and op.completed == math.inf and op.end > when:
+                if who == op.initiator and op.completed == math.inf and op.end > when:
                     if any(d == disk for d, _ in op.writes):
                         op.end = when
                         op.note += " preempted and aborted"
+                        ranges.append((op.lba, op.blocks))
+        return ranges
+
+    def overwrite(self, lun: int, disk: int, ranges: list[tuple[int, int]]) -> None:
+        """FUA writes over what a preempted nexus had in flight: a write of it landing after
+        the PREEMPT AND ABORT shows as a lost write at the next kill or read."""
+        for lba, blocks in ranges[:4]:
+            for _ in range(2):  # the first held with the preempted write, the second after it
+                read = self.begin("READ", lun, lba, blocks, reads_disks=(disk,),
+                                  note="of a preempted write")  # fmt: skip
+                data = self.command(read, read10(lba, blocks), want=blocks * H.BLOCK)
+                if read.good:
+                    for i in range(blocks):
+                        block = data[i * H.BLOCK : (i + 1) * H.BLOCK]
+                        read.reads[disk, lba + i] = H.decode(block)
+            op = self.begin("WRITE FUA", lun, lba, blocks, fua=True, writes_disks=(disk,),
+                            note="over a preempted write")  # fmt: skip
+            self.command(op, write10(lba, blocks, fua=True), out=self.tagged(op, disk))
 
     def abort(self, lun: int, disk: int, lba: int, blocks: int, function: int) -> None:
         """A WRITE and, right behind it, ABORT TASK (or LOGICAL UNIT RESET): the WRITE may
@@ -687,7 +770,7 @@ class Client(threading.Thread):
                 op.end = tmf.completed
         if function == LOGICAL_UNIT_RESET and tmf.outcome == 0:
             with self.cluster.cond:
-                self.cluster.resets.append((op.epoch, lun, tmf.invoked, tmf.completed))
+                self.cluster.aborts.append((op.epoch, lun, "", tmf.completed))
             with self.hist.lock:  # every write of the LUN in flight ended with the reset
                 for other in self.hist.ops:
                     if (other.epoch, other.lun) == (op.epoch, lun) and other.writes:
@@ -785,10 +868,13 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
         counts[0] += 1
         counts[1] += op.good
     reloads = [what for _, what in hist.events if what.startswith("reload")]
+    fenced = sum(1 for op in hist.ops if "preempted" in op.note)
+    overwritten = sum(1 for op in hist.ops if "over a preempted" in op.note)
     summary = (
         f"seed {SEED}: {len(hist.ops)} operations ({done} GOOD) in {len(hist.epochs)} lives"
         f" of the target, {len(reloads)} reloads; LUNs {[lun.spec for lun in luns]};"
-        f" issued/GOOD: {by_name}; checked: {hist.checked}"
+        f" issued/GOOD: {by_name}; checked: {hist.checked}; writes in flight at a PREEMPT"
+        f" AND ABORT: {fenced}, written over: {overwritten}"
     )
     if hung or errors or violations:
         kinds: dict[str, int] = {}
@@ -843,8 +929,9 @@ def test_checker_finds_a_stale_read_and_accepts_an_overlapping_one():
     op(hist, "READ", 3, 4, reads={(0, 0): written(1, 1)})
     assert hist.check() == []
     op(hist, "READ", 5, 6, reads={(0, 0): initial})  # the write was answered before
-    (violation,) = hist.check()
+    violation, back = hist.check()
     assert violation.startswith("not linearizable: disk 0 lba 0 read initial")
+    assert back.startswith("a value came back: disk 0 lba 0 read write of ini1")
     assert "ini1 #1 WRITE" in violation and "ini1 #4 READ" in violation
 
 
@@ -908,3 +995,16 @@ def test_checker_finds_hangs_and_torn_blocks():
         "torn block at disk 0 lba 0",
         "no status and no end of the connection within the bound",
     ]
+
+
+def test_checker_finds_a_fenced_write_that_comes_back():
+    """B's WRITE, fenced at 2, has not landed when a read at 3 looks; a read at 5 sees it:
+    it landed after the fence, though no write came between."""
+    hist, initial = made_up()
+    op(hist, "WRITE", 1, math.inf, H.UNKNOWN, end=2.0, writes={(0, 0): written(2, 1)},
+       initiator="ini2")  # fmt: skip
+    op(hist, "READ", 3, 4, reads={(0, 0): initial})
+    assert hist.check() == []
+    op(hist, "READ", 5, 6, reads={(0, 0): written(2, 1)})
+    (violation,) = hist.check()
+    assert violation.startswith("a value came back: disk 0 lba 0 read initial")
