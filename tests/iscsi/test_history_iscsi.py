@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import signal
 import struct
 import threading
@@ -34,6 +35,7 @@ from iscsi_helpers import (
     write10,
 )
 from test_iscsi_reservations import READ_FULL_STATUS
+from test_iscsi_rig import connect_from_namespace
 from test_iscsi_sbc import (
     naa,
     segment,
@@ -43,6 +45,9 @@ from test_iscsi_sbc import (
     xcopy_cdb,
     xcopy_params,
 )
+
+from bench.rig import Rig
+from tests.helpers import RIG_UNAVAILABLE, UNAVAILABLE, ZERO_COPY_BACKENDS
 
 SEED = int(os.environ.get("ZEROSEND_SOAK_SEED", "20"))
 MINUTES = float(os.environ.get("ZEROSEND_SOAK_MINUTES", "0.75"))
@@ -190,7 +195,10 @@ class Cluster:
         # LOGICAL UNIT RESETs and PREEMPT AND ABORTs answered: (epoch, lun, the initiator
         # whose commands it aborted or "" for all, when answered)
         self.aborts: list[tuple[int, int, str, float]] = []
-        self.pr_lock = threading.Lock()  # PR OUTs are serialized: the state between them is known
+        self.pr_lock = threading.Lock()
+        self.rig: Rig | None = None  # where the initiators are (None: loopback)
+        self.host = "127.0.0.1"
+        self.args: tuple[str, ...] = ()  # PR OUTs are serialized: the state between them is known
         for lun in luns:
             hist.disks[lun.disk] = lun.spec
             if lun.path is None:
@@ -204,7 +212,8 @@ class Cluster:
     def start(self, initial: dict[tuple[int, int], H.Value]) -> None:
         self.write_config()
         started = time.monotonic()
-        target = start_target(self.tmp_path, "--config", str(self.config))
+        target = start_target(self.tmp_path, "--config", str(self.config), *self.args,
+                              host=self.host)  # fmt: skip
         with self.cond:
             self.epoch += 1
             self.hist.epochs.append(H.Epoch(self.epoch, started, initial=initial))
@@ -394,9 +403,14 @@ class Client(threading.Thread):
             return False
         target, self.epoch = got
         try:
-            ini = MiniInitiator(target.port, timeout=BOUND)
+            sock = None
+            if self.cluster.rig is not None:  # the initiators live in the rig's namespace
+                sock = connect_from_namespace(self.cluster.rig.ns, (target.host, target.port))
+                sock.settimeout(BOUND)
+            ini = MiniInitiator(target.port, timeout=BOUND, sock=sock)
             ini.isid = self.isid
-            ini.login(IQN, {"InitiatorName": self.name_})
+            ini.mrdsl = 64 * 1024  # Data-In segments long enough to go zero-copy
+            ini.login(IQN, {"InitiatorName": self.name_, "MaxRecvDataSegmentLength": "65536"})
             self.ini = ini
             self.generation = -1
         except (OSError, ConnectionError, AssertionError):
@@ -532,9 +546,12 @@ class Client(threading.Thread):
         lba = rng.randrange(SPAN - blocks + 1)
         kind = rng.choices(
             ["read", "write", "fua", "sync", "unmap", "same", "caw", "xcopy", "pr", "abort",
-             "reset"],
-            [30, 25, 8, 6, 4, 4, 6, 5, 6, 3, 1],
+             "reset", "long read"],
+            [30, 25, 8, 6, 4, 4, 6, 5, 6, 3, 1, 3],
         )[0]  # fmt: skip
+        if kind == "long read":  # long enough to go out zero-copy
+            blocks, lba = SPAN - 16, rng.randrange(16)
+            kind = "read"
         if kind == "read":
             op = self.begin("READ", lun, lba, blocks, reads_disks=(disk,))
             data = self.command(op, read10(lba, blocks), want=blocks * H.BLOCK)
@@ -808,6 +825,11 @@ def dropped(cluster: Cluster) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(int(MINUTES * 60 * 2 + 240))
 def test_history_of_many_initiators_with_kills(tmp_path: Path):
+    with contextlib.ExitStack() as rigged:  # the rig and the device go last
+        run_history(tmp_path, rigged)
+
+
+def run_history(tmp_path: Path, rigged: contextlib.ExitStack) -> None:
     hist = H.History()
     luns = [
         Lun(0, str(tmp_path / "file0.img"), tmp_path / "file0.img"),
@@ -816,6 +838,7 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
     ]
     device = mount_device(tmp_path)
     if device is not None:
+        rigged.callback(device.unmount)  # (after the target: it holds the file open)
         luns.append(Lun(3, str(device.path), device.path, device))
     initial: dict[tuple[int, int], H.Value] = {}
     for lun in luns:
@@ -825,6 +848,11 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
             for lba in range(SPAN):
                 initial[lun.disk, lba] = H.decode(H.block(H.KIND_INIT, 0, 0, 0, lun.disk, lba))
     cluster = Cluster(tmp_path, luns, hist)
+    rig, backends = None, [b for b in ZERO_COPY_BACKENDS if UNAVAILABLE[b] is None]
+    if RIG_UNAVAILABLE is None and backends:  # the target on the host, zero-copy forced
+        rig = rigged.enter_context(Rig())
+        cluster.rig, cluster.host = rig, rig.host_addr
+        cluster.args = ("--backend", backends[0], "--zerocopy-probe", "off")
     rng = random.Random(SEED)
     cluster.start(initial)
     gate = threading.Thread(target=cluster.stall, args=(random.Random(SEED + 1),), daemon=True)
@@ -857,8 +885,6 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
         if cluster.target is not None and cluster.target.proc.poll() is None:
             cluster.target.proc.kill()
             cluster.target.proc.wait()
-        if device is not None:
-            device.unmount()
     errors = [f"{c.name}: {c.error!r}" for c in clients if c.error is not None]
     violations = hist.check() + dropped(cluster)
     done = sum(1 for op in hist.ops if op.good)
@@ -869,12 +895,18 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
         counts[1] += op.good
     reloads = [what for _, what in hist.events if what.startswith("reload")]
     fenced = sum(1 for op in hist.ops if "preempted" in op.note)
+    # bytes the target sent zero-copy (released uncopied, or copied by the kernel on delivery)
+    sent = r"zerocopy-bytes=(\d+) kernel-copied-bytes=(\d+)"
+    zero_copy = sum(int(a) + int(b) for log in cluster.logs.values()
+                    for a, b in re.findall(sent, log))  # fmt: skip
     overwritten = sum(1 for op in hist.ops if "over a preempted" in op.note)
     summary = (
         f"seed {SEED}: {len(hist.ops)} operations ({done} GOOD) in {len(hist.epochs)} lives"
         f" of the target, {len(reloads)} reloads; LUNs {[lun.spec for lun in luns]};"
         f" issued/GOOD: {by_name}; checked: {hist.checked}; writes in flight at a PREEMPT"
-        f" AND ABORT: {fenced}, written over: {overwritten}"
+        f" AND ABORT: {fenced}, written over: {overwritten}; over "
+        f"{'the rig ' + ' '.join(cluster.args) if rig else 'loopback'}: {zero_copy} bytes"
+        f" sent zero-copy"
     )
     if hung or errors or violations:
         kinds: dict[str, int] = {}
@@ -897,6 +929,7 @@ def test_history_of_many_initiators_with_kills(tmp_path: Path):
     # The run did what it is for: every check had something to look at
     assert all(hist.checked.values()), summary
     assert len(hist.epochs) >= 2 and reloads, summary
+    assert rig is None or zero_copy > 0, summary
 
 
 # -- the checker itself, on made-up histories: every invariant can fail
