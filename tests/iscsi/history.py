@@ -171,13 +171,16 @@ class History:
         self.epochs: list[Epoch] = []
         self.pr: list[PrState] = []
         self.events: list[tuple[float, str]] = []
+        # (epoch, when, what a device held as durable then, after what)
+        self.snapshots: list[tuple[int, float, dict[tuple[int, int], Value], str]] = []
         self.lock = threading.Lock()
         self._seq = itertools.count(1)
         self.disks: dict[int, str] = {}  # disk number -> its description
         self.volatile: set[int] = set()  # disks that start empty in every epoch (mem:)
         # What the checks looked at (a check that looked at nothing proves nothing)
         self.checked = {"blocks read": 0, "blocks after a kill": 0, "synced writes": 0,
-                        "commands under a known reservation state": 0}  # fmt: skip
+                        "commands under a known reservation state": 0,
+                        "blocks of a device after a sync": 0}  # fmt: skip
 
     def begin(self, initiator: str, name: str, lun: int, epoch: int, **kw: object) -> Op:
         op = Op(initiator, next(self._seq), name, lun, epoch=epoch, **kw)  # type: ignore[arg-type]
@@ -372,6 +375,65 @@ class History:
                     out.append(
                         f"lost after SIGKILL of e{epoch.number}: disk {key[0]} lba {key[1]}"
                         f" holds {show(value)}, but synced writes say otherwise:\n  {lines}"
+                    )
+        out += self._check_snapshots()
+        return out
+
+    def _durable_at(self) -> dict[int, float]:
+        """When each GOOD write became durable: its own answer if FUA, else the earliest answer
+        of a GOOD SYNCHRONIZE CACHE of its disk issued after it was answered."""
+        syncs: dict[tuple[int, int], list[Op]] = defaultdict(list)
+        for op in self.ops:
+            if op.name.startswith("SYNC") and op.good:
+                syncs[op.epoch, op.writes_disks[0]].append(op)
+        earliest: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+        for at, found in syncs.items():
+            found.sort(key=lambda o: o.invoked)
+            suffix, best = [], math.inf
+            for o in reversed(found):
+                best = min(best, o.completed)
+                suffix.append(best)
+            earliest[at] = ([o.invoked for o in found], suffix[::-1])
+        out = {}
+        for w in self.ops:
+            if not w.good or not w.writes:
+                continue
+            when = w.completed if w.fua else math.inf
+            for disk in {d for d, _ in w.writes}:
+                issued, suffix = earliest.get((w.epoch, disk), ([], []))
+                n = bisect.bisect_right(issued, w.completed)
+                if n < len(issued):
+                    when = min(when, suffix[n])
+            out[id(w)] = when
+        return out
+
+    def _check_snapshots(self) -> list[str]:
+        """What a device held as durable at a moment (right after a SYNCHRONIZE CACHE was
+        answered): every write durable by then is there, or something newer."""
+        out: list[str] = []
+        if not self.snapshots:
+            return out
+        durable_at = self._durable_at()
+        epochs = {e.number: e for e in self.epochs}
+        for epoch_number, when, values, why in self.snapshots:
+            epoch = epochs[epoch_number]
+            for key, value in sorted(values.items()):
+                self.checked["blocks of a device after a sync"] += 1
+                writes = self._by_block[epoch_number].get(key, [])
+                done = [s for s in writes if durable_at.get(id(s), math.inf) <= when]
+                latest = max((s.invoked for s in done), default=-math.inf)
+                ok = epoch.initial.get(key, ZERO) == value and latest == -math.inf
+                for w in writes:
+                    if ok:
+                        break
+                    if w.invoked < when and (w.outcome in (GOOD, UNKNOWN, HUNG) or w.ambiguous):
+                        ok = self._may_produce(w, key, value) and not latest > w.effect_end
+                if not ok:
+                    lines = "\n  ".join(str(w) for w in writes if w.writes[key] == value or
+                                        durable_at.get(id(w), math.inf) <= when)  # fmt: skip
+                    out.append(
+                        f"not durable after a sync: disk {key[0]} lba {key[1]} holds"
+                        f" {show(value)} at {when:.4f} ({why}); durable by then:\n  {lines}"
                     )
         return out
 
