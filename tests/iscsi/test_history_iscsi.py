@@ -1,11 +1,18 @@
-"""The iSCSI history check: several raw-PDU initiators at once issue random mixes of READ, WRITE
+"""The iSCSI history check: four raw-PDU initiators at once issue random mixes of READ, WRITE
 (with and without FUA), SYNCHRONIZE CACHE, UNMAP, WRITE SAME, COMPARE AND WRITE, EXTENDED COPY
-across LUNs, PERSISTENT RESERVE OUT, ABORT TASK and LOGICAL UNIT RESET, while the target is
-killed with SIGKILL and restarted; every operation is recorded and ``history`` checks the
-invariants afterwards.
+across LUNs, PERSISTENT RESERVE OUT (register, reserve, release, clear, preempt, preempt and
+abort), ABORT TASK and LOGICAL UNIT RESET, while the target is reloaded (SIGHUP: LUNs added,
+removed, replaced) and killed with SIGKILL and restarted; every operation is recorded and
+``history`` checks the invariants afterwards.
+
+The LUNs: an image file, ``mem:``, a mapped image (``:mmap``) and, where FUSE mounts, the gated
+file as a device with a volatile cache (a kill is a power cut; its gate holds writes and
+fsyncs now and then). Where the rig can be built, the target serves from the host with a
+zero-copy backend forced and the initiators sit in the rig's namespace.
 
 ``ZEROSEND_SOAK_SEED`` (int) picks the run, ``ZEROSEND_SOAK_MINUTES`` (float) its length; a
-failing run prints the command that replays it.
+failing run prints the command that replays it (the same choices; the threads' interleaving
+differs from run to run, so a rare violation may need the seed run a few times).
 """
 
 from __future__ import annotations
