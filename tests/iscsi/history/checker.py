@@ -1,166 +1,17 @@
-"""A history checker for the iSCSI target: operations of many initiators, recorded with the
-times they were issued and answered and their outcome, then checked against invariants.
-
-- Every block written carries its own name (writer, operation, disk, LBA), so a block read back
-  says which write it came from; reads are checked per block for linearizability: a read
-  returns the value of a write that precedes or overlaps it, and no write that certainly took
-  effect lies wholly between that write and the read.
-- Durability: at a SIGKILL the image (page cache dropped) holds, per block, a value that no
-  write synced (FUA, or a later GOOD SYNCHRONIZE CACHE) before the kill supersedes.
-- Reservations: while the reservation state of a LUN is known (between two PERSISTENT RESERVE
-  OUTs, which the workload serializes), a command succeeds exactly where the state allows it;
-  a write of a nexus that PREEMPT AND ABORT removed lands before that PREEMPT's GOOD.
-- COMPARE AND WRITE is atomic: two that succeed never compare against the same unique value.
-- Liveness: every command gets a status, or its connection ends, within a bound.
-
-Each violation names the operations involved (initiator, op, LUN, LBA, times, outcome).
-"""
+"""The record, filled by many threads, and the invariants checked on it afterwards."""
 
 from __future__ import annotations
 
 import bisect
 import itertools
 import math
-import struct
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-BLOCK = 512
-MAGIC = b"ZSHB"
-_HEADER = struct.Struct(">4sBBHIIQ8x")  # magic, kind, writer, epoch, seq, disk, lba
-assert _HEADER.size == 32
-KIND_INIT, KIND_WRITE, KIND_SAME = 0, 1, 2
-SAME_LBA = (1 << 64) - 1  # WRITE SAME: one block, written to many LBAs
-
-GOOD, CHECK_CONDITION, RESERVATION_CONFLICT = 0x00, 0x02, 0x18
-# Outcomes that are not a SCSI status
-UNKNOWN = "unknown"  # no status: aborted, connection lost, target killed
-HUNG = "hung"  # no status and no connection end within the bound
-
-# Value of a block: ("zero",), ("tag", kind, writer, epoch, seq, disk, lba), ("torn", hex)
-Value = tuple[object, ...]
-ZERO: Value = ("zero",)
-
-
-def block(kind: int, writer: int, epoch: int, seq: int, disk: int, lba: int) -> bytes:
-    return _HEADER.pack(MAGIC, kind, writer, epoch, seq, disk, lba) * (BLOCK // _HEADER.size)
-
-
-def decode(data: bytes) -> Value:
-    """The value one block holds."""
-    if not any(data):
-        return ZERO
-    head = data[: _HEADER.size]
-    magic, kind, writer, epoch, seq, disk, lba = _HEADER.unpack(head)
-    if magic != MAGIC or data != head * (BLOCK // _HEADER.size):
-        return ("torn", data[:48].hex())
-    return ("tag", kind, writer, epoch, seq, disk, lba)
-
-
-def show(v: Value) -> str:
-    if v[0] == "tag":
-        kind, writer, epoch, seq, disk, lba = v[1:]
-        what = {KIND_INIT: "initial", KIND_WRITE: "write", KIND_SAME: "write-same"}[int(kind)]  # type: ignore[call-overload]
-        at = "" if lba == SAME_LBA else f" lba {lba}"
-        return f"{what} of ini{writer} e{epoch} #{seq} (disk {disk}{at})"
-    return "zeros" if v == ZERO else f"torn block {v[1]}"
-
-
-@dataclass
-class Op:
-    """One operation of one initiator. ``writes``: (disk, lba) -> the value it writes there
-    (None: a copy, whose value comes from ``copy_from``). ``reads``: (disk, lba) -> the
-    value it returned. Times are time.monotonic()."""
-
-    initiator: str
-    seq: int
-    name: str
-    lun: int
-    lba: int = 0
-    blocks: int = 0
-    epoch: int = 0
-    nexus: str = ""
-    invoked: float = 0.0
-    completed: float = math.inf  # inf: no answer (yet)
-    outcome: object = None  # SCSI status, UNKNOWN or HUNG
-    sense: str = ""
-    writes: dict[tuple[int, int], Value | None] = field(default_factory=dict)
-    copy_from: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    reads: dict[tuple[int, int], Value] = field(default_factory=dict)
-    compare: Value | None = None  # COMPARE AND WRITE: the value it expected
-    fua: bool = False
-    end: float = math.inf  # a write without status cannot land after this
-    note: str = ""
-    # reservation admission: disks it reads and disks it writes
-    reads_disks: tuple[int, ...] = ()
-    writes_disks: tuple[int, ...] = ()
-    touches: tuple[int, ...] = ()  # LUN numbers it names (the addressed one first)
-    # A reload changed one of its LUNs while it ran: which image it reached is not known.
-    # It may have written either; its reads and its status decide nothing.
-    ambiguous: bool = False
-
-    @property
-    def good(self) -> bool:
-        return self.outcome == GOOD and not self.ambiguous
-
-    @property
-    def effect_end(self) -> float:
-        if self.outcome == GOOD:
-            return min(self.completed, self.end)
-        return self.end
-
-    def __str__(self) -> str:
-        done = "never" if self.completed == math.inf else f"{self.completed:.4f}"
-        out = self.outcome if not isinstance(self.outcome, int) else f"status {self.outcome:#04x}"
-        extra = f" sense {self.sense}" if self.sense else ""
-        extra += f" fenced at {self.end:.4f}" if self.end != math.inf else ""
-        extra += f" ({self.note})" if self.note else ""
-        return (
-            f"{self.initiator} #{self.seq} {self.name} lun {self.lun} lba {self.lba}+{self.blocks}"
-            f" e{self.epoch} issued {self.invoked:.4f} answered {done}: {out}{extra}"
-        )
-
-
-@dataclass
-class Epoch:
-    """One life of the target process: what each disk held when it started."""
-
-    number: int
-    started: float
-    killed: float = math.inf
-    initial: dict[tuple[int, int], Value] = field(default_factory=dict)
-    final: dict[tuple[int, int], Value] = field(default_factory=dict)  # read after the kill
-
-
-@dataclass
-class PrState:
-    """The reservation state of one disk, known from ``since`` (a PR OUT's GOOD and its read
-    back) until ``until`` (the next PR OUT issued, a restart or reload)."""
-
-    disk: int
-    since: float
-    until: float
-    registered: frozenset[str]
-    holders: frozenset[str]  # every registrant for the all-registrants types
-    kind: int  # 0: no reservation
-    source: str
-
-    def allows(self, nexus: str, write: bool) -> bool:
-        """SPC-4 table 48 for the six persistent reservation types."""
-        if not self.kind or nexus in self.holders:
-            return True
-        registered = nexus in self.registered
-        we, ea, we_ro, ea_ro, we_ar, ea_ar = 1, 3, 5, 6, 7, 8
-        if self.kind in (we, ea):
-            return not write and self.kind == we
-        if self.kind in (we_ro, we_ar):
-            return registered or not write
-        if self.kind in (ea_ro, ea_ar):
-            return registered
-        return True
+from .record import Epoch, Op, PrState
+from .values import GOOD, HUNG, RESERVATION_CONFLICT, UNKNOWN, ZERO, Value, show
 
 
 class History:
