@@ -42,8 +42,11 @@ from bench.config import (
     size_label,
 )
 from bench.report import machine, markdown, plot, write_json, write_markdown
-from bench.run import measure
+from bench.run import measure, rig_reason
 from bench.stats import auto_choices, evaluate
+from bench.syscalls import DEFAULT_CONTENDERS as SYSCALL_CONTENDERS
+from bench.syscalls import TARGET_CELL as SYSCALL_CELL
+from bench.syscalls import measure_cell, strace_reason
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -61,6 +64,11 @@ def parse_args(argv: list[str] | None) -> Config:
         "--contenders", help="comma-separated; default all: " + ",".join(CONTENDERS)
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--no-syscalls",
+        action="store_true",
+        help="skip counting system calls per send with strace (rig, 1 MiB, 8 in flight)",
+    )
     parser.add_argument(
         "--from-json", type=Path, help="rewrite Markdown and plots from an earlier core.json"
     )
@@ -100,7 +108,22 @@ def parse_args(argv: list[str] | None) -> Config:
         plots=not (args.no_plots or quick),
         quick=quick,
         from_json=args.from_json,
+        syscalls=not (args.no_syscalls or quick),
     )
+
+
+def syscalls_per_send(config: Config, state: State) -> None:
+    """The system-call target: traced runs (strace) of zerosend's io_uring sender and the C
+    anchor in the target's cell, when the run measured that cell."""
+    topology, size, inflight = SYSCALL_CELL
+    if topology not in config.topologies or size not in config.sizes:
+        return
+    if inflight not in config.inflight or rig_reason() or strace_reason():
+        why = rig_reason() or strace_reason() or "the cell was not measured"
+        print(f"  system calls per send not counted: {why}")
+        return
+    wanted = [c for c in SYSCALL_CONTENDERS if c in config.contenders and c not in state.skipped]
+    state.syscalls = measure_cell(topology, size, inflight, 1.0, wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         config.ifb_sizes = document["config"].get("ifb_sizes", IFB_SIZES)
         state.rows, state.skipped = document["runs"], document["skipped"]
         state.failures, state.retries = document["failures"], document.get("retries", [])
+        state.syscalls = document.get("syscalls", [])
     else:
         info = machine()
         started = time.monotonic()
         measure(config, state)
         elapsed = time.monotonic() - started
+        if config.syscalls:
+            print("system calls per send (strace):", flush=True)
+            syscalls_per_send(config, state)
     if config.plots:
         plot(config, state)
     write_json(config.out / "core.json", config, state, info, elapsed)

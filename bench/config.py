@@ -76,6 +76,8 @@ class Config:
     quick: bool
     from_json: Path | None = None
     ifb_sizes: Sequence[int] = ()
+    #: Count system calls per send with strace in the target's cell (rig, 1 MiB, 8 in flight).
+    syscalls: bool = False
 
 
 @dataclass
@@ -84,6 +86,8 @@ class State:
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
+    #: Traced runs: system calls per send by contender (bench/syscalls.py).
+    syscalls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def topology_sizes(config: Config, topology: str) -> list[int]:

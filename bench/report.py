@@ -85,6 +85,7 @@ def write_json(
         "skipped": state.skipped,
         "failures": state.failures,
         "retries": state.retries,
+        "syscalls": state.syscalls,
         "targets": evaluate(state.rows, config.inflight),
         "auto": auto_choices(state.rows),
         "summary": [

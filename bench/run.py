@@ -102,7 +102,7 @@ def rig_reason() -> str | None:
     return rig_unavailable_reason()
 
 
-def run_sender(
+def sender_argv(
     contender: str,
     address: tuple[str, int],
     size: int,
@@ -111,8 +111,8 @@ def run_sender(
     cpu: int | None,
     native: dict[str, Path],
     udp: bool = False,
-) -> dict[str, Any]:
-    """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
+) -> list[str]:
+    """The command line of one sender run."""
     common = [
         "--connect",
         f"{address[0]}:{address[1]}",
@@ -131,11 +131,24 @@ def run_sender(
         common.append("--udp")
     if contender in RUST_CONTENDERS:
         buffers = "registered" if contender == RUST_POOL else "plain"
-        argv = [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
-    elif contender in C_CONTENDERS:
-        argv = [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
-    else:
-        argv = [sys.executable, "-m", "bench.sender", contender, *common]
+        return [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
+    if contender in C_CONTENDERS:
+        return [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
+    return [sys.executable, "-m", "bench.sender", contender, *common]
+
+
+def run_sender(
+    contender: str,
+    address: tuple[str, int],
+    size: int,
+    inflight: int,
+    config: Config,
+    cpu: int | None,
+    native: dict[str, Path],
+    udp: bool = False,
+) -> dict[str, Any]:
+    """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
+    argv = sender_argv(contender, address, size, inflight, config, cpu, native, udp)
     timeout = 60 + config.seconds * 4
     try:
         done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
@@ -183,18 +196,18 @@ def kernel_skips() -> dict[str, str]:
     return skips
 
 
-def measure(config: Config, state: State) -> None:
-    sender_cpu, receiver_cpu = pinning()
-    for contender, why in kernel_skips().items():
-        if contender in config.contenders:
-            state.skipped[contender] = why
-            print(f"skipping {LABELS[contender]}: {why}", flush=True)
+def native_senders(
+    contenders: Sequence[str], skipped: dict[str, str] | None = None
+) -> dict[str, Path]:
+    """Builds the Rust and C senders that ``contenders`` need; records in ``skipped`` (and
+    prints) those that cannot be built here."""
+    skipped = {} if skipped is None else skipped
     native: dict[str, Path] = {}
     for name, group, build in (
         ("rust", RUST_CONTENDERS, build_rust_sender),
         ("c", C_CONTENDERS, build_c_sender),
     ):
-        wanted = [c for c in group if c in config.contenders and c not in state.skipped]
+        wanted = [c for c in group if c in contenders and c not in skipped]
         if not wanted:
             continue
         binary, why_not = build()
@@ -202,8 +215,18 @@ def measure(config: Config, state: State) -> None:
             native[name] = binary
             continue
         for contender in wanted:
-            state.skipped[contender] = str(why_not)
+            skipped[contender] = str(why_not)
             print(f"skipping {LABELS[contender]}: {why_not}", flush=True)
+    return native
+
+
+def measure(config: Config, state: State) -> None:
+    sender_cpu, receiver_cpu = pinning()
+    for contender, why in kernel_skips().items():
+        if contender in config.contenders:
+            state.skipped[contender] = why
+            print(f"skipping {LABELS[contender]}: {why}", flush=True)
+    native = native_senders(config.contenders, state.skipped)
     for topology in config.topologies:
         cells = [(s, i) for s in topology_sizes(config, topology) for i in config.inflight]
         contenders = topology_contenders(config.contenders, topology)

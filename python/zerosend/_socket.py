@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import socket
@@ -48,10 +49,21 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     # A driver inherited through fork() belongs to the parent (shared epoll set and io_uring);
     # a child that runs this same loop object gets a driver of its own.
     if driver is None or driver.forked:
-        driver = _native.Driver()
+        driver = _native.Driver(defer_taskrun=_defer_taskrun())
         loop.add_reader(driver.fileno(), driver.dispatch)
         _drivers[loop] = driver
     return driver
+
+
+#: Environment variable: "1" sets the event loop's io_uring up with DEFER_TASKRUN (see README).
+DEFER_TASKRUN_ENV: Final = "ZEROSEND_DEFER_TASKRUN"
+
+
+def _defer_taskrun() -> bool:
+    value = os.environ.get(DEFER_TASKRUN_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{DEFER_TASKRUN_ENV}={value!r}: use 1 (on) or 0 (off)")
+    return value == "1"
 
 
 def _resolve_backend(backend: str) -> str:
@@ -109,7 +121,9 @@ def wrap(
     # a completion then wakes the loop once and is read from the ring's shared memory.
     ring = driver.watch_ring()
     if ring >= 0:
-        loop.add_reader(ring, driver.dispatch_ring)
+        # Given the loop, a wake-up that resolves futures also schedules the flush of what
+        # their tasks send next, in the same turn as those tasks.
+        loop.add_reader(ring, functools.partial(driver.dispatch_ring, loop))
     return Socket(sock, loop, driver, handle)
 
 
