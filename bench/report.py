@@ -228,6 +228,12 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
             ("MB/s", "mb_per_s", 0),
             ("sends/s", "sends_per_s", 0),
             ("sender CPU seconds per GB", "cpu_s_per_gb", 3),
+            (
+                "system-wide CPU seconds per GB (every CPU over the sending span, from "
+                "/proc/stat: the receiver and the kernel's deferred copies included)",
+                "system_cpu_s_per_gb",
+                3,
+            ),
             ("peak RSS of the sender, MiB", "peak_rss_mib", 0),
         ):
             out += [f"**{title}** ({topology})", ""]
