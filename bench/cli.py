@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.config import (
     CONTENDERS,
+    DEFAULT_CONTENDERS,
     FULL_INFLIGHT,
     FULL_SIZES,
     IFB,
@@ -61,7 +62,11 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--inflight", help="comma-separated, e.g. 1,8,32")
     parser.add_argument("--topologies", help="comma-separated: loopback,rig,ifb")
     parser.add_argument(
-        "--contenders", help="comma-separated; default all: " + ",".join(CONTENDERS)
+        "--contenders",
+        help="comma-separated; default: "
+        + ",".join(DEFAULT_CONTENDERS)
+        + "; also: "
+        + ",".join(c for c in CONTENDERS if c not in DEFAULT_CONTENDERS),
     )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
@@ -77,7 +82,7 @@ def parse_args(argv: list[str] | None) -> Config:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix="zerosend-bench-")) if quick else ROOT / "bench" / "results"
     )
-    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    contenders = args.contenders.split(",") if args.contenders else list(DEFAULT_CONTENDERS)
     for contender in contenders:
         if contender not in CONTENDERS:
             parser.error(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")

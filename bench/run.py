@@ -18,6 +18,7 @@ from bench.config import (
     C_CONTENDERS,
     IFB,
     LABELS,
+    OPT_IN,
     POOL,
     ROOT,
     RUST_CONTENDERS,
@@ -189,7 +190,7 @@ def kernel_skips() -> dict[str, str]:
     skips = {}
     if not caps.io_uring_send_zc:
         why = f"io_uring SEND_ZC unavailable: {caps.io_uring_send_zc_reason}"
-        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, *RUST_CONTENDERS), why))
+        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, *OPT_IN, *RUST_CONTENDERS), why))
         skips.update(dict.fromkeys(C_CONTENDERS, why))
     if not caps.msg_zerocopy:
         skips["zerosend-msg_zerocopy"] = f"MSG_ZEROCOPY unavailable: {caps.msg_zerocopy_reason}"

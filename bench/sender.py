@@ -17,6 +17,8 @@ What "N in flight" means for each contender:
   each has its own buffer, reused once its send completes (one task awaits the oldest future).
   ``zerosend-auto`` wraps with the defaults (backend and zero-copy threshold); a named backend
   is wrapped with ``zerocopy_threshold=0``, so it sends zero-copy at every size.
+* ``zerosend-io_uring-defer``: as ``zerosend-io_uring``, with the loop's ring set up with
+  DEFER_TASKRUN (``ZEROSEND_DEFER_TASKRUN=1``); not in the default set, name it to run it.
 * ``loop.sock_sendall``: N connections, one task each, each with one ``sock_sendall`` pending
   (a socket cannot have two: their bytes would interleave).
 * ``loop.sock_sendall`` on one connection (``-1conn``): the loop a user writes for one stream,
@@ -47,6 +49,7 @@ CONTENDERS = (
     "zerosend-auto",
     "zerosend-io_uring",
     "zerosend-io_uring-pool",
+    "zerosend-io_uring-defer",
     "zerosend-msg_zerocopy",
     "zerosend-copy",
     "asyncio-sock_sendall-1conn",
@@ -136,7 +139,11 @@ async def read_ack(sock: socket.socket) -> int:
     return int(ACK.unpack(data)[0])
 
 
-async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -> None:
+async def run_zerosend(
+    plan: Plan, backend: str, pool: bool, outcome: Outcome, defer: bool = False
+) -> None:
+    if defer:  # the loop's io_uring with DEFER_TASKRUN (made at the first wrap below)
+        os.environ["ZEROSEND_DEFER_TASKRUN"] = "1"
     sock = await connect(plan)
     if backend == "auto":  # the defaults, threshold included: what a user gets
         zs = zerosend.wrap(sock)
@@ -254,7 +261,7 @@ def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Corouti
         raise ValueError(f"{contender} does not send datagrams (--udp)")
     if kind == "zerosend":
         backend, _, extra = variant.partition("-")
-        return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
+        return lambda: run_zerosend(plan, backend, extra == "pool", outcome, extra == "defer")
     if variant == "sock_sendall":
         return lambda: run_sock_sendall(plan, outcome, plan.inflight)
     if variant == "sock_sendall-1conn":
