@@ -418,6 +418,66 @@ impl Ring {
 mod tests {
     use super::*;
 
+    /// Waits (a hang guard, not a timing bound) until the wake descriptor is readable.
+    fn wait_readable(fd: RawFd) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, its count passed alongside.
+        let n = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+        assert_eq!(n, 1, "the wake descriptor never became readable");
+    }
+
+    #[test]
+    fn deferred_work_beyond_one_kernel_pass_is_all_reaped_at_once() {
+        let mut ring = Ring::new(64, 128, true).unwrap();
+        if !ring.deferred_taskrun() {
+            eprintln!(
+                "skipped: {}",
+                ring.defer_refused().unwrap_or("no DEFER_TASKRUN")
+            );
+            return;
+        }
+        // 48 polls on one pipe: the one write below completes them all at once, each through
+        // deferred task work queued during the write: more than the 20 items the kernel runs
+        // per pass when no completions are waited for.
+        let mut pipe = [0; 2];
+        // SAFETY: `pipe` has room for the two descriptors pipe(2) writes.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        for i in 0..48u64 {
+            let entry = opcode::PollAdd::new(types::Fd(pipe[0]), libc::POLLIN as u32)
+                .build()
+                .user_data(i);
+            // SAFETY: a poll request references no memory of ours.
+            unsafe { ring.ring.submission().push(&entry) }.unwrap();
+            ring.unsubmitted += 1;
+        }
+        ring.flush().unwrap();
+        assert!(!ring.has_unsubmitted());
+        // SAFETY: writes one byte from a live one-byte buffer to the pipe's write end.
+        assert_eq!(unsafe { libc::write(pipe[1], b"x".as_ptr().cast(), 1) }, 1);
+        wait_readable(ring.fd());
+        ring.clear_wake();
+        let mut events = Vec::new();
+        ring.reap(&mut events).unwrap();
+        assert_eq!(events.len(), 48, "one reap must run all the deferred work");
+        assert!(!ring.work_pending());
+        for fd in pipe {
+            // SAFETY: closes the pipe made above, used by nothing else now.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    #[test]
+    fn a_ring_not_asked_for_defer_taskrun_says_why() {
+        let ring = Ring::new(8, 16, false).unwrap();
+        assert!(!ring.deferred_taskrun());
+        assert!(ring.defer_refused().unwrap().contains("not asked for"));
+        assert_eq!(ring.fd(), ring.ring.as_raw_fd());
+    }
+
     #[test]
     fn completions_held_back_after_an_overflow_are_all_reaped() {
         let mut ring = Ring::new(8, 8, false).unwrap();
