@@ -230,7 +230,8 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
             ("sender CPU seconds per GB", "cpu_s_per_gb", 3),
             (
                 "system-wide CPU seconds per GB (every CPU over the sending span, from "
-                "/proc/stat: the receiver and the kernel's deferred copies included)",
+                "/proc/stat: the receiver, the kernel's deferred copies and anything else "
+                "running on the machine included)",
                 "system_cpu_s_per_gb",
                 3,
             ),
