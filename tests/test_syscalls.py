@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +135,68 @@ def test_span_calls_counts_between_the_two_getrusage_calls() -> None:
     assert span_calls(trace) == {"io_uring_enter": 1, "epoll_wait": 1, "read": 1}
     with pytest.raises(ValueError, match="getrusage"):
         span_calls("1 close(3) = 0")
+
+
+ACQUIRES = r"""
+import asyncio, resource, zerosend
+
+async def main():
+    pool = zerosend.BufferPool(4, 4096)
+    await pool.acquire()  # the first acquire may look the loop up
+    resource.getrusage(resource.RUSAGE_SELF)  # the span starts
+    for _ in range(500):
+        buf = await pool.acquire()
+        buf.release()
+    resource.getrusage(resource.RUSAGE_SELF)  # the span ends
+    pool.close()
+
+asyncio.run(main())
+"""
+
+
+def test_acquiring_from_a_pool_makes_no_system_call(tmp_path: Path) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "trace"
+    subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), sys.executable, "-c", ACQUIRES],
+        check=True,
+        timeout=120,
+    )
+    # Python 3.11's asyncio.get_running_loop() made a getpid() per acquire.
+    assert span_calls(trace.read_text()) == {}
+
+
+async def pool_sends(pool: zerosend.BufferPool) -> int:
+    client, server = await tcp_pair()
+    received = bytearray()
+    reader = asyncio.ensure_future(read_all(server, received))
+    zs = zerosend.wrap(client, backend="io_uring", zerocopy_threshold=0)
+    buf = await pool.acquire()
+    memoryview(buf)[:] = os.urandom(len(buf))
+    expected = bytes(buf)
+    await asyncio.wait_for(zs.send_zc(buf), HANG_GUARD_S)
+    buf.release()
+    fixed = zs.stats["fixed_buffer_sends"]
+    await asyncio.wait_for(zs.aclose(), HANG_GUARD_S)
+    await asyncio.wait_for(reader, HANG_GUARD_S)
+    server.close()
+    assert received == expected
+    return fixed
+
+
+def test_a_pool_used_on_successive_loops_and_in_a_fork_child_registers_with_each() -> None:
+    require_backend("io_uring")
+    pool = zerosend.BufferPool(2, 64 * KiB)
+    assert asyncio.run(pool_sends(pool)) == 1
+    assert asyncio.run(pool_sends(pool)) == 1  # a new loop: its own driver and registration
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = 0 if asyncio.run(pool_sends(pool)) == 1 else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    pool.close()
