@@ -533,8 +533,9 @@ class Round:
 def replay_command(backend: str, seed: int) -> str:
     """The failing round first (MINUTES=0: one round per backend)."""
     return (
-        f"make soak CHECKER=core SEED={seed} MINUTES=0  (or this backend alone: ZEROSEND_SOAK_SEED={seed} "
-        f"ZEROSEND_SOAK_MINUTES=0 .venv/bin/python -m pytest -q tests/test_history_core.py "
+        f"make soak CHECKER=core SEED={seed} MINUTES=0  (or this backend alone: "
+        f"ZEROSEND_SOAK_SEED={seed} ZEROSEND_SOAK_MINUTES=0 "
+        f".venv/bin/python -m pytest -q tests/test_history_core.py "
         f"-k 'random_mixes and {backend}')"
     )
 
