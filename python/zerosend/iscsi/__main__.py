@@ -10,6 +10,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import zerosend
+
+from .checks import check, exposure_warnings
 from .config import DEFAULTS, SETTINGS, TargetConfig, load_config
 from .metrics import TargetMetrics
 from .reload import Reloader
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings and open every LUN's image, print any warning, and exit: "
+        "0 if the target would start, 2 (with the key at fault) if not",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {zerosend.__version__}")
     for s in SETTINGS:
         default = getattr(DEFAULTS, s.key)
         if isinstance(default, bool):
@@ -74,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) -> int:
     target = Target(cfg)
-    await target.start()
+    host, _ = await target.start()
+    for warning in exposure_warnings(cfg, host):
+        log.warning("%s", warning)
     metrics = None
     if cfg.metrics:
         metrics = target.metrics = TargetMetrics(target)
@@ -103,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = vars(args)
         cfg = load_config(options, args.config)
+        if args.check:
+            for warning in check(cfg):
+                log.warning("%s", warning)
+            print(f"{args.config or 'command line'}: OK ({len(cfg.luns)} LUNs)")
+            return 0
         return asyncio.run(_run(cfg, options, args.config))
     except (ValueError, StoreError, OSError) as e:
         log.error("%s", e)

@@ -54,6 +54,7 @@ class TargetConfig:
     zerocopy_probe: bool = True
     reservation_state: str = ""
     metrics: str | None = None
+    metrics_connections: int = 8
     session_commands: int = 128
     session_bytes: int = 32 * 1024 * 1024
     session_buffers: int = 32
@@ -154,6 +155,26 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def metrics_address(value: Any) -> str:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback). A bare ``9310`` is refused: it
+    used to parse as host 9310 and port 3260; a host without a port is refused alike."""
+    text = _text(value)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"{text!r} has no port: write HOST:PORT, e.g. 127.0.0.1:9310 (this host only) or "
+            "0.0.0.0:9310 (every address; anyone who reaches it reads the target's state)"
+        )
+    host = host or "127.0.0.1"  # an address left out is loopback, never every address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: ``key`` names the TargetConfig field and the TOML key; the option is
@@ -166,6 +187,8 @@ class Setting:
     metavar: str | None = None
     repeated: bool = False
     option: str = ""
+    #: Converts a command-line string where it differs from a TOML value (secrets).
+    from_cli: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:
@@ -216,7 +239,17 @@ SETTINGS = (
         _text,
         "FILE",
     ),
-    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", _text, "HOST:PORT"),
+    Setting(
+        "metrics",
+        "serve Prometheus metrics at http://HOST:PORT/metrics; :PORT serves loopback only",
+        metrics_address,
+        "HOST:PORT",
+    ),
+    Setting(
+        "metrics_connections",
+        "metrics connections open at once; more are answered 503 and closed",
+        _at_least_one,
+    ),
     Setting(
         "session_commands",
         "commands one session may have queued or in progress: its CmdSN window",

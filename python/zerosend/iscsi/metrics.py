@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .config import split_hostport
+from .config import metrics_address, split_hostport
 
 if TYPE_CHECKING:
     from .session import Session
@@ -96,6 +96,8 @@ class TargetMetrics:
         }
         self.registry.register(_SessionCollector(self))
         self._server: asyncio.Server | None = None
+        self._open = 0  # connections being answered now
+        self.limit = target.config.metrics_connections
 
     # -- following the connections
 
@@ -129,7 +131,7 @@ class TargetMetrics:
     # -- the endpoint
 
     async def start(self, listen: str) -> tuple[str, int]:
-        host, port = split_hostport(listen)
+        host, port = split_hostport(metrics_address(listen))
         try:
             self._server = await asyncio.start_server(self._handle, host, port)
         except OSError as e:
@@ -143,6 +145,15 @@ class TargetMetrics:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.limit:
+            # Idle or slow clients must not pile up on the target's own event loop.
+            writer.write(
+                b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            writer.close()
+            return
+        self._open += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT)
             status, body, ctype = self._answer(head)
@@ -163,6 +174,7 @@ class TargetMetrics:
         except asyncio.CancelledError:
             pass  # the target is stopping: the connection just closes (nothing awaits this task)
         finally:
+            self._open -= 1
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[str, bytes, str]:
