@@ -31,8 +31,8 @@ options win:
   listen = "0.0.0.0:3260"
   iqn = "iqn.2024-01.org.example:disk"
   luns = ["/srv/disk.img", "/srv/base.qcow2:ro"]
-  chap = "user:secret-of-12+bytes"       # initiators must authenticate
-  mutual_chap = "target:another-secret"  # the target's own, different secret (mutual CHAP)
+  chap = { user = "alice", secret_file = "/etc/zs/alice.secret" }  # mode 0600
+  mutual_chap = { user = "tgt", credential = "tgt-chap" }  # systemd LoadCredential=
   allow = ["iqn.1994-05.com.redhat:client1"]
   backend = "io_uring"            # force a zerosend backend (default auto)
   zerocopy_probe = false          # keep sending zero-copy even where the kernel copies

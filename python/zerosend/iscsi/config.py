@@ -12,6 +12,7 @@ from typing import Any, get_args
 from zerosend._socket import BackendName
 
 from .chap import Credentials, check_mutual
+from .secretfiles import read_credential, read_secret_file
 from .stores import parse_size
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
@@ -114,16 +115,48 @@ def _lun(item: Any) -> LunSpec:
     return LunSpec.parse(_text(item))
 
 
-_CREDENTIAL_KEYS = {"user": str, "secret": str}
+_CREDENTIAL_KEYS = {"user": str, "secret": str, "secret_file": str, "credential": str}
+_SECRET_SOURCES = ("secret", "secret_file", "credential")
 
 
 def _credentials(value: Any) -> Credentials:
+    """A table ``{ user = ..., secret | secret_file | credential = ... }`` or ``USER:SECRET``."""
     if isinstance(value, dict):  # a TOML table
         _table(value, _CREDENTIAL_KEYS, ())
-        return Credentials(value.get("user", ""), value.get("secret", ""))
+        sources = [key for key in _SECRET_SOURCES if key in value]
+        if len(sources) > 1:
+            raise FieldError(sources[1], f"give one of {', '.join(_SECRET_SOURCES)}, not both")
+        secret = value.get("secret", "")
+        try:
+            if "secret_file" in value:
+                secret = read_secret_file(value["secret_file"])
+            elif "credential" in value:
+                secret = read_credential(value["credential"])
+        except ValueError as e:
+            raise FieldError(sources[0], str(e)) from e
+        return Credentials(value.get("user", ""), secret)
     if isinstance(value, str):
         return Credentials.parse(value)
-    raise ValueError("must be 'USER:SECRET' or a table with user and secret")
+    raise ValueError("must be 'USER:SECRET' or a table with user and secret_file or credential")
+
+
+def _credentials_cli(text: str) -> Credentials:
+    """``user=NAME,secret_file=FILE`` or ``user=NAME,credential=NAME``: the table's keys. A
+    secret itself is refused: every local user can read a command line (ps, /proc)."""
+    table: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        if not sep:
+            table = {}
+            break
+        table[key.strip()] = val
+    if not table or "secret" in table:
+        raise ValueError(
+            "a CHAP secret on the command line is visible to every local user (ps); give "
+            "user=NAME,secret_file=FILE (a file only the target's user reads) or "
+            "user=NAME,credential=NAME (systemd LoadCredential=), or set it in the config file"
+        )
+    return _credentials(table)
 
 
 def _backend(value: Any) -> BackendName:
@@ -199,8 +232,23 @@ SETTINGS = (
     Setting("listen", "address to listen on", _text, "HOST:PORT"),
     Setting("iqn", "target name", _text),
     Setting("luns", "a LUN, numbered from 0 in order", _lun, "PATH[:ro]", True, "--lun"),
-    Setting("chap", "require CHAP from initiators", _credentials, "USER:SECRET"),
-    Setting("mutual_chap", "target credentials for mutual CHAP", _credentials, "USER:SECRET"),
+    Setting(
+        "chap",
+        "require CHAP from initiators: a table { user, and secret_file (a file of mode 0600), "
+        "credential (a systemd credential: LoadCredential=) or secret } or \"USER:SECRET\"; on "
+        "the command line user=NAME,secret_file=FILE or user=NAME,credential=NAME (a secret "
+        "there is refused). Secrets are read again at each reload",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
+    Setting(
+        "mutual_chap",
+        "target credentials for mutual CHAP, given as chap is; a secret of its own",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
     Setting("allow", "only these initiators may log in", _text, "IQN", True),
     Setting(
         "cross_session_resets",
@@ -330,8 +378,10 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     for s in SETTINGS:
         given = options.get(s.key)
         where = s.flag
+        convert = s.from_cli or s.convert
         if not given:
             given, where = table.get(s.key), f"config key {s.key}"
+            convert = s.convert
         if given is None:
             continue
         try:
@@ -341,11 +391,11 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
                 value: Any = []
                 for n, item in enumerate(given):
                     try:
-                        value.append(s.convert(item))
+                        value.append(convert(item))
                     except (ValueError, TypeError, KeyError) as e:
                         raise _located(e, "" if where == s.flag else f"[{n}]") from e
             else:
-                value = s.convert(given)
+                value = convert(given)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}{_place(e)}: {e}") from e
         setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
