@@ -235,7 +235,7 @@ SETTINGS = (
     Setting(
         "chap",
         "require CHAP from initiators: a table { user, and secret_file (a file of mode 0600), "
-        "credential (a systemd credential: LoadCredential=) or secret } or \"USER:SECRET\"; on "
+        'credential (a systemd credential: LoadCredential=) or secret } or "USER:SECRET"; on '
         "the command line user=NAME,secret_file=FILE or user=NAME,credential=NAME (a secret "
         "there is refused). Secrets are read again at each reload",
         _credentials,
