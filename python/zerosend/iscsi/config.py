@@ -21,11 +21,18 @@ _LUN_OPTIONS = {"ro", "rw", "mmap"}
 BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
 
 
+MAX_LUN = 16383  # the largest a flat-space LUN field holds (SAM-5 4.7.7)
+MAX_SERIAL = 40
+
+
 @dataclass
 class LunSpec:
     path: str
     readonly: bool = False
     mapped: bool = False
+    lun: int | None = None  # None: numbered by position
+    serial: str = ""  # "": derived from the target name, number and path
+    wwn: str = ""  # NAA designator, hex; "": derived as the serial is
 
     @classmethod
     def parse(cls, text: str) -> LunSpec:
@@ -72,7 +79,7 @@ class FieldError(ValueError):
         self.field = field
 
 
-_TYPE_NAMES = {str: "a string", bool: "true or false"}
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
 
 
 def _toml_type(value: Any) -> str:
@@ -105,14 +112,75 @@ def _text(value: Any) -> str:
     return value
 
 
-_LUN_KEYS = {"path": str, "readonly": bool, "mapped": bool}
+_LUN_KEYS = {
+    "path": str, "readonly": bool, "mapped": bool, "lun": int, "serial": str, "wwn": str
+}  # fmt: skip
+
+
+def _serial(text: str) -> str:
+    if not 0 < len(text) <= MAX_SERIAL or not all(0x21 <= ord(c) <= 0x7E for c in text):
+        raise FieldError(
+            "serial", f"must be 1 to {MAX_SERIAL} printable ASCII characters without spaces"
+        )
+    return text
+
+
+def _wwn(text: str) -> str:
+    """``naa.`` and 16 hex digits starting 5 (NAA 5, as LIO's ``wwn``) or 32 starting 6 (NAA 6,
+    as this target derives them); colons and the ``naa.``/``0x`` prefix are optional."""
+    digits = text.lower().removeprefix("naa.").removeprefix("0x").replace(":", "")
+    ok = all(c in "0123456789abcdef" for c in digits) and (
+        (len(digits) == 16 and digits[0] == "5") or (len(digits) == 32 and digits[0] == "6")
+    )
+    if not ok:
+        raise FieldError(
+            "wwn", f"{text!r} is not an NAA identifier: 16 hex digits starting with 5 (NAA 5) "
+            "or 32 starting with 6 (NAA 6), e.g. naa.5001405abcdef012",
+        )  # fmt: skip
+    return digits
 
 
 def _lun(item: Any) -> LunSpec:
     if isinstance(item, dict):  # a TOML table
         _table(item, _LUN_KEYS, ("path",))
-        return LunSpec(item["path"], item.get("readonly", False), item.get("mapped", False))
+        number = item.get("lun")
+        if number is not None and not 0 <= number <= MAX_LUN:
+            raise FieldError("lun", f"must be 0 to {MAX_LUN}, not {number}")
+        return LunSpec(
+            item["path"],
+            item.get("readonly", False),
+            item.get("mapped", False),
+            number,
+            _serial(item["serial"]) if "serial" in item else "",
+            _wwn(item["wwn"]) if "wwn" in item else "",
+        )
     return LunSpec.parse(_text(item))
+
+
+def numbered(luns: list[LunSpec]) -> dict[int, LunSpec]:
+    """The LUNs by number: their ``lun`` where given (load_config checked all or none have
+    one), else their position."""
+    return {n if spec.lun is None else spec.lun: spec for n, spec in enumerate(luns)}
+
+
+def _check_lun_set(luns: list[LunSpec], where: str) -> None:
+    """LUN numbers all given or all left to positions, and no number, serial or WWN twice."""
+    explicit = [spec.lun is not None for spec in luns]
+    if any(explicit) and not all(explicit):
+        n = explicit.index(False)
+        raise ValueError(
+            f"{where}[{n}].lun: missing: once one LUN has a number every one needs one "
+            "(numbers by position would move when a LUN is removed)"
+        )
+    seen: dict[tuple[str, object], int] = {}
+    for n, spec in enumerate(luns):
+        for key in ("lun", "serial", "wwn"):
+            value = getattr(spec, key)
+            if value is None or value == "":
+                continue
+            first = seen.setdefault((key, value), n)
+            if first != n:
+                raise ValueError(f"{where}[{n}].{key}: {value!r} is also luns[{first}]'s")
 
 
 _CREDENTIAL_KEYS = {"user": str, "secret": str, "secret_file": str, "credential": str}
@@ -231,7 +299,18 @@ class Setting:
 SETTINGS = (
     Setting("listen", "address to listen on", _text, "HOST:PORT"),
     Setting("iqn", "target name", _text),
-    Setting("luns", "a LUN, numbered from 0 in order", _lun, "PATH[:ro]", True, "--lun"),
+    Setting(
+        "luns",
+        "a LUN, numbered from 0 in order; in the config a table { path, readonly, mapped, lun "
+        "(its number, kept across reloads; give every LUN one or none), serial (the unit serial "
+        "number, VPD page 0x80), wwn (its NAA designator, VPD page 0x83: naa.5 and 15 hex "
+        "digits, or naa.6 and 31) } may stand for a string; a LUN's serial and NAA otherwise "
+        "derive from the target name, its number and path",
+        _lun,
+        "PATH[:ro]",
+        True,
+        "--lun",
+    ),
     Setting(
         "chap",
         "require CHAP from initiators: a table { user, and secret_file (a file of mode 0600), "
@@ -406,6 +485,7 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     check_mutual(cfg.chap, cfg.mutual_chap)
     if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
         raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
+    _check_lun_set(cfg.luns, "--lun" if options.get("luns") else "config key luns")
     if not cfg.luns:
         raise ValueError("no LUN given: use --lun PATH (or luns = [...] in the config file)")
     return cfg

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import pdu as P
-from .config import SETTINGS, LunSpec, TargetConfig, load_config
+from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
 from .scsi import LogicalUnit
 from .stores import Store, StoreError, open_store
 
@@ -59,14 +59,14 @@ def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
     """Opens the new LUNs' images (closing them again if one fails). Called in a thread: an
     open may wait for a device (the running config cannot change meanwhile: one reload at a
     time)."""
-    old = target.config.luns
-    gone = {n: target.luns[n] for n, spec in enumerate(old) if n >= len(new) or new[n] != spec}
+    old, by_number = numbered(target.config.luns), numbered(new)
+    gone = {n: target.luns[n] for n, spec in old.items() if by_number.get(n) != spec}
     added: dict[int, LogicalUnit] = {}
     try:
-        for n, spec in enumerate(new):
-            if n >= len(old) or old[n] != spec:
+        for n, spec in by_number.items():
+            if old.get(n) != spec:
                 store = open_store(spec.path, spec.readonly, spec.mapped)
-                added[n] = LogicalUnit(n, store, target.iqn)
+                added[n] = LogicalUnit(n, store, target.iqn, serial_text=spec.serial, wwn=spec.wwn)
     except (StoreError, OSError, ValueError):
         for lu in added.values():
             lu.store.close()
@@ -157,6 +157,10 @@ class Reloader:
         target.luns.update(changes.added)
         # Reservations belong to the image served: a new or replaced LUN starts afresh.
         target.commands.reservations.luns_changed(changes.gone, changes.added)
+        if changes.gone.keys() != changes.added.keys():  # the LUN inventory changed (SAM-5)
+            target.commands.reservations.inventory_changed(
+                [s.nexus for s in target.sessions() if s.logged_in and not s.discovery]
+            )
         for n, lu in sorted(changes.added.items()):
             target.add_store(lu.store)
             log.info("reload: LUN %d is now %s (%s, %d bytes)", n, lu.store.name, lu.store.kind,

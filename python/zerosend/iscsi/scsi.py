@@ -146,6 +146,10 @@ class LogicalUnit:
     media_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
     admission_required: bool = False
+    # Set by the operator (``serial``, ``wwn`` hex): the identity multipath keys on stays
+    # when the image moves or the target is renamed.
+    serial_text: str = ""
+    wwn: str = ""
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(
@@ -154,6 +158,10 @@ class LogicalUnit:
         # NAA 6 (IEEE registered extended) needs an OUI; use a locally administered looking value.
         self.naa = bytes((0x60 | (digest[0] & 0x0F),)) + digest[1:16]
         self.serial = digest[16:24].hex().upper().encode()
+        if self.wwn:
+            self.naa = bytes.fromhex(self.wwn)
+        if self.serial_text:
+            self.serial = self.serial_text.encode()
 
     @property
     def readonly(self) -> bool:
