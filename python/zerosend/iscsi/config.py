@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -11,6 +12,7 @@ from typing import Any, get_args
 
 from zerosend._socket import BackendName
 
+from .acl import Acl, Network
 from .chap import Credentials, check_mutual
 from .secretfiles import read_credential, read_secret_file
 from .stores import parse_size
@@ -53,6 +55,8 @@ class TargetConfig:
     chap: Credentials | None = None
     mutual_chap: Credentials | None = None
     allow: frozenset[str] = frozenset()
+    acls: list[Acl] = field(default_factory=list)
+    discovery_chap: Credentials | None = None
     cross_session_resets: bool = False
     max_connections: int = 256
     max_pending_logins: int = 64
@@ -70,6 +74,10 @@ class TargetConfig:
     nop_timeout: float = 10.0
     user_timeout: float = 30.0
 
+    def acl_for(self, initiator: str) -> Acl | None:
+        """``initiator``'s ACL (None without ACLs: every LUN, as it is)."""
+        return next((a for a in self.acls if a.initiator == initiator), None)
+
 
 class FieldError(ValueError):
     """A bad key of a TOML table inside a setting; ``field`` names it (``read_only``)."""
@@ -79,7 +87,9 @@ class FieldError(ValueError):
         self.field = field
 
 
-_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
+_TYPE_NAMES = {
+    str: "a string", bool: "true or false", int: "an integer", dict: "a table", list: "an array"
+}  # fmt: skip
 
 
 def _toml_type(value: Any) -> str:
@@ -92,15 +102,19 @@ def _toml_type(value: Any) -> str:
     )
 
 
-def _table(value: dict[str, Any], keys: Mapping[str, type], required: tuple[str, ...]) -> None:
+def _table(
+    value: dict[str, Any], keys: Mapping[str, type | tuple[type, ...]], required: tuple[str, ...]
+) -> None:
     """Checks a TOML table as the top level is checked: every key known, every value of its
     key's type (a typo must not fall back to a default: ``read_only`` would serve writable)."""
     for key, item in value.items():
         want = keys.get(key)
         if want is None:
             raise FieldError(key, f"unknown key (known: {', '.join(keys)})")
-        if type(item) is not want:  # (bool is an int: isinstance would let true pass as 1)
-            raise FieldError(key, f"must be {_TYPE_NAMES[want]}, not {_toml_type(item)}")
+        wants = want if isinstance(want, tuple) else (want,)
+        if type(item) not in wants:  # (bool is an int: isinstance would let true pass as 1)
+            names = " or ".join(_TYPE_NAMES[w] for w in wants)
+            raise FieldError(key, f"must be {names}, not {_toml_type(item)}")
     for key in required:
         if key not in value:
             raise FieldError(key, "missing")
@@ -227,6 +241,87 @@ def _credentials_cli(text: str) -> Credentials:
     return _credentials(table)
 
 
+_ACL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "initiator": str, "chap": (dict, str), "mutual_chap": (dict, str), "luns": list,
+    "readonly_luns": list, "readonly": bool, "addresses": list,
+}  # fmt: skip
+
+
+def _numbers(key: str, items: list[Any]) -> frozenset[int]:
+    for item in items:
+        if type(item) is not int or not 0 <= item <= MAX_LUN:
+            raise FieldError(key, f"must be LUN numbers (0 to {MAX_LUN}), not {item!r}")
+    return frozenset(items)
+
+
+def _networks(items: list[Any]) -> tuple[Network, ...]:
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(_text(item), strict=False))
+        except ValueError as e:
+            raise FieldError("addresses", f"{item!r} is not an address or network: {e}") from e
+    return tuple(out)
+
+
+def _acl(item: Any) -> Acl:
+    """``{ initiator, chap, mutual_chap, luns, readonly_luns, readonly, addresses }``."""
+    if not isinstance(item, dict):
+        raise ValueError("must be a table { initiator = IQN, ... }")
+    _table(item, _ACL_KEYS, ("initiator",))
+    creds = {}
+    for key in ("chap", "mutual_chap"):
+        if key in item:
+            try:
+                creds[key] = _credentials(item[key])
+            except FieldError as e:
+                raise FieldError(f"{key}.{e.field}", str(e)) from e
+            except ValueError as e:
+                raise FieldError(key, str(e)) from e
+    try:
+        check_mutual(creds.get("chap"), creds.get("mutual_chap"))
+    except ValueError as e:
+        raise FieldError("mutual_chap", str(e)) from e
+    return Acl(
+        item["initiator"],
+        creds.get("chap"),
+        creds.get("mutual_chap"),
+        _numbers("luns", item["luns"]) if "luns" in item else None,
+        _numbers("readonly_luns", item.get("readonly_luns", [])),
+        item.get("readonly", False),
+        _networks(item.get("addresses", [])),
+    )
+
+
+def _acl_cli(text: str) -> Acl:
+    """An inline TOML table, as in the config; its CHAP secrets only from files."""
+    try:
+        value = tomllib.loads(f"acl = {text}")["acl"]
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f'must be an inline TOML table {{ initiator = "IQN", ... }}: {e}') from e
+    for key in ("chap", "mutual_chap"):
+        given = value.get(key) if isinstance(value, dict) else None
+        if isinstance(given, str) or (isinstance(given, dict) and "secret" in given):
+            raise FieldError(key, "a CHAP secret on the command line is visible to every local "
+                             "user (ps): use secret_file or credential")  # fmt: skip
+    return _acl(value)
+
+
+def _check_acls(cfg: TargetConfig, where: str) -> None:
+    served = set(numbered(cfg.luns))
+    seen: dict[str, int] = {}
+    for n, acl in enumerate(cfg.acls):
+        first = seen.setdefault(acl.initiator, n)
+        if first != n:
+            raise ValueError(f"{where}[{n}].initiator: {acl.initiator} has an ACL already")
+        for key, numbers in (("luns", acl.luns or ()), ("readonly_luns", acl.readonly_luns)):
+            missing = sorted(set(numbers) - served)
+            if missing:
+                raise ValueError(f"{where}[{n}].{key}: LUN {missing[0]} is not served")
+    if cfg.acls and cfg.allow:
+        raise ValueError("allow and acls both given: with ACLs, list each initiator in acls")
+
+
 def _backend(value: Any) -> BackendName:
     for name in BACKENDS:
         if value == name:
@@ -329,6 +424,28 @@ SETTINGS = (
         from_cli=_credentials_cli,
     ),
     Setting("allow", "only these initiators may log in", _text, "IQN", True),
+    Setting(
+        "acls",
+        "per-initiator access, one table per initiator: { initiator (its IQN), chap and "
+        "mutual_chap (its own credentials, given as chap is; default: chap), luns (the LUN "
+        "numbers it sees; default all), readonly_luns (those it may only read), readonly (all "
+        "read-only), addresses (IPs or networks it may log in from; default any) }. With ACLs "
+        "only the initiators they list may log in, and allow is not used; on the command line "
+        "an inline TOML table",
+        _acl,
+        "{ initiator = IQN, ... }",
+        True,
+        "--acl",
+        from_cli=_acl_cli,
+    ),
+    Setting(
+        "discovery_chap",
+        "CHAP credentials for discovery logins (SendTargets), given as chap is; default: "
+        "discovery logins authenticate with chap",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
     Setting(
         "cross_session_resets",
         "on: TARGET WARM/COLD RESET from any session reset the target under every session; "
@@ -486,6 +603,7 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
         raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
     _check_lun_set(cfg.luns, "--lun" if options.get("luns") else "config key luns")
+    _check_acls(cfg, "--acl" if options.get("acls") else "config key acls")
     if not cfg.luns:
         raise ValueError("no LUN given: use --lun PATH (or luns = [...] in the config file)")
     return cfg

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerosend.iscsi")
 
-RELOADABLE = ("luns", "chap", "mutual_chap", "allow")
+RELOADABLE = ("luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap")
 # How long the sessions a reload ends may take to drain before their LUNs' images are closed.
 DRAIN_TIMEOUT = 15.0
 # What the Async Message tells the initiator (RFC 7143 11.9.1): wait this long before logging in
@@ -78,18 +78,27 @@ def _why_ended(
     session: Session, old: TargetConfig, new: TargetConfig, gone: Mapping[int, LogicalUnit]
 ) -> str | None:
     """Why the new settings end ``session``, or None if they leave it alone."""
-    policy_changed = new.allow != old.allow or new.chap != old.chap
+    policy_changed = _policy(new) != _policy(old)
     if not session.logged_in:
         return "login in progress under the old allow-list or CHAP" if policy_changed else None
     if new.allow and session.initiator not in new.allow:
         return f"initiator {session.initiator} is no longer on the allow-list"
     if new.chap is not None and new.chap != old.chap:
         return "CHAP credentials changed"
+    if new.acl_for(session.initiator) != old.acl_for(session.initiator):
+        return "its ACL changed"  # (its LUNs, their access, its address or CHAP)
+    if session.discovery and new.discovery_chap != old.discovery_chap:
+        return "discovery CHAP changed"
     if not session.discovery:
         used = sorted(session.luns_in_use() & gone.keys())
         if used:
             return f"LUN {', '.join(map(str, used))} removed or replaced"
     return None
+
+
+def _policy(cfg: TargetConfig) -> tuple[Any, ...]:
+    """What logins are judged by."""
+    return cfg.allow, cfg.chap, cfg.acls, cfg.discovery_chap
 
 
 def _tell_dropped(session: Session) -> None:
@@ -148,7 +157,7 @@ class Reloader:
             why = _why_ended(session, old, new, changes.gone)
             if why is not None:
                 ending[session] = why
-        policy_changed = new.allow != old.allow or new.chap != old.chap
+        policy_changed = _policy(new) != _policy(old)
         # The config object is the sessions' login policy: new logins see the new values.
         for key in RELOADABLE:
             setattr(old, key, getattr(new, key))

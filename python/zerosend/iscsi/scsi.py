@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .acl import Acl, LunView
 from .nexus import Nexus
 from .stores import Store
 
@@ -193,6 +194,12 @@ class CommandSet:
 
         self.luns = luns
         self.reservations = reservations or Reservations(luns)
+        # The ACL of an initiator (None: it sees every LUN); the target sets it from ``acls``.
+        self.acl_of: Callable[[str], Acl | None] = lambda initiator: None
+
+    def view(self, nexus: Nexus) -> LunView:
+        """The LUNs as ``nexus``'s initiator may see them (its ACL's LUN masking)."""
+        return LunView(self.luns, self.acl_of(nexus.initiator))
 
     def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """Every command to ``lu``, READ and WRITE included, passes here before it starts;
@@ -205,7 +212,7 @@ class CommandSet:
         if op == 0x12:
             return self.inquiry(lu, cdb)
         if op == 0xA0:
-            return self.report_luns(cdb)
+            return self.report_luns(cdb, nexus)
         if op == 0x03:
             return self.request_sense(cdb)
         if lu is None:
@@ -284,7 +291,7 @@ class CommandSet:
         struct.pack_into(">H", body, 0, 1)  # non-rotating medium
         return bytes(body)
 
-    def report_luns(self, cdb: bytes) -> bytes:
+    def report_luns(self, cdb: bytes, nexus: Nexus) -> bytes:
         select = cdb[2]
         alloc = _alloc(cdb, 6, 4)
         if select not in (0x00, 0x01, 0x02):
@@ -293,7 +300,8 @@ class CommandSet:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         from .pdu import encode_lun
 
-        body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(self.luns))
+        seen = self.view(nexus)
+        body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(seen))
         return (struct.pack(">I4x", len(body)) + body)[:alloc]
 
     def request_sense(self, cdb: bytes) -> bytes:

@@ -61,6 +61,7 @@ class Target:
             self.luns, config.reservation_state or None, self._abort_nexus_tasks
         )
         self.commands = CommandSet(self.luns, reservations)
+        self.commands.acl_of = config.acl_for  # LUN masking by the initiator's ACL
         self.pool = MmapPool(config.buffers, config.buffer_size)
         self.stopping = False
         self.address: tuple[str, int] | None = None

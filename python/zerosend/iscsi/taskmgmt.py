@@ -53,7 +53,7 @@ def task_management(session: Session, req: P.Pdu) -> None:
             response = COMPLETE
         else:
             response = NO_TASK  # completed already, or never existed
-    elif function == LOGICAL_UNIT_RESET and lun not in host.luns:
+    elif function == LOGICAL_UNIT_RESET and lun not in session.luns:  # (as its ACL shows)
         response = NO_LUN
     elif (
         function in TARGET_RESETS
