@@ -12,6 +12,7 @@ from typing import Any
 
 import zerosend
 
+from . import sdnotify
 from .checks import check, exposure_warnings
 from .config import DEFAULTS, SETTINGS, TargetConfig, load_config
 from .metrics import TargetMetrics
@@ -46,8 +47,9 @@ Persistent reservations whose initiator set APTPL are kept in the reservation_st
 (restore it, or move it aside to start without reservations), a missing one starts with none.
 
 Signals: SIGTERM/SIGINT stop (in-flight sends drain); SIGHUP reads the config again and applies
-its LUNs, allow-list and CHAP (sessions the change does not touch stay; a bad config is refused
-and the running one kept); SIGUSR1 logs each connection's state.
+its LUNs, allow-list, ACLs and CHAP (sessions the change does not touch stay; a bad config is
+refused and the running one kept); SIGUSR1 logs each connection's state. Under systemd
+($NOTIFY_SOCKET) start, reload (refused: ERRNO) and stop are reported with sd_notify.
 """
 
 
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) -> int:
     target = Target(cfg)
-    host, _ = await target.start()
+    host, port = await target.start()
     for warning in exposure_warnings(cfg, host):
         log.warning("%s", warning)
     metrics = None
@@ -92,11 +94,33 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
         metrics = target.metrics = TargetMetrics(target)
         await metrics.start(cfg.metrics)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        sdnotify.stopping()
+        target.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, target.stop)
+        loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGUSR1, target.log_state)
     reloader = Reloader(target, options, path)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+
+    def serving() -> str:
+        return f"serving {len(target.luns)} LUNs on {host}:{port} as {cfg.iqn}"
+
+    def reload() -> None:
+        # Type=notify-reload: RELOADING=1 now, READY=1 when done (with ERRNO if refused), so
+        # `systemctl reload` waits for the outcome and fails when the reload was refused.
+        sdnotify.reloading()
+
+        def done(task: asyncio.Task[bool]) -> None:
+            ok = not task.cancelled() and task.exception() is None and task.result()
+            refused = "reload refused, the running config is kept (see the log); "
+            sdnotify.reloaded(ok, serving() if ok else refused + serving())
+
+        reloader.request().add_done_callback(done)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    sdnotify.ready(serving())
     try:
         await target.serve()
     finally:
@@ -107,11 +131,14 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s zerosend-iscsi %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if sdnotify.under_journal() and not args.check:  # journald stamps and ranks each line
+        handler.setFormatter(sdnotify.JournalFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s zerosend-iscsi %(levelname)s %(message)s")
+        )
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         options = vars(args)
         cfg = load_config(options, args.config)
@@ -123,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_run(cfg, options, args.config))
     except (ValueError, StoreError, OSError) as e:
         log.error("%s", e)
+        if not args.check:
+            sdnotify.notify(f"STATUS=failed to start: {e}", f"ERRNO={getattr(e, 'errno', 0) or 22}")
         return 2
 
 
