@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -15,6 +17,9 @@ import zerosend
 from . import sdnotify
 from .checks import check, exposure_warnings
 from .config import DEFAULTS, SETTINGS, TargetConfig, load_config
+from .control import ControlServer
+from .control import render as render_state
+from .control import request as control_request
 from .metrics import TargetMetrics
 from .reload import Reloader
 from .stores import StoreError
@@ -56,7 +61,8 @@ refused and the running one kept); SIGUSR1 logs each connection's state. Under s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zerosend-iscsi",
-        description="iSCSI target with zero-copy Data-In (zerosend).",
+        description="iSCSI target with zero-copy Data-In (zerosend). "
+        "`zerosend-iscsi show` prints a running target's state (see --control-socket).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -93,6 +99,11 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
     if cfg.metrics:
         metrics = target.metrics = TargetMetrics(target)
         await metrics.start(cfg.metrics)
+    control = None
+    control_path = cfg.control_socket or default_control_socket()
+    if control_path:
+        control = ControlServer(target)
+        await control.start(control_path)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -126,10 +137,44 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
     finally:
         if metrics is not None:
             metrics.close()
+        if control is not None:
+            control.close()
+    return 0
+
+
+def default_control_socket() -> str:
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.join(runtime, "control") if runtime else ""
+
+
+def show(argv: list[str]) -> int:
+    """``zerosend-iscsi show``: the running target's state, read from its control socket."""
+    p = argparse.ArgumentParser(prog="zerosend-iscsi show", description=show.__doc__)
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        default=default_control_socket() or "/run/zerosend-iscsi/control",
+        help="the target's control socket (default %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the state as JSON")
+    args = p.parse_args(argv)
+    try:
+        answer = control_request(args.control_socket)
+    except OSError as e:
+        print(f"zerosend-iscsi show: cannot reach {args.control_socket}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if "error" in answer:
+        print(f"zerosend-iscsi show: {answer['error']}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n" if args.json else render_state(answer))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["show"]:
+        return show(argv[1:])
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     if sdnotify.under_journal() and not args.check:  # journald stamps and ranks each line

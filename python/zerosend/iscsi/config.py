@@ -67,6 +67,7 @@ class TargetConfig:
     reservation_state: str = ""
     metrics: str | None = None
     metrics_connections: int = 8
+    control_socket: str = ""
     session_commands: int = 128
     session_bytes: int = 32 * 1024 * 1024
     session_buffers: int = 32
@@ -493,6 +494,13 @@ SETTINGS = (
         "metrics_connections",
         "metrics connections open at once; more are answered 503 and closed",
         _at_least_one,
+    ),
+    Setting(
+        "control_socket",
+        "local socket (mode 0600) that zerosend-iscsi show reads the live state from; default: "
+        "control in $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), none without it",
+        _text,
+        "PATH",
     ),
     Setting(
         "session_commands",
