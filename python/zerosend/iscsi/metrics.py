@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import zerosend
+
 from .config import metrics_address, split_hostport
 
 if TYPE_CHECKING:
@@ -26,7 +28,13 @@ if TYPE_CHECKING:
     from .target import Target
 
 try:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Histogram,
+        PlatformCollector,
+        ProcessCollector,
+    )
     from prometheus_client import generate_latest as _generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError:  # the extra is not installed: `--metrics` says so at start-up
@@ -53,6 +61,10 @@ SESSION_COUNTERS = {
         "zc_fallbacks",
         "times a connection left zero-copy because the kernel copied its zero-copy sends anyway",
     ),
+    "login_failures": ("login_failures", "logins refused (authentication, ACL, target name)"),
+    "rejects": ("rejects", "Reject PDUs sent (malformed or out-of-window PDUs)"),
+    "check_conditions": ("check_conditions", "commands answered CHECK CONDITION"),
+    "resets": ("resets", "LOGICAL UNIT RESET and TARGET WARM/COLD RESET requests carried out"),
 }
 # Send latency buckets: from a loopback copy (tens of microseconds) to a congested link.
 LATENCY_BUCKETS = (
@@ -95,6 +107,10 @@ class TargetMetrics:
             False: self._latency.labels("copy").observe,
         }
         self.registry.register(_SessionCollector(self))
+        # The usual process_* (CPU, memory, descriptors) and python_info, as a default
+        # registry would have them.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._server: asyncio.Server | None = None
         self._open = 0  # connections being answered now
         self.limit = target.config.metrics_connections
@@ -226,6 +242,20 @@ class _SessionCollector:
         yield _gauge("connections", "open connections, logged in or not", len(sessions))
         yield _counter("sessions_ended", "sessions that ended", m.ended_sessions)
         yield _gauge("luns", "LUNs served", len(target.luns))
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "the zerosend version and the target's name",
+            labels=["version", "iqn"],
+        )  # fmt: skip
+        build.add_metric([zerosend.__version__, target.iqn], 1)
+        yield build
+        size = GaugeMetricFamily(
+            f"{PREFIX}_lun_size_bytes", "each LUN's size, by LUN number, image and access",
+            labels=["lun", "path", "kind", "readonly"],
+        )  # fmt: skip
+        for number, lu in sorted(target.luns.items()):
+            readonly = "true" if lu.readonly else "false"
+            size.add_metric([str(number), lu.store.name, lu.store.kind, readonly], lu.store.size)
+        yield size
         pool = target.pool
         yield _gauge("transmit_buffers", "transmit buffers in the pool", pool.count)
         yield _gauge("transmit_buffers_free", "transmit buffers free now", pool.available)

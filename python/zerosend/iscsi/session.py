@@ -261,6 +261,7 @@ class Session:
             except LoginFailed as e:
                 who = machine.state.initiator or "unknown initiator"
                 log.warning("%s: login of %s rejected: %s", self.name, who, e)
+                self.stats["login_failures"] = 1
                 self.window.open_at(req.u32(24))
                 await self.responder.send_now(failure_response(req, e.status))
                 return
