@@ -67,9 +67,9 @@ def test_check_warns_of_a_target_open_to_the_network(tmp_path: Path):
     toml = tmp_path / "t.toml"
     toml.write_text('listen = "0.0.0.0:3260"\nluns = ["mem:1M"]\n')
     res = cli("--check", "--config", str(toml))
-    assert res.returncode == 0 and "with neither an allow-list nor CHAP" in res.stderr
+    assert res.returncode == 0 and "with no allow-list, ACLs or CHAP" in res.stderr
     toml.write_text('listen = "0.0.0.0:3260"\nluns = ["mem:1M"]\nallow = ["iqn.x"]\n')
-    assert "neither" not in cli("--check", "--config", str(toml)).stderr
+    assert "no allow-list" not in cli("--check", "--config", str(toml)).stderr
 
 
 def test_exposure_warning_only_off_loopback_without_allow_or_chap():
@@ -80,6 +80,8 @@ def test_exposure_warning_only_off_loopback_without_allow_or_chap():
     assert exposure_warnings(cfg, "::")
     guarded = load_config({"luns": ["mem:1M"], "allow": ["iqn.a"]})
     assert exposure_warnings(guarded, "0.0.0.0") == []
+    with_acls = load_config({"luns": ["mem:1M"], "acls": ['{ initiator = "iqn.a" }']})
+    assert exposure_warnings(with_acls, "0.0.0.0") == []
 
 
 def test_start_up_warns_when_listening_on_every_address(tmp_path: Path):
@@ -100,7 +102,7 @@ def test_start_up_warns_when_listening_on_every_address(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()
     log = log_path.read_text()
-    assert "WARNING listening on 0.0.0.0, not a loopback address, with neither" in log, log
+    assert "WARNING listening on 0.0.0.0, not a loopback address, with no allow-list" in log, log
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,11 @@ def is_loopback(host: str) -> bool:
 
 def exposure_warnings(cfg: TargetConfig, host: str) -> list[str]:
     """Warnings for a target listening on ``host`` with ``cfg``'s access rules."""
-    if is_loopback(host) or cfg.allow or cfg.chap is not None:
+    if is_loopback(host) or cfg.allow or cfg.acls or cfg.chap is not None:
         return []
     return [
-        f"listening on {host}, not a loopback address, with neither an allow-list nor CHAP: "
-        "any host that reaches it can read and write every LUN (set allow or chap)"
+        f"listening on {host}, not a loopback address, with no allow-list, ACLs or CHAP: any "
+        "host that reaches it can read and write every LUN (set acls, allow or chap)"
     ]
 
 
