@@ -96,6 +96,14 @@ class LunView(Mapping[int, "LogicalUnit"]):
         # (a stand-in for the unit: it answers every attribute the unit does)
         return cast("LogicalUnit", cached[1])
 
+    def get(self, lun: int, default: Any = None) -> Any:
+        if self.acl is None:  # (the common case, on every command: one dict lookup)
+            return self._luns.get(lun, default)
+        try:
+            return self[lun]
+        except KeyError:
+            return default
+
     def __iter__(self) -> Iterator[int]:
         acl = self.acl
         return iter([n for n in self._luns if acl is None or acl.sees(n)])
