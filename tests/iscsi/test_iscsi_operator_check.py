@@ -120,7 +120,9 @@ def test_metrics_address_without_a_port_is_refused(given: str):
 
 
 def _metrics_url(t: RunningTarget) -> str:
-    m = re.search(r"metrics on (http://[\d.]+:\d+/metrics)", t.log())
+    pattern = r"metrics on (http://[\d.]+:\d+/metrics)"
+    wait_for(lambda: re.search(pattern, t.log()), "the metrics endpoint", 60)
+    m = re.search(pattern, t.log())
     assert m, t.log()
     return m.group(1)
 
@@ -171,3 +173,39 @@ def test_config_reference_names_every_setting():
     text = configdoc.render()
     for key in load_config({"luns": ["mem:1M"]}).__dataclass_fields__:
         assert f"## `{key}`" in text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_connections = true", "config key max_connections: must be an integer, not a boolean"),
+        ("buffers = 3.7", "config key buffers: must be an integer, not a number"),
+        ("buffers = 0", "config key buffers: must be 1 or more, not 0"),
+        ("max_pending_logins = -1", "config key max_pending_logins: must be 1 or more"),
+        ('session_commands = "many"', "key session_commands: must be an integer, not 'many'"),
+        ("buffer_size = true", "config key buffer_size: must be a size"),
+        ("session_bytes = 1.5", "config key session_bytes: must be a size"),
+        ("nop_interval = true", "key nop_interval: must be a number of seconds, not a boolean"),
+        ('user_timeout = "soon"', "key user_timeout: must be a number of seconds, not 'soon'"),
+        ("metrics_connections = [1]", "key metrics_connections: must be an integer, not an array"),
+    ],
+)  # fmt: skip
+def test_top_level_values_of_the_wrong_type_are_refused(tmp_path: Path, line: str, message: str):
+    """TOML true is not 1, 3.7 is not 3: a wrong type is refused, naming the key."""
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'luns = ["mem:1M"]\n{line}\n')
+    with pytest.raises(ValueError) as e:
+        load_config({}, str(toml))
+    assert message in str(e.value)
+
+
+def test_numbers_still_accepted_in_every_spelling(tmp_path: Path):
+    toml = tmp_path / "t.toml"
+    toml.write_text('luns = ["mem:1M"]\nbuffers = 12\nmax_connections = "9"\nnop_interval = 2\n'
+                    'user_timeout = 0.5\nbuffer_size = "64K"\n'
+                    'session_bytes = 1048576\n')  # fmt: skip
+    cfg = load_config({}, str(toml))
+    assert (cfg.buffers, cfg.max_connections, cfg.nop_interval) == (12, 9, 2.0)
+    assert (cfg.user_timeout, cfg.buffer_size, cfg.session_bytes) == (0.5, 65536, 1 << 20)
+    cli = load_config({"luns": ["mem:1M"], "buffers": "7", "nop_timeout": "1.5"})
+    assert cli.buffers == 7 and cli.nop_timeout == 1.5

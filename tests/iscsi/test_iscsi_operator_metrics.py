@@ -16,7 +16,9 @@ parser = pytest.importorskip("prometheus_client.parser")
 
 
 def scrape(t: RunningTarget) -> dict[str, list[tuple[dict[str, str], float]]]:
-    m = re.search(r"metrics on (http://[\d.]+:\d+/metrics)", t.log())
+    pattern = r"metrics on (http://[\d.]+:\d+/metrics)"
+    wait_for(lambda: re.search(pattern, t.log()), "the metrics endpoint", 60)
+    m = re.search(pattern, t.log())
     assert m, t.log()
     text = urllib.request.urlopen(m.group(1), timeout=30).read().decode()
     out: dict[str, list[tuple[dict[str, str], float]]] = {}

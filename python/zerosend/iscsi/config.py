@@ -338,15 +338,41 @@ def _on_off(value: Any) -> bool:
     raise ValueError(f"must be on or off, not {value!r}")
 
 
+def _integer(value: Any) -> int:
+    """An integer: a TOML integer, or digits (the command line, or a quoted TOML value). A
+    TOML true or 3.7 is refused (int() would take them as 1 and 3)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    given = repr(value) if isinstance(value, str) else _toml_type(value)
+    raise ValueError(f"must be an integer, not {given}")
+
+
+def _size(value: Any) -> int:
+    """A size: an integer number of bytes, or a string with a unit (``64K``, ``1M``)."""
+    if isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
+        raise ValueError(f'must be a size (bytes, or a string like "64K"), not {_toml_type(value)}')
+    return parse_size(str(value))
+
+
 def _at_least_one(value: Any) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 1:
         raise ValueError(f"must be 1 or more, not {number}")
     return number
 
 
 def _seconds(value: Any) -> float:
-    seconds = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a number of seconds, not {_toml_type(value)}")
+    try:
+        seconds = float(value)
+    except ValueError as e:
+        raise ValueError(f"must be a number of seconds, not {value!r}") from e
     if not seconds >= 0:  # also refuses NaN
         raise ValueError(f"must be a number of seconds, 0 or more (0: off), not {value!r}")
     return seconds
@@ -456,14 +482,14 @@ SETTINGS = (
         _on_off,
         "on|off",
     ),
-    Setting("max_connections", "connections open at once", int),
+    Setting("max_connections", "connections open at once", _at_least_one),
     Setting(
         "max_pending_logins",
         "connections allowed to sit in login at once; the oldest is dropped",
-        int,
+        _at_least_one,
     ),
-    Setting("buffers", "transmit buffers in the pool", int),
-    Setting("buffer_size", "size of each transmit buffer", lambda v: parse_size(str(v))),
+    Setting("buffers", "transmit buffers in the pool", _at_least_one),
+    Setting("buffer_size", "size of each transmit buffer", _size),
     Setting(
         "backend",
         "zerosend backend for every connection; auto copies to peers on this host",
@@ -510,7 +536,7 @@ SETTINGS = (
     Setting(
         "session_bytes",
         "bytes one session may have queued for sending before its window closes",
-        lambda v: _at_least_one(parse_size(str(v))),
+        lambda v: _at_least_one(_size(v)),
     ),
     Setting(
         "session_buffers",

@@ -113,6 +113,7 @@ class TargetMetrics:
         PlatformCollector(registry=self.registry)
         self._server: asyncio.Server | None = None
         self._open = 0  # connections being answered now
+        self._refusing = 0  # connections past the limit, being answered 503
         self.limit = target.config.metrics_connections
 
     # -- following the connections
@@ -162,12 +163,11 @@ class TargetMetrics:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= self.limit:
-            # Idle or slow clients must not pile up on the target's own event loop.
-            writer.write(
-                b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            writer.close()
+            # Idle or slow clients must not pile up on the target's own event loop: past the
+            # limit a client gets a 503, once its request is read (closing on an unread
+            # request would reset the connection under the answer), within LINGER seconds;
+            # past twice the limit it is closed at once.
+            await self._busy(reader, writer)
             return
         self._open += 1
         try:
@@ -191,6 +191,27 @@ class TargetMetrics:
             pass  # the target is stopping: the connection just closes (nothing awaits this task)
         finally:
             self._open -= 1
+            writer.close()
+
+    async def _busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing >= self.limit:
+            writer.close()
+            return
+        self._refusing += 1
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), LINGER)
+            writer.write(
+                b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            writer.write_eof()
+            await asyncio.wait_for(_discard_until_eof(reader), LINGER)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the target is stopping
+        finally:
+            self._refusing -= 1
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[str, bytes, str]:
