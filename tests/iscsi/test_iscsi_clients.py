@@ -106,9 +106,16 @@ def test_compressed_qcow2_lun_serves_original_bytes(target_factory, tmp_path):
     assert res.returncode != 0 and "write protected" in res.stderr.lower()
 
 
-def test_chap_accepts_right_secret_and_rejects_wrong(target_factory, image):
+def _secret_file(path: Path, secret: str) -> str:
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_chap_accepts_right_secret_and_rejects_wrong(target_factory, image, tmp_path):
     inq = need("iscsi-inq")
-    t = target_factory("--lun", str(image[0]), "--chap", "alice:s3cret-passw0rd")
+    alice = _secret_file(tmp_path / "alice.secret", "s3cret-passw0rd")
+    t = target_factory("--lun", str(image[0]), "--chap", f"user=alice,secret_file={alice}")
     ok = run([inq, t.url(auth="alice%s3cret-passw0rd")])
     assert "Vendor:ZEROSEND" in ok.stdout
     bad = run([inq, t.url(auth="alice%wrong-password")], check=False)
@@ -120,15 +127,17 @@ def test_chap_accepts_right_secret_and_rejects_wrong(target_factory, image):
     assert "auth=alice" in log
 
 
-def test_mutual_chap(target_factory, image):
+def test_mutual_chap(target_factory, image, tmp_path):
     inq = need("iscsi-inq")
+    alice = _secret_file(tmp_path / "alice.secret", "s3cret-passw0rd")
+    tgt = _secret_file(tmp_path / "tgt.secret", "t4rget-secret1")
     t = target_factory(
         "--lun",
         str(image[0]),
         "--chap",
-        "alice:s3cret-passw0rd",
+        f"user=alice,secret_file={alice}",
         "--mutual-chap",
-        "tgt:t4rget-secret1",
+        f"user=tgt,secret_file={tgt}",
     )
     good = t.url(
         auth="alice%s3cret-passw0rd", query="?target_user=tgt&target_password=t4rget-secret1"

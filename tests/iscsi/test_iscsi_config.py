@@ -19,10 +19,15 @@ def test_every_config_field_is_a_setting():
 
 
 def test_command_line_and_toml_give_the_same_config(tmp_path: Path):
+    (tmp_path / "alice").write_text("secret-number-one\n")
+    (tmp_path / "tgt").write_text("secret-number-two")
+    for name in ("alice", "tgt"):
+        (tmp_path / name).chmod(0o600)
     argv = [
         "--listen", "0.0.0.0:3999", "--iqn", "iqn.2024-01.org.example:same",
         "--lun", "mem:4M", "--lun", "/srv/a.img:ro,mmap",
-        "--chap", "alice:secret-number-one", "--mutual-chap", "tgt:secret-number-two",
+        "--chap", f"user=alice,secret_file={tmp_path / 'alice'}",
+        "--mutual-chap", f"user=tgt,secret_file={tmp_path / 'tgt'}",
         "--allow", "iqn.a", "--allow", "iqn.b", "--cross-session-resets", "on",
         "--max-connections", "9", "--max-pending-logins", "3",
         "--buffers", "12", "--buffer-size", "64K",
@@ -100,8 +105,14 @@ def test_chap_secrets_are_checked_at_start_up(tmp_path: Path, chap, mutual, mess
     assert res.returncode == 2 and message.split(";")[0] in res.stderr, res.stderr
 
 
-def test_chap_secret_rules_hold_on_the_command_line():
+def test_chap_secret_rules_hold_on_the_command_line(tmp_path: Path):
+    short, twelve = tmp_path / "short", tmp_path / "twelve"
+    short.write_text("short")
+    twelve.write_text("twelve-bytes")
+    for f in (short, twelve):
+        f.chmod(0o600)
     with pytest.raises(ValueError, match="--chap: the CHAP secret of user 'alice' is 5 bytes"):
-        load_config({"luns": ["x"], "chap": "alice:short"})
+        load_config({"luns": ["x"], "chap": f"user=alice,secret_file={short}"})
     with pytest.raises(ValueError, match="forbids using one secret"):
-        load_config({"luns": ["x"], "chap": "a:twelve-bytes", "mutual_chap": "t:twelve-bytes"})
+        load_config({"luns": ["x"], "chap": f"user=a,secret_file={twelve}",
+                     "mutual_chap": f"user=t,secret_file={twelve}"})  # fmt: skip

@@ -247,6 +247,8 @@ class Policy:
     chap: Credentials | None = None
     mutual_chap: Credentials | None = None
     allow: frozenset[str] = frozenset()
+    acls: tuple[()] = ()
+    discovery_chap: Credentials | None = None
 
 
 POLICIES = st.sampled_from([

@@ -127,6 +127,10 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(
         assert readers[on0].poll() is None, readers[on0].communicate()[0]
         ended = [li for li in log.splitlines() if "ending session" in li]
         assert len(ended) == 1 and on1 in ended[0], ended
+        # The LUN set changed: the kept session is told once (REPORTED LUNS DATA HAS CHANGED).
+        mini.scsi(read10(64, 8), 8 * 512, read=True, lun=0)
+        status, _, sense = mini.read_response()
+        assert status == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x06, 0x3F, 0x0E)
         read_ok(mini, 64, data0)
         mini.scsi(read10(0, 8), 8 * 512, read=True, lun=1)
         status, _, sense = mini.read_response()
@@ -139,7 +143,13 @@ def test_removing_a_lun_ends_only_the_sessions_that_used_it(
         for p in readers.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
-                p.communicate(timeout=30)
+                try:
+                    p.communicate(timeout=15)
+                except subprocess.TimeoutExpired:
+                    # iscsi-perf miscounts its commands in flight once it retried one after a
+                    # unit attention (REPORTED LUNS DATA HAS CHANGED) and then waits forever.
+                    p.kill()
+                    p.communicate()
     mini.close()
     assert not [li for li in t.log().splitlines() if "ending session" in li and on0 in li]
 

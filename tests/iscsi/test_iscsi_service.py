@@ -39,7 +39,10 @@ def unit_here(tmp_path: Path) -> Path:
 
 def test_unit_verifies_without_warnings(unit_here: Path):
     res = run([_systemd_analyze(), "verify", str(unit_here)])
-    assert res.stdout + res.stderr == "", res.stdout + res.stderr
+    said = [li for li in (res.stdout + res.stderr).splitlines()
+            # systemd before 253 lacks Type=notify-reload (contrib has a drop-in for it)
+            if "Failed to parse service type, ignoring: notify-reload" not in li]  # fmt: skip
+    assert said == [], res.stdout + res.stderr
 
 
 def test_verify_catches_a_broken_unit(unit_here: Path):
@@ -64,7 +67,7 @@ def test_sandbox_exposure_and_the_settings_the_pool_needs(unit_here: Path):
         "PrivateTmp=yes",
         "NoNewPrivileges=yes",
         "ReadWritePaths=/var/lib/zerosend-iscsi",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Type=notify-reload",  # a reload reports its outcome (kill -HUP could not)
     ):
         assert f"\n{line}\n" in text, line
     syscalls = next(li for li in text.splitlines() if li.startswith("SystemCallFilter="))

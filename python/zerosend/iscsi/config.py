@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -11,7 +12,9 @@ from typing import Any, get_args
 
 from zerosend._socket import BackendName
 
+from .acl import Acl, Network
 from .chap import Credentials, check_mutual
+from .secretfiles import read_credential, read_secret_file
 from .stores import parse_size
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
@@ -20,11 +23,18 @@ _LUN_OPTIONS = {"ro", "rw", "mmap"}
 BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
 
 
+MAX_LUN = 16383  # the largest a flat-space LUN field holds (SAM-5 4.7.7)
+MAX_SERIAL = 40
+
+
 @dataclass
 class LunSpec:
     path: str
     readonly: bool = False
     mapped: bool = False
+    lun: int | None = None  # None: numbered by position
+    serial: str = ""  # "": derived from the target name, number and path
+    wwn: str = ""  # NAA designator, hex; "": derived as the serial is
 
     @classmethod
     def parse(cls, text: str) -> LunSpec:
@@ -45,6 +55,8 @@ class TargetConfig:
     chap: Credentials | None = None
     mutual_chap: Credentials | None = None
     allow: frozenset[str] = frozenset()
+    acls: list[Acl] = field(default_factory=list)
+    discovery_chap: Credentials | None = None
     cross_session_resets: bool = False
     max_connections: int = 256
     max_pending_logins: int = 64
@@ -54,12 +66,18 @@ class TargetConfig:
     zerocopy_probe: bool = True
     reservation_state: str = ""
     metrics: str | None = None
+    metrics_connections: int = 8
+    control_socket: str = ""
     session_commands: int = 128
     session_bytes: int = 32 * 1024 * 1024
     session_buffers: int = 32
     nop_interval: float = 10.0
     nop_timeout: float = 10.0
     user_timeout: float = 30.0
+
+    def acl_for(self, initiator: str) -> Acl | None:
+        """``initiator``'s ACL (None without ACLs: every LUN, as it is)."""
+        return next((a for a in self.acls if a.initiator == initiator), None)
 
 
 class FieldError(ValueError):
@@ -70,7 +88,9 @@ class FieldError(ValueError):
         self.field = field
 
 
-_TYPE_NAMES = {str: "a string", bool: "true or false"}
+_TYPE_NAMES = {
+    str: "a string", bool: "true or false", int: "an integer", dict: "a table", list: "an array"
+}  # fmt: skip
 
 
 def _toml_type(value: Any) -> str:
@@ -83,15 +103,19 @@ def _toml_type(value: Any) -> str:
     )
 
 
-def _table(value: dict[str, Any], keys: Mapping[str, type], required: tuple[str, ...]) -> None:
+def _table(
+    value: dict[str, Any], keys: Mapping[str, type | tuple[type, ...]], required: tuple[str, ...]
+) -> None:
     """Checks a TOML table as the top level is checked: every key known, every value of its
     key's type (a typo must not fall back to a default: ``read_only`` would serve writable)."""
     for key, item in value.items():
         want = keys.get(key)
         if want is None:
             raise FieldError(key, f"unknown key (known: {', '.join(keys)})")
-        if type(item) is not want:  # (bool is an int: isinstance would let true pass as 1)
-            raise FieldError(key, f"must be {_TYPE_NAMES[want]}, not {_toml_type(item)}")
+        wants = want if isinstance(want, tuple) else (want,)
+        if type(item) not in wants:  # (bool is an int: isinstance would let true pass as 1)
+            names = " or ".join(_TYPE_NAMES[w] for w in wants)
+            raise FieldError(key, f"must be {names}, not {_toml_type(item)}")
     for key in required:
         if key not in value:
             raise FieldError(key, "missing")
@@ -103,26 +127,200 @@ def _text(value: Any) -> str:
     return value
 
 
-_LUN_KEYS = {"path": str, "readonly": bool, "mapped": bool}
+_LUN_KEYS = {
+    "path": str, "readonly": bool, "mapped": bool, "lun": int, "serial": str, "wwn": str
+}  # fmt: skip
+
+
+def _serial(text: str) -> str:
+    if not 0 < len(text) <= MAX_SERIAL or not all(0x21 <= ord(c) <= 0x7E for c in text):
+        raise FieldError(
+            "serial", f"must be 1 to {MAX_SERIAL} printable ASCII characters without spaces"
+        )
+    return text
+
+
+def _wwn(text: str) -> str:
+    """``naa.`` and 16 hex digits starting 5 (NAA 5, as LIO's ``wwn``) or 32 starting 6 (NAA 6,
+    as this target derives them); colons and the ``naa.``/``0x`` prefix are optional."""
+    digits = text.lower().removeprefix("naa.").removeprefix("0x").replace(":", "")
+    ok = all(c in "0123456789abcdef" for c in digits) and (
+        (len(digits) == 16 and digits[0] == "5") or (len(digits) == 32 and digits[0] == "6")
+    )
+    if not ok:
+        raise FieldError(
+            "wwn", f"{text!r} is not an NAA identifier: 16 hex digits starting with 5 (NAA 5) "
+            "or 32 starting with 6 (NAA 6), e.g. naa.5001405abcdef012",
+        )  # fmt: skip
+    return digits
 
 
 def _lun(item: Any) -> LunSpec:
     if isinstance(item, dict):  # a TOML table
         _table(item, _LUN_KEYS, ("path",))
-        return LunSpec(item["path"], item.get("readonly", False), item.get("mapped", False))
+        number = item.get("lun")
+        if number is not None and not 0 <= number <= MAX_LUN:
+            raise FieldError("lun", f"must be 0 to {MAX_LUN}, not {number}")
+        return LunSpec(
+            item["path"],
+            item.get("readonly", False),
+            item.get("mapped", False),
+            number,
+            _serial(item["serial"]) if "serial" in item else "",
+            _wwn(item["wwn"]) if "wwn" in item else "",
+        )
     return LunSpec.parse(_text(item))
 
 
-_CREDENTIAL_KEYS = {"user": str, "secret": str}
+def numbered(luns: list[LunSpec]) -> dict[int, LunSpec]:
+    """The LUNs by number: their ``lun`` where given (load_config checked all or none have
+    one), else their position."""
+    return {n if spec.lun is None else spec.lun: spec for n, spec in enumerate(luns)}
+
+
+def _check_lun_set(luns: list[LunSpec], where: str) -> None:
+    """LUN numbers all given or all left to positions, and no number, serial or WWN twice."""
+    explicit = [spec.lun is not None for spec in luns]
+    if any(explicit) and not all(explicit):
+        n = explicit.index(False)
+        raise ValueError(
+            f"{where}[{n}].lun: missing: once one LUN has a number every one needs one "
+            "(numbers by position would move when a LUN is removed)"
+        )
+    seen: dict[tuple[str, object], int] = {}
+    for n, spec in enumerate(luns):
+        for key in ("lun", "serial", "wwn"):
+            value = getattr(spec, key)
+            if value is None or value == "":
+                continue
+            first = seen.setdefault((key, value), n)
+            if first != n:
+                raise ValueError(f"{where}[{n}].{key}: {value!r} is also luns[{first}]'s")
+
+
+_CREDENTIAL_KEYS = {"user": str, "secret": str, "secret_file": str, "credential": str}
+_SECRET_SOURCES = ("secret", "secret_file", "credential")
 
 
 def _credentials(value: Any) -> Credentials:
+    """A table ``{ user = ..., secret | secret_file | credential = ... }`` or ``USER:SECRET``."""
     if isinstance(value, dict):  # a TOML table
         _table(value, _CREDENTIAL_KEYS, ())
-        return Credentials(value.get("user", ""), value.get("secret", ""))
+        sources = [key for key in _SECRET_SOURCES if key in value]
+        if len(sources) > 1:
+            raise FieldError(sources[1], f"give one of {', '.join(_SECRET_SOURCES)}, not both")
+        secret = value.get("secret", "")
+        try:
+            if "secret_file" in value:
+                secret = read_secret_file(value["secret_file"])
+            elif "credential" in value:
+                secret = read_credential(value["credential"])
+        except ValueError as e:
+            raise FieldError(sources[0], str(e)) from e
+        return Credentials(value.get("user", ""), secret)
     if isinstance(value, str):
         return Credentials.parse(value)
-    raise ValueError("must be 'USER:SECRET' or a table with user and secret")
+    raise ValueError("must be 'USER:SECRET' or a table with user and secret_file or credential")
+
+
+def _credentials_cli(text: str) -> Credentials:
+    """``user=NAME,secret_file=FILE`` or ``user=NAME,credential=NAME``: the table's keys. A
+    secret itself is refused: every local user can read a command line (ps, /proc)."""
+    table: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        if not sep:
+            table = {}
+            break
+        table[key.strip()] = val
+    if not table or "secret" in table:
+        raise ValueError(
+            "a CHAP secret on the command line is visible to every local user (ps); give "
+            "user=NAME,secret_file=FILE (a file only the target's user reads) or "
+            "user=NAME,credential=NAME (systemd LoadCredential=), or set it in the config file"
+        )
+    return _credentials(table)
+
+
+_ACL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "initiator": str, "chap": (dict, str), "mutual_chap": (dict, str), "luns": list,
+    "readonly_luns": list, "readonly": bool, "addresses": list,
+}  # fmt: skip
+
+
+def _numbers(key: str, items: list[Any]) -> frozenset[int]:
+    for item in items:
+        if type(item) is not int or not 0 <= item <= MAX_LUN:
+            raise FieldError(key, f"must be LUN numbers (0 to {MAX_LUN}), not {item!r}")
+    return frozenset(items)
+
+
+def _networks(items: list[Any]) -> tuple[Network, ...]:
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(_text(item), strict=False))
+        except ValueError as e:
+            raise FieldError("addresses", f"{item!r} is not an address or network: {e}") from e
+    return tuple(out)
+
+
+def _acl(item: Any) -> Acl:
+    """``{ initiator, chap, mutual_chap, luns, readonly_luns, readonly, addresses }``."""
+    if not isinstance(item, dict):
+        raise ValueError("must be a table { initiator = IQN, ... }")
+    _table(item, _ACL_KEYS, ("initiator",))
+    creds = {}
+    for key in ("chap", "mutual_chap"):
+        if key in item:
+            try:
+                creds[key] = _credentials(item[key])
+            except FieldError as e:
+                raise FieldError(f"{key}.{e.field}", str(e)) from e
+            except ValueError as e:
+                raise FieldError(key, str(e)) from e
+    try:
+        check_mutual(creds.get("chap"), creds.get("mutual_chap"))
+    except ValueError as e:
+        raise FieldError("mutual_chap", str(e)) from e
+    return Acl(
+        item["initiator"],
+        creds.get("chap"),
+        creds.get("mutual_chap"),
+        _numbers("luns", item["luns"]) if "luns" in item else None,
+        _numbers("readonly_luns", item.get("readonly_luns", [])),
+        item.get("readonly", False),
+        _networks(item.get("addresses", [])),
+    )
+
+
+def _acl_cli(text: str) -> Acl:
+    """An inline TOML table, as in the config; its CHAP secrets only from files."""
+    try:
+        value = tomllib.loads(f"acl = {text}")["acl"]
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f'must be an inline TOML table {{ initiator = "IQN", ... }}: {e}') from e
+    for key in ("chap", "mutual_chap"):
+        given = value.get(key) if isinstance(value, dict) else None
+        if isinstance(given, str) or (isinstance(given, dict) and "secret" in given):
+            raise FieldError(key, "a CHAP secret on the command line is visible to every local "
+                             "user (ps): use secret_file or credential")  # fmt: skip
+    return _acl(value)
+
+
+def _check_acls(cfg: TargetConfig, where: str) -> None:
+    served = set(numbered(cfg.luns))
+    seen: dict[str, int] = {}
+    for n, acl in enumerate(cfg.acls):
+        first = seen.setdefault(acl.initiator, n)
+        if first != n:
+            raise ValueError(f"{where}[{n}].initiator: {acl.initiator} has an ACL already")
+        for key, numbers in (("luns", acl.luns or ()), ("readonly_luns", acl.readonly_luns)):
+            missing = sorted(set(numbers) - served)
+            if missing:
+                raise ValueError(f"{where}[{n}].{key}: LUN {missing[0]} is not served")
+    if cfg.acls and cfg.allow:
+        raise ValueError("allow and acls both given: with ACLs, list each initiator in acls")
 
 
 def _backend(value: Any) -> BackendName:
@@ -140,18 +338,64 @@ def _on_off(value: Any) -> bool:
     raise ValueError(f"must be on or off, not {value!r}")
 
 
+def _integer(value: Any) -> int:
+    """An integer: a TOML integer, or digits (the command line, or a quoted TOML value). A
+    TOML true or 3.7 is refused (int() would take them as 1 and 3)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    given = repr(value) if isinstance(value, str) else _toml_type(value)
+    raise ValueError(f"must be an integer, not {given}")
+
+
+def _size(value: Any) -> int:
+    """A size: an integer number of bytes, or a string with a unit (``64K``, ``1M``)."""
+    if isinstance(value, (bool, float)) or not isinstance(value, (int, str)):
+        raise ValueError(f'must be a size (bytes, or a string like "64K"), not {_toml_type(value)}')
+    return parse_size(str(value))
+
+
 def _at_least_one(value: Any) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 1:
         raise ValueError(f"must be 1 or more, not {number}")
     return number
 
 
 def _seconds(value: Any) -> float:
-    seconds = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a number of seconds, not {_toml_type(value)}")
+    try:
+        seconds = float(value)
+    except ValueError as e:
+        raise ValueError(f"must be a number of seconds, not {value!r}") from e
     if not seconds >= 0:  # also refuses NaN
         raise ValueError(f"must be a number of seconds, 0 or more (0: off), not {value!r}")
     return seconds
+
+
+def metrics_address(value: Any) -> str:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback). A bare ``9310`` is refused: it
+    used to parse as host 9310 and port 3260; a host without a port is refused alike."""
+    text = _text(value)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"{text!r} has no port: write HOST:PORT, e.g. 127.0.0.1:9310 (this host only) or "
+            "0.0.0.0:9310 (every address; anyone who reaches it reads the target's state)"
+        )
+    host = host or "127.0.0.1"  # an address left out is loopback, never every address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -166,6 +410,8 @@ class Setting:
     metavar: str | None = None
     repeated: bool = False
     option: str = ""
+    #: Converts a command-line string where it differs from a TOML value (secrets).
+    from_cli: Callable[[str], Any] | None = None
 
     @property
     def flag(self) -> str:
@@ -175,10 +421,58 @@ class Setting:
 SETTINGS = (
     Setting("listen", "address to listen on", _text, "HOST:PORT"),
     Setting("iqn", "target name", _text),
-    Setting("luns", "a LUN, numbered from 0 in order", _lun, "PATH[:ro]", True, "--lun"),
-    Setting("chap", "require CHAP from initiators", _credentials, "USER:SECRET"),
-    Setting("mutual_chap", "target credentials for mutual CHAP", _credentials, "USER:SECRET"),
+    Setting(
+        "luns",
+        "a LUN, numbered from 0 in order; in the config a table { path, readonly, mapped, lun "
+        "(its number, kept across reloads; give every LUN one or none), serial (the unit serial "
+        "number, VPD page 0x80), wwn (its NAA designator, VPD page 0x83: naa.5 and 15 hex "
+        "digits, or naa.6 and 31) } may stand for a string; a LUN's serial and NAA otherwise "
+        "derive from the target name, its number and path",
+        _lun,
+        "PATH[:ro]",
+        True,
+        "--lun",
+    ),
+    Setting(
+        "chap",
+        "require CHAP from initiators: a table { user, and secret_file (a file of mode 0600), "
+        'credential (a systemd credential: LoadCredential=) or secret } or "USER:SECRET"; on '
+        "the command line user=NAME,secret_file=FILE or user=NAME,credential=NAME (a secret "
+        "there is refused). Secrets are read again at each reload",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
+    Setting(
+        "mutual_chap",
+        "target credentials for mutual CHAP, given as chap is; a secret of its own",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
     Setting("allow", "only these initiators may log in", _text, "IQN", True),
+    Setting(
+        "acls",
+        "per-initiator access, one table per initiator: { initiator (its IQN), chap and "
+        "mutual_chap (its own credentials, given as chap is; default: chap), luns (the LUN "
+        "numbers it sees; default all), readonly_luns (those it may only read), readonly (all "
+        "read-only), addresses (IPs or networks it may log in from; default any) }. With ACLs "
+        "only the initiators they list may log in, and allow is not used; on the command line "
+        "an inline TOML table",
+        _acl,
+        "{ initiator = IQN, ... }",
+        True,
+        "--acl",
+        from_cli=_acl_cli,
+    ),
+    Setting(
+        "discovery_chap",
+        "CHAP credentials for discovery logins (SendTargets), given as chap is; default: "
+        "discovery logins authenticate with chap",
+        _credentials,
+        "user=NAME,secret_file=FILE",
+        from_cli=_credentials_cli,
+    ),
     Setting(
         "cross_session_resets",
         "on: TARGET WARM/COLD RESET from any session reset the target under every session; "
@@ -188,14 +482,14 @@ SETTINGS = (
         _on_off,
         "on|off",
     ),
-    Setting("max_connections", "connections open at once", int),
+    Setting("max_connections", "connections open at once", _at_least_one),
     Setting(
         "max_pending_logins",
         "connections allowed to sit in login at once; the oldest is dropped",
-        int,
+        _at_least_one,
     ),
-    Setting("buffers", "transmit buffers in the pool", int),
-    Setting("buffer_size", "size of each transmit buffer", lambda v: parse_size(str(v))),
+    Setting("buffers", "transmit buffers in the pool", _at_least_one),
+    Setting("buffer_size", "size of each transmit buffer", _size),
     Setting(
         "backend",
         "zerosend backend for every connection; auto copies to peers on this host",
@@ -216,7 +510,24 @@ SETTINGS = (
         _text,
         "FILE",
     ),
-    Setting("metrics", "serve Prometheus metrics at http://HOST:PORT/metrics", _text, "HOST:PORT"),
+    Setting(
+        "metrics",
+        "serve Prometheus metrics at http://HOST:PORT/metrics; :PORT serves loopback only",
+        metrics_address,
+        "HOST:PORT",
+    ),
+    Setting(
+        "metrics_connections",
+        "metrics connections open at once; more are answered 503 and closed",
+        _at_least_one,
+    ),
+    Setting(
+        "control_socket",
+        "local socket (mode 0600) that zerosend-iscsi show reads the live state from; default: "
+        "control in $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), none without it",
+        _text,
+        "PATH",
+    ),
     Setting(
         "session_commands",
         "commands one session may have queued or in progress: its CmdSN window",
@@ -225,7 +536,7 @@ SETTINGS = (
     Setting(
         "session_bytes",
         "bytes one session may have queued for sending before its window closes",
-        lambda v: _at_least_one(parse_size(str(v))),
+        lambda v: _at_least_one(_size(v)),
     ),
     Setting(
         "session_buffers",
@@ -297,8 +608,10 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     for s in SETTINGS:
         given = options.get(s.key)
         where = s.flag
+        convert = s.from_cli or s.convert
         if not given:
             given, where = table.get(s.key), f"config key {s.key}"
+            convert = s.convert
         if given is None:
             continue
         try:
@@ -308,11 +621,11 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
                 value: Any = []
                 for n, item in enumerate(given):
                     try:
-                        value.append(s.convert(item))
+                        value.append(convert(item))
                     except (ValueError, TypeError, KeyError) as e:
                         raise _located(e, "" if where == s.flag else f"[{n}]") from e
             else:
-                value = s.convert(given)
+                value = convert(given)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}{_place(e)}: {e}") from e
         setattr(cfg, s.key, frozenset(value) if s.key == "allow" else value)
@@ -323,6 +636,8 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     check_mutual(cfg.chap, cfg.mutual_chap)
     if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
         raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
+    _check_lun_set(cfg.luns, "--lun" if options.get("luns") else "config key luns")
+    _check_acls(cfg, "--acl" if options.get("acls") else "config key acls")
     if not cfg.luns:
         raise ValueError("no LUN given: use --lun PATH (or luns = [...] in the config file)")
     return cfg

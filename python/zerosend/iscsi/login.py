@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import pdu as P
+from .acl import Acl
 from .chap import AuthError, ChapServer, Credentials
 from .params import NegotiationError, SessionParams, declare_target, negotiate
 
@@ -38,6 +39,8 @@ class LoginPolicy(Protocol):
     chap: Credentials | None
     mutual_chap: Credentials | None
     allow: frozenset[str]
+    acls: list[Acl]  # none: every initiator (on the allow-list) sees every LUN
+    discovery_chap: Credentials | None  # none: discovery logins authenticate as others do
 
 
 class LoginFailed(Exception):
@@ -61,8 +64,10 @@ class LoginState:
 class LoginMachine:
     """Answers Login Requests one at a time; ``done`` once full feature phase is reached."""
 
-    def __init__(self, policy: LoginPolicy) -> None:
+    def __init__(self, policy: LoginPolicy, address: str = "") -> None:
         self.policy = policy
+        self.address = address  # the initiator's IP, for the ACLs' address filters
+        self.acl: Acl | None = None  # the initiator's ACL, once known
         self.state = LoginState()
         self.done = False
         self._first = True
@@ -147,8 +152,19 @@ class LoginMachine:
         next_stage = nsg if go else csg
         return self._response(req, go, csg, next_stage, answers), P.build_text(answers)
 
+    def _credentials(self) -> tuple[Credentials | None, Credentials | None]:
+        """The CHAP credentials this login must present, and the target's for mutual CHAP:
+        a discovery login's ``discovery_chap`` if set; an initiator's own in its ACL; else the
+        target-wide ``chap``."""
+        p = self.policy
+        if self.state.discovery and p.discovery_chap is not None:
+            return p.discovery_chap, None
+        if not self.state.discovery and self.acl is not None and self.acl.chap is not None:
+            return self.acl.chap, self.acl.mutual_chap
+        return p.chap, p.mutual_chap
+
     def _needs_auth(self) -> bool:
-        return self.policy.chap is not None
+        return self._credentials()[0] is not None
 
     def _first_request(self, keys: dict[str, str]) -> list[tuple[str, str]]:
         st = self.state
@@ -161,6 +177,14 @@ class LoginMachine:
         st.discovery = session_type == "Discovery"
         if self.policy.allow and st.initiator not in self.policy.allow:
             raise LoginFailed(FORBIDDEN, f"initiator {st.initiator} is not on the allow-list")
+        if self.policy.acls:
+            self.acl = next((a for a in self.policy.acls if a.initiator == st.initiator), None)
+            if self.acl is None:
+                raise LoginFailed(FORBIDDEN, f"initiator {st.initiator} has no ACL")
+            if not self.acl.admits(self.address):
+                raise LoginFailed(
+                    FORBIDDEN, f"initiator {st.initiator} may not log in from {self.address}"
+                )
         out: list[tuple[str, str]] = []
         if not st.discovery:
             name = keys.get("TargetName")
@@ -184,7 +208,9 @@ class LoginMachine:
                         AUTH_FAILED, f"CHAP required, initiator offers {keys['AuthMethod']}"
                     )
                 self._auth_method = "CHAP"
-                self._chap = ChapServer(self.policy.chap, self.policy.mutual_chap)  # type: ignore[arg-type]
+                initiator, target = self._credentials()
+                assert initiator is not None  # (_needs_auth)
+                self._chap = ChapServer(initiator, target)
             else:
                 if "None" not in offered:
                     # CHAP without configured credentials could never succeed

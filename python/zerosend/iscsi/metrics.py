@@ -19,14 +19,22 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .config import split_hostport
+import zerosend
+
+from .config import metrics_address, split_hostport
 
 if TYPE_CHECKING:
     from .session import Session
     from .target import Target
 
 try:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Histogram,
+        PlatformCollector,
+        ProcessCollector,
+    )
     from prometheus_client import generate_latest as _generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError:  # the extra is not installed: `--metrics` says so at start-up
@@ -53,6 +61,10 @@ SESSION_COUNTERS = {
         "zc_fallbacks",
         "times a connection left zero-copy because the kernel copied its zero-copy sends anyway",
     ),
+    "login_failures": ("login_failures", "logins refused (authentication, ACL, target name)"),
+    "rejects": ("rejects", "Reject PDUs sent (malformed or out-of-window PDUs)"),
+    "check_conditions": ("check_conditions", "commands answered CHECK CONDITION"),
+    "resets": ("resets", "LOGICAL UNIT RESET and TARGET WARM/COLD RESET requests carried out"),
 }
 # Send latency buckets: from a loopback copy (tens of microseconds) to a congested link.
 LATENCY_BUCKETS = (
@@ -95,7 +107,14 @@ class TargetMetrics:
             False: self._latency.labels("copy").observe,
         }
         self.registry.register(_SessionCollector(self))
+        # The usual process_* (CPU, memory, descriptors) and python_info, as a default
+        # registry would have them.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._server: asyncio.Server | None = None
+        self._open = 0  # connections being answered now
+        self._refusing = 0  # connections past the limit, being answered 503
+        self.limit = target.config.metrics_connections
 
     # -- following the connections
 
@@ -129,7 +148,7 @@ class TargetMetrics:
     # -- the endpoint
 
     async def start(self, listen: str) -> tuple[str, int]:
-        host, port = split_hostport(listen)
+        host, port = split_hostport(metrics_address(listen))
         try:
             self._server = await asyncio.start_server(self._handle, host, port)
         except OSError as e:
@@ -143,6 +162,14 @@ class TargetMetrics:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.limit:
+            # Idle or slow clients must not pile up on the target's own event loop: past the
+            # limit a client gets a 503, once its request is read (closing on an unread
+            # request would reset the connection under the answer), within LINGER seconds;
+            # past twice the limit it is closed at once.
+            await self._busy(reader, writer)
+            return
+        self._open += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT)
             status, body, ctype = self._answer(head)
@@ -163,6 +190,28 @@ class TargetMetrics:
         except asyncio.CancelledError:
             pass  # the target is stopping: the connection just closes (nothing awaits this task)
         finally:
+            self._open -= 1
+            writer.close()
+
+    async def _busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing >= self.limit:
+            writer.close()
+            return
+        self._refusing += 1
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), LINGER)
+            writer.write(
+                b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            writer.write_eof()
+            await asyncio.wait_for(_discard_until_eof(reader), LINGER)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the target is stopping
+        finally:
+            self._refusing -= 1
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[str, bytes, str]:
@@ -214,6 +263,20 @@ class _SessionCollector:
         yield _gauge("connections", "open connections, logged in or not", len(sessions))
         yield _counter("sessions_ended", "sessions that ended", m.ended_sessions)
         yield _gauge("luns", "LUNs served", len(target.luns))
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "the zerosend version and the target's name",
+            labels=["version", "iqn"],
+        )  # fmt: skip
+        build.add_metric([zerosend.__version__, target.iqn], 1)
+        yield build
+        size = GaugeMetricFamily(
+            f"{PREFIX}_lun_size_bytes", "each LUN's size, by LUN number, image and access",
+            labels=["lun", "path", "kind", "readonly"],
+        )  # fmt: skip
+        for number, lu in sorted(target.luns.items()):
+            readonly = "true" if lu.readonly else "false"
+            size.add_metric([str(number), lu.store.name, lu.store.kind, readonly], lu.store.size)
+        yield size
         pool = target.pool
         yield _gauge("transmit_buffers", "transmit buffers in the pool", pool.count)
         yield _gauge("transmit_buffers_free", "transmit buffers free now", pool.available)

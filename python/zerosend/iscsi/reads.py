@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import diskio
@@ -59,7 +60,7 @@ class Reads:
     def __init__(
         self,
         conn: Connection,
-        luns: dict[int, S.LogicalUnit],
+        luns: Mapping[int, S.LogicalUnit],
         pool: PoolShare,
         params: SessionParams,
         reader: PduReader,

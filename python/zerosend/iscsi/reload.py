@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import pdu as P
-from .config import SETTINGS, LunSpec, TargetConfig, load_config
+from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
 from .scsi import LogicalUnit
 from .stores import Store, StoreError, open_store
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerosend.iscsi")
 
-RELOADABLE = ("luns", "chap", "mutual_chap", "allow")
+RELOADABLE = ("luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap")
 # How long the sessions a reload ends may take to drain before their LUNs' images are closed.
 DRAIN_TIMEOUT = 15.0
 # What the Async Message tells the initiator (RFC 7143 11.9.1): wait this long before logging in
@@ -59,14 +59,14 @@ def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
     """Opens the new LUNs' images (closing them again if one fails). Called in a thread: an
     open may wait for a device (the running config cannot change meanwhile: one reload at a
     time)."""
-    old = target.config.luns
-    gone = {n: target.luns[n] for n, spec in enumerate(old) if n >= len(new) or new[n] != spec}
+    old, by_number = numbered(target.config.luns), numbered(new)
+    gone = {n: target.luns[n] for n, spec in old.items() if by_number.get(n) != spec}
     added: dict[int, LogicalUnit] = {}
     try:
-        for n, spec in enumerate(new):
-            if n >= len(old) or old[n] != spec:
+        for n, spec in by_number.items():
+            if old.get(n) != spec:
                 store = open_store(spec.path, spec.readonly, spec.mapped)
-                added[n] = LogicalUnit(n, store, target.iqn)
+                added[n] = LogicalUnit(n, store, target.iqn, serial_text=spec.serial, wwn=spec.wwn)
     except (StoreError, OSError, ValueError):
         for lu in added.values():
             lu.store.close()
@@ -78,18 +78,27 @@ def _why_ended(
     session: Session, old: TargetConfig, new: TargetConfig, gone: Mapping[int, LogicalUnit]
 ) -> str | None:
     """Why the new settings end ``session``, or None if they leave it alone."""
-    policy_changed = new.allow != old.allow or new.chap != old.chap
+    policy_changed = _policy(new) != _policy(old)
     if not session.logged_in:
         return "login in progress under the old allow-list or CHAP" if policy_changed else None
     if new.allow and session.initiator not in new.allow:
         return f"initiator {session.initiator} is no longer on the allow-list"
     if new.chap is not None and new.chap != old.chap:
         return "CHAP credentials changed"
+    if new.acl_for(session.initiator) != old.acl_for(session.initiator):
+        return "its ACL changed"  # (its LUNs, their access, its address or CHAP)
+    if session.discovery and new.discovery_chap != old.discovery_chap:
+        return "discovery CHAP changed"
     if not session.discovery:
         used = sorted(session.luns_in_use() & gone.keys())
         if used:
             return f"LUN {', '.join(map(str, used))} removed or replaced"
     return None
+
+
+def _policy(cfg: TargetConfig) -> tuple[Any, ...]:
+    """What logins are judged by."""
+    return cfg.allow, cfg.chap, cfg.acls, cfg.discovery_chap
 
 
 def _tell_dropped(session: Session) -> None:
@@ -148,7 +157,7 @@ class Reloader:
             why = _why_ended(session, old, new, changes.gone)
             if why is not None:
                 ending[session] = why
-        policy_changed = new.allow != old.allow or new.chap != old.chap
+        policy_changed = _policy(new) != _policy(old)
         # The config object is the sessions' login policy: new logins see the new values.
         for key in RELOADABLE:
             setattr(old, key, getattr(new, key))
@@ -157,6 +166,10 @@ class Reloader:
         target.luns.update(changes.added)
         # Reservations belong to the image served: a new or replaced LUN starts afresh.
         target.commands.reservations.luns_changed(changes.gone, changes.added)
+        if changes.gone.keys() != changes.added.keys():  # the LUN inventory changed (SAM-5)
+            target.commands.reservations.inventory_changed(
+                [s.nexus for s in target.sessions() if s.logged_in and not s.discovery]
+            )
         for n, lu in sorted(changes.added.items()):
             target.add_store(lu.store)
             log.info("reload: LUN %d is now %s (%s, %d bytes)", n, lu.store.name, lu.store.kind,

@@ -59,6 +59,7 @@ RESET_OCCURRED = (0x29, 0x00)  # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
 RESERVATIONS_PREEMPTED = (0x2A, 0x03)
 RESERVATIONS_RELEASED = (0x2A, 0x04)
 REGISTRATIONS_PREEMPTED = (0x2A, 0x05)
+REPORTED_LUNS_DATA_CHANGED = (0x3F, 0x0E)
 # Other sense codes
 PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
 INVALID_RELEASE = (0x26, 0x04)  # INVALID RELEASE OF PERSISTENT RESERVATION
@@ -365,6 +366,15 @@ class Reservations:
                     log.info("LUN %d: persistent reservations restored: %s", lun,
                              unit.describe())  # fmt: skip
             self._update_guard(lun)
+
+    def inventory_changed(self, nexuses: Iterable[Nexus]) -> None:
+        """LUNs were added or removed: every logical unit tells every nexus REPORTED LUNS DATA
+        HAS CHANGED (SAM-5 5.15), so initiators rescan instead of missing the new LUNs."""
+        nexuses = list(nexuses)
+        for number in self.units:
+            for nexus in nexuses:
+                self._attend(number, nexus, REPORTED_LUNS_DATA_CHANGED)
+            self._update_guard(number)
 
     # -- nexus loss and resets
 

@@ -129,6 +129,8 @@ class Responder:
         data = b""
         if sense:
             data = struct.pack(">H", len(sense)) + sense
+        if status == S.CHECK_CONDITION:  # (for the metrics)
+            self.stats["check_conditions"] = self.stats.get("check_conditions", 0) + 1
         hdr = P.scsi_response(itt, status, flags, residual, expdatasn, len(data))
         self.send_pdu(hdr, data)
 
@@ -138,6 +140,7 @@ class Responder:
 
     def send_reject(self, reason: int, bhs: bytes, why: str) -> None:
         log.warning("%s: reject (reason 0x%02x): %s", self.outbox.name, reason, why)
+        self.stats["rejects"] = self.stats.get("rejects", 0) + 1
         self.send_pdu(P.reject(reason, bhs), bytes(bhs[: P.BHS_LEN]))
 
     def reply_data(self, itt: int, lun_field: bytes, data: bytes, edtl: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .acl import Acl, LunView
 from .nexus import Nexus
 from .stores import Store
 
@@ -146,6 +147,10 @@ class LogicalUnit:
     media_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
     admission_required: bool = False
+    # Set by the operator (``serial``, ``wwn`` hex): the identity multipath keys on stays
+    # when the image moves or the target is renamed.
+    serial_text: str = ""
+    wwn: str = ""
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(
@@ -154,6 +159,10 @@ class LogicalUnit:
         # NAA 6 (IEEE registered extended) needs an OUI; use a locally administered looking value.
         self.naa = bytes((0x60 | (digest[0] & 0x0F),)) + digest[1:16]
         self.serial = digest[16:24].hex().upper().encode()
+        if self.wwn:
+            self.naa = bytes.fromhex(self.wwn)
+        if self.serial_text:
+            self.serial = self.serial_text.encode()
 
     @property
     def readonly(self) -> bool:
@@ -185,6 +194,12 @@ class CommandSet:
 
         self.luns = luns
         self.reservations = reservations or Reservations(luns)
+        # The ACL of an initiator (None: it sees every LUN); the target sets it from ``acls``.
+        self.acl_of: Callable[[str], Acl | None] = lambda initiator: None
+
+    def view(self, nexus: Nexus) -> LunView:
+        """The LUNs as ``nexus``'s initiator may see them (its ACL's LUN masking)."""
+        return LunView(self.luns, self.acl_of(nexus.initiator))
 
     def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """Every command to ``lu``, READ and WRITE included, passes here before it starts;
@@ -197,7 +212,7 @@ class CommandSet:
         if op == 0x12:
             return self.inquiry(lu, cdb)
         if op == 0xA0:
-            return self.report_luns(cdb)
+            return self.report_luns(cdb, nexus)
         if op == 0x03:
             return self.request_sense(cdb)
         if lu is None:
@@ -276,7 +291,7 @@ class CommandSet:
         struct.pack_into(">H", body, 0, 1)  # non-rotating medium
         return bytes(body)
 
-    def report_luns(self, cdb: bytes) -> bytes:
+    def report_luns(self, cdb: bytes, nexus: Nexus) -> bytes:
         select = cdb[2]
         alloc = _alloc(cdb, 6, 4)
         if select not in (0x00, 0x01, 0x02):
@@ -285,7 +300,8 @@ class CommandSet:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         from .pdu import encode_lun
 
-        body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(self.luns))
+        seen = self.view(nexus)
+        body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(seen))
         return (struct.pack(">I4x", len(body)) + body)[:alloc]
 
     def request_sense(self, cdb: bytes) -> bytes:

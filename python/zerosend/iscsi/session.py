@@ -18,6 +18,7 @@ import zerosend
 from . import diskio
 from . import pdu as P
 from . import scsi as S
+from .acl import LunView, peer_address
 from .budget import SessionBudget
 from .host import SessionHost
 from .liveness import Pinger, reset_connection
@@ -77,7 +78,8 @@ class Session:
         self.outbox.on_submit.append(self.budget.submitted)
         self.reader = PduReader(sock, _RECEIVE_BUFFER, self.outbox.flush)
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
-        self.reads = Reads(self, host.luns, self.share, self.params, self.reader, self.window,
+        self.luns = LunView(host.luns)  # masked by the initiator's ACL once it logged in
+        self.reads = Reads(self, self.luns, self.share, self.params, self.reader, self.window,
                            self.responder, self.stats)  # fmt: skip
         self.writes = Writes(self, self.params, self.responder, self.stats, self.budget)
         self.pinger = Pinger(cfg.nop_interval, cfg.nop_timeout, self._progress, self._busy,
@@ -244,7 +246,7 @@ class Session:
     # ---------------------------------------------------------------- login
 
     async def _login(self) -> None:
-        machine = LoginMachine(self.host.policy)
+        machine = LoginMachine(self.host.policy, peer_address(self.peer))
         first = True
         while True:
             try:
@@ -260,6 +262,7 @@ class Session:
             except LoginFailed as e:
                 who = machine.state.initiator or "unknown initiator"
                 log.warning("%s: login of %s rejected: %s", self.name, who, e)
+                self.stats["login_failures"] = 1
                 self.window.open_at(req.u32(24))
                 await self.responder.send_now(failure_response(req, e.status))
                 return
@@ -281,6 +284,7 @@ class Session:
             self.nexus = Nexus(st.initiator, bytes(st.isid))
             self.discovery = st.discovery
             self.initiator = st.initiator
+            self.luns.acl = machine.acl
             self.name = self.outbox.name = f"{self.peer} {st.initiator} tsih={tsih}"
             # Header/data digests start with the first PDU after the final login response.
             p = self.params
@@ -423,7 +427,7 @@ class Session:
         lun_field = bytes(bhs[8:16])
         lun = P.decode_lun(lun_field)
         self.luns_addressed.add(lun)
-        lu = self.host.luns.get(lun)
+        lu = self.luns.get(lun)
         op = cdb[0]
         try:
             if lu is not None:

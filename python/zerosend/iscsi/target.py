@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import zerosend
 
 from .bufpool import MmapPool
-from .config import TargetConfig, split_hostport
+from .config import TargetConfig, numbered, split_hostport
 from .liveness import tune_socket
 from .login import LoginPolicy
 from .nexus import Nexus
@@ -51,14 +51,17 @@ class Target:
         self.policy: LoginPolicy = config
         self.luns: dict[int, LogicalUnit] = {}
         self._stores: list[Store] = []
-        for number, spec in enumerate(config.luns):
+        for number, spec in numbered(config.luns).items():
             store = open_store(spec.path, spec.readonly, spec.mapped)
             self._stores.append(store)
-            self.luns[number] = LogicalUnit(number, store, self.iqn)
+            self.luns[number] = LogicalUnit(
+                number, store, self.iqn, serial_text=spec.serial, wwn=spec.wwn
+            )
         reservations = Reservations(
             self.luns, config.reservation_state or None, self._abort_nexus_tasks
         )
         self.commands = CommandSet(self.luns, reservations)
+        self.commands.acl_of = config.acl_for  # LUN masking by the initiator's ACL
         self.pool = MmapPool(config.buffers, config.buffer_size)
         self.stopping = False
         self.address: tuple[str, int] | None = None

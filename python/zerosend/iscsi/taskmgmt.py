@@ -53,7 +53,7 @@ def task_management(session: Session, req: P.Pdu) -> None:
             response = COMPLETE
         else:
             response = NO_TASK  # completed already, or never existed
-    elif function == LOGICAL_UNIT_RESET and lun not in host.luns:
+    elif function == LOGICAL_UNIT_RESET and lun not in session.luns:  # (as its ACL shows)
         response = NO_LUN
     elif (
         function in TARGET_RESETS
@@ -65,15 +65,19 @@ def task_management(session: Session, req: P.Pdu) -> None:
         # not authorized for).
         response = AUTHORIZATION_FAILED
     elif function in (ABORT_TASK_SET, CLEAR_TASK_SET, LOGICAL_UNIT_RESET):
+        if function == LOGICAL_UNIT_RESET:
+            session.stats["resets"] = session.stats.get("resets", 0) + 1
         host.abort_tasks(lun, session if function != LOGICAL_UNIT_RESET else None)
         if function == LOGICAL_UNIT_RESET:
             host.reset_logical_units(lun)
         response = COMPLETE
     elif function == TARGET_WARM_RESET:
+        session.stats["resets"] = session.stats.get("resets", 0) + 1
         host.abort_tasks(None, None)
         host.reset_logical_units(None)
         response = COMPLETE
     elif function == TARGET_COLD_RESET:
+        session.stats["resets"] = session.stats.get("resets", 0) + 1
         response = COMPLETE
         host.abort_tasks(None, None)
         host.reset_logical_units(None)

@@ -88,14 +88,14 @@ def _aborted(code: tuple[int, int]) -> S.CheckCondition:
     return S.CheckCondition(COPY_ABORTED, code)
 
 
-def _copy_target(commands: S.CommandSet, descriptor: bytes) -> S.LogicalUnit:
+def _copy_target(commands: S.CommandSet, descriptor: bytes, nexus: Nexus) -> S.LogicalUnit:
     """The LUN an identification target descriptor names."""
     if descriptor[1] & 0x1F:  # peripheral device type: block devices only
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMS)
     designator_type, length = descriptor[5] & 0x0F, descriptor[7]
     designator = bytes(descriptor[8 : 8 + min(length, 20)])
     if designator_type == 0x03:  # NAA
-        for lu in commands.luns.values():
+        for lu in commands.view(nexus).values():  # only LUNs its ACL shows, read-only as there
             if lu.naa == designator:
                 (block_size,) = struct.unpack(">I", b"\0" + descriptor[29:32])
                 if block_size != lu.store.block_size:
@@ -113,7 +113,7 @@ class _Segment:
     destination_lba: int
 
 
-def _parse(commands: S.CommandSet, params: bytes) -> tuple[int, int, list[_Segment]]:
+def _parse(commands: S.CommandSet, params: bytes, nexus: Nexus) -> tuple[int, int, list[_Segment]]:
     """(list identifier, LIST ID USAGE, segments) of a parameter list; every descriptor is
     checked before any data moves."""
     if len(params) < _HEADER_LEN:
@@ -138,7 +138,7 @@ def _parse(commands: S.CommandSet, params: bytes) -> tuple[int, int, list[_Segme
         descriptor = params[at : at + _TARGET_DESCRIPTOR_LEN]
         if descriptor[0] != IDENTIFICATION_DESCRIPTOR:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE)
-        targets.append(_copy_target(commands, descriptor))
+        targets.append(_copy_target(commands, descriptor, nexus))
     segments: list[_Segment] = []
     at, end = _HEADER_LEN + targets_len, _HEADER_LEN + targets_len + segments_len
     while at < end:
@@ -178,7 +178,7 @@ def extended_copy(
     ABORT, reset or abort there waits for it)."""
     if not params:  # a parameter list length of zero: no copy
         return None
-    list_id, usage, segments = _parse(commands, params)
+    list_id, usage, segments = _parse(commands, params, nexus)
     admit = commands.reservations.admit_medium
     for segment in segments:
         admit(segment.source, nexus, writes=False)

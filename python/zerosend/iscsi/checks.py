@@ -1,0 +1,46 @@
+"""``--check`` and the start-up warnings: what can be told about a configuration before (or
+without) serving it."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from .config import TargetConfig, split_hostport
+from .stores import open_store, parse_size
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` names is a loopback address (a name that does not
+    resolve counts as not loopback: the warning is better given than missed)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def exposure_warnings(cfg: TargetConfig, host: str) -> list[str]:
+    """Warnings for a target listening on ``host`` with ``cfg``'s access rules."""
+    if is_loopback(host) or cfg.allow or cfg.acls or cfg.chap is not None:
+        return []
+    return [
+        f"listening on {host}, not a loopback address, with no allow-list, ACLs or CHAP: any "
+        "host that reaches it can read and write every LUN (set acls, allow or chap)"
+    ]
+
+
+def check(cfg: TargetConfig) -> list[str]:
+    """Opens every LUN's image (read-only, then closes it) so that a missing or unreadable
+    image fails the check as it would fail the start; returns the warnings."""
+    for spec in cfg.luns:
+        if spec.path.startswith(("mem:", "null:")):
+            parse_size(spec.path.partition(":")[2])  # not allocated for a check
+        else:
+            open_store(spec.path, readonly=True, mapped=False).close()
+    host, _ = split_hostport(cfg.listen)
+    return exposure_warnings(cfg, host)
