@@ -45,6 +45,7 @@ SELECT = ["-m", "not slow"]
 #: syncs: all that runs against the target's faults.
 ISCSI_TESTS = [
     "tests/iscsi/test_iscsi_leases.py",
+    "tests/iscsi/test_iscsi_syncs.py",
     "tests/iscsi/test_iscsi_seams_storage.py::test_a_sync_waits_for_the_sync_under_way_in_another_thread",
     "tests/iscsi/test_iscsi_seams_storage.py::test_a_flush_waits_only_for_the_syncs_that_cover_its_range",
 ]  # fmt: skip

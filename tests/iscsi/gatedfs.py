@@ -4,7 +4,8 @@
 ``mountpoint / "disk.img"``, with ``data`` in it. While the gate is closed (``close_gate()``),
 every read, write, fsync and lseek (SEEK_DATA/SEEK_HOLE: the whole file is data) of it waits in
 the kernel until ``open_gate()``; ``waiting`` counts the requests held there, ``syncs`` the
-fsyncs answered, ``seeks`` the lseeks that reached the server. The file is opened with direct
+fsyncs answered, ``seeks`` the lseeks that reached the server; while ``fail_syncs`` is set,
+fsyncs fail with EIO (a device that lost the data). The file is opened with direct
 I/O, so every read and write reaches this server (nothing stays in the page cache); writes
 change ``data``. Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
 (``include/uapi/linux/fuse.h``): just the requests a fixed-size file needs.
@@ -47,6 +48,7 @@ class GatedFile:
         self.waiting = 0
         self.syncs = 0
         self.seeks = 0
+        self.fail_syncs = False
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
@@ -165,6 +167,9 @@ class GatedFile:
 
     def _fsync(self, unique: int) -> None:
         self._pass_gate()
+        if self.fail_syncs:
+            self._reply(unique, error=errno.EIO)
+            return
         with self._lock:
             self.syncs += 1
         self._reply(unique)

@@ -40,6 +40,8 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _MAPPED_WRITABLE_LENT = _mutant.on("mapped_writable_lent")
 _LOAN_WRITTEN_IN_PLACE = _mutant.on("loan_written_in_place")
 _FLUSH_IGNORES_SYNCS_UNDER_WAY = _mutant.on("flush_ignores_syncs_under_way")
+_WRITE_NOT_MARKED_DIRTY = _mutant.on("write_not_marked_dirty")
+_FAILED_SYNC_FORGETS_DIRTY = _mutant.on("failed_sync_forgets_dirty")
 
 # File systems whose writes land in the page cache of this machine (``statfs`` f_type): ext2/3/4,
 # XFS, btrfs, tmpfs, F2FS, ZFS, bcachefs. On others (FUSE, NFS, CIFS, 9p, ...) a write may wait
@@ -314,7 +316,8 @@ class FileStore(Store):
                     done += os.pwrite(fd, data[done:], offset + done)
             finally:  # marked once written (a flush that began earlier does not cover it); a
                 # write that failed half-way is dirty too
-                self._mark_dirty(offset, offset + len(data))
+                if not _WRITE_NOT_MARKED_DIRTY:
+                    self._mark_dirty(offset, offset + len(data))
 
     def writes_on_loop(self) -> bool:
         return self._loop_writes and time.monotonic() >= self._threads_until
@@ -378,7 +381,8 @@ class FileStore(Store):
                 os.fdatasync(fd)
         except OSError as e:
             sync.error = e
-            self._mark_dirty(*dirty)  # a later flush tries again
+            if not _FAILED_SYNC_FORGETS_DIRTY:
+                self._mark_dirty(*dirty)  # a later flush tries again
             raise
         finally:
             with self._dirty_lock:

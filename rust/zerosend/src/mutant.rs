@@ -16,7 +16,8 @@
 //! Binding (`zerosend-py`)
 //! - a cancelled future never releases its buffer exports ([`EARLY_RELEASE_ON_CANCEL`]).
 //! - a failed send's future gets its exception, not a result ([`ERROR_AS_RESULT`]).
-//! - a `SendResult` object is shared only between equal outcomes ([`STALE_RESULT`]).
+//! - a `SendResult` object is shared only between equal outcomes ([`STALE_RESULT`]), and so is
+//!   the awaitable of a send that finished inside its call ([`STALE_COMPLETED`]).
 //! - the buffers of a list/tuple go out in list order ([`VECTORED_REVERSED`]).
 //! - a pool buffer goes back to its pool only once released and no export of it (an in-flight
 //!   send, a view) is left ([`POOL_BUFFER_BACK_WHILE_EXPORTED`]).
@@ -43,8 +44,12 @@
 //!   ([`LOAN_WRITTEN_IN_PLACE`]).
 //! - a mapped image lends its pages to sends only when nothing can write them (`stores`)
 //!   ([`MAPPED_WRITABLE_LENT`]).
+//! - an image's write marks its span dirty, so that a flush covering it syncs (`stores`)
+//!   ([`WRITE_NOT_MARKED_DIRTY`]).
 //! - a flush waits for the syncs under way that cover its range (`stores.flush`)
 //!   ([`FLUSH_IGNORES_SYNCS_UNDER_WAY`]).
+//! - a sync that failed leaves its span dirty, for the next flush to sync again
+//!   (`stores.flush`) ([`FAILED_SYNC_FORGETS_DIRTY`]).
 
 /// Resolve a send when the kernel accepted it (io_uring's first completion, `sendmsg`'s
 /// return), not when it released the pages.
@@ -59,6 +64,9 @@ pub const EARLY_RELEASE_ON_CANCEL: &str = "early_release_on_cancel";
 pub const ERROR_AS_RESULT: &str = "error_as_result";
 /// Give a send's future the last `SendResult` made, whatever its own outcome (binding).
 pub const STALE_RESULT: &str = "stale_result";
+/// Give a send that finished inside its call the last such send's awaitable, whatever its own
+/// outcome (binding).
+pub const STALE_COMPLETED: &str = "stale_completed";
 /// Send the buffers of a list/tuple in reverse order (binding).
 pub const VECTORED_REVERSED: &str = "vectored_reversed";
 /// Hand a released pool buffer back to its pool while a send or a view still exports it
@@ -89,15 +97,20 @@ pub const MAPPED_WRITABLE_LENT: &str = "mapped_writable_lent";
 /// A flush with nothing dirty in its range answers at once, without waiting for the syncs under
 /// way in other threads.
 pub const FLUSH_IGNORES_SYNCS_UNDER_WAY: &str = "flush_ignores_syncs_under_way";
+/// An image's write leaves the dirty span alone: a flush then finds nothing to sync.
+pub const WRITE_NOT_MARKED_DIRTY: &str = "write_not_marked_dirty";
+/// A failed sync forgets the span it was to make durable: the next flush answers at once.
+pub const FAILED_SYNC_FORGETS_DIRTY: &str = "failed_sync_forgets_dirty";
 
 /// Every fault, for the runner and for checking the variable's value.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 22] = [
     RESOLVE_AT_ACCEPTANCE,
     ZEROCOPY_FALSE,
     DROP_OUT_OF_ORDER,
     EARLY_RELEASE_ON_CANCEL,
     ERROR_AS_RESULT,
     STALE_RESULT,
+    STALE_COMPLETED,
     VECTORED_REVERSED,
     POOL_BUFFER_BACK_WHILE_EXPORTED,
     STREAM_UNRELEASED_UNCOUNTED,
@@ -110,7 +123,9 @@ pub const ALL: [&str; 19] = [
     BUFPOOL_LEASE_SHARED,
     LOAN_WRITTEN_IN_PLACE,
     MAPPED_WRITABLE_LENT,
+    WRITE_NOT_MARKED_DIRTY,
     FLUSH_IGNORES_SYNCS_UNDER_WAY,
+    FAILED_SYNC_FORGETS_DIRTY,
 ];
 
 /// The fault `ZEROSEND_MUTANT` names, in a build with mutation controls (checked against
