@@ -12,6 +12,8 @@ The image lies on the FUSE file system whose I/O, lseek included, waits at a gat
 from __future__ import annotations
 
 import random
+import re
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +57,16 @@ def held_get_lba_status(t, fs: GatedFile) -> tuple[MiniInitiator, int]:
     return stuck, itt
 
 
+def reads_in_progress(t) -> int:
+    """The READ-path tasks in progress over all connections, from a fresh state dump
+    (SIGUSR1): a command whose data comes later counts there, in the CmdSN window."""
+    before = t.log().count("state: LUN 0 ")
+    t.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: t.log().count("state: LUN 0 ") > before, "the state dump")
+    dump = t.log().rsplit("transmit buffers free", 1)[1]
+    return sum(int(n) for n in re.findall(r" reads=(\d+)", dump))
+
+
 def answer_to(ini: MiniInitiator, itt: int) -> tuple[int, bytes, bytes]:
     """Like ``read_response``, but every PDU that comes must belong to ``itt``."""
     data = bytearray()
@@ -86,6 +98,13 @@ def test_a_get_lba_status_held_in_the_device_stops_no_one_else(
         stuck.nop()  # (the held command's data would come first if it were not held)
         tur = stuck.scsi(bytes(6), 0, lun=1)
         assert answer_to(stuck, tur)[0] == 0
+        assert reads_in_progress(t) == 1  # the held command is a task
+
+        # Its ITT is in use: a command that reuses it is rejected (RFC 7143 11.17.1)
+        stuck.itt = itt - 1
+        stuck.scsi(bytes(6), 0)
+        bhs, _ = stuck.recv()
+        assert bhs[0] & 0x3F == 0x3F and bhs[2] == 0x07, bhs.hex()  # Reject: task in progress
 
         gated_image.open_gate()
         status, data, sense = answer_to(stuck, itt)
@@ -112,6 +131,7 @@ def test_an_abort_of_a_held_get_lba_status_is_answered_and_no_data_follows(
         rsp, _ = stuck.recv()  # (a target that waits for the device times out here)
         assert rsp[0] & 0x3F == 0x22 and rsp[2] == 0, rsp.hex()  # the TMF response: complete
         assert gated_image.waiting > 0, "the device was to hold the lseek until now"
+        wait_for(lambda: reads_in_progress(t) == 0, "the aborted task to leave the task table")
 
         gated_image.open_gate()
         wait_for(lambda: gated_image.waiting == 0, "the device to answer the lseek")
@@ -127,3 +147,31 @@ def test_an_abort_of_a_held_get_lba_status_is_answered_and_no_data_follows(
     finally:
         gated_image.open_gate()
         stuck.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_session_ended_while_its_get_lba_status_is_held_goes_cleanly(
+    gated_image, target_factory, tmp_path: Path
+):
+    """The initiator drops the connection while the device holds its GET LBA STATUS: the
+    session ends at once (its task is aborted, nothing waits for the device), and once the
+    device answers, the LUN answers the next session's GET LBA STATUS; the target stops
+    without a traceback (``target_factory``)."""
+    t, _ = start(target_factory, tmp_path, str(gated_image.path))
+    stuck, _ = held_get_lba_status(t, gated_image)
+    stuck.close()
+    try:
+        wait_for(lambda: "connection closed by initiator" in t.log(), "the session to end")
+        assert gated_image.waiting > 0, "the device was to hold the lseek until now"
+        wait_for(lambda: reads_in_progress(t) == 0, "the aborted task to leave the task table")
+    finally:
+        gated_image.open_gate()
+    wait_for(lambda: gated_image.waiting == 0, "the device to answer the lseek")
+    after = MiniInitiator(t.port)
+    try:
+        after.login(t.iqn)
+        status, data, sense = answer_to(after, after.scsi(get_lba_status(), ALLOC, read=True))
+        assert status == 0, sense.hex()
+        assert extents(data) == [(0, MiB // BLOCK, 0)]
+    finally:
+        after.close()
