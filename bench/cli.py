@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.config import (
     CONTENDERS,
+    DEFAULT_CONTENDERS,
     FULL_INFLIGHT,
     FULL_SIZES,
     IFB,
@@ -42,8 +43,11 @@ from bench.config import (
     size_label,
 )
 from bench.report import machine, markdown, plot, write_json, write_markdown
-from bench.run import measure
+from bench.run import measure, rig_reason
 from bench.stats import auto_choices, evaluate
+from bench.syscalls import DEFAULT_CONTENDERS as SYSCALL_CONTENDERS
+from bench.syscalls import TARGET_CELL as SYSCALL_CELL
+from bench.syscalls import measure_cell, strace_reason
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -58,9 +62,18 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--inflight", help="comma-separated, e.g. 1,8,32")
     parser.add_argument("--topologies", help="comma-separated: loopback,rig,ifb")
     parser.add_argument(
-        "--contenders", help="comma-separated; default all: " + ",".join(CONTENDERS)
+        "--contenders",
+        help="comma-separated; default: "
+        + ",".join(DEFAULT_CONTENDERS)
+        + "; also: "
+        + ",".join(c for c in CONTENDERS if c not in DEFAULT_CONTENDERS),
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--no-syscalls",
+        action="store_true",
+        help="skip counting system calls per send with strace (rig, 1 MiB, 8 in flight)",
+    )
     parser.add_argument(
         "--from-json", type=Path, help="rewrite Markdown and plots from an earlier core.json"
     )
@@ -69,7 +82,7 @@ def parse_args(argv: list[str] | None) -> Config:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix="zerosend-bench-")) if quick else ROOT / "bench" / "results"
     )
-    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    contenders = args.contenders.split(",") if args.contenders else list(DEFAULT_CONTENDERS)
     for contender in contenders:
         if contender not in CONTENDERS:
             parser.error(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")
@@ -100,7 +113,22 @@ def parse_args(argv: list[str] | None) -> Config:
         plots=not (args.no_plots or quick),
         quick=quick,
         from_json=args.from_json,
+        syscalls=not (args.no_syscalls or quick),
     )
+
+
+def syscalls_per_send(config: Config, state: State) -> None:
+    """The system-call target: traced runs (strace) of zerosend's io_uring sender and the C
+    anchor in the target's cell, when the run measured that cell."""
+    topology, size, inflight = SYSCALL_CELL
+    if topology not in config.topologies or size not in config.sizes:
+        return
+    if inflight not in config.inflight or rig_reason() or strace_reason():
+        why = rig_reason() or strace_reason() or "the cell was not measured"
+        print(f"  system calls per send not counted: {why}")
+        return
+    wanted = [c for c in SYSCALL_CONTENDERS if c in config.contenders and c not in state.skipped]
+    state.syscalls = measure_cell(topology, size, inflight, 1.0, wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         config.ifb_sizes = document["config"].get("ifb_sizes", IFB_SIZES)
         state.rows, state.skipped = document["runs"], document["skipped"]
         state.failures, state.retries = document["failures"], document.get("retries", [])
+        state.syscalls = document.get("syscalls", [])
     else:
         info = machine()
         started = time.monotonic()
         measure(config, state)
         elapsed = time.monotonic() - started
+        if config.syscalls:
+            print("system calls per send (strace):", flush=True)
+            syscalls_per_send(config, state)
     if config.plots:
         plot(config, state)
     write_json(config.out / "core.json", config, state, info, elapsed)

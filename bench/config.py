@@ -20,6 +20,10 @@ C_SEND = "c-send"
 C_CONTENDERS = (C_SEND_ZC, C_SEND_ZC_FIXED, C_SEND)
 RUST_CONTENDERS = (RUST, RUST_POOL)
 CONTENDERS = (*PYTHON_CONTENDERS, *RUST_CONTENDERS, *C_CONTENDERS)
+#: Run only when named (``--contenders``): variants for side-by-side studies.
+OPT_IN = ("zerosend-io_uring-defer",)
+#: What a run measures by default.
+DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c not in OPT_IN)
 ZEROSEND = "zerosend-io_uring"  # the contender the targets speak of: zerosend's io_uring backend
 POOL = "zerosend-io_uring-pool"
 AUTO = "zerosend-auto"  # what wrap() picks by default
@@ -46,6 +50,7 @@ LABELS = {
     "zerosend-auto": "zerosend auto",
     "zerosend-io_uring": "zerosend io_uring",
     "zerosend-io_uring-pool": "zerosend io_uring + pool",
+    "zerosend-io_uring-defer": "zerosend io_uring, DEFER_TASKRUN",
     "zerosend-msg_zerocopy": "zerosend MSG_ZEROCOPY",
     "zerosend-copy": "zerosend copy",
     "asyncio-sock_sendall-1conn": "asyncio sock_sendall, 1 connection",
@@ -76,6 +81,8 @@ class Config:
     quick: bool
     from_json: Path | None = None
     ifb_sizes: Sequence[int] = ()
+    #: Count system calls per send with strace in the target's cell (rig, 1 MiB, 8 in flight).
+    syscalls: bool = False
 
 
 @dataclass
@@ -84,6 +91,8 @@ class State:
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
+    #: Traced runs: system calls per send by contender (bench/syscalls.py).
+    syscalls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def topology_sizes(config: Config, topology: str) -> list[int]:

@@ -85,6 +85,7 @@ def write_json(
         "skipped": state.skipped,
         "failures": state.failures,
         "retries": state.retries,
+        "syscalls": state.syscalls,
         "targets": evaluate(state.rows, config.inflight),
         "auto": auto_choices(state.rows),
         "summary": [
@@ -227,6 +228,13 @@ def markdown(config: Config, state: State, info: dict[str, Any], elapsed: float)
             ("MB/s", "mb_per_s", 0),
             ("sends/s", "sends_per_s", 0),
             ("sender CPU seconds per GB", "cpu_s_per_gb", 3),
+            (
+                "system-wide CPU seconds per GB (every CPU over the sending span, from "
+                "/proc/stat: the receiver, the kernel's deferred copies and anything else "
+                "running on the machine included)",
+                "system_cpu_s_per_gb",
+                3,
+            ),
             ("peak RSS of the sender, MiB", "peak_rss_mib", 0),
         ):
             out += [f"**{title}** ({topology})", ""]

@@ -18,6 +18,7 @@ from bench.config import (
     C_CONTENDERS,
     IFB,
     LABELS,
+    OPT_IN,
     POOL,
     ROOT,
     RUST_CONTENDERS,
@@ -102,7 +103,7 @@ def rig_reason() -> str | None:
     return rig_unavailable_reason()
 
 
-def run_sender(
+def sender_argv(
     contender: str,
     address: tuple[str, int],
     size: int,
@@ -111,8 +112,8 @@ def run_sender(
     cpu: int | None,
     native: dict[str, Path],
     udp: bool = False,
-) -> dict[str, Any]:
-    """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
+) -> list[str]:
+    """The command line of one sender run."""
     common = [
         "--connect",
         f"{address[0]}:{address[1]}",
@@ -131,11 +132,24 @@ def run_sender(
         common.append("--udp")
     if contender in RUST_CONTENDERS:
         buffers = "registered" if contender == RUST_POOL else "plain"
-        argv = [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
-    elif contender in C_CONTENDERS:
-        argv = [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
-    else:
-        argv = [sys.executable, "-m", "bench.sender", contender, *common]
+        return [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
+    if contender in C_CONTENDERS:
+        return [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
+    return [sys.executable, "-m", "bench.sender", contender, *common]
+
+
+def run_sender(
+    contender: str,
+    address: tuple[str, int],
+    size: int,
+    inflight: int,
+    config: Config,
+    cpu: int | None,
+    native: dict[str, Path],
+    udp: bool = False,
+) -> dict[str, Any]:
+    """One sender process; returns its JSON (or {"skipped": why}); raises if it failed."""
+    argv = sender_argv(contender, address, size, inflight, config, cpu, native, udp)
     timeout = 60 + config.seconds * 4
     try:
         done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
@@ -176,11 +190,35 @@ def kernel_skips() -> dict[str, str]:
     skips = {}
     if not caps.io_uring_send_zc:
         why = f"io_uring SEND_ZC unavailable: {caps.io_uring_send_zc_reason}"
-        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, *RUST_CONTENDERS), why))
+        skips.update(dict.fromkeys(("zerosend-io_uring", POOL, *OPT_IN, *RUST_CONTENDERS), why))
         skips.update(dict.fromkeys(C_CONTENDERS, why))
     if not caps.msg_zerocopy:
         skips["zerosend-msg_zerocopy"] = f"MSG_ZEROCOPY unavailable: {caps.msg_zerocopy_reason}"
     return skips
+
+
+def native_senders(
+    contenders: Sequence[str], skipped: dict[str, str] | None = None
+) -> dict[str, Path]:
+    """Builds the Rust and C senders that ``contenders`` need; records in ``skipped`` (and
+    prints) those that cannot be built here."""
+    skipped = {} if skipped is None else skipped
+    native: dict[str, Path] = {}
+    for name, group, build in (
+        ("rust", RUST_CONTENDERS, build_rust_sender),
+        ("c", C_CONTENDERS, build_c_sender),
+    ):
+        wanted = [c for c in group if c in contenders and c not in skipped]
+        if not wanted:
+            continue
+        binary, why_not = build()
+        if binary is not None:
+            native[name] = binary
+            continue
+        for contender in wanted:
+            skipped[contender] = str(why_not)
+            print(f"skipping {LABELS[contender]}: {why_not}", flush=True)
+    return native
 
 
 def measure(config: Config, state: State) -> None:
@@ -189,21 +227,7 @@ def measure(config: Config, state: State) -> None:
         if contender in config.contenders:
             state.skipped[contender] = why
             print(f"skipping {LABELS[contender]}: {why}", flush=True)
-    native: dict[str, Path] = {}
-    for name, group, build in (
-        ("rust", RUST_CONTENDERS, build_rust_sender),
-        ("c", C_CONTENDERS, build_c_sender),
-    ):
-        wanted = [c for c in group if c in config.contenders and c not in state.skipped]
-        if not wanted:
-            continue
-        binary, why_not = build()
-        if binary is not None:
-            native[name] = binary
-            continue
-        for contender in wanted:
-            state.skipped[contender] = str(why_not)
-            print(f"skipping {LABELS[contender]}: {why_not}", flush=True)
+    native = native_senders(config.contenders, state.skipped)
     for topology in config.topologies:
         cells = [(s, i) for s in topology_sizes(config, topology) for i in config.inflight]
         contenders = topology_contenders(config.contenders, topology)

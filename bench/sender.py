@@ -17,6 +17,8 @@ What "N in flight" means for each contender:
   each has its own buffer, reused once its send completes (one task awaits the oldest future).
   ``zerosend-auto`` wraps with the defaults (backend and zero-copy threshold); a named backend
   is wrapped with ``zerocopy_threshold=0``, so it sends zero-copy at every size.
+* ``zerosend-io_uring-defer``: as ``zerosend-io_uring``, with the loop's ring set up with
+  DEFER_TASKRUN (``ZEROSEND_DEFER_TASKRUN=1``); not in the default set, name it to run it.
 * ``loop.sock_sendall``: N connections, one task each, each with one ``sock_sendall`` pending
   (a socket cannot have two: their bytes would interleave).
 * ``loop.sock_sendall`` on one connection (``-1conn``): the loop a user writes for one stream,
@@ -47,6 +49,7 @@ CONTENDERS = (
     "zerosend-auto",
     "zerosend-io_uring",
     "zerosend-io_uring-pool",
+    "zerosend-io_uring-defer",
     "zerosend-msg_zerocopy",
     "zerosend-copy",
     "asyncio-sock_sendall-1conn",
@@ -83,6 +86,7 @@ class Plan:
     started: float = 0.0
     finished: float = 0.0
     usage: tuple[float, float] = (0.0, 0.0)
+    system_cpu: float = 0.0
 
     def buffers(self, count: int) -> list[bytearray]:
         """``count`` buffers of ``size`` bytes, every page written."""
@@ -90,6 +94,7 @@ class Plan:
 
     def start(self) -> None:
         """The clock starts: CPU time and elapsed time count from here."""
+        self.system_cpu = system_busy()  # before the getrusage that marks the span's start
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.usage = (ru.ru_utime, ru.ru_stime)
         self.started = time.monotonic()
@@ -100,6 +105,17 @@ class Plan:
         self.finished = time.monotonic()
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.usage = (ru.ru_utime - self.usage[0], ru.ru_stime - self.usage[1])
+        self.system_cpu = system_busy() - self.system_cpu
+
+
+def system_busy() -> float:
+    """Busy CPU seconds of the whole machine (every CPU and process, interrupts included) from
+    /proc/stat: on veth the kernel's deferred copy runs on the receiving CPU, outside the
+    sender's own rusage."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 async def connect(plan: Plan) -> socket.socket:
@@ -123,7 +139,11 @@ async def read_ack(sock: socket.socket) -> int:
     return int(ACK.unpack(data)[0])
 
 
-async def run_zerosend(plan: Plan, backend: str, pool: bool, outcome: Outcome) -> None:
+async def run_zerosend(
+    plan: Plan, backend: str, pool: bool, outcome: Outcome, defer: bool = False
+) -> None:
+    if defer:  # the loop's io_uring with DEFER_TASKRUN (made at the first wrap below)
+        os.environ["ZEROSEND_DEFER_TASKRUN"] = "1"
     sock = await connect(plan)
     if backend == "auto":  # the defaults, threshold included: what a user gets
         zs = zerosend.wrap(sock)
@@ -241,7 +261,7 @@ def runner(contender: str, plan: Plan, outcome: Outcome) -> Callable[[], Corouti
         raise ValueError(f"{contender} does not send datagrams (--udp)")
     if kind == "zerosend":
         backend, _, extra = variant.partition("-")
-        return lambda: run_zerosend(plan, backend, extra == "pool", outcome)
+        return lambda: run_zerosend(plan, backend, extra == "pool", outcome, extra == "defer")
     if variant == "sock_sendall":
         return lambda: run_sock_sendall(plan, outcome, plan.inflight)
     if variant == "sock_sendall-1conn":
@@ -273,6 +293,7 @@ def run(contender: str, plan: Plan) -> dict[str, Any]:
         "sends": outcome.sends,
         "cpu_user": plan.usage[0],
         "cpu_sys": plan.usage[1],
+        "system_cpu": plan.system_cpu,
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "backend": outcome.backend,
         "connections": outcome.connections,

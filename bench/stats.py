@@ -35,6 +35,11 @@ def figures(row: dict[str, Any]) -> dict[str, float]:
         "cpu_s_per_gb": cpu / gb if gb else float("nan"),
         "cpu_user_s_per_gb": row["cpu_user"] / gb if gb else float("nan"),
         "cpu_sys_s_per_gb": row["cpu_sys"] / gb if gb else float("nan"),
+        # Every CPU over the span (/proc/stat), receiver and deferred copies included; the
+        # Rust sender does not report it.
+        "system_cpu_s_per_gb": (
+            row["system_cpu"] / gb if gb and "system_cpu" in row else float("nan")
+        ),
         "peak_rss_mib": row["maxrss_kib"] / 1024,
         "zerocopy_fraction": counters["bytes_zerocopy"] / row["bytes"] if row["bytes"] else 0.0,
         "kernel_copied_fraction": (

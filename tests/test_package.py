@@ -48,8 +48,10 @@ def test_python_m_zerosend_prints_the_probe() -> None:
         "io_uring SEND_ZC": (CAPS.io_uring_send_zc, CAPS.io_uring_send_zc_reason),
         "MSG_ZEROCOPY": (CAPS.msg_zerocopy, CAPS.msg_zerocopy_reason),
     }
-    assert len(lines) == 1 + len(probed), done.stdout
-    for line, (name, (available, reason)) in zip(lines[1:], probed.items(), strict=True):
+    # Then auto's thresholds and their source (calibrated / default), and the cache's path.
+    assert len(lines) == 1 + len(probed) + 2, done.stdout
+    assert lines[-2].startswith("auto, TCP zero-copy threshold: "), done.stdout
+    for line, (name, (available, reason)) in zip(lines[1:-2], probed.items(), strict=True):
         label, _, answer = line.partition(" : ")
         assert label.strip() == name
         assert answer == ("yes" if available else f"no ({reason})")

@@ -419,7 +419,8 @@ class Driver:
     watches (``fileno``/``dispatch``), so a wake-up writes every socket that has room.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, defer_taskrun: bool = False) -> None:
+        # defer_taskrun: an io_uring setting; there is no io_uring here.
         self._selector = selectors.DefaultSelector()
         self._entries: dict[int, _Entry] = {}
         self._next_handle = 1
@@ -550,9 +551,14 @@ class Driver:
         self._check_not_forked()
         return -1
 
-    def dispatch_ring(self) -> None:
+    def dispatch_ring(self, event_loop: Any = None) -> None:
         """No io_uring here: never called (``watch_ring`` gave no descriptor)."""
         self._check_not_forked()
+
+    @property
+    def ring_setup(self) -> str | None:
+        """No io_uring here."""
+        return None
 
     def register_pool(self, pool: PoolMemory) -> None:
         """Nothing to register: pool buffers are sent like any buffer here."""

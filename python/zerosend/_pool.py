@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -13,6 +15,25 @@ from typing import Any
 from . import _native
 from ._native import PoolBuffer
 from ._socket import _driver_for
+
+# The loop last seen running on each thread. asyncio.get_running_loop() makes a getpid() system
+# call on Python 3.11 (to tell a fork child); this cache spares it on every acquire: one thread
+# runs one loop at a time, so a loop seen on this thread that is still running is the running
+# one. A fork child starts with an empty cache.
+_running_loops: weakref.WeakValueDictionary[int, asyncio.AbstractEventLoop] = (
+    weakref.WeakValueDictionary()
+)
+os.register_at_fork(after_in_child=_running_loops.clear)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    thread = threading.get_ident()
+    loop = _running_loops.get(thread)
+    if loop is not None and loop.is_running():
+        return loop
+    loop = asyncio.get_running_loop()
+    _running_loops[thread] = loop
+    return loop
 
 
 class BufferPool:
@@ -125,7 +146,7 @@ class BufferPool:
         memory = self._memory
         if memory is None:
             raise ValueError("the buffer pool is closed; create a new one")
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         # Registration is per event loop (per io_uring); repeated calls are no-ops.
         driver = _driver_for(loop)
         driver.register_pool(memory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import socket
@@ -13,6 +14,8 @@ from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from . import _native
+from ._calibration import DEFAULT_THRESHOLD, Thresholds
+from ._calibration import load as load_thresholds
 from ._native import SendResult
 
 #: What ``wrap(backend=...)`` accepts: "auto" or one of the extension's backends, best first.
@@ -48,10 +51,21 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     # A driver inherited through fork() belongs to the parent (shared epoll set and io_uring);
     # a child that runs this same loop object gets a driver of its own.
     if driver is None or driver.forked:
-        driver = _native.Driver()
+        driver = _native.Driver(defer_taskrun=_defer_taskrun())
         loop.add_reader(driver.fileno(), driver.dispatch)
         _drivers[loop] = driver
     return driver
+
+
+#: Environment variable: "1" sets the event loop's io_uring up with DEFER_TASKRUN (see README).
+DEFER_TASKRUN_ENV: Final = "ZEROSEND_DEFER_TASKRUN"
+
+
+def _defer_taskrun() -> bool:
+    value = os.environ.get(DEFER_TASKRUN_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{DEFER_TASKRUN_ENV}={value!r}: use 1 (on) or 0 (off)")
+    return value == "1"
 
 
 def _resolve_backend(backend: str) -> str:
@@ -71,7 +85,7 @@ def wrap(
     sock: socket.socket,
     *,
     backend: BackendName = "auto",
-    zerocopy_threshold: int = 1048576,
+    zerocopy_threshold: int = DEFAULT_THRESHOLD,
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 
@@ -83,6 +97,10 @@ def wrap(
     environment variable), ``"io_uring"``, ``"msg_zerocopy"`` or ``"copy"``. Asking for a
     backend the kernel lacks raises :class:`BackendUnavailableError` naming the reason. Sends
     smaller than ``zerocopy_threshold`` bytes go by copy, where zero-copy costs more than it saves.
+
+    With ``"auto"`` and the default threshold, a TCP socket uses the threshold calibrated on
+    this machine by ``python -m zerosend calibrate`` if there is one (``fallback_reason`` says
+    so; ``python -m zerosend`` prints the thresholds in use and where they came from).
 
     ``"auto"`` sends by copy to a peer on this host (loopback copies on delivery anyway, so
     zero-copy would only add work); ``fallback_reason`` says so.
@@ -103,14 +121,52 @@ def wrap(
     if zerocopy_threshold < 0:
         raise ValueError("zerocopy_threshold must be >= 0")
     chosen = _resolve_backend(backend)
+    calibrated = None
+    if (
+        chosen == "auto"
+        and zerocopy_threshold == DEFAULT_THRESHOLD
+        and sock.type == socket.SOCK_STREAM
+    ):
+        # The defaults: this machine's calibration, if one was made, decides the threshold.
+        calibrated = _thresholds()
+        if calibrated.source == "calibrated":
+            measured = calibrated.tcp_zerocopy_threshold
+            zerocopy_threshold = NEVER if measured is None else measured
+        else:
+            calibrated = None
     loop, driver = _loop_and_driver()
     handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
     # The driver's io_uring (made by the first io_uring socket) is watched by the loop itself:
     # a completion then wakes the loop once and is read from the ring's shared memory.
     ring = driver.watch_ring()
     if ring >= 0:
-        loop.add_reader(ring, driver.dispatch_ring)
-    return Socket(sock, loop, driver, handle)
+        # Given the loop, a wake-up that resolves futures also schedules the flush of what
+        # their tasks send next, in the same turn as those tasks.
+        loop.add_reader(ring, functools.partial(driver.dispatch_ring, loop))
+    wrapped = Socket(sock, loop, driver, handle)
+    if calibrated is not None and wrapped._backend != "copy":
+        what = (
+            "every send copies: zero-copy did not pay at any size measured"
+            if calibrated.tcp_zerocopy_threshold is None
+            else f"zero-copy from {zerocopy_threshold} bytes"
+        )
+        note = f"calibrated on this machine, {what} ({calibrated.detail})"
+        reason = wrapped._fallback_reason
+        wrapped._fallback_reason = f"{reason}; {note}" if reason else note
+    return wrapped
+
+
+#: A threshold no send reaches: every send copies.
+NEVER: Final = 1 << 62
+_cached_thresholds: Thresholds | None = None
+
+
+def _thresholds() -> Thresholds:
+    """This machine's calibration (read once per process), or the default."""
+    global _cached_thresholds
+    if _cached_thresholds is None:
+        _cached_thresholds = load_thresholds()
+    return _cached_thresholds
 
 
 def _loop_and_driver() -> tuple[Loop, _native.Driver]:

@@ -81,6 +81,8 @@ pub struct Driver<T, B: IoBuf> {
     ring_apart: bool,
     /// The process that created the driver; in any other (a fork child) it refuses all work.
     process: fork::Process,
+    /// Every call comes from one thread: the ring may use DEFER_TASKRUN.
+    single_issuer: bool,
 }
 
 // SAFETY: the only non-Send parts are raw pointers in `scratch_iov` and `vectored`. They point
@@ -120,6 +122,29 @@ impl<T, B: IoBuf> Driver<T, B> {
             vectored: Vec::new(),
             ring_apart: false,
             process: fork::current(),
+            single_issuer: false,
+        })
+    }
+
+    /// A driver used from one thread only: the thread that registers its first io_uring
+    /// socket (which creates the ring) must make every later call on it (an event loop's
+    /// thread). Its ring is then set up with `IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN`
+    /// where the kernel accepts it: completions are posted only when the driver asks, in
+    /// batches, and submitting and reaping take one system call. A call from another thread
+    /// fails with `EEXIST`.
+    pub fn new_single_thread() -> Result<Self> {
+        let mut driver = Self::new()?;
+        driver.single_issuer = true;
+        Ok(driver)
+    }
+
+    /// How the io_uring was set up: `None` before the first io_uring socket made it,
+    /// `Some(Ok(()))` with DEFER_TASKRUN, `Some(Err(reason))` without it and why.
+    pub fn ring_defer_taskrun(&self) -> Option<std::result::Result<(), String>> {
+        self.ring.as_ref().map(|ring| match ring.defer_refused() {
+            None if ring.deferred_taskrun() => Ok(()),
+            None => Err("not set up".to_string()),
+            Some(reason) => Err(reason.to_string()),
         })
     }
 
@@ -172,6 +197,18 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// kernel overflowed some) and hands sends they unblocked to the kernel. For a caller that
     /// watches the ring apart ([`Driver::ring_fd_apart`]); [`Driver::poll`] does this too.
     pub fn poll_ring(&mut self) -> Result<()> {
+        self.check_process()?;
+        if let Some(ring) = &self.ring {
+            ring.clear_wake();
+        }
+        self.process_ring()?;
+        self.flush()
+    }
+
+    /// Like [`Driver::poll_ring`], for a caller that was not woken by the ring's descriptor
+    /// (at the end of an event loop turn, say): reaps what is there without consuming the
+    /// descriptor's readiness.
+    pub fn reap_ring(&mut self) -> Result<()> {
         self.check_process()?;
         self.process_ring()?;
         self.flush()

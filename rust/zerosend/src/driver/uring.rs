@@ -57,7 +57,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         self.capabilities.io_uring_send_zc.clone()?;
         let mut created = Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
         for (sq_entries, cq_entries) in RING_SIZES {
-            created = Ring::new(sq_entries, cq_entries);
+            created = Ring::new(sq_entries, cq_entries, self.single_issuer);
             if !matches!(&created, Err(e) if e.raw_os_error() == Some(libc::ENOMEM)) {
                 break;
             }
