@@ -1,18 +1,22 @@
-"""Run the core test suite and the core crate's Rust tests against each deliberate fault of a
-``mutants`` build (``make test-mutants``): first with no fault (everything must pass), then once
-per fault with ``ZEROSEND_MUTANT=<fault>``. Prints, for each fault, the tests that failed; exits
-1 if the fault-free run failed, or a fault made no test fail (the tests would not notice that
-bug).
+"""Run the test suites against each deliberate fault of a ``mutants`` build (``make
+test-mutants``): first with no fault (everything must pass), then once per fault with
+``ZEROSEND_MUTANT=<fault>``. Prints, for each fault, the tests that failed; exits 1 if the
+fault-free run failed, or a fault made no test fail (the tests would not notice that bug).
 
 The faults are read from the core crate's ``src/mutant.rs`` (its ``ALL`` list and each fault's
-doc comment): the one place they are written.
+doc comment): the one place they are written. Where a fault lives decides what runs against it
+(found by looking for its name in the sources):
 
-Every core test module runs against every fault (a faulty run ends at its first failure), and
-so do the core crate's Rust tests. A fault is killed only by a test's own verdict (an assertion,
-an error, a test's own hang guard). A test stopped by pytest's time limit is reported apart, as
-timed out: a fault that only makes things slower is not a kill, and the fault-free run must not
-time out either. The limits are the suite's own (120 s unless a test says otherwise), generous
-for a loaded machine.
+- the core crate: every core test module and the core crate's Rust tests;
+- the binding, the stream writer, the fallback: every core test module (the Rust tests never
+  reach them), the module that owns the layer first;
+- the iSCSI target (its leases and its syncs): the iSCSI tests that own them only.
+
+A faulty run ends at its first failure. A fault is killed only by a test's own verdict (an
+assertion, an error, a test's own hang guard). A test stopped by pytest's time limit is
+reported apart, as timed out: a fault that only makes things slower is not a kill, and the
+fault-free run must not time out either. The limits are the suite's own (120 s unless a test
+says otherwise), generous for a loaded machine.
 """
 
 from __future__ import annotations
@@ -37,13 +41,46 @@ FIRST = ["test_send.py", "test_pool.py", "test_true_zerocopy.py", "test_rig.py"]
 #: Not the core suite: the slow packaging and benchmark tests (marked slow) and the iSCSI
 #: target's own tests (tests/iscsi).
 SELECT = ["-m", "not slow"]
+#: The iSCSI tests that own the target's leases (pooled buffers, loans of store memory) and its
+#: syncs: all that runs against the target's faults.
+ISCSI_TESTS = [
+    "tests/iscsi/test_iscsi_leases.py",
+    "tests/iscsi/test_iscsi_syncs.py",
+    "tests/iscsi/test_iscsi_seams_storage.py::test_a_sync_waits_for_the_sync_under_way_in_another_thread",
+    "tests/iscsi/test_iscsi_seams_storage.py::test_a_flush_waits_only_for_the_syncs_that_cover_its_range",
+]  # fmt: skip
+#: Where faults live (a directory holding the fault's name), and the modules that own the layer,
+#: run first against them.
+CORE, BINDING, STREAMS, FALLBACK, TARGET = "core", "binding", "streams", "fallback", "target"
+OWNERS = {CORE: FIRST, BINDING: FIRST, STREAMS: ["test_streams.py"],
+          FALLBACK: ["test_fallback.py"]}  # fmt: skip
 
 
-def core_tests() -> list[str]:
-    """Every core test module (tests/test_*.py), the contract's owners first."""
+def core_tests(first: list[str]) -> list[str]:
+    """Every core test module (tests/test_*.py), ``first`` first."""
     found = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
-    ordered = [name for name in FIRST if name in found] + [n for n in found if n not in FIRST]
+    ordered = [name for name in first if name in found] + [n for n in found if n not in first]
     return [f"tests/{name}" for name in ordered]
+
+
+def layer(const: str, name: str) -> str:
+    """Where the fault ``const`` (``name``) is injected: the Rust crates name the constant, the
+    Python modules the fault's name."""
+
+    def used(where: str, word: str) -> bool:
+        return any(word in f.read_text() for f in (ROOT / where).rglob("*.*")
+                   if f.suffix in (".rs", ".py") and f != MUTANT_RS)  # fmt: skip
+
+    if used("rust/zerosend/src", f"mutant::{const}"):
+        return CORE
+    if used("rust/zerosend-py/src", f"mutant::{const}"):
+        return BINDING
+    if used("python/zerosend/iscsi", f'"{name}"'):
+        return TARGET
+    if used("python/zerosend", f'_mutant.on("{name}")'):
+        streams = (ROOT / "python/zerosend/_streams.py").read_text()
+        return STREAMS if f'"{name}"' in streams else FALLBACK
+    raise SystemExit(f"{MUTANT_RS}: the fault {name} is injected nowhere")
 
 
 #: A faulty run stops at its first failure: the fault is caught (or, if that failure was a time
@@ -53,14 +90,14 @@ MAX_FAILURES = 1
 RUN_HANG_GUARD_S = 1800
 
 
-def faults() -> dict[str, str]:
-    """``{fault: what it breaks}``, from mutant.rs: each ``pub const X: &str = "name";`` named
-    in ``ALL``, described by the doc comment above it."""
+def faults() -> dict[str, tuple[str, str]]:
+    """``{fault: (what it breaks, where it lives)}``, from mutant.rs: each ``pub const X: &str
+    = "name";`` named in ``ALL``, described by the doc comment above it."""
     text = MUTANT_RS.read_text()
-    consts: dict[str, tuple[str, str]] = {}
+    consts: dict[str, tuple[str, tuple[str, str]]] = {}
     for m in re.finditer(r'((?:^///[^\n]*\n)+)pub const (\w+): &str = "(\w+)";', text, re.M):
         doc = " ".join(line.removeprefix("///").strip() for line in m.group(1).splitlines())
-        consts[m.group(2)] = (m.group(3), doc)
+        consts[m.group(2)] = (m.group(3), (doc, layer(m.group(2), m.group(3))))
     listed = re.search(r"pub const ALL: \[&str; \d+\] = \[([^\]]*)\]", text)
     if listed is None:
         raise SystemExit(f"no ALL list in {MUTANT_RS}")
@@ -88,9 +125,9 @@ def environment(fault: str | None) -> dict[str, str]:
     return env
 
 
-def python_tests(fault: str | None, report: Path) -> Outcome:
+def python_tests(fault: str | None, report: Path, tests: list[str]) -> Outcome:
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-            *SELECT, *core_tests()]  # fmt: skip
+            *SELECT, *tests]  # fmt: skip
     if fault is not None:
         argv.append(f"--maxfail={MAX_FAILURES}")
     started = time.monotonic()
@@ -140,8 +177,17 @@ def rust_tests(fault: str | None) -> Outcome:
     return outcome
 
 
-def run(fault: str | None, tmp: Path) -> Outcome:
-    py = python_tests(fault, tmp / f"{fault or 'none'}.xml")
+def run(fault: str | None, where: str | None, tmp: Path) -> Outcome:
+    """The tests that can see a fault living ``where`` (None: the fault-free run, all of them)."""
+    if where == TARGET:
+        tests = ISCSI_TESTS
+    elif where is None:
+        tests = core_tests(FIRST) + ISCSI_TESTS
+    else:
+        tests = core_tests(OWNERS[where])
+    py = python_tests(fault, tmp / f"{fault or 'none'}.xml", tests)
+    if where not in (None, CORE):
+        return py
     rs = rust_tests(fault)
     return Outcome(py.failed + rs.failed, py.timed_out + rs.timed_out, py.seconds + rs.seconds)
 
@@ -159,18 +205,20 @@ def main() -> int:
     if build.returncode != 0:
         print(build.stderr)
         return 1
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        clean = run(None, Path(tmp))
+        clean = run(None, None, Path(tmp))
         print(f"no fault: {len(clean.failed) + len(clean.timed_out)} failed "
               f"({clean.seconds:.0f} s)", flush=True)  # fmt: skip
         show(clean)
         ok = not clean.failed and not clean.timed_out
-        for fault, what in known.items():
-            outcome = run(fault, Path(tmp))
+        for fault, (what, where) in known.items():
+            outcome = run(fault, where, Path(tmp))
             verdict = f"killed by {len(outcome.failed)} tests" if outcome.failed else "SURVIVED"
-            print(f"{fault} ({what}): {verdict} ({outcome.seconds:.0f} s)", flush=True)
+            print(f"{fault} [{where}] ({what}): {verdict} ({outcome.seconds:.0f} s)", flush=True)
             show(outcome)
             ok = ok and bool(outcome.failed)
+    print(f"{len(known)} faults in {time.monotonic() - started:.0f} s")
     return 0 if ok else 1
 
 

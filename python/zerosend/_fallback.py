@@ -29,6 +29,8 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any, final
 
+from . import _mutant
+
 __all__ = [
     "BACKENDS",
     "STATS_KEYS",
@@ -78,6 +80,13 @@ _FORKED = (
 
 #: Why the extension is not there; set by :func:`stand_in_for_native`.
 _why_no_native = "the zerosend._native extension is not loaded"
+
+
+# Deliberate faults of a mutants build (``_mutant``); always False in a release build
+_SHORT_SEND_RESOLVES = _mutant.on("fallback_short_send_resolves")
+_BATCH_REORDERED = _mutant.on("fallback_batch_reordered")
+_CLAIMS_ZEROCOPY = _mutant.on("fallback_claims_zerocopy")
+_STREAM_SURVIVES_FAILURE = _mutant.on("fallback_stream_survives_failure")
 
 
 def stand_in_for_native(error: ImportError) -> ModuleType:
@@ -616,6 +625,8 @@ class Driver:
                 if not iov:
                     self._advance(entry, 0)  # empty sends: done without a system call
                     continue
+                if _BATCH_REORDERED:
+                    iov.reverse()
             try:
                 n = entry.sock.sendmsg(iov, (), _NOSIGNAL)
             except BlockingIOError:
@@ -671,7 +682,7 @@ class Driver:
             take = min(send.total - send.written, n)
             send.written += take
             n -= take
-            if send.written < send.total and not entry.udp:
+            if send.written < send.total and not entry.udp and not _SHORT_SEND_RESOLVES:
                 if take:
                     entry.stats["short_sends"] += 1
                 return
@@ -685,7 +696,7 @@ class Driver:
             code,
             f"sending on the socket: {errno.errorcode.get(code, '?')}: {os.strerror(code)}",
         )
-        if entry.udp:
+        if entry.udp or _STREAM_SURVIVES_FAILURE:
             # A datagram failure leaves the socket usable: fail just this send.
             self._finish(entry, entry.queue.popleft(), error)
             return
@@ -709,7 +720,7 @@ class Driver:
             stats["bytes_copied"] += send.total
             reason = "bytes_copied_requested" if send.requested else "bytes_copied_backend"
             stats[reason] += send.total
-        _resolve(send.future, SendResult(send.total, False), error)
+        _resolve(send.future, SendResult(send.total, _CLAIMS_ZEROCOPY), error)
         if entry.inflight == 0:
             waiters, entry.drain_waiters = entry.drain_waiters, []
             for waiter in waiters:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeAlias
 
+from . import _mutant
 from ._native import SendResult
 from ._socket import (
     BACKENDS,
@@ -40,6 +41,10 @@ DEFAULT_HIGH_WATER: Final = 4 << 20
 READ_SIZE: Final = 256 << 10
 #: Seconds to stop accepting after the process or system ran out of descriptors or memory.
 ACCEPT_RETRY_DELAY: Final = 1.0
+# Deliberate faults of a mutants build (``_mutant``); always False in a release build
+_UNRELEASED_UNCOUNTED = _mutant.on("stream_unreleased_uncounted")
+_ERROR_DROPPED = _mutant.on("stream_error_dropped")
+_RESOLVES_AT_SUBMIT = _mutant.on("stream_resolves_at_submit")
 
 ClientConnectedCallback: TypeAlias = Callable[
     [asyncio.StreamReader, "StreamWriter"], Awaitable[None] | None
@@ -253,6 +258,8 @@ class StreamWriter:
             self._track(sent, nbytes, None)
             return sent
         result: asyncio.Future[SendResult] = self._loop.create_future()
+        if _RESOLVES_AT_SUBMIT:
+            result.set_result(SendResult(nbytes, False))
         self._track(sent, nbytes, result)
         return result
 
@@ -268,6 +275,8 @@ class StreamWriter:
 
         The caller gets ``result``, a future of its own: cancelling it must not end the
         accounting, which lasts until the kernel's release."""
+        if _UNRELEASED_UNCOUNTED:
+            nbytes = 0
         self._pending += 1
         self._unreleased += nbytes
         if not self._paused and self._unreleased > self._high:
@@ -292,7 +301,7 @@ class StreamWriter:
             exc = ConnectionAbortedError(errno.ECONNABORTED, "the send was cancelled")
         else:
             exc = sent.exception()
-        if exc is not None:
+        if exc is not None and not _ERROR_DROPPED:
             self._fail(exc)
         if result is not None and not result.done():
             if exc is None:

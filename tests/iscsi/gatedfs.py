@@ -2,10 +2,12 @@
 
 ``GatedFile(mountpoint, data)`` mounts (root only) a file system holding one file,
 ``mountpoint / "disk.img"``, with ``data`` in it. While the gate is closed (``close_gate()``),
-every read, write and fsync of it waits in the kernel until ``open_gate()``; ``waiting`` counts
-the requests held there, ``syncs`` the fsyncs answered. The file is opened with direct I/O, so
-every read and write reaches this server (nothing stays in the page cache); writes change
-``data``. Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
+every read, write, fsync and lseek (SEEK_DATA/SEEK_HOLE: the whole file is data) of it waits in
+the kernel until ``open_gate()``; ``waiting`` counts the requests held there, ``syncs`` the
+fsyncs answered, ``seeks`` the lseeks that reached the server; while ``fail_syncs`` is set,
+fsyncs fail with EIO (a device that lost the data). The file is opened with direct
+I/O, so every read and write reaches this server (nothing stays in the page cache); writes
+change ``data``. Spoken over ``/dev/fuse`` with the kernel's FUSE protocol
 (``include/uapi/linux/fuse.h``): just the requests a fixed-size file needs.
 """
 
@@ -24,6 +26,8 @@ LOOKUP, FORGET, GETATTR, OPEN, READ, WRITE, RELEASE, FSYNC, FLUSH, INIT, INTERRU
     1, 2, 3, 14, 15, 16, 18, 20, 25, 26, 36, 38,
 )  # fmt: skip
 BATCH_FORGET = 42
+LSEEK = 46
+SEEK_DATA, SEEK_HOLE = 3, 4
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
 FOPEN_DIRECT_IO = 1
 ROOT, FILE = 1, 2
@@ -34,6 +38,7 @@ _OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 _ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks times nsecs mode nlink ... flags
 _READ_IN = struct.Struct("<QQI")  # fh, offset, size
 _WRITE_IN = struct.Struct("<QQIIQII")  # fh, offset, size, write flags, lock owner, flags, pad
+_LSEEK_IN = struct.Struct("<QQI")  # fh, offset, whence
 
 
 class GatedFile:
@@ -42,6 +47,8 @@ class GatedFile:
         self.data = bytearray(data)
         self.waiting = 0
         self.syncs = 0
+        self.seeks = 0
+        self.fail_syncs = False
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
@@ -130,6 +137,11 @@ class GatedFile:
                 ).start()
             elif opcode == FSYNC:
                 threading.Thread(target=self._fsync, args=(unique,), daemon=True).start()
+            elif opcode == LSEEK:
+                _, offset, whence = _LSEEK_IN.unpack_from(arg)
+                threading.Thread(
+                    target=self._lseek, args=(unique, offset, whence), daemon=True
+                ).start()
             elif opcode in (RELEASE, FLUSH, DESTROY):
                 self._reply(unique)
             else:
@@ -155,6 +167,21 @@ class GatedFile:
 
     def _fsync(self, unique: int) -> None:
         self._pass_gate()
+        if self.fail_syncs:
+            self._reply(unique, error=errno.EIO)
+            return
         with self._lock:
             self.syncs += 1
         self._reply(unique)
+
+    def _lseek(self, unique: int, offset: int, whence: int) -> None:
+        with self._lock:
+            self.seeks += 1
+        self._pass_gate()
+        size = len(self.data)
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            self._reply(unique, error=errno.EINVAL)
+        elif offset >= size:
+            self._reply(unique, error=errno.ENXIO)
+        else:  # no holes: data from anywhere, the only hole at the end
+            self._reply(unique, struct.pack("<Q", offset if whence == SEEK_DATA else size))

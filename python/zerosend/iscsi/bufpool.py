@@ -20,6 +20,11 @@ import asyncio
 import mmap
 from collections import deque
 
+from .. import _mutant
+
+# A deliberate fault of a mutants build (``zerosend._mutant``); always False in a release build
+_LEASE_SHARED = _mutant.on("bufpool_lease_shared")
+
 
 class MmapLease:
     """One pooled buffer, ``view`` of it; ``release()`` hands it back."""
@@ -120,7 +125,8 @@ class MmapPool:
     def _take(self, share: PoolShare) -> MmapLease | None:
         if not self._free:
             return None
-        lease = self._free.pop()  # the most recently released: still warm in the cache
+        # the most recently released: still warm in the cache
+        lease = self._free[-1] if _LEASE_SHARED else self._free.pop()
         lease.owner = share
         share.held += 1
         return lease

@@ -9,6 +9,7 @@ registers its opcodes is reported with them; the usage data of each CDB is writt
 from __future__ import annotations
 
 import struct
+from collections.abc import Awaitable
 
 from . import scsi as S
 
@@ -138,7 +139,9 @@ def report_supported_operation_codes(
     return data[:alloc]
 
 
-def maintenance_in(commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes) -> bytes:
+def maintenance_in(
+    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes
+) -> bytes | Awaitable[bytes]:
     handler = MAINTENANCE_IN_ACTIONS.get(cdb[1] & 0x1F)
     if handler is None:
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB, field=1)

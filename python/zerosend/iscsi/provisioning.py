@@ -9,11 +9,14 @@ written.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Awaitable
 
+from . import diskio
 from . import scsi as S
 from .nexus import Nexus
-from .stores import BLOCK_SIZE
+from .stores import BLOCK_SIZE, Store
 
 UNMAP = 0x42
 WRITE_SAME10, WRITE_SAME16 = 0x41, 0x93
@@ -139,13 +142,23 @@ def write_same(
 # -- GET LBA STATUS
 
 
-def get_lba_status(commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes) -> bytes:
+def get_lba_status(
+    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes
+) -> bytes | Awaitable[bytes]:
     """The provisioning status of the extents from the starting LBA on: mapped, or deallocated
-    (a hole in the image)."""
+    (a hole in the image). The walk asks the file system (``lseek``), which may wait for the
+    device: for a store that may block it runs in the store's threads, and the command
+    completes later (a task in progress until then)."""
     lba, alloc = struct.unpack_from(">QI", cdb, 2)
     store = lu.store
     if lba >= store.blocks:
         raise S.CheckCondition(S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    if store.may_block:
+        return diskio.run(store, functools.partial(_lba_status, store, lba, alloc))
+    return _lba_status(store, lba, alloc)
+
+
+def _lba_status(store: Store, lba: int, alloc: int) -> bytes:
     bs = store.block_size
     end = min(store.blocks, lba + _STATUS_WINDOW_BLOCKS)
     most = max(1, (alloc - 8) // 16)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import diskio
@@ -268,6 +268,40 @@ class Reads:
             self.outbox.hold(lease)  # released with the send carrying its last PDU
             self.outbox.flush()
             pos += n
+
+    # -- data-in commands that complete later
+
+    def later(self, itt: int, lun_field: bytes, coming: Awaitable[bytes], edtl: int) -> None:
+        """A command whose data-in comes from work in the store's threads (``scsi.Handler``,
+        GET LBA STATUS's walk): a task in progress like a READ until it comes, so the CmdSN
+        window counts it, ABORT TASK, LOGICAL UNIT RESET and the session's end cancel it (no
+        data follows), and its ITT is in use meanwhile."""
+        task = self.loop.create_task(self._later_task(itt, lun_field, coming, edtl))
+        self.tasks[itt] = (task, P.decode_lun(lun_field))
+        task.add_done_callback(lambda t: self._done(itt, t))
+
+    async def _later_task(
+        self, itt: int, lun_field: bytes, coming: Awaitable[bytes], edtl: int
+    ) -> None:
+        try:
+            data = await coming
+        except S.CheckCondition as cc:
+            self.tasks.pop(itt, None)
+            self.responder.send_check(itt, cc)
+        except S.StatusReply as reply:
+            self.tasks.pop(itt, None)
+            self.responder.send_status(itt, reply.status, None)
+        except OSError as e:
+            log.error("%s: command ITT 0x%08x failed on the medium: %s", self.conn.name, itt, e)
+            self.tasks.pop(itt, None)
+            medium = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+            self.responder.send_check(itt, medium)
+        else:
+            if self.conn.closing:
+                return
+            self.tasks.pop(itt, None)  # its status now counts in the session's budget
+            self.responder.reply_data(itt, lun_field, data, edtl)
+        self.outbox.flush()
 
     # -- task management
 

@@ -206,8 +206,9 @@ class CommandSet:
         raises StatusReply or CheckCondition when ``nexus`` may not run it now."""
         self.reservations.admit(lu, cdb, nexus)
 
-    def execute(self, lu: LogicalUnit | None, cdb: bytes, nexus: Nexus) -> bytes:
-        """Data-in bytes of a command (b"" for none); raises CheckCondition."""
+    def execute(self, lu: LogicalUnit | None, cdb: bytes, nexus: Nexus) -> bytes | Awaitable[bytes]:
+        """Data-in bytes of a command (b"" for none), or an awaitable of them (``Handler``);
+        raises CheckCondition."""
         op = cdb[0]
         if op == 0x12:
             return self.inquiry(lu, cdb)
@@ -373,7 +374,7 @@ class CommandSet:
         last = lu.store.blocks - 1
         return struct.pack(">II", min(last, 0xFFFFFFFF), lu.store.block_size)
 
-    def service_action_in(self, lu: LogicalUnit, cdb: bytes) -> bytes:
+    def service_action_in(self, lu: LogicalUnit, cdb: bytes) -> bytes | Awaitable[bytes]:
         handler = SERVICE_ACTIONS_IN.get(cdb[1] & 0x1F)
         if handler is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
@@ -411,7 +412,9 @@ class CommandSet:
         return b""
 
 
-Handler = Callable[[CommandSet, LogicalUnit, bytes], bytes]
+#: A command's data-in bytes, or what they come from later (work in the store's threads: the
+#: command is then a task in progress until they come).
+Handler = Callable[[CommandSet, LogicalUnit, bytes], bytes | Awaitable[bytes]]
 
 _HANDLERS: dict[int, Handler] = {
     0x00: CommandSet.test_unit_ready,

@@ -443,6 +443,11 @@ class Session:
                     self._parameter_command(req, lu, cdb, edtl, lun_field, parameter_command)
                     return
             data = self.host.commands.execute(lu, cdb, self.nexus)
+            if not isinstance(data, bytes):  # it completes later, as a task (``Reads.later``)
+                if req.flags & P.CMD_WRITE:
+                    self.writes.discard_unsolicited(req, edtl)
+                self.reads.later(itt, lun_field, data, edtl)
+                return
         except S.CheckCondition as cc:
             self.writes.discard_unsolicited(req, edtl)
             self.responder.send_check(itt, cc)

@@ -26,6 +26,8 @@ import time
 import zlib
 from collections import OrderedDict
 
+from .. import _mutant
+
 BLOCK_SIZE = 512
 _ZERO = memoryview(bytes(1 << 20))
 # fallocate(2) modes (linux/falloc.h): Python's os.posix_fallocate cannot pass them.
@@ -34,6 +36,12 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 log = logging.getLogger("zerosend.iscsi")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+# Deliberate faults of a mutants build (``zerosend._mutant``); always False in a release build
+_MAPPED_WRITABLE_LENT = _mutant.on("mapped_writable_lent")
+_LOAN_WRITTEN_IN_PLACE = _mutant.on("loan_written_in_place")
+_FLUSH_IGNORES_SYNCS_UNDER_WAY = _mutant.on("flush_ignores_syncs_under_way")
+_WRITE_NOT_MARKED_DIRTY = _mutant.on("write_not_marked_dirty")
+_FAILED_SYNC_FORGETS_DIRTY = _mutant.on("failed_sync_forgets_dirty")
 
 # File systems whose writes land in the page cache of this machine (``statfs`` f_type): ext2/3/4,
 # XFS, btrfs, tmpfs, F2FS, ZFS, bcachefs. On others (FUSE, NFS, CIFS, 9p, ...) a write may wait
@@ -264,7 +272,7 @@ class FileStore(Store):
     @property
     def lends(self) -> bool:
         """READs may be sent straight from the mapped pages: nothing can write to them."""
-        return self._map is not None and self.readonly
+        return self._map is not None and (self.readonly or _MAPPED_WRITABLE_LENT)
 
     def borrow(self, offset: int, length: int) -> Loan | None:
         return super().borrow(offset, length) if self.lends else None
@@ -308,7 +316,8 @@ class FileStore(Store):
                     done += os.pwrite(fd, data[done:], offset + done)
             finally:  # marked once written (a flush that began earlier does not cover it); a
                 # write that failed half-way is dirty too
-                self._mark_dirty(offset, offset + len(data))
+                if not _WRITE_NOT_MARKED_DIRTY:
+                    self._mark_dirty(offset, offset + len(data))
 
     def writes_on_loop(self) -> bool:
         return self._loop_writes and time.monotonic() >= self._threads_until
@@ -353,6 +362,8 @@ class FileStore(Store):
                 # threads may be all that makes it durable: this flush is done when they are
                 # (answering before them could lose data the initiator was told is durable).
                 running = [s for s in self._syncs if _overlaps(s.span, offset, end)]
+                if _FLUSH_IGNORES_SYNCS_UNDER_WAY:
+                    running = []
                 self._dirty_lock.wait_for(lambda: all(s.done for s in running))
                 for s in running:
                     if s.error is not None:
@@ -370,7 +381,8 @@ class FileStore(Store):
                 os.fdatasync(fd)
         except OSError as e:
             sync.error = e
-            self._mark_dirty(*dirty)  # a later flush tries again
+            if not _FAILED_SYNC_FORGETS_DIRTY:
+                self._mark_dirty(*dirty)  # a later flush tries again
             raise
         finally:
             with self._dirty_lock:
@@ -517,7 +529,7 @@ class MemoryStore(Store):
         pos = 0
         for i, a, b in self._pieces(offset, len(data)):
             with self._lock:  # one chunk at a time: a loan waits for one chunk's copy at most
-                if self._lent[i]:
+                if self._lent[i] and not _LOAN_WRITTEN_IN_PLACE:
                     self._chunks[i] = memoryview(bytearray(self._chunks[i]))
                     self._lent[i] = 0
                     self._copies[i] += 1

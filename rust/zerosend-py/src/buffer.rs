@@ -93,6 +93,14 @@ unsafe impl IoBuf for PyBuf {
 
 /// One buffer, or every buffer of a list/tuple (one vectored send).
 pub fn extract_buffers(obj: &Bound<'_, PyAny>) -> PyResult<Vec<PyBuf>> {
+    let mut bufs = extract_in_order(obj)?;
+    if zerosend::mutant::active(zerosend::mutant::VECTORED_REVERSED) {
+        bufs.reverse();
+    }
+    Ok(bufs)
+}
+
+fn extract_in_order(obj: &Bound<'_, PyAny>) -> PyResult<Vec<PyBuf>> {
     if let Ok(list) = obj.cast::<PyList>() {
         list.iter().map(|item| PyBuf::export(&item)).collect()
     } else if let Ok(tuple) = obj.cast::<PyTuple>() {

@@ -90,7 +90,9 @@ impl Driver {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((held, done)) = last.as_ref() {
-            if *held == result && done.get().on_loop(event_loop) {
+            let same =
+                *held == result || zerosend::mutant::active(zerosend::mutant::STALE_COMPLETED);
+            if same && done.get().on_loop(event_loop) {
                 return Ok(done.clone_ref(py).into_any());
             }
         }
@@ -149,6 +151,13 @@ fn resolve(py: Python<'_>, results: &Results, completion: CoreCompletion) -> PyR
         Some(Ok(result)) => {
             future.call_method1(intern!(py, "set_result"), (results.object(py, result)?,))
         }
+        Some(Err(_)) if zerosend::mutant::active(zerosend::mutant::ERROR_AS_RESULT) => {
+            let nothing = zerosend::SendResult {
+                nbytes: 0,
+                zerocopy: false,
+            };
+            future.call_method1(intern!(py, "set_result"), (results.object(py, nothing)?,))
+        }
         Some(Err(err)) => future.call_method1(
             intern!(py, "set_exception"),
             (to_pyerr(err).into_value(py),),
@@ -200,7 +209,11 @@ impl Results {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match last.as_ref() {
-            Some((held, object)) if *held == result => Ok(object.clone_ref(py)),
+            Some((held, object))
+                if *held == result || zerosend::mutant::active(zerosend::mutant::STALE_RESULT) =>
+            {
+                Ok(object.clone_ref(py))
+            }
             _ => {
                 let object = Py::new(py, SendResult::from(result))?;
                 *last = Some((result, object.clone_ref(py)));

@@ -17,6 +17,14 @@ fn capabilities() -> types::Capabilities {
     zerosend::Capabilities::probe().into()
 }
 
+/// The deliberate fault this mutants build has on (`ZEROSEND_MUTANT`), for the faults that live
+/// in Python (`zerosend._mutant`); absent from release builds.
+#[cfg(feature = "mutants")]
+#[pyfunction]
+fn _mutant() -> Option<&'static str> {
+    zerosend::mutant::chosen()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
@@ -27,6 +35,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::PoolBuffer>()?;
     iscsi::register(m)?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
+    #[cfg(feature = "mutants")]
+    m.add_function(wrap_pyfunction!(_mutant, m)?)?;
     // The vocabulary the core defines, so that Python never spells it out a second time.
     let backends: Vec<&str> = zerosend::Backend::ALL.iter().map(|b| b.name()).collect();
     m.add("BACKENDS", PyTuple::new(m.py(), backends)?)?;

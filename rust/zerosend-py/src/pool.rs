@@ -105,7 +105,9 @@ pub struct PoolBuffer {
 impl PoolBuffer {
     /// Hands the buffer back to its pool, once: after release() and with no export left.
     fn give_back_if_free(&self, py: Python<'_>) -> PyResult<()> {
-        if !self.released.load(Ordering::Acquire) || self.exports.load(Ordering::Acquire) != 0 {
+        let exported = self.exports.load(Ordering::Acquire) != 0
+            && !zerosend::mutant::active(zerosend::mutant::POOL_BUFFER_BACK_WHILE_EXPORTED);
+        if !self.released.load(Ordering::Acquire) || exported {
             return Ok(());
         }
         let callback = self
