@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from zerosend import _native
-from zerosend.iscsi import pdu as P
 from zerosend.iscsi.readloop import ReadLoop
+from zerosend.iscsi.wire import pdu as P
 
 LUNS = [bytes(8), P.encode_lun(1), P.encode_lun(300), bytes(range(1, 9))]
 U32_EDGES = [0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]

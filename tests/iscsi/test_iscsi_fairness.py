@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, need, run
 
-from zerosend.iscsi.bufpool import MmapPool
+from zerosend.iscsi.wire.bufpool import MmapPool
 
 MiB = 1 << 20
 HANG = 60.0  # seconds: a hang detector, not a timing check

@@ -29,15 +29,15 @@ from hypothesis import strategies as st
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, start_target
 
 from tests.helpers import require_probed
-from zerosend.iscsi import pdu as P
 from zerosend.iscsi import scsi as S
-from zerosend.iscsi.chap import Credentials
 from zerosend.iscsi.login import LoginFailed, LoginMachine
 from zerosend.iscsi.nexus import Nexus
-from zerosend.iscsi.params import MAX_BURST, NegotiationError, SessionParams, negotiate
-from zerosend.iscsi.reader import ConnectionClosed, PduReader
 from zerosend.iscsi.readloop import ReadLoop
 from zerosend.iscsi.stores import open_store
+from zerosend.iscsi.wire import pdu as P
+from zerosend.iscsi.wire.chap import Credentials
+from zerosend.iscsi.wire.params import MAX_BURST, NegotiationError, SessionParams, negotiate
+from zerosend.iscsi.wire.reader import ConnectionClosed, PduReader
 
 try:
     from zerosend._native import IscsiReadPath

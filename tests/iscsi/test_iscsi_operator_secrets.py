@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, need, run, wait_for
 
-from zerosend.iscsi.chap import Credentials
 from zerosend.iscsi.config import load_config
+from zerosend.iscsi.wire.chap import Credentials
 
 SECRET = "s3cret-passw0rd-one"
 TARGET_SECRET = "t4rget-secret-two"

@@ -13,9 +13,9 @@ from typing import Any, get_args
 from zerosend._socket import BackendName
 
 from .acl import Acl, Network
-from .chap import Credentials, check_mutual
 from .secretfiles import read_credential, read_secret_file
 from .stores import parse_size
+from .wire.chap import Credentials, check_mutual
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
 DEFAULT_LISTEN = "127.0.0.1:3260"

@@ -22,8 +22,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .bufpool import MmapLease
 from .stores import Store
+from .wire.bufpool import MmapLease
 
 THREADS_PER_STORE = 4
 

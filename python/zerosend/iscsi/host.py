@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .bufpool import MmapPool
     from .config import TargetConfig
     from .login import LoginPolicy
     from .scsi import CommandSet, LogicalUnit
     from .session import Session
+    from .wire.bufpool import MmapPool
 
 
 class SessionHost(Protocol):

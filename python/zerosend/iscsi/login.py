@@ -8,10 +8,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import pdu as P
 from .acl import Acl
-from .chap import AuthError, ChapServer, Credentials
-from .params import NegotiationError, SessionParams, declare_target, negotiate
+from .wire import pdu as P
+from .wire.chap import AuthError, ChapServer, Credentials
+from .wire.params import NegotiationError, SessionParams, declare_target, negotiate
 
 log = logging.getLogger("zerosend.iscsi")
 

@@ -17,17 +17,17 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import diskio
-from . import pdu as P
 from . import scsi as S
-from .bufpool import PoolShare
 from .host import Connection
-from .outbox import ZC_MIN, Outbox
-from .params import SessionParams
-from .reader import PduReader
 from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
 from .stores import FileStore, Store
-from .window import CmdWindow
+from .wire import pdu as P
+from .wire.bufpool import PoolShare
+from .wire.outbox import ZC_MIN, Outbox
+from .wire.params import SessionParams
+from .wire.reader import PduReader
+from .wire.window import CmdWindow
 
 try:  # the inner loop in Rust
     from zerosend._native import IscsiReadPath

@@ -28,10 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import pdu as P
 from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
 from .scsi import LogicalUnit
 from .stores import Store, StoreError, open_store
+from .wire import pdu as P
 
 if TYPE_CHECKING:
     from .session import Session

@@ -12,11 +12,11 @@ from typing import Any
 
 from zerosend._native import crc32c
 
-from . import pdu as P
 from . import scsi as S
-from .outbox import ZC_MIN, Outbox
-from .params import SessionParams
-from .window import CmdWindow
+from .wire import pdu as P
+from .wire.outbox import ZC_MIN, Outbox
+from .wire.params import SessionParams
+from .wire.window import CmdWindow
 
 log = logging.getLogger("zerosend.iscsi")
 

@@ -299,7 +299,7 @@ class CommandSet:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         if alloc < 16:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
-        from .pdu import encode_lun
+        from .wire.pdu import encode_lun
 
         seen = self.view(nexus)
         body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(seen))

@@ -16,7 +16,6 @@ from collections.abc import Awaitable
 import zerosend
 
 from . import diskio
-from . import pdu as P
 from . import scsi as S
 from .acl import LunView, peer_address
 from .budget import SessionBudget
@@ -24,13 +23,14 @@ from .host import SessionHost
 from .liveness import Pinger, reset_connection
 from .login import LoginFailed, LoginMachine, failure_response
 from .nexus import NO_NEXUS, Nexus
-from .outbox import ZC_MIN, Outbox
-from .params import SessionParams
-from .reader import ConnectionClosed, PduReader
 from .reads import Reads
 from .responses import Responder
 from .taskmgmt import task_management
-from .window import CmdWindow, held_size
+from .wire import pdu as P
+from .wire.outbox import ZC_MIN, Outbox
+from .wire.params import SessionParams
+from .wire.reader import ConnectionClosed, PduReader
+from .wire.window import CmdWindow, held_size
 from .writes import Writes
 
 log = logging.getLogger("zerosend.iscsi")

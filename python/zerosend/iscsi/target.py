@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import zerosend
 
-from .bufpool import MmapPool
 from .config import TargetConfig, numbered, split_hostport
 from .liveness import tune_socket
 from .login import LoginPolicy
@@ -21,6 +20,7 @@ from .reservations import Reservations
 from .scsi import CommandSet, LogicalUnit
 from .session import Session
 from .stores import Store, open_store
+from .wire.bufpool import MmapPool
 
 if TYPE_CHECKING:
     from .metrics import TargetMetrics

@@ -7,8 +7,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import diskio
-from . import pdu as P
-from .window import sn_lt
+from .wire import pdu as P
+from .wire.window import sn_lt
 
 if TYPE_CHECKING:
     from .session import Session

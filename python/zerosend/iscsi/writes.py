@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from . import diskio
-from . import pdu as P
 from . import scsi as S
 from .compare import or_write
 from .host import Connection
-from .params import SessionParams
 from .responses import Responder, residual_bits
 from .samecheck import compare_off_loop
 from .stores import Store
+from .wire import pdu as P
+from .wire.params import SessionParams
 
 log = logging.getLogger("zerosend.iscsi")
 

@@ -20,7 +20,7 @@ import asyncio
 import mmap
 from collections import deque
 
-from .. import _mutant
+from ... import _mutant
 
 # A deliberate fault of a mutants build (``zerosend._mutant``); always False in a release build
 _LEASE_SHARED = _mutant.on("bufpool_lease_shared")
