@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zerosend.iscsi.stores import parse_size
+from zerosend.iscsi.storage.opening import parse_size
 
 IQN_ZS = "iqn.2024-01.org.zerosend:bench"
 IQN_TGT = "iqn.2024-01.org.zerosend:tgt-bench"

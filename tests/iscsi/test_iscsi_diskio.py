@@ -305,7 +305,7 @@ def test_a_held_up_write_sends_the_images_writes_to_threads(gated, tmp_path: Pat
     """Writes to an image on a local file system go to the page cache on the event loop until
     one is held up by the kernel; then to the threads for a while, and back once it passed.
     An image on FUSE (or NFS, ...) is written by the threads from the start."""
-    from zerosend.iscsi.stores import WRITE_STALL, FileStore
+    from zerosend.iscsi.storage.file import WRITE_STALL, FileStore
 
     make_image(tmp_path / "local.img", 1 * MiB)
     local, remote = FileStore(str(tmp_path / "local.img")), FileStore(str(gated.path))

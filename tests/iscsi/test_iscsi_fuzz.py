@@ -33,7 +33,7 @@ from zerosend.iscsi import scsi as S
 from zerosend.iscsi.login import LoginFailed, LoginMachine
 from zerosend.iscsi.nexus import Nexus
 from zerosend.iscsi.readloop import ReadLoop
-from zerosend.iscsi.stores import open_store
+from zerosend.iscsi.storage.opening import open_store
 from zerosend.iscsi.wire import pdu as P
 from zerosend.iscsi.wire.chap import Credentials
 from zerosend.iscsi.wire.params import MAX_BURST, NegotiationError, SessionParams, negotiate

@@ -20,7 +20,7 @@ from zerosend.iscsi.config import load_config
 from zerosend.iscsi.nexus import Nexus
 from zerosend.iscsi.reservations import Reservations
 from zerosend.iscsi.scsi import LogicalUnit
-from zerosend.iscsi.stores import open_store
+from zerosend.iscsi.storage.opening import open_store
 
 NODE_A = "iqn.2024-01.org.zerosend:node-a"
 NODE_B = "iqn.2024-01.org.zerosend:node-b"

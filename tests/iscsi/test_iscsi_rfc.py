@@ -17,7 +17,7 @@ from iscsi_helpers import IQN, MiniInitiator, make_image, write10
 
 from zerosend.iscsi.config import LunSpec, TargetConfig
 from zerosend.iscsi.scsi import LogicalUnit
-from zerosend.iscsi.stores import FileStore
+from zerosend.iscsi.storage.file import FileStore
 from zerosend.iscsi.target import Target
 
 MiB = 1 << 20

@@ -116,7 +116,7 @@ def test_a_flush_waits_only_for_the_syncs_that_cover_its_range(gated):
     """The store itself, from threads (as FUA and SYNCHRONIZE CACHE run): while a sync of the
     written blocks waits in the device, a flush of those blocks waits for it too, and a
     flush of blocks nobody wrote since the last sync returns at once."""
-    from zerosend.iscsi.stores import FileStore
+    from zerosend.iscsi.storage.file import FileStore
 
     store = FileStore(str(gated.path))
     waiting: list[threading.Thread] = []

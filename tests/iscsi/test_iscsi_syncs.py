@@ -18,7 +18,7 @@ import pytest
 from gatedfs import GatedFile
 from test_iscsi_diskio import mounted_gate
 
-from zerosend.iscsi.stores import FileStore
+from zerosend.iscsi.storage.file import FileStore
 
 MiB = 1 << 20
 

@@ -22,7 +22,7 @@ from .control import render as render_state
 from .control import request as control_request
 from .metrics import TargetMetrics
 from .reload import Reloader
-from .stores import StoreError
+from .storage.store import StoreError
 from .target import Target
 
 log = logging.getLogger("zerosend.iscsi")

@@ -8,7 +8,7 @@ import struct
 from . import scsi as S
 from .nexus import Nexus
 from .provisioning import MAX_ATOMIC_TRANSFER_BLOCKS, refuse_read_only
-from .stores import BLOCK_SIZE
+from .storage.store import BLOCK_SIZE
 
 WRITE_ATOMIC16 = 0x9C
 

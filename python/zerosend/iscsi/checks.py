@@ -7,7 +7,7 @@ import ipaddress
 import socket
 
 from .config import TargetConfig, split_hostport
-from .stores import open_store, parse_size
+from .storage.opening import open_store, parse_size
 
 
 def is_loopback(host: str) -> bool:

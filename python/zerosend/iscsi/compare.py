@@ -16,7 +16,7 @@ import struct
 from . import scsi as S
 from .nexus import Nexus
 from .provisioning import MAX_COMPARE_AND_WRITE_BLOCKS, refuse_read_only
-from .stores import BLOCK_SIZE
+from .storage.store import BLOCK_SIZE
 
 COMPARE_AND_WRITE = 0x89
 

@@ -14,7 +14,7 @@ from zerosend._socket import BackendName
 
 from .acl import Acl, Network
 from .secretfiles import read_credential, read_secret_file
-from .stores import parse_size
+from .storage.opening import parse_size
 from .wire.chap import Credentials, check_mutual
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"

@@ -13,10 +13,10 @@ import functools
 import struct
 from collections.abc import Awaitable
 
-from . import diskio
 from . import scsi as S
 from .nexus import Nexus
-from .stores import BLOCK_SIZE, Store
+from .storage import diskio
+from .storage.store import BLOCK_SIZE, Store
 
 UNMAP = 0x42
 WRITE_SAME10, WRITE_SAME16 = 0x41, 0x93

@@ -16,12 +16,13 @@ import os
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import diskio
 from . import scsi as S
 from .host import Connection
 from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
-from .stores import FileStore, Store
+from .storage import diskio
+from .storage.file import FileStore
+from .storage.store import Store
 from .wire import pdu as P
 from .wire.bufpool import PoolShare
 from .wire.outbox import ZC_MIN, Outbox

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
 from .scsi import LogicalUnit
-from .stores import Store, StoreError, open_store
+from .storage.opening import open_store
+from .storage.store import Store, StoreError
 from .wire import pdu as P
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import diskio
 from . import scsi as S
 from .nexus import Nexus
+from .storage import diskio
 
 log = logging.getLogger("zerosend.iscsi")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from . import diskio
-from .stores import Store
+from .storage import diskio
+from .storage.store import Store
 
 CHUNK = 1 << 20  # bytes read and compared at a time
 

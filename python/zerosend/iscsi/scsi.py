@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .acl import Acl, LunView
 from .nexus import Nexus
-from .stores import Store
+from .storage.store import Store
 
 if TYPE_CHECKING:
     from .reservations import Reservations

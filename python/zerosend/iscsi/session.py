@@ -15,7 +15,6 @@ from collections.abc import Awaitable
 
 import zerosend
 
-from . import diskio
 from . import scsi as S
 from .acl import LunView, peer_address
 from .budget import SessionBudget
@@ -25,6 +24,7 @@ from .login import LoginFailed, LoginMachine, failure_response
 from .nexus import NO_NEXUS, Nexus
 from .reads import Reads
 from .responses import Responder
+from .storage import diskio
 from .taskmgmt import task_management
 from .wire import pdu as P
 from .wire.outbox import ZC_MIN, Outbox

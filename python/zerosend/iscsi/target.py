@@ -19,7 +19,8 @@ from .nexus import Nexus
 from .reservations import Reservations
 from .scsi import CommandSet, LogicalUnit
 from .session import Session
-from .stores import Store, open_store
+from .storage.opening import open_store
+from .storage.store import Store
 from .wire.bufpool import MmapPool
 
 if TYPE_CHECKING:

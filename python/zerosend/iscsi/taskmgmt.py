@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import diskio
+from .storage import diskio
 from .wire import pdu as P
 from .wire.window import sn_lt
 

@@ -19,13 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from . import diskio
 from . import scsi as S
 from .compare import or_write
 from .host import Connection
 from .responses import Responder, residual_bits
 from .samecheck import compare_off_loop
-from .stores import Store
+from .storage import diskio
+from .storage.store import Store
 from .wire import pdu as P
 from .wire.params import SessionParams
 

@@ -17,9 +17,9 @@ import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from . import diskio
 from . import scsi as S
 from .nexus import Nexus
+from .storage import diskio
 
 EXTENDED_COPY = 0x83
 RECEIVE_COPY_RESULTS = 0x84

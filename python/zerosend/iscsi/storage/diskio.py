@@ -22,8 +22,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .stores import Store
-from .wire.bufpool import MmapLease
+from ..wire.bufpool import MmapLease
+from .store import Store
 
 THREADS_PER_STORE = 4
 
