@@ -29,10 +29,31 @@ from hypothesis import strategies as st
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, start_target
 
 from tests.helpers import require_probed
-from zerosend.iscsi import scsi as S
 from zerosend.iscsi.login import LoginFailed, LoginMachine
-from zerosend.iscsi.nexus import Nexus
 from zerosend.iscsi.readloop import ReadLoop
+from zerosend.iscsi.scsi.commands import CommandSet
+from zerosend.iscsi.scsi.families import command_set as build_command_set
+from zerosend.iscsi.scsi.nexus import Nexus
+from zerosend.iscsi.scsi.sense import (
+    ABORTED_COMMAND,
+    DATA_PROTECT,
+    ILLEGAL_REQUEST,
+    LBA_OUT_OF_RANGE,
+    MEDIUM_ERROR,
+    MISCOMPARE,
+    NOT_READY,
+    UNIT_ATTENTION,
+    CheckCondition,
+)
+from zerosend.iscsi.scsi.unit import (
+    READ10,
+    READ16,
+    READ_OPS,
+    VERIFY_OPS,
+    WRITE_OPS,
+    LogicalUnit,
+    decode_rw,
+)
 from zerosend.iscsi.storage.opening import open_store
 from zerosend.iscsi.wire import pdu as P
 from zerosend.iscsi.wire.chap import Credentials
@@ -165,9 +186,9 @@ def read_runs(draw: st.DrawFn) -> tuple[bytes, int, int]:
         lba = draw(st.integers(0, IMAGE_BLOCKS + 2))
         blocks = draw(st.integers(0, IMAGE_BLOCKS))
         if draw(st.booleans()):
-            struct.pack_into(">BBIBHB", bhs, 32, S.READ10, 0, lba, 0, blocks, 0)
+            struct.pack_into(">BBIBHB", bhs, 32, READ10, 0, lba, 0, blocks, 0)
         else:
-            struct.pack_into(">BBQIBB", bhs, 32, S.READ16, 0, lba, blocks, 0, 0)
+            struct.pack_into(">BBQIBB", bhs, 32, READ16, 0, lba, blocks, 0, 0)
         struct.pack_into(">I", bhs, 20, blocks * BLOCK)
         for at, value in draw(st.lists(st.tuples(st.integers(0, 47), st.integers(0, 255)),
                                        max_size=2)):  # fmt: skip
@@ -334,10 +355,10 @@ def test_negotiation_stays_in_rfc_ranges(pairs, discovery):
 
 
 @pytest.fixture(scope="module")
-def command_set(image_dir: Path) -> Iterator[tuple[S.CommandSet, S.LogicalUnit]]:
+def command_set(image_dir: Path) -> Iterator[tuple[CommandSet, LogicalUnit]]:
     store = open_store(str(image_dir / "disk.img"))
-    luns = {0: S.LogicalUnit(0, store, IQN), 1: S.LogicalUnit(1, open_store("mem:64K"), IQN)}
-    yield S.CommandSet(luns), luns[0]
+    luns = {0: LogicalUnit(0, store, IQN), 1: LogicalUnit(1, open_store("mem:64K"), IQN)}
+    yield build_command_set(luns), luns[0]
     for lu in luns.values():
         lu.store.close()
 
@@ -358,26 +379,26 @@ def test_every_opcode_returns_data_or_check_condition(command_set, cdb, no_lun):
     commands, lu = command_set
     try:
         data = commands.execute(None if no_lun else lu, cdb, FUZZ_NEXUS)
-    except S.CheckCondition as cc:
-        assert cc.key in (S.ILLEGAL_REQUEST, S.DATA_PROTECT, S.MEDIUM_ERROR, S.MISCOMPARE,
-                          S.NOT_READY, S.UNIT_ATTENTION, S.ABORTED_COMMAND)  # fmt: skip
+    except CheckCondition as cc:
+        assert cc.key in (ILLEGAL_REQUEST, DATA_PROTECT, MEDIUM_ERROR, MISCOMPARE,
+                          NOT_READY, UNIT_ATTENTION, ABORTED_COMMAND)  # fmt: skip
         return
     assert isinstance(data, bytes)
 
 
-RW_OPS = sorted(S.READ_OPS | S.WRITE_OPS | S.VERIFY_OPS)
+RW_OPS = sorted(READ_OPS | WRITE_OPS | VERIFY_OPS)
 
 
 @examples(300)
 @given(op=st.sampled_from(RW_OPS), rest=st.binary(min_size=15, max_size=15))
 def test_rw_cdbs_decode_to_sane_ranges(command_set, op, rest):
     _, lu = command_set
-    rw = S.decode_rw(bytes((op,)) + rest)
+    rw = decode_rw(bytes((op,)) + rest)
     assert 0 <= rw.lba < 1 << 64 and 0 <= rw.blocks < 1 << 32 and 0 <= rw.flags < 256
     try:
         lu.check_range(rw.lba, rw.blocks)
-    except S.CheckCondition as cc:
-        assert (cc.asc, cc.ascq) == S.LBA_OUT_OF_RANGE
+    except CheckCondition as cc:
+        assert (cc.asc, cc.ascq) == LBA_OUT_OF_RANGE
     else:
         assert rw.lba + rw.blocks <= IMAGE_BLOCKS
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image
 
-from zerosend.iscsi import scsi as S
 from zerosend.iscsi.config import load_config
-from zerosend.iscsi.nexus import Nexus
-from zerosend.iscsi.reservations import Reservations
-from zerosend.iscsi.scsi import LogicalUnit
+from zerosend.iscsi.scsi.nexus import Nexus
+from zerosend.iscsi.scsi.reservations import Reservations
+from zerosend.iscsi.scsi.sense import HARDWARE_ERROR, CheckCondition, StatusReply
+from zerosend.iscsi.scsi.unit import LogicalUnit
 from zerosend.iscsi.storage.opening import open_store
 
 NODE_A = "iqn.2024-01.org.zerosend:node-a"
@@ -426,7 +426,7 @@ def test_release_of_another_type_is_refused_and_keeps_the_reservation():
     a = Nexus(NODE_A, bytes(6))
     _out(pr, lu, a, REGISTER, 0, KEY_A)
     _out(pr, lu, a, RESERVE, KEY_A, kind=WE)
-    with pytest.raises(S.CheckCondition) as refused:
+    with pytest.raises(CheckCondition) as refused:
         _out(pr, lu, a, RELEASE, KEY_A, kind=EA)
     assert (refused.value.asc, refused.value.ascq) == (0x26, 0x04)
     assert pr.units[0].type == WE
@@ -443,10 +443,10 @@ def test_preempt_of_an_all_registrants_reservation_with_key_zero_takes_it_over()
     assert (unit.type, unit.holder, list(unit.registrations)) == (WE, a, [a])
     write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
     for nexus in (b, c):  # told once that their registrations went, then refused
-        with pytest.raises(S.CheckCondition) as told:
+        with pytest.raises(CheckCondition) as told:
             pr.admit(lu, write, nexus)
         assert (told.value.key, told.value.asc, told.value.ascq) == (0x6, 0x2A, 0x05)
-        with pytest.raises(S.StatusReply):
+        with pytest.raises(StatusReply):
             pr.admit(lu, write, nexus)
     pr.admit(lu, write, a)
 
@@ -461,10 +461,10 @@ def test_a_state_file_that_cannot_be_written_fails_the_command_and_changes_nothi
     directory.chmod(0o500)  # (root ignores modes: a file where the directory was, then)
     (directory / "pr.json.tmp").mkdir()
     try:
-        with pytest.raises(S.CheckCondition) as failed:
+        with pytest.raises(CheckCondition) as failed:
             _out(pr, lu, a, REGISTER, KEY_A, 0)
     finally:
         directory.chmod(0o700)
-    assert failed.value.key == S.HARDWARE_ERROR
+    assert failed.value.key == HARDWARE_ERROR
     assert pr.units[0].registrations == {a: KEY_A} and pr.units[0].generation == 1
     assert (directory / "pr.json").read_text() == saved

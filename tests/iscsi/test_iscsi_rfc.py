@@ -16,7 +16,7 @@ import pytest
 from iscsi_helpers import IQN, MiniInitiator, make_image, write10
 
 from zerosend.iscsi.config import LunSpec, TargetConfig
-from zerosend.iscsi.scsi import LogicalUnit
+from zerosend.iscsi.scsi.unit import LogicalUnit
 from zerosend.iscsi.storage.file import FileStore
 from zerosend.iscsi.target import Target
 

@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 from zerosend._socket import BackendName
 
-from .acl import Acl, Network
+from .scsi.acl import Acl, Network
 from .secretfiles import read_credential, read_secret_file
 from .storage.opening import parse_size
 from .wire.chap import Credentials, check_mutual

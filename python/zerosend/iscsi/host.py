@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from .config import TargetConfig
     from .login import LoginPolicy
-    from .scsi import CommandSet, LogicalUnit
+    from .scsi.commands import CommandSet
+    from .scsi.unit import LogicalUnit
     from .session import Session
     from .wire.bufpool import MmapPool
 

@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .acl import Acl
+from .scsi.acl import Acl
 from .wire import pdu as P
 from .wire.chap import AuthError, ChapServer, Credentials
 from .wire.params import NegotiationError, SessionParams, declare_target, negotiate

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .scsi import READ10, READ16
+from .scsi.unit import READ10, READ16
 from .wire import pdu as P
 from .wire.window import sn_lt
 

@@ -16,10 +16,19 @@ import os
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import scsi as S
 from .host import Connection
 from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
+from .scsi.sense import (
+    GOOD,
+    ILLEGAL_REQUEST,
+    INVALID_FIELD_IN_CDB,
+    MEDIUM_ERROR,
+    UNRECOVERED_READ_ERROR,
+    CheckCondition,
+    StatusReply,
+)
+from .scsi.unit import LogicalUnit, check_transfer_length, decode_rw
 from .storage import diskio
 from .storage.file import FileStore
 from .storage.store import Store
@@ -52,7 +61,7 @@ class _InnerLoop(Protocol):
     ) -> _Run: ...
 
 
-_Entry = tuple[_InnerLoop, FileStore, S.LogicalUnit]  # a LUN's inner loop, image, logical unit
+_Entry = tuple[_InnerLoop, FileStore, LogicalUnit]  # a LUN's inner loop, image, logical unit
 
 
 class Reads:
@@ -61,7 +70,7 @@ class Reads:
     def __init__(
         self,
         conn: Connection,
-        luns: Mapping[int, S.LogicalUnit],
+        luns: Mapping[int, LogicalUnit],
         pool: PoolShare,
         params: SessionParams,
         reader: PduReader,
@@ -170,15 +179,13 @@ class Reads:
 
     # -- every other READ
 
-    def command(
-        self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
-    ) -> None:
+    def command(self, req: P.Pdu, lu: LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes) -> None:
         """A READ(6/10/12/16) from dispatch; raises CheckCondition."""
-        rw = S.decode_rw(cdb)
+        rw = decode_rw(cdb)
         if rw.flags & 0xE0:  # RDPROTECT without protection information
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         lu.check_range(rw.lba, rw.blocks)
-        S.check_transfer_length(rw.blocks)
+        check_transfer_length(rw.blocks)
         bs = lu.store.block_size
         spdtl = rw.blocks * bs
         if not req.flags & P.CMD_READ and spdtl:
@@ -188,7 +195,7 @@ class Reads:
         status = residual_bits(spdtl, edtl, P.DATAIN_OVERFLOW, P.DATAIN_UNDERFLOW)
         itt = req.itt
         if n == 0:
-            self.responder.send_status(itt, S.GOOD, None, *status)
+            self.responder.send_status(itt, GOOD, None, *status)
             return
         offset = rw.lba * bs
         store = lu.store
@@ -226,7 +233,7 @@ class Reads:
 
     def _read_failed(self, itt: int, offset: int, n: int, e: OSError) -> None:
         log.error("%s: read of %d bytes at %d failed: %s", self.conn.name, n, offset, e)
-        self.responder.send_check(itt, S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR))
+        self.responder.send_check(itt, CheckCondition(MEDIUM_ERROR, UNRECOVERED_READ_ERROR))
 
     async def _read_task(
         self,
@@ -286,16 +293,16 @@ class Reads:
     ) -> None:
         try:
             data = await coming
-        except S.CheckCondition as cc:
+        except CheckCondition as cc:
             self.tasks.pop(itt, None)
             self.responder.send_check(itt, cc)
-        except S.StatusReply as reply:
+        except StatusReply as reply:
             self.tasks.pop(itt, None)
             self.responder.send_status(itt, reply.status, None)
         except OSError as e:
             log.error("%s: command ITT 0x%08x failed on the medium: %s", self.conn.name, itt, e)
             self.tasks.pop(itt, None)
-            medium = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+            medium = CheckCondition(MEDIUM_ERROR, UNRECOVERED_READ_ERROR)
             self.responder.send_check(itt, medium)
         else:
             if self.conn.closing:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
-from .scsi import LogicalUnit
+from .scsi.unit import LogicalUnit
 from .storage.opening import open_store
 from .storage.store import Store, StoreError
 from .wire import pdu as P

@@ -12,7 +12,7 @@ from typing import Any
 
 from zerosend._native import crc32c
 
-from . import scsi as S
+from .scsi.sense import CHECK_CONDITION, GOOD, CheckCondition, sense_fixed
 from .wire import pdu as P
 from .wire.outbox import ZC_MIN, Outbox
 from .wire.params import SessionParams
@@ -129,14 +129,14 @@ class Responder:
         data = b""
         if sense:
             data = struct.pack(">H", len(sense)) + sense
-        if status == S.CHECK_CONDITION:  # (for the metrics)
+        if status == CHECK_CONDITION:  # (for the metrics)
             self.stats["check_conditions"] = self.stats.get("check_conditions", 0) + 1
         hdr = P.scsi_response(itt, status, flags, residual, expdatasn, len(data))
         self.send_pdu(hdr, data)
 
-    def send_check(self, itt: int, cc: S.CheckCondition, flags: int = 0, residual: int = 0) -> None:
-        sense = S.sense_fixed(cc.key, cc.asc, cc.ascq, cc.info, cc.field)
-        self.send_status(itt, S.CHECK_CONDITION, sense, flags, residual)
+    def send_check(self, itt: int, cc: CheckCondition, flags: int = 0, residual: int = 0) -> None:
+        sense = sense_fixed(cc.key, cc.asc, cc.ascq, cc.info, cc.field)
+        self.send_status(itt, CHECK_CONDITION, sense, flags, residual)
 
     def send_reject(self, reason: int, bhs: bytes, why: str) -> None:
         log.warning("%s: reject (reason 0x%02x): %s", self.outbox.name, reason, why)
@@ -149,7 +149,7 @@ class Responder:
         flags, residual = residual_bits(n, edtl, P.DATAIN_OVERFLOW, P.DATAIN_UNDERFLOW)
         n = min(n, edtl)
         if n == 0:
-            self.send_status(itt, S.GOOD, None, flags, residual)
+            self.send_status(itt, GOOD, None, flags, residual)
             return
         self.send_data_in(itt, lun_field, [memoryview(data)[:n]], n, 0, 0, (flags, residual))
 

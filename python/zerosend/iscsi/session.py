@@ -15,15 +15,24 @@ from collections.abc import Awaitable
 
 import zerosend
 
-from . import scsi as S
-from .acl import LunView, peer_address
 from .budget import SessionBudget
 from .host import SessionHost
 from .liveness import Pinger, reset_connection
 from .login import LoginFailed, LoginMachine, failure_response
-from .nexus import NO_NEXUS, Nexus
 from .reads import Reads
 from .responses import Responder
+from .scsi.acl import LunView, peer_address
+from .scsi.commands import ParameterCommand
+from .scsi.nexus import NO_NEXUS, Nexus
+from .scsi.sense import (
+    ILLEGAL_REQUEST,
+    INVALID_FIELD_IN_CDB,
+    MEDIUM_ERROR,
+    UNRECOVERED_READ_ERROR,
+    CheckCondition,
+    StatusReply,
+)
+from .scsi.unit import READ_OPS, VERIFY_OPS, WRITE_OPS, LogicalUnit
 from .storage import diskio
 from .taskmgmt import task_management
 from .wire import pdu as P
@@ -432,13 +441,13 @@ class Session:
         try:
             if lu is not None:
                 self.host.commands.admit(lu, cdb, self.nexus)
-                if op in S.READ_OPS:
+                if op in READ_OPS:
                     self.reads.command(req, lu, cdb, edtl, lun_field)
                     return
-                if op in S.WRITE_OPS or op in S.VERIFY_OPS:
+                if op in WRITE_OPS or op in VERIFY_OPS:
                     self.writes.command(req, lu, cdb, edtl, lun_field)
                     return
-                parameter_command = S.PARAMETER_COMMANDS.get(op)
+                parameter_command = self.host.commands.table.parameters.get(op)
                 if parameter_command is not None:
                     self._parameter_command(req, lu, cdb, edtl, lun_field, parameter_command)
                     return
@@ -448,18 +457,18 @@ class Session:
                     self.writes.discard_unsolicited(req, edtl)
                 self.reads.later(itt, lun_field, data, edtl)
                 return
-        except S.CheckCondition as cc:
+        except CheckCondition as cc:
             self.writes.discard_unsolicited(req, edtl)
             self.responder.send_check(itt, cc)
             return
-        except S.StatusReply as reply:
+        except StatusReply as reply:
             self.writes.discard_unsolicited(req, edtl)
             self.responder.send_status(itt, reply.status, None)
             return
         except OSError as e:
             log.error("%s: %s failed on LUN: %s", self.name, cdb[:1].hex(), e)
             self.writes.discard_unsolicited(req, edtl)
-            medium = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+            medium = CheckCondition(MEDIUM_ERROR, UNRECOVERED_READ_ERROR)
             self.responder.send_check(itt, medium)
             return
         if req.flags & P.CMD_WRITE:
@@ -469,18 +478,18 @@ class Session:
     def _parameter_command(
         self,
         req: P.Pdu,
-        lu: S.LogicalUnit,
+        lu: LogicalUnit,
         cdb: bytes,
         edtl: int,
         lun_field: bytes,
-        command: S.ParameterCommand,
+        command: ParameterCommand,
     ) -> None:
         commands, nexus = self.host.commands, self.nexus
         length = command.length(cdb)
         if command.check is not None:
             command.check(lu, cdb)
         if command.exact and length != (edtl if req.flags & P.CMD_WRITE else 0):
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
 
         def run(parameters: bytes) -> Awaitable[None] | None:
             return command.run(commands, lu, cdb, parameters, nexus)

@@ -15,9 +15,10 @@ import zerosend
 from .config import TargetConfig, numbered, split_hostport
 from .liveness import tune_socket
 from .login import LoginPolicy
-from .nexus import Nexus
-from .reservations import Reservations
-from .scsi import CommandSet, LogicalUnit
+from .scsi.families import command_set
+from .scsi.nexus import Nexus
+from .scsi.reservations import Reservations
+from .scsi.unit import LogicalUnit
 from .session import Session
 from .storage.opening import open_store
 from .storage.store import Store
@@ -61,7 +62,7 @@ class Target:
         reservations = Reservations(
             self.luns, config.reservation_state or None, self._abort_nexus_tasks
         )
-        self.commands = CommandSet(self.luns, reservations)
+        self.commands = command_set(self.luns, reservations)
         self.commands.acl_of = config.acl_for  # LUN masking by the initiator's ACL
         self.pool = MmapPool(config.buffers, config.buffer_size)
         self.stopping = False

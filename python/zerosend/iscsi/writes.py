@@ -19,12 +19,41 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from . import scsi as S
-from .compare import or_write
 from .host import Connection
 from .responses import Responder, residual_bits
-from .samecheck import compare_off_loop
+from .scsi.commands import MAX_PARAMETER_LIST
+from .scsi.compare_and_write import or_write
+from .scsi.sense import (
+    ABORTED_COMMAND,
+    DATA_PHASE_ERROR,
+    DATA_PROTECT,
+    GOOD,
+    ILLEGAL_REQUEST,
+    INTERNAL_FAILURE,
+    INVALID_FIELD_IN_CDB,
+    MEDIUM_ERROR,
+    MISCOMPARE,
+    MISCOMPARE_DURING_VERIFY,
+    TASK_SET_FULL,
+    UNRECOVERED_READ_ERROR,
+    WRITE_ERROR,
+    WRITE_PROTECTED,
+    CheckCondition,
+    StatusReply,
+)
+from .scsi.unit import (
+    ORWRITE16,
+    VERIFY_OPS,
+    WRITE_VERIFY10,
+    WRITE_VERIFY12,
+    WRITE_VERIFY16,
+    LogicalUnit,
+    check_transfer_length,
+    decode_rw,
+)
+from .scsi.verify_bytchk3 import compare_off_loop
 from .storage import diskio
+from .storage.first_difference import compare_with_medium
 from .storage.store import Store
 from .wire import pdu as P
 from .wire.params import SessionParams
@@ -89,7 +118,7 @@ class WriteTask:
     )  # fmt: skip
 
     def __init__(
-        self, itt: int, lu: S.LogicalUnit, lun_field: bytes, base: int, spdtl: int, edtl: int
+        self, itt: int, lu: LogicalUnit, lun_field: bytes, base: int, spdtl: int, edtl: int
     ) -> None:
         self.itt = itt
         self.lu = lu
@@ -109,7 +138,7 @@ class WriteTask:
         self.r2tsn = 0
         self.miscompare: int | None = None
         self.fua = False
-        self.error: S.CheckCondition | None = None
+        self.error: CheckCondition | None = None
         self.aborted = False
         self.same_blocks = 0  # VERIFY BYTCHK=3: one block compared against this many
         self.comparing = False  # that comparison is running off the event loop
@@ -171,40 +200,38 @@ class Writes:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
 
-    def command(
-        self, req: P.Pdu, lu: S.LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes
-    ) -> None:
+    def command(self, req: P.Pdu, lu: LogicalUnit, cdb: bytes, edtl: int, lun_field: bytes) -> None:
         """A WRITE, WRITE AND VERIFY or VERIFY from dispatch; raises CheckCondition."""
         if self._rejected(req, edtl):
             return
-        rw = S.decode_rw(cdb)
+        rw = decode_rw(cdb)
         op = cdb[0]
-        verify = op in S.VERIFY_OPS
+        verify = op in VERIFY_OPS
         bytchk = (rw.flags >> 1) & 3 if verify else 1
         if rw.flags & 0xE0:  # WRPROTECT / VRPROTECT without protection information
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         if verify and bytchk == 2:
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         lu.check_range(rw.lba, rw.blocks)
-        S.check_transfer_length(rw.blocks)
+        check_transfer_length(rw.blocks)
         if not verify and lu.readonly:
-            raise S.CheckCondition(S.DATA_PROTECT, S.WRITE_PROTECTED)
+            raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
         bs = lu.store.block_size
         if verify and bytchk == 0:  # medium verification only: the range check is it
             self.discard_unsolicited(req, edtl)
             rsp = residual_bits(0, edtl, P.RSP_OVERFLOW, P.RSP_UNDERFLOW)
-            self.responder.send_status(req.itt, S.GOOD, None, *rsp)
+            self.responder.send_status(req.itt, GOOD, None, *rsp)
             return
         spdtl = bs if (verify and bytchk == 3) else rw.blocks * bs
         if not req.flags & P.CMD_WRITE:
             edtl = 0
         task = WriteTask(req.itt, lu, lun_field, rw.lba * bs, spdtl, edtl)
         task.verify = verify
-        task.or_data = op == S.ORWRITE16
+        task.or_data = op == ORWRITE16
         task.fua = bool(rw.flags & 0x08) or op in (
-            S.WRITE_VERIFY10,
-            S.WRITE_VERIFY12,
-            S.WRITE_VERIFY16,
+            WRITE_VERIFY10,
+            WRITE_VERIFY12,
+            WRITE_VERIFY16,
         )
         if verify and bytchk == 3:
             task.same_blocks = rw.blocks
@@ -220,7 +247,7 @@ class Writes:
     def parameters(
         self,
         req: P.Pdu,
-        lu: S.LogicalUnit,
+        lu: LogicalUnit,
         length: int,
         edtl: int,
         lun_field: bytes,
@@ -231,8 +258,8 @@ class Writes:
         then ``run(parameters)``, which raises CheckCondition or StatusReply to fail it, or (on
         the loop) may return an awaitable the status waits for; ``off_loop``: in the store's
         threads."""
-        if length > S.MAX_PARAMETER_LIST:
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        if length > MAX_PARAMETER_LIST:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         if self._rejected(req, edtl):
             return
         if not req.flags & P.CMD_WRITE:
@@ -242,7 +269,7 @@ class Writes:
             # The list's buffer is held until the command ends: past the session's budget the
             # command is refused (the initiator retries it later).
             if not self.budget.hold(task.xfer):
-                raise S.StatusReply(S.TASK_SET_FULL)
+                raise StatusReply(TASK_SET_FULL)
             task.budget = self.budget
         task.parameters = bytearray(task.xfer)
         task.run = run
@@ -383,8 +410,8 @@ class Writes:
             log.error(
                 "%s: %s of %d bytes at %d failed: %s", self.conn.name, what, nbytes, at, error
             )
-            sense = S.UNRECOVERED_READ_ERROR if task.verify else S.WRITE_ERROR
-            task.error = task.error or S.CheckCondition(S.MEDIUM_ERROR, sense)
+            sense = UNRECOVERED_READ_ERROR if task.verify else WRITE_ERROR
+            task.error = task.error or CheckCondition(MEDIUM_ERROR, sense)
         elif task.verify:
             if mismatch is not None:
                 first = offset + mismatch
@@ -402,10 +429,10 @@ class Writes:
         def compared(f: asyncio.Future[int | None]) -> None:
             task.comparing = False
             if f.cancelled():
-                task.error = S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE)
+                task.error = CheckCondition(ABORTED_COMMAND, INTERNAL_FAILURE)
             elif (exc := f.exception()) is not None:
                 log.error("%s: VERIFY read failed: %s", self.conn.name, exc)
-                task.error = S.CheckCondition(S.MEDIUM_ERROR, S.UNRECOVERED_READ_ERROR)
+                task.error = CheckCondition(MEDIUM_ERROR, UNRECOVERED_READ_ERROR)
             else:
                 task.miscompare = f.result()
             if self.tasks.get(task.itt) is task:  # not aborted meanwhile
@@ -462,7 +489,7 @@ class Writes:
         log.warning("%s: write ITT 0x%08x failed: %s", self.conn.name, task.itt, why)
         self._forget(task)
         if not task.aborted:
-            cc = S.CheckCondition(S.ABORTED_COMMAND, S.DATA_PHASE_ERROR)
+            cc = CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR)
             self.responder.send_check(task.itt, cc)
         task.aborted = True
 
@@ -515,7 +542,7 @@ class Writes:
                 _finishing.discard(f)
                 task.pending -= 1
                 if f.cancelled():
-                    self._complete(task, S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE))
+                    self._complete(task, CheckCondition(ABORTED_COMMAND, INTERNAL_FAILURE))
                 else:
                     self._complete(task, f.exception())
 
@@ -532,23 +559,23 @@ class Writes:
         if task.error is not None:
             send_check(task.itt, task.error, flags, residual)
         elif task.miscompare is not None:
-            cc = S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, task.miscompare)
+            cc = CheckCondition(MISCOMPARE, MISCOMPARE_DURING_VERIFY, task.miscompare)
             send_check(task.itt, cc, flags, residual)
         elif failure is None:
-            self.responder.send_status(task.itt, S.GOOD, None, flags, residual)
-        elif isinstance(failure, S.CheckCondition):
+            self.responder.send_status(task.itt, GOOD, None, flags, residual)
+        elif isinstance(failure, CheckCondition):
             send_check(task.itt, failure, flags, residual)
-        elif isinstance(failure, S.StatusReply):
+        elif isinstance(failure, StatusReply):
             self.responder.send_status(task.itt, failure.status, None, flags, residual)
         else:
             if isinstance(failure, OSError):
                 log.error("%s: command 0x%08x failed on the medium: %s", self.conn.name, task.itt,
                           failure)  # fmt: skip
-                cc = S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
+                cc = CheckCondition(MEDIUM_ERROR, WRITE_ERROR)
             else:
                 log.error("%s: command 0x%08x failed", self.conn.name, task.itt,
                           exc_info=failure)  # fmt: skip
-                cc = S.CheckCondition(S.ABORTED_COMMAND, S.INTERNAL_FAILURE)
+                cc = CheckCondition(ABORTED_COMMAND, INTERNAL_FAILURE)
             send_check(task.itt, cc, flags, residual)
 
     # -- task management
@@ -573,10 +600,10 @@ class Writes:
 
 
 #: The medium of a placeholder (``Writes.discarding``): one for all of them.
-_NOWHERE = S.LogicalUnit(-1, _NoStore(), "")
+_NOWHERE = LogicalUnit(-1, _NoStore(), "")
 
 
-def _write_on_loop(lu: S.LogicalUnit, at: int, chunk: memoryview | bytes) -> bool:
+def _write_on_loop(lu: LogicalUnit, at: int, chunk: memoryview | bytes) -> bool:
     """Write ``chunk`` now if the store takes it without waiting (the page cache; measured
     five to ten times cheaper than a thread's round trip) and no thread holds the medium
     (COMPARE AND WRITE); False: it is for the threads. Raises what the write raised."""
@@ -600,11 +627,7 @@ def _medium_job(task: WriteTask, at: int, chunk: memoryview | bytes) -> Callable
     if task.verify:
 
         def compare(data: memoryview | bytes) -> int | None:
-            current = bytearray(len(data))
-            store.read_into(at, memoryview(current))
-            if memoryview(current) == data:
-                return None
-            return next(i for i in range(len(data)) if current[i] != data[i])
+            return compare_with_medium(store, at, data)
 
         return compare
     if task.or_data:

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import struct
 
-from . import scsi as S
+from ..storage.first_difference import compare_with_medium
+from ..storage.store import BLOCK_SIZE
+from .commands import CommandSet, Family, Handler, ParameterCommand
 from .nexus import Nexus
 from .provisioning import MAX_COMPARE_AND_WRITE_BLOCKS, refuse_read_only
-from .storage.store import BLOCK_SIZE
+from .sense import (
+    ILLEGAL_REQUEST,
+    INVALID_FIELD_IN_CDB,
+    MISCOMPARE,
+    MISCOMPARE_DURING_VERIFY,
+    CheckCondition,
+)
+from .unit import LogicalUnit
 
 COMPARE_AND_WRITE = 0x89
 
@@ -24,11 +33,11 @@ COMPARE_AND_WRITE = 0x89
 def _caw_fields(cdb: bytes) -> tuple[int, int, bool]:
     """(LBA, blocks, FUA) of COMPARE AND WRITE; checks the CDB."""
     if cdb[1] & 0xE0:  # WRPROTECT without protection information
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     (lba,) = struct.unpack_from(">Q", cdb, 2)
     blocks = cdb[13]
     if blocks > MAX_COMPARE_AND_WRITE_BLOCKS:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     return lba, blocks, bool(cdb[1] & 0x08)
 
 
@@ -37,14 +46,14 @@ def _caw_length(cdb: bytes) -> int:
     return 2 * blocks * BLOCK_SIZE  # the verify instance, then the write instance
 
 
-def _caw_check(lu: S.LogicalUnit, cdb: bytes) -> None:
+def _caw_check(lu: LogicalUnit, cdb: bytes) -> None:
     lba, blocks, _ = _caw_fields(cdb)
     lu.check_range(lba, blocks)
     refuse_read_only(lu, cdb)
 
 
 def compare_and_write(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
+    commands: CommandSet, lu: LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
 ) -> None:
     """Write the second half of ``data`` if the blocks hold the first half; else MISCOMPARE
     with the offset of the first differing byte, and the blocks are left alone."""
@@ -54,18 +63,16 @@ def compare_and_write(
     store = lu.store
     length = blocks * store.block_size
     expected, new = memoryview(data)[:length], memoryview(data)[length:]
-    current = bytearray(length)
     with lu.media_lock:
-        store.read_into(lba * store.block_size, memoryview(current))
-        if current != expected:
-            first = next(i for i in range(length) if current[i] != data[i])
-            raise S.CheckCondition(S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, first)
+        first = compare_with_medium(store, lba * store.block_size, expected)
+        if first is not None:
+            raise CheckCondition(MISCOMPARE, MISCOMPARE_DURING_VERIFY, first)
         store.write(lba * store.block_size, new)
     if fua:
         store.flush()
 
 
-def or_write(lu: S.LogicalUnit, offset: int, data: memoryview | bytes) -> None:
+def or_write(lu: LogicalUnit, offset: int, data: memoryview | bytes) -> None:
     """ORWRITE's data arriving for [offset, offset+len(data)): ORed into what is there."""
     store = lu.store
     current = bytearray(len(data))
@@ -75,9 +82,11 @@ def or_write(lu: S.LogicalUnit, offset: int, data: memoryview | bytes) -> None:
         store.write(offset, merged.to_bytes(len(data), "little"))
 
 
-COMMANDS: dict[int, S.Handler] = {}
+COMMANDS: dict[int, Handler] = {}
 PARAMETER_COMMANDS = {
-    COMPARE_AND_WRITE: S.ParameterCommand(
+    COMPARE_AND_WRITE: ParameterCommand(
         _caw_length, compare_and_write, check=_caw_check, exact=True, medium=True
     )
 }
+#: What this family adds to the command table (``families``).
+FAMILY = Family(commands=COMMANDS, parameters=PARAMETER_COMMANDS)

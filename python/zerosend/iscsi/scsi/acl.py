@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from .scsi import LogicalUnit
-    from .wire.chap import Credentials
+    from ..wire.chap import Credentials
+    from .unit import LogicalUnit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

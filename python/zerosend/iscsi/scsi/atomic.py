@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import struct
 
-from . import scsi as S
+from ..storage.store import BLOCK_SIZE
+from .commands import CommandSet, Family, Handler, ParameterCommand
 from .nexus import Nexus
 from .provisioning import MAX_ATOMIC_TRANSFER_BLOCKS, refuse_read_only
-from .storage.store import BLOCK_SIZE
+from .sense import ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, CheckCondition
+from .unit import LogicalUnit
 
 WRITE_ATOMIC16 = 0x9C
 
@@ -17,7 +19,7 @@ def _fields(cdb: bytes) -> tuple[int, int, bool]:
     """(LBA, blocks, FUA); WRPROTECT and an ATOMIC BOUNDARY (none is supported) are refused."""
     lba, boundary, blocks = struct.unpack_from(">QHH", cdb, 2)
     if cdb[1] & 0xE0 or boundary:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     return lba, blocks, bool(cdb[1] & 0x08)
 
 
@@ -26,16 +28,16 @@ def _length(cdb: bytes) -> int:
     return blocks * BLOCK_SIZE
 
 
-def _check(lu: S.LogicalUnit, cdb: bytes) -> None:
+def _check(lu: LogicalUnit, cdb: bytes) -> None:
     lba, blocks, _ = _fields(cdb)
     lu.check_range(lba, blocks)
     if blocks > MAX_ATOMIC_TRANSFER_BLOCKS:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     refuse_read_only(lu, cdb)
 
 
 def write_atomic(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
+    commands: CommandSet, lu: LogicalUnit, cdb: bytes, data: bytes, nexus: Nexus
 ) -> None:
     lba, blocks, fua = _fields(cdb)
     if not blocks:
@@ -46,7 +48,9 @@ def write_atomic(
         lu.store.flush()
 
 
-COMMANDS: dict[int, S.Handler] = {}
+COMMANDS: dict[int, Handler] = {}
 PARAMETER_COMMANDS = {
-    WRITE_ATOMIC16: S.ParameterCommand(_length, write_atomic, check=_check, exact=True, medium=True)
+    WRITE_ATOMIC16: ParameterCommand(_length, write_atomic, check=_check, exact=True, medium=True)
 }
+#: What this family adds to the command table (``families``).
+FAMILY = Family(commands=COMMANDS, parameters=PARAMETER_COMMANDS)

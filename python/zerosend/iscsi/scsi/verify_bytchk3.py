@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from .storage import diskio
-from .storage.store import Store
+from ..storage import diskio
+from ..storage.first_difference import compare_with_medium
+from ..storage.store import Store
 
 CHUNK = 1 << 20  # bytes read and compared at a time
 
@@ -19,15 +20,12 @@ def first_difference(store: Store, base: int, block: bytes, count: int) -> int |
     ``block`` and the medium there, or None when every block matches."""
     bs = len(block)
     per_chunk = max(1, CHUNK // bs)
-    pattern = block * min(per_chunk, count)
-    current = bytearray(len(pattern))
+    pattern = memoryview(block * min(per_chunk, count))
     done = 0
     while done < count:
         n = min(per_chunk, count - done)
-        view = memoryview(current)[: n * bs]
-        store.read_into(base + done * bs, view)
-        if view != memoryview(pattern)[: n * bs]:
-            at = next(i for i in range(n * bs) if current[i] != pattern[i])
+        at = compare_with_medium(store, base + done * bs, pattern[: n * bs])
+        if at is not None:
             return done * bs + at
         done += n
     return None

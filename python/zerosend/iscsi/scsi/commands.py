@@ -1,183 +1,44 @@
-"""SCSI block commands (SBC-3 / SPC-4 subset) for one logical unit.
+"""The command set: the dispatch table command families register into, and the commands of
+SPC-4 / SBC-3 every logical unit answers (INQUIRY, REPORT LUNS, MODE SENSE, READ CAPACITY, ...).
 
 READ/WRITE/VERIFY data movement is driven by the connection (Data-In from buffers, Data-Out
-into the store); this module decodes their CDBs and answers every other command with a
-ready-made data-in buffer or sense data.
+into the store); every other command is answered here with a ready-made data-in buffer or
+sense data, by this module's handlers or by a family's (``families`` lists them). The table
+never imports a family: it is built from the list it is given.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
-import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
+from ..storage.store import Store
+from ..wire.pdu import encode_lun
 from .acl import Acl, LunView
 from .nexus import Nexus
-from .storage.store import Store
-
-if TYPE_CHECKING:
-    from .reservations import Reservations
-
-GOOD = 0x00
-CHECK_CONDITION = 0x02
-BUSY = 0x08
-RESERVATION_CONFLICT = 0x18
-TASK_SET_FULL = 0x28
-
-NO_SENSE = 0x00
-NOT_READY = 0x02
-MEDIUM_ERROR = 0x03
-HARDWARE_ERROR = 0x04
-ILLEGAL_REQUEST = 0x05
-UNIT_ATTENTION = 0x06
-DATA_PROTECT = 0x07
-ABORTED_COMMAND = 0x0B
-MISCOMPARE = 0x0E
-
-# (ASC, ASCQ) pairs
-INVALID_OPCODE = (0x20, 0x00)
-LBA_OUT_OF_RANGE = (0x21, 0x00)
-INVALID_FIELD_IN_CDB = (0x24, 0x00)
-LUN_NOT_SUPPORTED = (0x25, 0x00)
-INVALID_FIELD_IN_PARAMS = (0x26, 0x00)
-PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
-WRITE_PROTECTED = (0x27, 0x00)
-SAVING_NOT_SUPPORTED = (0x39, 0x00)
-MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
-UNRECOVERED_READ_ERROR = (0x11, 0x00)
-WRITE_ERROR = (0x0C, 0x00)
-INTERNAL_FAILURE = (0x44, 0x00)
-DATA_PHASE_ERROR = (0x4B, 0x00)
-POWER_ON_RESET = (0x29, 0x00)
+from .reservations import Reservations
+from .sense import (
+    ILLEGAL_REQUEST,
+    INVALID_FIELD_IN_CDB,
+    INVALID_OPCODE,
+    LUN_NOT_SUPPORTED,
+    NO_SENSE,
+    SAVING_NOT_SUPPORTED,
+    CheckCondition,
+    sense_descriptor,
+    sense_fixed,
+)
+from .unit import READ_OPS, VERIFY_OPS, WRITE_OPS, LogicalUnit, decode_rw
 
 VENDOR = b"ZEROSEND"
 PRODUCT = b"ZS-ISCSI DISK   "
 REVISION = b"0001"
+#: The largest parameter list the target collects; longer ones are refused in the CDB.
+MAX_PARAMETER_LIST = 1 << 20
 
-READ6, READ10, READ12, READ16 = 0x08, 0x28, 0xA8, 0x88
-WRITE6, WRITE10, WRITE12, WRITE16 = 0x0A, 0x2A, 0xAA, 0x8A
-WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16 = 0x2E, 0xAE, 0x8E
-VERIFY10, VERIFY12, VERIFY16 = 0x2F, 0xAF, 0x8F
-ORWRITE16 = 0x8B
-READ_OPS = frozenset((READ6, READ10, READ12, READ16))
-WRITE_OPS = frozenset(
-    (WRITE6, WRITE10, WRITE12, WRITE16, WRITE_VERIFY10, WRITE_VERIFY12, WRITE_VERIFY16, ORWRITE16)
-)
-VERIFY_OPS = frozenset((VERIFY10, VERIFY12, VERIFY16))
-MAX_TRANSFER_BLOCKS = 16384  # 8 MiB with 512-byte blocks; advertised in VPD B0
-
-
-class CheckCondition(Exception):
-    """Ends a command with CHECK CONDITION and the given sense."""
-
-    def __init__(
-        self, key: int, code: tuple[int, int], info: int | None = None, field: int | None = None
-    ) -> None:
-        super().__init__(f"sense key 0x{key:x} asc/ascq 0x{code[0]:02x}/0x{code[1]:02x}")
-        self.key = key
-        self.asc, self.ascq = code
-        self.info = info
-        self.field = field  # the CDB byte at fault (sense-key specific field pointer)
-
-
-class StatusReply(Exception):
-    """A command ends with this status and no sense data (RESERVATION CONFLICT, BUSY ...)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"status 0x{status:02x}")
-        self.status = status
-
-
-def sense_fixed(
-    key: int, asc: int, ascq: int, info: int | None = None, field: int | None = None
-) -> bytes:
-    s = bytearray(18)
-    s[0] = 0x70 | (0x80 if info is not None else 0)
-    s[2] = key
-    if info is not None:
-        struct.pack_into(">I", s, 3, info & 0xFFFFFFFF)
-    s[7] = 10
-    s[12] = asc
-    s[13] = ascq
-    if field is not None:  # SKSV, C/D: the field pointer names a byte of the CDB
-        s[15] = 0xC0
-        struct.pack_into(">H", s, 16, field)
-    return bytes(s)
-
-
-def sense_descriptor(key: int, asc: int, ascq: int) -> bytes:
-    return bytes((0x72, key, asc, ascq, 0, 0, 0, 0))
-
-
-@dataclass(slots=True)
-class Rw:
-    """A decoded READ/WRITE/VERIFY CDB."""
-
-    lba: int
-    blocks: int
-    flags: int  # byte 1: protect bits, DPO, FUA, BYTCHK
-
-
-def decode_rw(cdb: bytes) -> Rw:
-    op = cdb[0]
-    if op in (READ6, WRITE6):
-        lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
-        blocks = cdb[4] or 256
-        return Rw(lba, blocks, 0)
-    group = op >> 5
-    if group in (1, 2):  # 10-byte CDBs
-        lba, blocks = struct.unpack_from(">IxH", cdb, 2)
-    elif group == 5:  # 12-byte
-        lba, blocks = struct.unpack_from(">II", cdb, 2)
-    else:  # 16-byte
-        lba, blocks = struct.unpack_from(">QI", cdb, 2)
-    return Rw(lba, blocks, cdb[1])
-
-
-@dataclass
-class LogicalUnit:
-    number: int
-    store: Store
-    target_iqn: str
-    # Held by every change to the medium (plain writes included) so that the read-compare-write
-    # commands (COMPARE AND WRITE, ORWRITE) are atomic however the writes are scheduled.
-    media_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    # A READ may be refused or draw a unit attention: the READ fast path leaves it to admit().
-    admission_required: bool = False
-    # Set by the operator (``serial``, ``wwn`` hex): the identity multipath keys on stays
-    # when the image moves or the target is renamed.
-    serial_text: str = ""
-    wwn: str = ""
-
-    def __post_init__(self) -> None:
-        digest = hashlib.sha256(
-            f"{self.target_iqn}/{self.number}/{self.store.name}".encode()
-        ).digest()
-        # NAA 6 (IEEE registered extended) needs an OUI; use a locally administered looking value.
-        self.naa = bytes((0x60 | (digest[0] & 0x0F),)) + digest[1:16]
-        self.serial = digest[16:24].hex().upper().encode()
-        if self.wwn:
-            self.naa = bytes.fromhex(self.wwn)
-        if self.serial_text:
-            self.serial = self.serial_text.encode()
-
-    @property
-    def readonly(self) -> bool:
-        return self.store.readonly
-
-    def check_range(self, lba: int, blocks: int) -> None:
-        if lba + blocks > self.store.blocks or lba >= 1 << 64:
-            raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
-
-
-def check_transfer_length(blocks: int) -> None:
-    """A READ, WRITE or VERIFY longer than the MAXIMUM TRANSFER LENGTH we advertise in the Block
-    Limits page is refused (SBC-4 6.6.4) rather than served."""
-    if blocks > MAX_TRANSFER_BLOCKS:
-        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+T = TypeVar("T")
 
 
 def _alloc(cdb: bytes, offset: int, size: int) -> int:
@@ -188,14 +49,25 @@ class CommandSet:
     """Non-data and data-in commands that return a small buffer."""
 
     def __init__(
-        self, luns: dict[int, LogicalUnit], reservations: Reservations | None = None
+        self,
+        luns: dict[int, LogicalUnit],
+        table: CommandTable,
+        reservations: Reservations | None = None,
     ) -> None:
-        from .reservations import Reservations  # (it builds on this module)
-
         self.luns = luns
+        self.table = table
         self.reservations = reservations or Reservations(luns)
+        self._state: dict[type[Any], Any] = {}
         # The ACL of an initiator (None: it sees every LUN); the target sets it from ``acls``.
         self.acl_of: Callable[[str], Acl | None] = lambda initiator: None
+
+    def state(self, kind: type[T]) -> T:
+        """The state a command family keeps for this command set (its ``kind()``, made on first
+        use): it lives and goes with the command set, in no table of the family's own."""
+        held = self._state.get(kind)
+        if held is None:
+            held = self._state[kind] = kind()
+        return held
 
     def view(self, nexus: Nexus) -> LunView:
         """The LUNs as ``nexus``'s initiator may see them (its ACL's LUN masking)."""
@@ -218,10 +90,10 @@ class CommandSet:
             return self.request_sense(cdb)
         if lu is None:
             raise CheckCondition(ILLEGAL_REQUEST, LUN_NOT_SUPPORTED)
-        nexus_handler = NEXUS_COMMANDS.get(op)
+        nexus_handler = self.table.nexus.get(op)
         if nexus_handler is not None:
             return nexus_handler(self, lu, cdb, nexus)
-        handler = _HANDLERS.get(op)
+        handler = self.table.handlers.get(op)
         if handler is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
         return handler(self, lu, cdb)
@@ -259,7 +131,7 @@ class CommandSet:
             # version descriptors: SAM-5, iSCSI, SPC-4, SBC-3
             struct.pack_into(">HHHH", data, 58, 0x00A0, 0x0960, 0x0460, 0x04C0)
             return bytes(data[:alloc])
-        page_fn = _VPD.get(page)
+        page_fn = self.table.vpd.get(page)
         if page_fn is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         body = page_fn(self, lu)
@@ -267,7 +139,7 @@ class CommandSet:
         return (head + body)[:alloc]
 
     def _vpd_supported(self, lu: LogicalUnit) -> bytes:
-        return bytes(sorted(_VPD))
+        return bytes(sorted(self.table.vpd))
 
     def _vpd_serial(self, lu: LogicalUnit) -> bytes:
         return lu.serial
@@ -299,8 +171,6 @@ class CommandSet:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         if alloc < 16:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
-        from .wire.pdu import encode_lun
-
         seen = self.view(nexus)
         body = b"" if select == 0x01 else b"".join(encode_lun(n) for n in sorted(seen))
         return (struct.pack(">I4x", len(body)) + body)[:alloc]
@@ -375,7 +245,7 @@ class CommandSet:
         return struct.pack(">II", min(last, 0xFFFFFFFF), lu.store.block_size)
 
     def service_action_in(self, lu: LogicalUnit, cdb: bytes) -> bytes | Awaitable[bytes]:
-        handler = SERVICE_ACTIONS_IN.get(cdb[1] & 0x1F)
+        handler = self.table.service_actions_in.get(cdb[1] & 0x1F)
         if handler is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         return handler(self, lu, cdb)
@@ -415,18 +285,6 @@ class CommandSet:
 #: A command's data-in bytes, or what they come from later (work in the store's threads: the
 #: command is then a task in progress until they come).
 Handler = Callable[[CommandSet, LogicalUnit, bytes], bytes | Awaitable[bytes]]
-
-_HANDLERS: dict[int, Handler] = {
-    0x00: CommandSet.test_unit_ready,
-    0x1A: CommandSet.mode_sense,
-    0x5A: CommandSet.mode_sense,
-    0x25: CommandSet.read_capacity10,
-    0x9E: CommandSet.service_action_in,
-    0x34: CommandSet.prefetch,
-    0x90: CommandSet.prefetch,
-    0x1B: CommandSet.start_stop,
-    0x1E: CommandSet.prevent_allow,
-}
 
 
 @dataclass(frozen=True)
@@ -476,65 +334,91 @@ def _synchronize_cache(
     lu.store.flush(lba * bs, blocks * bs)
 
 
-#: Parameter-list commands by opcode (the connection routes these to ``Writes.parameters``).
-PARAMETER_COMMANDS: dict[int, ParameterCommand] = {
-    0x5F: ParameterCommand(  # PERSISTENT RESERVE OUT
-        lambda cdb: int.from_bytes(cdb[5:9], "big"),
-        lambda commands, lu, cdb, parameters, nexus: commands.reservations.persistent_reserve_out(
-            lu, cdb, parameters, nexus
-        ),
-    ),
-    **{
-        op: ParameterCommand(lambda cdb: 0, _synchronize_cache, check=_check_sync, medium=True)
-        for op in (0x35, 0x91)  # SYNCHRONIZE CACHE(10), (16): a sync that may wait for a disk
+NexusHandler = Callable[[CommandSet, LogicalUnit, bytes, Nexus], bytes]
+VpdPage = Callable[[CommandSet, LogicalUnit], bytes]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a command family adds to the table, each by opcode: ``commands`` answered with a
+    data-in buffer; ``parameters``: commands run once their parameter list is in (the connection
+    routes them to ``Writes.parameters``); ``service_actions_in``: SERVICE ACTION IN(16) (0x9E)
+    by service action; ``nexus``: commands answered per I_T nexus (state kept for the initiator
+    port that asked, such as copy results); ``vpd``: INQUIRY's vital product data pages."""
+
+    commands: Mapping[int, Handler] = field(default_factory=dict)
+    parameters: Mapping[int, ParameterCommand] = field(default_factory=dict)
+    service_actions_in: Mapping[int, Handler] = field(default_factory=dict)
+    nexus: Mapping[int, NexusHandler] = field(default_factory=dict)
+    vpd: Mapping[int, VpdPage] = field(default_factory=dict)
+
+
+class CommandTable:
+    """Every command of a command set by opcode, from the families it is given."""
+
+    def __init__(self, families: Iterable[Family]) -> None:
+        self.handlers: dict[int, Handler] = {}
+        self.parameters: dict[int, ParameterCommand] = {}
+        self.service_actions_in: dict[int, Handler] = {}
+        self.nexus: dict[int, NexusHandler] = {}
+        self.vpd: dict[int, VpdPage] = {}
+        for family in families:
+            self.handlers.update(family.commands)
+            self.parameters.update(family.parameters)
+            self.service_actions_in.update(family.service_actions_in)
+            self.nexus.update(family.nexus)
+            self.vpd.update(family.vpd)
+
+    def implemented(self, op: int) -> bool:
+        """Commands with this operation code run here (REPORT SUPPORTED OPERATION CODES)."""
+        return (
+            op in (0x12, 0xA0, 0x03)  # INQUIRY, REPORT LUNS, REQUEST SENSE: answered for any LUN
+            or op in READ_OPS
+            or op in WRITE_OPS
+            or op in VERIFY_OPS
+            or op in self.handlers
+            or op in self.parameters
+            or op in self.nexus
+        )
+
+
+#: The commands of this module: SPC-4 and SBC-3's basics, reservations' entry points.
+BASE = Family(
+    commands={
+        0x00: CommandSet.test_unit_ready,
+        0x1A: CommandSet.mode_sense,
+        0x5A: CommandSet.mode_sense,
+        0x25: CommandSet.read_capacity10,
+        0x9E: CommandSet.service_action_in,
+        0x34: CommandSet.prefetch,
+        0x90: CommandSet.prefetch,
+        0x1B: CommandSet.start_stop,
+        0x1E: CommandSet.prevent_allow,
     },
-}
-#: The largest parameter list the target collects; longer ones are refused in the CDB.
-MAX_PARAMETER_LIST = 1 << 20
-#: SERVICE ACTION IN(16) (0x9E) by service action.
-SERVICE_ACTIONS_IN: dict[int, Handler] = {0x10: CommandSet.read_capacity16}
-#: Commands that answer per I_T nexus (``run(commands, lu, cdb, nexus)``): state kept for the
-#: initiator port that asked, such as copy results.
-NEXUS_COMMANDS: dict[int, Callable[[CommandSet, LogicalUnit, bytes, Nexus], bytes]] = {
-    0x5E: CommandSet.persistent_reserve_in,
-    0x16: CommandSet.reserve,
-    0x56: CommandSet.reserve,
-    0x17: CommandSet.release,
-    0x57: CommandSet.release,
-}
-
-_VPD: dict[int, Callable[[CommandSet, LogicalUnit], bytes]] = {
-    0x00: CommandSet._vpd_supported,
-    0x80: CommandSet._vpd_serial,
-    0x83: CommandSet._vpd_ids,
-    0xB1: CommandSet._vpd_characteristics,
-}
-
-
-def implemented(op: int) -> bool:
-    """Commands with this operation code run here (REPORT SUPPORTED OPERATION CODES)."""
-    return (
-        op in (0x12, 0xA0, 0x03)  # INQUIRY, REPORT LUNS, REQUEST SENSE: answered for any LUN
-        or op in READ_OPS
-        or op in WRITE_OPS
-        or op in VERIFY_OPS
-        or op in _HANDLERS
-        or op in PARAMETER_COMMANDS
-        or op in NEXUS_COMMANDS
-    )
-
-
-def _register_families() -> None:
-    """The command families in modules of their own add their opcodes to the tables above."""
-    from . import atomic, compare, defects, opcodes, provisioning, xcopy
-
-    for family in (provisioning, compare, atomic, xcopy, defects, opcodes):
-        _HANDLERS.update(family.COMMANDS)
-        PARAMETER_COMMANDS.update(family.PARAMETER_COMMANDS)
-    SERVICE_ACTIONS_IN.update(provisioning.SERVICE_ACTIONS_IN)
-    NEXUS_COMMANDS.update(xcopy.NEXUS_COMMANDS)
-    _VPD.update(provisioning.VPD_PAGES)
-    _VPD.update(xcopy.VPD_PAGES)
-
-
-_register_families()
+    parameters={
+        0x5F: ParameterCommand(  # PERSISTENT RESERVE OUT
+            lambda cdb: int.from_bytes(cdb[5:9], "big"),
+            lambda commands, lu, cdb, parameters, nexus: (
+                commands.reservations.persistent_reserve_out(lu, cdb, parameters, nexus)
+            ),
+        ),
+        **{
+            op: ParameterCommand(lambda cdb: 0, _synchronize_cache, check=_check_sync, medium=True)
+            for op in (0x35, 0x91)  # SYNCHRONIZE CACHE(10), (16): a sync that may wait for a disk
+        },
+    },
+    service_actions_in={0x10: CommandSet.read_capacity16},
+    nexus={
+        0x5E: CommandSet.persistent_reserve_in,
+        0x16: CommandSet.reserve,
+        0x56: CommandSet.reserve,
+        0x17: CommandSet.release,
+        0x57: CommandSet.release,
+    },
+    vpd={
+        0x00: CommandSet._vpd_supported,
+        0x80: CommandSet._vpd_serial,
+        0x83: CommandSet._vpd_ids,
+        0xB1: CommandSet._vpd_characteristics,
+    },
+)

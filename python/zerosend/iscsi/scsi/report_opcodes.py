@@ -2,7 +2,7 @@
 command the target runs, with the CDB bits it looks at (CDB usage data) and, when asked
 (RCTD), command timeouts.
 
-What is reported follows what is dispatched (``scsi.implemented``), so a command family that
+What is reported follows what is dispatched (``CommandTable.implemented``), so a command family that
 registers its opcodes is reported with them; the usage data of each CDB is written down here.
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Awaitable
 
-from . import scsi as S
+from .commands import CommandSet, CommandTable, Family, Handler, ParameterCommand
+from .sense import ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, CheckCondition
+from .unit import LogicalUnit
 
 MAINTENANCE_IN = 0xA3
 REPORT_SUPPORTED_OPERATION_CODES = 0x0C
@@ -91,11 +93,11 @@ _TIMEOUTS = {0x35: 60, 0x91: 60, 0x41: 60, 0x93: 60, 0x42: 60, 0x83: 120}
 _DEFAULT_TIMEOUT = 30
 
 
-def _supported(op: int, action: int | None) -> bool:
-    if (op, action) not in USAGE or not S.implemented(op):
+def _supported(table: CommandTable, op: int, action: int | None) -> bool:
+    if (op, action) not in USAGE or not table.implemented(op):
         return False
     if op == 0x9E:
-        return action in S.SERVICE_ACTIONS_IN
+        return action in table.service_actions_in
     if op == MAINTENANCE_IN:
         return action in MAINTENANCE_IN_ACTIONS
     return True
@@ -105,9 +107,7 @@ def _timeouts(op: int) -> bytes:
     return struct.pack(">HxxII", 0x0A, 0, _TIMEOUTS.get(op, _DEFAULT_TIMEOUT))
 
 
-def report_supported_operation_codes(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes
-) -> bytes:
+def report_supported_operation_codes(commands: CommandSet, lu: LogicalUnit, cdb: bytes) -> bytes:
     rctd = bool(cdb[2] & 0x80)
     options = cdb[2] & 0x07
     op = cdb[3]
@@ -115,7 +115,7 @@ def report_supported_operation_codes(
     if options == _ALL:
         body = bytearray()
         for code, sa in sorted(USAGE, key=lambda key: (key[0], key[1] or 0)):
-            if not _supported(code, sa):
+            if not _supported(commands.table, code, sa):
                 continue
             flags = (0x02 if rctd else 0) | (0x01 if sa is not None else 0)
             body += struct.pack(">BxHxBH", code, sa or 0, flags, len(USAGE[code, sa]))
@@ -128,9 +128,9 @@ def report_supported_operation_codes(
         or (options == _ONE_WITH_ACTION and op not in _WITH_ACTIONS)
         or options not in (_ONE, _ONE_WITH_ACTION, _ONE_EITHER)
     ):
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB, field=2)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, field=2)
     key = (op, action if op in _WITH_ACTIONS else None)
-    if not _supported(*key):
+    if not _supported(commands.table, *key):
         return bytes((0, _NOT_SUPPORTED, 0, 0))[:alloc]
     usage = USAGE[key]
     data = bytes(((0x80 if rctd else 0), _SUPPORTED)) + struct.pack(">H", len(usage)) + usage
@@ -139,18 +139,18 @@ def report_supported_operation_codes(
     return data[:alloc]
 
 
-def maintenance_in(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes
-) -> bytes | Awaitable[bytes]:
+def maintenance_in(commands: CommandSet, lu: LogicalUnit, cdb: bytes) -> bytes | Awaitable[bytes]:
     handler = MAINTENANCE_IN_ACTIONS.get(cdb[1] & 0x1F)
     if handler is None:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB, field=1)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, field=1)
     return handler(commands, lu, cdb)
 
 
 #: MAINTENANCE IN (A3h) by service action.
-MAINTENANCE_IN_ACTIONS: dict[int, S.Handler] = {
+MAINTENANCE_IN_ACTIONS: dict[int, Handler] = {
     REPORT_SUPPORTED_OPERATION_CODES: report_supported_operation_codes
 }
-COMMANDS: dict[int, S.Handler] = {MAINTENANCE_IN: maintenance_in}
-PARAMETER_COMMANDS: dict[int, S.ParameterCommand] = {}
+COMMANDS: dict[int, Handler] = {MAINTENANCE_IN: maintenance_in}
+PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
+#: What this family adds to the command table (``families``).
+FAMILY = Family(commands=COMMANDS, parameters=PARAMETER_COMMANDS)

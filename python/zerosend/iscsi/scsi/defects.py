@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import struct
 
-from . import scsi as S
+from .commands import CommandSet, Family, Handler, ParameterCommand
+from .unit import LogicalUnit
 
 READ_DEFECT_DATA10, READ_DEFECT_DATA12 = 0x37, 0xB7
 
 
-def read_defect_data(commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes) -> bytes:
+def read_defect_data(commands: CommandSet, lu: LogicalUnit, cdb: bytes) -> bytes:
     if cdb[0] == READ_DEFECT_DATA10:
         request, alloc = cdb[2], int.from_bytes(cdb[7:9], "big")
         header = struct.pack(">xBH", request & 0x1F, 0)  # PLISTV, GLISTV, format; length 0
@@ -20,8 +21,10 @@ def read_defect_data(commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes) -> b
     return header[:alloc]
 
 
-COMMANDS: dict[int, S.Handler] = {
+COMMANDS: dict[int, Handler] = {
     READ_DEFECT_DATA10: read_defect_data,
     READ_DEFECT_DATA12: read_defect_data,
 }
-PARAMETER_COMMANDS: dict[int, S.ParameterCommand] = {}
+PARAMETER_COMMANDS: dict[int, ParameterCommand] = {}
+#: What this family adds to the command table (``families``).
+FAMILY = Family(commands=COMMANDS, parameters=PARAMETER_COMMANDS)

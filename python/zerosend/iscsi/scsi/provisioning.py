@@ -13,10 +13,21 @@ import functools
 import struct
 from collections.abc import Awaitable
 
-from . import scsi as S
+from ..storage import diskio
+from ..storage.store import BLOCK_SIZE, Store
+from .commands import MAX_PARAMETER_LIST, CommandSet, Family, Handler, ParameterCommand
 from .nexus import Nexus
-from .storage import diskio
-from .storage.store import BLOCK_SIZE, Store
+from .sense import (
+    DATA_PROTECT,
+    ILLEGAL_REQUEST,
+    INVALID_FIELD_IN_CDB,
+    INVALID_FIELD_IN_PARAMS,
+    LBA_OUT_OF_RANGE,
+    PARAMETER_LIST_LENGTH_ERROR,
+    WRITE_PROTECTED,
+    CheckCondition,
+)
+from .unit import MAX_TRANSFER_BLOCKS, LogicalUnit
 
 UNMAP = 0x42
 WRITE_SAME10, WRITE_SAME16 = 0x41, 0x93
@@ -26,19 +37,19 @@ GET_LBA_STATUS = 0x12  # service action of SERVICE ACTION IN(16)
 MAX_UNMAP_LBA_COUNT = 1 << 20  # blocks one UNMAP may deallocate (512 MiB)
 MAX_UNMAP_DESCRIPTORS = 256
 OPTIMAL_UNMAP_GRANULARITY = 8  # 4 KiB: the file system block a hole is made of
-MAX_WRITE_SAME_BLOCKS = S.MAX_TRANSFER_BLOCKS  # what one WRITE of the same size may move
+MAX_WRITE_SAME_BLOCKS = MAX_TRANSFER_BLOCKS  # what one WRITE of the same size may move
 MAX_COMPARE_AND_WRITE_BLOCKS = 255  # (the field is one byte)
-MAX_ATOMIC_TRANSFER_BLOCKS = S.MAX_PARAMETER_LIST // BLOCK_SIZE  # collected whole: 1 MiB
+MAX_ATOMIC_TRANSFER_BLOCKS = MAX_PARAMETER_LIST // BLOCK_SIZE  # collected whole: 1 MiB
 #: GET LBA STATUS looks this far ahead for the extents it reports.
 _STATUS_WINDOW_BLOCKS = 1 << 21
 _CHUNK = 1 << 20
 _MAPPED, _DEALLOCATED = 0, 1
 
 
-def refuse_read_only(lu: S.LogicalUnit, cdb: bytes) -> None:
+def refuse_read_only(lu: LogicalUnit, cdb: bytes) -> None:
     """A command that changes the medium, on a read-only LUN."""
     if lu.readonly:
-        raise S.CheckCondition(S.DATA_PROTECT, S.WRITE_PROTECTED)
+        raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
 
 
 # -- UNMAP
@@ -46,25 +57,23 @@ def refuse_read_only(lu: S.LogicalUnit, cdb: bytes) -> None:
 
 def _unmap_length(cdb: bytes) -> int:
     if cdb[1] & 0x01:  # ANCHOR: anchored blocks are not supported (ANC_SUP is clear)
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     return int.from_bytes(cdb[7:9], "big")
 
 
-def unmap(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
-) -> None:
+def unmap(commands: CommandSet, lu: LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus) -> None:
     """Deallocate the ranges of the block descriptors; all are checked before any is done."""
     if not params:  # a parameter list length of zero is not an error: nothing to do
         return
     if len(params) < 8:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+        raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
     described = int.from_bytes(params[2:4], "big")
     count = min(described, len(params) - 8) // 16
     if count > MAX_UNMAP_DESCRIPTORS:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMS)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMS)
     ranges = [struct.unpack_from(">QI", params, 8 + 16 * i) for i in range(count)]
     if sum(blocks for _, blocks in ranges) > MAX_UNMAP_LBA_COUNT:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMS)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMS)
     for lba, blocks in ranges:
         lu.check_range(lba, blocks)
     bs = lu.store.block_size
@@ -90,7 +99,7 @@ def _write_same_fields(cdb: bytes) -> tuple[int, int, bool, bool]:
     # WRPROTECT without protection information; ANCHOR (ANC_SUP is clear, and never without
     # UNMAP); NDOB asks for zeros, which only the UNMAP form may leave deallocated.
     if flags & 0xE0 or flags & 0x10:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     return lba, blocks, unmap_bit, ndob
 
 
@@ -99,26 +108,26 @@ def _write_same_length(cdb: bytes) -> int:
     return 0 if ndob else BLOCK_SIZE
 
 
-def _write_same_range(lu: S.LogicalUnit, cdb: bytes) -> tuple[int, int]:
+def _write_same_range(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:
     """(LBA, blocks) a WRITE SAME covers (NUMBER OF LOGICAL BLOCKS 0: up to the last block)."""
     lba, blocks, _, _ = _write_same_fields(cdb)
     if lba > lu.store.blocks:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
     if blocks == 0:
         blocks = lu.store.blocks - lba
     lu.check_range(lba, blocks)
     if blocks > MAX_WRITE_SAME_BLOCKS:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     return lba, blocks
 
 
-def _write_same_check(lu: S.LogicalUnit, cdb: bytes) -> None:
+def _write_same_check(lu: LogicalUnit, cdb: bytes) -> None:
     _write_same_range(lu, cdb)
     refuse_read_only(lu, cdb)
 
 
 def write_same(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
+    commands: CommandSet, lu: LogicalUnit, cdb: bytes, params: bytes, nexus: Nexus
 ) -> None:
     """Write one block over the range, or deallocate the range when UNMAP is set and the block
     is zeros."""
@@ -142,9 +151,7 @@ def write_same(
 # -- GET LBA STATUS
 
 
-def get_lba_status(
-    commands: S.CommandSet, lu: S.LogicalUnit, cdb: bytes
-) -> bytes | Awaitable[bytes]:
+def get_lba_status(commands: CommandSet, lu: LogicalUnit, cdb: bytes) -> bytes | Awaitable[bytes]:
     """The provisioning status of the extents from the starting LBA on: mapped, or deallocated
     (a hole in the image). The walk asks the file system (``lseek``), which may wait for the
     device: for a store that may block it runs in the store's threads, and the command
@@ -152,7 +159,7 @@ def get_lba_status(
     lba, alloc = struct.unpack_from(">QI", cdb, 2)
     store = lu.store
     if lba >= store.blocks:
-        raise S.CheckCondition(S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
     if store.may_block:
         return diskio.run(store, functools.partial(_lba_status, store, lba, alloc))
     return _lba_status(store, lba, alloc)
@@ -192,13 +199,13 @@ def _lba_status(store: Store, lba: int, alloc: int) -> bytes:
 # -- VPD pages
 
 
-def block_limits(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
+def block_limits(commands: CommandSet, lu: LogicalUnit) -> bytes:
     """Block Limits (B0): transfer, COMPARE AND WRITE, UNMAP, WRITE SAME and WRITE ATOMIC
     limits."""
     body = bytearray(0x3C)
     body[1] = MAX_COMPARE_AND_WRITE_BLOCKS
     struct.pack_into(">H", body, 2, 1)  # optimal transfer length granularity: 1 block
-    struct.pack_into(">I", body, 4, S.MAX_TRANSFER_BLOCKS)  # maximum transfer length
+    struct.pack_into(">I", body, 4, MAX_TRANSFER_BLOCKS)  # maximum transfer length
     struct.pack_into(">I", body, 8, 256)  # optimal transfer length (128 KiB)
     if lu.store.thin:
         struct.pack_into(">II", body, 16, MAX_UNMAP_LBA_COUNT, MAX_UNMAP_DESCRIPTORS)
@@ -209,7 +216,7 @@ def block_limits(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
     return bytes(body)
 
 
-def logical_block_provisioning(commands: S.CommandSet, lu: S.LogicalUnit) -> bytes:
+def logical_block_provisioning(commands: CommandSet, lu: LogicalUnit) -> bytes:
     """Logical Block Provisioning (B2): UNMAP and WRITE SAME(16/10) with UNMAP, deallocated
     blocks read as zeros, thin provisioned."""
     if not lu.store.thin:
@@ -218,11 +225,11 @@ def logical_block_provisioning(commands: S.CommandSet, lu: S.LogicalUnit) -> byt
     return bytes((0x00, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0x00))
 
 
-COMMANDS: dict[int, S.Handler] = {}
+COMMANDS: dict[int, Handler] = {}
 PARAMETER_COMMANDS = {
-    UNMAP: S.ParameterCommand(_unmap_length, unmap, check=refuse_read_only, medium=True),
+    UNMAP: ParameterCommand(_unmap_length, unmap, check=refuse_read_only, medium=True),
     **{
-        op: S.ParameterCommand(
+        op: ParameterCommand(
             _write_same_length, write_same, check=_write_same_check, exact=True, medium=True
         )
         for op in (WRITE_SAME10, WRITE_SAME16)
@@ -230,3 +237,10 @@ PARAMETER_COMMANDS = {
 }
 SERVICE_ACTIONS_IN = {GET_LBA_STATUS: get_lba_status}
 VPD_PAGES = {0xB0: block_limits, 0xB2: logical_block_provisioning}
+#: What this family adds to the command table (``families``).
+FAMILY = Family(
+    commands=COMMANDS,
+    parameters=PARAMETER_COMMANDS,
+    service_actions_in=SERVICE_ACTIONS_IN,
+    vpd=VPD_PAGES,
+)

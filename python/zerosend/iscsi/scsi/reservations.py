@@ -24,9 +24,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import scsi as S
+from ..storage import diskio
 from .nexus import Nexus
-from .storage import diskio
+from .sense import (
+    HARDWARE_ERROR,
+    ILLEGAL_REQUEST,
+    INTERNAL_FAILURE,
+    INVALID_FIELD_IN_CDB,
+    INVALID_FIELD_IN_PARAMS,
+    RESERVATION_CONFLICT,
+    UNIT_ATTENTION,
+    CheckCondition,
+    StatusReply,
+)
+from .unit import READ10, READ_OPS, VERIFY_OPS, WRITE10, LogicalUnit
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -82,8 +93,8 @@ _ALWAYS = (
 # Access ones (READ, VERIFY, PRE-FETCH, MODE SENSE, READ BUFFER, RECEIVE DIAGNOSTIC RESULTS,
 # READ DEFECT DATA, READ LONG, READ ATTRIBUTE, RECEIVE COPY RESULTS).
 _READS = (
-    S.READ_OPS
-    | S.VERIFY_OPS
+    READ_OPS
+    | VERIFY_OPS
     | frozenset((0x34, 0x90, 0x1A, 0x5A, 0x3C, 0x1C, 0x37, 0xB7, 0x3E, 0x8C, 0x84))
 )
 _SERVICE_ACTION_IN = 0x9E  # READ CAPACITY(16) is allowed, GET LBA STATUS only reads
@@ -92,7 +103,7 @@ _MAINTENANCE_IN = 0xA3  # REPORT TARGET PORT GROUPS is allowed; the REPORT SUPPO
 _LEGACY_ALLOWED = frozenset((0x03, 0x12, 0xA0, RELEASE6, RELEASE10))
 _NO_ATTENTION = frozenset((0x03, 0x12, 0xA0))  # INQUIRY, REPORT LUNS, REQUEST SENSE (SAM-5)
 # How a copy's reads and writes of a LUN are judged: as READ(10) and WRITE(10)
-_MEDIUM_READ, _MEDIUM_WRITE = bytes((S.READ10,)) + bytes(9), bytes((S.WRITE10,)) + bytes(9)
+_MEDIUM_READ, _MEDIUM_WRITE = bytes((READ10,)) + bytes(9), bytes((WRITE10,)) + bytes(9)
 
 
 def _access(cdb: bytes) -> str:
@@ -114,16 +125,16 @@ def _access(cdb: bytes) -> str:
     return "write"
 
 
-def _conflict() -> S.StatusReply:
-    return S.StatusReply(S.RESERVATION_CONFLICT)
+def _conflict() -> StatusReply:
+    return StatusReply(RESERVATION_CONFLICT)
 
 
-def _invalid_cdb() -> S.CheckCondition:
-    return S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+def _invalid_cdb() -> CheckCondition:
+    return CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
 
 
-def _invalid_parameters() -> S.CheckCondition:
-    return S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMS)
+def _invalid_parameters() -> CheckCondition:
+    return CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMS)
 
 
 def transport_id(nexus: Nexus) -> bytes:
@@ -154,7 +165,7 @@ def parse_transport_id(data: bytes) -> Nexus:
 class UnitState:
     """The reservations of one logical unit."""
 
-    lu: S.LogicalUnit
+    lu: LogicalUnit
     generation: int = 0  # PRgeneration: counts the PERSISTENT RESERVE OUTs that changed things
     registrations: dict[Nexus, int] = field(default_factory=dict)  # in registration order
     type: int = 0  # the persistent reservation's type; 0: none
@@ -284,7 +295,7 @@ class Reservations:
 
     def __init__(
         self,
-        luns: dict[int, S.LogicalUnit],
+        luns: dict[int, LogicalUnit],
         state_path: str | None = None,
         abort_tasks: Callable[[Nexus, int], None] | None = None,
     ) -> None:
@@ -300,7 +311,7 @@ class Reservations:
 
     # -- admission
 
-    def admit(self, lu: S.LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
+    def admit(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """Raise the pending unit attention of ``nexus``, or RESERVATION CONFLICT."""
         lun = lu.number
         if self._attentions and cdb[0] not in _NO_ATTENTION:
@@ -310,12 +321,12 @@ class Reservations:
                 if not pending:
                     del self._attentions[(lun, nexus)]
                     self._update_guard(lun)
-                raise S.CheckCondition(S.UNIT_ATTENTION, code)
+                raise CheckCondition(UNIT_ATTENTION, code)
         unit = self.units[lun]
         if unit.restricts:
             unit.check_access(cdb, nexus)
 
-    def admit_medium(self, lu: S.LogicalUnit, nexus: Nexus, writes: bool) -> None:
+    def admit_medium(self, lu: LogicalUnit, nexus: Nexus, writes: bool) -> None:
         """RESERVATION CONFLICT when ``nexus`` may not read (or write) ``lu``'s medium: for
         EXTENDED COPY, which reads and writes LUNs it is not addressed to, judged as a READ or
         WRITE of the same nexus would be. (Unit attentions are reported by the addressed LUN.)"""
@@ -339,7 +350,7 @@ class Reservations:
 
     # -- reload
 
-    def luns_changed(self, gone: Iterable[int], added: dict[int, S.LogicalUnit]) -> None:
+    def luns_changed(self, gone: Iterable[int], added: dict[int, LogicalUnit]) -> None:
         """A reload took away the LUNs ``gone`` (removed or replaced) and brought ``added``.
         The reservations of a LUN go with it (those kept across restarts stay in the state
         file, for when its image is served again) and so do its pending unit attentions; an
@@ -400,7 +411,7 @@ class Reservations:
 
     # -- RESERVE and RELEASE (SPC-2)
 
-    def reserve(self, lu: S.LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
+    def reserve(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """RESERVE(6/10) of the whole logical unit (no extents, no third party)."""
         if (cdb[0] == RESERVE6 and cdb[1] & 0x01) or (cdb[0] == RESERVE10 and cdb[1] & 0x12):
             raise _invalid_cdb()
@@ -409,7 +420,7 @@ class Reservations:
         unit.legacy_holder = nexus
         self._update_guard(lu.number)
 
-    def release(self, lu: S.LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
+    def release(self, lu: LogicalUnit, cdb: bytes, nexus: Nexus) -> None:
         """RELEASE(6/10): ends the caller's reservation; from another nexus, it does nothing."""
         if (cdb[0] == RELEASE6 and cdb[1] & 0x01) or (cdb[0] == RELEASE10 and cdb[1] & 0x12):
             raise _invalid_cdb()
@@ -420,7 +431,7 @@ class Reservations:
 
     # -- PERSISTENT RESERVE IN
 
-    def persistent_reserve_in(self, lu: S.LogicalUnit, cdb: bytes) -> bytes:
+    def persistent_reserve_in(self, lu: LogicalUnit, cdb: bytes) -> bytes:
         unit = self.units[lu.number]
         action = cdb[1] & 0x1F
         (alloc,) = struct.unpack_from(">H", cdb, 7)
@@ -455,7 +466,7 @@ class Reservations:
     # -- PERSISTENT RESERVE OUT
 
     def persistent_reserve_out(
-        self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
+        self, lu: LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
     ) -> Awaitable[None] | None:
         """PERSISTENT RESERVE OUT; raises CheckCondition or StatusReply. None: done, the
         command's GOOD may go now. Otherwise the command ends with the coroutine returned: once
@@ -468,9 +479,7 @@ class Reservations:
             return self._in_turn(lu, cdb, parameters, nexus)
         return self._out(lu, cdb, parameters, nexus)
 
-    async def _in_turn(
-        self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
-    ) -> None:
+    async def _in_turn(self, lu: LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus) -> None:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._turns.append(turn)
         try:
@@ -492,7 +501,7 @@ class Reservations:
             self._turns[0].set_result(None)
 
     def _out(
-        self, lu: S.LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
+        self, lu: LogicalUnit, cdb: bytes, parameters: bytes, nexus: Nexus
     ) -> Awaitable[None] | None:
         unit = self.units[lu.number]
         action = cdb[1] & 0x1F
@@ -502,7 +511,7 @@ class Reservations:
         if len(parameters) < BASIC_PARAMETERS or (
             action != REGISTER_AND_MOVE and len(parameters) != BASIC_PARAMETERS
         ):
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
+            raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
         key, service_key = struct.unpack_from(">QQ", parameters)
         if action == REGISTER_AND_MOVE:
             aptpl = bool(parameters[17] & 0x01)
@@ -578,7 +587,7 @@ class Reservations:
                 unit.generation, unit.registrations, unit.type, unit.holder, unit.aptpl = before
                 if self.units.get(lun) is unit:
                     self._update_guard(lun)
-                raise S.CheckCondition(S.HARDWARE_ERROR, S.INTERNAL_FAILURE) from e
+                raise CheckCondition(HARDWARE_ERROR, INTERNAL_FAILURE) from e
             later = self._effects(unit, effects, what)
         finally:
             self._saving = False
@@ -606,7 +615,7 @@ class Reservations:
     def _register(self, unit: UnitState, nexus: Nexus, service_key: int, fx: _Effects) -> None:
         if service_key:
             if nexus not in unit.registrations and len(unit.registrations) >= MAX_REGISTRATIONS:
-                raise S.CheckCondition(S.ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
+                raise CheckCondition(ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
             unit.registrations[nexus] = service_key
             return
         # Unregistering: the holder's reservation goes with it (for all registrants types,
@@ -629,7 +638,7 @@ class Reservations:
         if not unit.holds(nexus):
             return  # no reservation, or another nexus's: nothing to release
         if kind != unit.type:
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, INVALID_RELEASE)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_RELEASE)
         if unit.type not in (WRITE_EXCLUSIVE, EXCLUSIVE_ACCESS):
             fx.notify(unit.registrations, RESERVATIONS_RELEASED, nexus)
         unit.release()
@@ -673,14 +682,14 @@ class Reservations:
             raise _conflict()
         (port, length) = struct.unpack_from(">HI", parameters, 18)
         if len(parameters) != BASIC_PARAMETERS + length:
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
+            raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
         if service_key == 0 or port != TARGET_PORT:
             raise _invalid_parameters()
         destination = parse_transport_id(parameters[BASIC_PARAMETERS:])
         if destination == nexus:
             raise _invalid_parameters()
         if destination not in unit.registrations and len(unit.registrations) >= MAX_REGISTRATIONS:
-            raise S.CheckCondition(S.ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
+            raise CheckCondition(ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
         unit.registrations[destination] = service_key
         unit.holder = destination
         if parameters[17] & 0x02:  # UNREG
