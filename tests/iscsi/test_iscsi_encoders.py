@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from zerosend import _native
-from zerosend.iscsi.readloop import ReadLoop
+from zerosend.iscsi.session.readloop import ReadLoop
 from zerosend.iscsi.wire import pdu as P
 
 LUNS = [bytes(8), P.encode_lun(1), P.encode_lun(300), bytes(range(1, 9))]

@@ -29,8 +29,6 @@ from hypothesis import strategies as st
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, start_target
 
 from tests.helpers import require_probed
-from zerosend.iscsi.login import LoginFailed, LoginMachine
-from zerosend.iscsi.readloop import ReadLoop
 from zerosend.iscsi.scsi.commands import CommandSet
 from zerosend.iscsi.scsi.families import command_set as build_command_set
 from zerosend.iscsi.scsi.nexus import Nexus
@@ -54,6 +52,8 @@ from zerosend.iscsi.scsi.unit import (
     LogicalUnit,
     decode_rw,
 )
+from zerosend.iscsi.session.login import LoginFailed, LoginMachine
+from zerosend.iscsi.session.readloop import ReadLoop
 from zerosend.iscsi.storage.opening import open_store
 from zerosend.iscsi.wire import pdu as P
 from zerosend.iscsi.wire.chap import Credentials

@@ -35,7 +35,7 @@ from .storage.store import Store, StoreError
 from .wire import pdu as P
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .session.connection import Session
     from .target import Target
 
 log = logging.getLogger("zerosend.iscsi")

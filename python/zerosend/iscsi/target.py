@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import zerosend
 
 from .config import TargetConfig, numbered, split_hostport
-from .liveness import tune_socket
-from .login import LoginPolicy
 from .scsi.families import command_set
 from .scsi.nexus import Nexus
 from .scsi.reservations import Reservations
 from .scsi.unit import LogicalUnit
-from .session import Session
+from .session.connection import Session
+from .session.liveness import tune_socket
+from .session.login import LoginPolicy
 from .storage.opening import open_store
 from .storage.store import Store
 from .wire.bufpool import MmapPool

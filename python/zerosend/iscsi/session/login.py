@@ -8,10 +8,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .scsi.acl import Acl
-from .wire import pdu as P
-from .wire.chap import AuthError, ChapServer, Credentials
-from .wire.params import NegotiationError, SessionParams, declare_target, negotiate
+from ..scsi.acl import Acl
+from ..wire import pdu as P
+from ..wire.chap import AuthError, ChapServer, Credentials
+from ..wire.params import NegotiationError, SessionParams, declare_target, negotiate
 
 log = logging.getLogger("zerosend.iscsi")
 

@@ -1,8 +1,8 @@
 """One iSCSI connection and its session (MaxConnections=1, ErrorRecoveryLevel=0): login, then
 the full feature phase, where PDUs are read (``reader``), dispatched here, answered through
 ``responses`` into the ``outbox``; READs go through ``reads``, data-receiving commands through
-``writes``, task management through ``taskmgmt``. The target is reached only through the
-``SessionHost`` protocol.
+``writes``, task management through ``task_management``. The target is reached only through
+the ``SessionHost`` protocol, defined here.
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable
+from typing import Protocol
 
 import zerosend
+from zerosend._socket import BackendName
 
-from .budget import SessionBudget
-from .host import SessionHost
-from .liveness import Pinger, reset_connection
-from .login import LoginFailed, LoginMachine, failure_response
-from .reads import Reads
-from .responses import Responder
-from .scsi.acl import LunView, peer_address
-from .scsi.commands import ParameterCommand
-from .scsi.nexus import NO_NEXUS, Nexus
-from .scsi.sense import (
+from ..scsi.acl import LunView, peer_address
+from ..scsi.commands import CommandSet, ParameterCommand
+from ..scsi.nexus import NO_NEXUS, Nexus
+from ..scsi.sense import (
     ILLEGAL_REQUEST,
     INVALID_FIELD_IN_CDB,
     MEDIUM_ERROR,
@@ -32,14 +28,21 @@ from .scsi.sense import (
     CheckCondition,
     StatusReply,
 )
-from .scsi.unit import READ_OPS, VERIFY_OPS, WRITE_OPS, LogicalUnit
-from .storage import diskio
-from .taskmgmt import task_management
-from .wire import pdu as P
-from .wire.outbox import ZC_MIN, Outbox
-from .wire.params import SessionParams
-from .wire.reader import ConnectionClosed, PduReader
-from .wire.window import CmdWindow, held_size
+from ..scsi.unit import READ_OPS, VERIFY_OPS, WRITE_OPS, LogicalUnit
+from ..storage import diskio
+from ..storage.store import Store
+from ..wire import pdu as P
+from ..wire.bufpool import MmapPool
+from ..wire.outbox import ZC_MIN, Outbox
+from ..wire.params import SessionParams
+from ..wire.reader import ConnectionClosed, PduReader
+from ..wire.window import CmdWindow, held_size
+from .budget import SessionBudget
+from .liveness import Pinger, reset_connection
+from .login import LoginFailed, LoginMachine, LoginPolicy, failure_response
+from .reads import Reads
+from .responses import Responder
+from .task_management import task_management
 from .writes import Writes
 
 log = logging.getLogger("zerosend.iscsi")
@@ -50,6 +53,76 @@ _RECEIVE_BUFFER = 2 * P.BHS_LEN + 8192 + 64
 _FULL_FEATURE_OPS = frozenset(
     (P.OP_SCSI_CMD, P.OP_NOP_OUT, P.OP_TMF_REQ, P.OP_TEXT_REQ, P.OP_LOGOUT_REQ, P.OP_LOGIN_REQ)
 )
+
+
+class SessionSettings(Protocol):
+    """The target's settings a session reads (``TargetConfig`` has them)."""
+
+    @property
+    def backend(self) -> BackendName: ...
+    @property
+    def zerocopy_probe(self) -> bool: ...
+    @property
+    def cross_session_resets(self) -> bool: ...
+    @property
+    def session_commands(self) -> int: ...
+    @property
+    def session_bytes(self) -> int: ...
+    @property
+    def session_buffers(self) -> int: ...
+    @property
+    def nop_interval(self) -> float: ...
+    @property
+    def nop_timeout(self) -> float: ...
+
+
+class SessionHost(Protocol):
+    """The target as its sessions see it: shared resources, and the session registry."""
+
+    @property
+    def config(self) -> SessionSettings:
+        """The settings; sessions read how to transmit (backend, zero-copy probe)."""
+
+    @property
+    def policy(self) -> LoginPolicy:
+        """Who may log in, and how."""
+
+    @property
+    def luns(self) -> dict[int, LogicalUnit]: ...
+
+    @property
+    def commands(self) -> CommandSet:
+        """The SCSI commands that are not READ or WRITE."""
+
+    @property
+    def pool(self) -> MmapPool:
+        """Transmit buffers, shared by every session (each through its ``share()``)."""
+
+    @property
+    def stopping(self) -> bool:
+        """Shutting down: sessions end once idle."""
+
+    def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
+        """A login reached full feature phase: register it (reinstating an older session of
+        the same initiator and ISID) and return its TSIH."""
+
+    def session_of(self, initiator: str, isid: bytes) -> Session | None:
+        """The logged-in session of this I_T nexus, if any (a new login reinstates it)."""
+
+    def session_ended(self, session: Session) -> None: ...
+
+    def abort_tasks(self, lun: int | None, only: Session | None) -> None:
+        """Abort the tasks of ``lun`` (None: all) in session ``only`` (None: in every one)."""
+
+    def reset_logical_units(self, lun: int | None) -> None:
+        """LOGICAL UNIT RESET of ``lun`` (None: a target reset): SPC-2 reservations end, every
+        nexus gets a unit attention."""
+
+    def reset(self) -> None:
+        """TARGET COLD RESET: drop every connection."""
+
+    def others_logged_in(self, session: Session) -> bool:
+        """A normal session other than ``session`` is logged in: a reset would reach it."""
 
 
 class Session:
@@ -404,7 +477,7 @@ class Session:
         elif op == P.OP_TEXT_REQ:
             self._text(req)
         elif op == P.OP_TMF_REQ:
-            task_management(self, req)
+            task_management(_Tasks(self), req)
         elif op == P.OP_LOGOUT_REQ:
             await self._logout(req)
 
@@ -556,3 +629,61 @@ class Session:
         log.info("%s: logout (reason %d)", self.name, reason)
         await self.responder.send_now(P.logout_response(req.itt, 0, 0, 0))
         self.closing = True
+
+
+class _Tasks:
+    """The session as task management sees it (``task_management.Requester``): the few things
+    it asks of the session and of the target behind it."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def name(self) -> str:
+        return self._session.name
+
+    @property
+    def closing(self) -> bool:
+        return self._session.closing
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._session.loop
+
+    @property
+    def expcmdsn(self) -> int:
+        return self._session.window.expcmdsn
+
+    @property
+    def cross_session_resets(self) -> bool:
+        return self._session.host.config.cross_session_resets
+
+    def sees(self, lun: int) -> bool:
+        return lun in self._session.luns
+
+    def cancel(self, itt: int) -> bool:
+        return self._session.writes.cancel(itt) or self._session.reads.cancel(itt)
+
+    def others_logged_in(self) -> bool:
+        return self._session.host.others_logged_in(self._session)
+
+    def abort_tasks(self, lun: int | None, everywhere: bool) -> None:
+        self._session.host.abort_tasks(lun, None if everywhere else self._session)
+
+    def reset_logical_units(self, lun: int | None) -> None:
+        self._session.host.reset_logical_units(lun)
+
+    def reset_target(self) -> None:
+        self._session.loop.call_soon(self._session.host.reset)
+
+    def stores(self, lun: int | None) -> list[Store]:
+        luns = self._session.host.luns
+        scope = list(luns) if lun is None else [lun]
+        return [luns[n].store for n in scope if n in luns]
+
+    def count_reset(self) -> None:
+        stats = self._session.stats
+        stats["resets"] = stats.get("resets", 0) + 1
+
+    def send_pdu(self, pdu: bytearray) -> None:
+        self._session.responder.send_pdu(pdu)

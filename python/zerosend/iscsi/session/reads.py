@@ -16,10 +16,7 @@ import os
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .host import Connection
-from .readloop import ReadLoop, ReadRun
-from .responses import Responder, residual_bits
-from .scsi.sense import (
+from ..scsi.sense import (
     GOOD,
     ILLEGAL_REQUEST,
     INVALID_FIELD_IN_CDB,
@@ -28,16 +25,19 @@ from .scsi.sense import (
     CheckCondition,
     StatusReply,
 )
-from .scsi.unit import LogicalUnit, check_transfer_length, decode_rw
-from .storage import diskio
-from .storage.file import FileStore
-from .storage.store import Store
-from .wire import pdu as P
-from .wire.bufpool import PoolShare
-from .wire.outbox import ZC_MIN, Outbox
-from .wire.params import SessionParams
-from .wire.reader import PduReader
-from .wire.window import CmdWindow
+from ..scsi.unit import LogicalUnit, check_transfer_length, decode_rw
+from ..storage import diskio
+from ..storage.file import FileStore
+from ..storage.store import Store
+from ..wire import pdu as P
+from ..wire.bufpool import PoolShare
+from ..wire.outbox import ZC_MIN, Outbox
+from ..wire.params import SessionParams
+from ..wire.reader import PduReader
+from ..wire.window import CmdWindow
+from .data_path import Connection
+from .readloop import ReadLoop, ReadRun
+from .responses import Responder, residual_bits
 
 try:  # the inner loop in Rust
     from zerosend._native import IscsiReadPath

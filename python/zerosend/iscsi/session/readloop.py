@@ -23,9 +23,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .scsi.unit import READ10, READ16
-from .wire import pdu as P
-from .wire.window import sn_lt
+from ..scsi.unit import READ10, READ16
+from ..wire import pdu as P
+from ..wire.window import sn_lt
 
 # SCSI Command BHS up to the CDB: opcode byte, flags, AHS+DSL, LUN, ITT, EDTL, CmdSN
 _CMD = struct.Struct(">BB2xI8sIII")

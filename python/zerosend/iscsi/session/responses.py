@@ -12,11 +12,11 @@ from typing import Any
 
 from zerosend._native import crc32c
 
-from .scsi.sense import CHECK_CONDITION, GOOD, CheckCondition, sense_fixed
-from .wire import pdu as P
-from .wire.outbox import ZC_MIN, Outbox
-from .wire.params import SessionParams
-from .wire.window import CmdWindow
+from ..scsi.sense import CHECK_CONDITION, GOOD, CheckCondition, sense_fixed
+from ..wire import pdu as P
+from ..wire.outbox import ZC_MIN, Outbox
+from ..wire.params import SessionParams
+from ..wire.window import CmdWindow
 
 log = logging.getLogger("zerosend.iscsi")
 

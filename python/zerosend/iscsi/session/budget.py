@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .wire.window import CmdWindow
+from ..wire.window import CmdWindow
 
 _SN_MASK = 0xFFFFFFFF
 

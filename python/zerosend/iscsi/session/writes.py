@@ -19,11 +19,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .host import Connection
-from .responses import Responder, residual_bits
-from .scsi.commands import MAX_PARAMETER_LIST
-from .scsi.compare_and_write import or_write
-from .scsi.sense import (
+from ..scsi.commands import MAX_PARAMETER_LIST
+from ..scsi.compare_and_write import or_write
+from ..scsi.sense import (
     ABORTED_COMMAND,
     DATA_PHASE_ERROR,
     DATA_PROTECT,
@@ -41,7 +39,7 @@ from .scsi.sense import (
     CheckCondition,
     StatusReply,
 )
-from .scsi.unit import (
+from ..scsi.unit import (
     ORWRITE16,
     VERIFY_OPS,
     WRITE_VERIFY10,
@@ -51,12 +49,14 @@ from .scsi.unit import (
     check_transfer_length,
     decode_rw,
 )
-from .scsi.verify_bytchk3 import compare_off_loop
-from .storage import diskio
-from .storage.first_difference import compare_with_medium
-from .storage.store import Store
-from .wire import pdu as P
-from .wire.params import SessionParams
+from ..scsi.verify_bytchk3 import compare_off_loop
+from ..storage import diskio
+from ..storage.first_difference import compare_with_medium
+from ..storage.store import Store
+from ..wire import pdu as P
+from ..wire.params import SessionParams
+from .data_path import Connection
+from .responses import Responder, residual_bits
 
 log = logging.getLogger("zerosend.iscsi")
 
