@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from zerosend.iscsi.__main__ import build_parser
-from zerosend.iscsi.config import SETTINGS, TargetConfig, load_config
+from zerosend.iscsi.service.cli import build_parser
+from zerosend.iscsi.service.config import SETTINGS, TargetConfig, load_config
 
 
 def test_every_config_field_is_a_setting():

@@ -328,7 +328,7 @@ def test_initiator_answering_pings_is_kept(target_factory, image):
 
 
 def test_limit_and_liveness_settings_say_what_is_wrong(tmp_path):
-    from zerosend.iscsi.config import load_config
+    from zerosend.iscsi.service.config import load_config
 
     cfg = load_config({"luns": ["null:1M"], "nop_interval": "2.5", "session_bytes": "8M"})
     assert (cfg.nop_interval, cfg.session_bytes, cfg.session_commands) == (2.5, 8 * MiB, 128)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, need, run, task_management, wait_for
 
-from zerosend.iscsi.config import load_config
+from zerosend.iscsi.service.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DB, WEB, STRANGER = (f"iqn.1994-05.com.redhat:{n}" for n in ("db1", "web1", "stranger"))

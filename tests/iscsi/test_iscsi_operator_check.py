@@ -17,9 +17,9 @@ import pytest
 from iscsi_helpers import RunningTarget, need, run, wait_for
 
 import zerosend
-from zerosend.iscsi import configdoc
-from zerosend.iscsi.checks import exposure_warnings
-from zerosend.iscsi.config import load_config
+from zerosend.iscsi.service import configdoc
+from zerosend.iscsi.service.checks import exposure_warnings
+from zerosend.iscsi.service.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "zerosend.iscsi"]
@@ -165,7 +165,8 @@ def test_a_default_config_serves_to_libiscsi_after_check(target_factory, tmp_pat
 def test_config_reference_page_is_current():
     page = REPO / "docs" / "iscsi-config.md"
     assert page.read_text() == configdoc.render(), (
-        "docs/iscsi-config.md is stale: python -m zerosend.iscsi.configdoc > docs/iscsi-config.md"
+        "docs/iscsi-config.md is stale: "
+        "python -m zerosend.iscsi.service.configdoc > docs/iscsi-config.md"
     )
 
 

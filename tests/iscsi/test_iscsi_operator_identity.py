@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, need, run, wait_for
 
-from zerosend.iscsi.config import load_config
+from zerosend.iscsi.service.config import load_config
 
 UNIT_ATTENTION = 0x6
 CHECK_CONDITION = 0x02

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, need, run, wait_for
 
-from zerosend.iscsi.config import load_config
+from zerosend.iscsi.service.config import load_config
 from zerosend.iscsi.wire.chap import Credentials
 
 SECRET = "s3cret-passw0rd-one"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, need, run
 
-from zerosend.iscsi.control import request
+from zerosend.iscsi.service.control import request
 
 KEY = 0x1122334455667788
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image
 
-from zerosend.iscsi.config import load_config
 from zerosend.iscsi.scsi.nexus import Nexus
 from zerosend.iscsi.scsi.reservations import Reservations
 from zerosend.iscsi.scsi.sense import HARDWARE_ERROR, CheckCondition, StatusReply
 from zerosend.iscsi.scsi.unit import LogicalUnit
+from zerosend.iscsi.service.config import load_config
 from zerosend.iscsi.storage.opening import open_store
 
 NODE_A = "iqn.2024-01.org.zerosend:node-a"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import IQN, MiniInitiator, make_image, write10
 
-from zerosend.iscsi.config import LunSpec, TargetConfig
 from zerosend.iscsi.scsi.unit import LogicalUnit
+from zerosend.iscsi.service.config import LunSpec, TargetConfig
+from zerosend.iscsi.service.target import Target
 from zerosend.iscsi.storage.file import FileStore
-from zerosend.iscsi.target import Target
 
 MiB = 1 << 20
 OP_SCSI_RSP, OP_TMF_RSP, OP_R2T, OP_REJECT = 0x21, 0x22, 0x31, 0x3F

@@ -36,7 +36,7 @@ from iscsi_helpers import (
 from test_iscsi_diskio import mounted_gate, nothing_arrives, other_lun_serves
 from test_iscsi_sbc import naa, segment, xcopy_cdb, xcopy_params
 
-from zerosend.iscsi.config import load_config
+from zerosend.iscsi.service.config import load_config
 
 MiB = 1 << 20
 BLOCK = 512

@@ -21,7 +21,7 @@ Where things are:
   CODES)), ``stores`` (the media behind LUNs).
 """
 
-from .config import LunSpec, TargetConfig
-from .target import Target
+from .service.config import LunSpec, TargetConfig
+from .service.target import Target
 
 __all__ = ["LunSpec", "Target", "TargetConfig"]

@@ -24,7 +24,7 @@ import zerosend
 from .config import metrics_address, split_hostport
 
 if TYPE_CHECKING:
-    from .session.connection import Session
+    from ..session.connection import Session
     from .target import Target
 
 try:

@@ -28,14 +28,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..scsi.unit import LogicalUnit
+from ..storage.opening import open_store
+from ..storage.store import Store, StoreError
+from ..wire import pdu as P
 from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
-from .scsi.unit import LogicalUnit
-from .storage.opening import open_store
-from .storage.store import Store, StoreError
-from .wire import pdu as P
 
 if TYPE_CHECKING:
-    from .session.connection import Session
+    from ..session.connection import Session
     from .target import Target
 
 log = logging.getLogger("zerosend.iscsi")

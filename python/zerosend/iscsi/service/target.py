@@ -1,6 +1,7 @@
 """The target: listening socket, sessions, LUNs, shared transmit buffer pool, clean shutdown.
 
-Sessions see it through ``host.SessionHost``; it sees them through their public methods.
+Sessions see it through ``session.connection.SessionHost``; it sees them through their public
+methods.
 """
 
 from __future__ import annotations
@@ -8,26 +9,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import zerosend
 
+from ..scsi.families import command_set
+from ..scsi.nexus import Nexus
+from ..scsi.reservations import Reservations
+from ..scsi.unit import LogicalUnit
+from ..session.connection import Session
+from ..session.liveness import tune_socket
+from ..session.login import LoginPolicy
+from ..storage.opening import open_store
+from ..storage.store import Store
+from ..wire.bufpool import MmapPool
 from .config import TargetConfig, numbered, split_hostport
-from .scsi.families import command_set
-from .scsi.nexus import Nexus
-from .scsi.reservations import Reservations
-from .scsi.unit import LogicalUnit
-from .session.connection import Session
-from .session.liveness import tune_socket
-from .session.login import LoginPolicy
-from .storage.opening import open_store
-from .storage.store import Store
-from .wire.bufpool import MmapPool
-
-if TYPE_CHECKING:
-    from .metrics import TargetMetrics
 
 log = logging.getLogger("zerosend.iscsi")
+
+
+class SessionWatcher(Protocol):
+    """What follows the target's sessions as they come and go (the metrics exporter)."""
+
+    def attach(self, session: Session) -> None: ...
+    def detach(self, session: Session) -> None: ...
 
 
 def _check_backend(backend: str) -> None:
@@ -75,7 +80,7 @@ class Target:
         self._next_tsih = 1
         self._server: socket.socket | None = None
         self._stopped = asyncio.Event()
-        self.metrics: TargetMetrics | None = None  # set when --metrics serves them
+        self.metrics: SessionWatcher | None = None  # set when --metrics serves them
 
     # -- sessions (the SessionHost protocol)
 

@@ -1,7 +1,7 @@
 """The configuration reference page (docs/iscsi-config.md), made from ``config.SETTINGS``.
 
-``python -m zerosend.iscsi.configdoc > docs/iscsi-config.md`` writes it; a test fails when the
-page in the repository differs from what this renders, so the page cannot go stale.
+``python -m zerosend.iscsi.service.configdoc > docs/iscsi-config.md`` writes it; a test fails
+when the page in the repository differs from what this renders, so the page cannot go stale.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .reload import RELOADABLE
 HEAD = """\
 # zerosend-iscsi configuration reference
 
-<!-- Generated from python/zerosend/iscsi/config.py by
-     `python -m zerosend.iscsi.configdoc > docs/iscsi-config.md`; do not edit by hand. -->
+<!-- Generated from python/zerosend/iscsi/service/config.py by
+     `python -m zerosend.iscsi.service.configdoc > docs/iscsi-config.md`; do not edit by hand. -->
 
 Every setting is both a command-line option and a key of the TOML file given with
 `--config FILE`; the command line wins. Unknown keys, unknown keys inside tables and values of

@@ -12,10 +12,10 @@ from typing import Any, get_args
 
 from zerosend._socket import BackendName
 
-from .scsi.acl import Acl, Network
+from ..scsi.acl import Acl, Network
+from ..storage.opening import parse_size
+from ..wire.chap import Credentials, check_mutual
 from .secretfiles import read_credential, read_secret_file
-from .storage.opening import parse_size
-from .wire.chap import Credentials, check_mutual
 
 DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
 DEFAULT_LISTEN = "127.0.0.1:3260"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from ..storage.opening import open_store, parse_size
 from .config import TargetConfig, split_hostport
-from .storage.opening import open_store, parse_size
 
 
 def is_loopback(host: str) -> bool:
