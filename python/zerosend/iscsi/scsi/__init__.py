@@ -1,1 +1,1 @@
-"""The target's scsi layer."""
+"""SCSI: sense and unit vocabulary, the command table, and the command families."""

@@ -1,7 +1,8 @@
 """Reservations of the logical units: persistent reservations (SPC-4, PERSISTENT RESERVE
 IN/OUT), SPC-2 reservations (RESERVE/RELEASE 6 and 10), the unit attentions they and resets
 raise for the other I_T nexuses, and the state file that keeps persistent reservations across a
-restart when an initiator asked for it (APTPL).
+restart when an initiator asked for it (APTPL). One concept: every rule here decides whether an
+I_T nexus may use a logical unit now, and all of them read and change the same registrations.
 
 Registrations belong to an I_T nexus: the initiator port (iSCSI name + ISID) and the target
 port. SPC-4 keeps them across the loss of the nexus (logout, dropped connection, reset): an

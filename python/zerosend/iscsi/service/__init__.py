@@ -1,1 +1,1 @@
-"""The target's service layer."""
+"""The target as a service: listening, settings, reload, metrics, control, command line."""

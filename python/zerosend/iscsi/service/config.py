@@ -1,5 +1,9 @@
 """The target's settings: each is defined once here, and becomes both a command-line option
-(``--max-connections``) and a TOML key of ``--config FILE`` (``max_connections``)."""
+(``--max-connections``) and a TOML key of ``--config FILE`` (``max_connections``).
+
+One concept: the table of settings and the parsing of each value (whose errors name the key)
+belong together, so that a setting is declared in one place.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""The target's session layer."""
+"""One iSCSI connection: login, the READ and write paths, task management, liveness."""

@@ -2,7 +2,8 @@
 the full feature phase, where PDUs are read (``reader``), dispatched here, answered through
 ``responses`` into the ``outbox``; READs go through ``reads``, data-receiving commands through
 ``writes``, task management through ``task_management``. The target is reached only through
-the ``SessionHost`` protocol, defined here.
+the ``SessionHost`` protocol, defined here. One concept: a connection's life from accept to
+close; its parts are modules of their own, what stays here is their dispatch and shared state.
 """
 
 from __future__ import annotations

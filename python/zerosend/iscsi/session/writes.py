@@ -1,6 +1,7 @@
 """Commands that receive data: WRITE, WRITE AND VERIFY, VERIFY with BYTCHK, and commands whose
 Data-Out is a parameter list (immediate and unsolicited data, then R2T / Data-Out sequences of at
-most MaxBurstLength).
+most MaxBurstLength). One concept: a data-receiving task's life from its CDB to its status;
+the medium work it drives (compare, OR, parameter commands) lives in ``scsi``.
 
 Write data goes to the medium on the event loop while the store takes it without waiting (an
 image's page cache: ``Store.writes_on_loop``). Otherwise, and for a store that may block, each

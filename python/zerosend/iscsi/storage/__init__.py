@@ -1,1 +1,1 @@
-"""The target's storage layer."""
+"""The media behind LUNs (one module per kind), opening them, and their disk threads."""

@@ -1,1 +1,1 @@
-"""The target's wire layer."""
+"""iSCSI on the wire: PDUs, reading and sending them, the CmdSN window, negotiation, CHAP."""

@@ -1,0 +1,228 @@
+"""The package's import graph keeps its layers: no import circles, no import pointing up, and
+a module over 500 lines says in its first lines why it is one concept.
+
+The imports are read with ``ast`` (every import statement, those under ``TYPE_CHECKING`` and
+inside functions included: a circle that only type checking or a late import hides is still a
+circle). The layers, bottom first:
+
+- the core, ``zerosend`` (everything outside ``zerosend.iscsi``), which never imports the target;
+- the target: ``wire`` < ``storage`` < ``scsi`` < ``session`` < ``service``, then the package's
+  face (``zerosend.iscsi`` itself and ``__main__``).
+
+A module may import its own layer and the layers below it.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+PYTHON = Path(__file__).resolve().parents[1] / "python"
+TARGET = "zerosend.iscsi"
+#: The target's layers, bottom first.
+TARGET_LAYERS = ("wire", "storage", "scsi", "session", "service")
+#: The length over which a module must say why it is one concept, and the words it says it with.
+LONG = 500
+ONE_CONCEPT = "one concept"
+#: A circle in the core the core's own work removes (issue 22, item 6): ``_calibration`` measures
+#: through the public ``zerosend`` API, which imports it. It may shrink, never grow.
+CORE_CIRCLE_PENDING = frozenset(
+    {"zerosend", "zerosend._calibration", "zerosend._pool", "zerosend._socket", "zerosend._streams"}
+)
+#: Core modules the core's own work splits (issue 22, item 6); the rule holds for every other one.
+LONG_PENDING = frozenset({"zerosend._streams", "zerosend._fallback"})
+
+
+def modules(root: Path = PYTHON) -> dict[str, Path]:
+    """Every module under ``root``'s ``zerosend``, by dotted name (packages by their own name;
+    a compiled module by its stub)."""
+    found: dict[str, Path] = {}
+    for path in sorted((root / "zerosend").rglob("*.py*")):
+        if path.suffix == ".pyi" and path.with_suffix(".py").exists():
+            continue
+        if path.suffix not in (".py", ".pyi"):
+            continue
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def _owner(name: str, known: Iterable[str]) -> str | None:
+    """The known module ``name`` is, or lies in (``zerosend._native.crc32c`` -> ``zerosend``)."""
+    known = set(known)
+    while name:
+        if name in known:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports(name: str, path: Path, known: Mapping[str, Path]) -> set[str]:
+    """The modules of ``known`` that module ``name`` imports."""
+    package = name if _is_package(path) else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            # ``from P import X`` imports the module P.X when there is one, else a name of P.
+            targets = [
+                f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in known else origin
+                for alias in node.names
+            ]
+        else:
+            continue
+        for target in targets:
+            owner = _owner(target, known)
+            if owner is not None and owner != name:
+                found.add(owner)
+    return found
+
+
+def graph(root: Path = PYTHON) -> dict[str, set[str]]:
+    known = modules(root)
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def layer(name: str) -> int:
+    """The rank of a module's layer: the core 0, the target's layers 1..5, its face 6."""
+    if name != TARGET and not name.startswith(TARGET + "."):
+        return 0
+    rest = name[len(TARGET) + 1 :].split(".") if name != TARGET else []
+    if not rest or rest == ["__main__"]:
+        return len(TARGET_LAYERS) + 1
+    if rest[0] not in TARGET_LAYERS:
+        raise AssertionError(
+            f"{name} is in no layer: put it in one of {TARGET}.{{{','.join(TARGET_LAYERS)}}}"
+        )
+    return TARGET_LAYERS.index(rest[0]) + 1
+
+
+def upward(edges: Mapping[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one."""
+    return [
+        f"{name} ({layer(name)}) imports {target} ({layer(target)})"
+        for name, targets in sorted(edges.items())
+        for target in sorted(targets)
+        if layer(target) > layer(name)
+    ]
+
+
+def circles(edges: Mapping[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected sets of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(edges.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def long_without_reason(root: Path = PYTHON) -> list[str]:
+    """Modules over ``LONG`` lines whose docstring's first lines do not say why one concept."""
+    out = []
+    for name, path in modules(root).items():
+        text = path.read_text()
+        if path.suffix == ".pyi" or text.count("\n") <= LONG or name in LONG_PENDING:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        head = " ".join(doc.splitlines()[:8]).lower()
+        if ONE_CONCEPT not in head:
+            out.append(f"{name}: {text.count(chr(10))} lines, no '{ONE_CONCEPT}' reason up front")
+    return out
+
+
+def test_the_package_has_no_import_circle() -> None:
+    assert [group for group in circles(graph()) if not set(group) <= CORE_CIRCLE_PENDING] == []
+
+
+def test_no_import_points_up_a_layer() -> None:
+    assert upward(graph()) == []
+
+
+def test_the_core_never_imports_the_target() -> None:
+    edges = graph()
+    core = [name for name in edges if layer(name) == 0]
+    assert core and "zerosend" in core
+    assert [(name, target) for name in core for target in edges[name] if layer(target) != 0] == []
+
+
+def test_a_long_module_says_why_it_is_one_concept() -> None:
+    assert long_without_reason() == []
+
+
+# -- the checks themselves catch what they are for, on a small package written here --
+
+
+def _package(root: Path, files: Mapping[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / "zerosend" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_checks_catch_an_upward_import_a_circle_and_a_long_module(tmp_path: Path) -> None:
+    root = _package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "_core.py": "",
+            "iscsi/__init__.py": "from .service.target import Target\n",
+            "iscsi/wire/__init__.py": "",
+            "iscsi/wire/pdu.py": "from ..session import reads\n",  # up
+            "iscsi/session/__init__.py": "",
+            "iscsi/session/reads.py": "from ..wire import pdu\nfrom .. import session\n",
+            "iscsi/service/__init__.py": "",
+            "iscsi/service/target.py": "from ... import _core\n" + "x = 1\n" * (LONG + 1),
+        },
+    )
+    edges = graph(root)
+    assert edges["zerosend.iscsi.wire.pdu"] == {"zerosend.iscsi.session.reads"}
+    assert edges["zerosend.iscsi.service.target"] == {"zerosend._core"}
+    assert upward(edges) == ["zerosend.iscsi.wire.pdu (1) imports zerosend.iscsi.session.reads (4)"]
+    assert circles(edges) == [["zerosend.iscsi.session.reads", "zerosend.iscsi.wire.pdu"]]
+    assert long_without_reason(root) == [
+        f"zerosend.iscsi.service.target: {LONG + 2} lines, no 'one concept' reason up front"
+    ]
+    # A core module importing the target points up too.
+    (root / "zerosend" / "_core.py").write_text("import zerosend.iscsi\n")
+    assert "zerosend._core (0) imports zerosend.iscsi (6)" in upward(graph(root))
