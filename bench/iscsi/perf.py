@@ -67,14 +67,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 def start_zerosend(
-    python: str, image: str, port: int, log: Path, env: dict[str, str]
+    python: str, image: str, port: int, log: Path, options: list[str]
 ) -> subprocess.Popen[bytes]:
     ensure_free(port, "zerosend-iscsi")
     cmd = [python, "-m", "zerosend.iscsi", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--iqn", IQN_ZS, "--lun", image, "--log-level", "WARNING"]
-    proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env}
-    )
+    cmd += ["--iqn", IQN_ZS, "--lun", image, "--log-level", "WARNING", *options]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_port(port, proc, "zerosend-iscsi")
     return proc
 
@@ -151,35 +149,35 @@ def main() -> int:
         with path.open("wb") as f:  # real bytes, not a hole: the targets read the page cache
             for _ in range(parse_size(opts.size) >> 20):
                 f.write(os.urandom(1 << 20))
-    # zerosend as (LUN form, environment): reading into pooled buffers (the default), the same
+    # zerosend as (LUN form, further options): reading into pooled buffers (the default), the same
     # with the READ fast path's inner loop in Python instead of Rust ("py-loop"), a writable
     # mapped image (":mmap": read into pooled buffers too, since a WRITE could change mapped
     # pages in flight), a read-only image read into pooled buffers (":ro"), sent from its
     # mapping (":ro,mmap") or with sendfile (":ro sendfile"); tgtd with its default backing
     # store (pread in threads).
-    forms: dict[str, tuple[str, dict[str, str]]] = {
-        "zerosend": ("", {}),
-        "zerosend:py-loop": ("", {"ZEROSEND_ISCSI_NATIVE": "0"}),
-        "zerosend:mmap": (":mmap", {}),
-        "zerosend:ro": (":ro", {}),
-        "zerosend:ro,mmap": (":ro,mmap", {}),
-        "zerosend:ro sendfile": (":ro", {"ZEROSEND_ISCSI_SENDFILE": "1"}),
+    forms: dict[str, tuple[str, list[str]]] = {
+        "zerosend": ("", []),
+        "zerosend:py-loop": ("", ["--read-loop", "python"]),
+        "zerosend:mmap": (":mmap", []),
+        "zerosend:ro": (":ro", []),
+        "zerosend:ro,mmap": (":ro,mmap", []),
+        "zerosend:ro sendfile": (":ro", ["--sendfile", "on"]),
     }
     if opts.only:
         forms = {k: v for k, v in forms.items() if k in opts.only.split(";")}
-    # name -> (interpreter, LUN form, environment)
-    variants = {name: (sys.executable, form, env) for name, (form, env) in forms.items()}
+    # name -> (interpreter, LUN form, further options)
+    variants = {name: (sys.executable, form, options) for name, (form, options) in forms.items()}
     if opts.before:
-        for name, (form, env) in forms.items():
-            variants[name.replace("zerosend", "before", 1)] = (opts.before, form, env)
+        for name, (form, options) in forms.items():
+            variants[name.replace("zerosend", "before", 1)] = (opts.before, form, options)
     procs: list[subprocess.Popen[bytes]] = []
     urls = {name: f"iscsi://127.0.0.1:{3272 + i}/{IQN_ZS}/0" for i, name in enumerate(variants)}
     urls["tgtd"] = f"iscsi://127.0.0.1:3271/{IQN_TGT}/1"
     results: dict[tuple[str, str], list[tuple[int, int]]] = {}
     try:
-        for i, (python, form, env) in enumerate(variants.values()):
+        for i, (python, form, options) in enumerate(variants.values()):
             log = tmp / f"zerosend-{i}.log"
-            procs.append(start_zerosend(python, f"{image}{form}", 3272 + i, log, env))
+            procs.append(start_zerosend(python, f"{image}{form}", 3272 + i, log, options))
         procs.append(start_tgtd(image, 3271, 7, tmp / "tgtd.log"))
         # Untimed: the first writes into the image's clean page cache cost more than any later
         # ones, and no target should be the one to pay for them.

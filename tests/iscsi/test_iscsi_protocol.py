@@ -69,16 +69,17 @@ def read16(lba: int, blocks: int) -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["", ":mmap", "python"])
-def test_pipelined_burst_of_mixed_commands(target_factory, image, mode, monkeypatch):
+def test_pipelined_burst_of_mixed_commands(target_factory, image, mode):
     """Many commands in one TCP write, so the target reads them in one go and answers them in
     one batch: small reads (the fast path) mixed with multi-PDU reads, a residual, an error,
     commands out of CmdSN order and an immediate NOP. Every answer must carry the right bytes,
     and StatSN must count up by one along the stream."""
     path, data = image
+    extra = []
     if mode == "python":  # the same fast path without its Rust inner loop
-        monkeypatch.setenv("ZEROSEND_ISCSI_NATIVE", "0")
+        extra = ["--read-loop", "python"]
         mode = ""
-    t = target_factory("--lun", str(path) + mode)
+    t = target_factory("--lun", str(path) + mode, *extra)
     ini = MiniInitiator(t.port)
     ini.login(IQN)
     blocks_total = len(data) // 512

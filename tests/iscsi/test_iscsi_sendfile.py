@@ -1,4 +1,4 @@
-"""READs of a read-only image sent with sendfile (``ZEROSEND_ISCSI_SENDFILE=1``, kept for
+"""READs of a read-only image sent with sendfile (``--sendfile on``, kept for
 measuring: bench/iscsi/BENCHMARKS.md): the bytes arrive whole and in order with the headers
 around them, for large reads (sendfile) and small ones (packed) mixed in one batch."""
 
@@ -9,7 +9,6 @@ import socket
 import struct
 from pathlib import Path
 
-import pytest
 from iscsi_helpers import MiniInitiator, make_image, need, run
 
 MiB = 1 << 20
@@ -20,13 +19,10 @@ def read10(lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
 
 
-def test_sendfile_reads_arrive_whole(
-    target_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_sendfile_reads_arrive_whole(target_factory, tmp_path: Path):
     image = tmp_path / "disk.img"
     data = make_image(image, 4 * MiB, seed=31)
-    monkeypatch.setenv("ZEROSEND_ISCSI_SENDFILE", "1")
-    t = target_factory("--lun", f"{image}:ro")
+    t = target_factory("--lun", f"{image}:ro", "--sendfile", "on")
     ini = MiniInitiator(t.port)
     try:
         ini.mrdsl = 256 * 1024

@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from zerosend._socket import BackendName
 
@@ -25,6 +25,8 @@ DEFAULT_IQN = "iqn.2024-01.org.zerosend:target"
 DEFAULT_LISTEN = "127.0.0.1:3260"
 _LUN_OPTIONS = {"ro", "rw", "mmap"}
 BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
+ReadLoopName = Literal["native", "python"]
+READ_LOOPS: tuple[ReadLoopName, ...] = get_args(ReadLoopName)
 
 
 MAX_LUN = 16383  # the largest a flat-space LUN field holds (SAM-5 4.7.7)
@@ -68,6 +70,8 @@ class TargetConfig:
     buffer_size: int = 256 * 1024
     backend: BackendName = "auto"
     zerocopy_probe: bool = True
+    read_loop: ReadLoopName = "native"
+    sendfile: bool = False
     reservation_state: str = ""
     metrics: str | None = None
     metrics_connections: int = 8
@@ -334,6 +338,13 @@ def _backend(value: Any) -> BackendName:
     raise ValueError(f"must be one of {', '.join(BACKENDS)}, not {value!r}")
 
 
+def _read_loop(value: Any) -> ReadLoopName:
+    for name in READ_LOOPS:
+        if value == name:
+            return name
+    raise ValueError(f"must be one of {', '.join(READ_LOOPS)}, not {value!r}")
+
+
 def _on_off(value: Any) -> bool:
     if isinstance(value, bool):  # TOML
         return value
@@ -504,6 +515,20 @@ SETTINGS = (
         "zerocopy_probe",
         "on: a connection whose zero-copy sends the kernel keeps copying switches to copy; "
         "off: it keeps sending zero-copy (for measuring and testing zero-copy on veth)",
+        _on_off,
+        "on|off",
+    ),
+    Setting(
+        "read_loop",
+        "the READ fast path's inner loop: native (Rust) or python (the same algorithm, for "
+        "comparisons); an install without the native module always runs python",
+        _read_loop,
+        "|".join(READ_LOOPS),
+    ),
+    Setting(
+        "sendfile",
+        "on: READs of 10 KiB or more from a read-only raw image leave with sendfile(2) instead "
+        "of a read into a transmit buffer (slower on loopback; kept for measuring on a NIC)",
         _on_off,
         "on|off",
     ),

@@ -64,6 +64,10 @@ class SessionSettings(Protocol):
     @property
     def zerocopy_probe(self) -> bool: ...
     @property
+    def read_loop(self) -> str: ...
+    @property
+    def sendfile(self) -> bool: ...
+    @property
     def cross_session_resets(self) -> bool: ...
     @property
     def session_commands(self) -> int: ...
@@ -163,7 +167,8 @@ class Session:
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
         self.luns = LunView(host.luns)  # masked by the initiator's ACL once it logged in
         self.reads = Reads(self, self.luns, self.share, self.params, self.reader, self.window,
-                           self.responder, self.stats)  # fmt: skip
+                           self.responder, self.stats, native=cfg.read_loop == "native",
+                           sendfile=cfg.sendfile)  # fmt: skip
         self.writes = Writes(self, self.params, self.responder, self.stats, self.budget)
         self.pinger = Pinger(cfg.nop_interval, cfg.nop_timeout, self._progress, self._busy,
                              self._ping, self._found_dead)  # fmt: skip

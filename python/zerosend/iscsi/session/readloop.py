@@ -1,6 +1,6 @@
 """The READ path's inner loop in Python: the same algorithm as the Rust one
 (``zerosend._native.IscsiReadPath``, crate ``zerosend-iscsi``, ``read_path.rs``), step for step,
-for builds and comparisons without it (``ZEROSEND_ISCSI_NATIVE=0``).
+for builds and comparisons without it (setting ``read_loop = "python"``).
 
 A run serves the plain READ(10)/READ(16) commands at the start of the receive buffer: each is
 read from the image straight into the transmit buffer, behind the Data-In header (with status)

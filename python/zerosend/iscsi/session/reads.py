@@ -2,7 +2,7 @@
 
 Plain reads (in order, one Data-In PDU with status, from an image read with pread) are served
 in runs straight out of the receive buffer by the inner loop, ``serve_run``; it runs in Rust
-(``zerosend._native.IscsiReadPath``) or, with ``ZEROSEND_ISCSI_NATIVE=0``, in Python
+(``zerosend._native.IscsiReadPath``) or, with ``read_loop = "python"``, in Python
 (``readloop.ReadLoop``, the same algorithm). Whatever the inner loop leaves (residuals, several
 PDUs, stores with their own memory, errors, digests) arrives through the session's dispatch at
 ``command``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,10 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerosend.iscsi")
 
-# "0": the Python inner loop even where the Rust one is there (for comparisons)
-NATIVE = IscsiReadPath is not None and os.environ.get("ZEROSEND_ISCSI_NATIVE", "1") != "0"
-SENDFILE = os.environ.get("ZEROSEND_ISCSI_SENDFILE", "0") == "1"
-
 
 class _InnerLoop(Protocol):
     def serve(
@@ -77,8 +72,15 @@ class Reads:
         window: CmdWindow,
         responder: Responder,
         stats: dict[str, int],
+        *,
+        native: bool = True,
+        sendfile: bool = False,
     ) -> None:
+        """``native``: the Rust inner loop where it is there (else the Python one);
+        ``sendfile``: large READs of read-only images leave with sendfile(2)."""
         self.conn = conn
+        self.native = native and IscsiReadPath is not None
+        self.sendfile = sendfile
         self.luns = luns
         self.pool = pool
         self.params = params
@@ -166,8 +168,8 @@ class Reads:
         longest = min(p.initiator_max_recv_dsl, p.max_burst)
         # Large reads of a read-only image go straight from its pages: zero-copy from its
         # mapping, or with sendfile.
-        refer_min = ZC_MIN if store.lends or (SENDFILE and store.readonly) else 0xFFFFFFFF
-        kind = IscsiReadPath if NATIVE and IscsiReadPath is not None else ReadLoop
+        refer_min = ZC_MIN if store.lends or (self.sendfile and store.readonly) else 0xFFFFFFFF
+        kind = IscsiReadPath if self.native and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min)  # fmt: skip
         return inner, store, lu
