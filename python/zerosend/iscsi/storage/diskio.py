@@ -18,31 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..wire.bufpool import MmapLease
 from .store import Store
 
-THREADS_PER_STORE = 4
-
 T = TypeVar("T")
-
-_pools: weakref.WeakKeyDictionary[Store, concurrent.futures.ThreadPoolExecutor] = (
-    weakref.WeakKeyDictionary()
-)
-# Jobs changing each store's medium that have not finished yet
-_changes: weakref.WeakKeyDictionary[Store, set[asyncio.Future[Any]]] = weakref.WeakKeyDictionary()
-
-
-def _pool(store: Store) -> concurrent.futures.ThreadPoolExecutor:
-    pool = _pools.get(store)
-    if pool is None:
-        pool = _pools[store] = concurrent.futures.ThreadPoolExecutor(
-            THREADS_PER_STORE, thread_name_prefix=f"disk {store.name}"
-        )
-    return pool
 
 
 def run(
@@ -52,10 +34,10 @@ def run(
     what it returned or raised. ``changes``: the job writes to the medium (see ``changes``);
     ``also``: other stores whose media it writes too (a copy between LUNs), where it counts as
     well. Cancelling the future does not stop the job."""
-    future = asyncio.wrap_future(_pool(store).submit(job))
+    future = asyncio.wrap_future(store.disk.threads().submit(job))
     if changes:
         for changed in (store, *also):
-            pending = _changes.setdefault(changed, set())
+            pending = changed.disk.changing
             pending.add(future)
             future.add_done_callback(pending.discard)
     return future
@@ -63,7 +45,7 @@ def run(
 
 def changes(stores: list[Store]) -> list[asyncio.Future[Any]]:
     """The jobs changing these stores' media that have not finished yet."""
-    return [f for store in stores for f in _changes.get(store, ())]
+    return [f for store in stores for f in store.disk.changing]
 
 
 async def read_into(store: Store, offset: int, view: memoryview, lease: MmapLease) -> None:
@@ -71,7 +53,7 @@ async def read_into(store: Store, offset: int, view: memoryview, lease: MmapLeas
     ``lease``. Raises what the read raised. If the awaiting task is cancelled, ``lease`` is
     released here, when the thread no longer uses it; otherwise it stays the caller's."""
     loop = asyncio.get_running_loop()
-    job = _pool(store).submit(store.read_into, offset, view)
+    job = store.disk.threads().submit(store.read_into, offset, view)
     try:
         await asyncio.wrap_future(job)
     except asyncio.CancelledError:

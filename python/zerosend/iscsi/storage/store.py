@@ -12,12 +12,17 @@ in place), so its READs are read into pooled buffers like a plain file's.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
 import threading
+from typing import Any
 
 BLOCK_SIZE = 512
+#: Disk threads of each store that may block (``diskio``).
+THREADS_PER_STORE = 4
 _ZERO = memoryview(bytes(1 << 20))
 log = logging.getLogger("zerosend.iscsi")
 
@@ -38,6 +43,25 @@ class Loan:
         pass
 
 
+class DiskJobs:
+    """A store's own disk threads, started with its first job, and the jobs changing its medium
+    that have not finished yet (``diskio`` runs them)."""
+
+    __slots__ = ("_name", "_threads", "changing")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self.changing: set[asyncio.Future[Any]] = set()
+
+    def threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(
+                THREADS_PER_STORE, thread_name_prefix=f"disk {self._name}"
+            )
+        return self._threads
+
+
 class Store:
     """Base class: a byte-addressed medium of ``size`` bytes."""
 
@@ -53,6 +77,7 @@ class Store:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.disk = DiskJobs(name)
 
     @property
     def blocks(self) -> int:
