@@ -1,5 +1,6 @@
 """WRITE ATOMIC(16) (SBC-4 5.48): a write that other commands see whole or not at all. Its data
-is collected whole, then written in one step under the LUN's ``media_lock`` (see ``compare``)."""
+is collected whole, then written in one step under the LUN's ``media_lock`` (see
+``compare_and_write``)."""
 
 from __future__ import annotations
 
