@@ -19,10 +19,11 @@ except ImportError as error:
 
     _native = stand_in_for_native(error)
 
+from ._errors import BackendUnavailableError, ZerosendError
 from ._native import (
     STATS_KEYS,
-    BackendUnavailableError,
     Capabilities,
+    CompletedSend,
     PoolBuffer,
     SendResult,
     capabilities,
@@ -30,6 +31,7 @@ from ._native import (
 from ._pool import BufferPool
 from ._socket import BACKENDS, Socket, wrap
 from ._streams import StreamServer, StreamWriter, open_connection, start_server
+from ._types import FallbackCode, SendFuture
 
 try:
     __version__ = version("zerosend")
@@ -42,11 +44,15 @@ __all__ = [
     "BackendUnavailableError",
     "BufferPool",
     "Capabilities",
+    "CompletedSend",
+    "FallbackCode",
     "PoolBuffer",
+    "SendFuture",
     "SendResult",
     "Socket",
     "StreamServer",
     "StreamWriter",
+    "ZerosendError",
     "__version__",
     "capabilities",
     "open_connection",

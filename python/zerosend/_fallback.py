@@ -25,9 +25,11 @@ import socket
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from types import ModuleType
 from typing import Any, final
+
+from . import _errors
 
 __all__ = [
     "BACKENDS",
@@ -93,8 +95,7 @@ def stand_in_for_native(error: ImportError) -> ModuleType:
     return module
 
 
-class BackendUnavailableError(OSError):
-    """The requested zero-copy backend cannot be used on this kernel or socket."""
+BackendUnavailableError = _errors.BackendUnavailableError
 
 
 @final
@@ -172,6 +173,16 @@ class SendResult:
         return (self._nbytes, self._zerocopy) == (value._nbytes, value._zerocopy)
 
     __hash__ = None  # type: ignore[assignment]
+    __match_args__ = ("nbytes", "zerocopy")
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int | bool:
+        return (self._nbytes, self._zerocopy)[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self._nbytes, self._zerocopy))
 
     def __repr__(self) -> str:
         return f"SendResult(nbytes={self._nbytes}, zerocopy={self._zerocopy})"

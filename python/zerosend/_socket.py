@@ -8,12 +8,11 @@ import os
 import socket
 import sys
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from . import _native
-from ._native import SendResult
+from ._types import Buffers, FallbackCode, SendFuture, fallback_code
 
 #: What ``wrap(backend=...)`` accepts: "auto" or one of the extension's backends, best first.
 BACKENDS: Final = ("auto", *_native.BACKENDS)
@@ -21,9 +20,6 @@ BACKENDS: Final = ("auto", *_native.BACKENDS)
 BackendName: TypeAlias = Literal["auto", "io_uring", "msg_zerocopy", "copy"]
 #: Environment variable that overrides ``backend="auto"`` (for example to force "copy").
 BACKEND_ENV: Final = "ZEROSEND_BACKEND"
-
-Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer on 3.12+)
-Buffers: TypeAlias = Buffer | Sequence[Buffer]
 
 
 class Loop(Protocol):
@@ -213,7 +209,7 @@ class Socket:
         self._backend = driver.backend(handle)
         self._fallback_reason = driver.fallback_reason(handle)
 
-    def send_zc(self, buf: Buffers) -> asyncio.Future[SendResult]:
+    def send_zc(self, buf: Buffers) -> SendFuture:
         """Send ``buf`` without copying it; resolves when the kernel released its pages.
 
         ``buf`` is any bytes-like object or a list/tuple of them (one vectored send: one datagram
@@ -225,22 +221,22 @@ class Socket:
 
         A send the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or
         the copy backend) returns a ``CompletedSend``: already done, with the methods of a done
-        future, and awaiting it does not even yield to the event loop.
+        future, and awaiting it does not even yield to the event loop. See :class:`SendFuture`.
         """
-        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, True, self._loop)
+        sent: SendFuture = self._driver.submit(self._handle, buf, True, self._loop)
         return sent
 
-    def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
-        """Send ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
+    def send(self, buf: Buffers) -> SendFuture:
+        """Send all of ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
 
-        Resolves once the kernel has copied all of it (``zerocopy`` is False).
+        Like ``socket.sendall`` (not ``socket.send``): the whole buffer goes, or an error is
+        raised; there is no partial count to loop on. Resolves once the kernel has copied all
+        of it (``zerocopy`` is False).
         """
-        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, False, self._loop)
+        sent: SendFuture = self._driver.submit(self._handle, buf, False, self._loop)
         return sent
 
-    def send_file(
-        self, file: FileSource, offset: int = 0, count: int | None = None
-    ) -> asyncio.Future[SendResult]:
+    def send_file(self, file: FileSource, offset: int = 0, count: int | None = None) -> SendFuture:
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
         ``sendfile(2)``: from the page cache straight to the socket, in the same ordered stream as
         :meth:`send_zc` and :meth:`send`. TCP only.
@@ -253,14 +249,16 @@ class Socket:
         (the bytes never pass through user memory; ``stats["bytes_sendfile"]`` counts them)
         once the kernel took all of them. Truncating the file while it is sent ends the stream
         with an error.
+
+        Unlike ``socket.sendfile`` and ``loop.sock_sendfile``, it returns a :class:`SendResult`
+        rather than a count, does not move the file's position (``file.tell()`` is unchanged;
+        pass ``offset``), and sends every byte asked for or raises.
         """
         fd = _file_descriptor(file)
         _check_byte_count("offset", offset)
         if count is not None:
             _check_byte_count("count", count)
-        sent: asyncio.Future[SendResult] = self._driver.submit_file(
-            self._handle, fd, offset, count, self._loop
-        )
+        sent: SendFuture = self._driver.submit_file(self._handle, fd, offset, count, self._loop)
         return sent
 
     async def drain(self) -> None:
@@ -312,6 +310,11 @@ class Socket:
     def fallback_reason(self) -> str | None:
         """Why ``backend="auto"`` could not use a better backend, or None."""
         return self._fallback_reason
+
+    @property
+    def fallback_code(self) -> FallbackCode | None:
+        """:attr:`fallback_reason` as a :class:`FallbackCode` to switch on, or None."""
+        return fallback_code(self._fallback_reason, _native.__name__ == "zerosend._native")
 
     @property
     def inflight(self) -> int:

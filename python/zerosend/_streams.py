@@ -16,19 +16,18 @@ import socket
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 from ._native import SendResult
 from ._socket import (
     BACKENDS,
     BackendName,
-    Buffer,
-    Buffers,
     FileSource,
     Socket,
     _file_descriptor,
     wrap,
 )
+from ._types import Buffer, Buffers, SendFuture
 
 #: asyncio's default for StreamReader's buffer limit (64 KiB).
 DEFAULT_LIMIT: Final = 1 << 16
@@ -55,7 +54,7 @@ def _nbytes(buf: Buffers, caller: str) -> int:
     """The bytes ``buf`` (a buffer, or a list/tuple of them) holds, with a clear error if it is
     not made of buffers."""
     if type(buf) in (bytes, bytearray):
-        return len(buf)
+        return len(cast("bytes", buf))
     parts = buf if isinstance(buf, list | tuple) else (buf,)
     total = 0
     for part in parts:
@@ -190,7 +189,7 @@ class StreamWriter:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_zc(self, buf: Buffers) -> asyncio.Future[SendResult]:
+    def write_zc(self, buf: Buffers) -> SendFuture:
         """Send ``buf`` without copying it; the future resolves when the kernel released it.
 
         ``buf`` is any bytes-like object or a list/tuple of them (one vectored send). It is
@@ -204,20 +203,18 @@ class StreamWriter:
         nbytes = _nbytes(buf, "write_zc")
         return self._tracked(self._submit(self._zs.send_zc, buf), nbytes)
 
-    def send_file(
-        self, file: FileSource, offset: int = 0, count: int | None = None
-    ) -> asyncio.Future[SendResult]:
+    def send_file(self, file: FileSource, offset: int = 0, count: int | None = None) -> SendFuture:
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
         ``sendfile(2)``, in the same ordered stream as every write; see
         :meth:`zerosend.Socket.send_file`. Submitted now, never waits; the bytes count towards
         ``drain()``'s back-pressure until the kernel took them."""
         self._check_writable("send_file")
-        sent = self._submit(lambda _: self._zs.send_file(file, offset, count), None)
+        sent = self._submit(lambda _: self._zs.send_file(file, offset, count), b"")
         # The socket checked the file, so its size is there to read.
         nbytes = count if count is not None else os.fstat(_file_descriptor(file)).st_size - offset
         return self._tracked(sent, max(nbytes, 0))
 
-    def write(self, data: Buffers) -> None:
+    def write(self, data: Buffer) -> None:
         """Send a copy of ``data`` in the same ordered stream; ``data`` may be reused at once."""
         self._check_writable("write")
         owned = _owned(data, "write")
@@ -237,10 +234,11 @@ class StreamWriter:
             self._track(self._submit(self._zs.send, joined), len(joined), None)
 
     def _submit(
-        self, send: Callable[[Buffers], asyncio.Future[SendResult]], buf: Buffers
+        self, send: Callable[[Buffers], SendFuture], buf: Buffers
     ) -> asyncio.Future[SendResult]:
         try:
-            return send(buf)
+            # On asyncio a send is an asyncio.Future or a CompletedSend: both take callbacks.
+            return cast("asyncio.Future[SendResult]", send(buf))
         except OSError as exc:  # the driver knows the stream broke
             self._fail(exc)
             self._error_raised = True
