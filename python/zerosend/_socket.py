@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from . import _native
+from ._abort import check_timeout, reset, wait_at_most
 from ._types import Buffers, FallbackCode, SendFuture, fallback_code
 
 #: What ``wrap(backend=...)`` accepts: "auto" or one of the extension's backends, best first.
@@ -269,15 +270,39 @@ class Socket:
         self._driver.drain(self._handle, future)
         await future
 
-    async def aclose(self) -> None:
-        """Wait for all sends to be released, then close the socket."""
+    def abort(self) -> None:
+        """End the connection now with a reset (RST), as asyncio's ``transport.abort()``.
+
+        Bytes not yet acknowledged are dropped and every send in flight or submitted later
+        fails (``ConnectionResetError``, ``BrokenPipeError``); each still resolves only once
+        the kernel released its buffer, which now comes without waiting for the peer. The
+        socket stays open until :meth:`aclose`. On UDP it disconnects the socket.
+        """
+        if not self._closed:
+            reset(self._sock)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Wait for all sends to be released, then close the socket.
+
+        With ``timeout`` (seconds), a peer that has not taken every byte by then is cut off
+        with :meth:`abort`, so closing never waits longer than that for the peer (the buffers
+        are still released by the kernel before this returns).
+        """
+        limit = check_timeout(timeout)
         if self._closed:
             return
+        if limit is not None and not await self._drained_within(limit):
+            self.abort()
         await self.drain()
         self._final_stats = self.stats
         self._closed = True
         self._driver.close(self._handle)
         self._sock.close()
+
+    async def _drained_within(self, timeout: float) -> bool:
+        future = self._loop.create_future()
+        self._driver.drain(self._handle, future)
+        return await wait_at_most(future, timeout, self._loop)
 
     async def __aenter__(self) -> Socket:
         return self

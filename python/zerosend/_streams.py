@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeAlias, cast
 
+from ._abort import check_timeout
 from ._native import SendResult
 from ._socket import (
     BACKENDS,
@@ -182,6 +183,7 @@ class StreamWriter:
         self._error_raised = False
         self._eof = False
         self._closing = False
+        self._aborted = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._closer: asyncio.Task[None] | None = None
         # Release callbacks run in one context of their own rather than a copy per send.
@@ -308,7 +310,8 @@ class StreamWriter:
                 callback()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
+        # After abort() the sends fail because the caller ended the stream: not its error.
+        if self._error is None and not self._aborted:
             self._error = exc
             self._wake_drainers()
 
@@ -403,15 +406,39 @@ class StreamWriter:
         except OSError as exc:
             self._fail(exc)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Stop reading now; close the socket once the kernel released every write.
 
-        Returns at once; ``await wait_closed()`` waits for the releases and the close."""
-        if self._closing:
+        Returns at once; ``await wait_closed()`` waits for the releases and the close. With
+        ``timeout`` (seconds), a peer that has not acknowledged every write by then is cut off
+        with :meth:`abort` (without it, a silent peer holds the writes as long as TCP retries,
+        or ``user_timeout`` allows)."""
+        limit = check_timeout(timeout)
+        if not self._closing:
+            self._closing = True
+            self._feed.close()
+            self._closer = self._loop.create_task(self._close_when_released())
+        if limit is not None:
+            self._loop.call_later(limit, self._abort_unless_closed)
+
+    def abort(self) -> None:
+        """Close the connection at once with a reset (RST), as asyncio's ``transport.abort()``.
+
+        Unsent and unacknowledged bytes are dropped; the peer reads ``ECONNRESET``. Writes in
+        flight fail (their futures raise ``ConnectionResetError`` or ``BrokenPipeError``), each
+        still only once the kernel released its buffer, which now comes without the peer.
+        ``wait_closed()`` waits for those releases and the close, and raises nothing for the
+        abort itself. Writing after it raises ``RuntimeError``."""
+        if self._aborted or self._closed.done():
             return
-        self._closing = True
-        self._feed.close()
-        self._closer = self._loop.create_task(self._close_when_released())
+        self._aborted = True
+        self._zs.abort()
+        self.close()
+        self._wake_drainers()
+
+    def _abort_unless_closed(self) -> None:
+        if not self._closed.done():
+            self.abort()
 
     async def _close_when_released(self) -> None:
         try:
@@ -424,16 +451,28 @@ class StreamWriter:
             self._closed.cancel()
             raise
         except Exception as exc:  # raised by wait_closed(), or logged if nobody waits
-            self._closed.set_exception(exc)
+            if self._aborted and isinstance(exc, OSError):  # the abort's own doing
+                self._closed.set_result(None)
+            else:
+                self._closed.set_exception(exc)
         else:
             self._closed.set_result(None)
 
     def is_closing(self) -> bool:
         return self._closing
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self, timeout: float | None = None) -> None:
         """Wait until ``close()`` completed: every write released, the socket closed. Raises
-        the stream's error if no ``write*()``/``drain()`` raised it yet."""
+        the stream's error if no ``write*()``/``drain()`` raised it yet.
+
+        With ``timeout`` (seconds), if that has not happened by then, the connection is cut off
+        with :meth:`abort` and this waits for the kernel to release the writes (no longer for
+        the peer)."""
+        limit = check_timeout(timeout)
+        if limit is not None:
+            done, _ = await asyncio.wait([self._closed], timeout=limit)
+            if not done:
+                self.abort()
         await asyncio.shield(self._closed)
         if self._error is not None and not self._error_raised:
             self._error_raised = True
@@ -798,6 +837,13 @@ class StreamServer:
         """Close every accepted connection's writer (each once its writes were released)."""
         for writer in list(self._writers):
             writer.close()
+
+    def abort_clients(self) -> None:
+        """Cut off every accepted connection at once with :meth:`StreamWriter.abort` (asyncio
+        3.13's ``Server.abort_clients()``): ``wait_closed()`` then waits only for the kernel to
+        release their writes, not for their peers."""
+        for writer in list(self._writers):
+            writer.abort()
 
     def _wake_if_closed(self) -> None:
         if self._listeners is None and not self._writers:
