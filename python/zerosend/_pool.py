@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 import weakref
 from collections import deque
@@ -12,11 +11,12 @@ from typing import Any
 
 from . import _native
 from ._native import PoolBuffer
-from ._socket import _driver_for
+from ._socket import _loop_and_driver
 
 
 class BufferPool:
-    """``count`` writable buffers of ``size`` bytes, page-aligned and locked in memory.
+    """``count`` writable buffers of ``size`` bytes, page-aligned and locked in memory; usable
+    under asyncio (and uvloop) and under trio (directly or through anyio).
 
     ``buf = await pool.acquire()`` waits while all are busy; fill it through
     ``memoryview(buf)`` and send it (or a slice) with ``send_zc``. On the io_uring backend such
@@ -49,7 +49,8 @@ class BufferPool:
         # once the last of them is gone.
         self._memory: _native.PoolMemory | None = memory
         self._free: deque[int] = deque(range(count))
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # asyncio futures, or zerosend's trio futures under trio.
+        self._waiters: deque[Any] = deque()
         # The event loops' drivers that registered the memory, to unregister it on close.
         self._drivers: weakref.WeakSet[_native.Driver] = weakref.WeakSet()
         self._closed = False
@@ -125,17 +126,17 @@ class BufferPool:
         memory = self._memory
         if memory is None:
             raise ValueError("the buffer pool is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        # Registration is per event loop (per io_uring); repeated calls are no-ops.
-        driver = _driver_for(loop)
+        # The running asyncio loop or trio run; registration is per event loop (per io_uring),
+        # repeated calls are no-ops.
+        loop, driver = _loop_and_driver()
         driver.register_pool(memory)
         self._drivers.add(driver)
         while not self._free:
-            waiter: asyncio.Future[None] = loop.create_future()
+            waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled (asyncio's or trio's way)
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the wake-up on, it was meant for someone
                 elif waiter in self._waiters:
