@@ -29,7 +29,7 @@ from ._native import (
     capabilities,
 )
 from ._pool import BufferPool
-from ._socket import BACKENDS, Socket, wrap
+from ._socket import BACKENDS, BackendName, Socket, wrap
 from ._streams import StreamServer, StreamWriter, open_connection, start_server
 from ._types import FallbackCode, SendFuture
 
@@ -41,6 +41,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 __all__ = [
     "BACKENDS",
     "STATS_KEYS",
+    "BackendName",
     "BackendUnavailableError",
     "BufferPool",
     "Capabilities",
