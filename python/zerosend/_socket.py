@@ -21,6 +21,10 @@ BACKENDS: Final = ("auto", *_native.BACKENDS)
 BackendName: TypeAlias = Literal["auto", "io_uring", "msg_zerocopy", "copy"]
 #: Environment variable that overrides ``backend="auto"`` (for example to force "copy").
 BACKEND_ENV: Final = "ZEROSEND_BACKEND"
+#: Linux's UDP_SEGMENT socket option (UDP GSO; the socket module has no name for it before 3.12).
+UDP_SEGMENT: Final = getattr(socket, "UDP_SEGMENT", 103)
+#: The largest UDP payload of one IPv4 datagram: a segment size above it could not be sent.
+MAX_UDP_PAYLOAD: Final = 65507
 
 
 class Loop(Protocol):
@@ -69,6 +73,7 @@ def wrap(
     *,
     backend: BackendName = "auto",
     zerocopy_threshold: int = 1048576,
+    udp_segment: int | None = None,
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 
@@ -88,6 +93,11 @@ def wrap(
     socket only through the returned object from now on. Reading it (``loop.sock_recv_into``)
     is fine. A socket has one wrapper at a time: wrapping it again raises ``ValueError`` until
     the first wrapper was closed (or garbage-collected) and its sends were released.
+
+    ``udp_segment`` (UDP only) turns on UDP GSO (``UDP_SEGMENT``) for the socket: each send is
+    one batch the kernel cuts into datagrams of ``udp_segment`` bytes (the last may be shorter),
+    so one large zero-copy send carries many MTU-sized datagrams. A batch holds at most 64
+    segments and 65,507 bytes in all; the kernel refuses larger ones (``EINVAL``/``EMSGSIZE``).
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"wrap() needs a socket.socket, not {type(sock).__name__!r}")
@@ -99,6 +109,8 @@ def wrap(
         raise TypeError("zerocopy_threshold must be an int (bytes)")
     if zerocopy_threshold < 0:
         raise ValueError("zerocopy_threshold must be >= 0")
+    if udp_segment is not None:
+        _set_udp_segment(sock, udp_segment)
     chosen = _resolve_backend(backend)
     loop, driver = _loop_and_driver()
     handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
@@ -108,6 +120,16 @@ def wrap(
     if ring >= 0:
         loop.add_reader(ring, driver.dispatch_ring)
     return Socket(sock, loop, driver, handle)
+
+
+def _set_udp_segment(sock: socket.socket, size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"udp_segment must be an int (bytes per datagram), not {size!r}")
+    if not 1 <= size <= MAX_UDP_PAYLOAD:
+        raise ValueError(f"udp_segment must be between 1 and {MAX_UDP_PAYLOAD} bytes, not {size}")
+    if sock.type != socket.SOCK_DGRAM:
+        raise ValueError("udp_segment is for UDP sockets; this one is not")
+    sock.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, size)
 
 
 def _loop_and_driver() -> tuple[Loop, _native.Driver]:
