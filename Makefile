@@ -35,10 +35,10 @@ test-rust:
 lint: develop
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
-	$(PY) -m mypy.stubtest zerosend._native
-	$(PY) -m mypy --strict python
+	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff format --check python tests bench examples
+	$(PY) -m mypy.stubtest zerosend._native --allowlist tests/stubtest-allowlist.txt
+	$(PY) -m mypy --strict python examples
 
 test-python: develop
 	$(PY) -m pytest -q

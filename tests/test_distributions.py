@@ -125,7 +125,7 @@ def test_pure_wheel_installs_and_falls_back_to_copy(tmp_path: Path) -> None:
 
     env_dir, facts = install_and_smoke(tmp_path, wheel, "--no-index", "--no-deps")
     assert facts["native"] is False and facts["backend"] == "copy"
-    assert "zerosend._native could not be imported" in facts["fallback_reason"]
+    assert "zerosend._native is not installed" in facts["fallback_reason"]
     iscsi = subprocess.run(
         [env_dir / "bin" / "zerosend-iscsi", "--help"], capture_output=True, text=True, check=False
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
+import importlib.util
 import mmap
 import os
 import platform
@@ -25,11 +25,16 @@ import socket
 import stat
 import sys
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from types import ModuleType
 from typing import Any, final
 
-from . import _mutant
+from . import _errors, _mutant
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the one check that needs it is skipped
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "BACKENDS",
@@ -45,7 +50,8 @@ __all__ = [
     "crc32c",
 ]
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+# os.sysconf is POSIX-only.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in getattr(os, "sysconf_names", {}) else 1024
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 #: The extension's vocabulary, the same names in the same order (a test holds them equal).
 BACKENDS = ("io_uring", "msg_zerocopy", "copy")
@@ -92,18 +98,33 @@ _STREAM_SURVIVES_FAILURE = _mutant.on("fallback_stream_survives_failure")
 def stand_in_for_native(error: ImportError) -> ModuleType:
     """Records why the extension did not load and makes this module ``zerosend._native``."""
     global _why_no_native
+    where = f"{sys.platform}, {platform.machine() or 'unknown machine'}"
+    if _extension_missing(error):
+        # Python words a missing extension as "cannot import name '_native' from partially
+        # initialized module 'zerosend' (most likely due to a circular import)": it is no bug.
+        what = f"is not installed (this install has no build of it for {where})"
+    else:
+        what = f"could not be loaded on {where} ({type(error).__name__}: {error})"
     _why_no_native = (
-        f"the native extension zerosend._native could not be imported "
-        f"({type(error).__name__}: {error}), so zerosend sends by copy from pure Python; "
-        f"zero-copy needs Linux and a wheel for this platform, or a source build with Rust"
+        f"the native extension zerosend._native {what}, so zerosend sends by copy from pure "
+        f"Python; zero-copy needs Linux and a wheel for this platform, or a source build with Rust"
     )
     module = sys.modules[__name__]
     sys.modules[f"{__package__}._native"] = module
     return module
 
 
-class BackendUnavailableError(OSError):
-    """The requested zero-copy backend cannot be used on this kernel or socket."""
+def _extension_missing(error: ImportError) -> bool:
+    """True if no file of the extension is there (rather than one that failed to load)."""
+    if isinstance(error, ModuleNotFoundError):
+        return True
+    try:
+        return importlib.util.find_spec(f"{__package__}._native") is None
+    except (ImportError, ValueError):
+        return False
+
+
+BackendUnavailableError = _errors.BackendUnavailableError
 
 
 @final
@@ -181,6 +202,16 @@ class SendResult:
         return (self._nbytes, self._zerocopy) == (value._nbytes, value._zerocopy)
 
     __hash__ = None  # type: ignore[assignment]
+    __match_args__ = ("nbytes", "zerocopy")
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int | bool:
+        return (self._nbytes, self._zerocopy)[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self._nbytes, self._zerocopy))
 
     def __repr__(self) -> str:
         return f"SendResult(nbytes={self._nbytes}, zerocopy={self._zerocopy})"
@@ -235,7 +266,7 @@ def _closed() -> OSError:
 
 def _readable_file_size(fd: int) -> int:
     """The size of a regular file open for reading; raises what the native driver raises."""
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+    if fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
         raise OSError(
             errno.EBADF,
             "send_file needs a file opened for reading; this one is write-only "

@@ -1,7 +1,15 @@
 """Type stubs of the Rust extension (checked against it with mypy's stubtest)."""
 
-from collections.abc import Callable
-from typing import Any, Final, final
+import sys
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Final, Literal, final, overload
+
+from zerosend._errors import BackendUnavailableError as BackendUnavailableError
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
 
 __all__ = [
     "BACKENDS",
@@ -23,22 +31,21 @@ BACKENDS: Final[tuple[str, ...]]
 #: The names of a socket's counters (``Socket.stats``), in the core's order.
 STATS_KEYS: Final[tuple[str, ...]]
 
-class BackendUnavailableError(OSError):
-    """The requested zero-copy backend cannot be used on this kernel or socket."""
-
 @final
 class CompletedSend:
     """The outcome of a send that finished inside its call: awaiting it returns (or raises) at
     once, and it has the methods of a done ``asyncio.Future``."""
 
     _asyncio_future_blocking: bool
-    def __await__(self) -> CompletedSend: ...
-    def __iter__(self) -> CompletedSend: ...
+    # At run time __await__ and __iter__ return the object itself, which ends the await at its
+    # first __next__; typed as the generator it stands for.
+    def __await__(self) -> Generator[Any, None, SendResult]: ...
+    def __iter__(self) -> Generator[Any, None, SendResult]: ...
     def __next__(self) -> Any: ...
     def done(self) -> bool: ...
     def cancelled(self) -> bool: ...
     def cancel(self, msg: Any = None) -> bool: ...
-    def result(self) -> Any: ...
+    def result(self) -> SendResult: ...
     def exception(self) -> BaseException | None: ...
     def add_done_callback(
         self, callback: Callable[[Any], object], *, context: Any = None
@@ -48,8 +55,11 @@ class CompletedSend:
 
 @final
 class SendResult:
-    """How a send ended: bytes sent, and whether the kernel really avoided the copy."""
+    """How a send ended: bytes sent, and whether the kernel really avoided the copy.
 
+    It unpacks like a tuple: ``nbytes, zerocopy = result``."""
+
+    __match_args__: Final = ("nbytes", "zerocopy")
     @property
     def nbytes(self) -> int: ...
     @property
@@ -58,6 +68,14 @@ class SendResult:
     def __eq__(self, value: object, /) -> bool: ...
     def __ne__(self, value: object, /) -> bool: ...
     __hash__: None  # type: ignore[assignment]
+    def __len__(self) -> Literal[2]: ...
+    @overload
+    def __getitem__(self, index: Literal[0, -2], /) -> int: ...
+    @overload
+    def __getitem__(self, index: Literal[1, -1], /) -> bool: ...
+    @overload
+    def __getitem__(self, index: int, /) -> int | bool: ...
+    def __iter__(self) -> Iterator[int]: ...
 
 @final
 class Capabilities:
@@ -127,11 +145,12 @@ class PoolBuffer:
     def released(self) -> bool: ...
     def release(self) -> None: ...
     def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def capabilities() -> Capabilities:
     """Probe the running kernel now."""
 
-def crc32c(data: Any, value: int = 0) -> int:
+def crc32c(data: Buffer, value: int = 0) -> int:
     """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value`` (0 to start)."""
 
 @final

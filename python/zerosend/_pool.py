@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import threading
 import warnings
 import weakref
 from collections import deque
@@ -14,30 +11,12 @@ from typing import Any
 
 from . import _native
 from ._native import PoolBuffer
-from ._socket import _driver_for
-
-# The loop last seen running on each thread. asyncio.get_running_loop() makes a getpid() system
-# call on Python 3.11 (to tell a fork child); this cache spares it on every acquire: one thread
-# runs one loop at a time, so a loop seen on this thread that is still running is the running
-# one. A fork child starts with an empty cache.
-_running_loops: weakref.WeakValueDictionary[int, asyncio.AbstractEventLoop] = (
-    weakref.WeakValueDictionary()
-)
-os.register_at_fork(after_in_child=_running_loops.clear)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop:
-    thread = threading.get_ident()
-    loop = _running_loops.get(thread)
-    if loop is not None and loop.is_running():
-        return loop
-    loop = asyncio.get_running_loop()
-    _running_loops[thread] = loop
-    return loop
+from ._socket import _loop_and_driver
 
 
 class BufferPool:
-    """``count`` writable buffers of ``size`` bytes, page-aligned and locked in memory.
+    """``count`` writable buffers of ``size`` bytes, page-aligned and locked in memory; usable
+    under asyncio (and uvloop) and under trio (directly or through anyio).
 
     ``buf = await pool.acquire()`` waits while all are busy; fill it through
     ``memoryview(buf)`` and send it (or a slice) with ``send_zc``. On the io_uring backend such
@@ -70,7 +49,8 @@ class BufferPool:
         # once the last of them is gone.
         self._memory: _native.PoolMemory | None = memory
         self._free: deque[int] = deque(range(count))
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # asyncio futures, or zerosend's trio futures under trio.
+        self._waiters: deque[Any] = deque()
         # The event loops' drivers that registered the memory, to unregister it on close.
         self._drivers: weakref.WeakSet[_native.Driver] = weakref.WeakSet()
         self._closed = False
@@ -146,17 +126,17 @@ class BufferPool:
         memory = self._memory
         if memory is None:
             raise ValueError("the buffer pool is closed; create a new one")
-        loop = _running_loop()
-        # Registration is per event loop (per io_uring); repeated calls are no-ops.
-        driver = _driver_for(loop)
+        # The running asyncio loop or trio run; registration is per event loop (per io_uring),
+        # repeated calls are no-ops.
+        loop, driver = _loop_and_driver()
         driver.register_pool(memory)
         self._drivers.add(driver)
         while not self._free:
-            waiter: asyncio.Future[None] = loop.create_future()
+            waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled (asyncio's or trio's way)
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the wake-up on, it was meant for someone
                 elif waiter in self._waiters:

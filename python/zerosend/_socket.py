@@ -8,15 +8,16 @@ import io
 import os
 import socket
 import sys
+import threading
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from . import _native
+from ._abort import check_timeout, reset, wait_at_most
 from ._calibration import DEFAULT_THRESHOLD, Thresholds
 from ._calibration import load as load_thresholds
-from ._native import SendResult
+from ._types import Buffers, FallbackCode, SendFuture, fallback_code
 
 #: What ``wrap(backend=...)`` accepts: "auto" or one of the extension's backends, best first.
 BACKENDS: Final = ("auto", *_native.BACKENDS)
@@ -24,9 +25,10 @@ BACKENDS: Final = ("auto", *_native.BACKENDS)
 BackendName: TypeAlias = Literal["auto", "io_uring", "msg_zerocopy", "copy"]
 #: Environment variable that overrides ``backend="auto"`` (for example to force "copy").
 BACKEND_ENV: Final = "ZEROSEND_BACKEND"
-
-Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer on 3.12+)
-Buffers: TypeAlias = Buffer | Sequence[Buffer]
+#: Linux's UDP_SEGMENT socket option (UDP GSO; the socket module has no name for it before 3.12).
+UDP_SEGMENT: Final = getattr(socket, "UDP_SEGMENT", 103)
+#: The largest UDP payload of one IPv4 datagram: a segment size above it could not be sent.
+MAX_UDP_PAYLOAD: Final = 65507
 
 
 class Loop(Protocol):
@@ -86,6 +88,7 @@ def wrap(
     *,
     backend: BackendName = "auto",
     zerocopy_threshold: int = DEFAULT_THRESHOLD,
+    udp_segment: int | None = None,
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 
@@ -109,6 +112,11 @@ def wrap(
     socket only through the returned object from now on. Reading it (``loop.sock_recv_into``)
     is fine. A socket has one wrapper at a time: wrapping it again raises ``ValueError`` until
     the first wrapper was closed (or garbage-collected) and its sends were released.
+
+    ``udp_segment`` (UDP only) turns on UDP GSO (``UDP_SEGMENT``) for the socket: each send is
+    one batch the kernel cuts into datagrams of ``udp_segment`` bytes (the last may be shorter),
+    so one large zero-copy send carries many MTU-sized datagrams. A batch holds at most 64
+    segments and 65,507 bytes in all; the kernel refuses larger ones (``EINVAL``/``EMSGSIZE``).
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"wrap() needs a socket.socket, not {type(sock).__name__!r}")
@@ -120,6 +128,8 @@ def wrap(
         raise TypeError("zerocopy_threshold must be an int (bytes)")
     if zerocopy_threshold < 0:
         raise ValueError("zerocopy_threshold must be >= 0")
+    if udp_segment is not None:
+        _set_udp_segment(sock, udp_segment)
     chosen = _resolve_backend(backend)
     calibrated = None
     if (
@@ -169,13 +179,38 @@ def _thresholds() -> Thresholds:
     return _cached_thresholds
 
 
+def _set_udp_segment(sock: socket.socket, size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"udp_segment must be an int (bytes per datagram), not {size!r}")
+    if not 1 <= size <= MAX_UDP_PAYLOAD:
+        raise ValueError(f"udp_segment must be between 1 and {MAX_UDP_PAYLOAD} bytes, not {size}")
+    if sock.type != socket.SOCK_DGRAM:
+        raise ValueError("udp_segment is for UDP sockets; this one is not")
+    sock.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, size)
+
+
+# The asyncio loop last seen running on each thread. asyncio.get_running_loop() makes a getpid()
+# system call on Python 3.11 (to tell a fork child); this cache spares it on every pool acquire:
+# one thread runs one loop at a time, so a loop seen on this thread that is still running is the
+# running one. A fork child starts with an empty cache.
+_running_loops: weakref.WeakValueDictionary[int, asyncio.AbstractEventLoop] = (
+    weakref.WeakValueDictionary()
+)
+os.register_at_fork(after_in_child=_running_loops.clear)
+
+
 def _loop_and_driver() -> tuple[Loop, _native.Driver]:
     """The running event loop (asyncio, uvloop, or a trio run) and its driver."""
+    thread = threading.get_ident()
+    seen = _running_loops.get(thread)
+    if seen is not None and seen.is_running():
+        return seen, _driver_for(seen)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
+        _running_loops[thread] = loop
         return loop, _driver_for(loop)
     # Not asyncio: trio (directly, or as anyio's backend)? sniffio comes with trio and anyio.
     library = None
@@ -269,7 +304,7 @@ class Socket:
         self._backend = driver.backend(handle)
         self._fallback_reason = driver.fallback_reason(handle)
 
-    def send_zc(self, buf: Buffers) -> asyncio.Future[SendResult]:
+    def send_zc(self, buf: Buffers) -> SendFuture:
         """Send ``buf`` without copying it; resolves when the kernel released its pages.
 
         ``buf`` is any bytes-like object or a list/tuple of them (one vectored send: one datagram
@@ -281,22 +316,22 @@ class Socket:
 
         A send the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or
         the copy backend) returns a ``CompletedSend``: already done, with the methods of a done
-        future, and awaiting it does not even yield to the event loop.
+        future, and awaiting it does not even yield to the event loop. See :class:`SendFuture`.
         """
-        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, True, self._loop)
+        sent: SendFuture = self._driver.submit(self._handle, buf, True, self._loop)
         return sent
 
-    def send(self, buf: Buffers) -> asyncio.Future[SendResult]:
-        """Send ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
+    def send(self, buf: Buffers) -> SendFuture:
+        """Send all of ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
 
-        Resolves once the kernel has copied all of it (``zerocopy`` is False).
+        Like ``socket.sendall`` (not ``socket.send``): the whole buffer goes, or an error is
+        raised; there is no partial count to loop on. Resolves once the kernel has copied all
+        of it (``zerocopy`` is False).
         """
-        sent: asyncio.Future[SendResult] = self._driver.submit(self._handle, buf, False, self._loop)
+        sent: SendFuture = self._driver.submit(self._handle, buf, False, self._loop)
         return sent
 
-    def send_file(
-        self, file: FileSource, offset: int = 0, count: int | None = None
-    ) -> asyncio.Future[SendResult]:
+    def send_file(self, file: FileSource, offset: int = 0, count: int | None = None) -> SendFuture:
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
         ``sendfile(2)``: from the page cache straight to the socket, in the same ordered stream as
         :meth:`send_zc` and :meth:`send`. TCP only.
@@ -309,14 +344,16 @@ class Socket:
         (the bytes never pass through user memory; ``stats["bytes_sendfile"]`` counts them)
         once the kernel took all of them. Truncating the file while it is sent ends the stream
         with an error.
+
+        Unlike ``socket.sendfile`` and ``loop.sock_sendfile``, it returns a :class:`SendResult`
+        rather than a count, does not move the file's position (``file.tell()`` is unchanged;
+        pass ``offset``), and sends every byte asked for or raises.
         """
         fd = _file_descriptor(file)
         _check_byte_count("offset", offset)
         if count is not None:
             _check_byte_count("count", count)
-        sent: asyncio.Future[SendResult] = self._driver.submit_file(
-            self._handle, fd, offset, count, self._loop
-        )
+        sent: SendFuture = self._driver.submit_file(self._handle, fd, offset, count, self._loop)
         return sent
 
     async def drain(self) -> None:
@@ -327,15 +364,39 @@ class Socket:
         self._driver.drain(self._handle, future)
         await future
 
-    async def aclose(self) -> None:
-        """Wait for all sends to be released, then close the socket."""
+    def abort(self) -> None:
+        """End the connection now with a reset (RST), as asyncio's ``transport.abort()``.
+
+        Bytes not yet acknowledged are dropped and every send in flight or submitted later
+        fails (``ConnectionResetError``, ``BrokenPipeError``); each still resolves only once
+        the kernel released its buffer, which now comes without waiting for the peer. The
+        socket stays open until :meth:`aclose`. On UDP it disconnects the socket.
+        """
+        if not self._closed:
+            reset(self._sock)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Wait for all sends to be released, then close the socket.
+
+        With ``timeout`` (seconds), a peer that has not taken every byte by then is cut off
+        with :meth:`abort`, so closing never waits longer than that for the peer (the buffers
+        are still released by the kernel before this returns).
+        """
+        limit = check_timeout(timeout)
         if self._closed:
             return
+        if limit is not None and not await self._drained_within(limit):
+            self.abort()
         await self.drain()
         self._final_stats = self.stats
         self._closed = True
         self._driver.close(self._handle)
         self._sock.close()
+
+    async def _drained_within(self, timeout: float) -> bool:
+        future = self._loop.create_future()
+        self._driver.drain(self._handle, future)
+        return await wait_at_most(future, timeout, self._loop)
 
     async def __aenter__(self) -> Socket:
         return self
@@ -368,6 +429,11 @@ class Socket:
     def fallback_reason(self) -> str | None:
         """Why ``backend="auto"`` could not use a better backend, or None."""
         return self._fallback_reason
+
+    @property
+    def fallback_code(self) -> FallbackCode | None:
+        """:attr:`fallback_reason` as a :class:`FallbackCode` to switch on, or None."""
+        return fallback_code(self._fallback_reason, _native.__name__ == "zerosend._native")
 
     @property
     def inflight(self) -> int:

@@ -16,20 +16,20 @@ import socket
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 from . import _mutant
+from ._abort import check_timeout
 from ._native import SendResult
 from ._socket import (
     BACKENDS,
     BackendName,
-    Buffer,
-    Buffers,
     FileSource,
     Socket,
     _file_descriptor,
     wrap,
 )
+from ._types import Buffer, Buffers, SendFuture
 
 #: asyncio's default for StreamReader's buffer limit (64 KiB).
 DEFAULT_LIMIT: Final = 1 << 16
@@ -60,7 +60,7 @@ def _nbytes(buf: Buffers, caller: str) -> int:
     """The bytes ``buf`` (a buffer, or a list/tuple of them) holds, with a clear error if it is
     not made of buffers."""
     if type(buf) in (bytes, bytearray):
-        return len(buf)
+        return len(cast("bytes", buf))
     parts = buf if isinstance(buf, list | tuple) else (buf,)
     total = 0
     for part in parts:
@@ -188,6 +188,7 @@ class StreamWriter:
         self._error_raised = False
         self._eof = False
         self._closing = False
+        self._aborted = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._closer: asyncio.Task[None] | None = None
         # Release callbacks run in one context of their own rather than a copy per send.
@@ -195,7 +196,7 @@ class StreamWriter:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_zc(self, buf: Buffers) -> asyncio.Future[SendResult]:
+    def write_zc(self, buf: Buffers) -> SendFuture:
         """Send ``buf`` without copying it; the future resolves when the kernel released it.
 
         ``buf`` is any bytes-like object or a list/tuple of them (one vectored send). It is
@@ -209,20 +210,18 @@ class StreamWriter:
         nbytes = _nbytes(buf, "write_zc")
         return self._tracked(self._submit(self._zs.send_zc, buf), nbytes)
 
-    def send_file(
-        self, file: FileSource, offset: int = 0, count: int | None = None
-    ) -> asyncio.Future[SendResult]:
+    def send_file(self, file: FileSource, offset: int = 0, count: int | None = None) -> SendFuture:
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
         ``sendfile(2)``, in the same ordered stream as every write; see
         :meth:`zerosend.Socket.send_file`. Submitted now, never waits; the bytes count towards
         ``drain()``'s back-pressure until the kernel took them."""
         self._check_writable("send_file")
-        sent = self._submit(lambda _: self._zs.send_file(file, offset, count), None)
+        sent = self._submit(lambda _: self._zs.send_file(file, offset, count), b"")
         # The socket checked the file, so its size is there to read.
         nbytes = count if count is not None else os.fstat(_file_descriptor(file)).st_size - offset
         return self._tracked(sent, max(nbytes, 0))
 
-    def write(self, data: Buffers) -> None:
+    def write(self, data: Buffer) -> None:
         """Send a copy of ``data`` in the same ordered stream; ``data`` may be reused at once."""
         self._check_writable("write")
         owned = _owned(data, "write")
@@ -242,10 +241,11 @@ class StreamWriter:
             self._track(self._submit(self._zs.send, joined), len(joined), None)
 
     def _submit(
-        self, send: Callable[[Buffers], asyncio.Future[SendResult]], buf: Buffers
+        self, send: Callable[[Buffers], SendFuture], buf: Buffers
     ) -> asyncio.Future[SendResult]:
         try:
-            return send(buf)
+            # On asyncio a send is an asyncio.Future or a CompletedSend: both take callbacks.
+            return cast("asyncio.Future[SendResult]", send(buf))
         except OSError as exc:  # the driver knows the stream broke
             self._fail(exc)
             self._error_raised = True
@@ -319,7 +319,8 @@ class StreamWriter:
                 callback()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._error is None:
+        # After abort() the sends fail because the caller ended the stream: not its error.
+        if self._error is None and not self._aborted:
             self._error = exc
             self._wake_drainers()
 
@@ -414,15 +415,39 @@ class StreamWriter:
         except OSError as exc:
             self._fail(exc)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Stop reading now; close the socket once the kernel released every write.
 
-        Returns at once; ``await wait_closed()`` waits for the releases and the close."""
-        if self._closing:
+        Returns at once; ``await wait_closed()`` waits for the releases and the close. With
+        ``timeout`` (seconds), a peer that has not acknowledged every write by then is cut off
+        with :meth:`abort` (without it, a silent peer holds the writes as long as TCP retries,
+        or ``user_timeout`` allows)."""
+        limit = check_timeout(timeout)
+        if not self._closing:
+            self._closing = True
+            self._feed.close()
+            self._closer = self._loop.create_task(self._close_when_released())
+        if limit is not None:
+            self._loop.call_later(limit, self._abort_unless_closed)
+
+    def abort(self) -> None:
+        """Close the connection at once with a reset (RST), as asyncio's ``transport.abort()``.
+
+        Unsent and unacknowledged bytes are dropped; the peer reads ``ECONNRESET``. Writes in
+        flight fail (their futures raise ``ConnectionResetError`` or ``BrokenPipeError``), each
+        still only once the kernel released its buffer, which now comes without the peer.
+        ``wait_closed()`` waits for those releases and the close, and raises nothing for the
+        abort itself. Writing after it raises ``RuntimeError``."""
+        if self._aborted or self._closed.done():
             return
-        self._closing = True
-        self._feed.close()
-        self._closer = self._loop.create_task(self._close_when_released())
+        self._aborted = True
+        self._zs.abort()
+        self.close()
+        self._wake_drainers()
+
+    def _abort_unless_closed(self) -> None:
+        if not self._closed.done():
+            self.abort()
 
     async def _close_when_released(self) -> None:
         try:
@@ -435,16 +460,28 @@ class StreamWriter:
             self._closed.cancel()
             raise
         except Exception as exc:  # raised by wait_closed(), or logged if nobody waits
-            self._closed.set_exception(exc)
+            if self._aborted and isinstance(exc, OSError):  # the abort's own doing
+                self._closed.set_result(None)
+            else:
+                self._closed.set_exception(exc)
         else:
             self._closed.set_result(None)
 
     def is_closing(self) -> bool:
         return self._closing
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self, timeout: float | None = None) -> None:
         """Wait until ``close()`` completed: every write released, the socket closed. Raises
-        the stream's error if no ``write*()``/``drain()`` raised it yet."""
+        the stream's error if no ``write*()``/``drain()`` raised it yet.
+
+        With ``timeout`` (seconds), if that has not happened by then, the connection is cut off
+        with :meth:`abort` and this waits for the kernel to release the writes (no longer for
+        the peer)."""
+        limit = check_timeout(timeout)
+        if limit is not None:
+            done, _ = await asyncio.wait([self._closed], timeout=limit)
+            if not done:
+                self.abort()
         await asyncio.shield(self._closed)
         if self._error is not None and not self._error_raised:
             self._error_raised = True
@@ -809,6 +846,13 @@ class StreamServer:
         """Close every accepted connection's writer (each once its writes were released)."""
         for writer in list(self._writers):
             writer.close()
+
+    def abort_clients(self) -> None:
+        """Cut off every accepted connection at once with :meth:`StreamWriter.abort` (asyncio
+        3.13's ``Server.abort_clients()``): ``wait_closed()`` then waits only for the kernel to
+        release their writes, not for their peers."""
+        for writer in list(self._writers):
+            writer.abort()
 
     def _wake_if_closed(self) -> None:
         if self._listeners is None and not self._writers:

@@ -46,7 +46,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add(
         "BackendUnavailableError",
-        m.py().get_type::<errors::BackendUnavailableError>(),
+        errors::backend_unavailable_error(m.py())?,
     )?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Small immutable result objects.
 
+use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 /// How a send ended: bytes sent, and whether the kernel really avoided the copy.
 #[pyclass(frozen, eq, get_all, module = "zerosend._native")]
@@ -31,6 +33,43 @@ impl SendResult {
     fn __repr__(&self) -> String {
         let zerocopy = if self.zerocopy { "True" } else { "False" };
         format!("SendResult(nbytes={}, zerocopy={zerocopy})", self.nbytes)
+    }
+
+    // A 2-sequence, as the README writes it: `nbytes, zerocopy = result`, `result[0]`,
+    // `match result: case SendResult(n, True)`.
+    #[classattr]
+    fn __match_args__() -> (&'static str, &'static str) {
+        ("nbytes", "zerocopy")
+    }
+
+    fn __len__(&self) -> usize {
+        2
+    }
+
+    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<Py<PyAny>> {
+        match index {
+            0 | -2 => Ok(self.nbytes.into_pyobject(py)?.into_any().unbind()),
+            1 | -1 => Ok(pyo3::types::PyBool::new(py, self.zerocopy)
+                .to_owned()
+                .into_any()
+                .unbind()),
+            _ => Err(PyIndexError::new_err(
+                "SendResult index out of range (it has 2 items)",
+            )),
+        }
+    }
+
+    fn __iter__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let items = PyTuple::new(
+            py,
+            [
+                self.nbytes.into_pyobject(py)?.into_any(),
+                pyo3::types::PyBool::new(py, self.zerocopy)
+                    .to_owned()
+                    .into_any(),
+            ],
+        )?;
+        Ok(items.try_iter()?.into_any().unbind())
     }
 }
 
