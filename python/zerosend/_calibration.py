@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -108,6 +107,8 @@ def crossover(measured: list[dict[str, Any]]) -> int | None:
 async def _measure(
     host: str, port: int, size: int, zerocopy: bool, seconds: float
 ) -> dict[str, Any]:
+    import resource  # POSIX only: the pure wheel imports this module on every OS
+
     import zerosend
 
     loop = asyncio.get_running_loop()
