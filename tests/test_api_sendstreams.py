@@ -28,29 +28,30 @@ BEYOND_BUFFERS = 32 * MiB
 HANG_GUARD = 120  # seconds: a hang guard on a loaded machine, never a verdict
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param(("trio", {}), id="trio"),
-    ]
-)
+ANYIO_BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]
+#: (anyio backend, stream kind): anyio's stream on every anyio backend, trio's under trio only
+#: (no combination is generated only to be skipped).
+STACKS = [
+    pytest.param(("asyncio", {}), "anyio", id="anyio-asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), "anyio", id="anyio-uvloop"),
+    pytest.param(("trio", {}), "anyio", id="anyio-trio"),
+    pytest.param(("trio", {}), "trio", id="trio"),
+]
+each_stack = pytest.mark.parametrize(("anyio_backend", "kind"), STACKS)
+
+
+@pytest.fixture(params=ANYIO_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    if request.param[1].get("use_uvloop"):
-        pytest.importorskip("uvloop")
     return request.param
 
 
 @pytest.fixture(params=["io_uring", "msg_zerocopy", "copy"])
 def any_backend(request: pytest.FixtureRequest) -> str:
     require_backend(request.param)
-    return str(request.param)
-
-
-@pytest.fixture(params=["anyio", "trio"])
-def kind(request: pytest.FixtureRequest, anyio_backend: Any) -> str:
-    if request.param == "trio" and anyio_backend[0] != "trio":
-        pytest.skip("trio's SendStream runs under trio only")
     return str(request.param)
 
 
@@ -112,6 +113,7 @@ def held(buffer: bytearray) -> bool:
     return False
 
 
+@each_stack
 async def test_order_of_many_sends_of_every_size(
     kind: str, any_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -136,6 +138,7 @@ async def test_order_of_many_sends_of_every_size(
         await stream.aclose()
 
 
+@each_stack
 async def test_a_send_returns_only_after_the_kernel_released_the_data(
     kind: str, any_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -161,6 +164,7 @@ async def test_a_send_returns_only_after_the_kernel_released_the_data(
         await stream.aclose()
 
 
+@each_stack
 async def test_errors_are_the_library_s(
     kind: str, any_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -195,6 +199,7 @@ async def test_errors_are_the_library_s(
             await send(kind, stream, b"after aclose")
 
 
+@each_stack
 async def test_aclose_cancelled_resets_and_still_closes(
     kind: str, any_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -236,6 +241,7 @@ async def test_anyio_extra_attributes(
     await stream.aclose()
 
 
+@each_stack
 async def test_buffer_pool_buffers_through_a_stream(
     kind: str, any_backend: str, pair: tuple[socket.socket, socket.socket]
 ) -> None:
