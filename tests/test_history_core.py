@@ -67,16 +67,21 @@ def _from_environment(name: str, kind: type[int] | type[float], default: str) ->
 SEED = int(_from_environment("ZEROSEND_SOAK_SEED", int, "20260120"))
 MINUTES = _from_environment("ZEROSEND_SOAK_MINUTES", float, "1")
 BACKENDS = [b for b in zerosend.BACKENDS if b != "auto"]
-#: Each backend's share of the run.
-ROUND_SECONDS = MINUTES * 60 / len(BACKENDS)
+#: A soak (more than the minute of `make test`): random rounds and the stateful machine share
+#: each backend's part of the run half and half.
+SOAKING = MINUTES > 1
+#: Each backend's share of the run for random rounds, and for stateful batches in a soak.
+ROUND_SECONDS = MINUTES * 60 / len(BACKENDS) / (2 if SOAKING else 1)
+STATEFUL_SECONDS = ROUND_SECONDS if SOAKING else 0.0
 #: Hang guards only (a loaded 2-CPU machine), never a verdict on speed.
 PROGRESS_GUARD_S = 30.0
 HANG_GUARD_S = 90.0
 KiB = 1 << 10
-#: Examples of the stateful test per backend (each a short round of up to 30 steps): the same
-#: ones in every `make test` run (100 find the pool-close seam), new ones in longer soaks.
-STATEFUL_EXAMPLES = max(100, int(100 * MINUTES))
-STATEFUL_DERANDOMIZED = MINUTES <= 1
+#: Examples of the stateful test per batch and backend (each a short round of up to 30 steps):
+#: the same ones in every `make test` run (100 find the pool-close seam); a soak runs batches of
+#: new ones until its share of the time is used.
+STATEFUL_EXAMPLES = 100
+STATEFUL_DERANDOMIZED = not SOAKING
 #: Failing rounds whose report a failure shows.
 SHOWN_ROUNDS = 3
 STEPS = (40, 160)
@@ -764,21 +769,26 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(STATEFUL_EXAMPLES * 2 + 600)  # and shrinking a failure runs many more
+# A soak's last batch ends past its share; shrinking a failure runs many more examples.
+@pytest.mark.timeout(int(STATEFUL_SECONDS) + STATEFUL_EXAMPLES * 4 + 600)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stateful_mixes_keep_the_contract(backend: str) -> None:
     require("rig", RIG_UNAVAILABLE)
     require_backend(backend)
     with Rig() as rig:
         CoreMachine.rig, CoreMachine.backend = rig, backend
-        run_state_machine_as_test(
-            CoreMachine,
-            settings=settings(
-                max_examples=STATEFUL_EXAMPLES,
-                stateful_step_count=30,
-                deadline=None,
-                database=None,  # a replay comes from the printed steps, not a local cache
-                derandomize=STATEFUL_DERANDOMIZED,
-                suppress_health_check=list(HealthCheck),
-            ),
-        )
+        deadline = time.monotonic() + STATEFUL_SECONDS
+        while True:  # one batch in `make test`; in a soak, batches until the share is used
+            run_state_machine_as_test(
+                CoreMachine,
+                settings=settings(
+                    max_examples=STATEFUL_EXAMPLES,
+                    stateful_step_count=30,
+                    deadline=None,
+                    database=None,  # a replay comes from the printed steps, not a local cache
+                    derandomize=STATEFUL_DERANDOMIZED,
+                    suppress_health_check=list(HealthCheck),
+                ),
+            )
+            if time.monotonic() >= deadline:
+                break
