@@ -84,6 +84,7 @@ lint-release: $(VENV)/.release-tools
 	$(VENV)/bin/ruff format --check scripts
 
 # The core benchmark (about 15 minutes on 2 CPUs): BENCHMARKS.md, plots, targets met / not met;
+# then UDP GSO on the ifb device (bench/gso.py, root; about 2 minutes) into BENCHMARKS.md;
 # then the iSCSI target against tgtd (root; about 8 minutes), into bench/results/iscsi.md.
 # `make bench BENCH_ARGS=--quick` is a smoke run of seconds of the core benchmark alone; see
 # `python -m bench --help` and `python bench/iscsi/perf.py --help`.
@@ -92,6 +93,7 @@ ISCSI_BENCH_ARGS ?= --size 256M --seconds 8 --rounds 3 --markdown bench/results/
 bench: system-deps develop
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) -m bench $(BENCH_ARGS)
+	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) -m bench.gso)
 	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) bench/iscsi/perf.py $(ISCSI_BENCH_ARGS))
 
 bench-iscsi: system-deps develop
