@@ -157,6 +157,7 @@ class Config:
     out: Path
     markdown: Path
     quick: bool
+    from_json: Path | None = None
 
 
 def run_one(
@@ -285,7 +286,8 @@ def markdown(
         ("sender CPU seconds per GB", "cpu_s_per_gb", 3),
         ("MB/s", "mb_per_s", 0),
         (
-            "sender CPU busy, % of the span (below 100: it waited for socket room or releases)",
+            "sender CPU busy, % of the span (below 100 it waited: for socket room, for releases, "
+            "or for a CPU shared with other work)",
             "busy_percent",
             0,
         ),
@@ -376,6 +378,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
+    parser.add_argument(
+        "--from-json", type=Path, help="rewrite the Markdown from an earlier gso.json"
+    )
     args = parser.parse_args(argv)
     segments = [int(s) for s in args.segments.split(",")] if args.segments else list(SEGMENTS)
     for segment in segments:
@@ -398,6 +403,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         out=out,
         markdown=args.markdown or (out / "BENCHMARKS.md" if quick else ROOT / "BENCHMARKS.md"),
         quick=quick,
+        from_json=args.from_json,
     )
 
 
@@ -406,6 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--sender"]:
         return sender_main(argv[1:])
     config = parse_args(argv)
+    if config.from_json:  # the same run's figures, written again (after a change of wording)
+        document = json.loads(config.from_json.read_text())
+        for name in ("segments", "inflight", "rounds", "seconds", "backends"):
+            setattr(config, name, document["config"][name])
+        config.out = config.from_json.parent
+        info, skipped = document["machine"], document["skipped"]
+        write_markdown(config.markdown, markdown(config, document["runs"], skipped, info))
+        print(f"wrote {config.markdown} from {config.from_json}", flush=True)
+        return 0
     from bench.rig import rig_unavailable_reason
 
     why = rig_unavailable_reason()
