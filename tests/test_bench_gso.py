@@ -42,7 +42,7 @@ def test_bad_options_are_refused_naming_them() -> None:
 def test_quick_run_measures_each_backend_with_and_without_gso(tmp_path: Path) -> None:
     require("rig", RIG_UNAVAILABLE)
     markdown = tmp_path / "BENCHMARKS.md"
-    markdown.write_text(f"# Before\n\n{BEGIN}\nold\n{END}\n\n# After\n")
+    markdown.write_text(f"# Before\n\n{BEGIN}\nSTALE-SECTION\n{END}\n\n# After\n")
     done = subprocess.run(
         [
             sys.executable,
@@ -77,4 +77,4 @@ def test_quick_run_measures_each_backend_with_and_without_gso(tmp_path: Path) ->
         assert run["backend"] == run["requested"]
     text = markdown.read_text()
     assert text.startswith("# Before\n") and text.endswith("# After\n")
-    assert "old" not in text and "GSO batch per send" in text
+    assert "STALE-SECTION" not in text and "GSO batch per send" in text
