@@ -58,3 +58,36 @@ unsafe impl IoBuf for std::sync::Arc<[u8]> {
         (**self).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::IoBuf;
+    use std::sync::Arc;
+
+    /// Every owner of bytes reports the very bytes it owns: the kernel reads `len()` bytes at
+    /// `as_ptr()`, so a wrong pointer or length sends other memory.
+    fn sends_its_own_bytes<B: IoBuf>(buf: &B, expected: &[u8]) {
+        assert_eq!(buf.len(), expected.len());
+        assert_eq!(buf.is_empty(), expected.is_empty());
+        // SAFETY: IoBuf promises `len()` readable bytes at `as_ptr()` while `buf` lives.
+        let seen = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn each_owner_hands_the_kernel_its_own_bytes() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        sends_its_own_bytes(&bytes.clone(), &bytes);
+        sends_its_own_bytes(&bytes.clone().into_boxed_slice(), &bytes);
+        sends_its_own_bytes(&Arc::<[u8]>::from(bytes.clone()), &bytes);
+        let leaked: &'static [u8] = Vec::leak(bytes.clone());
+        sends_its_own_bytes(&leaked, &bytes);
+    }
+
+    #[test]
+    fn only_an_empty_buffer_is_empty() {
+        sends_its_own_bytes(&Vec::<u8>::new(), &[]);
+        sends_its_own_bytes(&Box::<[u8]>::from(&[][..]), &[]);
+        sends_its_own_bytes(&vec![7u8], &[7]);
+    }
+}
