@@ -37,7 +37,7 @@ lint: develop
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
-	$(PY) -m mypy.stubtest zerosend._native --allowlist tests/stubtest-allowlist.txt
+	$(PY) -m mypy.stubtest zerosend._native zerosend.iscsi._native --allowlist tests/stubtest-allowlist.txt
 	$(PY) -m mypy --strict python examples
 
 test-python: develop

@@ -47,7 +47,6 @@ __all__ = [
     "PoolMemory",
     "SendResult",
     "capabilities",
-    "crc32c",
 ]
 
 # os.sysconf is POSIX-only.
@@ -892,26 +891,3 @@ class PoolBuffer(mmap.mmap):
     def __repr__(self) -> str:
         state = " released" if self._released else ""
         return f"<zerosend.PoolBuffer index={self._index} size={self._size}{state}>"
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: Any, value: int = 0) -> int:
-    """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value``."""
-    table = _CRC32C
-    crc = value ^ 0xFFFFFFFF
-    with memoryview(data) as view:
-        for byte in view.cast("B") if view.format != "B" else view:
-            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
