@@ -10,7 +10,7 @@ import socket
 import pytest
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import UNAVAILABLE, read_all, tcp_pair
 
 

@@ -42,4 +42,3 @@ def test_the_native_pieces_are_the_targets_module_not_the_cores() -> None:
     # The encoders are a test-only entry, not part of the production class.
     assert not hasattr(native.IscsiReadPath, "encode_data_in")
     assert len(native._encode_data_in(0x81, 0, 0, bytes(8), 1, 2, 3, 4, 0, 0, 0)) == 48
-
