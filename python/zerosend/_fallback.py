@@ -1,5 +1,9 @@
 """A pure-Python stand-in for the ``zerosend._native`` extension, used where it cannot load.
 
+One concept, one module: it is the extension's twin, name for name (``__all__`` equals the stub's,
+a test holds them so), and what replaces one module stays one module: the driver, its results
+and its pool memory share the send records and the loop's reader, as they do in Rust.
+
 On another OS, on an architecture without a wheel, or in an install built without Rust,
 ``import zerosend`` still works: this module implements the extension's interface
 (``_native.pyi``) with plain copying ``sendmsg`` calls, and ``wrap()``, ``Socket`` and
