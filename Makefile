@@ -6,8 +6,9 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 .PHONY: run test test-rust test-python lint wheel bench bench-iscsi system-deps venv develop clean test-mutants fuzz soak
 # The dependencies of an extra of pyproject.toml, the one place they are listed (`test`: the
-# tests and lints; `bench`: the benchmark's plots), shell-quoted, read by the venv's python $(2).
-extra = $$($(2) -c 'import shlex, tomllib; print(" ".join(map(shlex.quote, tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["$(1)"])))')
+# tests and lints; `bench`: the benchmark's plots), read by the venv's python $(2). (A command
+# substitution's words are not parsed again: `<` in a requirement stays a character.)
+extra = $$($(2) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["$(1)"]))')
 
 run: develop
 	$(PY) -m bench.demo
