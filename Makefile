@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 
 .PHONY: run test test-rust test-python lint wheel bench bench-iscsi system-deps venv develop clean test-mutants mutants-full fuzz soak
-TEST_DEPS := "maturin>=1.9.4,<2" "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.2" \
-	"uvloop>=0.19" "mypy>=1.10" "ruff>=0.5" "ziglang>=0.13" "trio>=0.25" "anyio>=4.7" "sniffio>=1.3" \
-	"hypothesis>=6.100" "prometheus_client>=0.20"
+# The dependencies of an extra of pyproject.toml, the one place they are listed (`test`: the
+# tests and lints; `bench`: the benchmark's plots), read by the venv's python $(2). (A command
+# substitution's words are not parsed again: `<` in a requirement stays a character.)
+extra = $$($(2) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["$(1)"]))')
 
 run: develop
 	$(PY) -m bench.demo
@@ -20,7 +21,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TEST_DEPS)
+	$(PY) -m pip install -q $(call extra,test,$(PY))
 	touch $@
 
 venv: $(VENV)/.installed
@@ -37,7 +38,7 @@ lint: develop
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
-	$(PY) -m mypy.stubtest zerosend._native --allowlist tests/stubtest-allowlist.txt
+	$(PY) -m mypy.stubtest zerosend._native zerosend.iscsi._native --allowlist tests/stubtest-allowlist.txt
 	$(PY) -m mypy --strict python examples
 
 test-python: develop
@@ -84,16 +85,16 @@ lint-release: $(VENV)/.release-tools
 	$(VENV)/bin/ruff format --check scripts
 
 # The core benchmark (about 15 minutes on 2 CPUs): BENCHMARKS.md, plots, targets met / not met;
-# then UDP GSO on the ifb device (bench/gso.py, root; about 2 minutes) into BENCHMARKS.md;
-# then the iSCSI target against tgtd (root; about 8 minutes), into bench/results/iscsi.md.
+# then UDP GSO on the ifb device (bench/senders/gso.py, root; about 2 minutes) into BENCHMARKS.md;
+# then the iSCSI target against tgtd (root; about 8 minutes), into bench/iscsi/results.md.
 # `make bench BENCH_ARGS=--quick` is a smoke run of seconds of the core benchmark alone; see
 # `python -m bench --help` and `python bench/iscsi/perf.py --help`.
 BENCH_ARGS ?=
-ISCSI_BENCH_ARGS ?= --size 256M --seconds 8 --rounds 3 --markdown bench/results/iscsi.md
+ISCSI_BENCH_ARGS ?= --size 256M --seconds 8 --rounds 3 --markdown bench/iscsi/results.md
 bench: system-deps develop
-	$(PY) -m pip install -q -r bench/requirements.txt
+	$(PY) -m pip install -q $(call extra,bench,$(PY))
 	$(PY) -m bench $(BENCH_ARGS)
-	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) -m bench.gso)
+	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) -m bench.senders.gso)
 	$(if $(findstring --quick,$(BENCH_ARGS)),,$(PY) bench/iscsi/perf.py $(ISCSI_BENCH_ARGS))
 
 bench-iscsi: system-deps develop
@@ -106,7 +107,7 @@ MUTANTS_VENV := .venv-mutants
 $(MUTANTS_VENV)/.installed: pyproject.toml
 	python3 -m venv $(MUTANTS_VENV)
 	$(MUTANTS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(MUTANTS_VENV)/bin/python -m pip install -q $(TEST_DEPS)
+	$(MUTANTS_VENV)/bin/python -m pip install -q $(call extra,test,$(MUTANTS_VENV)/bin/python)
 	touch $@
 
 # A wheel, not `maturin develop`: an editable install would put the faulty extension into

@@ -79,8 +79,8 @@ def layer(const: str, name: str) -> str:
     if used("python/zerosend/iscsi", f'"{name}"'):
         return TARGET
     if used("python/zerosend", f'_mutant.on("{name}")'):
-        streams = (ROOT / "python/zerosend/_streams.py").read_text()
-        return STREAMS if f'"{name}"' in streams else FALLBACK
+        streams = [f.read_text() for f in (ROOT / "python/zerosend").glob("_stream_*.py")]
+        return STREAMS if any(f'"{name}"' in text for text in streams) else FALLBACK
     raise SystemExit(f"{MUTANT_RS}: the fault {name} is injected nowhere")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.rig import IfbSink, Rig
+from bench.harness.rig import IfbSink, Rig
 from tests.helpers import (
     BACKENDS,
     CAPS,

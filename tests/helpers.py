@@ -65,8 +65,8 @@ def restore_sysctls_left_by_a_killed_run() -> list[str]:
 REPAIRED_SYSCTLS = restore_sysctls_left_by_a_killed_run()
 
 import zerosend  # noqa: E402  (after the repair: capabilities() reads the sysctls)
-from bench.receiver import start_receiver  # noqa: E402
-from bench.rig import Rig, rig_unavailable_reason  # noqa: E402
+from bench.harness.receiver import start_receiver  # noqa: E402
+from bench.harness.rig import Rig, rig_unavailable_reason  # noqa: E402
 
 CAPS = zerosend.capabilities()
 UNAVAILABLE = {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import zerosend
-from bench.rig import IfbSink
+from bench.harness.rig import IfbSink
 from tests.helpers import require_backend
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ import socket
 import pytest
 
 import zerosend
-from bench.receiver import start_receiver
-from bench.rig import IfbSink, Rig
+from bench.harness.receiver import start_receiver
+from bench.harness.rig import IfbSink, Rig
 from tests.helpers import CAPS, require_backend, tcp_pair
 
 pytestmark = pytest.mark.asyncio

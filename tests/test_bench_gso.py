@@ -1,4 +1,4 @@
-"""The UDP GSO measurement (``python -m bench.gso``) in a few-second run, so that it cannot rot:
+"""The UDP GSO measurement (``python -m bench.senders.gso``) in a few-second run, so that it cannot rot:
 every backend this kernel has runs with and without GSO out of the ifb device, the zero-copy
 ones send every byte uncopied, and the section lands between its markers with the rest of the
 file kept. No timing is asserted."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from bench.gso import BEGIN, END, batch_size
+from bench.senders.gso import BEGIN, END, batch_size
 from tests.helpers import RIG_UNAVAILABLE, require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_a_gso_batch_is_whole_segments_within_one_datagram() -> None:
 def test_bad_options_are_refused_naming_them() -> None:
     for option, value in (("--segments", "0"), ("--backends", "sendfile")):
         done = subprocess.run(
-            [sys.executable, "-m", "bench.gso", option, value],
+            [sys.executable, "-m", "bench.senders.gso", option, value],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -47,7 +47,7 @@ def test_quick_run_measures_each_backend_with_and_without_gso(tmp_path: Path) ->
         [
             sys.executable,
             "-m",
-            "bench.gso",
+            "bench.senders.gso",
             "--quick",
             "--out",
             str(tmp_path),

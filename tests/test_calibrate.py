@@ -23,8 +23,8 @@ import pytest
 
 import zerosend
 import zerosend._socket
-from bench.receiver import start_receiver
-from bench.rig import Rig
+from bench.harness.receiver import start_receiver
+from bench.harness.rig import Rig
 from tests.helpers import require_backend, rig_connection
 from zerosend import _calibration
 

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import RIG_UNAVAILABLE, require, require_backend
 from tests.history_core import (
     WORD,

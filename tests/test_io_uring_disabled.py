@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 import zerosend
-from bench.receiver import start_receiver
-from bench.rig import Rig
+from bench.harness.receiver import start_receiver
+from bench.harness.rig import Rig
 from tests.helpers import (
     CAPS,
     SYSCTL_MARKERS,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import (
     HELD,
     accepted_not_released,

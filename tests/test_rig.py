@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import zerosend
-from bench.receiver import Receiver, fill_chunk, start_receiver
-from bench.rig import Rig
+from bench.harness.receiver import Receiver, fill_chunk, start_receiver
+from bench.harness.rig import Rig
 from tests.helpers import RIG_UNAVAILABLE, require, require_backend
 
 

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import (
     HELD,
     accepted_not_released,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import read_all, rig_connection, tcp_pair
 
 pytestmark = pytest.mark.asyncio

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import zerosend
-from bench.receiver import fill_chunk, start_receiver
-from bench.rig import Rig
+from bench.harness.receiver import fill_chunk, start_receiver
+from bench.harness.rig import Rig
 from tests.helpers import read_all, require_probed
 
 MiB = 1 << 20

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import zerosend
-from bench.syscalls import span_calls
+from bench.senders.syscalls import span_calls
 from tests.helpers import read_all, require_backend, tcp_pair
 from tests.test_fork import HANG_GUARD_S, run_child, wait_child
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 import zerosend
-from bench.rig import UDP_SEGMENT, IfbSink, Rig
+from bench.harness.rig import UDP_SEGMENT, IfbSink, Rig
 
 pytestmark = pytest.mark.asyncio
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import pytest
 
 import zerosend
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import RIG_UNAVAILABLE, require, require_probed
 
 pytestmark = pytest.mark.asyncio

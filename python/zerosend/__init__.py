@@ -51,7 +51,9 @@ from ._native import (
 )
 from ._pool import BufferPool
 from ._socket import BACKENDS, BackendName, Socket, wrap
-from ._streams import StreamServer, StreamWriter, open_connection, start_server
+from ._stream_connect import open_connection
+from ._stream_server import StreamServer, start_server
+from ._stream_writer import StreamWriter
 from ._types import FallbackCode, SendFuture
 
 try:

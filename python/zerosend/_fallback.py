@@ -1,5 +1,9 @@
 """A pure-Python stand-in for the ``zerosend._native`` extension, used where it cannot load.
 
+One concept, one module: it is the extension's twin, name for name (``__all__`` equals the stub's,
+a test holds them so), and what replaces one module stays one module: the driver, its results
+and its pool memory share the send records and the loop's reader, as they do in Rust.
+
 On another OS, on an architecture without a wheel, or in an install built without Rust,
 ``import zerosend`` still works: this module implements the extension's interface
 (``_native.pyi``) with plain copying ``sendmsg`` calls, and ``wrap()``, ``Socket`` and
@@ -47,7 +51,6 @@ __all__ = [
     "PoolMemory",
     "SendResult",
     "capabilities",
-    "crc32c",
 ]
 
 # os.sysconf is POSIX-only.
@@ -892,26 +895,3 @@ class PoolBuffer(mmap.mmap):
     def __repr__(self) -> str:
         state = " released" if self._released else ""
         return f"<zerosend.PoolBuffer index={self._index} size={self._size}{state}>"
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: Any, value: int = 0) -> int:
-    """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value``."""
-    table = _CRC32C
-    crc = value ^ 0xFFFFFFFF
-    with memoryview(data) as view:
-        for byte in view.cast("B") if view.format != "B" else view:
-            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF

@@ -7,9 +7,9 @@ from typing import Any, Final, Literal, final, overload
 from zerosend._errors import BackendUnavailableError as BackendUnavailableError
 
 if sys.version_info >= (3, 12):
-    from collections.abc import Buffer
+    pass
 else:
-    from typing_extensions import Buffer
+    pass
 
 __all__ = [
     "BACKENDS",
@@ -18,12 +18,10 @@ __all__ = [
     "Capabilities",
     "CompletedSend",
     "Driver",
-    "IscsiReadPath",
     "PoolBuffer",
     "PoolMemory",
     "SendResult",
     "capabilities",
-    "crc32c",
 ]
 
 #: The backends, best first ("auto" picks among them).
@@ -149,81 +147,3 @@ class PoolBuffer:
 
 def capabilities() -> Capabilities:
     """Probe the running kernel now."""
-
-def crc32c(data: Buffer, value: int = 0) -> int:
-    """CRC32C (Castagnoli) of a bytes-like object, continuing from ``value`` (0 to start)."""
-
-@final
-class _ReadRun:
-    """What one ``IscsiReadPath.serve`` call did (its runtime name is ``ReadRun``; it is not a
-    module attribute)."""
-
-    @property
-    def start(self) -> int: ...
-    @property
-    def pos(self) -> int: ...
-    @property
-    def expcmdsn(self) -> int: ...
-    @property
-    def statsn(self) -> int: ...
-    @property
-    def maxcmdsn(self) -> int: ...
-    @property
-    def commands(self) -> int: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def large(self) -> bool: ...
-    @property
-    def need(self) -> int: ...
-    @property
-    def send_from(self) -> int: ...
-    @property
-    def send_len(self) -> int: ...
-
-@final
-class IscsiReadPath:
-    """One LUN's READ path on one connection: the inner loop of the target's READ path."""
-
-    def __new__(
-        cls,
-        fd: int,
-        lun: bytes,
-        block_size: int,
-        blocks: int,
-        max_len: int,
-        zc_min: int,
-        refer_min: int,
-    ) -> IscsiReadPath: ...
-    def serve(
-        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
-    ) -> _ReadRun: ...
-    @staticmethod
-    def encode_data_in(
-        flags: int,
-        status: int,
-        data_len: int,
-        lun: bytes,
-        itt: int,
-        statsn: int,
-        expcmdsn: int,
-        maxcmdsn: int,
-        datasn: int,
-        offset: int,
-        residual: int,
-    ) -> bytes:
-        """A whole iSCSI Data-In header (48 bytes)."""
-
-    @staticmethod
-    def encode_scsi_response(
-        flags: int,
-        status: int,
-        data_len: int,
-        itt: int,
-        statsn: int,
-        expcmdsn: int,
-        maxcmdsn: int,
-        expdatasn: int,
-        residual: int,
-    ) -> bytes:
-        """A whole iSCSI SCSI Response header (48 bytes)."""

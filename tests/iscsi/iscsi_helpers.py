@@ -163,7 +163,7 @@ class MiniInitiator:
 
     @staticmethod
     def crc(data: bytes) -> int:
-        from zerosend._native import crc32c
+        from zerosend.iscsi._accel import crc32c
 
         return crc32c(data)
 

@@ -53,7 +53,7 @@ from test_iscsi_sbc import (
     xcopy_params,
 )
 
-from bench.rig import Rig
+from bench.harness.rig import Rig
 from tests.helpers import RIG_UNAVAILABLE, UNAVAILABLE, ZERO_COPY_BACKENDS
 
 SEED = int(os.environ.get("ZEROSEND_SOAK_SEED", "20"))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from zerosend import _native
+from zerosend.iscsi import _native
+from zerosend.iscsi._accel import RUN_FIELDS
 from zerosend.iscsi.session.readloop import ReadLoop
 from zerosend.iscsi.wire import pdu as P
 
@@ -34,7 +35,7 @@ def test_data_in_headers_match_byte_for_byte():
         for _ in range(6):
             itt, statsn, exp, mx, datasn, offset, residual = _u32s(rnd, 7)
             args = (flags, status, dsl, lun, itt, statsn, exp, mx, datasn, offset, residual)
-            rs = _native.IscsiReadPath.encode_data_in(*args)
+            rs = _native._encode_data_in(*args)
             py = bytearray(100)
             P.data_in_into(py, 52, *args)
             assert py[52:] == rs, f"Data-In {args}"
@@ -42,7 +43,7 @@ def test_data_in_headers_match_byte_for_byte():
             cases += 1
     assert cases > 3000
     # StatSN is reserved without the S bit, in both
-    rs = _native.IscsiReadPath.encode_data_in(0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
+    rs = _native._encode_data_in(0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
     py = bytearray(48)
     P.data_in_into(py, 0, 0x80, 0, 1, bytes(8), 1, 77, 2, 3, 0, 0, 0)
     assert rs[24:28] == py[24:28] == bytes(4)
@@ -57,7 +58,7 @@ def test_scsi_response_headers_match_byte_for_byte():
             itt, statsn, exp, mx, expdatasn, residual = _u32s(rnd, 6)
             py = P.scsi_response(itt, status, flags, residual, expdatasn, dsl)
             P.stamp(py, statsn, exp, mx)
-            rs = _native.IscsiReadPath.encode_scsi_response(
+            rs = _native._encode_scsi_response(
                 flags, status, dsl, itt, statsn, exp, mx, expdatasn, residual
             )
             assert bytes(py) == rs, (flags, status, dsl, itt, statsn, exp, mx, expdatasn)
@@ -139,10 +140,8 @@ def test_inner_loops_agree_on_random_command_streams(image):
             loop.serve(rx, start, len(rx), memoryview(out), pos, sn)
             for loop, out in zip(loops, outs, strict=True)
         ]
-        fields = ("start", "pos", "expcmdsn", "statsn", "maxcmdsn", "commands", "nbytes",
-                  "large", "need", "send_from", "send_len")  # fmt: skip
-        native, python = ([getattr(r, f) for f in fields] for r in runs)
-        assert native == python, f"case {case}: {dict(zip(fields, native, strict=True))}"
+        native, python = runs
+        assert native == python, f"case {case}: {dict(zip(RUN_FIELDS, native, strict=True))}"
         assert outs[0] == outs[1], f"case {case}: the transmit buffers differ"
 
 
@@ -157,9 +156,9 @@ def test_inner_loop_output_is_data_in_with_the_image_bytes(image):
         bhs[32:42] = struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
         rx += bhs
     out = bytearray(16384)
-    run = loop.serve(rx, 0, len(rx), out, 0, (10, 1000, 137))
-    assert (run.commands, run.start, run.nbytes) == (3, 144, 11 * BS)
-    assert (run.expcmdsn, run.statsn, run.maxcmdsn) == (13, 1003, 137)  # MaxCmdSN is the caller's
+    run = dict(zip(RUN_FIELDS, loop.serve(rx, 0, len(rx), out, 0, (10, 1000, 137)), strict=True))
+    assert (run["commands"], run["start"], run["nbytes"]) == (3, 144, 11 * BS)
+    assert (run["expcmdsn"], run["statsn"], run["maxcmdsn"]) == (13, 1003, 137)  # the caller's
     at = 0
     for i, (lba, blocks) in enumerate([(0, 1), (7, 8), (100, 2)]):
         n = blocks * BS
@@ -168,4 +167,4 @@ def test_inner_loop_output_is_data_in_with_the_image_bytes(image):
         assert out[at : at + 48] == want
         assert out[at + 48 : at + 48 + n] == data[lba * BS : lba * BS + n]
         at += 48 + n
-    assert run.pos == at
+    assert run["pos"] == at

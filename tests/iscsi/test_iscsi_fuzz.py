@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from iscsi_helpers import IQN, MiniInitiator, RunningTarget, make_image, start_target
 
 from tests.helpers import require_probed
+from zerosend.iscsi._accel import RUN_FIELDS
+from zerosend.iscsi._accel import NativeReadPath as IscsiReadPath
 from zerosend.iscsi.scsi.commands import CommandSet
 from zerosend.iscsi.scsi.families import command_set as build_command_set
 from zerosend.iscsi.scsi.nexus import Nexus
@@ -59,11 +61,6 @@ from zerosend.iscsi.wire import pdu as P
 from zerosend.iscsi.wire.chap import Credentials
 from zerosend.iscsi.wire.params import MAX_BURST, NegotiationError, SessionParams, negotiate
 from zerosend.iscsi.wire.reader import ConnectionClosed, PduReader
-
-try:
-    from zerosend._native import IscsiReadPath
-except ImportError:  # the pure-Python install has no Rust inner loop to compare
-    IscsiReadPath = None  # type: ignore[assignment,misc]
 
 LONG = os.environ.get("ZEROSEND_FUZZ") == "long"
 # Examples per test: a few seconds each in `make test`, minutes in `make fuzz`.
@@ -199,10 +196,6 @@ def read_runs(draw: st.DrawFn) -> tuple[bytes, int, int]:
     return bytes(out), start, expcmdsn
 
 
-RUN_FIELDS = ("start", "pos", "expcmdsn", "statsn", "maxcmdsn", "commands", "nbytes", "large",
-              "need", "send_from", "send_len")  # fmt: skip
-
-
 @pytest.fixture
 def rust_read_loop() -> None:
     """The pure-Python install has no Rust loop to compare."""
@@ -234,7 +227,7 @@ def test_rust_and_python_read_loops_agree(
             out = bytearray(b"\xee" * out_size)
             result = kind(*args).serve(bytearray(rx), start, len(rx), out, pos, sn)
             outs.append(out)
-            runs.append({name: getattr(result, name) for name in RUN_FIELDS})
+            runs.append(dict(zip(RUN_FIELDS, result, strict=True)))
     assert runs[0] == runs[1]
     assert outs[0] == outs[1]
     assert start <= runs[0]["start"] <= len(rx)

@@ -15,14 +15,10 @@ import pytest
 from iscsi_helpers import IQN, MiniInitiator, make_image
 
 from zerosend.iscsi import LunSpec, Target, TargetConfig
+from zerosend.iscsi._accel import NativeReadPath as IscsiReadPath
 from zerosend.iscsi.service.cli import build_parser
 from zerosend.iscsi.service.config import load_config
 from zerosend.iscsi.session import readloop
-
-try:
-    from zerosend._native import IscsiReadPath
-except ImportError:
-    IscsiReadPath = None
 
 
 def test_read_settings_are_options_keys_and_help(tmp_path: Path):

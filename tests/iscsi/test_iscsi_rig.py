@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from iscsi_helpers import MiniInitiator, RunningTarget, make_image, need, run
 
-from bench.rig import Rig
+from bench.harness.rig import Rig
 
 MiB = 1 << 20
 BLOCK = 512

@@ -2,6 +2,8 @@
 
 Layers, each importing only those below it:
 
+- ``_accel``: the target's Rust pieces (``_native``: the READ inner loop, CRC32C) or, where the
+  extension is missing, their pure-Python stand-ins; the only module that imports ``_native``.
 - ``wire``: PDUs, the receive reader, the transmit outbox and pool, CmdSN window, negotiation.
 - ``storage``: the media behind LUNs, one module per kind, and their disk threads.
 - ``scsi``: sense and unit vocabulary, the command table, one module per command family.

@@ -1,9 +1,12 @@
-//! The iSCSI target's Rust pieces for `zerosend.iscsi`: thin wrappers over `zerosend-iscsi`.
+//! The iSCSI target's Rust pieces, thin wrappers over `zerosend-iscsi`, in a module of their
+//! own: `zerosend.iscsi._native`. It shares the core's shared object (one build, one wheel) but
+//! not its namespace: `zerosend._native` lists nothing of iSCSI, and the target reaches these
+//! pieces through `zerosend.iscsi._accel` only.
 //!
 //! `IscsiReadPath.serve` runs the READ path's inner loop over the target's receive buffer into
-//! the pooled transmit buffer it is filling; its static methods `encode_data_in` and
-//! `encode_scsi_response` are the crate's encoders, exposed so the Python ones can be checked
-//! against them byte for byte; `crc32c` is the crate's digest.
+//! the pooled transmit buffer it is filling; `crc32c` is the crate's digest. `_encode_data_in`
+//! and `_encode_scsi_response` are the crate's encoders, for the tests that check the Python
+//! ones against them byte for byte (the production READ path never calls them).
 
 use std::os::fd::RawFd;
 
@@ -68,51 +71,18 @@ impl Export {
     }
 }
 
-/// What one `IscsiReadPath.serve` call did.
-#[pyclass(frozen, get_all, module = "zerosend._native")]
-pub struct ReadRun {
-    /// The receive buffer's new start (past the commands served).
-    start: usize,
-    /// The transmit buffer's new fill position.
-    pos: usize,
-    expcmdsn: u32,
-    statsn: u32,
-    maxcmdsn: u32,
-    commands: u32,
-    nbytes: u64,
-    /// The last command read `zc_min` bytes or more: send the batch now, zero-copy.
-    large: bool,
-    /// Room the next command wants if the run stopped for lack of it, else 0.
-    need: usize,
-    /// With `send_len` > 0: the last command's data was not read; send that many bytes of the
-    /// image from `send_from` after its header (from a mapping of the image).
-    send_from: u64,
-    send_len: u32,
-}
-
-#[pymethods]
-impl ReadRun {
-    fn __repr__(&self) -> String {
-        format!(
-            "ReadRun(start={}, pos={}, expcmdsn={}, statsn={}, maxcmdsn={}, commands={}, \
-             nbytes={}, large={}, need={}, send_from={}, send_len={})",
-            self.start,
-            self.pos,
-            self.expcmdsn,
-            self.statsn,
-            self.maxcmdsn,
-            self.commands,
-            self.nbytes,
-            if self.large { "True" } else { "False" },
-            self.need,
-            self.send_from,
-            self.send_len
-        )
-    }
-}
+/// What one `IscsiReadPath.serve` call did, in the order of the target's `_accel.RUN_FIELDS`:
+/// (start, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need, send_from,
+/// send_len). `start`: the receive buffer's new start (past the commands served); `pos`: the
+/// transmit buffer's new fill position; `large`: the last command read `zc_min` bytes or more
+/// (send the batch now, zero-copy); `need`: room the next command wants if the run stopped for
+/// lack of it, else 0; with `send_len` > 0 the last command's data was not read: send that many
+/// bytes of the image from `send_from` after its header (from a mapping of the image). A plain
+/// tuple, the same shape the Python loop returns.
+type ReadRun = (usize, usize, u32, u32, u32, u32, u64, bool, usize, u64, u32);
 
 /// One LUN's READ path on one connection: the inner loop of the target's READ path.
-#[pyclass(frozen, module = "zerosend._native")]
+#[pyclass(frozen, module = "zerosend.iscsi._native")]
 pub struct IscsiReadPath {
     path: ReadPath<FdMedium>,
 }
@@ -178,88 +148,19 @@ impl IscsiReadPath {
         let run = self
             .path
             .serve(&rx_bytes[start..end], out_bytes, pos, before);
-        Ok(ReadRun {
-            start: start + run.consumed,
-            pos: run.pos,
-            expcmdsn: run.sn.expcmdsn,
-            statsn: run.sn.statsn,
-            maxcmdsn: run.sn.maxcmdsn,
-            commands: run.commands,
-            nbytes: run.bytes,
-            large: run.large,
-            need: run.need,
-            send_from: run.send_from,
-            send_len: run.send_len,
-        })
-    }
-
-    /// A whole Data-In header (48 bytes).
-    #[staticmethod]
-    #[allow(clippy::too_many_arguments)]
-    fn encode_data_in<'py>(
-        py: Python<'py>,
-        flags: u8,
-        status: u8,
-        data_len: u32,
-        lun: &[u8],
-        itt: u32,
-        statsn: u32,
-        expcmdsn: u32,
-        maxcmdsn: u32,
-        datasn: u32,
-        offset: u32,
-        residual: u32,
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        let lun: [u8; 8] = lun
-            .try_into()
-            .map_err(|_| PyValueError::new_err("lun must be the 8-byte LUN field"))?;
-        let mut h = [0u8; zerosend_iscsi::BHS_LEN];
-        DataIn {
-            flags,
-            status,
-            data_len,
-            lun,
-            itt,
-            statsn,
-            expcmdsn,
-            maxcmdsn,
-            datasn,
-            offset,
-            residual,
-        }
-        .encode(&mut h);
-        Ok(PyBytes::new(py, &h))
-    }
-
-    /// A whole SCSI Response header (48 bytes).
-    #[staticmethod]
-    #[allow(clippy::too_many_arguments)]
-    fn encode_scsi_response<'py>(
-        py: Python<'py>,
-        flags: u8,
-        status: u8,
-        data_len: u32,
-        itt: u32,
-        statsn: u32,
-        expcmdsn: u32,
-        maxcmdsn: u32,
-        expdatasn: u32,
-        residual: u32,
-    ) -> Bound<'py, PyBytes> {
-        let mut h = [0u8; zerosend_iscsi::BHS_LEN];
-        ScsiResponse {
-            flags,
-            status,
-            data_len,
-            itt,
-            statsn,
-            expcmdsn,
-            maxcmdsn,
-            expdatasn,
-            residual,
-        }
-        .encode(&mut h);
-        PyBytes::new(py, &h)
+        Ok((
+            start + run.consumed,
+            run.pos,
+            run.sn.expcmdsn,
+            run.sn.statsn,
+            run.sn.maxcmdsn,
+            run.commands,
+            run.bytes,
+            run.large,
+            run.need,
+            run.send_from,
+            run.send_len,
+        ))
     }
 }
 
@@ -271,11 +172,99 @@ fn crc32c(data: &Bound<'_, PyAny>, value: u32) -> PyResult<u32> {
     Ok(zerosend_iscsi::digest::crc32c(value, data.bytes()))
 }
 
-/// Adds the iSCSI pieces to `zerosend._native`: `IscsiReadPath` (whose `serve` returns a
-/// `ReadRun`, and whose static methods are the Rust encoders) and `crc32c`. The iSCSI target
-/// also runs without them (the pure-Python install), so they stay behind these two names.
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// For tests: a whole Data-In header (48 bytes), from the crate's encoder.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn _encode_data_in<'py>(
+    py: Python<'py>,
+    flags: u8,
+    status: u8,
+    data_len: u32,
+    lun: &[u8],
+    itt: u32,
+    statsn: u32,
+    expcmdsn: u32,
+    maxcmdsn: u32,
+    datasn: u32,
+    offset: u32,
+    residual: u32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let lun: [u8; 8] = lun
+        .try_into()
+        .map_err(|_| PyValueError::new_err("lun must be the 8-byte LUN field"))?;
+    let mut h = [0u8; zerosend_iscsi::BHS_LEN];
+    DataIn {
+        flags,
+        status,
+        data_len,
+        lun,
+        itt,
+        statsn,
+        expcmdsn,
+        maxcmdsn,
+        datasn,
+        offset,
+        residual,
+    }
+    .encode(&mut h);
+    Ok(PyBytes::new(py, &h))
+}
+
+/// For tests: a whole SCSI Response header (48 bytes), from the crate's encoder.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn _encode_scsi_response<'py>(
+    py: Python<'py>,
+    flags: u8,
+    status: u8,
+    data_len: u32,
+    itt: u32,
+    statsn: u32,
+    expcmdsn: u32,
+    maxcmdsn: u32,
+    expdatasn: u32,
+    residual: u32,
+) -> Bound<'py, PyBytes> {
+    let mut h = [0u8; zerosend_iscsi::BHS_LEN];
+    ScsiResponse {
+        flags,
+        status,
+        data_len,
+        itt,
+        statsn,
+        expcmdsn,
+        maxcmdsn,
+        expdatasn,
+        residual,
+    }
+    .encode(&mut h);
+    PyBytes::new(py, &h)
+}
+
+/// The deliberate fault this mutants build has on (`ZEROSEND_MUTANT`), for the target's faults
+/// that live in Python (`zerosend.iscsi._accel.fault_on`); absent from release builds.
+#[cfg(feature = "mutants")]
+#[pyfunction]
+fn _mutant() -> Option<&'static str> {
+    zerosend::mutant::chosen()
+}
+
+/// The name the target imports these pieces by.
+const MODULE: &str = "zerosend.iscsi._native";
+
+/// Builds `zerosend.iscsi._native` and puts it in `sys.modules`, so that the target's
+/// `from . import _native` finds it once the core's extension is loaded; `zerosend._native`
+/// itself gains nothing. The target also runs without it (the pure-Python install), through
+/// `zerosend.iscsi._accel`.
+pub fn register(core: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = core.py();
+    let m = PyModule::new(py, MODULE)?;
     m.add_class::<IscsiReadPath>()?;
-    m.add_function(wrap_pyfunction!(crc32c, m)?)?;
+    m.add_function(wrap_pyfunction!(crc32c, &m)?)?;
+    m.add_function(wrap_pyfunction!(_encode_data_in, &m)?)?;
+    m.add_function(wrap_pyfunction!(_encode_scsi_response, &m)?)?;
+    #[cfg(feature = "mutants")]
+    m.add_function(wrap_pyfunction!(_mutant, &m)?)?;
+    py.import("sys")?.getattr("modules")?.set_item(MODULE, m)?;
     Ok(())
 }

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from zerosend._socket import BackendName
+from zerosend import BackendName
 
 from ..scsi.acl import Acl, Network
 from ..storage.opening import parse_size

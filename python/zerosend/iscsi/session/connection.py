@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 import zerosend
-from zerosend._socket import BackendName
+from zerosend import BackendName
 
 from ..scsi.acl import LunView, peer_address
 from ..scsi.commands import CommandSet, ParameterCommand

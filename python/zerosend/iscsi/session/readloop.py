@@ -1,5 +1,5 @@
 """The READ path's inner loop in Python: the same algorithm as the Rust one
-(``zerosend._native.IscsiReadPath``, crate ``zerosend-iscsi``, ``read_path.rs``), step for step,
+(``_accel.NativeReadPath``, crate ``zerosend-iscsi``, ``read_path.rs``), step for step,
 for builds and comparisons without it (setting ``read_loop = "python"``).
 
 A run serves the plain READ(10)/READ(16) commands at the start of the receive buffer: each is
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
 
+from .._accel import ReadRun
 from ..scsi.unit import READ10, READ16
 from ..wire import pdu as P
 from ..wire.window import sn_lt
@@ -34,25 +34,15 @@ _READ16 = struct.Struct(">xBQI")
 _DATAIN_GOOD = P.F_FINAL | P.DATAIN_STATUS
 
 
-@dataclass(frozen=True, slots=True)
-class ReadRun:
-    """What one run did (the fields of ``zerosend._native.ReadRun``)."""
-
-    start: int  # the receive buffer's new start
-    pos: int  # the transmit buffer's new fill position
-    expcmdsn: int
-    statsn: int
-    maxcmdsn: int
-    commands: int
-    nbytes: int
-    large: bool  # the last command read zc_min bytes or more
-    need: int  # room the next command wants if the run stopped for lack of it, else 0
-    send_from: int  # with send_len > 0: the last command's data was not read; the caller
-    send_len: int  # sends send_len bytes of the image from send_from after its header
-
-
 class ReadLoop:
-    """One LUN's inner loop on one connection (the arguments of ``IscsiReadPath``)."""
+    """One LUN's inner loop on one connection (the arguments of ``_accel.NativeReadPath``).
+
+    ``serve`` returns the run as ``_accel.ReadRun``: the receive buffer's new ``start``, the
+    transmit buffer's new fill ``pos``, ``expcmdsn``, ``statsn``, ``maxcmdsn``, ``commands``,
+    ``nbytes``, ``large`` (the last command read ``zc_min`` bytes or more), ``need`` (room the
+    next command wants if the run stopped for lack of it, else 0), and ``send_from`` /
+    ``send_len`` (with ``send_len`` > 0: the last command's data was not read; the caller sends
+    ``send_len`` bytes of the image from ``send_from`` after its header)."""
 
     def __init__(
         self, fd: int, lun: bytes, block_size: int, blocks: int, max_len: int, zc_min: int,
@@ -119,8 +109,8 @@ class ReadLoop:
             large = n >= self.zc_min
             if refer or large:
                 break
-        return ReadRun(at, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need,
-                       send_from, send_len)  # fmt: skip
+        return (at, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need, send_from,
+                send_len)  # fmt: skip
 
     def _read(self, view: memoryview, offset: int) -> bool:
         """Fill ``view`` from the page cache; False if the image ends first, the read fails or

@@ -2,19 +2,20 @@
 
 Plain reads (in order, one Data-In PDU with status, from an image read with pread) are served
 in runs straight out of the receive buffer by the inner loop, ``serve_run``; it runs in Rust
-(``zerosend._native.IscsiReadPath``) or, with ``read_loop = "python"``, in Python
-(``readloop.ReadLoop``, the same algorithm). Whatever the inner loop leaves (residuals, several
-PDUs, stores with their own memory, errors, digests) arrives through the session's dispatch at
-``command``.
+(``_accel.NativeReadPath``, where the extension is there) or, with ``read_loop = "python"``, in
+Python (``readloop.ReadLoop``, the same algorithm). Whatever the inner loop leaves (residuals,
+several PDUs, stores with their own memory, errors, digests) arrives through the session's
+dispatch at ``command``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
+from .._accel import NativeReadPath, ReadRun
 from ..scsi.sense import (
     GOOD,
     ILLEGAL_REQUEST,
@@ -35,17 +36,8 @@ from ..wire.params import SessionParams
 from ..wire.reader import PduReader
 from ..wire.window import CmdWindow
 from .data_path import Connection
-from .readloop import ReadLoop, ReadRun
+from .readloop import ReadLoop
 from .responses import Responder, residual_bits
-
-try:  # the inner loop in Rust
-    from zerosend._native import IscsiReadPath
-except ImportError:  # the pure-Python install (zerosend._fallback): the Python inner loop
-    IscsiReadPath = None  # type: ignore[assignment,misc]
-if TYPE_CHECKING:
-    from zerosend._native import _ReadRun as NativeReadRun
-
-    _Run = ReadRun | NativeReadRun  # what either inner loop's serve() returns
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -53,7 +45,7 @@ log = logging.getLogger("zerosend.iscsi")
 class _InnerLoop(Protocol):
     def serve(
         self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
-    ) -> _Run: ...
+    ) -> ReadRun: ...
 
 
 _Entry = tuple[_InnerLoop, FileStore, LogicalUnit]  # a LUN's inner loop, image, logical unit
@@ -79,7 +71,7 @@ class Reads:
         """``native``: the Rust inner loop where it is there (else the Python one);
         ``sendfile``: large READs of read-only images leave with sendfile(2)."""
         self.conn = conn
-        self.native = native and IscsiReadPath is not None
+        self.native = native and NativeReadPath is not None
         self.sendfile = sendfile
         self.luns = luns
         self.pool = pool
@@ -128,27 +120,29 @@ class Reads:
         while True:
             out, pos = outbox.packing()
             run = inner.serve(rd.buf, rd.start, rd.end, out, pos, window.numbers())
-            if run.commands:
-                rd.start = run.start
-                outbox.packed(run.pos, run.large)
-                window.set_numbers(run.expcmdsn, run.statsn, run.maxcmdsn)
-                stats["commands"] += run.commands
-                stats["read_bytes"] += run.nbytes
-                stats["zc_sends"] += run.commands
+            (start, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need, send_from,
+             send_len) = run  # fmt: skip
+            if commands:
+                rd.start = start
+                outbox.packed(pos, large)
+                window.set_numbers(expcmdsn, statsn, maxcmdsn)
+                stats["commands"] += commands
+                stats["read_bytes"] += nbytes
+                stats["zc_sends"] += commands
                 served = True
-                if run.send_len:  # sent from the image's pages, right behind its header
-                    loan = store.borrow(run.send_from, run.send_len)
+                if send_len:  # sent from the image's pages, right behind its header
+                    loan = store.borrow(send_from, send_len)
                     if loan is None:
-                        outbox.send_file(store.fd, run.send_from, run.send_len)
+                        outbox.send_file(store.fd, send_from, send_len)
                     else:
                         outbox.queue(loan.views, large=True)
                         outbox.hold(loan)
-            if not run.need:
+            if not need:
                 return served
-            if not outbox.new_packing(run.need):
+            if not outbox.new_packing(need):
                 # Out of buffers: the session waits for one (``wait_for_buffer``) rather than
                 # take READs it could not serve; larger ones go the general way.
-                self.starved = run.need <= self.pool.size
+                self.starved = need <= self.pool.size
                 return served
 
     async def wait_for_buffer(self) -> None:
@@ -169,7 +163,9 @@ class Reads:
         # Large reads of a read-only image go straight from its pages: zero-copy from its
         # mapping, or with sendfile.
         refer_min = ZC_MIN if store.lends or (self.sendfile and store.readonly) else 0xFFFFFFFF
-        kind = IscsiReadPath if self.native and IscsiReadPath is not None else ReadLoop
+        kind: Callable[..., _InnerLoop] = ReadLoop
+        if self.native and NativeReadPath is not None:
+            kind = NativeReadPath
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min)  # fmt: skip
         return inner, store, lu

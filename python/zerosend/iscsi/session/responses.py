@@ -10,8 +10,7 @@ import logging
 import struct
 from typing import Any
 
-from zerosend._native import crc32c
-
+from .._accel import crc32c
 from ..scsi.sense import CHECK_CONDITION, GOOD, CheckCondition, sense_fixed
 from ..wire import pdu as P
 from ..wire.outbox import ZC_MIN, Outbox

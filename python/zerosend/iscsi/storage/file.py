@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from ... import _mutant
+from .. import _accel
 from .store import _ZERO, BLOCK_SIZE, Loan, Store, StoreError, _Descriptor, log
 
 # fallocate(2) modes (linux/falloc.h): Python's os.posix_fallocate cannot pass them.
@@ -20,11 +20,11 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-# Deliberate faults of a mutants build (``zerosend._mutant``); always False in a release build
-_MAPPED_WRITABLE_LENT = _mutant.on("mapped_writable_lent")
-_FLUSH_IGNORES_SYNCS_UNDER_WAY = _mutant.on("flush_ignores_syncs_under_way")
-_WRITE_NOT_MARKED_DIRTY = _mutant.on("write_not_marked_dirty")
-_FAILED_SYNC_FORGETS_DIRTY = _mutant.on("failed_sync_forgets_dirty")
+# Deliberate faults of a mutants build (``_accel.fault_on``); always False in a release build
+_MAPPED_WRITABLE_LENT = _accel.fault_on("mapped_writable_lent")
+_FLUSH_IGNORES_SYNCS_UNDER_WAY = _accel.fault_on("flush_ignores_syncs_under_way")
+_WRITE_NOT_MARKED_DIRTY = _accel.fault_on("write_not_marked_dirty")
+_FAILED_SYNC_FORGETS_DIRTY = _accel.fault_on("failed_sync_forgets_dirty")
 
 
 # File systems whose writes land in the page cache of this machine (``statfs`` f_type): ext2/3/4,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mmap
 import threading
 
-from ... import _mutant
+from .. import _accel
 from .store import _ZERO, BLOCK_SIZE, Loan, Store
 
-# Deliberate faults of a mutants build (``zerosend._mutant``); always False in a release build
-_LOAN_WRITTEN_IN_PLACE = _mutant.on("loan_written_in_place")
+# Deliberate faults of a mutants build (``_accel.fault_on``); always False in a release build
+_LOAN_WRITTEN_IN_PLACE = _accel.fault_on("loan_written_in_place")
 
 
 class MemoryStore(Store):

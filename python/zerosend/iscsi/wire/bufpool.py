@@ -20,10 +20,10 @@ import asyncio
 import mmap
 from collections import deque
 
-from ... import _mutant
+from .. import _accel
 
-# A deliberate fault of a mutants build (``zerosend._mutant``); always False in a release build
-_LEASE_SHARED = _mutant.on("bufpool_lease_shared")
+# A deliberate fault of a mutants build (``_accel.fault_on``); always False in a release build
+_LEASE_SHARED = _accel.fault_on("bufpool_lease_shared")
 
 
 class MmapLease:

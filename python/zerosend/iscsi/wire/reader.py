@@ -10,8 +10,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from zerosend._native import crc32c
-
+from .._accel import crc32c
 from . import pdu as P
 
 MAX_AHS = 272  # an extended CDB of up to 260 bytes plus its AHS header

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import (
+from bench.harness.config import (
     BACKENDS,
     LABELS,
     ROOT,
@@ -21,10 +21,10 @@ from bench.config import (
     topology_contenders,
     topology_sizes,
 )
-from bench.stats import MARGIN, Key, auto_choices, evaluate, summarize
+from bench.harness.stats import MARGIN, Key, auto_choices, evaluate, summarize
 
 #: Hand-written findings (causes of missed targets), included in the Markdown after the targets.
-NOTES = ROOT / "bench" / "core-notes.md"
+NOTES = ROOT / "bench" / "results" / "core-notes.md"
 BEGIN = "<!-- core-bench:begin -->"
 END = "<!-- core-bench:end -->"
 
@@ -127,18 +127,20 @@ def table(
 
 METHOD = """\
 **How it is measured.** Every sender is its own process, pinned to CPU 0; one receiver
-(`bench/receiver.py`, the same for every sender, pinned to CPU 1) reads each connection to its end
-into a reused buffer and answers with the byte count. A run sends for {seconds} s, then waits for
-every release, shuts its write side and waits for that answer: *MB/s* and *sends/s* count from
-the first send to the answer, and *CPU s/GB* is the sender's own `getrusage(RUSAGE_SELF)` user +
-system time over the same span (all its threads, io_uring's included), divided by the gigabytes
-sent. *Peak RSS* is the sender's `ru_maxrss` (interpreter included). Each contender runs once per
-cell per round, in an order that rotates from cell to cell and round to round, over {rounds}
-rounds; tables show medians, ratios are medians over rounds of the two runs of the same round.
+(`bench/harness/receiver.py`, the same for every sender, pinned to CPU 1) reads each connection
+to its end into a reused buffer and answers with the byte count. A run sends for {seconds} s,
+then waits for every release, shuts its write side and waits for that answer: *MB/s* and *sends/s*
+count from the first send to the answer, and *CPU s/GB* is the sender's own `getrusage(RUSAGE_SELF)`
+user + system time over the same span (all its threads, io_uring's included), divided by the
+gigabytes sent. *Peak RSS* is the sender's `ru_maxrss` (interpreter included). Each contender runs
+once per cell per round, in an order that rotates from cell to cell and round to round, over
+{rounds} rounds; tables show medians, ratios are medians over rounds of the two runs of the same
+round.
 
 **Topologies.** *loopback*: 127.0.0.1. *rig*: the receiver in its own network namespace behind a
-veth pair, RPS steering its receive work to CPU 1 (`bench/rig.py`), so the kernel's deferred copy of
-a zero-copy send happens on the other CPU, as a NIC would release the pages later. Both copy every
+veth pair, RPS steering its receive work to CPU 1 (`bench/harness/rig.py`), so the kernel's
+deferred copy of a zero-copy send happens on the other CPU, as a NIC would release the pages
+later. Both copy every
 zero-copy send in the end (local delivery). *ifb*: true zero-copy, the kernel never copies: UDP
 datagrams on one connected socket out of an `ifb` device (MTU 65535, so never fragmented) that
 frees them, as a NIC would after DMA; no receiver, so only zerosend's backends run there (its
@@ -153,7 +155,7 @@ is alike):
   The pure-Rust sender (the core `Driver` with no Python,
   `rust/zerosend/examples/bench_sender.rs`) does the same, from heap `Vec`s or
   ("registered") from one locked region registered as io_uring fixed buffers, as `BufferPool` is.
-- *C* (`bench/c_sender.c`, built by the harness with `cc` over liburing): one connection, N
+- *C* (`bench/senders/c_sender.c`, built by the harness with `cc` over liburing): one connection, N
   requests in flight, each buffer reused at its release (SEND_ZC: the notification CQE; plain
   send: its CQE), every batch submitted in the `io_uring_enter` that waits for the next
   completion; plain or registered buffers. Its requests are not linked (it only counts bytes, as

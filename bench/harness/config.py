@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.sender import CONTENDERS as PYTHON_CONTENDERS
+from bench.senders.sender import CONTENDERS as PYTHON_CONTENDERS
 
-ROOT = Path(__file__).resolve().parent.parent
-#: The anchors: the Rust core driven directly, and C over liburing (bench/c_sender.c).
+ROOT = Path(__file__).resolve().parents[2]
+#: The anchors: the Rust core driven directly, and C over liburing (bench/senders/c_sender.c).
 RUST = "rust-io_uring"
 RUST_POOL = "rust-io_uring-pool"
 C_SEND_ZC = "c-send_zc"
@@ -91,7 +91,7 @@ class State:
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
-    #: Traced runs: system calls per send by contender (bench/syscalls.py).
+    #: Traced runs: system calls per send by contender (bench/senders/syscalls.py).
     syscalls: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -1,11 +1,11 @@
-"""``python -m bench.gso``: UDP GSO on the true-zero-copy topology, copy against zero-copy.
+"""``python -m bench.senders.gso``: UDP GSO on the true-zero-copy topology, copy against zero-copy.
 
-    python -m bench.gso [--segments 1200,1472,8972] [--inflight 8] [--rounds 3] [--seconds 1]
+    python -m bench.senders.gso [--segments 1200,1472,8972] [--inflight 8] [--rounds 3] [--seconds 1]
                         [--backends copy,msg_zerocopy,io_uring] [--markdown FILE] [--out DIR]
                         [--quick]
 
 One connected UDP socket sends datagrams of ``SEGMENT`` bytes out of an ``ifb`` device that frees
-every packet without copying (``bench/rig.py``'s ``IfbSink``: the kernel never copies there, as
+every packet without copying (``bench/harness/rig.py``'s ``IfbSink``: the kernel never copies there, as
 on a NIC after its DMA). Each cell (segment size, backend) runs twice per round:
 
 * *one datagram per send*: each ``send_zc`` is one datagram of ``SEGMENT`` bytes;
@@ -126,7 +126,7 @@ async def send_for(
 
 
 def sender_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gso --sender")
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.gso --sender")
     parser.add_argument("--host", required=True)
     parser.add_argument("--backend", choices=BACKENDS, required=True)
     parser.add_argument("--segment", type=int, required=True)
@@ -163,7 +163,7 @@ class Config:
 def run_one(
     host: str, backend: str, segment: int, mode: str, config: Config, cpu: int | None
 ) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "bench.gso", "--sender", "--host", host]
+    argv = [sys.executable, "-m", "bench.senders.gso", "--sender", "--host", host]
     argv += ["--backend", backend, "--segment", str(segment)]
     argv += ["--inflight", str(config.inflight), "--seconds", str(config.seconds)]
     if mode == "gso":
@@ -193,7 +193,7 @@ def skipped_backends(backends: Sequence[str]) -> dict[str, str]:
 
 
 def measure(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    from bench.rig import IfbSink
+    from bench.harness.rig import IfbSink
 
     skipped = skipped_backends(config.backends)
     backends = [b for b in config.backends if b not in skipped]
@@ -262,7 +262,7 @@ def markdown(
     out = [
         "## UDP GSO on the true-zero-copy topology",
         "",
-        f"Run `python -m bench.gso` (part of `make bench`) on {info['date']}, "
+        f"Run `python -m bench.senders.gso` (part of `make bench`) on {info['date']}, "
         f"{info['elapsed_s'] / 60:.0f} min: {info['machine']}. Raw data: "
         f"`{rel(config.out / 'gso.json')}`. {config.rounds} rounds of {config.seconds:g} s per "
         f"run, {config.inflight} sends in flight, medians; ratios pair the runs of one round. "
@@ -369,7 +369,7 @@ def write_markdown(path: Path, section: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="python -m bench.gso", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.gso", description=__doc__.split("\n")[0])
     parser.add_argument("--segments", help="comma-separated datagram sizes in bytes")
     parser.add_argument("--inflight", type=int)
     parser.add_argument("--rounds", type=int)
@@ -421,12 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_markdown(config.markdown, markdown(config, document["runs"], skipped, info))
         print(f"wrote {config.markdown} from {config.from_json}", flush=True)
         return 0
-    from bench.rig import rig_unavailable_reason
+    from bench.harness.rig import rig_unavailable_reason
 
     why = rig_unavailable_reason()
     if why:
         # As the core run skips its ifb topology: said, and not a failure of `make bench`.
-        print(f"bench.gso: skipped, the ifb topology is unavailable here: {why}", flush=True)
+        print(f"bench.senders.gso: skipped, the ifb topology is unavailable here: {why}", flush=True)
         return 0
     config.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

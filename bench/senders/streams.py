@@ -1,9 +1,10 @@
 """zerosend streams on the rig: the two ways a StreamWriter keeps N sends in flight.
 
-    python -m bench.streams [--rounds N] [--seconds S] [--sizes 16K,64K,1M] [--inflight 1,8,32]
-                            [--backends io_uring,msg_zerocopy] [--topology rig|loopback]
+    python -m bench.senders.streams [--rounds N] [--seconds S] [--sizes 16K,64K,1M]
+                                    [--inflight 1,8,32] [--backends io_uring,msg_zerocopy]
+                                    [--topology rig|loopback]
 
-The same receiver and clock as ``python -m bench`` (``bench.receiver`` on CPU 1; the sender
+The same receiver and clock as ``python -m bench`` (``bench.harness.receiver`` on CPU 1; the sender
 pinned to CPU 0; MB/s from the first send to the receiver's byte count, sender CPU from
 ``getrusage`` over that span). Each run is one connection from ``zerosend.open_connection``:
 
@@ -27,9 +28,9 @@ import time
 from typing import Any
 
 import zerosend
-from bench.config import parse_size, size_label
-from bench.run import pinning, receiver, rig_reason
-from bench.sender import ACK, check_count
+from bench.harness.config import parse_size, size_label
+from bench.harness.run import pinning, receiver, rig_reason
+from bench.senders.sender import ACK, check_count
 
 PATTERNS = ("window", "drain")
 
@@ -83,7 +84,7 @@ async def one_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.streams", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--sizes", default="16K,64K,1M")

@@ -1,7 +1,8 @@
 """The per-send cost of the Python path, build against build, side by side in one run.
 
-    python -m bench.path_cost --build before=DIR --build after=DIR [--rounds N] [--seconds S]
-                              [--cell TOPOLOGY:SIZE:INFLIGHT:CONTENDER ...] [--syscalls]
+    python -m bench.senders.path_cost --build before=DIR --build after=DIR [--rounds N]
+                                      [--seconds S] [--cell TOPOLOGY:SIZE:INFLIGHT:CONTENDER ...]
+                                      [--syscalls]
 
 A *build* is a directory holding a ``zerosend`` package with its compiled extension (a copy of
 ``python/zerosend`` after ``maturin develop``); its sender runs get that directory first on
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.config import BASELINE, Config, parse_size, size_label
-from bench.run import pinning, receiver, rotate, run_sender
+from bench.harness.config import BASELINE, Config, parse_size, size_label
+from bench.harness.run import pinning, receiver, rotate, run_sender
 
 DEFAULT_CELLS = (
     "rig:1M:8:zerosend-io_uring",
@@ -76,7 +77,7 @@ def syscalls_per_send(
 ) -> dict[str, float]:
     """One run of ``cell`` under ``strace -f -c``: system calls per send, by name."""
     with tempfile.NamedTemporaryFile(prefix="zerosend-strace-", suffix=".txt") as out:
-        argv = ["strace", "-f", "-c", "-o", out.name, sys.executable, "-m", "bench.sender"]
+        argv = ["strace", "-f", "-c", "-o", out.name, sys.executable, "-m", "bench.senders.sender"]
         argv += [cell.contender, "--connect", f"{address[0]}:{address[1]}"]
         argv += ["--size", str(cell.size), "--inflight", str(cell.inflight)]
         argv += ["--max-bytes", str(max(cell.size * 2000, 256 << 20))]
@@ -98,7 +99,7 @@ def syscalls_per_send(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.path_cost", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.path_cost", description=__doc__)
     parser.add_argument("--build", action="append", default=[], help="NAME=DIR (repeatable)")
     parser.add_argument("--cell", action="append", help="TOPOLOGY:SIZE:INFLIGHT:CONTENDER")
     parser.add_argument("--rounds", type=int, default=5)

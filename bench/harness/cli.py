@@ -3,13 +3,13 @@
     python -m bench [--quick] [--out DIR] [--markdown FILE] [--rounds N] [--seconds S] ...
 
 Every sender is its own process (pinned to CPU 0 when there are two CPUs) talking to one
-receiver (``bench.receiver``, pinned to CPU 1) that is the same for all. Three topologies:
-loopback; the rig of ``bench/rig.py`` (the receiver in a network namespace behind a veth pair, RPS
-steering its receive work to CPU 1); and ``ifb``, where nothing is copied: UDP datagrams out of
-an ifb device (MTU 65535) that frees them, zerosend's backends only (copy among them). Within a
-round every contender runs once per cell (size, sends in flight), the order rotating from cell to
-cell and round to round; figures are medians over the rounds and every comparison is a ratio of
-runs from the same round (median over the rounds).
+receiver (``bench.harness.receiver``, pinned to CPU 1) that is the same for all. Three
+topologies: loopback; the rig of ``bench/harness/rig.py`` (the receiver in a network namespace
+behind a veth pair, RPS steering its receive work to CPU 1); and ``ifb``, where nothing is
+copied: UDP datagrams out of an ifb device (MTU 65535) that frees them, zerosend's backends only
+(copy among them). Within a round every contender runs once per cell (size, sends in flight), the
+order rotating from cell to cell and round to round; figures are medians over the rounds and every
+comparison is a ratio of runs from the same round (median over the rounds).
 
 Writes ``core.json`` and PNG plots into ``--out`` and the results section of ``BENCHMARKS.md``
 (between ``<!-- core-bench:begin -->`` and ``<!-- core-bench:end -->``; the rest is kept).
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.config import (
+from bench.harness.config import (
     CONTENDERS,
     DEFAULT_CONTENDERS,
     FULL_INFLIGHT,
@@ -42,12 +42,12 @@ from bench.config import (
     parse_size,
     size_label,
 )
-from bench.report import machine, markdown, plot, write_json, write_markdown
-from bench.run import measure, rig_reason
-from bench.stats import auto_choices, evaluate
-from bench.syscalls import DEFAULT_CONTENDERS as SYSCALL_CONTENDERS
-from bench.syscalls import TARGET_CELL as SYSCALL_CELL
-from bench.syscalls import measure_cell, strace_reason
+from bench.harness.report import machine, markdown, plot, write_json, write_markdown
+from bench.harness.run import measure, rig_reason
+from bench.harness.stats import auto_choices, evaluate
+from bench.senders.syscalls import DEFAULT_CONTENDERS as SYSCALL_CONTENDERS
+from bench.senders.syscalls import TARGET_CELL as SYSCALL_CELL
+from bench.senders.syscalls import measure_cell, strace_reason
 
 
 def parse_args(argv: list[str] | None) -> Config:

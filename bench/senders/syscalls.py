@@ -7,7 +7,7 @@ thread. Tracing slows the sender (each call stops it twice), which tends to batc
 completions per wake-up; read the figure as calls per send of the traced run, beside the C
 anchor traced the same way in the same round.
 
-    python -m bench.syscalls [--size 1M] [--inflight 8] [--seconds 1] [--topology rig]
+    python -m bench.senders.syscalls [--size 1M] [--inflight 8] [--seconds 1] [--topology rig]
                              [--contenders zerosend-io_uring,c-send_zc_fixed,...]
 """
 
@@ -90,8 +90,8 @@ def measure_cell(
 ) -> list[dict[str, Any]]:
     """Traces one run of each contender in one cell; returns a row per contender (calls per
     send, sends, the calls by name) and prints it, with met / not met in the target's cell."""
-    from bench.config import Config
-    from bench.run import native_senders, pinning, receiver, sender_argv
+    from bench.harness.config import Config
+    from bench.harness.run import native_senders, pinning, receiver, sender_argv
 
     config = Config(
         sizes=[size],
@@ -143,9 +143,9 @@ def measure_cell(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.config import CONTENDERS, parse_size
+    from bench.harness.config import CONTENDERS, parse_size
 
-    parser = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.syscalls", description=__doc__)
     parser.add_argument("--size", type=parse_size, default=1 << 20)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=1.0)

@@ -1,6 +1,6 @@
 """One benchmark sender, run as its own process so that its rusage is its own.
 
-    python -m bench.sender CONTENDER --connect HOST:PORT --size BYTES --inflight N
+    python -m bench.senders.sender CONTENDER --connect HOST:PORT --size BYTES --inflight N
                            [--seconds S] [--max-bytes B] [--cpu CPU]
 
 Sends ``BYTES``-sized buffers to the benchmark receiver for ``S`` seconds (or ``B`` bytes),
@@ -302,7 +302,7 @@ def run(contender: str, plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sender")
+    parser = argparse.ArgumentParser(prog="python -m bench.senders.sender")
     parser.add_argument("contender", choices=CONTENDERS)
     parser.add_argument("--connect", required=True, help="HOST:PORT of the receiver")
     parser.add_argument("--size", type=int, required=True)

@@ -1,6 +1,6 @@
 """The one receiver every sender talks to: the benchmarks, the demo and the tests on the rig.
 
-    python -m bench.receiver --listen HOST:PORT [--cpu N] [--once] [--check sha256|verify]
+    python -m bench.harness.receiver --listen HOST:PORT [--cpu N] [--once] [--check sha256|verify]
                              [--chunk BYTES] [--udp]
 
 Prints ``ready PORT`` once it listens. Each accepted TCP connection is read to its end (into a
@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from bench.rig import in_namespace
+from bench.harness.rig import in_namespace
 
 ACK = struct.Struct("<Q")
 #: Each chunk of a ``verify`` stream starts with its number.
@@ -38,7 +38,7 @@ HEADER = struct.Struct("<Q")
 READ_SIZE = 4 << 20
 CHECKS = ("discard", "sha256", "verify")
 Check = Literal["discard", "sha256", "verify"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def chunk_fill(index: int) -> int:
@@ -135,7 +135,7 @@ def discard_datagrams(sock: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.receiver")
+    parser = argparse.ArgumentParser(prog="python -m bench.harness.receiver")
     parser.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks one)")
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
     parser.add_argument("--once", action="store_true", help="one connection, then its report")
@@ -232,7 +232,7 @@ def start_receiver(
     udp: bool = False,
 ) -> Receiver:
     """Start the receiver (inside network ``namespace`` if given); returns once it listens."""
-    argv = [sys.executable, "-m", "bench.receiver", "--listen", f"{host}:{port}"]
+    argv = [sys.executable, "-m", "bench.harness.receiver", "--listen", f"{host}:{port}"]
     argv += ["--check", check, "--chunk", str(chunk)]
     if cpu is not None:
         argv += ["--cpu", str(cpu)]
@@ -246,7 +246,7 @@ def start_receiver(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=ROOT,  # where ``python -m bench.receiver`` finds the bench package
+        cwd=ROOT,  # where ``python -m bench.harness.receiver`` finds the bench package
     )
     assert process.stdout is not None
     line = process.stdout.readline().split()

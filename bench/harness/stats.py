@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.config import (
+from bench.harness.config import (
     AUTO,
     BACKENDS,
     BASELINE,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import zerosend
-from bench.receiver import start_receiver
-from bench.rig import IfbSink, Rig, rig_unavailable_reason
+from bench.harness.receiver import start_receiver
+from bench.harness.rig import IfbSink, Rig, rig_unavailable_reason
 from zerosend.__main__ import describe
 
 MiB = 1 << 20

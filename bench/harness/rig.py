@@ -18,7 +18,7 @@ More topologies built on it (needs nftables and tc; measured on Linux 6.18):
   few datagrams and drops the rest at once, so later sends are released before earlier ones.
 
 Needs root and iproute2. Addresses are 10.x on devices this module creates and removes.
-A receiver inside the namespace: ``bench.receiver.start_receiver(rig.peer_addr, port,
+A receiver inside the namespace: ``bench.harness.receiver.start_receiver(rig.peer_addr, port,
 namespace=rig.ns)``.
 """
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.config import (
+from bench.harness.config import (
     C_CONTENDERS,
     IFB,
     LABELS,
@@ -28,8 +28,8 @@ from bench.config import (
     topology_contenders,
     topology_sizes,
 )
-from bench.receiver import start_receiver
-from bench.rig import IfbSink, Rig, rig_unavailable_reason
+from bench.harness.receiver import start_receiver
+from bench.harness.rig import IfbSink, Rig, rig_unavailable_reason
 
 
 def pinning() -> tuple[int | None, int | None]:
@@ -64,13 +64,14 @@ def build_rust_sender() -> tuple[Path | None, str | None]:
 
 
 def build_c_sender() -> tuple[Path | None, str | None]:
-    """Compiles bench/c_sender.c against liburing; returns (binary, None) or (None, why not)."""
+    """Compiles bench/senders/c_sender.c against liburing; returns (binary, None) or (None,
+    why not)."""
     cc = shutil.which("cc")
     if cc is None:
         return None, "no C compiler (cc) on PATH"
     binary = target_dir() / "bench" / "c_sender"
     binary.parent.mkdir(parents=True, exist_ok=True)
-    source = ROOT / "bench" / "c_sender.c"
+    source = ROOT / "bench" / "senders" / "c_sender.c"
     done = subprocess.run(
         [cc, "-O2", "-Wall", "-o", str(binary), str(source), "-luring"],
         capture_output=True,
@@ -135,7 +136,7 @@ def sender_argv(
         return [str(native["rust"]), *common, "--buffers", buffers, "--threshold", "0"]
     if contender in C_CONTENDERS:
         return [str(native["c"]), *common, "--mode", contender.partition("-")[2]]
-    return [sys.executable, "-m", "bench.sender", contender, *common]
+    return [sys.executable, "-m", "bench.senders.sender", contender, *common]
 
 
 def run_sender(

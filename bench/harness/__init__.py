@@ -1,0 +1,1 @@
+"""The benchmark harness: the rig, the receiver, runs, statistics and reports."""
