@@ -31,15 +31,6 @@ HIDE = "import tests.hide_native; "
 RUN = "from tests.test_copy_path_differential import child; sys.exit(child(sys.argv[1]))"
 #: A hang guard for a whole history (a loaded 2-CPU machine), not a timing assertion.
 HANG_GUARD_S = 120.0
-#: The native copy path still reports a file truncated during ``send_file`` as a ValueError
-#: (whose message carries a run of blanks) where the fallback says OSError(EIO): the fix is the
-#: core crate's (``driver/sendmsg.rs``, ``write_file``: ``Error::os(.., Errno::EIO)``). Strict:
-#: once the fix is in, these pass and the mark must go.
-NATIVE_TRUNCATION_PENDING = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="native send_file truncation is a ValueError until the core says EIO",
-)
 
 Outcome = list[Any]
 
@@ -222,13 +213,7 @@ def run(name: str, *, hide_native: bool) -> dict[str, Any]:
     return facts
 
 
-@pytest.mark.parametrize(
-    "history",
-    [
-        pytest.param(name, marks=NATIVE_TRUNCATION_PENDING) if name == "truncated_file" else name
-        for name in sorted(HISTORIES)
-    ],
-)
+@pytest.mark.parametrize("history", sorted(HISTORIES))
 def test_native_copy_and_fallback_agree(history: str) -> None:
     native = run(history, hide_native=False)
     fallback = run(history, hide_native=True)
@@ -239,7 +224,6 @@ def test_native_copy_and_fallback_agree(history: str) -> None:
     assert native == fallback
 
 
-@NATIVE_TRUNCATION_PENDING
 def test_a_truncated_file_is_a_stream_failure() -> None:
     """What both must say (the differential alone would accept the same wrong answer)."""
     for hide_native in (False, True):

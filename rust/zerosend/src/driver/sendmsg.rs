@@ -245,10 +245,12 @@ impl<T, B: IoBuf> Driver<T, B> {
         match sys::send_file(socket, file.fd.as_raw_fd(), offset, remaining) {
             Ok(0) => {
                 // The file ended early: it was truncated after send_file checked its size. What
-                // was sent is already in the stream, so the stream cannot go on.
-                let error = Error::InvalidArgument(format!(
-                    "the file ended at offset {offset}, {remaining} bytes short of what                      send_file was asked to send: it was truncated while being sent"
-                ));
+                // was sent is already in the stream, so the stream cannot go on: an I/O error,
+                // as read(2) of a vanished page is, not an invalid argument.
+                let error = Error::os(
+                    "sending a file truncated while it was being sent",
+                    Errno::EIO,
+                );
                 self.fail_socket(index, error);
             }
             Ok(n) => self.advance_queue(index, n),
