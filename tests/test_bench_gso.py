@@ -1,7 +1,7 @@
-"""The UDP GSO measurement (``python -m bench.senders.gso``) in a few-second run, so that it cannot rot:
-every backend this kernel has runs with and without GSO out of the ifb device, the zero-copy
-ones send every byte uncopied, and the section lands between its markers with the rest of the
-file kept. No timing is asserted."""
+"""The UDP GSO measurement (``python -m bench.senders.gso``) in a few-second run, so that it
+cannot rot: every backend this kernel has runs with and without GSO out of the ifb device, the
+zero-copy ones send every byte uncopied, and the section lands between its markers with the
+rest of the file kept. No timing is asserted."""
 
 from __future__ import annotations
 

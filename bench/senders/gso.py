@@ -369,7 +369,9 @@ def write_markdown(path: Path, section: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="python -m bench.senders.gso", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.senders.gso", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--segments", help="comma-separated datagram sizes in bytes")
     parser.add_argument("--inflight", type=int)
     parser.add_argument("--rounds", type=int)
@@ -426,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     why = rig_unavailable_reason()
     if why:
         # As the core run skips its ifb topology: said, and not a failure of `make bench`.
-        print(f"bench.senders.gso: skipped, the ifb topology is unavailable here: {why}", flush=True)
+        print(
+            f"bench.senders.gso: skipped, the ifb topology is unavailable here: {why}", flush=True
+        )
         return 0
     config.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -361,3 +361,29 @@ def test_itt_reused_while_its_task_is_in_progress_is_rejected(target_factory, im
     ini.close()
     assert path.read_bytes()[16 * 512 : 24 * 512] == b"\x99" * 4096
     assert path.read_bytes()[64 * 512 : 66 * 512] == data[64 * 512 : 66 * 512]
+
+
+@pytest.mark.parametrize("read_loop", ["native", "python"])
+def test_a_plain_read_that_reuses_an_itt_in_progress_is_rejected(target_factory, image, read_loop):
+    """The same rule on the READ inner loop, which serves plain READs straight out of the
+    receive buffer: a READ(10) reusing the ITT of a write in progress is rejected (before: it
+    was served, its Data-In carrying the write's ITT)."""
+    path, data = image
+    t = target_factory("--lun", str(path), "--read-loop", read_loop)
+    ini = session(t.port)
+    ini.scsi(read10(0, 1), 512, read=True)  # the image is in the page cache: the inner loop
+    assert ini.read_response()[0] == GOOD
+    old = command(ini, write10(16, 8), 4096, 0xA0)  # all its data on R2T: in progress
+    ttt, offset, length = r2t_of(ini, old)
+    again = command(ini, read10(0, 1), 512, 0xC0, itt=old)  # F, R: a plain READ
+    bhs, seg = next_pdu(ini)
+    assert bhs[0] & 0x3F == OP_REJECT, f"expected a Reject, got opcode {bhs[0] & 0x3F:#x}"
+    assert bhs[2] == REJECT_TASK_IN_PROGRESS, f"reject reason {bhs[2]:#x}"
+    assert int.from_bytes(seg[16:20], "big") == again
+    ini.data_out(old, ttt, 0, 0, b"\x99" * 4096, True)
+    assert status_of(ini, old)[0] == GOOD
+    ini.scsi(read10(0, 1), 512, read=True)  # the inner loop serves on
+    status, got, _ = ini.read_response()
+    assert (status, got) == (GOOD, data[:512])
+    ini.close()
+    assert path.read_bytes()[16 * 512 : 24 * 512] == b"\x99" * 4096

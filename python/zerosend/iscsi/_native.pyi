@@ -3,6 +3,7 @@
 imports it."""
 
 import sys
+from collections.abc import Container, Sequence
 from typing import Any, final
 
 if sys.version_info >= (3, 12):
@@ -30,10 +31,18 @@ class IscsiReadPath:
         refer_min: int,
     ) -> IscsiReadPath: ...
     def serve(
-        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
+        self,
+        rx: Any,
+        start: int,
+        end: int,
+        out: Any,
+        pos: int,
+        sn: tuple[int, int, int],
+        busy: Sequence[Container[int]] | None = None,
     ) -> tuple[int, int, int, int, int, int, int, bool, int, int, int]:
         """Serves the plain READs at ``rx[start:end]`` into ``out[pos:]``; ``sn`` is (ExpCmdSN,
-        StatSN, MaxCmdSN) before the run. Returns the run (``_accel.RUN_FIELDS``)."""
+        StatSN, MaxCmdSN) before the run; the run stops at a command whose ITT is in one of
+        ``busy`` (a task in progress has it). Returns the run (``_accel.RUN_FIELDS``)."""
 
 def _encode_data_in(
     flags: int,

@@ -187,7 +187,20 @@ impl<M: Medium> ReadPath<M> {
 
     /// Serves the commands at the start of `rx` into `out[pos..]` while they are plain (see
     /// the module documentation).
-    pub fn serve(&self, rx: &[u8], out: &mut [u8], pos: usize, mut sn: SeqNumbers) -> ReadRun {
+    pub fn serve(&self, rx: &[u8], out: &mut [u8], pos: usize, sn: SeqNumbers) -> ReadRun {
+        self.serve_unless(rx, out, pos, sn, |_| false)
+    }
+
+    /// `serve`, stopping also at a command whose ITT `busy` says belongs to a task in progress
+    /// (RFC 7143 11.17.1: the general path rejects it, and that task carries on).
+    pub fn serve_unless(
+        &self,
+        rx: &[u8],
+        out: &mut [u8],
+        pos: usize,
+        mut sn: SeqNumbers,
+        busy: impl Fn(u32) -> bool,
+    ) -> ReadRun {
         let mut run = ReadRun {
             pos,
             sn,
@@ -198,6 +211,9 @@ impl<M: Medium> ReadPath<M> {
             let Some((itt, lba, n)) = self.plain(&rx[at..at + BHS_LEN], sn.expcmdsn) else {
                 break;
             };
+            if busy(itt) {
+                break;
+            }
             let refer = n >= u64::from(self.limits.refer_min);
             let len = if refer { 0 } else { n as usize }; // at most 2^24 - 1
             let pos = run.pos;
@@ -476,5 +492,16 @@ mod tests {
         let run = p.serve(&rx, &mut out, 0, sn(1, 0, 128));
         assert_eq!(run.commands, 1);
         assert_eq!(&out[48..48 + 1024], &img[5 * 512..7 * 512]);
+    }
+
+    #[test]
+    fn stops_at_a_read_whose_itt_is_in_progress() {
+        let p = path(image(8), 4096);
+        let mut rx = command(0xC1, 0, 7, 512, 1, &read10(0, 1)).to_vec();
+        rx.extend_from_slice(&command(0xC1, 0, 9, 512, 2, &read10(1, 1)));
+        let run = p.serve_unless(&rx, &mut [0u8; 4096], 0, sn(1, 0, 128), |itt| itt == 9);
+        assert_eq!((run.commands, run.consumed), (1, 48));
+        let run = p.serve_unless(&rx, &mut [0u8; 4096], 0, sn(1, 0, 128), |itt| itt == 7);
+        assert_eq!(run.commands, 0);
     }
 }

@@ -122,7 +122,10 @@ impl IscsiReadPath {
     }
 
     /// Serves the plain READs at `rx[start:end]` into `out[pos:]`; `sn` is (ExpCmdSN, StatSN,
-    /// MaxCmdSN) before the run.
+    /// MaxCmdSN) before the run. `busy`: containers of the ITTs of tasks in progress; the run
+    /// stops at a command that reuses one of them (the general path rejects it).
+    #[pyo3(signature = (rx, start, end, out, pos, sn, busy=None))]
+    #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
         rx: &Bound<'_, PyAny>,
@@ -131,6 +134,7 @@ impl IscsiReadPath {
         out: &Bound<'_, PyAny>,
         pos: usize,
         sn: (u32, u32, u32),
+        busy: Option<Vec<Bound<'_, PyAny>>>,
     ) -> PyResult<ReadRun> {
         let rx = Export::get(rx, "rx", false)?;
         let mut out = Export::get(out, "out", true)?;
@@ -145,9 +149,12 @@ impl IscsiReadPath {
             statsn,
             maxcmdsn,
         };
-        let run = self
-            .path
-            .serve(&rx_bytes[start..end], out_bytes, pos, before);
+        let busy = busy.unwrap_or_default();
+        // A container that cannot answer counts as busy: the general path then decides.
+        let in_progress = |itt: u32| busy.iter().any(|tasks| tasks.contains(itt).unwrap_or(true));
+        let run =
+            self.path
+                .serve_unless(&rx_bytes[start..end], out_bytes, pos, before, in_progress);
         Ok((
             start + run.consumed,
             run.pos,

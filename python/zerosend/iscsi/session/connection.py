@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Container
 from typing import Protocol
 
 import zerosend
@@ -493,6 +493,10 @@ class Session:
             self._run_command(req)
         finally:
             self._dispatching = 0
+
+    def itts_in_progress(self) -> tuple[Container[int], ...] | None:
+        reads, writes = self.reads.tasks, self.writes.tasks
+        return (reads, writes) if reads or writes else None
 
     def _run_command(self, req: P.Pdu) -> None:
         self.stats["commands"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Sequence
 from typing import Protocol
 
 
@@ -13,3 +14,7 @@ class Connection(Protocol):
     @property
     def closing(self) -> bool: ...
     def abort_connection(self) -> None: ...
+    def itts_in_progress(self) -> Sequence[Container[int]] | None:
+        """The ITTs of the tasks in progress (None when there are none): a new command that
+        reuses one is rejected (RFC 7143 11.17.1)."""
+        ...

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Container, Sequence
 from typing import Any
 
 from .._accel import ReadRun
@@ -61,7 +62,14 @@ class ReadLoop:
         self.refer_min = refer_min
 
     def serve(
-        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
+        self,
+        rx: Any,
+        start: int,
+        end: int,
+        out: Any,
+        pos: int,
+        sn: tuple[int, int, int],
+        busy: Sequence[Container[int]] | None = None,
     ) -> ReadRun:
         expcmdsn, statsn, maxcmdsn = sn
         out = memoryview(out)  # slices of it are views, not copies
@@ -75,6 +83,8 @@ class ReadLoop:
                 break
             if lengths or lun != self.lun or cmdsn != expcmdsn:
                 break
+            if busy and any(itt in tasks for tasks in busy):
+                break  # an ITT in progress: the general path rejects it
             code = rx[at + 32]
             if code == READ10:
                 cflags, lba, blocks = _READ10.unpack_from(rx, at + 32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._accel import NativeReadPath, ReadRun
@@ -44,7 +44,14 @@ log = logging.getLogger("zerosend.iscsi")
 
 class _InnerLoop(Protocol):
     def serve(
-        self, rx: Any, start: int, end: int, out: Any, pos: int, sn: tuple[int, int, int]
+        self,
+        rx: Any,
+        start: int,
+        end: int,
+        out: Any,
+        pos: int,
+        sn: tuple[int, int, int],
+        busy: Sequence[Container[int]] | None = None,
     ) -> ReadRun: ...
 
 
@@ -115,11 +122,13 @@ class Reads:
         if lu.admission_required:  # a reservation or unit attention: each READ is admitted
             return False
         window, outbox, stats = self.window, self.outbox, self.stats
+        # A READ that reuses the ITT of a task in progress is the general path's to reject
+        busy = self.conn.itts_in_progress()
         outbox.ensure_packing()  # (a packing buffer that stays unused goes back at the flush)
         served = False
         while True:
             out, pos = outbox.packing()
-            run = inner.serve(rd.buf, rd.start, rd.end, out, pos, window.numbers())
+            run = inner.serve(rd.buf, rd.start, rd.end, out, pos, window.numbers(), busy)
             (start, pos, expcmdsn, statsn, maxcmdsn, commands, nbytes, large, need, send_from,
              send_len) = run  # fmt: skip
             if commands:
