@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .latency import LunLatency
+
 
 class Connection(Protocol):
     """What the READ and write paths need of their session."""
@@ -13,3 +15,6 @@ class Connection(Protocol):
     @property
     def closing(self) -> bool: ...
     def abort_connection(self) -> None: ...
+    @property
+    def latency(self) -> dict[int, LunLatency]:
+        """The histograms of its target's LUNs, by number (empty: not measured)."""

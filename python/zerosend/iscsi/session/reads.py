@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Mapping
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..scsi.sense import (
@@ -35,6 +36,7 @@ from ..wire.params import SessionParams
 from ..wire.reader import PduReader
 from ..wire.window import CmdWindow
 from .data_path import Connection
+from .latency import READ, Histogram
 from .readloop import ReadLoop, ReadRun
 from .responses import Responder, residual_bits
 
@@ -56,7 +58,8 @@ class _InnerLoop(Protocol):
     ) -> _Run: ...
 
 
-_Entry = tuple[_InnerLoop, FileStore, LogicalUnit]  # a LUN's inner loop, image, logical unit
+# a LUN's inner loop, image, logical unit, and its READ latency histogram (None: not measured)
+_Entry = tuple[_InnerLoop, FileStore, LogicalUnit, Histogram | None]
 
 
 class Reads:
@@ -119,9 +122,10 @@ class Reads:
             self._last_lun, self._last = lun_field, entry
             if entry is None:
                 return False
-        inner, store, lu = entry
+        inner, store, lu, timed = entry
         if lu.admission_required:  # a reservation or unit attention: each READ is admitted
             return False
+        start = perf_counter() if timed is not None else 0.0
         window, outbox, stats = self.window, self.outbox, self.stats
         outbox.ensure_packing()  # (a packing buffer that stays unused goes back at the flush)
         served = False
@@ -135,6 +139,8 @@ class Reads:
                 stats["commands"] += run.commands
                 stats["read_bytes"] += run.nbytes
                 stats["zc_sends"] += run.commands
+                if timed is not None:  # one observation for the run: its READs came together
+                    timed.observe(perf_counter() - start, run.commands)
                 served = True
                 if run.send_len:  # sent from the image's pages, right behind its header
                     loan = store.borrow(run.send_from, run.send_len)
@@ -172,7 +178,8 @@ class Reads:
         kind = IscsiReadPath if self.native and IscsiReadPath is not None else ReadLoop
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min)  # fmt: skip
-        return inner, store, lu
+        latency = self.conn.latency.get(P.decode_lun(lun_field))
+        return inner, store, lu, None if latency is None else latency.commands[READ]
 
     def luns_cached(self) -> set[int]:
         """The LUNs whose image the inner loop holds (a reload that removes one ends the
