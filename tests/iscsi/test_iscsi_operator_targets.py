@@ -401,3 +401,14 @@ def test_the_two_target_translation_in_the_guide_loads(tmp_path: Path):
         "iqn.2024-01.org.example:db", [1, 2], "DB0001")  # fmt: skip
     assert db.acls[0].chap is not None and db.acls[0].addresses
     assert media.luns[0].readonly and not media.acls
+
+
+def test_renaming_the_single_target_on_reload_is_a_new_target(daemon, tmp_path: Path):
+    img = images(tmp_path, "x")
+    t, config = daemon(f'iqn = "{A}"\nluns = ["{img["x"]}"]\n')
+    old = session(t, A)
+    reload(t, config, f'iqn = "{B}"\nluns = ["{img["x"]}"]\n')
+    assert ended(old) and "--iqn changed" not in t.log()
+    new = session(t, B)
+    assert report_luns(new) == [0]
+    new.close()

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerosend.iscsi")
 
-RELOADABLE = ("luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap", "target")
+# (a new iqn is another target: the old one's sessions end, logins find the new one)
+RELOADABLE = ("iqn", "luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap", "target")
 # A target's own settings, changed in place on its running Node (its sessions' login policy).
 _TARGET_FIELDS = ("luns", "alias", "chap", "mutual_chap", "allow", "acls", "discovery_chap")
 # How long the sessions a reload ends may take to drain before their LUNs' images are closed.
