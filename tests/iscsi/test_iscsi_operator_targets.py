@@ -412,3 +412,26 @@ def test_renaming_the_single_target_on_reload_is_a_new_target(daemon, tmp_path: 
     new = session(t, B)
     assert report_luns(new) == [0]
     new.close()
+
+
+def test_each_target_keeps_its_reservations_in_a_file_of_its_own(tmp_path: Path):
+    import asyncio
+
+    from zerosend.iscsi.service.target import Target
+
+    def paths(text: str) -> list[str | None]:
+        async def build() -> list[str | None]:
+            target = Target(_config(tmp_path, text))
+            out = [n.commands.reservations.state_path for n in target.nodes.values()]
+            for node in target.nodes.values():
+                for lu in node.luns.values():
+                    lu.store.close()
+            return out
+
+        return asyncio.run(build())
+
+    two = (f'[[target]]\niqn = "{A}"\nluns = ["mem:1M"]\n'
+           f'[[target]]\niqn = "{B}"\nluns = ["mem:1M"]\n')  # fmt: skip
+    assert paths(two) == [str(tmp_path / f"c.reservations.{A}.json"),
+                          str(tmp_path / f"c.reservations.{B}.json")]  # fmt: skip
+    assert paths(f'iqn = "{A}"\nluns = ["mem:1M"]\n') == [str(tmp_path / "c.reservations.json")]

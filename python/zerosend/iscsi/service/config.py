@@ -724,7 +724,9 @@ SETTINGS = (
     Setting(
         "reservation_state",
         "file keeping the persistent reservations initiators ask to survive a restart (APTPL); "
-        "default: NAME.reservations.json next to --config NAME.toml, none without a config",
+        "default: NAME.reservations.json next to --config NAME.toml, none without a config; "
+        "with [[target]] tables one file per target, its IQN before the extension "
+        "(NAME.reservations.IQN.json)",
         _text,
         "FILE",
     ),
