@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 #: Bucket upper bounds in seconds: a page-cache read (tens of microseconds) to a stuck device.
@@ -66,11 +67,9 @@ class LunLatency:
 def _timed(
     method: Callable[..., Any], hist: Histogram, lock: threading.Lock, hit_only: bool = False
 ) -> Callable[..., Any]:
-    from time import perf_counter
-
-    def timed(*args: Any) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:
         start = perf_counter()
-        result = method(*args)
+        result = method(*args, **kwargs)
         if not hit_only or result:  # (a page-cache probe that read nothing is no read)
             elapsed = perf_counter() - start
             with lock:
