@@ -435,3 +435,19 @@ def test_each_target_keeps_its_reservations_in_a_file_of_its_own(tmp_path: Path)
     assert paths(two) == [str(tmp_path / f"c.reservations.{A}.json"),
                           str(tmp_path / f"c.reservations.{B}.json")]  # fmt: skip
     assert paths(f'iqn = "{A}"\nluns = ["mem:1M"]\n') == [str(tmp_path / "c.reservations.json")]
+
+
+def test_one_initiator_and_isid_on_two_targets_are_two_sessions(daemon, tmp_path: Path):
+    """An I_T nexus names the target: a login to beta with the ISID of a session with alpha
+    is a session of its own, not a reinstatement that would end alpha's."""
+    t, _ = daemon(two_targets(images(tmp_path, "a0", "a1", "b0")))
+    alpha = session(t, A)
+    beta = session(t, B)  # (MiniInitiator: the same ISID every time)
+    assert alpha.isid == beta.isid
+    assert command(alpha, bytes(6))[0] == GOOD and command(beta, bytes(6))[0] == GOOD
+    assert "reinstated" not in t.log()
+    again = session(t, A)  # the same nexus with alpha: that one is reinstated
+    assert ended(alpha)
+    assert command(beta, bytes(6))[0] == GOOD
+    for ini in (beta, again):
+        ini.close()
