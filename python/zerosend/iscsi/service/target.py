@@ -311,12 +311,14 @@ class Target:
                  self.pool.available, self.pool.count)  # fmt: skip
         for s in list(self._connections):
             log.info("state: %s", s.state_line())
+        several = len(self.nodes) > 1
         for node in self.nodes.values():
             for lu in node.luns.values():
                 span = lu.store.unsynced  # written since the last SYNCHRONIZE CACHE / FUA
                 unsynced = "none" if span is None else f"bytes {span[0]}..{span[1]}"
-                log.info("state: %s LUN %d %s unsynced: %s", node.iqn, lu.number, lu.store.name,
-                         unsynced)  # fmt: skip
+                # ("state: LUN N ..." as before there were targets; with several, which one)
+                log.info("state: LUN %d%s %s unsynced: %s", lu.number,
+                         f" of {node.iqn}" if several else "", lu.store.name, unsynced)  # fmt: skip
 
     # -- for reload (SIGHUP) and metrics
 
