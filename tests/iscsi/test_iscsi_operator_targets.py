@@ -451,3 +451,15 @@ def test_one_initiator_and_isid_on_two_targets_are_two_sessions(daemon, tmp_path
     assert command(beta, bytes(6))[0] == GOOD
     for ini in (beta, again):
         ini.close()
+
+
+def test_check_counts_every_targets_luns_and_opens_their_images(tmp_path: Path):
+    img = images(tmp_path, "a0", "a1", "b0")
+    config = tmp_path / "targets.toml"
+    config.write_text(two_targets(img))
+    check = [sys.executable, "-m", "zerosend.iscsi", "--check", "--config", str(config)]
+    ok = subprocess.run(check, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and f"{config}: OK (3 LUNs, 2 targets)" in ok.stdout, ok
+    img["b0"].unlink()  # beta's image is missing: the check fails as the start would
+    bad = subprocess.run(check, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "b0.img" in bad.stderr, bad
