@@ -374,7 +374,7 @@ def test_a_plain_read_that_reuses_an_itt_in_progress_is_rejected(target_factory,
     ini.scsi(read10(0, 1), 512, read=True)  # the image is in the page cache: the inner loop
     assert ini.read_response()[0] == GOOD
     old = command(ini, write10(16, 8), 4096, 0xA0)  # all its data on R2T: in progress
-    ttt, offset, length = r2t_of(ini, old)
+    ttt, _, _ = r2t_of(ini, old)
     again = command(ini, read10(0, 1), 512, 0xC0, itt=old)  # F, R: a plain READ
     bhs, seg = next_pdu(ini)
     assert bhs[0] & 0x3F == OP_REJECT, f"expected a Reject, got opcode {bhs[0] & 0x3F:#x}"

@@ -96,6 +96,12 @@ class LunView(Mapping[int, "LogicalUnit"]):
         # (a stand-in for the unit: it answers every attribute the unit does)
         return cast("LogicalUnit", cached[1])
 
+    def serve(self, luns: Mapping[int, LogicalUnit], acl: Acl | None) -> None:
+        """Look up ``luns`` through ``acl`` from now on (a login picked its target)."""
+        self._luns = luns
+        self.acl = acl
+        self._wrapped.clear()
+
     def get(self, lun: int, default: Any = None) -> Any:
         if self.acl is None:  # (the common case, on every command: one dict lookup)
             return self._luns.get(lun, default)

@@ -26,18 +26,22 @@ def is_loopback(host: str) -> bool:
 
 def exposure_warnings(cfg: TargetConfig, host: str) -> list[str]:
     """Warnings for a target listening on ``host`` with ``cfg``'s access rules."""
-    if is_loopback(host) or cfg.allow or cfg.acls or cfg.chap is not None:
+    if is_loopback(host):
         return []
+    several = len(cfg.targets()) > 1
     return [
-        f"listening on {host}, not a loopback address, with no allow-list, ACLs or CHAP: any "
-        "host that reaches it can read and write every LUN (set acls, allow or chap)"
+        f"listening on {host}, not a loopback address, with no allow-list, ACLs or CHAP"
+        f"{' for target ' + t.iqn if several else ''}: any host that reaches it can read and "
+        "write every LUN (set acls, allow or chap)"
+        for t in cfg.targets()
+        if not (t.allow or t.acls or t.chap is not None)
     ]
 
 
 def check(cfg: TargetConfig) -> list[str]:
     """Opens every LUN's image (read-only, then closes it) so that a missing or unreadable
     image fails the check as it would fail the start; returns the warnings."""
-    for spec in cfg.luns:
+    for spec in [lun for t in cfg.targets() for lun in t.luns]:
         if spec.path.startswith(("mem:", "null:")):
             parse_size(spec.path.partition(":")[2])  # not allocated for a check
         else:

@@ -116,7 +116,10 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
     reloader = Reloader(target, options, path)
 
     def serving() -> str:
-        return f"serving {len(target.luns)} LUNs on {host}:{port} as {cfg.iqn}"
+        nodes = list(target.nodes.values())
+        luns = sum(len(node.luns) for node in nodes)
+        names = nodes[0].iqn if len(nodes) == 1 else f"{len(nodes)} targets"
+        return f"serving {luns} LUNs on {host}:{port} as {names}"
 
     def reload() -> None:
         # Type=notify-reload: RELOADING=1 now, READY=1 when done (with ERRNO if refused), so
@@ -190,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             for warning in check(cfg):
                 log.warning("%s", warning)
-            print(f"{args.config or 'command line'}: OK ({len(cfg.luns)} LUNs)")
+            targets = cfg.targets()
+            luns = sum(len(t.luns) for t in targets)
+            several = f", {len(targets)} targets" if len(targets) > 1 else ""
+            print(f"{args.config or 'command line'}: OK ({luns} LUNs{several})")
             return 0
         return asyncio.run(_run(cfg, options, args.config))
     except (ValueError, StoreError, OSError) as e:

@@ -54,6 +54,30 @@ class LunSpec:
 
 
 @dataclass
+class TargetSpec:
+    """One target (IQN) of the daemon: its LUNs and who may reach them. The single-target form
+    (``iqn``, ``luns``, ``acls`` ... at the top level) is one of these; ``[[target]]`` tables
+    give several."""
+
+    iqn: str
+    luns: list[LunSpec] = field(default_factory=list)
+    alias: str = ""
+    chap: Credentials | None = None
+    mutual_chap: Credentials | None = None
+    allow: frozenset[str] = frozenset()
+    acls: list[Acl] = field(default_factory=list)
+    discovery_chap: Credentials | None = None  # the daemon's, for discovery logins
+
+    def acl_for(self, initiator: str) -> Acl | None:
+        """``initiator``'s ACL (None without ACLs: every LUN, as it is)."""
+        return next((a for a in self.acls if a.initiator == initiator), None)
+
+
+#: The keys a target's own table may have (the single-target form has them at the top level).
+TARGET_KEYS = ("iqn", "alias", "luns", "chap", "mutual_chap", "allow", "acls")
+
+
+@dataclass
 class TargetConfig:
     listen: str = DEFAULT_LISTEN
     iqn: str = DEFAULT_IQN
@@ -64,6 +88,7 @@ class TargetConfig:
     acls: list[Acl] = field(default_factory=list)
     discovery_chap: Credentials | None = None
     cross_session_resets: bool = False
+    target: list[TargetSpec] = field(default_factory=list)  # [[target]]; empty: the keys above
     max_connections: int = 256
     max_pending_logins: int = 64
     buffers: int = 256
@@ -86,6 +111,15 @@ class TargetConfig:
     def acl_for(self, initiator: str) -> Acl | None:
         """``initiator``'s ACL (None without ACLs: every LUN, as it is)."""
         return next((a for a in self.acls if a.initiator == initiator), None)
+
+    def targets(self) -> list[TargetSpec]:
+        """The targets served: the ``[[target]]`` tables, else one of the top-level keys."""
+        if self.target:
+            return self.target
+        return [
+            TargetSpec(self.iqn, self.luns, "", self.chap, self.mutual_chap, self.allow,
+                       self.acls, self.discovery_chap)
+        ]  # fmt: skip
 
 
 class FieldError(ValueError):
@@ -316,10 +350,10 @@ def _acl_cli(text: str) -> Acl:
     return _acl(value)
 
 
-def _check_acls(cfg: TargetConfig, where: str) -> None:
-    served = set(numbered(cfg.luns))
+def _check_acls(luns: list[LunSpec], acls: list[Acl], allow: frozenset[str], where: str) -> None:
+    served = set(numbered(luns))
     seen: dict[str, int] = {}
-    for n, acl in enumerate(cfg.acls):
+    for n, acl in enumerate(acls):
         first = seen.setdefault(acl.initiator, n)
         if first != n:
             raise ValueError(f"{where}[{n}].initiator: {acl.initiator} has an ACL already")
@@ -327,7 +361,7 @@ def _check_acls(cfg: TargetConfig, where: str) -> None:
             missing = sorted(set(numbers) - served)
             if missing:
                 raise ValueError(f"{where}[{n}].{key}: LUN {missing[0]} is not served")
-    if cfg.acls and cfg.allow:
+    if acls and allow:
         raise ValueError("allow and acls both given: with ACLs, list each initiator in acls")
 
 
@@ -411,6 +445,147 @@ def metrics_address(value: Any) -> str:
         )
     host = host or "127.0.0.1"  # an address left out is loopback, never every address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_name(iqn: str, what: str) -> None:
+    if not iqn.startswith(("iqn.", "eui.", "naa.")):
+        raise ValueError(f"{what} {iqn!r} must start with iqn., eui. or naa.")
+
+
+def _check_targets(cfg: TargetConfig, options: Mapping[str, Any], table: Mapping[str, Any]) -> None:
+    """Several targets: no target key left at the top level (which target would it be?), no
+    IQN twice."""
+    where = "--target" if options.get("target") else "config key target"
+    for key in TARGET_KEYS:
+        if key == "alias":
+            continue
+        s = next(s for s in SETTINGS if s.key == key)
+        if options.get(key) or key in table:
+            place = s.flag if options.get(key) else f"config key {key}"
+            raise ValueError(
+                f"{place}: with [[target]] tables each target has its own {key}: put it inside "
+                "the target's table"
+            )
+    seen: dict[str, int] = {}
+    for n, spec in enumerate(cfg.target):
+        first = seen.setdefault(spec.iqn, n)
+        if first != n:
+            raise ValueError(f"{where}[{n}].iqn: {spec.iqn} is also {where.split()[-1]}[{first}]'s")
+    _check_images(cfg.target, where)
+
+
+def _image_key(path: str) -> str | None:
+    """What identifies an image file (None: memory, which is never shared)."""
+    if path.startswith(("mem:", "null:")):
+        return None
+    return os.path.realpath(path)
+
+
+def _check_images(targets: list[TargetSpec], where: str) -> None:
+    """An image served writable by one LUN is served by no other, of any target: two LUNs
+    writing one file would each cache, lock and reserve it as their own."""
+    served: dict[str, tuple[str, bool]] = {}
+    several = len(targets) > 1 or where.endswith("target")
+    for t, spec in enumerate(targets):
+        for n, lun in enumerate(spec.luns):
+            key = _image_key(lun.path)
+            if key is None:
+                continue
+            place = f"{where}[{t}].luns[{n}]" if several else f"{where}[{n}]"
+            first = served.get(key)
+            if first is not None and (not lun.readonly or not first[1]):
+                raise ValueError(
+                    f"{place}.path: {lun.path} is served by {first[0]} too; an image may be "
+                    "served by several LUNs only if every one of them is read-only"
+                )
+            served.setdefault(key, (place, lun.readonly))
+
+
+_TARGET_TABLE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "iqn": str, "alias": str, "luns": list, "chap": (dict, str), "mutual_chap": (dict, str),
+    "allow": list, "acls": list,
+}  # fmt: skip
+
+
+def _items(key: str, values: list[Any], convert: Callable[[Any], Any]) -> list[Any]:
+    out = []
+    for n, item in enumerate(values):
+        try:
+            out.append(convert(item))
+        except FieldError as e:
+            raise FieldError(f"{key}[{n}].{e.field}", str(e)) from e
+        except (ValueError, TypeError, KeyError) as e:
+            raise FieldError(f"{key}[{n}]", str(e)) from e
+    return out
+
+
+def _target(item: Any) -> TargetSpec:
+    """A ``[[target]]`` table: ``{ iqn, alias, luns, chap, mutual_chap, allow, acls }``, each
+    key as at the top level of the single-target form."""
+    if not isinstance(item, dict):
+        raise ValueError("must be a table { iqn = IQN, luns = [...], ... }")
+    _table(item, _TARGET_TABLE_KEYS, ("iqn", "luns"))
+    creds = {}
+    for key in ("chap", "mutual_chap"):
+        if key in item:
+            try:
+                creds[key] = _credentials(item[key])
+            except FieldError as e:
+                raise FieldError(f"{key}.{e.field}", str(e)) from e
+            except ValueError as e:
+                raise FieldError(key, str(e)) from e
+    try:
+        _check_name(item["iqn"], "target name")
+    except ValueError as e:
+        raise FieldError("iqn", str(e)) from e
+    if "mutual_chap" in creds and "chap" not in creds:
+        raise FieldError("mutual_chap", "needs chap as well")
+    try:
+        check_mutual(creds.get("chap"), creds.get("mutual_chap"))
+    except ValueError as e:
+        raise FieldError("mutual_chap", str(e)) from e
+    luns = _items("luns", item["luns"], _lun)
+    if not luns:
+        raise FieldError("luns", "no LUN given: a target serves one LUN or more")
+    spec = TargetSpec(
+        item["iqn"],
+        luns,
+        item.get("alias", ""),
+        creds.get("chap"),
+        creds.get("mutual_chap"),
+        frozenset(_items("allow", item.get("allow", []), _text)),
+        _items("acls", item.get("acls", []), _acl),
+    )
+    try:
+        _check_lun_set(spec.luns, "luns")
+    except ValueError as e:
+        raise FieldError(*str(e).split(": ", 1)) from e
+    try:
+        _check_acls(spec.luns, spec.acls, spec.allow, "acls")
+    except ValueError as e:
+        field_, sep, message = str(e).partition(": ")
+        raise (FieldError(field_, message) if sep and field_.startswith("acls[")
+               else FieldError("acls", str(e))) from e  # fmt: skip
+    return spec
+
+
+def _target_cli(text: str) -> TargetSpec:
+    """An inline TOML table, as in the config; its CHAP secrets only from files."""
+    try:
+        value = tomllib.loads(f"target = {text}")["target"]
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f'must be an inline TOML table {{ iqn = "IQN", ... }}: {e}') from e
+    if isinstance(value, dict):
+        tables = [value] + [a for a in value.get("acls", []) if isinstance(a, dict)]
+        for table in tables:
+            for key in ("chap", "mutual_chap"):
+                given = table.get(key)
+                if isinstance(given, str) or (isinstance(given, dict) and "secret" in given):
+                    raise FieldError(
+                        key, "a CHAP secret on the command line is visible to every local "
+                        "user (ps): use secret_file or credential",
+                    )  # fmt: skip
+    return _target(value)
 
 
 @dataclass(frozen=True)
@@ -497,6 +672,20 @@ SETTINGS = (
         _on_off,
         "on|off",
     ),
+    Setting(
+        "target",
+        "several targets (IQNs) in one daemon, one [[target]] table each: { iqn, alias (its "
+        "TargetAlias), luns, chap, mutual_chap, allow, acls }, each key as at the top level, "
+        "which then has none of them (the top-level form is one target). Discovery lists each "
+        "target an initiator may log in to; a login names one and sees only its LUNs and "
+        "ACLs; an image served writable by one LUN is served by no other. On the command line "
+        "an inline TOML table",
+        _target,
+        "{ iqn = IQN, luns = [...], ... }",
+        True,
+        "--target",
+        from_cli=_target_cli,
+    ),
     Setting("max_connections", "connections open at once", _at_least_one),
     Setting(
         "max_pending_logins",
@@ -535,7 +724,9 @@ SETTINGS = (
     Setting(
         "reservation_state",
         "file keeping the persistent reservations initiators ask to survive a restart (APTPL); "
-        "default: NAME.reservations.json next to --config NAME.toml, none without a config",
+        "default: NAME.reservations.json next to --config NAME.toml, none without a config; "
+        "with [[target]] tables one file per target, its IQN before the extension "
+        "(NAME.reservations.IQN.json)",
         _text,
         "FILE",
     ),
@@ -663,12 +854,19 @@ def load_config(options: Mapping[str, Any], path: str | None = None) -> TargetCo
     if cfg.mutual_chap and not cfg.chap:
         raise ValueError("--mutual-chap needs --chap as well")
     check_mutual(cfg.chap, cfg.mutual_chap)
-    if not cfg.iqn.startswith(("iqn.", "eui.", "naa.")):
-        raise ValueError(f"target name {cfg.iqn!r} must start with iqn., eui. or naa.")
+    _check_name(cfg.iqn, "target name")
+    if cfg.target:
+        _check_targets(cfg, options, table)
+        for spec in cfg.target:
+            spec.discovery_chap = cfg.discovery_chap
+        return cfg
     _check_lun_set(cfg.luns, "--lun" if options.get("luns") else "config key luns")
-    _check_acls(cfg, "--acl" if options.get("acls") else "config key acls")
+    acls_where = "--acl" if options.get("acls") else "config key acls"
+    _check_acls(cfg.luns, cfg.acls, cfg.allow, acls_where)
     if not cfg.luns:
         raise ValueError("no LUN given: use --lun PATH (or luns = [...] in the config file)")
+    cfg.target = cfg.targets()  # the single-target form: one target
+    _check_images(cfg.target, "--lun" if options.get("luns") else "config key luns")
     return cfg
 
 

@@ -19,7 +19,7 @@ import zerosend
 from .config import numbered
 
 if TYPE_CHECKING:
-    from .target import Target
+    from .target import Node, Target
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -27,13 +27,12 @@ REQUEST_TIMEOUT = 10.0
 MAX_CLIENTS = 4
 
 
-def state(target: Target) -> dict[str, Any]:
-    """The target's live state as plain data."""
-    cfg = target.config
-    specs = numbered(cfg.luns)
-    units = target.commands.reservations.units
+def _node_state(node: Node) -> dict[str, Any]:
+    """One target's LUNs and ACLs."""
+    specs = numbered(node.spec.luns)
+    units = node.commands.reservations.units
     luns = []
-    for number, lu in sorted(target.luns.items()):
+    for number, lu in sorted(node.luns.items()):
         spec = specs.get(number)
         unit = units.get(number)
         luns.append({
@@ -43,24 +42,9 @@ def state(target: Target) -> dict[str, Any]:
             "mapped": bool(spec and spec.mapped),
             "reservations": unit.describe() if unit is not None else "",
         })  # fmt: skip
-    sessions = []
-    for s in target.sessions():
-        acl = s.luns.acl
-        sessions.append({
-            "name": s.name, "peer": s.peer, "initiator": s.initiator,
-            "isid": s.nexus.isid.hex() if s.logged_in else "",
-            "type": ("discovery" if s.discovery else "normal") if s.logged_in else "login",
-            "luns": sorted(s.luns) if acl is not None else "all",
-            "luns_in_use": sorted(s.luns_in_use()),
-            "commands_in_flight": len(s.reads) + len(s.writes),
-            "state": s.state_line(), "counters": s.summary(),
-        })  # fmt: skip
     return {
-        "version": zerosend.__version__,
-        "iqn": cfg.iqn,
-        "listen": f"{target.address[0]}:{target.address[1]}" if target.address else cfg.listen,
-        "connections": len(sessions),
-        "transmit_buffers": {"count": target.pool.count, "free": target.pool.available},
+        "iqn": node.iqn,
+        "alias": node.spec.alias,
         "luns": luns,
         "acls": [
             {
@@ -71,8 +55,39 @@ def state(target: Target) -> dict[str, Any]:
                 "addresses": [str(n) for n in a.addresses],
                 "chap_user": a.chap.user if a.chap else None,
             }  # never the secret
-            for a in cfg.acls
+            for a in node.spec.acls
         ],
+    }
+
+
+def state(target: Target) -> dict[str, Any]:
+    """The target's live state as plain data: every target (IQN) with its LUNs and ACLs, and
+    the first one's also at the top level (as when there was one)."""
+    cfg = target.config
+    sessions = []
+    for s in target.sessions():
+        acl = s.luns.acl
+        normal = s.logged_in and not s.discovery
+        sessions.append({
+            "name": s.name, "peer": s.peer, "initiator": s.initiator,
+            "target": s.host.policy.iqn if normal else "",
+            "isid": s.nexus.isid.hex() if s.logged_in else "",
+            "type": ("discovery" if s.discovery else "normal") if s.logged_in else "login",
+            "luns": sorted(s.luns) if acl is not None else "all",
+            "luns_in_use": sorted(s.luns_in_use()),
+            "commands_in_flight": len(s.reads) + len(s.writes),
+            "state": s.state_line(), "counters": s.summary(),
+        })  # fmt: skip
+    targets = [_node_state(node) for node in target.nodes.values()]
+    return {
+        "version": zerosend.__version__,
+        "iqn": targets[0]["iqn"],
+        "listen": f"{target.address[0]}:{target.address[1]}" if target.address else cfg.listen,
+        "connections": len(sessions),
+        "transmit_buffers": {"count": target.pool.count, "free": target.pool.available},
+        "luns": targets[0]["luns"],
+        "acls": targets[0]["acls"],
+        "targets": targets,
         "sessions": sessions,
     }
 
@@ -163,28 +178,42 @@ def request(path: str, command: str = "show", timeout: float = REQUEST_TIMEOUT) 
     return answer
 
 
+def _render_target(t: dict[str, Any], out: list[str], indent: str) -> None:
+    out.append(f"{indent}LUNs: {len(t['luns'])}")
+    for lu in t["luns"]:
+        access = "ro" if lu["readonly"] else "rw"
+        out.append(f"{indent}  LUN {lu['lun']}: {lu['path']} ({lu['kind']}, {lu['size']} bytes, "
+                   f"{access}) serial {lu['serial']} naa.{lu['naa']}")  # fmt: skip
+        out.append(f"{indent}    reservations: {lu['reservations']}")
+    if t["acls"]:
+        out.append(f"{indent}ACLs: {len(t['acls'])}")
+        for a in t["acls"]:
+            out.append(f"{indent}  {a['initiator']}: LUNs {a['luns']}, read-only "
+                       f"{a['readonly_luns']}{' (all)' if a['readonly'] else ''}, from "
+                       f"{a['addresses'] or 'anywhere'}, CHAP user "
+                       f"{a['chap_user'] or '(target-wide)'}")  # fmt: skip
+
+
 def render(st: dict[str, Any]) -> str:
     """The state as ``zerosend-iscsi show`` prints it."""
+    targets = st.get("targets") or [st]
+    head = st["iqn"] if len(targets) == 1 else f"daemon with {len(targets)} targets"
     out = [
-        f"Target {st['iqn']} on {st['listen']} (zerosend {st['version']})",
+        f"Target {head} on {st['listen']} (zerosend {st['version']})",
         f"  transmit buffers: {st['transmit_buffers']['free']}/{st['transmit_buffers']['count']}"
         " free",
-        f"  LUNs: {len(st['luns'])}",
     ]
-    for lu in st["luns"]:
-        access = "ro" if lu["readonly"] else "rw"
-        out.append(f"    LUN {lu['lun']}: {lu['path']} ({lu['kind']}, {lu['size']} bytes, "
-                   f"{access}) serial {lu['serial']} naa.{lu['naa']}")  # fmt: skip
-        out.append(f"      reservations: {lu['reservations']}")
-    if st["acls"]:
-        out.append(f"  ACLs: {len(st['acls'])}")
-        for a in st["acls"]:
-            out.append(f"    {a['initiator']}: LUNs {a['luns']}, read-only {a['readonly_luns']}"
-                       f"{' (all)' if a['readonly'] else ''}, from {a['addresses'] or 'anywhere'}"
-                       f", CHAP user {a['chap_user'] or '(target-wide)'}")  # fmt: skip
+    if len(targets) == 1:
+        _render_target(targets[0], out, "  ")
+    else:
+        for t in targets:
+            alias = f" ({t['alias']})" if t["alias"] else ""
+            out.append(f"  Target {t['iqn']}{alias}")
+            _render_target(t, out, "    ")
     out.append(f"  Connections: {st['connections']}")
     for s in st["sessions"]:
-        out.append(f"    {s['name']} ({s['type']}) ISID {s['isid'] or '-'} LUNs {s['luns']}, "
+        to = f" to {s['target']}" if s.get("target") and len(targets) > 1 else ""
+        out.append(f"    {s['name']} ({s['type']}){to} ISID {s['isid'] or '-'} LUNs {s['luns']}, "
                    f"in use {s['luns_in_use']}, "
                    f"commands in flight {s['commands_in_flight']}")  # fmt: skip
         out.append(f"      {s['counters']}")

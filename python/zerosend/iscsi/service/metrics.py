@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import zerosend
 
+from ..session.latency import FAMILIES
 from .config import metrics_address, split_hostport
 
 if TYPE_CHECKING:
     from ..session.connection import Session
-    from .target import Target
+    from .target import Node, Target
 
 try:
     from prometheus_client import (
@@ -36,7 +37,11 @@ try:
         ProcessCollector,
     )
     from prometheus_client import generate_latest as _generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
 except ImportError:  # the extra is not installed: `--metrics` says so at start-up
     CollectorRegistry = None  # type: ignore[assignment,misc]
 
@@ -262,21 +267,42 @@ class _SessionCollector:
         yield gauge
         yield _gauge("connections", "open connections, logged in or not", len(sessions))
         yield _counter("sessions_ended", "sessions that ended", m.ended_sessions)
-        yield _gauge("luns", "LUNs served", len(target.luns))
+        nodes = list(target.nodes.values())
+        yield _gauge("luns", "LUNs served", sum(len(node.luns) for node in nodes))
         build = GaugeMetricFamily(
-            f"{PREFIX}_build_info", "the zerosend version and the target's name",
+            f"{PREFIX}_build_info", "the zerosend version and the (first) target's name",
             labels=["version", "iqn"],
         )  # fmt: skip
         build.add_metric([zerosend.__version__, target.iqn], 1)
         yield build
+        per_target = GaugeMetricFamily(
+            f"{PREFIX}_target_luns", "LUNs served, by target", labels=["target"]
+        )
+        logged_in = GaugeMetricFamily(
+            f"{PREFIX}_target_sessions", "normal sessions logged in, by target", labels=["target"]
+        )
+        by_host: dict[int, int] = {}
+        for s in sessions:
+            if s.logged_in and not s.discovery:
+                by_host[id(s.host)] = by_host.get(id(s.host), 0) + 1
+        for node in nodes:
+            per_target.add_metric([node.iqn], len(node.luns))
+            logged_in.add_metric([node.iqn], by_host.get(id(node), 0))
+        yield per_target
+        yield logged_in
         size = GaugeMetricFamily(
-            f"{PREFIX}_lun_size_bytes", "each LUN's size, by LUN number, image and access",
-            labels=["lun", "path", "kind", "readonly"],
+            f"{PREFIX}_lun_size_bytes",
+            "each LUN's size, by target, LUN number, image and access",
+            labels=["target", "lun", "path", "kind", "readonly"],
         )  # fmt: skip
-        for number, lu in sorted(target.luns.items()):
-            readonly = "true" if lu.readonly else "false"
-            size.add_metric([str(number), lu.store.name, lu.store.kind, readonly], lu.store.size)
+        for node in nodes:
+            for number, lu in sorted(node.luns.items()):
+                readonly = "true" if lu.readonly else "false"
+                size.add_metric(
+                    [node.iqn, str(number), lu.store.name, lu.store.kind, readonly], lu.store.size
+                )
         yield size
+        yield from _latency(nodes)
         pool = target.pool
         yield _gauge("transmit_buffers", "transmit buffers in the pool", pool.count)
         yield _gauge("transmit_buffers_free", "transmit buffers free now", pool.available)
@@ -293,6 +319,33 @@ class _SessionCollector:
         for how, key in SENT_HOW.items():
             sent.add_metric([how], totals[key])
         yield sent
+
+
+def _latency(nodes: list[Node]) -> Iterator[Any]:
+    """The command and disk latency histograms, as the sessions and disk threads kept them."""
+    commands = HistogramMetricFamily(
+        f"{PREFIX}_command_seconds",
+        "time from a SCSI command's PDU until its status was queued for sending, by target, "
+        "LUN and op (read: READ commands, write: WRITE and VERIFY, other: the rest)",
+        labels=["target", "lun", "op"],
+    )
+    disk = HistogramMetricFamily(
+        f"{PREFIX}_disk_seconds",
+        "time each store operation took (read: from the image, write: to it, flush: a sync), "
+        "by target and LUN",
+        labels=["target", "lun", "op"],
+    )
+    for node in nodes:
+        for number, lat in sorted(node.latency.items()):
+            lun = str(number)
+            for op, hist in zip(FAMILIES, lat.commands, strict=True):
+                commands.add_metric([node.iqn, lun, op], hist.cumulative(), hist.total)
+            with lat.lock:  # (observed in the disk threads)
+                taken = [(op, h.cumulative(), h.total) for op, h in lat.disk.items()]
+            for op, buckets, total in taken:
+                disk.add_metric([node.iqn, lun, op], buckets, total)
+    yield commands
+    yield disk
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

@@ -1,13 +1,15 @@
 """SIGHUP: the config read again and applied to the running target.
 
-What a reload changes: the LUNs, the allow-list and CHAP (``RELOADABLE``). The new settings are
-read and every new LUN opened first; anything wrong (a file that is not TOML, an unknown key, an
-image that cannot be opened) refuses the whole reload with a logged error, and the target keeps
-running on the settings it had. Other settings (listen address, buffers, backend ...) take
-effect at the next start; a reload that changes them says so.
+What a reload changes: the targets, their LUNs, allow-lists, ACLs and CHAP (``RELOADABLE``).
+The new settings are read and every new LUN opened first; anything wrong (a file that is not
+TOML, an unknown key, an image that cannot be opened) refuses the whole reload with a logged
+error, and the target keeps running on the settings it had. Other settings (listen address,
+buffers, backend ...) take effect at the next start; a reload that changes them says so.
 
-A session is left alone unless the change touches it. It ends, with an Async Message that tells
-the initiator the target drops the session, when:
+A session is left alone unless the change touches it (a change to one target leaves the
+sessions of the others alone). It ends, with an Async Message that tells the initiator the
+target drops the session, when:
+- its target is removed (a target added serves new logins at once),
 - it addressed a LUN that the reload removes or replaces (LUNs are numbered by position: a LUN
   whose path or options change is a different LUN),
 - the new allow-list does not admit its initiator,
@@ -28,11 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..scsi.acl import peer_address
 from ..scsi.unit import LogicalUnit
+from ..session.login import admits
 from ..storage.opening import open_store
 from ..storage.store import Store, StoreError
 from ..wire import pdu as P
-from .config import SETTINGS, LunSpec, TargetConfig, load_config, numbered
+from .config import SETTINGS, TargetConfig, TargetSpec, load_config, numbered
+from .target import Node, open_units
 
 if TYPE_CHECKING:
     from ..session.connection import Session
@@ -40,7 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerosend.iscsi")
 
-RELOADABLE = ("luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap")
+# (a new iqn is another target: the old one's sessions end, logins find the new one)
+RELOADABLE = ("iqn", "luns", "chap", "mutual_chap", "allow", "acls", "discovery_chap", "target")
+# A target's own settings, changed in place on its running Node (its sessions' login policy).
+_TARGET_FIELDS = ("luns", "alias", "chap", "mutual_chap", "allow", "acls", "discovery_chap")
 # How long the sessions a reload ends may take to drain before their LUNs' images are closed.
 DRAIN_TIMEOUT = 15.0
 # What the Async Message tells the initiator (RFC 7143 11.9.1): wait this long before logging in
@@ -56,18 +64,31 @@ class LunChanges:
     added: dict[int, LogicalUnit]
 
 
-def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
-    """Opens the new LUNs' images (closing them again if one fails). Called in a thread: an
-    open may wait for a device (the running config cannot change meanwhile: one reload at a
-    time)."""
-    old, by_number = numbered(target.config.luns), numbered(new)
-    gone = {n: target.luns[n] for n, spec in old.items() if by_number.get(n) != spec}
+@dataclass
+class Changes:
+    """What a reload does to the targets: the LUN changes of those it keeps (by IQN), the
+    units of those it adds, and the IQNs it removes."""
+
+    kept: dict[str, LunChanges]
+    added: dict[str, dict[int, LogicalUnit]]
+    removed: list[str]
+
+    def close_new(self) -> None:
+        for units in [c.added for c in self.kept.values()] + list(self.added.values()):
+            for lu in units.values():
+                lu.store.close()
+
+
+def _lun_changes(node: Node, new: TargetSpec) -> LunChanges:
+    """Opens the target's new LUNs' images (closing them again if one fails)."""
+    old, by_number = numbered(node.spec.luns), numbered(new.luns)
+    gone = {n: node.luns[n] for n, spec in old.items() if by_number.get(n) != spec}
     added: dict[int, LogicalUnit] = {}
     try:
         for n, spec in by_number.items():
             if old.get(n) != spec:
                 store = open_store(spec.path, spec.readonly, spec.mapped)
-                added[n] = LogicalUnit(n, store, target.iqn, serial_text=spec.serial, wwn=spec.wwn)
+                added[n] = LogicalUnit(n, store, node.iqn, serial_text=spec.serial, wwn=spec.wwn)
     except (StoreError, OSError, ValueError):
         for lu in added.values():
             lu.store.close()
@@ -75,13 +96,29 @@ def _lun_changes(target: Target, new: list[LunSpec]) -> LunChanges:
     return LunChanges(gone, added)
 
 
+def _changes(target: Target, new: TargetConfig) -> Changes:
+    """Opens every image the new settings add. Called in a thread: an open may wait for a
+    device (the running config cannot change meanwhile: one reload at a time)."""
+    changes = Changes({}, {}, [iqn for iqn in target.nodes if iqn not in
+                               {spec.iqn for spec in new.targets()}])  # fmt: skip
+    try:
+        for spec in new.targets():
+            node = target.nodes.get(spec.iqn)
+            if node is not None:
+                changes.kept[spec.iqn] = _lun_changes(node, spec)
+            else:
+                changes.added[spec.iqn] = open_units(spec)
+    except (StoreError, OSError, ValueError):
+        changes.close_new()
+        raise
+    return changes
+
+
 def _why_ended(
-    session: Session, old: TargetConfig, new: TargetConfig, gone: Mapping[int, LogicalUnit]
+    session: Session, old: TargetSpec, new: TargetSpec, gone: Mapping[int, LogicalUnit]
 ) -> str | None:
-    """Why the new settings end ``session``, or None if they leave it alone."""
-    policy_changed = _policy(new) != _policy(old)
-    if not session.logged_in:
-        return "login in progress under the old allow-list or CHAP" if policy_changed else None
+    """Why the new settings of the session's target end ``session``, or None if they leave it
+    alone."""
     if new.allow and session.initiator not in new.allow:
         return f"initiator {session.initiator} is no longer on the allow-list"
     if new.chap is not None and new.chap != old.chap:
@@ -97,9 +134,38 @@ def _why_ended(
     return None
 
 
-def _policy(cfg: TargetConfig) -> tuple[Any, ...]:
+def _admitting(specs: list[TargetSpec], session: Session) -> TargetSpec | None:
+    """The target a discovery session authenticated as (the first that admits it)."""
+    address = peer_address(session.peer)
+    return next((t for t in specs if admits(t, session.initiator, address)), None)
+
+
+def _why_session_ends(
+    session: Session, target: Target, new: TargetConfig, changes: Changes
+) -> str | None:
+    old_specs = [node.spec for node in target.nodes.values()]
+    new_specs = new.targets()
+    if not session.logged_in:
+        if _policy(old_specs) != _policy(new_specs):
+            return "login in progress under the old allow-list, ACLs or CHAP"
+        return None
+    if session.discovery:
+        before, after = _admitting(old_specs, session), _admitting(new_specs, session)
+        if after is None:
+            return f"no target admits initiator {session.initiator} any more"
+        if before is None or before.iqn != after.iqn:
+            return "it authenticated for a target that changed"
+        return _why_ended(session, before, after, {})
+    iqn = session.host.policy.iqn
+    if iqn in changes.removed:
+        return f"target {iqn} removed"
+    spec = next(t for t in new_specs if t.iqn == iqn)
+    return _why_ended(session, target.nodes[iqn].spec, spec, changes.kept[iqn].gone)
+
+
+def _policy(specs: list[TargetSpec]) -> list[tuple[Any, ...]]:
     """What logins are judged by."""
-    return cfg.allow, cfg.chap, cfg.acls, cfg.discovery_chap
+    return [(t.iqn, t.allow, t.chap, t.mutual_chap, t.acls, t.discovery_chap) for t in specs]
 
 
 def _tell_dropped(session: Session) -> None:
@@ -136,18 +202,17 @@ class Reloader:
             loop = asyncio.get_running_loop()
             try:
                 new = await loop.run_in_executor(None, load_config, self.options, self.path)
-                changes = await loop.run_in_executor(None, _lun_changes, self.target, new.luns)
+                changes = await loop.run_in_executor(None, _changes, self.target, new)
             except (ValueError, StoreError, OSError) as e:
                 log.error("reload refused, the running config is kept: %s", e)
                 return False
             if self.target.stopping:  # (it began while the images were being opened)
-                for lu in changes.added.values():
-                    lu.store.close()
+                changes.close_new()
                 return False
             await self._apply(new, changes)
             return True
 
-    async def _apply(self, new: TargetConfig, changes: LunChanges) -> None:
+    async def _apply(self, new: TargetConfig, changes: Changes) -> None:
         target = self.target
         old = target.config
         for s in SETTINGS:
@@ -155,38 +220,68 @@ class Reloader:
                 log.warning("reload: %s changed; it takes effect at the next start", s.flag)
         ending = {}
         for session in target.sessions():
-            why = _why_ended(session, old, new, changes.gone)
+            why = _why_session_ends(session, target, new, changes)
             if why is not None:
                 ending[session] = why
-        policy_changed = _policy(new) != _policy(old)
-        # The config object is the sessions' login policy: new logins see the new values.
+        policy_changed = _policy([n.spec for n in target.nodes.values()]) != _policy(new.targets())
+        several = len(new.targets()) > 1 or len(target.nodes) > 1
+        closing: list[Store] = []
+        for iqn in changes.removed:
+            gone = target.nodes[iqn]
+            gone.removed = True  # no new logins; its sessions end below
+            closing += [lu.store for lu in gone.luns.values()]
+            log.info("reload: target %s removed", iqn)
+        nodes: dict[str, Node] = {}
+        for spec in new.targets():
+            node = target.nodes.get(spec.iqn)
+            if node is None:
+                node = Node(target, spec, changes.added[spec.iqn])
+                for lu in node.luns.values():
+                    target.add_store(lu.store)
+                log.info("reload: target %s added with %d LUNs", spec.iqn, len(node.luns))
+            else:
+                # The spec is the sessions' login policy: new logins see the new values.
+                for key in _TARGET_FIELDS:
+                    setattr(node.spec, key, getattr(spec, key))
+                closing += self._apply_luns(node, changes.kept[spec.iqn], several)
+            nodes[spec.iqn] = node
+        target.nodes.clear()
+        target.nodes.update(nodes)
         for key in RELOADABLE:
             setattr(old, key, getattr(new, key))
-        for n in changes.gone:
-            del target.luns[n]
-        target.luns.update(changes.added)
-        # Reservations belong to the image served: a new or replaced LUN starts afresh.
-        target.commands.reservations.luns_changed(changes.gone, changes.added)
-        if changes.gone.keys() != changes.added.keys():  # the LUN inventory changed (SAM-5)
-            target.commands.reservations.inventory_changed(
-                [s.nexus for s in target.sessions() if s.logged_in and not s.discovery]
-            )
-        for n, lu in sorted(changes.added.items()):
-            target.add_store(lu.store)
-            log.info("reload: LUN %d is now %s (%s, %d bytes)", n, lu.store.name, lu.store.kind,
-                     lu.store.size)  # fmt: skip
-        for n, lu in sorted(changes.gone.items()):
-            if n not in changes.added:
-                log.info("reload: LUN %d (%s) removed", n, lu.store.name)
+        old.target = [node.spec for node in nodes.values()]
         if policy_changed:
-            log.info("reload: new logins see the new allow-list and CHAP settings")
+            log.info("reload: new logins see the new allow-list, ACLs and CHAP settings")
         for session, why in ending.items():
             log.info("%s: ending session: %s", session.name, why)
             _tell_dropped(session)
             session.abort_connection()
-        log.info("reload done: %d LUNs, %d sessions ended, %d kept", len(target.luns),
-                 len(ending), len(target.sessions()) - len(ending))  # fmt: skip
-        await self._close_when_unused(list(ending), [lu.store for lu in changes.gone.values()])
+        log.info("reload done: %d targets, %d LUNs, %d sessions ended, %d kept", len(nodes),
+                 sum(len(n.luns) for n in nodes.values()), len(ending),
+                 len(target.sessions()) - len(ending))  # fmt: skip
+        await self._close_when_unused(list(ending), closing)
+
+    def _apply_luns(self, node: Node, changes: LunChanges, several: bool) -> list[Store]:
+        """Changes a kept target's LUNs; returns the images to close once unused."""
+        where = f"target {node.iqn} " if several else ""
+        for n in changes.gone:
+            del node.luns[n]
+        node.luns.update(changes.added)
+        node.measure(changes.added)
+        # Reservations belong to the image served: a new or replaced LUN starts afresh.
+        node.commands.reservations.luns_changed(changes.gone, changes.added)
+        if changes.gone.keys() != changes.added.keys():  # the LUN inventory changed (SAM-5)
+            node.commands.reservations.inventory_changed(
+                [s.nexus for s in node.sessions() if s.logged_in and not s.discovery]
+            )
+        for n, lu in sorted(changes.added.items()):
+            self.target.add_store(lu.store)
+            log.info("reload: %sLUN %d is now %s (%s, %d bytes)", where, n, lu.store.name,
+                     lu.store.kind, lu.store.size)  # fmt: skip
+        for n, lu in sorted(changes.gone.items()):
+            if n not in changes.added:
+                log.info("reload: %sLUN %d (%s) removed", where, n, lu.store.name)
+        return [lu.store for lu in changes.gone.values()]
 
     async def _close_when_unused(self, ended: list[Session], stores: list[Store]) -> None:
         """Close the removed LUNs' images once the sessions that used them are gone (their

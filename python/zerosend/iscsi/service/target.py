@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import Protocol
 
 import zerosend
 
+from ..scsi.commands import CommandSet
 from ..scsi.families import command_set
 from ..scsi.nexus import Nexus
 from ..scsi.reservations import Reservations
 from ..scsi.unit import LogicalUnit
 from ..session.connection import Session
+from ..session.latency import LunLatency, time_disk
 from ..session.liveness import tune_socket
-from ..session.login import LoginPolicy
+from ..session.login import LoginPolicy, admits
 from ..storage.opening import open_store
 from ..storage.store import Store
 from ..wire.bufpool import MmapPool
-from .config import TargetConfig, numbered, split_hostport
+from .config import TargetConfig, TargetSpec, numbered, split_hostport
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -46,55 +49,219 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"--backend {backend} is unavailable here: {reason}; use auto or copy")
 
 
+def open_units(spec: TargetSpec) -> dict[int, LogicalUnit]:
+    """The LUNs of ``spec``, their images opened (and closed again if one fails). An open may
+    wait for a device: a reload calls this in a thread."""
+    luns: dict[int, LogicalUnit] = {}
+    try:
+        for number, lun in numbered(spec.luns).items():
+            store = open_store(lun.path, lun.readonly, lun.mapped)
+            luns[number] = LogicalUnit(number, store, spec.iqn, serial_text=lun.serial, wwn=lun.wwn)
+    except BaseException:
+        for lu in luns.values():
+            lu.store.close()
+        raise
+    return luns
+
+
+def reservation_file(config: TargetConfig, iqn: str) -> str | None:
+    """Where ``iqn``'s persistent reservations are kept: ``reservation_state`` in the
+    single-target form; with [[target]] tables, one file per target, its IQN in the name
+    (``NAME.reservations.IQN.json``), so that reordering the tables moves nothing."""
+    path = config.reservation_state
+    if not path:
+        return None
+    if config.target and not (len(config.target) == 1 and config.target[0].luns is config.luns):
+        stem, ext = os.path.splitext(path)
+        return f"{stem}.{iqn}{ext or '.json'}"
+    return path
+
+
+class Node:
+    """One target (IQN) of the daemon, as the sessions logged in to it see it (their
+    ``SessionHost``): its LUNs, its SCSI commands and reservations, its login policy. The
+    connection registry and the transmit buffers are the daemon's (``Target``)."""
+
+    def __init__(self, daemon: Target, spec: TargetSpec, luns: dict[int, LogicalUnit]) -> None:
+        self.daemon = daemon
+        self.spec = spec
+        self.iqn = spec.iqn
+        self.luns = luns
+        reservations = Reservations(
+            self.luns, reservation_file(daemon.config, spec.iqn), self._abort_nexus_tasks
+        )
+        self.commands = command_set(self.luns, reservations)
+        self.commands.acl_of = spec.acl_for  # LUN masking by the initiator's ACL
+        self.removed = False  # a reload took it away: no new logins
+        # Command and disk latency by LUN number, measured only when metrics are served
+        self.latency: dict[int, LunLatency] = {}
+        self.measure(luns)
+
+    def measure(self, luns: dict[int, LogicalUnit]) -> None:
+        """Time the commands and disk operations of ``luns`` (new or replacing ones keep their
+        number's histograms: a Prometheus histogram only grows)."""
+        if self.daemon.config.metrics:
+            for number, lu in luns.items():
+                time_disk(lu.store, self.latency.setdefault(number, LunLatency()))
+
+    @property
+    def config(self) -> TargetConfig:
+        return self.daemon.config
+
+    @property
+    def policy(self) -> LoginPolicy:
+        return self.spec
+
+    @property
+    def pool(self) -> MmapPool:
+        return self.daemon.pool
+
+    @property
+    def stopping(self) -> bool:
+        return self.daemon.stopping
+
+    def policies(self) -> list[LoginPolicy]:
+        return self.daemon.policies()
+
+    def for_target(self, iqn: str) -> Node:
+        return self.daemon.for_target(iqn)
+
+    def visible_targets(self, initiator: str, address: str) -> list[str]:
+        return self.daemon.visible_targets(initiator, address)
+
+    def sessions(self) -> list[Session]:
+        """The sessions logged in to this target."""
+        return [s for s in self.daemon.sessions() if s.host is self]
+
+    def session_of(self, initiator: str, isid: bytes) -> Session | None:
+        return self.daemon.registered(self.iqn, initiator, isid)
+
+    def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
+        return self.daemon.register(session, self.iqn, initiator, isid)
+
+    def session_ended(self, session: Session) -> None:
+        self.daemon.session_ended(session)
+
+    def abort_tasks(self, lun: int | None, only: Session | None) -> None:
+        for s in self.sessions():
+            if only is None or s is only:
+                s.abort_tasks(lun)
+
+    def _abort_nexus_tasks(self, nexus: Nexus, lun: int) -> None:
+        session = self.session_of(nexus.initiator, nexus.isid)
+        if session is not None:
+            session.abort_tasks(lun)
+
+    def reset_logical_units(self, lun: int | None) -> None:
+        nexuses = [s.nexus for s in self.sessions() if s.logged_in]
+        self.commands.reservations.reset(lun, nexuses)
+
+    def reset(self) -> None:
+        """TARGET COLD RESET: this target's connections drop, not other targets'."""
+        for s in self.sessions():
+            s.abort_connection()
+
+    def others_logged_in(self, session: Session) -> bool:
+        return any(s is not session and s.logged_in for s in self.sessions())
+
+
 class Target:
-    """An iSCSI target serving ``config.luns``; ``await serve()`` runs until ``stop()``."""
+    """An iSCSI target daemon serving one target (IQN) or several (``config.targets()``);
+    ``await serve()`` runs until ``stop()``. ``luns``, ``commands``, ``iqn`` and ``policy``
+    are the first target's."""
 
     def __init__(self, config: TargetConfig) -> None:
-        if not config.luns:
+        specs = config.targets()
+        if not specs or not all(spec.luns for spec in specs):
             raise ValueError("at least one --lun is required")
         self.config = config
         _check_backend(config.backend)
-        self.iqn = config.iqn
-        self.policy: LoginPolicy = config
-        self.luns: dict[int, LogicalUnit] = {}
+        self.nodes: dict[str, Node] = {}
         self._stores: list[Store] = []
-        for number, spec in numbered(config.luns).items():
-            store = open_store(spec.path, spec.readonly, spec.mapped)
-            self._stores.append(store)
-            self.luns[number] = LogicalUnit(
-                number, store, self.iqn, serial_text=spec.serial, wwn=spec.wwn
-            )
-        reservations = Reservations(
-            self.luns, config.reservation_state or None, self._abort_nexus_tasks
-        )
-        self.commands = command_set(self.luns, reservations)
-        self.commands.acl_of = config.acl_for  # LUN masking by the initiator's ACL
+        try:
+            for spec in specs:
+                luns = open_units(spec)
+                self._stores += [lu.store for lu in luns.values()]
+                self.nodes[spec.iqn] = Node(self, spec, luns)
+        except BaseException:
+            for store in self._stores:
+                store.close()
+            raise
         self.pool = MmapPool(config.buffers, config.buffer_size)
         self.stopping = False
         self.address: tuple[str, int] | None = None
         self._connections: dict[Session, asyncio.Task[None]] = {}
         self._logging_in: dict[Session, None] = {}  # insertion-ordered: oldest first
         self._sessions: dict[int, Session] = {}  # by TSIH
-        self._registered: dict[Session, tuple[int, tuple[str, bytes]]] = {}  # TSIH, nexus
-        self._by_nexus: dict[tuple[str, bytes], Session] = {}
+        # TSIH and (target, initiator, ISID): a nexus is per target (discovery: target "")
+        self._registered: dict[Session, tuple[int, tuple[str, str, bytes]]] = {}
+        self._by_nexus: dict[tuple[str, str, bytes], Session] = {}
         self._next_tsih = 1
         self._server: socket.socket | None = None
         self._stopped = asyncio.Event()
         self.metrics: SessionWatcher | None = None  # set when --metrics serves them
 
-    # -- sessions (the SessionHost protocol)
+    # -- the first target's, as before there were several
+
+    @property
+    def first(self) -> Node:
+        return next(iter(self.nodes.values()))
+
+    @property
+    def iqn(self) -> str:
+        return self.first.iqn
+
+    @property
+    def luns(self) -> dict[int, LogicalUnit]:
+        return self.first.luns
+
+    @property
+    def commands(self) -> CommandSet:
+        return self.first.commands
+
+    @property
+    def policy(self) -> LoginPolicy:
+        return self.first.spec
+
+    @property
+    def latency(self) -> dict[int, LunLatency]:
+        return {}  # (before a login picked its target: no commands)
+
+    # -- sessions (the SessionHost protocol; a session's host is its Node once logged in)
+
+    def policies(self) -> list[LoginPolicy]:
+        """Every target's login policy, in config order (a login picks one by its name)."""
+        return [node.spec for node in self.nodes.values() if not node.removed]
+
+    def for_target(self, iqn: str) -> Node:
+        return self.nodes[iqn]
+
+    def visible_targets(self, initiator: str, address: str) -> list[str]:
+        """The targets ``initiator`` may log in to from ``address`` (SendTargets)."""
+        return [
+            iqn for iqn, node in self.nodes.items()
+            if not node.removed and admits(node.spec, initiator, address)
+        ]  # fmt: skip
 
     def session_of(self, initiator: str, isid: bytes) -> Session | None:
-        return self._by_nexus.get((initiator, isid))
+        return self.registered("", initiator, isid)
+
+    def registered(self, iqn: str, initiator: str, isid: bytes) -> Session | None:
+        return self._by_nexus.get((iqn, initiator, isid))
 
     def session_started(self, session: Session, initiator: str, isid: bytes) -> int:
+        return self.register(session, "", initiator, isid)
+
+    def register(self, session: Session, iqn: str, initiator: str, isid: bytes) -> int:
+        """A login to target ``iqn`` ("": discovery) reached full feature phase: register it,
+        reinstating an older session of the same nexus, and return its TSIH."""
         self._logging_in.pop(session, None)
-        nexus = (initiator, isid)
+        nexus = (iqn, initiator, isid)
         old = self._by_nexus.get(nexus)
         if old is not None and old is not session:
             log.info("%s: session reinstated by a new login; closing the old one", old.name)
             old.abort_connection()
-            self.commands.reservations.nexus_lost(old.nexus)  # the old I_T nexus ended
+            old.host.commands.reservations.nexus_lost(old.nexus)  # the old I_T nexus ended
             registered = self._registered.pop(old, None)
             if registered is not None:
                 self._sessions.pop(registered[0], None)
@@ -119,22 +286,17 @@ class Target:
         del self._sessions[tsih]
         if self._by_nexus.get(nexus) is session:
             del self._by_nexus[nexus]
-            self.commands.reservations.nexus_lost(session.nexus)
+            session.host.commands.reservations.nexus_lost(session.nexus)
         log.info("%s: session ended (%s)", session.name, session.summary())
 
+    # (task management reaches a session's Node; a discovery session never asks)
     def abort_tasks(self, lun: int | None, only: Session | None) -> None:
-        for s in list(self._sessions.values()):
-            if only is None or s is only:
-                s.abort_tasks(lun)
-
-    def _abort_nexus_tasks(self, nexus: Nexus, lun: int) -> None:
-        session = self._by_nexus.get((nexus.initiator, nexus.isid))
-        if session is not None:
-            session.abort_tasks(lun)
+        for node in self.nodes.values():
+            node.abort_tasks(lun, only)
 
     def reset_logical_units(self, lun: int | None) -> None:
-        nexuses = [s.nexus for s in self._sessions.values()]
-        self.commands.reservations.reset(lun, nexuses)
+        for node in self.nodes.values():
+            node.reset_logical_units(lun)
 
     def reset(self) -> None:
         for s in list(self._connections):
@@ -149,10 +311,14 @@ class Target:
                  self.pool.available, self.pool.count)  # fmt: skip
         for s in list(self._connections):
             log.info("state: %s", s.state_line())
-        for lu in self.luns.values():
-            span = lu.store.unsynced  # written since the last SYNCHRONIZE CACHE / FUA
-            unsynced = "none" if span is None else f"bytes {span[0]}..{span[1]}"
-            log.info("state: LUN %d %s unsynced: %s", lu.number, lu.store.name, unsynced)
+        several = len(self.nodes) > 1
+        for node in self.nodes.values():
+            for lu in node.luns.values():
+                span = lu.store.unsynced  # written since the last SYNCHRONIZE CACHE / FUA
+                unsynced = "none" if span is None else f"bytes {span[0]}..{span[1]}"
+                # ("state: LUN N ..." as before there were targets; with several, which one)
+                log.info("state: LUN %d%s %s unsynced: %s", lu.number,
+                         f" of {node.iqn}" if several else "", lu.store.name, unsynced)  # fmt: skip
 
     # -- for reload (SIGHUP) and metrics
 
@@ -192,16 +358,17 @@ class Target:
         self._server = srv
         bound = srv.getsockname()
         self.address = (bound[0], bound[1])
-        luns = ", ".join(
-            f"{n}={lu.store.name} ({lu.store.kind}, {lu.store.size} bytes"
-            f"{', ro' if lu.readonly else ''})"
-            for n, lu in self.luns.items()
-        )
-        log.info(
-            "listening on %s:%d as %s; LUNs: %s; backend %s, zero-copy probe %s",
-            self.address[0], self.address[1], self.iqn, luns, self.config.backend,
-            "on" if self.config.zerocopy_probe else "off",
-        )  # fmt: skip
+        for node in self.nodes.values():
+            luns = ", ".join(
+                f"{n}={lu.store.name} ({lu.store.kind}, {lu.store.size} bytes"
+                f"{', ro' if lu.readonly else ''})"
+                for n, lu in node.luns.items()
+            )
+            log.info(
+                "listening on %s:%d as %s; LUNs: %s; backend %s, zero-copy probe %s",
+                self.address[0], self.address[1], node.iqn, luns, self.config.backend,
+                "on" if self.config.zerocopy_probe else "off",
+            )  # fmt: skip
         return self.address
 
     async def serve(self) -> None:

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Container
+from time import perf_counter
 from typing import Protocol
 
 import zerosend
@@ -39,6 +40,7 @@ from ..wire.params import SessionParams
 from ..wire.reader import ConnectionClosed, PduReader
 from ..wire.window import CmdWindow, held_size
 from .budget import SessionBudget
+from .latency import OTHER, READ, WRITE, LunLatency
 from .liveness import Pinger, reset_connection
 from .login import LoginFailed, LoginMachine, LoginPolicy, failure_response
 from .reads import Reads
@@ -94,6 +96,19 @@ class SessionHost(Protocol):
 
     @property
     def luns(self) -> dict[int, LogicalUnit]: ...
+
+    @property
+    def latency(self) -> dict[int, LunLatency]:
+        """The latency histograms of the target's LUNs (empty: not measured)."""
+
+    def policies(self) -> list[LoginPolicy]:
+        """Every target's login policy (a login picks one by its TargetName)."""
+
+    def for_target(self, iqn: str) -> SessionHost:
+        """Target ``iqn`` as the sessions logged in to it see it (its LUNs, commands...)."""
+
+    def visible_targets(self, initiator: str, address: str) -> list[str]:
+        """The targets ``initiator`` may log in to from ``address`` (SendTargets)."""
 
     @property
     def commands(self) -> CommandSet:
@@ -166,6 +181,8 @@ class Session:
         self.reader = PduReader(sock, _RECEIVE_BUFFER, self.outbox.flush)
         self.responder = Responder(self.outbox, self.window, self.params, self.stats)
         self.luns = LunView(host.luns)  # masked by the initiator's ACL once it logged in
+        # Its target's latency histograms by LUN, once logged in (empty: metrics off)
+        self.latency: dict[int, LunLatency] = {}
         self.reads = Reads(self, self.luns, self.share, self.params, self.reader, self.window,
                            self.responder, self.stats, native=cfg.read_loop == "native",
                            sendfile=cfg.sendfile)  # fmt: skip
@@ -199,6 +216,7 @@ class Session:
         """Abort the reads and writes in progress (of ``lun``, or all)."""
         self.reads.abort(lun)
         self.writes.abort(lun)
+        self.responder.untime(lun)
 
     def luns_in_use(self) -> set[int]:
         """The LUNs this session addressed (a reload that removes one ends the session)."""
@@ -334,7 +352,7 @@ class Session:
     # ---------------------------------------------------------------- login
 
     async def _login(self) -> None:
-        machine = LoginMachine(self.host.policy, peer_address(self.peer))
+        machine = LoginMachine(self.host.policies(), peer_address(self.peer))
         first = True
         while True:
             try:
@@ -359,6 +377,10 @@ class Session:
             if not machine.done:
                 await self.responder.send_now(hdr, data)
                 continue
+            if not st.discovery:  # from now on the session sees the target it logged in to
+                self.host = self.host.for_target(machine.policy.iqn)
+                self.luns.serve(self.host.luns, machine.acl)
+                self.latency = self.host.latency
             reinstating = self.host.session_of(st.initiator, bytes(st.isid)) is not None
             tsih = self.host.session_started(self, st.initiator, st.isid)
             if reinstating:
@@ -372,7 +394,6 @@ class Session:
             self.nexus = Nexus(st.initiator, bytes(st.isid))
             self.discovery = st.discovery
             self.initiator = st.initiator
-            self.luns.acl = machine.acl
             self.name = self.outbox.name = f"{self.peer} {st.initiator} tsih={tsih}"
             # Header/data digests start with the first PDU after the final login response.
             p = self.params
@@ -521,6 +542,10 @@ class Session:
         self.luns_addressed.add(lun)
         lu = self.luns.get(lun)
         op = cdb[0]
+        latency = self.latency.get(lun) if lu is not None else None
+        if latency is not None:  # metrics on: observed when its status is queued
+            family = READ if op in READ_OPS else WRITE if op in WRITE_OPS else OTHER
+            self.responder.timing[itt] = (perf_counter(), latency.commands[family], lun)
         try:
             if lu is not None:
                 self.host.commands.admit(lu, cdb, self.nexus)
@@ -619,14 +644,20 @@ class Session:
         self.responder.send_pdu(P.text_response(req.itt, True, False, P.NO_TAG, len(data)), data)
 
     def _send_targets(self, value: str) -> list[tuple[str, str]]:
-        # "All" (any session), our name, or empty (the current target, normal sessions only)
-        iqn = self.host.policy.iqn
-        if value not in ("All", iqn) and not (value == "" and not self.discovery):
-            return []
+        # "All" (any session): every target the initiator may log in to; a target's name;
+        # empty: the current target (normal sessions only)
+        visible = self.host.visible_targets(self.initiator, peer_address(self.peer))
+        if value == "All":
+            names = visible
+        elif value == "" and not self.discovery:
+            names = [self.host.policy.iqn]
+        else:
+            names = [value] if value in visible else []
         host, port = self.sock.getsockname()[:2]
         if ":" in host:
             host = f"[{host}]"
-        return [("TargetName", iqn), ("TargetAddress", f"{host}:{port},1")]
+        address = f"{host}:{port},1"
+        return [pair for iqn in names for pair in (("TargetName", iqn), ("TargetAddress", address))]
 
     async def _logout(self, req: P.Pdu) -> None:
         reason = req.flags & 0x7F
@@ -672,6 +703,7 @@ class _Tasks:
         return lun in self._session.luns
 
     def cancel(self, itt: int) -> bool:
+        self._session.responder.timing.pop(itt, None)  # (no status follows)
         return self._session.writes.cancel(itt) or self._session.reads.cancel(itt)
 
     def others_logged_in(self) -> bool:

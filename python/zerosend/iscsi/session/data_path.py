@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Container, Sequence
 from typing import Protocol
 
+from .latency import LunLatency
+
 
 class Connection(Protocol):
     """What the READ and write paths need of their session."""
@@ -18,3 +20,7 @@ class Connection(Protocol):
         """The ITTs of the tasks in progress (None when there are none): a new command that
         reuses one is rejected (RFC 7143 11.17.1)."""
         ...
+
+    @property
+    def latency(self) -> dict[int, LunLatency]:
+        """The histograms of its target's LUNs, by number (empty: not measured)."""

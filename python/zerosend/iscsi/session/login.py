@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,6 +44,17 @@ class LoginPolicy(Protocol):
     discovery_chap: Credentials | None  # none: discovery logins authenticate as others do
 
 
+def admits(policy: LoginPolicy, initiator: str, address: str) -> bool:
+    """``policy``'s allow-list and ACLs let ``initiator`` log in from ``address`` (CHAP
+    aside): discovery lists only the targets that do."""
+    if policy.allow and initiator not in policy.allow:
+        return False
+    if policy.acls:
+        acl = next((a for a in policy.acls if a.initiator == initiator), None)
+        return acl is not None and acl.admits(address)
+    return True
+
+
 class LoginFailed(Exception):
     def __init__(self, status: tuple[int, int], why: str) -> None:
         super().__init__(why)
@@ -62,10 +74,13 @@ class LoginState:
 
 
 class LoginMachine:
-    """Answers Login Requests one at a time; ``done`` once full feature phase is reached."""
+    """Answers Login Requests one at a time; ``done`` once full feature phase is reached.
+    ``policies``: the daemon's targets; a normal login picks one by its TargetName, and then
+    ``policy`` is that target's."""
 
-    def __init__(self, policy: LoginPolicy, address: str = "") -> None:
-        self.policy = policy
+    def __init__(self, policies: LoginPolicy | Sequence[LoginPolicy], address: str = "") -> None:
+        self.policies = list(policies) if isinstance(policies, Sequence) else [policies]
+        self.policy = self.policies[0]
         self.address = address  # the initiator's IP, for the ACLs' address filters
         self.acl: Acl | None = None  # the initiator's ACL, once known
         self.state = LoginState()
@@ -175,6 +190,19 @@ class LoginMachine:
         if session_type not in ("Normal", "Discovery"):
             raise LoginFailed(INITIATOR_ERROR, f"bad SessionType {session_type!r}")
         st.discovery = session_type == "Discovery"
+        name = keys.get("TargetName")
+        if not st.discovery:
+            if not name:
+                raise LoginFailed(MISSING_PARAMETER, "normal session without TargetName")
+            chosen = next((p for p in self.policies if p.iqn == name), None)
+            if chosen is None:
+                raise LoginFailed(NOT_FOUND, f"unknown target {name!r}")
+            self.policy = chosen
+        else:
+            # A discovery login authenticates (without discovery_chap) as a login to the first
+            # target that lets the initiator in would; it then lists the targets that do.
+            admitting = [p for p in self.policies if admits(p, st.initiator, self.address)]
+            self.policy = admitting[0] if admitting else self.policies[0]
         if self.policy.allow and st.initiator not in self.policy.allow:
             raise LoginFailed(FORBIDDEN, f"initiator {st.initiator} is not on the allow-list")
         if self.policy.acls:
@@ -187,12 +215,10 @@ class LoginMachine:
                 )
         out: list[tuple[str, str]] = []
         if not st.discovery:
-            name = keys.get("TargetName")
-            if not name:
-                raise LoginFailed(MISSING_PARAMETER, "normal session without TargetName")
-            if name != self.policy.iqn:
-                raise LoginFailed(NOT_FOUND, f"unknown target {name!r}")
             out.append(("TargetPortalGroupTag", "1"))
+            alias = getattr(self.policy, "alias", "")
+            if alias:
+                out.append(("TargetAlias", alias))
         if st.tsih:
             # Adding a connection to an existing session: MaxConnections is 1.
             raise LoginFailed(TOO_MANY_CONNECTIONS, f"login to existing session TSIH {st.tsih}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from time import perf_counter
 from typing import Any, Protocol
 
 from .._accel import NativeReadPath, ReadRun
@@ -36,6 +37,7 @@ from ..wire.params import SessionParams
 from ..wire.reader import PduReader
 from ..wire.window import CmdWindow
 from .data_path import Connection
+from .latency import READ, Histogram
 from .readloop import ReadLoop
 from .responses import Responder, residual_bits
 
@@ -55,7 +57,8 @@ class _InnerLoop(Protocol):
     ) -> ReadRun: ...
 
 
-_Entry = tuple[_InnerLoop, FileStore, LogicalUnit]  # a LUN's inner loop, image, logical unit
+# a LUN's inner loop, image, logical unit, and its READ latency histogram (None: not measured)
+_Entry = tuple[_InnerLoop, FileStore, LogicalUnit, Histogram | None]
 
 
 class Reads:
@@ -118,9 +121,10 @@ class Reads:
             self._last_lun, self._last = lun_field, entry
             if entry is None:
                 return False
-        inner, store, lu = entry
+        inner, store, lu, timed = entry
         if lu.admission_required:  # a reservation or unit attention: each READ is admitted
             return False
+        began = perf_counter() if timed is not None else 0.0
         window, outbox, stats = self.window, self.outbox, self.stats
         # A READ that reuses the ITT of a task in progress is the general path's to reject
         busy = self.conn.itts_in_progress()
@@ -138,6 +142,8 @@ class Reads:
                 stats["commands"] += commands
                 stats["read_bytes"] += nbytes
                 stats["zc_sends"] += commands
+                if timed is not None:  # one observation for the run: its READs came together
+                    timed.observe(perf_counter() - began, commands)
                 served = True
                 if send_len:  # sent from the image's pages, right behind its header
                     loan = store.borrow(send_from, send_len)
@@ -177,7 +183,8 @@ class Reads:
             kind = NativeReadPath
         inner = kind(store.fd, lun_field, store.block_size, store.blocks, longest, ZC_MIN,
                      refer_min)  # fmt: skip
-        return inner, store, lu
+        latency = self.conn.latency.get(P.decode_lun(lun_field))
+        return inner, store, lu, None if latency is None else latency.commands[READ]
 
     def luns_cached(self) -> set[int]:
         """The LUNs whose image the inner loop holds (a reload that removes one ends the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from time import perf_counter
 from typing import Any
 
 from .._accel import crc32c
@@ -16,6 +17,7 @@ from ..wire import pdu as P
 from ..wire.outbox import ZC_MIN, Outbox
 from ..wire.params import SessionParams
 from ..wire.window import CmdWindow
+from .latency import Histogram
 
 log = logging.getLogger("zerosend.iscsi")
 
@@ -30,6 +32,9 @@ class Responder:
         self.window = window
         self.params = params
         self.stats = stats
+        # Commands being timed (metrics on): ITT -> (start, histogram, LUN); observed when
+        # their status is queued
+        self.timing: dict[int, tuple[float, Histogram, int]] = {}
 
     def _digested(self, hdr: bytearray) -> bytearray:
         if self.params.header_digest:
@@ -70,6 +75,8 @@ class Responder:
     ) -> int:
         """Queue Data-In PDUs for ``segments`` (``total`` bytes at buffer ``offset``); the last
         PDU carries status when ``status`` is (flags, residual). Returns the next DataSN."""
+        if self.timing and status is not None:
+            self.timed(itt)
         p = self.params
         mrdsl = p.initiator_max_recv_dsl
         burst = p.max_burst
@@ -130,8 +137,24 @@ class Responder:
             data = struct.pack(">H", len(sense)) + sense
         if status == CHECK_CONDITION:  # (for the metrics)
             self.stats["check_conditions"] = self.stats.get("check_conditions", 0) + 1
+        if self.timing:
+            self.timed(itt)
         hdr = P.scsi_response(itt, status, flags, residual, expdatasn, len(data))
         self.send_pdu(hdr, data)
+
+    def timed(self, itt: int) -> None:
+        """The status of ``itt`` is queued now: its latency is observed (if it is timed)."""
+        started = self.timing.pop(itt, None)
+        if started is not None:
+            started[1].observe(perf_counter() - started[0])
+
+    def untime(self, lun: int | None) -> None:
+        """Aborted tasks (of ``lun``, or all) send no status: forget their starts."""
+        if lun is None:
+            self.timing.clear()
+        else:
+            for itt in [i for i, t in self.timing.items() if t[2] == lun]:
+                del self.timing[itt]
 
     def send_check(self, itt: int, cc: CheckCondition, flags: int = 0, residual: int = 0) -> None:
         sense = sense_fixed(cc.key, cc.asc, cc.ascq, cc.info, cc.field)
