@@ -28,9 +28,10 @@ from .target import Target
 log = logging.getLogger("zerosend.iscsi")
 
 EPILOG = """\
-LUN forms: PATH (raw image or block device), PATH:ro (read-only), PATH:mmap (reads sent from
-the mapped image), a qcow2 image (always read-only; zlib-compressed clusters are inflated in
-user space), mem:SIZE, null:SIZE.
+LUN forms: PATH (raw image or block device), PATH:ro (read-only), PATH:ro,mmap (large reads
+sent straight from the mapped image), PATH:mmap (writable and mapped: reads go through pooled
+buffers like PATH's, since a WRITE would change pages a READ has in flight), a qcow2 image
+(always read-only; zlib-compressed clusters are inflated in user space), mem:SIZE, null:SIZE.
 
 Config file (TOML), the same settings by the option's name with underscores; command-line
 options win:
