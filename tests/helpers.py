@@ -2,7 +2,7 @@
 this kernel offers and how a test skips without it, loopback socket pairs, the rig's receiver
 behind a connected socket, and the sysctl bookkeeping that repairs a killed run.
 
-Every capability a test may lack has a name (``CAPABILITIES``, also in the README's test
+Every capability a test may lack has a name (``CAPABILITIES``, also in docs/contributing.md's test
 section); ``ZEROSEND_REQUIRE=name,name,...`` (``.ci/run`` names all that CI has) turns the skip of
 a missing one into a failure, so a machine that lost one (a sysctl left behind, a missing tool)
 cannot turn the suite green by skipping. ``python -m tests.helpers`` prints what this machine has.

@@ -1,5 +1,5 @@
-"""What ``backend="auto"`` and the default zero-copy threshold pick, as README's "Which backend
-`auto` picks" states it (figures in BENCHMARKS.md): copy to a peer on this host; copy for UDP,
+"""What ``backend="auto"`` and the default zero-copy threshold pick, as the README's "Backends"
+section states it (figures in BENCHMARKS.md): copy to a peer on this host; copy for UDP,
 whose datagrams never reach the default threshold, unless the threshold is lowered (then
 MSG_ZEROCOPY first); io_uring first for TCP; per send, zero-copy from the threshold up."""
 
