@@ -6,6 +6,7 @@ import asyncio
 import functools
 import io
 import os
+import select
 import socket
 import sys
 import threading
@@ -54,9 +55,92 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     # a child that runs this same loop object gets a driver of its own.
     if driver is None or driver.forked:
         driver = _native.Driver(defer_taskrun=_defer_taskrun())
-        loop.add_reader(driver.fileno(), driver.dispatch)
+        dispatch = driver.dispatch
+        loop.add_reader(driver.fileno(), dispatch)
+        # The loop drops its reader callback when it is closed (or collected): from then on
+        # nothing polls the driver, so the reaper takes it over.
+        weakref.finalize(dispatch, _loop_gone, driver)
         _drivers[loop] = driver
     return driver
+
+
+def _loop_gone(driver: _native.Driver) -> None:
+    if not driver.forked:  # a fork child's copy belongs to the parent
+        _reaper.adopt(driver)
+
+
+class _Reaper:
+    """One background thread for every driver whose event loop is gone.
+
+    Such a driver may still have sends in flight: their buffers must stay exported until the
+    kernel releases them, and only then may the driver's io_uring, timer and socket duplicates
+    close. The thread waits on the drivers' descriptors, reaps their completions without
+    touching the dead loops (the futures keep no outcome) and lets each driver go once its last
+    send was released. A driver with nothing in flight is closed at once.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._drivers: set[_native.Driver] = set()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    def adopt(self, driver: _native.Driver) -> None:
+        reap = getattr(driver, "reap_orphaned", None)
+        if reap is None:
+            return  # the pure-Python stand-in: it copies, nothing waits on a release
+        try:
+            if reap() == 0:
+                return
+        except OSError:
+            return  # nothing more can be reaped from it; it stays as it is
+        with self._lock:
+            self._drivers.add(driver)
+            if self._thread is None:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._thread = threading.Thread(
+                    target=self._run, name="zerosend-reaper", daemon=True
+                )
+                self._thread.start()
+            else:
+                os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                watched = {driver.fileno(): driver for driver in self._drivers}
+                wake = self._wake_r
+            poller = select.poll()
+            poller.register(wake, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            ready = poller.poll()  # no timeout: a release makes the driver's fd readable
+            for fd, _events in ready:
+                if fd == wake:
+                    try:
+                        os.read(wake, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                driver = watched[fd]
+                try:
+                    left = driver.reap_orphaned()
+                except OSError:
+                    left = 0  # reaping failed for good: stop watching rather than spin
+                if left == 0:
+                    with self._lock:
+                        self._drivers.discard(driver)
+
+    def _after_fork_in_child(self) -> None:
+        # The thread did not survive the fork and the drivers belong to the parent.
+        self._reset()
+
+
+_reaper = _Reaper()
+os.register_at_fork(after_in_child=_reaper._after_fork_in_child)
 
 
 #: Environment variable: "1" sets the event loop's io_uring up with DEFER_TASKRUN (see README).

@@ -83,6 +83,8 @@ pub struct Driver<T, B: IoBuf> {
     process: fork::Process,
     /// Every call comes from one thread: the ring may use DEFER_TASKRUN.
     single_issuer: bool,
+    /// [`Driver::shut_down`] closed the kernel objects: no socket can be registered any more.
+    shut: bool,
 }
 
 // SAFETY: the only non-Send parts are raw pointers in `scratch_iov` and `vectored`. They point
@@ -123,6 +125,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             ring_apart: false,
             process: fork::current(),
             single_issuer: false,
+            shut: false,
         })
     }
 
@@ -227,6 +230,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         options: &SocketOptions,
     ) -> Result<SocketId> {
         self.check_process()?;
+        if self.shut {
+            return Err(Error::Closed);
+        }
         let transport = sys::inspect_socket(socket)?;
         let claim = Claim::acquire(registry::socket_key(socket)?)?;
         let fd = sys::duplicate(socket)?;
@@ -571,6 +577,50 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return Ok(());
             }
         }
+    }
+
+    /// Sends on every socket whose buffers the kernel has not released yet.
+    pub fn inflight_total(&self) -> usize {
+        self.ops.len() - self.free_ops.len()
+    }
+
+    /// Undoes [`Driver::ring_fd_apart`]: puts the io_uring back into [`Driver::fd`]'s epoll set,
+    /// so that [`Driver::poll`] alone moves every send on. For whoever takes the driver over
+    /// from an event loop that is gone (the loop watched the ring's descriptor). Idempotent.
+    pub fn rejoin_ring(&mut self) -> Result<()> {
+        self.check_process()?;
+        if std::mem::take(&mut self.ring_apart) {
+            if let Some(fd) = self.ring.as_ref().map(Ring::fd) {
+                // Adding reports the ring's present readiness: completions already posted wake
+                // the next wait.
+                self.watch_ring_in_epoll(fd)
+                    .map_err(|e| Error::os("putting the io_uring back in the epoll set", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the driver's kernel objects once nothing is in flight: the io_uring (with its
+    /// fixed-buffer registrations), its timer and every socket's duplicate. Returns false, and
+    /// does nothing, while a send is unreleased: its buffers must outlive the kernel's use.
+    /// Afterwards every socket is closed and registering one fails with [`Error::Closed`]; only
+    /// the epoll descriptor stays, until the driver is dropped.
+    pub fn shut_down(&mut self) -> bool {
+        if self.forked() || self.inflight_total() > 0 {
+            return false;
+        }
+        self.shut = true;
+        for index in 0..self.entries.len() {
+            self.remove_entry(index as u32);
+        }
+        self.ring_waiting.clear();
+        if let Some(timer) = self.ring_timer.take() {
+            let _ = self.epoll.delete(&timer);
+        }
+        // The ring goes before the regions it registered, as on drop.
+        self.ring = None;
+        self.regions.clear();
+        true
     }
 
     /// Takes the sends released (and drains finished) so far.
