@@ -20,7 +20,6 @@ mod types;
 mod uring;
 
 use queue::Entry;
-use types::socket_tag;
 pub use types::{
     Backend, Completion, PendingSend, Rejected, SocketId, SocketOptions, SocketStats, Submitted,
 };
@@ -32,23 +31,46 @@ use crate::fork;
 use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp, SendResult};
 use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
+use crate::slab::Slab;
 use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
 
-/// Epoll data tag of the ring's descriptor (socket tags carry their index and generation).
-const RING_TAG: u64 = u64::MAX;
-/// Epoll data tag of the timer that ends a wait for ring room (see `uring.rs`).
-const RING_TIMER_TAG: u64 = u64::MAX - 1;
+/// What an event of the driver's epoll set is about: decoded once from the event's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    /// The ring's descriptor.
+    Ring,
+    /// The timer that ends a wait for ring room (see `uring.rs`).
+    RingTimer,
+    /// A socket, by its handle (a slot index of `u32::MAX` would take 4 billion sockets, so no
+    /// handle collides with the two tags above).
+    Socket(SocketId),
+}
+
+impl Tag {
+    fn to_raw(self) -> u64 {
+        match self {
+            Tag::Ring => u64::MAX,
+            Tag::RingTimer => u64::MAX - 1,
+            Tag::Socket(id) => id.to_raw(),
+        }
+    }
+
+    fn from_raw(raw: u64) -> Self {
+        match raw {
+            u64::MAX => Tag::Ring,
+            raw if raw == u64::MAX - 1 => Tag::RingTimer,
+            raw => Tag::Socket(SocketId::from_raw(raw)),
+        }
+    }
+}
 const EVENT_BATCH: usize = 64;
 
 /// Drives zero-copy sends for many sockets from one thread.
 pub struct Driver<T, B: IoBuf> {
     epoll: Epoll,
-    entries: Vec<Option<Entry<T>>>,
-    generations: Vec<u32>,
-    free_entries: Vec<u32>,
-    ops: Vec<Option<SendOp<T, B>>>,
-    free_ops: Vec<OpKey>,
+    sockets: Slab<Entry<T>, SocketId>,
+    ops: Slab<SendOp<T, B>>,
     ring: Option<Ring>,
     /// Regions that sends may come from; region `i` is fixed-buffer slot `i` of the ring.
     /// Declared after `ring` so the ring (and its registration) goes first on drop.
@@ -61,14 +83,13 @@ pub struct Driver<T, B: IoBuf> {
     /// goes to `inline_done` instead of `completions`.
     inline: Option<OpKey>,
     inline_done: Option<(T, Result<SendResult>, Vec<B>)>,
-    next_serial: u64,
     scratch_finished: Vec<OpKey>,
     scratch_iov: Vec<libc::iovec>,
     scratch_keys: Vec<OpKey>,
     scratch_events: Vec<RingEvent>,
     scratch_completions: Vec<sys::ZerocopyCompletion>,
     /// Sockets with zero-copy sends to queue in the ring at the next flush, oldest first.
-    ring_waiting: VecDeque<u32>,
+    ring_waiting: VecDeque<SocketId>,
     /// Sockets with a chain of requests in the ring.
     ring_chains: usize,
     /// Since when sockets have waited for ring room with no ring completion reaped.
@@ -99,11 +120,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             .map_err(|e| Error::os("epoll_create1", e))?;
         Ok(Self {
             epoll,
-            entries: Vec::new(),
-            generations: Vec::new(),
-            free_entries: Vec::new(),
-            ops: Vec::new(),
-            free_ops: Vec::new(),
+            sockets: Slab::default(),
+            ops: Slab::default(),
             ring: None,
             regions: Vec::new(),
             fixed_unavailable: None,
@@ -111,7 +129,6 @@ impl<T, B: IoBuf> Driver<T, B> {
             completions: Vec::new(),
             inline: None,
             inline_done: None,
-            next_serial: 0,
             scratch_finished: Vec::new(),
             scratch_iov: Vec::with_capacity(IOV_MAX),
             scratch_keys: Vec::new(),
@@ -239,28 +256,9 @@ impl<T, B: IoBuf> Driver<T, B> {
         let (backend, fallback_reason, first_number) =
             self.choose_backend(fd.as_fd(), &claim, transport, options)?;
 
-        let index = match self.free_entries.pop() {
-            Some(index) => index,
-            None => {
-                self.entries.push(None);
-                self.generations.push(0);
-                (self.entries.len() - 1) as u32
-            }
-        };
-        let generation = self.generations[index as usize].wrapping_add(1);
-        self.generations[index as usize] = generation;
-        let tag = socket_tag(index, generation);
-        if let Err(e) = self
-            .epoll
-            .add(&fd, EpollEvent::new(EpollFlags::EPOLLET, tag))
-        {
-            self.free_entries.push(index);
-            return Err(Error::os("adding the socket to the driver's epoll set", e));
-        }
-        self.entries[index as usize] = Some(Entry {
+        let id = self.sockets.insert(Entry {
             fd,
             claim,
-            generation,
             transport,
             backend,
             fallback_reason,
@@ -280,20 +278,27 @@ impl<T, B: IoBuf> Driver<T, B> {
             closing: false,
             stats: SocketStats::default(),
         });
-        Ok(SocketId { index, generation })
+        let entry = self.sockets.get(id).expect("just inserted");
+        let event = EpollEvent::new(EpollFlags::EPOLLET, Tag::Socket(id).to_raw());
+        if let Err(e) = self.epoll.add(&entry.fd, event) {
+            self.sockets.remove(id);
+            return Err(Error::os("adding the socket to the driver's epoll set", e));
+        }
+        Ok(id)
     }
 
+    /// The socket, unless it was closed (or the handle is stale).
     fn entry(&self, id: SocketId) -> Result<&Entry<T>> {
-        match self.entries.get(id.index as usize) {
-            Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
+        match self.sockets.get(id) {
+            Some(entry) if !entry.closing => Ok(entry),
             _ => Err(Error::Closed),
         }
     }
 
     fn entry_mut(&mut self, id: SocketId) -> Result<&mut Entry<T>> {
         self.check_process()?;
-        match self.entries.get_mut(id.index as usize) {
-            Some(Some(entry)) if entry.generation == id.generation && !entry.closing => Ok(entry),
+        match self.sockets.get_mut(id) {
+            Some(entry) if !entry.closing => Ok(entry),
             _ => Err(Error::Closed),
         }
     }
@@ -311,7 +316,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// True while the socket is registered, including after [`Driver::close`] until its last
     /// send was released.
     pub fn is_registered(&self, id: SocketId) -> bool {
-        matches!(self.entries.get(id.index as usize), Some(Some(entry)) if entry.generation == id.generation)
+        self.sockets.get(id).is_some()
     }
 
     /// Sends on the socket whose buffers the kernel has not released yet.
@@ -404,21 +409,19 @@ impl<T, B: IoBuf> Driver<T, B> {
             Mode::ZeroCopy
         };
         let use_ring = entry.backend == Backend::IoUring && mode == Mode::ZeroCopy;
-        let mut op = SendOp::new(token, bufs, mode, id.index);
+        let mut op = SendOp::new(token, bufs, mode, id);
         if use_ring && op.bufs.len() == 1 {
             op.fixed = self.fixed_lease(op.bufs[0].as_ptr(), op.bufs[0].len());
         }
-        Ok(self.enqueue_now(id.index, op))
+        Ok(self.enqueue_now(id, op))
     }
 
     /// Replaces the token of a send in flight; returns the old one. Fails, handing `token`
     /// back, if the send's completion was already queued (or taken).
     pub fn set_token(&mut self, send: PendingSend, token: T) -> std::result::Result<T, T> {
-        match self.ops.get_mut(send.key as usize) {
-            Some(Some(op)) if op.serial == send.serial => {
-                Ok(std::mem::replace(&mut op.token, token))
-            }
-            _ => Err(token),
+        match self.ops.get_mut(send.0) {
+            Some(op) => Ok(std::mem::replace(&mut op.token, token)),
+            None => Err(token),
         }
     }
 
@@ -441,10 +444,17 @@ impl<T, B: IoBuf> Driver<T, B> {
         count: Option<u64>,
         token: T,
     ) -> std::result::Result<(), Rejected<T, B>> {
-        let checked = self
-            .entry_mut(id)
-            .and_then(|entry| file_send_checked(entry.transport, file, offset, count));
-        let (fd, count) = match checked {
+        let entry = match self.entry_mut(id) {
+            Ok(entry) => entry,
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    token,
+                    bufs: Vec::new(),
+                })
+            }
+        };
+        let (fd, count) = match file_send_checked(entry.transport, file, offset, count) {
             Ok(checked) => checked,
             Err(error) => {
                 return Err(Rejected {
@@ -454,26 +464,22 @@ impl<T, B: IoBuf> Driver<T, B> {
                 })
             }
         };
-        let entry = self.entries[id.index as usize]
-            .as_mut()
-            .expect("entry checked above");
-        if let Some(err) = &entry.failed {
-            let result = Err(err.clone());
+        if let Some(err) = entry.failed.clone() {
             entry.stats.sends += 1;
             entry.stats.errors += 1;
             self.completions.push(Completion::Send {
                 token,
-                result,
+                result: Err(err),
                 bufs: Vec::new(),
             });
             return Ok(());
         }
-        let op = SendOp::file(token, FileSource { fd, offset }, count, id.index);
+        let op = SendOp::file(token, FileSource { fd, offset }, count, id);
         if let Submitted::Done {
             token,
             result,
             bufs,
-        } = self.enqueue_now(id.index, op)
+        } = self.enqueue_now(id, op)
         {
             self.completions.push(Completion::Send {
                 token,
@@ -486,20 +492,17 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Queues the send behind the socket's others and writes it at once if it is the head;
     /// a send that finishes meanwhile is handed back as done.
-    fn enqueue_now(&mut self, index: u32, op: SendOp<T, B>) -> Submitted<T, B> {
+    fn enqueue_now(&mut self, id: SocketId, op: SendOp<T, B>) -> Submitted<T, B> {
         let key = self.insert_op(op);
-        let serial = self.ops[key as usize]
-            .as_ref()
-            .expect("just inserted")
-            .serial;
-        let entry = self.entries[index as usize]
-            .as_mut()
+        let entry = self
+            .sockets
+            .get_mut(id)
             .expect("the socket was checked by the caller");
         entry.inflight += 1;
         entry.queue.push_back(key);
         if entry.queue.len() == 1 {
             self.inline = Some(key);
-            self.pump(index);
+            self.pump(id);
             self.inline = None;
         }
         match self.inline_done.take() {
@@ -508,16 +511,16 @@ impl<T, B: IoBuf> Driver<T, B> {
                 result,
                 bufs,
             },
-            None => Submitted::InFlight(PendingSend { key, serial }),
+            None => Submitted::InFlight(PendingSend(key)),
         }
     }
 
     /// Arranges a [`Completion::Drained`] with `token` once the socket has nothing in flight.
     pub fn drain(&mut self, id: SocketId, token: T) -> Result<()> {
         self.check_process()?;
-        let entry = match self.entries.get_mut(id.index as usize) {
-            Some(Some(entry)) if entry.generation == id.generation => entry,
-            _ => {
+        let entry = match self.sockets.get_mut(id) {
+            Some(entry) => entry,
+            None => {
                 self.completions.push(Completion::Drained { token });
                 return Ok(());
             }
@@ -538,7 +541,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         };
         entry.closing = true;
         if entry.inflight == 0 {
-            self.remove_entry(id.index);
+            self.remove_entry(id);
         }
     }
 
@@ -556,15 +559,15 @@ impl<T, B: IoBuf> Driver<T, B> {
             };
             let mut ring_ready = self.ring_apart && self.ring.is_some();
             for event in &events[..n] {
-                if event.data() == RING_TAG {
-                    ring_ready = true;
-                } else if event.data() == RING_TIMER_TAG {
-                    // The flush below sends around the ring if the wait for room went on.
-                    if let Some(timer) = &self.ring_timer {
-                        sys::timer_clear(timer.as_fd());
+                match Tag::from_raw(event.data()) {
+                    Tag::Ring => ring_ready = true,
+                    Tag::RingTimer => {
+                        // The flush below sends around the ring if the wait for room went on.
+                        if let Some(timer) = &self.ring_timer {
+                            sys::timer_clear(timer.as_fd());
+                        }
                     }
-                } else {
-                    self.process_socket(event.data(), event.events());
+                    Tag::Socket(id) => self.process_socket(id, event.events()),
                 }
             }
             // Also when watched apart: reading the completion queue costs no system call, and
@@ -581,7 +584,7 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Sends on every socket whose buffers the kernel has not released yet.
     pub fn inflight_total(&self) -> usize {
-        self.ops.len() - self.free_ops.len()
+        self.ops.len()
     }
 
     /// Undoes [`Driver::ring_fd_apart`]: puts the io_uring back into [`Driver::fd`]'s epoll set,
@@ -610,8 +613,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             return false;
         }
         self.shut = true;
-        for index in 0..self.entries.len() {
-            self.remove_entry(index as u32);
+        let ids: Vec<SocketId> = self.sockets.iter_mut().map(|(id, _)| id).collect();
+        for id in ids {
+            self.remove_entry(id);
         }
         self.ring_waiting.clear();
         if let Some(timer) = self.ring_timer.take() {
@@ -633,20 +637,13 @@ impl<T, B: IoBuf> Driver<T, B> {
         !self.completions.is_empty()
     }
 
-    fn insert_op(&mut self, mut op: SendOp<T, B>) -> OpKey {
-        self.next_serial += 1;
-        op.serial = self.next_serial;
-        match self.free_ops.pop() {
-            Some(key) => {
-                self.ops[key as usize] = Some(op);
-                key
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.vectored.push(None);
-                (self.ops.len() - 1) as OpKey
-            }
+    fn insert_op(&mut self, op: SendOp<T, B>) -> OpKey {
+        let key = self.ops.insert(op);
+        // One boxed vectored request per op slot, made on first use.
+        if self.vectored.len() < self.ops.slots() {
+            self.vectored.resize_with(self.ops.slots(), || None);
         }
+        key
     }
 }
 
@@ -687,14 +684,12 @@ impl<T, B: IoBuf> Drop for Driver<T, B> {
     fn drop(&mut self) {
         // The ring and the sockets may still reference buffers of unreleased sends. Their memory
         // must never be reused while the kernel can read it, so it is leaked, not freed.
-        for (op, request) in self.ops.iter_mut().zip(self.vectored.iter_mut()) {
-            match op.take() {
-                Some(op) if !op.released() => {
-                    std::mem::forget(op.bufs);
-                    std::mem::forget(op.token);
-                    std::mem::forget(request.take());
-                }
-                _ => {}
+        for (key, op) in self.ops.drain() {
+            if !op.released() {
+                std::mem::forget(op.bufs);
+                std::mem::forget(op.token);
+                let request = self.vectored.get_mut(key.index() as usize);
+                std::mem::forget(request.and_then(Option::take));
             }
         }
     }

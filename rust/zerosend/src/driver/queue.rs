@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 
 use nix::errno::Errno;
 
-use super::{Backend, Completion, Driver, SocketStats};
+use super::{Backend, Completion, Driver, SocketId, SocketStats};
 use crate::buf::IoBuf;
 use crate::error::Error;
 use crate::op::{CopyReason, Mode, OpKey};
@@ -19,7 +19,6 @@ pub(super) struct Entry<T> {
     pub(super) fd: OwnedFd,
     /// This registration's exclusive hold on the socket, released when the entry goes.
     pub(super) claim: Claim,
-    pub(super) generation: u32,
     pub(super) transport: Transport,
     pub(super) backend: Backend,
     pub(super) fallback_reason: Option<String>,
@@ -57,11 +56,11 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// more fragments than one skb holds (EMSGSIZE). If the socket has releases to come, wait for
     /// them and try again; otherwise send it by copy, which needs neither, so the stream never
     /// gets a hole. Returns false if `errno` is not such a refusal.
-    pub(super) fn zerocopy_refused(&mut self, index: u32, key: OpKey, errno: Errno) -> bool {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    pub(super) fn zerocopy_refused(&mut self, id: SocketId, key: OpKey, errno: Errno) -> bool {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return false;
         };
-        let op = self.ops[key as usize].as_mut().expect("the send exists");
+        let op = self.ops.get_mut(key).expect("the send exists");
         let refusal = match errno {
             Errno::ENOBUFS | Errno::ENOMEM => true,
             Errno::EMSGSIZE => entry.transport == Transport::Udp,
@@ -86,14 +85,14 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Credits `n` bytes the kernel accepted to the sends at the head of the socket's queue
     /// (one sendmsg may gather several copying sends) and dequeues those now fully written.
-    pub(super) fn advance_queue(&mut self, index: u32, mut n: usize) {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    pub(super) fn advance_queue(&mut self, id: SocketId, mut n: usize) {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
         let mut finished = std::mem::take(&mut self.scratch_finished);
         finished.clear();
         while let Some(&key) = entry.queue.front() {
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let op = self.ops.get_mut(key).expect("queued send exists");
             let take = (op.total - op.written).min(n);
             op.written += take;
             n -= take;
@@ -117,21 +116,21 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     /// Resumes writing a socket that waited for releases (ENOBUFS/ENOMEM) now that one came.
-    pub(super) fn release_arrived(&mut self, index: u32) {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    pub(super) fn release_arrived(&mut self, id: SocketId) {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
         if std::mem::take(&mut entry.awaiting_release) {
-            self.pump(index);
+            self.pump(id);
         }
     }
 
-    /// A send of socket `index` failed with `errno` before all its bytes were written.
-    pub(super) fn send_failed(&mut self, index: u32, key: OpKey, errno: Errno) {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    /// A send of socket `id` failed with `errno` before all its bytes were written.
+    pub(super) fn send_failed(&mut self, id: SocketId, key: OpKey, errno: Errno) {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
-        let op = self.ops[key as usize].as_mut().expect("failed send exists");
+        let op = self.ops.get_mut(key).expect("failed send exists");
         if !op.queued {
             return;
         }
@@ -144,20 +143,20 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.error = Some(error);
             self.try_finish(key);
         } else {
-            self.fail_socket(index, error);
+            self.fail_socket(id, error);
         }
     }
 
     /// Ends the stream: every send still queued fails with `error`. Sends already written keep
     /// waiting for their release notifications.
-    pub(super) fn fail_socket(&mut self, index: u32, error: Error) {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    pub(super) fn fail_socket(&mut self, id: SocketId, error: Error) {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
         entry.failed = Some(error.clone());
         let keys: Vec<OpKey> = entry.queue.drain(..).collect();
         for key in keys {
-            if let Some(op) = self.ops[key as usize].as_mut() {
+            if let Some(op) = self.ops.get_mut(key) {
                 op.queued = false;
                 op.error = Some(error.clone());
             }
@@ -167,15 +166,14 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// Completes the send if the kernel can no longer read its buffers.
     pub(super) fn try_finish(&mut self, key: OpKey) {
-        match self.ops[key as usize].as_ref() {
-            Some(op) if op.released() => {}
-            _ => return,
+        if !self.ops.get(key).is_some_and(|op| op.released()) {
+            return;
         }
-        let op = self.ops[key as usize].take().expect("checked above");
-        self.free_ops.push(key);
-        let index = op.socket;
-        let entry = self.entries[index as usize]
-            .as_mut()
+        let op = self.ops.remove(key).expect("checked above");
+        let id = op.socket;
+        let entry = self
+            .sockets
+            .get_mut(id)
             .expect("a send's socket outlives it");
         entry.inflight -= 1;
         let stats = &mut entry.stats;
@@ -223,7 +221,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 self.completions.push(Completion::Drained { token });
             }
             if entry.closing {
-                self.remove_entry(index);
+                self.remove_entry(id);
             }
         }
         if let Some(lease) = lease {
@@ -231,8 +229,8 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
     }
 
-    pub(super) fn remove_entry(&mut self, index: u32) {
-        if let Some(entry) = self.entries[index as usize].take() {
+    pub(super) fn remove_entry(&mut self, id: SocketId) {
+        if let Some(entry) = self.sockets.remove(id) {
             let _ = self.epoll.delete(&entry.fd);
             if entry.error_queue && entry.tracker.outstanding() == 0 {
                 entry
@@ -242,7 +240,6 @@ impl<T, B: IoBuf> Driver<T, B> {
             for token in entry.drain_waiters {
                 self.completions.push(Completion::Drained { token });
             }
-            self.free_entries.push(index);
         }
     }
 }

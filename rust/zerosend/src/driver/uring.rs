@@ -26,7 +26,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::regions::FIXED_SLOTS;
-use super::{Driver, RING_TAG, RING_TIMER_TAG};
+use super::{Driver, SocketId, Tag};
 use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
 use crate::mutant;
@@ -66,7 +66,10 @@ impl<T, B: IoBuf> Driver<T, B> {
         let timer = sys::timer_create()
             .map_err(|e| format!("creating the io_uring's wait timer failed: {e}"))?;
         self.epoll
-            .add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, RING_TIMER_TAG))
+            .add(
+                &timer,
+                EpollEvent::new(EpollFlags::EPOLLIN, Tag::RingTimer.to_raw()),
+            )
             .map_err(|e| format!("watching the io_uring's wait timer failed: {e}"))?;
         self.ring_timer = Some(timer);
         if !self.ring_apart {
@@ -82,7 +85,10 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     pub(super) fn watch_ring_in_epoll(&self, fd: RawFd) -> nix::Result<()> {
-        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
+        let event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+            Tag::Ring.to_raw(),
+        );
         // SAFETY: the descriptor is the ring's, which lives in this driver as long as the epoll
         // set; it leaves the set when the ring is watched apart or dropped with the driver.
         self.epoll.add(unsafe { BorrowedFd::borrow_raw(fd) }, event)
@@ -100,18 +106,29 @@ impl<T, B: IoBuf> Driver<T, B> {
             self.ring_stalled_since = None;
         }
         for event in events.iter().copied() {
+            // A request's tag names the op's slot only (its 64 bits hold the request number
+            // too). The op there is the request's: an op leaves its slot only once every
+            // completion of its requests arrived, so none can name a slot reused since.
             match event {
                 RingEvent::Released {
                     key,
                     request,
                     copied,
-                } => self.ring_released(key, request, copied),
+                } => {
+                    if let Some(key) = self.ops.key_at(key) {
+                        self.ring_released(key, request, copied);
+                    }
+                }
                 RingEvent::Sent {
                     key,
                     request,
                     res,
                     more,
-                } => self.ring_sent(key, request, res, more),
+                } => {
+                    if let Some(key) = self.ops.key_at(key) {
+                        self.ring_sent(key, request, res, more);
+                    }
+                }
             }
         }
         self.scratch_events = events;
@@ -124,7 +141,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// are matched by request number: one a result announced releases; one that came first
     /// is remembered for the result; any other is for a request that sent nothing, and ignored.
     fn ring_released(&mut self, key: OpKey, request: u32, copied: bool) {
-        let Some(op) = self.ops[key as usize].as_mut() else {
+        let Some(op) = self.ops.get_mut(key) else {
             return;
         };
         let announced = op.ring_notifications.iter().position(|&r| r == request);
@@ -138,7 +155,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.kernel_copied |= copied;
         }
         let socket = op.socket;
-        if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
+        if let Some(entry) = self.sockets.get_mut(socket) {
             entry.stats.notifications += 1;
             if announced.is_some() {
                 entry.ring_releases_pending -= 1;
@@ -149,11 +166,11 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     fn ring_sent(&mut self, key: OpKey, request: u32, res: i32, more: bool) {
-        let Some(op) = self.ops[key as usize].as_mut() else {
+        let Some(op) = self.ops.get_mut(key) else {
             return;
         };
         op.in_ring = false;
-        let index = op.socket;
+        let id = op.socket;
         let queued = op.queued;
         let notified = std::mem::take(&mut op.notified_before_result);
         let notification_to_come =
@@ -162,7 +179,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.notifications_pending += 1;
             op.ring_notifications.push(request);
         }
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
         if notification_to_come {
@@ -175,41 +192,39 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         if res >= 0 {
             if queued {
-                self.advance_queue(index, res as usize);
+                self.advance_queue(id, res as usize);
             }
         } else {
             match Errno::from_raw(-res) {
                 // Cancelled behind a request that failed or ended short: nothing was sent, the
                 // send is resubmitted with the next chain.
                 Errno::ECANCELED | Errno::EAGAIN | Errno::EINTR => {}
-                e if self.zerocopy_refused(index, key, e) => {}
-                e => self.send_failed(index, key, e),
+                e if self.zerocopy_refused(id, key, e) => {}
+                e => self.send_failed(id, key, e),
             }
         }
         self.try_finish(key);
         if chain_done {
-            self.pump(index);
+            self.pump(id);
         }
     }
 
     /// The socket has zero-copy sends to queue in the ring: the next [`Driver::flush`] queues
     /// them, together with every other socket's, so that all the sends of one event loop turn
     /// on a socket form one chain and all sockets' chains go to the kernel in one system call.
-    pub(super) fn wait_for_ring(&mut self, index: u32) {
-        let entry = self.entries[index as usize]
-            .as_mut()
-            .expect("pumped socket exists");
+    pub(super) fn wait_for_ring(&mut self, id: SocketId) {
+        let entry = self.sockets.get_mut(id).expect("pumped socket exists");
         if !entry.ring_waiting {
             entry.ring_waiting = true;
-            self.ring_waiting.push_back(index);
+            self.ring_waiting.push_back(id);
         }
     }
 
     /// Queues the socket's unsent zero-copy sends, oldest first, as one linked chain (see the
     /// module comment) of at most `share` requests, as far as the ring has room; returns false
     /// if it had none.
-    fn submit_chain(&mut self, index: u32, share: usize) -> bool {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    fn submit_chain(&mut self, id: SocketId, share: usize) -> bool {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return true;
         };
         if entry.ring_chain > 0 || entry.awaiting_release {
@@ -219,7 +234,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let mut chain = std::mem::take(&mut self.scratch_keys);
         chain.clear();
         for &key in entry.queue.iter() {
-            let op = self.ops[key as usize].as_ref().expect("queued send exists");
+            let op = self.ops.get(key).expect("queued send exists");
             if !op.zerocopy() || op.in_ring || op.bypass_ring || chain.len() == share.min(MAX_CHAIN)
             {
                 break;
@@ -234,7 +249,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             Ok(room) => room,
             Err(e) => {
                 self.scratch_keys = chain;
-                self.fail_socket(index, Error::os("submitting to io_uring", errno_of(&e)));
+                self.fail_socket(id, Error::os("submitting to io_uring", errno_of(&e)));
                 return true;
             }
         };
@@ -256,10 +271,10 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     fn push_request(&mut self, key: OpKey, fd: RawFd, link: bool) {
-        let op = self.ops[key as usize].as_mut().expect("queued send exists");
+        let op = self.ops.get_mut(key).expect("queued send exists");
         op.request = op.request.wrapping_add(1);
         let tag = RequestTag {
-            key,
+            key: key.index(),
             request: op.request,
         };
         self.scratch_iov.clear();
@@ -280,7 +295,8 @@ impl<T, B: IoBuf> Driver<T, B> {
         } else {
             // The op's slot keeps its boxed msghdr from one send to the next: no allocation per
             // vectored send.
-            let header = self.vectored[key as usize].get_or_insert_with(VectoredRequest::new);
+            let header =
+                self.vectored[key.index() as usize].get_or_insert_with(VectoredRequest::new);
             header.iov.clear();
             header.iov.extend_from_slice(&self.scratch_iov);
             // SAFETY: the request stays boxed in `self.vectored[key]`, untouched while the op is
@@ -313,19 +329,19 @@ impl<T, B: IoBuf> Driver<T, B> {
             let mut skipped = false;
             // Only the sockets waiting now: one skipped goes to the back for the next flush.
             for _ in 0..self.ring_waiting.len() {
-                let Some(index) = self.ring_waiting.pop_front() else {
+                let Some(id) = self.ring_waiting.pop_front() else {
                     break;
                 };
-                let waiting = match self.entries.get_mut(index as usize) {
-                    Some(Some(entry)) => std::mem::take(&mut entry.ring_waiting),
-                    _ => false,
-                };
-                if waiting && !self.submit_chain(index, share) {
+                let waiting = self
+                    .sockets
+                    .get_mut(id)
+                    .is_some_and(|entry| std::mem::take(&mut entry.ring_waiting));
+                if waiting && !self.submit_chain(id, share) {
                     if stalled {
-                        self.bypass_ring(index);
+                        self.bypass_ring(id);
                     } else {
                         skipped = true;
-                        self.wait_for_ring(index);
+                        self.wait_for_ring(id);
                     }
                 }
             }
@@ -356,8 +372,8 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// The ring had no room for the socket's zero-copy sends (none of its requests are in it)
     /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if the socket can have it (its
     /// releases then come on the error queue), else by copy.
-    fn bypass_ring(&mut self, index: u32) {
-        let Some(Some(entry)) = self.entries.get(index as usize) else {
+    fn bypass_ring(&mut self, id: SocketId) {
+        let Some(entry) = self.sockets.get(id) else {
             return;
         };
         let enabled = if entry.error_queue || entry.tracker.outstanding() > 0 {
@@ -366,15 +382,13 @@ impl<T, B: IoBuf> Driver<T, B> {
             self.enable_msg_zerocopy(entry.fd.as_fd(), &entry.claim)
                 .ok()
         };
-        let entry = self.entries[index as usize]
-            .as_mut()
-            .expect("checked above");
+        let entry = self.sockets.get_mut(id).expect("checked above");
         if let Some(first) = enabled {
             entry.tracker = ZerocopyTracker::starting_at(first);
             entry.error_queue = true;
         }
         for &key in entry.queue.iter() {
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let op = self.ops.get_mut(key).expect("queued send exists");
             if op.zerocopy() && !op.in_ring && !op.bypass_ring {
                 op.bypass_ring = true;
                 entry.stats.ring_full_sends += 1;
@@ -383,7 +397,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 }
             }
         }
-        self.pump(index);
+        self.pump(id);
     }
 
     /// True if sends are queued for the kernel that only the next [`Driver::flush`] (or
