@@ -1,17 +1,18 @@
-//! The ordered per-socket queue: sends wait in call order, the head is written (in parts if the
-//! kernel takes it in parts), and a send completes only when it is written and released.
+//! The ordered per-socket queue: sends enter it in call order (`submit`, `submit_file`), the
+//! head is written (in parts if the kernel takes it in parts), and a send completes only when it
+//! is written and released; `drain` and `close` wait on it.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 
-use super::{Backend, Completion, Driver, SocketId, SocketStats};
+use super::{Backend, Completion, Driver, PendingSend, Rejected, SocketId, SocketStats, Submitted};
 use crate::buf::IoBuf;
-use crate::error::Error;
-use crate::op::{CopyReason, Mode, OpKey};
+use crate::error::{Error, Result};
+use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp};
 use crate::registry::Claim;
-use crate::sys::Transport;
+use crate::sys::{self, Transport, IOV_MAX};
 use crate::tracker::ZerocopyTracker;
 
 /// One registered socket.
@@ -35,12 +36,8 @@ pub(super) struct Entry<T> {
     pub(super) want_write: bool,
     /// ENOBUFS/ENOMEM: wait for a release before writing again.
     pub(super) awaiting_release: bool,
-    /// io_uring release notifications still to come for this socket's sends.
-    pub(super) ring_releases_pending: usize,
-    /// Requests of this socket's chain in the ring still without their first completion.
-    pub(super) ring_chain: usize,
-    /// Listed in the driver's `ring_waiting`: has zero-copy sends for the next chain.
-    pub(super) ring_waiting: bool,
+    /// The socket's requests in the io_uring (owned by `uring.rs`).
+    pub(super) ring: super::uring::RingSocket,
     /// An error the kernel queued for this datagram socket (ICMP), for its next send.
     pub(super) pending_error: Option<Errno>,
     /// A fatal error ended the stream; later sends fail with it.
@@ -51,6 +48,222 @@ pub(super) struct Entry<T> {
 }
 
 impl<T, B: IoBuf> Driver<T, B> {
+    /// Submits one send of `bufs` (one vectored send; one datagram on UDP). Bytes go out in
+    /// submission order. The buffers stay owned by the driver until the kernel released them;
+    /// then a [`Completion::Send`] carrying `token` becomes available.
+    /// `zerocopy == false` asks for a copying send in the same ordered stream.
+    ///
+    /// Sendmsg-backed sends are written at once; io_uring sends are queued and handed to the
+    /// kernel, together with every other queued since, by the next [`Driver::flush`] or
+    /// [`Driver::poll`] (call one before waiting on [`Driver::fd`]).
+    ///
+    /// Returns [`Rejected`], with the token and buffers, only when the send could not be
+    /// accepted at all (closed socket, bad arguments); failures of the stream arrive as the
+    /// send's completion.
+    pub fn submit(
+        &mut self,
+        id: SocketId,
+        bufs: Vec<B>,
+        zerocopy: bool,
+        token: T,
+    ) -> std::result::Result<(), Rejected<T, B>> {
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.submit_now(id, bufs, zerocopy, token)?
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Like [`Driver::submit`], but a send that finishes within the call (a copying send the
+    /// kernel took whole, or a send on a stream that already failed) comes back at once as
+    /// [`Submitted::Done`] instead of as a queued completion: a binding can then skip whatever
+    /// it would do to wait for it. Otherwise the send is [`Submitted::InFlight`]; its token may
+    /// still be replaced with [`Driver::set_token`] until its completion is taken.
+    pub fn submit_now(
+        &mut self,
+        id: SocketId,
+        bufs: Vec<B>,
+        zerocopy: bool,
+        token: T,
+    ) -> std::result::Result<Submitted<T, B>, Rejected<T, B>> {
+        let entry = match self.entry_mut(id) {
+            Ok(entry) => entry,
+            Err(error) => return Err(Rejected { error, token, bufs }),
+        };
+        if let Some(err) = &entry.failed {
+            // The stream already broke: this send fails like the ones before it, through its
+            // completion, so callers handle every stream error in one place.
+            let result = Err(err.clone());
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
+            return Ok(Submitted::Done {
+                token,
+                result,
+                bufs,
+            });
+        }
+        if entry.transport == Transport::Udp && bufs.len() > IOV_MAX {
+            let error = Error::InvalidArgument(format!(
+                "a datagram can be gathered from at most {IOV_MAX} buffers, got {}",
+                bufs.len()
+            ));
+            return Err(Rejected { error, token, bufs });
+        }
+        let total: usize = bufs.iter().map(IoBuf::len).sum();
+        let mode = if !zerocopy {
+            Mode::Copy(CopyReason::Requested)
+        } else if entry.backend == Backend::Copy {
+            Mode::Copy(CopyReason::Backend)
+        } else if total < entry.threshold || total == 0 {
+            Mode::Copy(CopyReason::BelowThreshold)
+        } else {
+            Mode::ZeroCopy
+        };
+        let use_ring = entry.backend == Backend::IoUring && mode == Mode::ZeroCopy;
+        let mut op = SendOp::new(token, bufs, mode, id);
+        if use_ring && op.bufs.len() == 1 {
+            op.fixed = self.fixed_lease(op.bufs[0].as_ptr(), op.bufs[0].len());
+        }
+        Ok(self.enqueue_now(id, op))
+    }
+
+    /// Replaces the token of a send in flight; returns the old one. Fails, handing `token`
+    /// back, if the send's completion was already queued (or taken).
+    pub fn set_token(&mut self, send: PendingSend, token: T) -> std::result::Result<T, T> {
+        match self.ops.get_mut(send.0) {
+            Some(op) => Ok(std::mem::replace(&mut op.token, token)),
+            None => Err(token),
+        }
+    }
+
+    /// Submits a send of `count` bytes of `file` from `offset` (to its end if `count` is None)
+    /// with `sendfile(2)`, in the same ordered stream as every other send: page cache to
+    /// socket, never through user memory (the result says `zerocopy: false`; the bytes are
+    /// counted in [`SocketStats::bytes_sendfile`]). TCP only. The driver holds its own duplicate
+    /// of the file descriptor until the send completes with a [`Completion::Send`] carrying
+    /// `token` (and no buffers); the file's own offset is neither used nor moved.
+    ///
+    /// The file is checked before anything is queued (a regular file, open for reading, with
+    /// `offset + count` within its size), so a bad file is refused with nothing sent. A file
+    /// truncated while it is being sent ends the stream with an error. The socket's peer
+    /// closing makes `sendfile` raise `SIGPIPE`, which Rust and Python programs ignore.
+    pub fn submit_file(
+        &mut self,
+        id: SocketId,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        count: Option<u64>,
+        token: T,
+    ) -> std::result::Result<(), Rejected<T, B>> {
+        let entry = match self.entry_mut(id) {
+            Ok(entry) => entry,
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    token,
+                    bufs: Vec::new(),
+                })
+            }
+        };
+        let (fd, count) = match file_send_checked(entry.transport, file, offset, count) {
+            Ok(checked) => checked,
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    token,
+                    bufs: Vec::new(),
+                })
+            }
+        };
+        if let Some(err) = entry.failed.clone() {
+            entry.stats.sends += 1;
+            entry.stats.errors += 1;
+            self.completions.push(Completion::Send {
+                token,
+                result: Err(err),
+                bufs: Vec::new(),
+            });
+            return Ok(());
+        }
+        let op = SendOp::file(token, FileSource { fd, offset }, count, id);
+        if let Submitted::Done {
+            token,
+            result,
+            bufs,
+        } = self.enqueue_now(id, op)
+        {
+            self.completions.push(Completion::Send {
+                token,
+                result,
+                bufs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues the send behind the socket's others and writes it at once if it is the head;
+    /// a send that finishes meanwhile is handed back as done.
+    fn enqueue_now(&mut self, id: SocketId, op: SendOp<T, B>) -> Submitted<T, B> {
+        let key = self.insert_op(op);
+        let entry = self
+            .sockets
+            .get_mut(id)
+            .expect("the socket was checked by the caller");
+        entry.inflight += 1;
+        entry.queue.push_back(key);
+        if entry.queue.len() == 1 {
+            self.inline = Some(key);
+            self.pump(id);
+            self.inline = None;
+        }
+        match self.inline_done.take() {
+            Some((token, result, bufs)) => Submitted::Done {
+                token,
+                result,
+                bufs,
+            },
+            None => Submitted::InFlight(PendingSend(key)),
+        }
+    }
+
+    /// Arranges a [`Completion::Drained`] with `token` once the socket has nothing in flight.
+    pub fn drain(&mut self, id: SocketId, token: T) -> Result<()> {
+        self.check_process()?;
+        let entry = match self.sockets.get_mut(id) {
+            Some(entry) => entry,
+            None => {
+                self.completions.push(Completion::Drained { token });
+                return Ok(());
+            }
+        };
+        if entry.inflight == 0 {
+            self.completions.push(Completion::Drained { token });
+        } else {
+            entry.drain_waiters.push(token);
+        }
+        Ok(())
+    }
+
+    /// Stops accepting sends on the socket. Sends already submitted still go out whole; the
+    /// driver closes its descriptor after the last one is released.
+    pub fn close(&mut self, id: SocketId) {
+        let Ok(entry) = self.entry_mut(id) else {
+            return;
+        };
+        entry.closing = true;
+        if entry.inflight == 0 {
+            self.remove_entry(id);
+        }
+    }
+
     /// The kernel would not send this zero-copy send as such: it refused to pin more memory
     /// (ENOBUFS/ENOMEM: `net.core.optmem_max` or `RLIMIT_MEMLOCK`), or a datagram's pages need
     /// more fragments than one skb holds (EMSGSIZE). If the socket has releases to come, wait for
@@ -71,7 +284,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         // Releases of other sends may free memory; this send's own (a failed io_uring request
         // still notifies) would only bring it back here.
-        let pending = entry.tracker.outstanding() + entry.ring_releases_pending;
+        let pending = entry.tracker.outstanding() + entry.ring.releases_pending();
         let releases_to_come = pending > op.notifications_pending as usize;
         if errno != Errno::EMSGSIZE && releases_to_come {
             entry.stats.enobufs_waits += 1;
@@ -242,4 +455,37 @@ impl<T, B: IoBuf> Driver<T, B> {
             }
         }
     }
+}
+
+/// Checks a `send_file` request and takes the driver's own duplicate of the file: returns it
+/// with the byte count to send.
+fn file_send_checked(
+    transport: Transport,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    count: Option<u64>,
+) -> Result<(std::os::fd::OwnedFd, usize)> {
+    if transport != Transport::Tcp {
+        return Err(Error::InvalidArgument(
+            "send_file needs a TCP socket; on UDP, read the file into a buffer and send it as \
+             datagrams with send_zc"
+                .into(),
+        ));
+    }
+    let size = sys::inspect_file(file)?;
+    if offset > size {
+        return Err(Error::InvalidArgument(format!(
+            "offset {offset} is past the end of the file ({size} bytes)"
+        )));
+    }
+    let count = count.unwrap_or(size - offset);
+    if count > size - offset {
+        return Err(Error::InvalidArgument(format!(
+            "offset {offset} + count {count} is past the end of the file ({size} bytes); \
+             pass count=None to send up to the end"
+        )));
+    }
+    let count = usize::try_from(count)
+        .map_err(|_| Error::InvalidArgument(format!("count {count} is too large")))?;
+    Ok((sys::duplicate(file)?, count))
 }

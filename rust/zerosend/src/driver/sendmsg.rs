@@ -143,7 +143,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return;
             };
             // A chain in the ring holds the head of the stream; the rest waits for it.
-            if entry.awaiting_release || entry.ring_chain > 0 {
+            if entry.awaiting_release || entry.ring.holds_the_head() {
                 return;
             }
             if let Some(errno) = entry.pending_error.take() {

@@ -49,6 +49,30 @@ const MAX_CHAIN: usize = 64;
 /// ring is held by requests to peers that do not read) before they send around it.
 const RING_STALL_LIMIT: Duration = Duration::from_millis(100);
 
+/// One socket's part in the ring: its fields are this module's; the rest of the driver asks.
+#[derive(Debug, Default)]
+pub(super) struct RingSocket {
+    /// Release notifications still to come for this socket's requests.
+    releases_pending: usize,
+    /// Requests of this socket's chain in the ring still without their first completion.
+    chain: usize,
+    /// Listed in the driver's `ring_waiting`: has zero-copy sends for the next chain.
+    waiting: bool,
+}
+
+impl RingSocket {
+    /// Release notifications still to come for this socket's requests.
+    pub(super) fn releases_pending(&self) -> usize {
+        self.releases_pending
+    }
+
+    /// A chain of this socket's requests is in the kernel: it holds the head of the stream, so
+    /// nothing else of the socket may be written until it completed.
+    pub(super) fn holds_the_head(&self) -> bool {
+        self.chain > 0
+    }
+}
+
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn ensure_ring(&mut self) -> std::result::Result<(), String> {
         if self.ring.is_some() {
@@ -158,7 +182,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         if let Some(entry) = self.sockets.get_mut(socket) {
             entry.stats.notifications += 1;
             if announced.is_some() {
-                entry.ring_releases_pending -= 1;
+                entry.ring.releases_pending -= 1;
             }
         }
         self.try_finish(key);
@@ -183,10 +207,10 @@ impl<T, B: IoBuf> Driver<T, B> {
             return;
         };
         if notification_to_come {
-            entry.ring_releases_pending += 1;
+            entry.ring.releases_pending += 1;
         }
-        entry.ring_chain -= 1;
-        let chain_done = entry.ring_chain == 0;
+        entry.ring.chain -= 1;
+        let chain_done = entry.ring.chain == 0;
         if chain_done {
             self.ring_chains -= 1;
         }
@@ -214,8 +238,8 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// on a socket form one chain and all sockets' chains go to the kernel in one system call.
     pub(super) fn wait_for_ring(&mut self, id: SocketId) {
         let entry = self.sockets.get_mut(id).expect("pumped socket exists");
-        if !entry.ring_waiting {
-            entry.ring_waiting = true;
+        if !entry.ring.waiting {
+            entry.ring.waiting = true;
             self.ring_waiting.push_back(id);
         }
     }
@@ -227,7 +251,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let Some(entry) = self.sockets.get_mut(id) else {
             return true;
         };
-        if entry.ring_chain > 0 || entry.awaiting_release {
+        if entry.ring.chain > 0 || entry.awaiting_release {
             return true;
         }
         let fd = entry.fd.as_raw_fd();
@@ -258,7 +282,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             return false;
         }
         chain.truncate(room);
-        entry.ring_chain = chain.len();
+        entry.ring.chain = chain.len();
         if !chain.is_empty() {
             self.ring_chains += 1;
         }
@@ -335,7 +359,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                 let waiting = self
                     .sockets
                     .get_mut(id)
-                    .is_some_and(|entry| std::mem::take(&mut entry.ring_waiting));
+                    .is_some_and(|entry| std::mem::take(&mut entry.ring.waiting));
                 if waiting && !self.submit_chain(id, share) {
                     if stalled {
                         self.bypass_ring(id);
