@@ -256,7 +256,12 @@ impl<T, B: IoBuf> Driver<T, B> {
         let (backend, fallback_reason, first_number) =
             self.choose_backend(fd.as_fd(), &claim, transport, options)?;
 
-        let id = self.sockets.insert(Entry {
+        let id = self.sockets.next_key();
+        let event = EpollEvent::new(EpollFlags::EPOLLET, Tag::Socket(id).to_raw());
+        self.epoll
+            .add(&fd, event)
+            .map_err(|e| Error::os("adding the socket to the driver's epoll set", e))?;
+        let inserted = self.sockets.insert(Entry {
             fd,
             claim,
             transport,
@@ -276,12 +281,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             closing: false,
             stats: SocketStats::default(),
         });
-        let entry = self.sockets.get(id).expect("just inserted");
-        let event = EpollEvent::new(EpollFlags::EPOLLET, Tag::Socket(id).to_raw());
-        if let Err(e) = self.epoll.add(&entry.fd, event) {
-            self.sockets.remove(id);
-            return Err(Error::os("adding the socket to the driver's epoll set", e));
-        }
+        debug_assert_eq!(inserted, id, "the slab gave another key than it announced");
         Ok(id)
     }
 

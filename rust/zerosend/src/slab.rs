@@ -102,6 +102,22 @@ impl<V, K: SlabKey> Slab<V, K> {
         })
     }
 
+    /// The key the next [`Slab::insert`] returns.
+    pub(crate) fn next_key(&self) -> K {
+        let index = match self.free.last() {
+            Some(&index) => index,
+            None => self.slots.len() as u32,
+        };
+        let generation = self
+            .slots
+            .get(index as usize)
+            .map_or(0, |slot| slot.generation);
+        K::from_key(Key {
+            index,
+            generation: generation.wrapping_add(1),
+        })
+    }
+
     /// The value under `key`, if it is still there.
     pub(crate) fn get(&self, key: K) -> Option<&V> {
         let key = key.key();
@@ -201,7 +217,9 @@ mod tests {
         let mut slab: Slab<_> = Slab::default();
         let old = slab.insert("old");
         assert_eq!(slab.remove(old), Some("old"));
+        let predicted = slab.next_key();
         let new = slab.insert("new");
+        assert_eq!(predicted, new);
         assert_eq!(new.index(), old.index(), "the slot is reused");
         assert_ne!(new, old);
         assert_eq!(

@@ -191,13 +191,15 @@ impl<T, B: IoBuf> Driver<T, B> {
                     return;
                 }
                 Ok(n) => {
-                    if zerocopy && mutant::active(mutant::RESOLVE_AT_ACCEPTANCE) {
-                        let entry = self.sockets.get_mut(id).expect("entry exists");
-                        entry.tracker.push(UNOWNED);
-                    } else if zerocopy {
-                        let entry = self.sockets.get_mut(id).expect("entry exists");
-                        entry.tracker.push(key);
-                        self.ops.get_mut(key).expect("exists").notifications_pending += 1;
+                    // The kernel numbered this call: its release comes under that number.
+                    let tracked = zerocopy.then(|| self.sockets.get_mut(id)).flatten();
+                    if let Some(entry) = tracked {
+                        if mutant::active(mutant::RESOLVE_AT_ACCEPTANCE) {
+                            entry.tracker.push(UNOWNED);
+                        } else if let Some(op) = self.ops.get_mut(key) {
+                            entry.tracker.push(key);
+                            op.notifications_pending += 1;
+                        }
                     }
                     self.advance_queue(id, n);
                 }
@@ -257,7 +259,9 @@ impl<T, B: IoBuf> Driver<T, B> {
 
     /// The socket buffer is full: arm EPOLLOUT and continue when the kernel makes room.
     pub(super) fn wait_writable(&mut self, id: SocketId) {
-        let entry = self.sockets.get_mut(id).expect("entry exists");
+        let Some(entry) = self.sockets.get_mut(id) else {
+            return;
+        };
         entry.stats.eagain_waits += 1;
         if !entry.want_write {
             entry.want_write = true;

@@ -237,7 +237,9 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// them, together with every other socket's, so that all the sends of one event loop turn
     /// on a socket form one chain and all sockets' chains go to the kernel in one system call.
     pub(super) fn wait_for_ring(&mut self, id: SocketId) {
-        let entry = self.sockets.get_mut(id).expect("pumped socket exists");
+        let Some(entry) = self.sockets.get_mut(id) else {
+            return;
+        };
         if !entry.ring.waiting {
             entry.ring.waiting = true;
             self.ring_waiting.push_back(id);
@@ -394,8 +396,8 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     /// The ring had no room for the socket's zero-copy sends (none of its requests are in it)
-    /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if the socket can have it (its
-    /// releases then come on the error queue), else by copy.
+    /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if
+    /// the socket can have it (its releases then come on the error queue), else by copy.
     fn bypass_ring(&mut self, id: SocketId) {
         let Some(entry) = self.sockets.get(id) else {
             return;
@@ -406,7 +408,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             self.enable_msg_zerocopy(entry.fd.as_fd(), &entry.claim)
                 .ok()
         };
-        let entry = self.sockets.get_mut(id).expect("checked above");
+        let Some(entry) = self.sockets.get_mut(id) else {
+            return;
+        };
         if let Some(first) = enabled {
             entry.tracker = ZerocopyTracker::starting_at(first);
             entry.error_queue = true;
