@@ -33,7 +33,6 @@ use crate::registry::{self, Claim};
 use crate::ring::{Ring, RingEvent, VectoredRequest};
 use crate::slab::Slab;
 use crate::sys::{self, IOV_MAX};
-use crate::tracker::ZerocopyTracker;
 
 /// What an event of the driver's epoll set is about: decoded once from the event's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,12 +269,9 @@ impl<T, B: IoBuf> Driver<T, B> {
             threshold: options.zerocopy_threshold,
             queue: VecDeque::new(),
             inflight: 0,
-            tracker: ZerocopyTracker::starting_at(first_number),
-            error_queue: backend == Backend::MsgZerocopy,
-            want_write: false,
+            msg: sendmsg::MsgSocket::new(backend == Backend::MsgZerocopy, first_number),
             awaiting_release: false,
             ring: uring::RingSocket::default(),
-            pending_error: None,
             failed: None,
             drain_waiters: Vec::new(),
             closing: false,

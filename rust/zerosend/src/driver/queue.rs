@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 use crate::op::{CopyReason, FileSource, Mode, OpKey, SendOp};
 use crate::registry::Claim;
 use crate::sys::{self, Transport, IOV_MAX};
-use crate::tracker::ZerocopyTracker;
 
 /// One registered socket.
 pub(super) struct Entry<T> {
@@ -28,18 +27,13 @@ pub(super) struct Entry<T> {
     pub(super) queue: VecDeque<OpKey>,
     /// Sends not yet released (queued or awaiting notifications).
     pub(super) inflight: usize,
-    pub(super) tracker: ZerocopyTracker<OpKey>,
-    /// SO_ZEROCOPY is on and `tracker` numbers MSG_ZEROCOPY sends: their releases come on the
-    /// error queue (the MSG_ZEROCOPY backend, or an io_uring socket that found the ring full).
-    pub(super) error_queue: bool,
-    /// EPOLLOUT is armed because the socket buffer was full.
-    pub(super) want_write: bool,
+    /// The socket's sendmsg side: MSG_ZEROCOPY numbering, EPOLLOUT, queued errors (owned by
+    /// `sendmsg.rs`).
+    pub(super) msg: super::sendmsg::MsgSocket,
     /// ENOBUFS/ENOMEM: wait for a release before writing again.
     pub(super) awaiting_release: bool,
     /// The socket's requests in the io_uring (owned by `uring.rs`).
     pub(super) ring: super::uring::RingSocket,
-    /// An error the kernel queued for this datagram socket (ICMP), for its next send.
-    pub(super) pending_error: Option<Errno>,
     /// A fatal error ended the stream; later sends fail with it.
     pub(super) failed: Option<Error>,
     pub(super) drain_waiters: Vec<T>,
@@ -284,7 +278,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         }
         // Releases of other sends may free memory; this send's own (a failed io_uring request
         // still notifies) would only bring it back here.
-        let pending = entry.tracker.outstanding() + entry.ring.releases_pending();
+        let pending = entry.msg.outstanding() + entry.ring.releases_pending();
         let releases_to_come = pending > op.notifications_pending as usize;
         if errno != Errno::EMSGSIZE && releases_to_come {
             entry.stats.enobufs_waits += 1;
@@ -445,10 +439,8 @@ impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn remove_entry(&mut self, id: SocketId) {
         if let Some(entry) = self.sockets.remove(id) {
             let _ = self.epoll.delete(&entry.fd);
-            if entry.error_queue && entry.tracker.outstanding() == 0 {
-                entry
-                    .claim
-                    .save_zerocopy_number(entry.tracker.next_number());
+            if let Some(number) = entry.msg.number_to_save() {
+                entry.claim.save_zerocopy_number(number);
             }
             for token in entry.drain_waiters {
                 self.completions.push(Completion::Drained { token });

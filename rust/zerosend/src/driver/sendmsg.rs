@@ -13,10 +13,59 @@ use crate::error::Error;
 use crate::mutant;
 use crate::op::OpKey;
 use crate::sys::{self, Transport, IOV_MAX};
+use crate::tracker::ZerocopyTracker;
 
 /// Owner of a MSG_ZEROCOPY number that belongs to no send (a datagram that failed after the
 /// kernel numbered it).
 const UNOWNED: OpKey = OpKey::NEVER;
+
+/// One socket's sendmsg side: its fields are this module's; the rest of the driver asks.
+pub(super) struct MsgSocket {
+    /// MSG_ZEROCOPY numbers of the calls whose releases are still to come, with their sends.
+    tracker: ZerocopyTracker<OpKey>,
+    /// SO_ZEROCOPY is on and `tracker` numbers MSG_ZEROCOPY sends: their releases come on the
+    /// error queue (the MSG_ZEROCOPY backend, or an io_uring socket that found the ring full).
+    error_queue: bool,
+    /// EPOLLOUT is armed because the socket buffer was full.
+    want_write: bool,
+    /// An error the kernel queued for this datagram socket (ICMP), for its next send.
+    pending_error: Option<Errno>,
+}
+
+impl MsgSocket {
+    /// `error_queue`: SO_ZEROCOPY is on, and the kernel numbers the next call `first_number`.
+    pub(super) fn new(error_queue: bool, first_number: u32) -> Self {
+        Self {
+            tracker: ZerocopyTracker::starting_at(first_number),
+            error_queue,
+            want_write: false,
+            pending_error: None,
+        }
+    }
+
+    /// MSG_ZEROCOPY calls whose releases are still to come.
+    pub(super) fn outstanding(&self) -> usize {
+        self.tracker.outstanding()
+    }
+
+    /// Releases come on the socket's error queue.
+    pub(super) fn uses_error_queue(&self) -> bool {
+        self.error_queue
+    }
+
+    /// SO_ZEROCOPY was just turned on (an io_uring socket sending around a full ring): the
+    /// kernel numbers the next call `first_number`.
+    pub(super) fn start_error_queue(&mut self, first_number: u32) {
+        self.tracker = ZerocopyTracker::starting_at(first_number);
+        self.error_queue = true;
+    }
+
+    /// The number the kernel gives the socket's next MSG_ZEROCOPY call, if it is known for
+    /// sure (nothing outstanding): a later registration of the socket starts from it.
+    pub(super) fn number_to_save(&self) -> Option<u32> {
+        (self.error_queue && self.tracker.outstanding() == 0).then(|| self.tracker.next_number())
+    }
+}
 
 impl<T, B: IoBuf> Driver<T, B> {
     /// The socket's epoll event: a stale handle (the socket went, its slot was reused) finds
@@ -25,7 +74,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
-        if entry.error_queue && events.contains(EpollFlags::EPOLLERR) {
+        if entry.msg.error_queue && events.contains(EpollFlags::EPOLLERR) {
             self.read_notifications(id);
         }
         let Some(entry) = self.sockets.get_mut(id) else {
@@ -33,7 +82,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         };
         let writable =
             events.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP);
-        if writable && entry.want_write && !entry.queue.is_empty() {
+        if writable && entry.msg.want_write && !entry.queue.is_empty() {
             self.pump(id);
         }
     }
@@ -58,13 +107,13 @@ impl<T, B: IoBuf> Driver<T, B> {
             return false;
         };
         let drained = sys::drain_error_queue(entry.fd.as_raw_fd(), |c| completions.push(c));
-        let next = entry.tracker.next_number();
+        let next = entry.msg.tracker.next_number();
         let numbered = after_failed_datagram
             && completions
                 .iter()
                 .any(|c| next.wrapping_sub(c.lo) <= c.hi.wrapping_sub(c.lo));
         if numbered {
-            entry.tracker.push(UNOWNED);
+            entry.msg.tracker.push(UNOWNED);
         }
         self.apply_completions(id, &completions, drained);
         self.scratch_completions = completions;
@@ -85,13 +134,18 @@ impl<T, B: IoBuf> Driver<T, B> {
         let ops = &mut self.ops;
         for c in completions {
             entry.stats.notifications += 1;
-            if entry.tracker.oldest().is_some_and(|oldest| oldest != c.lo) {
+            if entry
+                .msg
+                .tracker
+                .oldest()
+                .is_some_and(|oldest| oldest != c.lo)
+            {
                 entry.stats.out_of_order_notifications += 1;
                 if mutant::active(mutant::DROP_OUT_OF_ORDER) {
                     continue;
                 }
             }
-            entry.tracker.complete(c.lo, c.hi, |key| {
+            entry.msg.tracker.complete(c.lo, c.hi, |key| {
                 if let Some(op) = ops.get_mut(key) {
                     op.notifications_pending -= 1;
                     op.kernel_copied |= c.copied;
@@ -108,7 +162,7 @@ impl<T, B: IoBuf> Driver<T, B> {
                     // send fails with it, as a plain send() would have.
                     entry.stats.queued_errors += 1;
                     if entry.transport == Transport::Udp {
-                        entry.pending_error = Some(errno);
+                        entry.msg.pending_error = Some(errno);
                     }
                 }
             }
@@ -133,8 +187,8 @@ impl<T, B: IoBuf> Driver<T, B> {
                 return;
             };
             let Some(&key) = entry.queue.front() else {
-                if entry.want_write {
-                    entry.want_write = false;
+                if entry.msg.want_write {
+                    entry.msg.want_write = false;
                     let tag = Tag::Socket(id).to_raw();
                     let _ = self
                         .epoll
@@ -146,7 +200,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             if entry.awaiting_release || entry.ring.holds_the_head() {
                 return;
             }
-            if let Some(errno) = entry.pending_error.take() {
+            if let Some(errno) = entry.msg.pending_error.take() {
                 self.send_failed(id, key, errno);
                 continue;
             }
@@ -195,9 +249,9 @@ impl<T, B: IoBuf> Driver<T, B> {
                     let tracked = zerocopy.then(|| self.sockets.get_mut(id)).flatten();
                     if let Some(entry) = tracked {
                         if mutant::active(mutant::RESOLVE_AT_ACCEPTANCE) {
-                            entry.tracker.push(UNOWNED);
+                            entry.msg.tracker.push(UNOWNED);
                         } else if let Some(op) = self.ops.get_mut(key) {
-                            entry.tracker.push(key);
+                            entry.msg.tracker.push(key);
                             op.notifications_pending += 1;
                         }
                     }
@@ -263,8 +317,8 @@ impl<T, B: IoBuf> Driver<T, B> {
             return;
         };
         entry.stats.eagain_waits += 1;
-        if !entry.want_write {
-            entry.want_write = true;
+        if !entry.msg.want_write {
+            entry.msg.want_write = true;
             let tag = Tag::Socket(id).to_raw();
             let flags = EpollFlags::EPOLLET | EpollFlags::EPOLLOUT;
             if let Err(e) = self

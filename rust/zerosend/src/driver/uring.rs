@@ -34,7 +34,6 @@ use crate::op::{CopyReason, Mode, OpKey};
 use crate::region::SlotLease;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, IOV_MAX};
-use crate::tracker::ZerocopyTracker;
 
 /// Ring sizes to try, largest first, as (submission, completion) queue entries. Many sockets'
 /// chains go to the kernel in one `io_uring_enter`; every send posts two completions, and no
@@ -402,7 +401,7 @@ impl<T, B: IoBuf> Driver<T, B> {
         let Some(entry) = self.sockets.get(id) else {
             return;
         };
-        let enabled = if entry.error_queue || entry.tracker.outstanding() > 0 {
+        let enabled = if entry.msg.uses_error_queue() || entry.msg.outstanding() > 0 {
             None
         } else {
             self.enable_msg_zerocopy(entry.fd.as_fd(), &entry.claim)
@@ -412,15 +411,14 @@ impl<T, B: IoBuf> Driver<T, B> {
             return;
         };
         if let Some(first) = enabled {
-            entry.tracker = ZerocopyTracker::starting_at(first);
-            entry.error_queue = true;
+            entry.msg.start_error_queue(first);
         }
         for &key in entry.queue.iter() {
             let op = self.ops.get_mut(key).expect("queued send exists");
             if op.zerocopy() && !op.in_ring && !op.bypass_ring {
                 op.bypass_ring = true;
                 entry.stats.ring_full_sends += 1;
-                if !entry.error_queue {
+                if !entry.msg.uses_error_queue() {
                     op.mode = Mode::Copy(CopyReason::RingFull);
                 }
             }
