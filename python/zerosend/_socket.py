@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import os
@@ -58,8 +59,9 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
         dispatch = driver.dispatch
         loop.add_reader(driver.fileno(), dispatch)
         # The loop drops its reader callback when it is closed (or collected): from then on
-        # nothing polls the driver, so the reaper takes it over.
-        weakref.finalize(dispatch, _loop_gone, driver)
+        # nothing polls the driver, so the reaper takes it over. Not at exit: no thread may
+        # start then, and the process's end releases everything anyway.
+        weakref.finalize(dispatch, _loop_gone, driver).atexit = False
         _drivers[loop] = driver
     return driver
 
@@ -95,7 +97,7 @@ class _Reaper:
         try:
             if reap() == 0:
                 return
-        except OSError:
+        except Exception:
             return  # nothing more can be reaped from it; it stays as it is
         with self._lock:
             self._drivers.add(driver)
@@ -106,7 +108,8 @@ class _Reaper:
                 )
                 self._thread.start()
             else:
-                os.write(self._wake_w, b"\0")
+                with contextlib.suppress(BlockingIOError):  # a full pipe wakes it already
+                    os.write(self._wake_w, b"\0")
 
     def _run(self) -> None:
         while True:
@@ -120,16 +123,16 @@ class _Reaper:
             ready = poller.poll()  # no timeout: a release makes the driver's fd readable
             for fd, _events in ready:
                 if fd == wake:
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         os.read(wake, 4096)
-                    except BlockingIOError:
-                        pass
                     continue
                 driver = watched[fd]
                 try:
                     left = driver.reap_orphaned()
-                except OSError:
-                    left = 0  # reaping failed for good: stop watching rather than spin
+                except Exception:
+                    # Reaping failed for good (a DEFER_TASKRUN ring only takes its own thread's
+                    # calls): stop watching it rather than spin; it stays as it is.
+                    left = 0
                 if left == 0:
                     with self._lock:
                         self._drivers.discard(driver)
