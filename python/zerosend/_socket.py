@@ -13,7 +13,7 @@ import weakref
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
-from . import _native
+from . import _native, _reaper
 from ._abort import check_timeout, reset, wait_at_most
 from ._calibration import DEFAULT_THRESHOLD, Thresholds
 from ._calibration import load as load_thresholds
@@ -54,9 +54,19 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
     # a child that runs this same loop object gets a driver of its own.
     if driver is None or driver.forked:
         driver = _native.Driver(defer_taskrun=_defer_taskrun())
-        loop.add_reader(driver.fileno(), driver.dispatch)
+        dispatch = driver.dispatch
+        loop.add_reader(driver.fileno(), dispatch)
+        # The loop drops its reader callback when it is closed (or collected): from then on
+        # nothing polls the driver, so the reaper takes it over. Not at exit: no thread may
+        # start then, and the process's end releases everything anyway.
+        weakref.finalize(dispatch, _loop_gone, driver).atexit = False
         _drivers[loop] = driver
     return driver
+
+
+def _loop_gone(driver: _native.Driver) -> None:
+    if not driver.forked:  # a fork child's copy belongs to the parent
+        _reaper.adopt(driver)
 
 
 #: Environment variable: "1" sets the event loop's io_uring up with DEFER_TASKRUN (see README).

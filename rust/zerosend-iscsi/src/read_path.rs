@@ -71,9 +71,9 @@ impl Medium for FdMedium {
             // The system call itself, not libc's wrapper: glibc gained preadv2 in 2.26, after
             // the oldest glibc the wheels support. On 64-bit targets the offset is one
             // register (pos_l); pos_h is ignored.
+            let (count, high): (libc::c_long, libc::c_long) = (1, 0);
             // SAFETY: `iov` points at `rest`, a live, exclusively borrowed slice, so the kernel
             // writes at most `rest.len()` bytes into memory we own for the duration of the call.
-            let (count, high): (libc::c_long, libc::c_long) = (1, 0);
             let got = unsafe {
                 libc::syscall(
                     libc::SYS_preadv2,

@@ -495,6 +495,32 @@ impl Driver {
         resolve_all(py, &self.results, completions)
     }
 
+    /// For a driver whose event loop is gone (closed or collected), called by the one reaper
+    /// thread when `fileno()` is readable: moves the sends on without any loop (the io_uring
+    /// goes back into `fileno()`'s set), drops the finished sends' futures untouched (their
+    /// loop can run no callback) and releases their buffers, which the kernel let go of. Once
+    /// nothing is in flight it closes the driver's io_uring, timer and sockets. Returns the
+    /// sends still in flight.
+    fn reap_orphaned(&self) -> PyResult<usize> {
+        let (reaped, completions, left) = {
+            let mut core = self.lock();
+            let reaped = core
+                .rejoin_ring()
+                .and_then(|()| core.reap_ring())
+                .and_then(|()| core.poll());
+            let completions = Self::collect(&mut core);
+            let left = core.inflight_total();
+            if reaped.is_ok() {
+                core.shut_down();
+            }
+            (reaped, completions, left)
+        };
+        // Outside the lock: releasing an export may run a pool's callback.
+        drop(completions);
+        reaped.map_err(to_pyerr)?;
+        Ok(left)
+    }
+
     fn backend(&self, socket: u64) -> PyResult<&'static str> {
         let backend = self
             .lock()

@@ -17,6 +17,7 @@ mod region;
 mod registry;
 mod ring;
 mod sender;
+mod slab;
 mod sys;
 mod tracker;
 

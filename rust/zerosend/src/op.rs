@@ -7,6 +7,7 @@
 use std::os::fd::OwnedFd;
 
 use crate::buf::IoBuf;
+use crate::driver::SocketId;
 use crate::error::Error;
 use crate::region::SlotLease;
 
@@ -51,7 +52,7 @@ pub(crate) struct FileSource {
 }
 
 /// Stable index of a send inside its driver.
-pub(crate) type OpKey = u32;
+pub(crate) type OpKey = crate::slab::Key;
 
 pub(crate) struct SendOp<T, B> {
     pub token: T,
@@ -78,9 +79,8 @@ pub(crate) struct SendOp<T, B> {
     /// keeps the slot registered until the op is gone (see `SlotLease`).
     pub fixed: Option<SlotLease>,
     pub error: Option<Error>,
-    pub socket: u32,
+    pub socket: SocketId,
     /// Tells this send from later ones that reuse its key (set by the driver).
-    pub serial: u64,
     /// Set for a `send_file`, whose bytes come from this file (`bufs` is empty).
     pub file: Option<FileSource>,
     /// A zero-copy send of an io_uring socket that goes by sendmsg: the ring had no room.
@@ -88,7 +88,7 @@ pub(crate) struct SendOp<T, B> {
 }
 
 impl<T, B: IoBuf> SendOp<T, B> {
-    pub fn new(token: T, bufs: Vec<B>, mode: Mode, socket: u32) -> Self {
+    pub fn new(token: T, bufs: Vec<B>, mode: Mode, socket: SocketId) -> Self {
         let total = bufs.iter().map(IoBuf::len).sum();
         Self {
             token,
@@ -106,14 +106,13 @@ impl<T, B: IoBuf> SendOp<T, B> {
             fixed: None,
             error: None,
             socket,
-            serial: 0,
             file: None,
             bypass_ring: false,
         }
     }
 
     /// A send of `count` bytes of a file, with `sendfile(2)`.
-    pub fn file(token: T, file: FileSource, count: usize, socket: u32) -> Self {
+    pub fn file(token: T, file: FileSource, count: usize, socket: SocketId) -> Self {
         let mut op = Self::new(token, Vec::new(), Mode::Copy(CopyReason::File), socket);
         op.total = count;
         op.file = Some(file);

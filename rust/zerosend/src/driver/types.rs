@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::op::SendResult;
+use crate::slab::{Key, SlabKey};
 
 /// How a socket's zero-copy sends reach the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,26 +51,31 @@ impl Default for SocketOptions {
     }
 }
 
-/// Handle of a socket registered with a driver.
+/// Handle of a socket registered with a driver: a generation-checked key of its slot, so a
+/// handle kept past its socket's removal never names the socket registered there next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SocketId {
-    pub(super) index: u32,
-    pub(super) generation: u32,
+pub struct SocketId(Key);
+
+impl SlabKey for SocketId {
+    fn from_key(key: Key) -> Self {
+        Self(key)
+    }
+
+    fn key(self) -> Key {
+        self.0
+    }
 }
 
 impl SocketId {
     /// The handle as one integer (for bindings that keep it in a foreign object).
     pub fn to_raw(self) -> u64 {
-        socket_tag(self.index, self.generation)
+        self.0.to_raw()
     }
 
     /// The handle back from [`SocketId::to_raw`]. A stale or made-up value names no socket and
     /// every driver call with it fails with [`Error::Closed`].
     pub fn from_raw(raw: u64) -> Self {
-        Self {
-            index: (raw & 0xffff_ffff) as u32,
-            generation: (raw >> 32) as u32,
-        }
+        Self(Key::from_raw(raw))
     }
 }
 
@@ -188,14 +194,7 @@ pub enum Submitted<T, B> {
 /// A send in flight, as [`super::Driver::submit_now`] names it. Valid until its completion was
 /// taken; the driver checks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingSend {
-    pub(super) key: u32,
-    pub(super) serial: u64,
-}
-
-pub(super) fn socket_tag(index: u32, generation: u32) -> u64 {
-    u64::from(index) | (u64::from(generation) << 32)
-}
+pub struct PendingSend(pub(super) crate::op::OpKey);
 
 #[cfg(test)]
 mod tests {

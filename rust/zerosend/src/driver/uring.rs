@@ -26,7 +26,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
 use super::regions::FIXED_SLOTS;
-use super::{Driver, RING_TAG, RING_TIMER_TAG};
+use super::{Driver, SocketId, Tag};
 use crate::buf::IoBuf;
 use crate::error::{errno_of, Error, Result};
 use crate::mutant;
@@ -34,7 +34,6 @@ use crate::op::{CopyReason, Mode, OpKey};
 use crate::region::SlotLease;
 use crate::ring::{RequestTag, Ring, RingEvent, VectoredRequest};
 use crate::sys::{self, IOV_MAX};
-use crate::tracker::ZerocopyTracker;
 
 /// Ring sizes to try, largest first, as (submission, completion) queue entries. Many sockets'
 /// chains go to the kernel in one `io_uring_enter`; every send posts two completions, and no
@@ -48,6 +47,30 @@ const MAX_CHAIN: usize = 64;
 /// How long sockets wait for room in the ring while no ring completion at all comes back (the
 /// ring is held by requests to peers that do not read) before they send around it.
 const RING_STALL_LIMIT: Duration = Duration::from_millis(100);
+
+/// One socket's part in the ring: its fields are this module's; the rest of the driver asks.
+#[derive(Debug, Default)]
+pub(super) struct RingSocket {
+    /// Release notifications still to come for this socket's requests.
+    releases_pending: usize,
+    /// Requests of this socket's chain in the ring still without their first completion.
+    chain: usize,
+    /// Listed in the driver's `ring_waiting`: has zero-copy sends for the next chain.
+    waiting: bool,
+}
+
+impl RingSocket {
+    /// Release notifications still to come for this socket's requests.
+    pub(super) fn releases_pending(&self) -> usize {
+        self.releases_pending
+    }
+
+    /// A chain of this socket's requests is in the kernel: it holds the head of the stream, so
+    /// nothing else of the socket may be written until it completed.
+    pub(super) fn holds_the_head(&self) -> bool {
+        self.chain > 0
+    }
+}
 
 impl<T, B: IoBuf> Driver<T, B> {
     pub(super) fn ensure_ring(&mut self) -> std::result::Result<(), String> {
@@ -66,7 +89,10 @@ impl<T, B: IoBuf> Driver<T, B> {
         let timer = sys::timer_create()
             .map_err(|e| format!("creating the io_uring's wait timer failed: {e}"))?;
         self.epoll
-            .add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, RING_TIMER_TAG))
+            .add(
+                &timer,
+                EpollEvent::new(EpollFlags::EPOLLIN, Tag::RingTimer.to_raw()),
+            )
             .map_err(|e| format!("watching the io_uring's wait timer failed: {e}"))?;
         self.ring_timer = Some(timer);
         if !self.ring_apart {
@@ -82,7 +108,10 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     pub(super) fn watch_ring_in_epoll(&self, fd: RawFd) -> nix::Result<()> {
-        let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, RING_TAG);
+        let event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
+            Tag::Ring.to_raw(),
+        );
         // SAFETY: the descriptor is the ring's, which lives in this driver as long as the epoll
         // set; it leaves the set when the ring is watched apart or dropped with the driver.
         self.epoll.add(unsafe { BorrowedFd::borrow_raw(fd) }, event)
@@ -100,18 +129,29 @@ impl<T, B: IoBuf> Driver<T, B> {
             self.ring_stalled_since = None;
         }
         for event in events.iter().copied() {
+            // A request's tag names the op's slot only (its 64 bits hold the request number
+            // too). The op there is the request's: an op leaves its slot only once every
+            // completion of its requests arrived, so none can name a slot reused since.
             match event {
                 RingEvent::Released {
                     key,
                     request,
                     copied,
-                } => self.ring_released(key, request, copied),
+                } => {
+                    if let Some(key) = self.ops.key_at(key) {
+                        self.ring_released(key, request, copied);
+                    }
+                }
                 RingEvent::Sent {
                     key,
                     request,
                     res,
                     more,
-                } => self.ring_sent(key, request, res, more),
+                } => {
+                    if let Some(key) = self.ops.key_at(key) {
+                        self.ring_sent(key, request, res, more);
+                    }
+                }
             }
         }
         self.scratch_events = events;
@@ -124,7 +164,7 @@ impl<T, B: IoBuf> Driver<T, B> {
     /// are matched by request number: one a result announced releases; one that came first
     /// is remembered for the result; any other is for a request that sent nothing, and ignored.
     fn ring_released(&mut self, key: OpKey, request: u32, copied: bool) {
-        let Some(op) = self.ops[key as usize].as_mut() else {
+        let Some(op) = self.ops.get_mut(key) else {
             return;
         };
         let announced = op.ring_notifications.iter().position(|&r| r == request);
@@ -138,10 +178,10 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.kernel_copied |= copied;
         }
         let socket = op.socket;
-        if let Some(Some(entry)) = self.entries.get_mut(socket as usize) {
+        if let Some(entry) = self.sockets.get_mut(socket) {
             entry.stats.notifications += 1;
             if announced.is_some() {
-                entry.ring_releases_pending -= 1;
+                entry.ring.releases_pending -= 1;
             }
         }
         self.try_finish(key);
@@ -149,11 +189,11 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     fn ring_sent(&mut self, key: OpKey, request: u32, res: i32, more: bool) {
-        let Some(op) = self.ops[key as usize].as_mut() else {
+        let Some(op) = self.ops.get_mut(key) else {
             return;
         };
         op.in_ring = false;
-        let index = op.socket;
+        let id = op.socket;
         let queued = op.queued;
         let notified = std::mem::take(&mut op.notified_before_result);
         let notification_to_come =
@@ -162,64 +202,64 @@ impl<T, B: IoBuf> Driver<T, B> {
             op.notifications_pending += 1;
             op.ring_notifications.push(request);
         }
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return;
         };
         if notification_to_come {
-            entry.ring_releases_pending += 1;
+            entry.ring.releases_pending += 1;
         }
-        entry.ring_chain -= 1;
-        let chain_done = entry.ring_chain == 0;
+        entry.ring.chain -= 1;
+        let chain_done = entry.ring.chain == 0;
         if chain_done {
             self.ring_chains -= 1;
         }
         if res >= 0 {
             if queued {
-                self.advance_queue(index, res as usize);
+                self.advance_queue(id, res as usize);
             }
         } else {
             match Errno::from_raw(-res) {
                 // Cancelled behind a request that failed or ended short: nothing was sent, the
                 // send is resubmitted with the next chain.
                 Errno::ECANCELED | Errno::EAGAIN | Errno::EINTR => {}
-                e if self.zerocopy_refused(index, key, e) => {}
-                e => self.send_failed(index, key, e),
+                e if self.zerocopy_refused(id, key, e) => {}
+                e => self.send_failed(id, key, e),
             }
         }
         self.try_finish(key);
         if chain_done {
-            self.pump(index);
+            self.pump(id);
         }
     }
 
     /// The socket has zero-copy sends to queue in the ring: the next [`Driver::flush`] queues
     /// them, together with every other socket's, so that all the sends of one event loop turn
     /// on a socket form one chain and all sockets' chains go to the kernel in one system call.
-    pub(super) fn wait_for_ring(&mut self, index: u32) {
-        let entry = self.entries[index as usize]
-            .as_mut()
-            .expect("pumped socket exists");
-        if !entry.ring_waiting {
-            entry.ring_waiting = true;
-            self.ring_waiting.push_back(index);
+    pub(super) fn wait_for_ring(&mut self, id: SocketId) {
+        let Some(entry) = self.sockets.get_mut(id) else {
+            return;
+        };
+        if !entry.ring.waiting {
+            entry.ring.waiting = true;
+            self.ring_waiting.push_back(id);
         }
     }
 
     /// Queues the socket's unsent zero-copy sends, oldest first, as one linked chain (see the
     /// module comment) of at most `share` requests, as far as the ring has room; returns false
     /// if it had none.
-    fn submit_chain(&mut self, index: u32, share: usize) -> bool {
-        let Some(Some(entry)) = self.entries.get_mut(index as usize) else {
+    fn submit_chain(&mut self, id: SocketId, share: usize) -> bool {
+        let Some(entry) = self.sockets.get_mut(id) else {
             return true;
         };
-        if entry.ring_chain > 0 || entry.awaiting_release {
+        if entry.ring.chain > 0 || entry.awaiting_release {
             return true;
         }
         let fd = entry.fd.as_raw_fd();
         let mut chain = std::mem::take(&mut self.scratch_keys);
         chain.clear();
         for &key in entry.queue.iter() {
-            let op = self.ops[key as usize].as_ref().expect("queued send exists");
+            let op = self.ops.get(key).expect("queued send exists");
             if !op.zerocopy() || op.in_ring || op.bypass_ring || chain.len() == share.min(MAX_CHAIN)
             {
                 break;
@@ -234,7 +274,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             Ok(room) => room,
             Err(e) => {
                 self.scratch_keys = chain;
-                self.fail_socket(index, Error::os("submitting to io_uring", errno_of(&e)));
+                self.fail_socket(id, Error::os("submitting to io_uring", errno_of(&e)));
                 return true;
             }
         };
@@ -243,7 +283,7 @@ impl<T, B: IoBuf> Driver<T, B> {
             return false;
         }
         chain.truncate(room);
-        entry.ring_chain = chain.len();
+        entry.ring.chain = chain.len();
         if !chain.is_empty() {
             self.ring_chains += 1;
         }
@@ -256,10 +296,10 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     fn push_request(&mut self, key: OpKey, fd: RawFd, link: bool) {
-        let op = self.ops[key as usize].as_mut().expect("queued send exists");
+        let op = self.ops.get_mut(key).expect("queued send exists");
         op.request = op.request.wrapping_add(1);
         let tag = RequestTag {
-            key,
+            key: key.index(),
             request: op.request,
         };
         self.scratch_iov.clear();
@@ -280,7 +320,8 @@ impl<T, B: IoBuf> Driver<T, B> {
         } else {
             // The op's slot keeps its boxed msghdr from one send to the next: no allocation per
             // vectored send.
-            let header = self.vectored[key as usize].get_or_insert_with(VectoredRequest::new);
+            let header =
+                self.vectored[key.index() as usize].get_or_insert_with(VectoredRequest::new);
             header.iov.clear();
             header.iov.extend_from_slice(&self.scratch_iov);
             // SAFETY: the request stays boxed in `self.vectored[key]`, untouched while the op is
@@ -313,19 +354,19 @@ impl<T, B: IoBuf> Driver<T, B> {
             let mut skipped = false;
             // Only the sockets waiting now: one skipped goes to the back for the next flush.
             for _ in 0..self.ring_waiting.len() {
-                let Some(index) = self.ring_waiting.pop_front() else {
+                let Some(id) = self.ring_waiting.pop_front() else {
                     break;
                 };
-                let waiting = match self.entries.get_mut(index as usize) {
-                    Some(Some(entry)) => std::mem::take(&mut entry.ring_waiting),
-                    _ => false,
-                };
-                if waiting && !self.submit_chain(index, share) {
+                let waiting = self
+                    .sockets
+                    .get_mut(id)
+                    .is_some_and(|entry| std::mem::take(&mut entry.ring.waiting));
+                if waiting && !self.submit_chain(id, share) {
                     if stalled {
-                        self.bypass_ring(index);
+                        self.bypass_ring(id);
                     } else {
                         skipped = true;
-                        self.wait_for_ring(index);
+                        self.wait_for_ring(id);
                     }
                 }
             }
@@ -354,36 +395,35 @@ impl<T, B: IoBuf> Driver<T, B> {
     }
 
     /// The ring had no room for the socket's zero-copy sends (none of its requests are in it)
-    /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if the socket can have it (its
-    /// releases then come on the error queue), else by copy.
-    fn bypass_ring(&mut self, index: u32) {
-        let Some(Some(entry)) = self.entries.get(index as usize) else {
+    /// and stalled for `RING_STALL_LIMIT`: the sends waiting go by sendmsg, with MSG_ZEROCOPY if
+    /// the socket can have it (its releases then come on the error queue), else by copy.
+    fn bypass_ring(&mut self, id: SocketId) {
+        let Some(entry) = self.sockets.get(id) else {
             return;
         };
-        let enabled = if entry.error_queue || entry.tracker.outstanding() > 0 {
+        let enabled = if entry.msg.uses_error_queue() || entry.msg.outstanding() > 0 {
             None
         } else {
             self.enable_msg_zerocopy(entry.fd.as_fd(), &entry.claim)
                 .ok()
         };
-        let entry = self.entries[index as usize]
-            .as_mut()
-            .expect("checked above");
+        let Some(entry) = self.sockets.get_mut(id) else {
+            return;
+        };
         if let Some(first) = enabled {
-            entry.tracker = ZerocopyTracker::starting_at(first);
-            entry.error_queue = true;
+            entry.msg.start_error_queue(first);
         }
         for &key in entry.queue.iter() {
-            let op = self.ops[key as usize].as_mut().expect("queued send exists");
+            let op = self.ops.get_mut(key).expect("queued send exists");
             if op.zerocopy() && !op.in_ring && !op.bypass_ring {
                 op.bypass_ring = true;
                 entry.stats.ring_full_sends += 1;
-                if !entry.error_queue {
+                if !entry.msg.uses_error_queue() {
                     op.mode = Mode::Copy(CopyReason::RingFull);
                 }
             }
         }
-        self.pump(index);
+        self.pump(id);
     }
 
     /// True if sends are queued for the kernel that only the next [`Driver::flush`] (or
