@@ -62,13 +62,24 @@ class History:
         self._by_block: dict[int, dict[tuple[int, int], list[Op]]] = defaultdict(
             lambda: defaultdict(list)
         )
+        # Per block, the writes that may have left a given value there (copies may have left
+        # any): a read is explained by looking at those only, not at every write of its block
+        # (a long soak has thousands per block).
+        self._producers: dict[tuple[int, int, int], dict[Value, list[Op]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        self._copies: dict[tuple[int, int, int], list[Op]] = defaultdict(list)
         last_sync: dict[tuple[int, int], float] = {}
         for op in self.ops:
             if op.name.startswith("SYNC") and op.good:
                 at = (op.epoch, op.writes_disks[0])
                 last_sync[at] = max(last_sync.get(at, -math.inf), op.invoked)
-            for key in op.writes:
+            for key, value in op.writes.items():
                 self._by_block[op.epoch][key].append(op)
+                if value is None:
+                    self._copies[(op.epoch, *key)].append(op)
+                else:
+                    self._producers[(op.epoch, *key)][value].append(op)
         self._durable_ops = {
             id(w) for w in self.ops if w.good and (
                 w.fua or any(last_sync.get((w.epoch, d), -math.inf) > w.completed
@@ -111,14 +122,16 @@ class History:
         """Whether ``value`` may be read at ``key`` by a read over [start, end]: some write of
         it was issued before the read ended, and no GOOD write was issued after that write's
         effect ended and answered before the read began. Else the writes for the report."""
-        writes = self._by_block[epoch.number].get(key, [])
         latest = self._latest_issue(epoch.number, key, start, durable_only)
         if epoch.initial.get(key, ZERO) == value and latest == -math.inf:
             return True, []
-        for w in writes:
+        at = (epoch.number, *key)
+        candidates = self._producers[at].get(value, []) + self._copies.get(at, [])
+        for w in candidates:
             if w.invoked < end and (w.outcome in (GOOD, UNKNOWN, HUNG, None) or w.ambiguous):
                 if self._may_produce(w, key, value) and not latest > w.effect_end:
                     return True, []
+        writes = self._by_block[epoch.number].get(key, [])
         involved = [w for w in writes if w.writes[key] in (value, None)]
         involved += [s for s in writes if s.good and s.completed < start][-3:]
         return False, involved
@@ -159,12 +172,12 @@ class History:
                 for key, value in op.reads.items():
                     if value[0] == "tag":
                         reads[op.epoch, key].append((op.invoked, op.completed, value, op))
+        epochs = {e.number: e for e in self.epochs}
         for (epoch, key), seen in reads.items():
             writes = self._by_block[epoch].get(key, [])
             if any(w.copy_from for w in writes):
                 continue
             producer: dict[Value, float] = {}
-            epochs = {e.number: e for e in self.epochs}
             if epochs[epoch].initial.get(key) is not None:
                 producer[epochs[epoch].initial[key]] = -math.inf
             for w in writes:
@@ -266,20 +279,33 @@ class History:
             return out
         durable_at = self._durable_at()
         epochs = {e.number: e for e in self.epochs}
+        # Per block: its writes' durable times, sorted, with the running latest issue time, so
+        # "the latest write durable by then" is one bisection per snapshot and block
+        became: dict[tuple[int, int, int], tuple[list[float], list[float]]] = {}
+        for epoch_number, blocks in self._by_block.items():
+            for key, writes in blocks.items():
+                timed = sorted((durable_at.get(id(w), math.inf), w.invoked) for w in writes)
+                running, peak = [], -math.inf
+                for _, invoked in timed:
+                    peak = max(peak, invoked)
+                    running.append(peak)
+                became[(epoch_number, *key)] = ([t for t, _ in timed], running)
         for epoch_number, when, values, why in self.snapshots:
             epoch = epochs[epoch_number]
             for key, value in sorted(values.items()):
                 self.checked["blocks of a device after a sync"] += 1
-                writes = self._by_block[epoch_number].get(key, [])
-                done = [s for s in writes if durable_at.get(id(s), math.inf) <= when]
-                latest = max((s.invoked for s in done), default=-math.inf)
+                at = (epoch_number, *key)
+                times, running = became.get(at, ([], []))
+                n = bisect.bisect_right(times, when)
+                latest = running[n - 1] if n else -math.inf
                 ok = epoch.initial.get(key, ZERO) == value and latest == -math.inf
-                for w in writes:
+                for w in self._producers[at].get(value, []) + self._copies.get(at, []):
                     if ok:
                         break
                     if w.invoked < when and (w.outcome in (GOOD, UNKNOWN, HUNG) or w.ambiguous):
                         ok = self._may_produce(w, key, value) and not latest > w.effect_end
                 if not ok:
+                    writes = self._by_block[epoch_number].get(key, [])
                     lines = "\n  ".join(str(w) for w in writes if w.writes[key] == value or
                                         durable_at.get(id(w), math.inf) <= when)  # fmt: skip
                     out.append(
