@@ -30,3 +30,31 @@ pub(crate) fn current() -> Process {
     });
     Process(GENERATION.load(Ordering::Relaxed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_of_fork_is_another_process() {
+        let parent = current();
+        // SAFETY: the child only loads an atomic and calls _exit (async-signal-safe), as the
+        // child of a multi-threaded process may.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if current() != parent { 0 } else { 1 };
+            // SAFETY: ends the child at once, without running the parent's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw its parent's process generation"
+        );
+        assert_eq!(current(), parent, "the parent is still itself");
+    }
+}

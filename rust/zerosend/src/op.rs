@@ -168,3 +168,48 @@ impl<T, B: IoBuf> SendOp<T, B> {
         (self.token, result, self.bufs, self.fixed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(mode: Mode, kernel_copied: bool) -> SendResult {
+        let mut op: SendOp<(), Vec<u8>> = SendOp::new(
+            (),
+            vec![vec![7; 300], vec![8; 12]],
+            mode,
+            SocketId::from_raw(0),
+        );
+        assert_eq!(op.zerocopy(), mode == Mode::ZeroCopy);
+        op.queued = false; // written, and (no notification pending) released
+        op.kernel_copied = kernel_copied;
+        assert!(op.released());
+        let (_, result, bufs, _) = op.finish();
+        assert_eq!(bufs.len(), 2, "the buffers come back to their owner");
+        result.expect("no error was recorded")
+    }
+
+    #[test]
+    fn a_send_is_reported_zero_copy_only_if_the_kernel_did_not_copy_it() {
+        let sent = finished(Mode::ZeroCopy, false);
+        assert_eq!((sent.nbytes, sent.zerocopy), (312, true));
+        assert!(!finished(Mode::ZeroCopy, true).zerocopy);
+        assert!(!finished(Mode::Copy(CopyReason::Requested), false).zerocopy);
+        assert!(!finished(Mode::Copy(CopyReason::BelowThreshold), false).zerocopy);
+    }
+
+    #[test]
+    fn a_send_in_the_queue_or_the_ring_is_not_released() {
+        let mut op: SendOp<(), Vec<u8>> =
+            SendOp::new((), vec![vec![1]], Mode::ZeroCopy, SocketId::from_raw(0));
+        assert!(!op.released(), "queued");
+        op.queued = false;
+        op.in_ring = true;
+        assert!(!op.released(), "in the ring");
+        op.in_ring = false;
+        op.notifications_pending = 1;
+        assert!(!op.released(), "a notification to come");
+        op.notifications_pending = 0;
+        assert!(op.released());
+    }
+}
