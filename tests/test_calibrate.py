@@ -26,7 +26,7 @@ import zerosend._socket
 from bench.harness.receiver import start_receiver
 from bench.harness.rig import Rig
 from tests.helpers import require_backend, rig_connection
-from zerosend import _calibration
+from zerosend import _calibrate, _calibration
 
 KiB = 1 << 10
 HANG_GUARD_S = 60
@@ -135,6 +135,6 @@ def test_calibrate_measures_against_a_peer_and_stores_the_result(rig: Rig, cache
     assert done.returncode == 0, done.stderr
     document = json.loads(cache.read_text())
     modes = {(row["size"], row["mode"]) for row in document["measured"]}
-    assert modes == {(s, m) for s in _calibration.SIZES for m in ("copy", "zerocopy")}
+    assert modes == {(s, m) for s in _calibrate.SIZES for m in ("copy", "zerocopy")}
     assert document["cpu"] and document["kernel"]
     assert "[calibrated" in done.stdout

@@ -33,21 +33,6 @@ ISCSI_WORDS = re.compile(r"iscsi|crc32c|readrun|readpath|\blun\b|\bcdb\b", re.IG
 #: The length over which a module must say why it is one concept, and the words it says it with.
 LONG = 500
 ONE_CONCEPT = "one concept"
-#: A circle in the core the core's own work removes (issue 22, item 6): ``_calibration`` measures
-#: through the public ``zerosend`` API, which imports it. It may shrink, never grow.
-CORE_CIRCLE_PENDING = frozenset(
-    {
-        "zerosend",
-        "zerosend._calibration",
-        "zerosend._pool",
-        "zerosend._socket",
-        # the stream modules (``_streams`` before it was split by concept) import ``_socket``
-        "zerosend._stream_connect",
-        "zerosend._stream_open",
-        "zerosend._stream_server",
-        "zerosend._stream_writer",
-    }
-)
 #: Modules a work under way splits; the rule holds for every other one.
 LONG_PENDING: frozenset[str] = frozenset()
 
@@ -192,7 +177,7 @@ def long_without_reason(root: Path = PYTHON) -> list[str]:
 
 
 def test_the_package_has_no_import_circle() -> None:
-    assert [group for group in circles(graph()) if not set(group) <= CORE_CIRCLE_PENDING] == []
+    assert circles(graph()) == []
 
 
 def test_no_import_points_up_a_layer() -> None:

@@ -16,7 +16,8 @@ import argparse
 import sys
 
 import zerosend
-from zerosend._calibration import Thresholds, cache_path, calibrate, load
+from zerosend._calibrate import calibrate
+from zerosend._calibration import Thresholds, cache_path, load
 
 
 def describe(caps: zerosend.Capabilities) -> str:

@@ -18,6 +18,7 @@ mod registry;
 mod ring;
 mod sender;
 mod slab;
+mod socket_id;
 mod sys;
 mod tracker;
 

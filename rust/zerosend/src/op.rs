@@ -7,9 +7,9 @@
 use std::os::fd::OwnedFd;
 
 use crate::buf::IoBuf;
-use crate::driver::SocketId;
 use crate::error::Error;
 use crate::region::SlotLease;
+use crate::socket_id::SocketId;
 
 /// How a send ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
