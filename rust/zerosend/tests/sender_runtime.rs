@@ -2,7 +2,8 @@
 //! resolve at the kernel's release with real errors, drains with real outcomes, and dropped
 //! senders whose sends finish without leaking or freeing anything early. Real loopback sockets.
 //!
-//! The tests count the process's io_uring descriptors, so they run one at a time.
+//! The tests count the process's io_uring descriptors, so they run one at a time (capability
+//! probes, which open a ring for a moment, included).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -26,9 +27,13 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs `test` on a current-thread runtime inside a LocalSet, one test at a time.
+/// Held for a whole test: no other test opens or closes a ring meanwhile.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `test` on a current-thread runtime inside a LocalSet.
 fn run_local<F: Future>(test: F) -> F::Output {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -119,6 +124,7 @@ fn io_uring_available(test: &str) -> bool {
 
 #[test]
 fn many_sockets_on_one_thread_share_one_driver_and_one_ring() {
+    let _serial = serial();
     let test = "many_sockets_on_one_thread_share_one_driver_and_one_ring";
     if !io_uring_available(test) {
         return;
@@ -218,6 +224,7 @@ async fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
 
 #[test]
 fn a_send_resolves_only_when_the_kernel_released_its_buffer() {
+    let _serial = serial();
     let test = "a_send_resolves_only_when_the_kernel_released_its_buffer";
     for backend in backends(test) {
         if backend == Backend::Copy {
@@ -267,6 +274,7 @@ fn a_send_resolves_only_when_the_kernel_released_its_buffer() {
 
 #[test]
 fn a_reset_peer_fails_sends_and_drain_with_its_error_kind() {
+    let _serial = serial();
     let test = "a_reset_peer_fails_sends_and_drain_with_its_error_kind";
     for backend in backends(test) {
         run_local(async {
@@ -328,6 +336,7 @@ fn a_reset_peer_fails_sends_and_drain_with_its_error_kind() {
 
 #[test]
 fn drain_reports_what_the_sends_since_the_last_drain_did() {
+    let _serial = serial();
     let test = "drain_reports_what_the_sends_since_the_last_drain_did";
     for backend in backends(test) {
         run_local(async {
@@ -412,6 +421,7 @@ impl Drop for Watched {
 
 #[test]
 fn a_dropped_sender_frees_each_buffer_after_its_release_and_not_before() {
+    let _serial = serial();
     let test = "a_dropped_sender_frees_each_buffer_after_its_release_and_not_before";
     for backend in backends(test) {
         if backend == Backend::Copy {
@@ -465,6 +475,41 @@ fn a_dropped_sender_frees_each_buffer_after_its_release_and_not_before() {
             }
             // The thread's driver ends with its last send, ring and all.
             until("the driver closes its ring", || io_uring_fds() == before).await;
+        });
+    }
+}
+
+/// The example beside the benchmark sender, compiled in here so its sending loop is tested.
+#[allow(dead_code)]
+#[path = "../examples/tokio_sender.rs"]
+mod example;
+
+#[test]
+fn the_tokio_example_keeps_buffers_in_flight_and_drains() {
+    let _serial = serial();
+    let test = "the_tokio_example_keeps_buffers_in_flight_and_drains";
+    for backend in backends(test) {
+        run_local(async {
+            const TOTAL: u64 = 8 << 20;
+            let (client, mut server) = connected_pair().await;
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                got.len() as u64
+            });
+            let run = tokio::time::timeout(
+                HANG_GUARD,
+                example::send_all(&client, &options(backend), 256 << 10, 4, TOTAL),
+            )
+            .await
+            .expect("hang guard")
+            .unwrap();
+            assert_eq!(run.backend, backend);
+            assert_eq!((run.bytes, run.sends), (TOTAL, 32));
+            assert_eq!((run.outcome.sends, run.outcome.bytes), (32, TOTAL));
+            assert_eq!(run.stats.sends, 32);
+            drop(client);
+            assert_eq!(reader.await.unwrap(), TOTAL, "{backend:?}");
         });
     }
 }
