@@ -180,6 +180,10 @@ impl Slot {
 
 type ThreadDriver = Driver<Rc<Slot>, AnyBuf>;
 
+/// Rounds of reaping one run of the driving task makes before it yields to the thread's other
+/// tasks (each round that found work polls again).
+const TURN_ROUNDS: usize = 32;
+
 /// The thread's driver and what its task needs to drive it.
 struct Local {
     driver: RefCell<ThreadDriver>,
@@ -322,7 +326,7 @@ impl Local {
                 *task = Some(cx.waker().clone());
             }
         }
-        loop {
+        for _ in 0..TURN_ROUNDS {
             self.kicked.set(false);
             let mut woken = false;
             match self.epoll.poll_read_ready(cx) {
@@ -378,12 +382,16 @@ impl Local {
             }
             self.deliver();
             if !woken && !self.kicked.get() {
-                break;
+                // Both descriptors were polled with nothing new: they will wake the task.
+                return if self.idle() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                };
             }
         }
-        if self.idle() {
-            return Poll::Ready(());
-        }
+        // Still busy: yield to the thread's other tasks and come back in the next tick.
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 
