@@ -513,3 +513,63 @@ fn the_tokio_example_keeps_buffers_in_flight_and_drains() {
         });
     }
 }
+
+/// Runs in a fork child: the sender's driver belongs to the parent, so the drain and a send
+/// must fail at once with the fork error (not hang, not pretend). Returns the exit code.
+fn forked_child_checks(sender: &ZeroCopySender<Vec<u8>>) -> i32 {
+    struct Noop;
+    impl std::task::Wake for Noop {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Noop));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut drain = std::pin::pin!(sender.drain());
+    if !matches!(
+        drain.as_mut().poll(&mut cx),
+        Poll::Ready(Err(zerosend::Error::Forked))
+    ) {
+        return 1;
+    }
+    let mut send = sender.send_zc(vec![2; 10]);
+    match Pin::new(&mut send).poll(&mut cx) {
+        Poll::Ready((Err(zerosend::Error::Forked), buf)) if buf == vec![2; 10] => 0,
+        _ => 2,
+    }
+}
+
+#[test]
+fn in_a_fork_child_drain_and_sends_report_the_fork_error() {
+    let _serial = serial();
+    run_local(async {
+        let (client, mut server) = connected_pair().await;
+        let sender = ZeroCopySender::<Vec<u8>>::new(&client, &options(Backend::Copy)).unwrap();
+        let (first, _) = sender.send_zc(vec![1; 1000]).await;
+        assert_eq!(first.unwrap().nbytes, 1000);
+        // SAFETY: the child only polls two futures by hand (no runtime, no locks taken) and
+        // leaves with _exit, running no destructor of the parent's objects.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = forked_child_checks(&sender);
+            // SAFETY: ends the child at once, as after any fork.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing its status into `status`.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw a drain or send that did not fail with the fork error (status {status})"
+        );
+        // The parent's sender goes on.
+        let (again, _) = sender.send_zc(vec![3; 500]).await;
+        assert_eq!(again.unwrap().nbytes, 500);
+        assert_eq!(sender.drain().await.unwrap().sends, 2);
+        drop(sender);
+        drop(client);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 1500);
+    });
+}
