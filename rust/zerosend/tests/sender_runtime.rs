@@ -573,3 +573,60 @@ fn in_a_fork_child_drain_and_sends_report_the_fork_error() {
         assert_eq!(got.len(), 1500);
     });
 }
+
+#[test]
+fn each_runtime_thread_has_its_own_driver() {
+    let test = "each_runtime_thread_has_its_own_driver";
+    let _serial = serial();
+    if !io_uring_available(test) {
+        return;
+    }
+    const SOCKETS: usize = 10;
+    let before = io_uring_fds();
+    // Both threads hold their senders between the two waits; the first thread measures alone.
+    let first_done = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let both_done = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let measured = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let threads: Vec<_> = (0..2)
+        .map(|n| {
+            let (first_done, both_done) = (first_done.clone(), both_done.clone());
+            let measured = measured.clone();
+            std::thread::spawn(move || {
+                if n == 1 {
+                    first_done.wait();
+                }
+                run_local(async move {
+                    let mut held = Vec::new();
+                    for _ in 0..SOCKETS {
+                        let (client, server) = connected_pair().await;
+                        let sender =
+                            ZeroCopySender::<Vec<u8>>::new(&client, &options(Backend::IoUring))
+                                .unwrap();
+                        let (sent, _) = sender.send_zc(vec![n as u8; 1000]).await;
+                        assert_eq!(sent.unwrap().nbytes, 1000);
+                        held.push((sender, client, server));
+                    }
+                    let per_driver = io_uring_fds() - before;
+                    if n == 0 {
+                        first_done.wait();
+                    }
+                    both_done.wait();
+                    measured.wait();
+                    drop(held);
+                    per_driver
+                })
+            })
+        })
+        .collect();
+    both_done.wait();
+    let with_both = io_uring_fds();
+    measured.wait();
+    let counts: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let per_driver = counts[0];
+    assert!(per_driver >= 1, "the first thread's senders made a ring");
+    assert_eq!(
+        with_both - before,
+        2 * per_driver,
+        "two runtime threads, two drivers ({SOCKETS} sockets each)"
+    );
+}
