@@ -597,6 +597,7 @@ fn each_runtime_thread_has_its_own_driver() {
                 }
                 run_local(async move {
                     let mut held = Vec::new();
+                    let mut with_one = None;
                     for _ in 0..SOCKETS {
                         let (client, server) = connected_pair().await;
                         let sender =
@@ -605,15 +606,18 @@ fn each_runtime_thread_has_its_own_driver() {
                         let (sent, _) = sender.send_zc(vec![n as u8; 1000]).await;
                         assert_eq!(sent.unwrap().nbytes, 1000);
                         held.push((sender, client, server));
+                        with_one.get_or_insert_with(io_uring_fds);
                     }
                     let per_driver = io_uring_fds() - before;
+                    // Checked after the barriers: a panic here would leave the others waiting.
+                    let shared = io_uring_fds() == with_one.unwrap();
                     if n == 0 {
                         first_done.wait();
                     }
                     both_done.wait();
                     measured.wait();
                     drop(held);
-                    per_driver
+                    (per_driver, shared)
                 })
             })
         })
@@ -621,8 +625,12 @@ fn each_runtime_thread_has_its_own_driver() {
     both_done.wait();
     let with_both = io_uring_fds();
     measured.wait();
-    let counts: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    let per_driver = counts[0];
+    let counts: Vec<(usize, bool)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let (per_driver, shared) = counts[0];
+    assert!(
+        shared,
+        "the thread's senders share the ring its first one made"
+    );
     assert!(per_driver >= 1, "the first thread's senders made a ring");
     assert_eq!(
         with_both - before,
