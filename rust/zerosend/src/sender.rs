@@ -229,6 +229,13 @@ fn watch(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>> {
 impl Local {
     /// The thread's driver, made (and its task spawned) if the thread has none.
     fn for_this_thread() -> Result<Rc<Self>> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::InvalidArgument(
+                "ZeroCopySender::new needs a tokio runtime with IO enabled, inside a \
+                 tokio::task::LocalSet (the thread's driver is driven by a local task)"
+                    .into(),
+            ));
+        }
         let existing = THREAD_DRIVER.with(|cell| cell.borrow().upgrade());
         if let Some(local) = existing.filter(|local| !local.stopped.get()) {
             return Ok(local);
@@ -430,9 +437,11 @@ impl<B: IoBuf> ZeroCopySender<B> {
     /// Wraps a connected TCP or UDP socket (kept open by zerosend's own duplicate while sends
     /// are in flight), on the calling thread's driver.
     ///
+    /// Outside a tokio runtime it fails with [`Error::InvalidArgument`].
+    ///
     /// # Panics
-    /// Outside a [`tokio::task::LocalSet`] (see the module documentation), when it has to
-    /// start the thread's driving task.
+    /// Inside a runtime but outside a [`tokio::task::LocalSet`] (see the module documentation),
+    /// when it has to start the thread's driving task (tokio offers no way to ask first).
     pub fn new(socket: &impl AsFd, options: &SocketOptions) -> Result<Self> {
         let local = Local::for_this_thread()?;
         let (id, backend) = {

@@ -638,3 +638,18 @@ fn each_runtime_thread_has_its_own_driver() {
         "two runtime threads, two drivers ({SOCKETS} sockets each)"
     );
 }
+
+#[test]
+fn outside_a_runtime_new_says_what_it_needs() {
+    let _serial = serial();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(socket.local_addr().unwrap()).unwrap();
+    let err = ZeroCopySender::<Vec<u8>>::new(&socket, &SocketOptions::default())
+        .err()
+        .expect("no runtime, no sender");
+    let message = err.to_string();
+    assert!(
+        message.contains("tokio runtime") && message.contains("LocalSet"),
+        "{message}"
+    );
+}
