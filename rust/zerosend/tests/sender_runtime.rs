@@ -243,7 +243,8 @@ fn a_send_resolves_only_when_the_kernel_released_its_buffer() {
             })
             .await;
             assert!(outq(fd) > 0, "{backend:?}: the send must be held back");
-            // Let the driver reap whatever the kernel reported for it.
+            // Let the driver reap whatever the kernel reported for it. Not a timed assertion:
+            // a slow machine can only make this check pass wrongly, never fail wrongly.
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 assert!(
