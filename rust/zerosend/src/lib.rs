@@ -31,5 +31,5 @@ pub use driver::{
 pub use error::{Error, Result};
 pub use op::SendResult;
 pub use region::Region;
-pub use sender::{SendFuture, ZeroCopySender};
+pub use sender::{DrainOutcome, SendFuture, ZeroCopySender};
 pub use tracker::ZerocopyTracker;
