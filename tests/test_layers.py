@@ -176,6 +176,22 @@ def long_without_reason(root: Path = PYTHON) -> list[str]:
     return out
 
 
+def long_rust_without_reason(root: Path) -> list[str]:
+    """Rust files over ``LONG`` lines (their unit tests, at the end, not counted) whose first
+    ``//!`` lines do not say why they are one concept."""
+    out = []
+    for path in sorted(root.rglob("*.rs")):
+        if "target" in path.relative_to(root).parts:
+            continue
+        code = path.read_text().split("\n#[cfg(test)]\n", 1)[0]
+        if code.count("\n") <= LONG:
+            continue
+        doc = [line for line in code.splitlines() if line.startswith("//!")][:8]
+        if ONE_CONCEPT not in " ".join(doc).lower():
+            out.append(f"{path.relative_to(root)}: {code.count(chr(10))} lines, no reason up front")
+    return out
+
+
 def test_the_package_has_no_import_circle() -> None:
     assert circles(graph()) == []
 
@@ -258,6 +274,14 @@ def test_the_target_uses_only_the_public_core_api() -> None:
 
 def test_a_long_module_says_why_it_is_one_concept() -> None:
     assert long_without_reason() == []
+    assert long_rust_without_reason(PYTHON.parent / "rust") == []
+
+
+def test_the_rust_check_counts_code_not_unit_tests(tmp_path: Path) -> None:
+    (tmp_path / "short.rs").write_text("fn f() {}\n" * 10 + "#[cfg(test)]\n" + "//\n" * LONG)
+    (tmp_path / "long.rs").write_text("fn f() {}\n" * (LONG + 1))
+    (tmp_path / "said.rs").write_text("//! One concept: because.\n" + "fn f() {}\n" * (LONG + 1))
+    assert long_rust_without_reason(tmp_path) == [f"long.rs: {LONG + 1} lines, no reason up front"]
 
 
 # -- the checks themselves catch what they are for, on a small package written here --
