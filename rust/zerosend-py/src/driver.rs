@@ -1,8 +1,8 @@
 //! `zerosend._native.Driver`: the core driver of one asyncio event loop.
 //!
 //! The Python layer registers `fileno()` with `loop.add_reader` and calls `dispatch()` when it
-//! is readable. Completions resolve their asyncio futures here, in one batch per wake-up, on the
-//! loop's own thread.
+//! is readable. Completions resolve their futures here, in one batch per wake-up, on the loop's
+//! own thread: on asyncio native `InFlightSend` futures, which need no Python frame per send.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +18,7 @@ use zerosend::{Backend, Completion, SocketId, SocketOptions, Submitted};
 use crate::buffer::{extract_buffers, PyBuf};
 use crate::completed::CompletedSend;
 use crate::errors::to_pyerr;
+use crate::future::{is_asyncio_loop, InFlightSend, Outcome};
 use crate::pool::PoolMemory;
 use crate::types::SendResult;
 
@@ -39,6 +40,8 @@ pub struct Driver {
     results: Results,
     /// The last send that finished inside its call, with its outcome, for reuse.
     last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
+    /// Asked for SINGLE_ISSUER | DEFER_TASKRUN at construction.
+    defer_taskrun: bool,
 }
 
 impl Driver {
@@ -48,17 +51,17 @@ impl Driver {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The future of a send in flight, made now (outside the lock: making it runs Python code)
-    /// and given to the send as its token.
+    /// The future of a send in flight, made now (outside the lock: `create_future` runs Python
+    /// code) and given to the send as its token: a native `InFlightSend` on an asyncio loop
+    /// (`native`), else the loop face's own future (trio's).
     fn future_for(
         &self,
         py: Python<'_>,
         send: zerosend::PendingSend,
         event_loop: &Bound<'_, PyAny>,
+        native: bool,
     ) -> PyResult<Py<PyAny>> {
-        let future = event_loop
-            .call_method0(intern!(py, "create_future"))?
-            .unbind();
+        let future = new_future(py, event_loop, native)?;
         match self.lock().set_token(send, future.clone_ref(py)) {
             Ok(_placeholder) => Ok(future),
             // Only this driver's own progress could have finished the send meanwhile, and
@@ -120,12 +123,96 @@ impl Driver {
         Ok(())
     }
 
+    /// `submit`'s work; `native`: the loop is asyncio's (see `future_for`).
+    fn send(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        buffers: &Bound<'_, PyAny>,
+        zerocopy: bool,
+        event_loop: &Bound<'_, PyAny>,
+        native: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let bufs = extract_buffers(buffers)?;
+        #[cfg(feature = "mutants")]
+        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+        let this = slf.get();
+        let (submitted, needs_flush, completions) = {
+            let mut core = this.lock();
+            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
+            (submitted, core.needs_flush(), Self::collect(&mut core))
+        };
+        resolve_all(py, &this.results, completions)?;
+        // A rejected send's buffers are released here, outside the lock.
+        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        let future = match submitted {
+            Submitted::Done { result, bufs, .. } => {
+                drop(bufs);
+                this.completed(py, event_loop, result)?
+            }
+            Submitted::InFlight(send) => this.future_for(py, send, event_loop, native)?,
+        };
+        #[cfg(feature = "mutants")]
+        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
+            release_exports_on_cancel(py, &future, exports)?;
+        }
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
+    }
+
+    /// `submit_file`'s work, with the arguments checked.
+    fn send_file(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        fd: i32,
+        offset: u64,
+        count: Option<u64>,
+        event_loop: &Bound<'_, PyAny>,
+        native: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        if fd < 0 {
+            return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
+        }
+        // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
+        // this call; the driver only duplicates it.
+        let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        let future = new_future(py, event_loop, native)?;
+        let this = slf.get();
+        let (submitted, needs_flush, completions) = {
+            let mut core = this.lock();
+            let submitted = core.submit_file(
+                SocketId::from_raw(socket),
+                file,
+                offset,
+                count,
+                future.clone_ref(py),
+            );
+            (submitted, core.needs_flush(), Self::collect(&mut core))
+        };
+        resolve_all(py, &this.results, completions)?;
+        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
+    }
+
     fn collect(core: &mut CoreDriver) -> Vec<CoreCompletion> {
         if core.has_completions() {
             core.take_completions().collect()
         } else {
             Vec::new()
         }
+    }
+}
+
+/// A new future of a send: native on asyncio, else made by the loop face (trio's).
+fn new_future(py: Python<'_>, event_loop: &Bound<'_, PyAny>, native: bool) -> PyResult<Py<PyAny>> {
+    if native {
+        Ok(Py::new(py, InFlightSend::new(event_loop.clone().unbind()))?.into_any())
+    } else {
+        Ok(event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind())
     }
 }
 
@@ -146,6 +233,22 @@ fn resolve(py: Python<'_>, results: &Results, completion: CoreCompletion) -> PyR
     let future = future.bind(py);
     if future.is_none() {
         return Ok(()); // a send whose future could not be made: `submit` raised already
+    }
+    if let Ok(native) = future.cast::<InFlightSend>() {
+        let outcome = match outcome {
+            Some(Ok(result)) => Outcome::Value(results.object(py, result)?.into_any()),
+            Some(Err(_)) if zerosend::mutant::active(zerosend::mutant::ERROR_AS_RESULT) => {
+                let nothing = zerosend::SendResult {
+                    nbytes: 0,
+                    zerocopy: false,
+                };
+                Outcome::Value(results.object(py, nothing)?.into_any())
+            }
+            Some(Err(err)) => Outcome::Error(to_pyerr(err).into_value(py).into_any()),
+            None => Outcome::Value(py.None()),
+        };
+        // A cancelled future drops its outcome (the send went out all the same).
+        return InFlightSend::finish(native, outcome).map(drop);
     }
     let set = match outcome {
         Some(Ok(result)) => {
@@ -257,7 +360,15 @@ impl Driver {
             ring_watched: AtomicBool::new(false),
             results: Results::default(),
             last_completed: Mutex::new(None),
+            defer_taskrun,
         })
+    }
+
+    /// Whether this driver was asked for SINGLE_ISSUER | DEFER_TASKRUN (`ring_setup` says
+    /// whether the kernel granted it).
+    #[getter]
+    fn defer_taskrun(&self) -> bool {
+        self.defer_taskrun
     }
 
     /// True in a process that inherited this driver through fork(): it belongs to the parent.
@@ -301,7 +412,8 @@ impl Driver {
     }
 
     /// Submits one send (a buffer, or a list/tuple of buffers sent as one) and returns a future
-    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`, or,
+    /// of `event_loop` that resolves with its `SendResult` (on asyncio a native `InFlightSend`,
+    /// else one made with the loop's `create_future`), or,
     /// for a send that finished inside the call (a copy the kernel took whole), a done
     /// `CompletedSend`. io_uring requests are handed to the kernel together by `flush`, which
     /// this schedules with `event_loop.call_soon` once per event loop turn: one system call for
@@ -313,32 +425,45 @@ impl Driver {
         zerocopy: bool,
         event_loop: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        let bufs = extract_buffers(buffers)?;
-        #[cfg(feature = "mutants")]
-        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
-        let this = slf.get();
-        let (submitted, needs_flush, completions) = {
-            let mut core = this.lock();
-            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
-            (submitted, core.needs_flush(), Self::collect(&mut core))
-        };
-        resolve_all(py, &this.results, completions)?;
-        // A rejected send's buffers are released here, outside the lock.
-        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        let future = match submitted {
-            Submitted::Done { result, bufs, .. } => {
-                drop(bufs);
-                this.completed(py, event_loop, result)?
-            }
-            Submitted::InFlight(send) => this.future_for(py, send, event_loop)?,
-        };
-        #[cfg(feature = "mutants")]
-        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
-            release_exports_on_cancel(py, &future, exports)?;
-        }
-        this.schedule_flush(slf, needs_flush, event_loop)?;
-        Ok(future)
+        let native = is_asyncio_loop(event_loop)?;
+        Self::send(slf, socket, buffers, zerocopy, event_loop, native)
+    }
+
+    /// `submit` bound to one socket and loop: a callable `sender(buf)` (the `send_zc` and
+    /// `send` of `zerosend.Socket`), which submits with no Python frame in between.
+    fn sender(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        event_loop: &Bound<'_, PyAny>,
+        zerocopy: bool,
+    ) -> PyResult<Sender> {
+        Ok(Sender {
+            driver: slf.clone().unbind(),
+            socket,
+            event_loop: event_loop.clone().unbind(),
+            zerocopy,
+            native: is_asyncio_loop(event_loop)?,
+        })
+    }
+
+    /// `submit_file` bound to one socket and loop: a callable `file_sender(file, offset=0,
+    /// count=None)` (`zerosend.Socket.send_file`). `check(file, offset, count)` is called only
+    /// for arguments off the common path (not an int descriptor or a file whose `fileno()`
+    /// gives one, or offsets that are not non-negative ints): it raises the error that names
+    /// the argument, or returns the descriptor.
+    fn file_sender(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        event_loop: &Bound<'_, PyAny>,
+        check: Py<PyAny>,
+    ) -> PyResult<FileSender> {
+        Ok(FileSender {
+            driver: slf.clone().unbind(),
+            socket,
+            event_loop: event_loop.clone().unbind(),
+            native: is_asyncio_loop(event_loop)?,
+            check,
+        })
     }
 
     /// Submits a send of `count` bytes (None: up to the end) of the file open on descriptor
@@ -353,32 +478,8 @@ impl Driver {
         count: Option<u64>,
         event_loop: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        if fd < 0 {
-            return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
-        }
-        // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
-        // this call; the driver only duplicates it.
-        let file = unsafe { BorrowedFd::borrow_raw(fd) };
-        let future = event_loop
-            .call_method0(intern!(py, "create_future"))?
-            .unbind();
-        let this = slf.get();
-        let (submitted, needs_flush, completions) = {
-            let mut core = this.lock();
-            let submitted = core.submit_file(
-                SocketId::from_raw(socket),
-                file,
-                offset,
-                count,
-                future.clone_ref(py),
-            );
-            (submitted, core.needs_flush(), Self::collect(&mut core))
-        };
-        resolve_all(py, &this.results, completions)?;
-        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        this.schedule_flush(slf, needs_flush, event_loop)?;
-        Ok(future)
+        let native = is_asyncio_loop(event_loop)?;
+        Self::send_file(slf, socket, fd, offset, count, event_loop, native)
     }
 
     /// Hands the io_uring requests queued by `submit` to the kernel, then resolves whatever
@@ -525,5 +626,103 @@ impl Driver {
             dict.set_item(key, value)?;
         }
         Ok(dict)
+    }
+}
+
+/// A bound send method of one `zerosend.Socket` (its `send_zc` or `send`): `send(buf)`
+/// submits `buf` (a bytes-like object, or a list/tuple of them sent as one) now and returns
+/// its awaitable, as `Driver.submit` does.
+#[pyclass(frozen, module = "zerosend._native")]
+pub struct Sender {
+    driver: Py<Driver>,
+    socket: u64,
+    event_loop: Py<PyAny>,
+    zerocopy: bool,
+    /// The loop is asyncio's: sends get native futures.
+    native: bool,
+}
+
+#[pymethods]
+impl Sender {
+    #[pyo3(signature = (buf, /))]
+    fn __call__(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        Driver::send(
+            self.driver.bind(py),
+            self.socket,
+            buf,
+            self.zerocopy,
+            self.event_loop.bind(py),
+            self.native,
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        let name = if self.zerocopy { "send_zc" } else { "send" };
+        format!("<zerosend {name} of socket handle {}>", self.socket)
+    }
+}
+
+/// The bound `send_file` of one `zerosend.Socket`: `send_file(file, offset=0, count=None)`
+/// submits a sendfile(2) send now and returns its awaitable, as `Driver.submit_file` does.
+#[pyclass(frozen, module = "zerosend._native")]
+pub struct FileSender {
+    driver: Py<Driver>,
+    socket: u64,
+    event_loop: Py<PyAny>,
+    native: bool,
+    /// Checks unusual arguments and raises the error naming the bad one (see `file_sender`).
+    check: Py<PyAny>,
+}
+
+/// A non-negative int (not a bool), the common case of an offset or count.
+fn plain_byte_count(value: &Bound<'_, PyAny>) -> bool {
+    value.is_exact_instance_of::<pyo3::types::PyInt>() && value.extract::<u64>().is_ok()
+}
+
+impl FileSender {
+    /// The descriptor of `file` on the common path: an int, or a file whose `fileno()`
+    /// returns one; None for anything else (the check then words the error).
+    fn plain_descriptor<'py>(file: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+        if file.is_exact_instance_of::<pyo3::types::PyInt>() {
+            return Some(file.clone());
+        }
+        let py = file.py();
+        let fd = file.call_method0(intern!(py, "fileno")).ok()?;
+        fd.is_exact_instance_of::<pyo3::types::PyInt>()
+            .then_some(fd)
+    }
+}
+
+#[pymethods]
+impl FileSender {
+    #[pyo3(signature = (file, offset=None, count=None))]
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        file: &Bound<'_, PyAny>,
+        offset: Option<&Bound<'_, PyAny>>,
+        count: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let zero = 0_u64.into_pyobject(py)?.into_any();
+        let offset = offset.unwrap_or(&zero);
+        let plain = Self::plain_descriptor(file)
+            .filter(|_| plain_byte_count(offset) && count.map_or(true, plain_byte_count));
+        let fd = match plain {
+            Some(fd) => fd,
+            None => self.check.bind(py).call1((file, offset, count))?,
+        };
+        Driver::send_file(
+            self.driver.bind(py),
+            self.socket,
+            fd.extract()?,
+            offset.extract()?,
+            count.map(|count| count.extract()).transpose()?,
+            self.event_loop.bind(py),
+            self.native,
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<zerosend send_file of socket handle {}>", self.socket)
     }
 }

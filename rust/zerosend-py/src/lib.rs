@@ -4,6 +4,7 @@ mod buffer;
 mod completed;
 mod driver;
 mod errors;
+mod future;
 mod iscsi;
 mod pool;
 mod types;
@@ -30,6 +31,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<types::SendResult>()?;
     m.add_class::<completed::CompletedSend>()?;
+    m.add_class::<future::InFlightSend>()?;
+    m.add_class::<driver::Sender>()?;
+    m.add_class::<driver::FileSender>()?;
     m.add_class::<types::Capabilities>()?;
     m.add_class::<pool::PoolMemory>()?;
     m.add_class::<pool::PoolBuffer>()?;
