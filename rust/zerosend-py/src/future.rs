@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyStopIteration, PyTypeError};
+use pyo3::gc::PyVisit;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
+use pyo3::PyTraverseError;
 
 /// How a send ended, as Python objects.
 pub(crate) enum Outcome {
@@ -152,12 +154,33 @@ impl InFlightSend {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn outcome_result(py: Python<'_>, state: &State) -> PyResult<Py<PyAny>> {
-        match state {
-            State::Pending(_) => Err(invalid_state(py, "the send has not finished yet")?),
-            State::Done(Outcome::Value(value)) => Ok(value.clone_ref(py)),
-            State::Done(Outcome::Error(error)) => Err(PyErr::from_value(error.bind(py).clone())),
-            State::Cancelled(msg) => Err(cancelled_error(py, msg.as_ref())?),
+    /// The state as new references, taken under the lock; everything that runs Python code
+    /// (making an exception, `str()` of a value) happens after it is released.
+    fn snapshot(&self, py: Python<'_>) -> Snapshot {
+        match &*self.lock() {
+            State::Pending(_) => Snapshot::Pending,
+            State::Done(Outcome::Value(value)) => Snapshot::Value(value.clone_ref(py)),
+            State::Done(Outcome::Error(error)) => Snapshot::Error(error.clone_ref(py)),
+            State::Cancelled(msg) => Snapshot::Cancelled(msg.as_ref().map(|m| m.clone_ref(py))),
+        }
+    }
+}
+
+enum Snapshot {
+    Pending,
+    Value(Py<PyAny>),
+    Error(Py<PyAny>),
+    Cancelled(Option<Py<PyAny>>),
+}
+
+impl Snapshot {
+    /// What `result()` returns or raises.
+    fn result(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Snapshot::Pending => Err(invalid_state(py, "the send has not finished yet")?),
+            Snapshot::Value(value) => Ok(value),
+            Snapshot::Error(error) => Err(PyErr::from_value(error.into_bound(py))),
+            Snapshot::Cancelled(msg) => Err(cancelled_error(py, msg.as_ref())?),
         }
     }
 }
@@ -189,20 +212,13 @@ impl InFlightSend {
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let this = slf.get();
-        let state = this.lock();
-        match &*state {
-            State::Pending(_) => {
+        match this.snapshot(py) {
+            Snapshot::Pending => {
                 this.blocking.store(true, Ordering::Relaxed);
                 Ok(slf.clone().into_any().unbind())
             }
-            State::Done(Outcome::Value(value)) => {
-                Err(PyStopIteration::new_err((value.clone_ref(py),)))
-            }
-            other => {
-                let err = Self::outcome_result(py, other);
-                drop(state);
-                Err(err.err().unwrap_or_else(|| PyStopIteration::new_err(())))
-            }
+            Snapshot::Value(value) => Err(PyStopIteration::new_err((value,))),
+            other => other.result(py),
         }
     }
 
@@ -237,23 +253,15 @@ impl InFlightSend {
     /// The `SendResult`; raises the send's error, `CancelledError` if cancelled, or
     /// `asyncio.InvalidStateError` while the send is in flight.
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let state = self.lock();
-        let result = Self::outcome_result(py, &state);
-        drop(state);
-        result
+        self.snapshot(py).result(py)
     }
 
     /// The send's error, or None; raises as `result()` does while in flight or if cancelled.
     fn exception(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        let state = self.lock();
-        match &*state {
-            State::Done(Outcome::Value(_)) => Ok(None),
-            State::Done(Outcome::Error(error)) => Ok(Some(error.clone_ref(py))),
-            other => {
-                let err = Self::outcome_result(py, other);
-                drop(state);
-                Err(err.err().unwrap_or_else(|| PyStopIteration::new_err(())))
-            }
+        match self.snapshot(py) {
+            Snapshot::Value(_) => Ok(None),
+            Snapshot::Error(error) => Ok(Some(error)),
+            other => other.result(py).map(|_| None),
         }
     }
 
@@ -338,15 +346,40 @@ impl InFlightSend {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        match &*self.lock() {
-            State::Pending(_) => "<InFlightSend pending>".to_string(),
-            State::Cancelled(_) => "<InFlightSend cancelled>".to_string(),
-            State::Done(Outcome::Value(value)) => {
-                format!("<InFlightSend result={}>", value.bind(py))
-            }
-            State::Done(Outcome::Error(error)) => {
-                format!("<InFlightSend exception={}>", error.bind(py))
+        match self.snapshot(py) {
+            Snapshot::Pending => "<InFlightSend pending>".to_string(),
+            Snapshot::Cancelled(_) => "<InFlightSend cancelled>".to_string(),
+            Snapshot::Value(value) => format!("<InFlightSend result={}>", value.bind(py)),
+            Snapshot::Error(error) => format!("<InFlightSend exception={}>", error.bind(py)),
+        }
+    }
+
+    // The awaiting task's wake-up refers back to this future (task -> coroutine -> future):
+    // the collector must see the references to break such a cycle left by a loop that closed
+    // with the send never finished.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.event_loop)?;
+        // Never blocks: the lock is not held while Python code (or the collector) runs, and a
+        // state in use is skipped rather than waited for.
+        if let Ok(state) = self.state.try_lock() {
+            match &*state {
+                State::Pending(callbacks) => {
+                    for callback in callbacks {
+                        visit.call(&callback.function)?;
+                        visit.call(&callback.context)?;
+                    }
+                }
+                State::Done(Outcome::Value(object) | Outcome::Error(object)) => {
+                    visit.call(object)?;
+                }
+                State::Cancelled(msg) => visit.call(msg)?,
             }
         }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let cleared = std::mem::replace(&mut *self.lock(), State::Cancelled(None));
+        drop(cleared); // after unlocking: dropping references may run finalizers
     }
 }
