@@ -1,4 +1,9 @@
-"""The asyncio face of the driver: `wrap()` and `Socket`."""
+"""The asyncio face of the driver: `wrap()` and `Socket`.
+
+One concept in one module: the wrapped socket, from what ``wrap()`` checks and which loop's
+driver it registers with, to the native send methods bound at construction (with the
+docstrings ``help()`` shows for them) and the ``send_file`` argument checks they fall back on.
+"""
 
 from __future__ import annotations
 
