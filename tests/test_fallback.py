@@ -79,8 +79,10 @@ def test_fallback_stats_have_the_native_keys() -> None:
 
 
 def test_fallback_implements_what_the_python_layer_uses_from_the_extension() -> None:
-    # Every name of the extension's stub, so the Python layer never meets a missing attribute
-    # (the stub lists nothing of the iSCSI target, which has its own: zerosend.iscsi._accel).
+    # Every name of the extension's stub, except the native send path's own types (the
+    # fallback's sends return asyncio futures, and Socket binds its send methods with
+    # functools.partial where the driver has no `sender`), so the Python layer never meets a
+    # missing attribute (the stub lists nothing of the iSCSI target: zerosend.iscsi._accel).
     from zerosend import _fallback
 
     stub = ast.parse((ROOT / "python" / "zerosend" / "_native.pyi").read_text())
@@ -89,7 +91,8 @@ def test_fallback_implements_what_the_python_layer_uses_from_the_extension() -> 
         for node in stub.body
         if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__"
     )
-    assert set(wanted) == set(_fallback.__all__)
+    native_only = {"InFlightSend", "Sender", "FileSender"}
+    assert set(wanted) - native_only == set(_fallback.__all__)
 
 
 def test_iscsi_target_serves_qemu_img_on_the_fallback(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The io_uring set up with SINGLE_ISSUER | DEFER_TASKRUN (``ZEROSEND_DEFER_TASKRUN=1``).
+"""The io_uring set up with SINGLE_ISSUER | DEFER_TASKRUN (``wrap(..., defer_taskrun=True)``).
 
 The kernel then posts completions only when the loop's thread enters the ring, and runs at most
 20 deferred items per pass unless asked for more: many sockets with sends in flight at once make
@@ -10,10 +10,12 @@ and gets one of its own. Also the harness's counting of system calls over a send
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,15 @@ import pytest
 import zerosend
 from bench.senders.syscalls import span_calls
 from tests.helpers import read_all, require_backend, tcp_pair
-from tests.test_fork import HANG_GUARD_S, run_child, wait_child
+from tests.test_fork import HANG_GUARD_S, wait_child
 
 KiB = 1 << 10
 MiB = 1 << 20
 
 
 @pytest.fixture
-def deferred(monkeypatch: pytest.MonkeyPatch) -> None:
+def deferred() -> None:
     require_backend("io_uring")
-    monkeypatch.setenv("ZEROSEND_DEFER_TASKRUN", "1")
 
 
 def ring_setup() -> str | None:
@@ -49,7 +50,10 @@ async def test_many_sockets_on_a_deferred_ring_all_resolve_intact() -> None:
         asyncio.ensure_future(read_all(server, into))
         for (_, server), into in zip(pairs, received, strict=True)
     ]
-    wrapped = [zerosend.wrap(c, backend="io_uring", zerocopy_threshold=0) for c, _ in pairs]
+    wrapped = [
+        zerosend.wrap(c, backend="io_uring", zerocopy_threshold=0, defer_taskrun=True)
+        for c, _ in pairs
+    ]
     assert ring_setup() == "defer_taskrun"
     payloads = [[os.urandom(256 * KiB) for _ in range(3)] for _ in pairs]
     # Three sends in flight on each socket at once: hundreds of completions deferred together.
@@ -65,13 +69,44 @@ async def test_many_sockets_on_a_deferred_ring_all_resolve_intact() -> None:
         assert into == b"".join(ps)
 
 
+def run_deferred_child(inherited: zerosend.Socket, report: int) -> None:
+    """As test_fork's child (never returns; writes what went wrong to ``report``), with a
+    deferred ring of its own on its fresh loop."""
+    status = 1
+    try:
+        with pytest.raises(RuntimeError, match="fork"):
+            inherited.send_zc(b"x" * 65536)
+        del inherited
+        gc.collect()  # the wrapper and its buffers go; the parent's ring must not change
+
+        async def own_socket() -> None:
+            client, server = await tcp_pair()
+            received = bytearray()
+            reader = asyncio.ensure_future(read_all(server, received))
+            zs = zerosend.wrap(client, backend="io_uring", defer_taskrun=True)
+            assert ring_setup() == "defer_taskrun"
+            payload = os.urandom(MiB)
+            assert (await zs.send_zc(payload)).nbytes == MiB
+            await zs.aclose()
+            await reader
+            server.close()
+            assert received == payload
+
+        asyncio.run(own_socket())
+        status = 0
+    except BaseException:
+        os.write(report, traceback.format_exc().encode())
+    finally:
+        os._exit(status)
+
+
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("deferred")
 async def test_fork_child_leaves_a_deferred_ring_to_its_parent() -> None:
     client, server = await tcp_pair()
     received = bytearray()
     reader = asyncio.ensure_future(read_all(server, received))
-    zs = zerosend.wrap(client, backend="io_uring", zerocopy_threshold=0)
+    zs = zerosend.wrap(client, backend="io_uring", zerocopy_threshold=0, defer_taskrun=True)
     assert ring_setup() == "defer_taskrun"
     sent = bytearray(os.urandom(MiB))
     await zs.send_zc(bytes(sent))
@@ -82,7 +117,7 @@ async def test_fork_child_leaves_a_deferred_ring_to_its_parent() -> None:
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        run_child(zs, "io_uring", write_end)  # its own loop gets its own deferred ring
+        run_deferred_child(zs, write_end)  # its own loop gets its own deferred ring
     os.close(write_end)
     await asyncio.wait_for(wait_child(pid, read_end), HANG_GUARD_S)
     assert (await asyncio.wait_for(in_flight, HANG_GUARD_S)).nbytes == len(across)
@@ -96,13 +131,10 @@ async def test_fork_child_leaves_a_deferred_ring_to_its_parent() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_bad_defer_taskrun_setting_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("ZEROSEND_DEFER_TASKRUN", "yes")
+async def test_a_bad_defer_taskrun_setting_names_the_option() -> None:
     client, server = await tcp_pair()
-    with pytest.raises(ValueError, match="ZEROSEND_DEFER_TASKRUN"):
-        zerosend.wrap(client)
+    with pytest.raises(TypeError, match="defer_taskrun"):
+        zerosend.wrap(client, defer_taskrun="yes")  # type: ignore[arg-type]
     client.close()
     server.close()
 

@@ -10,6 +10,7 @@ the core's, tested once (tests/test_order.py, tests/test_send.py).
 from __future__ import annotations
 
 import array
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -75,12 +76,12 @@ async def test_wrap_picks_the_running_library(
     # A send the kernel took whole inside the call is done at once, under either library.
     done = zs.send(b"x")
     assert type(done).__name__ == "CompletedSend" and done.done()
-    # One that must wait for room gets the running library's future.
+    # One that must wait for room gets the running library's future (asyncio: the native one).
     waiting = zs.send(bytes(4 << 20))
     if anyio_backend == "trio":
         assert type(waiting).__name__ == "TrioFuture"
     else:
-        assert type(waiting).__name__ in ("Future", "UVFuture")
+        assert type(waiting).__name__ == "InFlightSend" and asyncio.isfuture(waiting)
     received = bytearray()
     async with anyio.create_task_group() as tg:
         tg.start_soon(read_until_eof, server, received)

@@ -1,12 +1,12 @@
 """``python -m bench.senders.gso``: UDP GSO on the true-zero-copy topology, copy against zero-copy.
 
-    python -m bench.senders.gso [--segments 1200,1472,8972] [--inflight 8] [--rounds 3] [--seconds 1]
-                        [--backends copy,msg_zerocopy,io_uring] [--markdown FILE] [--out DIR]
-                        [--quick]
+    python -m bench.senders.gso [--segments 1200,1472,8972] [--inflight 8] [--rounds 3]
+                                [--seconds 1] [--backends copy,msg_zerocopy,io_uring]
+                                [--markdown FILE] [--out DIR] [--quick]
 
 One connected UDP socket sends datagrams of ``SEGMENT`` bytes out of an ``ifb`` device that frees
-every packet without copying (``bench/harness/rig.py``'s ``IfbSink``: the kernel never copies there, as
-on a NIC after its DMA). Each cell (segment size, backend) runs twice per round:
+every packet without copying (``bench/harness/rig.py``'s ``IfbSink``: the kernel never copies
+there, as on a NIC after its DMA). Each cell (segment size, backend) runs twice per round:
 
 * *one datagram per send*: each ``send_zc`` is one datagram of ``SEGMENT`` bytes;
 * *GSO*: the socket is wrapped with ``udp_segment=SEGMENT`` and each ``send_zc`` is one batch of

@@ -7,25 +7,22 @@
 A *build* is a directory holding a ``zerosend`` package with its compiled extension (a copy of
 ``python/zerosend`` after ``maturin develop``); its sender runs get that directory first on
 ``PYTHONPATH``. Every zerosend contender of a cell runs once per build per round, the other
-contenders (the baselines, such as one-connection ``asyncio-sock_sendall``) once per round, in
+contenders (the baselines: one-connection ``asyncio-sock_sendall-1conn``) once per round, in
 an order that rotates from round to round. Figures are medians over rounds, and each zerosend
-run is also given as a ratio to the cell's baseline run of the same round (median of ratios).
+run is also given as a ratio to the cell's baseline run of the same round and to the first
+build's run of the same cell and round (medians of ratios): the step's own effect.
 
-With ``--syscalls`` every zerosend run is repeated once under ``strace -f -c`` (slow, so not
-timed) and the system calls per send are listed by name: what a step saved, independent of
-the machine's load.
+With ``--syscalls`` every zerosend run is repeated once under ``strace -f`` (slow, so not
+timed) and the system calls per send of its sending span are listed by name: what a step
+saved, independent of the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +30,16 @@ from typing import Any
 
 from bench.harness.config import BASELINE, Config, parse_size, size_label
 from bench.harness.run import pinning, receiver, rotate, run_sender
+from bench.senders.syscalls import traced
 
+# The baseline of a cell is the one-connection sock_sendall run of its topology and size
+# (``BASELINE``; the report pairs cells with it by that name).
 DEFAULT_CELLS = (
     "rig:1M:8:zerosend-io_uring",
     "rig:1M:8:zerosend-io_uring-pool",
-    "rig:1M:1:asyncio-sock_sendall",
+    f"rig:1M:1:{BASELINE}",
     "loopback:4K:1:zerosend-auto",
-    "loopback:4K:1:asyncio-sock_sendall",
+    f"loopback:4K:1:{BASELINE}",
 )
 
 
@@ -75,27 +75,27 @@ def sender_env(build: Path | None) -> dict[str, str]:
 def syscalls_per_send(
     cell: Cell, address: tuple[str, int], build: Path | None, cpu: int | None
 ) -> dict[str, float]:
-    """One run of ``cell`` under ``strace -f -c``: system calls per send, by name."""
-    with tempfile.NamedTemporaryFile(prefix="zerosend-strace-", suffix=".txt") as out:
-        argv = ["strace", "-f", "-c", "-o", out.name, sys.executable, "-m", "bench.senders.sender"]
-        argv += [cell.contender, "--connect", f"{address[0]}:{address[1]}"]
-        argv += ["--size", str(cell.size), "--inflight", str(cell.inflight)]
-        argv += ["--max-bytes", str(max(cell.size * 2000, 256 << 20))]
-        argv += ["--seconds", "30"]
-        if cpu is not None:
-            argv += ["--cpu", str(cpu)]
-        done = subprocess.run(argv, capture_output=True, text=True, env=sender_env(build))
-        if done.returncode != 0:
-            raise RuntimeError(f"strace of {cell.label()} failed: {done.stderr[-500:]}")
-        sends = int(json.loads(done.stdout.strip().splitlines()[-1])["sends"])
-        table = Path(out.name).read_text()
-    counts: dict[str, float] = {}
-    for line in table.splitlines():
-        fields = line.split()
-        # "% time seconds usecs/call calls [errors] syscall"
-        if len(fields) >= 5 and re.fullmatch(r"[\d.]+", fields[0]) and fields[-1] != "total":
-            counts[fields[-1]] = int(fields[3]) / sends
-    return counts
+    """One run of ``cell`` under ``strace -f``: system calls per send, by name, counted over
+    the sending span only (between the sender's two ``getrusage`` calls; start-up and imports
+    are not sends' calls)."""
+    argv = [sys.executable, "-m", "bench.senders.sender", cell.contender]
+    argv += ["--connect", f"{address[0]}:{address[1]}"]
+    argv += ["--size", str(cell.size), "--inflight", str(cell.inflight)]
+    argv += ["--max-bytes", str(max(cell.size * 2000, 256 << 20))]
+    argv += ["--seconds", "30"]
+    if cpu is not None:
+        argv += ["--cpu", str(cpu)]
+    old = os.environ.get("PYTHONPATH")
+    os.environ.update(sender_env(build))
+    try:
+        result, calls = traced(argv)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    sends = max(1, int(result["sends"]))
+    return {name: count / sends for name, count in calls.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,11 +181,13 @@ def report(
     results: dict[tuple[Cell, str], list[dict[str, Any]]],
     syscalls: dict[tuple[Cell, str], dict[str, float]],
 ) -> str:
+    first = next(iter(builds), "-")
     lines = [
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, medians of rounds",
         "",
-        "| cell | build | CPU s/GB | MB/s | CPU vs baseline | MB/s vs baseline |",
-        "|---|---|---|---|---|---|",
+        "| cell | build | CPU s/GB | MB/s | CPU vs baseline | MB/s vs baseline "
+        f"| CPU vs {first} | MB/s vs {first} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         baseline = next(
@@ -208,10 +210,20 @@ def report(
             if paired and baseline is not None and baseline != cell:
                 cpu_ratio = f"{statistics.median(f[0] / b[0] for f, b in paired):.2f}x"
                 rate_ratio = f"{statistics.median(f[1] / b[1] for f, b in paired):.2f}x"
-            figures_row = f"{cpu:.3f} | {rate:,.0f} | {cpu_ratio} | {rate_ratio}"
+            first_rows = {r["round"]: figures(r) for r in results.get((cell, first), [])}
+            by_build = [
+                (figures(r), first_rows[r["round"]]) for r in rows if r["round"] in first_rows
+            ]
+            cpu_step = rate_step = "-"
+            if by_build and name != first and cell.zerosend:
+                cpu_step = f"{statistics.median(f[0] / b[0] for f, b in by_build):.2f}x"
+                rate_step = f"{statistics.median(f[1] / b[1] for f, b in by_build):.2f}x"
+            figures_row = (
+                f"{cpu:.3f} | {rate:,.0f} | {cpu_ratio} | {rate_ratio} | {cpu_step} | {rate_step}"
+            )
             lines.append(f"| {cell.label()} | {name} | {figures_row} |")
     if syscalls:
-        lines += ["", "system calls per send (strace -f -c):", ""]
+        lines += ["", "system calls per send over the sending span (strace -f):", ""]
         for (cell, name), counts in syscalls.items():
             top = sorted(counts.items(), key=lambda kv: -kv[1])
             shown = ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.01)

@@ -18,7 +18,7 @@ What "N in flight" means for each contender:
   ``zerosend-auto`` wraps with the defaults (backend and zero-copy threshold); a named backend
   is wrapped with ``zerocopy_threshold=0``, so it sends zero-copy at every size.
 * ``zerosend-io_uring-defer``: as ``zerosend-io_uring``, with the loop's ring set up with
-  DEFER_TASKRUN (``ZEROSEND_DEFER_TASKRUN=1``); not in the default set, name it to run it.
+  DEFER_TASKRUN (``wrap(..., defer_taskrun=True)``); not in the default set, name it to run it.
 * ``loop.sock_sendall``: N connections, one task each, each with one ``sock_sendall`` pending
   (a socket cannot have two: their bytes would interleave).
 * ``loop.sock_sendall`` on one connection (``-1conn``): the loop a user writes for one stream,
@@ -142,13 +142,13 @@ async def read_ack(sock: socket.socket) -> int:
 async def run_zerosend(
     plan: Plan, backend: str, pool: bool, outcome: Outcome, defer: bool = False
 ) -> None:
-    if defer:  # the loop's io_uring with DEFER_TASKRUN (made at the first wrap below)
-        os.environ["ZEROSEND_DEFER_TASKRUN"] = "1"
+    # defer: the loop's io_uring with DEFER_TASKRUN (set up by this, the loop's first wrap)
+    options: dict[str, Any] = {"defer_taskrun": True} if defer else {}
     sock = await connect(plan)
     if backend == "auto":  # the defaults, threshold included: what a user gets
-        zs = zerosend.wrap(sock)
+        zs = zerosend.wrap(sock, **options)
     else:  # the backend itself at every size: the figures auto's rule is read from
-        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0)  # type: ignore[arg-type]
+        zs = zerosend.wrap(sock, backend=backend, zerocopy_threshold=0, **options)  # type: ignore[arg-type]
     outcome.backend = zs.backend
     window: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
     buffer_pool = zerosend.BufferPool(plan.inflight, plan.size) if pool else None

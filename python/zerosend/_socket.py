@@ -1,4 +1,9 @@
-"""The asyncio face of the driver: `wrap()` and `Socket`."""
+"""The asyncio face of the driver: `wrap()` and `Socket`.
+
+One concept in one module: the wrapped socket, from what ``wrap()`` checks and which loop's
+driver it registers with, to the native send methods bound at construction (with the
+docstrings ``help()`` shows for them) and the ``send_file`` argument checks they fall back on.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import socket
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
@@ -48,12 +54,14 @@ _drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _native.Driver] =
 )
 
 
-def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
+def _driver_for(
+    loop: asyncio.AbstractEventLoop, defer_taskrun: bool | None = None
+) -> _native.Driver:
     driver = _drivers.get(loop)
     # A driver inherited through fork() belongs to the parent (shared epoll set and io_uring);
     # a child that runs this same loop object gets a driver of its own.
     if driver is None or driver.forked:
-        driver = _native.Driver(defer_taskrun=_defer_taskrun())
+        driver = _native.Driver(defer_taskrun=bool(defer_taskrun))
         dispatch = driver.dispatch
         loop.add_reader(driver.fileno(), dispatch)
         # The loop drops its reader callback when it is closed (or collected): from then on
@@ -61,6 +69,8 @@ def _driver_for(loop: asyncio.AbstractEventLoop) -> _native.Driver:
         # start then, and the process's end releases everything anyway.
         weakref.finalize(dispatch, _loop_gone, driver).atexit = False
         _drivers[loop] = driver
+    else:
+        _check_defer_taskrun(driver, defer_taskrun)
     return driver
 
 
@@ -69,15 +79,17 @@ def _loop_gone(driver: _native.Driver) -> None:
         _reaper.adopt(driver)
 
 
-#: Environment variable: "1" sets the event loop's io_uring up with DEFER_TASKRUN (see README).
-DEFER_TASKRUN_ENV: Final = "ZEROSEND_DEFER_TASKRUN"
-
-
-def _defer_taskrun() -> bool:
-    value = os.environ.get(DEFER_TASKRUN_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{DEFER_TASKRUN_ENV}={value!r}: use 1 (on) or 0 (off)")
-    return value == "1"
+def _check_defer_taskrun(driver: _native.Driver, defer_taskrun: bool | None) -> None:
+    """The loop's driver is made by its first wrap(): a later one cannot ask for another ring."""
+    if defer_taskrun is None:
+        return
+    current = bool(getattr(driver, "defer_taskrun", False))
+    if current != defer_taskrun:
+        raise ValueError(
+            f"defer_taskrun={defer_taskrun}: this event loop's io_uring was already set up "
+            f"with defer_taskrun={current} by an earlier wrap() (or BufferPool use); every "
+            "wrap() on one loop shares it (pass the same value, or None to take the loop's)"
+        )
 
 
 def _resolve_backend(backend: str) -> str:
@@ -99,6 +111,7 @@ def wrap(
     backend: BackendName = "auto",
     zerocopy_threshold: int = DEFAULT_THRESHOLD,
     udp_segment: int | None = None,
+    defer_taskrun: bool | None = None,
 ) -> Socket:
     """Wrap a connected, non-blocking TCP (IPv4/IPv6) or connected UDP socket.
 
@@ -127,6 +140,15 @@ def wrap(
     one batch the kernel cuts into datagrams of ``udp_segment`` bytes (the last may be shorter),
     so one large zero-copy send carries many MTU-sized datagrams. A batch holds at most 64
     segments and 65,507 bytes in all; the kernel refuses larger ones (``EINVAL``/``EMSGSIZE``).
+
+    ``defer_taskrun=True`` sets the event loop's io_uring up with ``IORING_SETUP_SINGLE_ISSUER
+    | DEFER_TASKRUN | TASKRUN_FLAG`` (Linux 6.1; where the kernel refuses it the ring runs
+    without, and says why). The ring belongs to the loop, shared by all its sockets, and is set
+    up by the loop's first ``wrap()``: a later ``wrap()`` on that loop asking for the other
+    setting raises ``ValueError``; ``None`` (the default) takes the loop's, off for its first.
+    Off by default because it measured slower on the rig (a send that waits for socket room
+    moves on only when the loop enters the ring). Only the loop's thread may send on it; under
+    trio it is not available.
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(f"wrap() needs a socket.socket, not {type(sock).__name__!r}")
@@ -138,6 +160,8 @@ def wrap(
         raise TypeError("zerocopy_threshold must be an int (bytes)")
     if zerocopy_threshold < 0:
         raise ValueError("zerocopy_threshold must be >= 0")
+    if defer_taskrun is not None and not isinstance(defer_taskrun, bool):
+        raise TypeError(f"defer_taskrun must be a bool or None, not {defer_taskrun!r}")
     if udp_segment is not None:
         _set_udp_segment(sock, udp_segment)
     chosen = _resolve_backend(backend)
@@ -154,7 +178,7 @@ def wrap(
             zerocopy_threshold = NEVER if measured is None else measured
         else:
             calibrated = None
-    loop, driver = _loop_and_driver()
+    loop, driver = _loop_and_driver(defer_taskrun)
     handle = driver.register(sock.fileno(), chosen, zerocopy_threshold)
     # The driver's io_uring (made by the first io_uring socket) is watched by the loop itself:
     # a completion then wakes the loop once and is read from the ring's shared memory.
@@ -209,19 +233,19 @@ _running_loops: weakref.WeakValueDictionary[int, asyncio.AbstractEventLoop] = (
 os.register_at_fork(after_in_child=_running_loops.clear)
 
 
-def _loop_and_driver() -> tuple[Loop, _native.Driver]:
+def _loop_and_driver(defer_taskrun: bool | None = None) -> tuple[Loop, _native.Driver]:
     """The running event loop (asyncio, uvloop, or a trio run) and its driver."""
     thread = threading.get_ident()
     seen = _running_loops.get(thread)
     if seen is not None and seen.is_running():
-        return seen, _driver_for(seen)
+        return seen, _driver_for(seen, defer_taskrun)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
         _running_loops[thread] = loop
-        return loop, _driver_for(loop)
+        return loop, _driver_for(loop, defer_taskrun)
     # Not asyncio: trio (directly, or as anyio's backend)? sniffio comes with trio and anyio.
     library = None
     if "trio" in sys.modules:
@@ -234,6 +258,8 @@ def _loop_and_driver() -> tuple[Loop, _native.Driver]:
     if library == "trio":
         from ._trio import driver_for_run
 
+        if defer_taskrun:
+            raise ValueError("defer_taskrun=True is for asyncio event loops; not under trio")
         return driver_for_run()
     raise RuntimeError(
         "wrap() must be called from a coroutine running on an asyncio event loop or under trio"
@@ -273,11 +299,83 @@ def _file_descriptor(file: FileSource) -> int:
     return fd
 
 
+class _SendFile(Protocol):
+    def __call__(
+        self, file: FileSource, offset: int = 0, count: int | None = None
+    ) -> SendFuture: ...
+
+
+def _submit_file(
+    driver: _native.Driver,
+    handle: int,
+    loop: Loop,
+    file: FileSource,
+    offset: int = 0,
+    count: int | None = None,
+) -> SendFuture:
+    """``send_file`` where the driver has no native one (the pure-Python stand-in)."""
+    fd = _send_file_arguments(file, offset, count)
+    sent: SendFuture = driver.submit_file(handle, fd, offset, count, loop)
+    return sent
+
+
 def _check_byte_count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int (bytes), not {type(value).__name__!r}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+_SEND_ZC_DOC: Final = """Send ``buf`` without copying it; resolves when the kernel released it.
+
+``send_zc(buf)``: ``buf`` is any bytes-like object or a list/tuple of them (one vectored send:
+one datagram on UDP). The send is submitted now, in call order; the returned future resolves to
+a :class:`SendResult` only after the kernel let go of every page, and until then the buffer
+export is held (a bytearray cannot be resized). Cancelling the future or the task awaiting it
+does not stop the send: the bytes still go out whole and the buffer is held until the kernel
+releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
+
+On asyncio the future of a send in flight is a native ``InFlightSend`` (an asyncio-compatible
+future: ``await``, ``asyncio.gather``/``wait``/``wait_for``/``shield``, done callbacks). A send
+the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or the copy
+backend) returns a ``CompletedSend``: already done, with the methods of a done future, and
+awaiting it does not even yield to the event loop. See :class:`SendFuture`.
+
+A native method bound to this socket (no Python frame per send)."""
+
+_SEND_DOC: Final = """Send all of ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
+
+``send(buf)``: like ``socket.sendall`` (not ``socket.send``): the whole buffer goes, or an error
+is raised; there is no partial count to loop on. Resolves once the kernel has copied all of it
+(``zerocopy`` is False). Returns what :meth:`send_zc` returns."""
+
+_SEND_FILE_DOC: Final = """Send part of a file with ``sendfile(2)``, in the same ordered stream.
+
+``send_file(file, offset=0, count=None)`` sends ``count`` bytes of ``file`` from ``offset`` (to
+its end if ``count`` is None): from the page cache straight to the socket, in the same ordered
+stream as :meth:`send_zc` and :meth:`send`. TCP only.
+
+``file`` is a binary file object open for reading (anything with ``fileno()``) or a descriptor;
+its own position is neither used nor moved, and zerosend holds a duplicate of its descriptor
+until the send completes, so closing it meanwhile is safe. The file is checked first (a regular
+file, readable, ``offset + count`` within its size): a bad one raises with nothing sent.
+Resolves to a :class:`SendResult` with ``zerocopy=False`` (the bytes never pass through user
+memory; ``stats["bytes_sendfile"]`` counts them) once the kernel took all of them. Truncating
+the file while it is sent ends the stream with an error.
+
+Unlike ``socket.sendfile`` and ``loop.sock_sendfile``, it returns a :class:`SendResult` rather
+than a count, does not move the file's position (``file.tell()`` is unchanged; pass
+``offset``), and sends every byte asked for or raises."""
+
+
+def _send_file_arguments(file: FileSource, offset: int, count: int | None) -> int:
+    """Checks ``send_file``'s arguments in order (raising the error that names the bad one) and
+    returns the file's descriptor; the native ``send_file`` calls it only off its common path."""
+    fd = _file_descriptor(file)
+    _check_byte_count("offset", offset)
+    if count is not None:
+        _check_byte_count("count", count)
+    return fd
 
 
 class Socket:
@@ -286,17 +384,27 @@ class Socket:
     Create it with :func:`wrap`.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_backend",
-        "_closed",
-        "_driver",
-        "_fallback_reason",
-        "_final_stats",
-        "_handle",
-        "_loop",
-        "_sock",
-    )
+    # send_zc, send and send_file are native callables bound to this socket at construction
+    # (the driver's Sender/FileSender): a send runs no Python frame. The slots' docstrings are
+    # what help() shows for them.
+    __slots__ = {
+        "__weakref__": None,
+        "_backend": None,
+        "_closed": None,
+        "_driver": None,
+        "_fallback_reason": None,
+        "_final_stats": None,
+        "_handle": None,
+        "_loop": None,
+        "_sock": None,
+        "send": _SEND_DOC,
+        "send_file": _SEND_FILE_DOC,
+        "send_zc": _SEND_ZC_DOC,
+    }
+
+    send_zc: Callable[[Buffers], SendFuture]
+    send: Callable[[Buffers], SendFuture]
+    send_file: _SendFile
 
     def __init__(
         self,
@@ -313,58 +421,14 @@ class Socket:
         self._final_stats: dict[str, int] = {}
         self._backend = driver.backend(handle)
         self._fallback_reason = driver.fallback_reason(handle)
-
-    def send_zc(self, buf: Buffers) -> SendFuture:
-        """Send ``buf`` without copying it; resolves when the kernel released its pages.
-
-        ``buf`` is any bytes-like object or a list/tuple of them (one vectored send: one datagram
-        on UDP). The send is submitted now, in call order; the returned future resolves to a
-        :class:`SendResult` only after the kernel let go of every page, and until then the buffer
-        export is held (a bytearray cannot be resized). Cancelling the future or the task
-        awaiting it does not stop the send: the bytes still go out whole and the buffer is held
-        until the kernel releases it. Errors are raised as ``OSError`` subclasses with ``errno``.
-
-        A send the kernel took whole inside the call (a copy: below ``zerocopy_threshold``, or
-        the copy backend) returns a ``CompletedSend``: already done, with the methods of a done
-        future, and awaiting it does not even yield to the event loop. See :class:`SendFuture`.
-        """
-        sent: SendFuture = self._driver.submit(self._handle, buf, True, self._loop)
-        return sent
-
-    def send(self, buf: Buffers) -> SendFuture:
-        """Send all of ``buf`` by copy, in the same ordered stream as :meth:`send_zc`.
-
-        Like ``socket.sendall`` (not ``socket.send``): the whole buffer goes, or an error is
-        raised; there is no partial count to loop on. Resolves once the kernel has copied all
-        of it (``zerocopy`` is False).
-        """
-        sent: SendFuture = self._driver.submit(self._handle, buf, False, self._loop)
-        return sent
-
-    def send_file(self, file: FileSource, offset: int = 0, count: int | None = None) -> SendFuture:
-        """Send ``count`` bytes of ``file`` from ``offset`` (to its end if ``count`` is None) with
-        ``sendfile(2)``: from the page cache straight to the socket, in the same ordered stream as
-        :meth:`send_zc` and :meth:`send`. TCP only.
-
-        ``file`` is a binary file object open for reading (anything with ``fileno()``) or a
-        descriptor; its own position is neither used nor moved, and zerosend holds a duplicate
-        of its descriptor until the send completes, so closing it meanwhile is safe. The file is
-        checked first (a regular file, readable, ``offset + count`` within its size): a bad one
-        raises with nothing sent. Resolves to a :class:`SendResult` with ``zerocopy=False``
-        (the bytes never pass through user memory; ``stats["bytes_sendfile"]`` counts them)
-        once the kernel took all of them. Truncating the file while it is sent ends the stream
-        with an error.
-
-        Unlike ``socket.sendfile`` and ``loop.sock_sendfile``, it returns a :class:`SendResult`
-        rather than a count, does not move the file's position (``file.tell()`` is unchanged;
-        pass ``offset``), and sends every byte asked for or raises.
-        """
-        fd = _file_descriptor(file)
-        _check_byte_count("offset", offset)
-        if count is not None:
-            _check_byte_count("count", count)
-        sent: SendFuture = self._driver.submit_file(self._handle, fd, offset, count, self._loop)
-        return sent
+        if hasattr(driver, "sender"):
+            self.send_zc = driver.sender(handle, loop, True)
+            self.send = driver.sender(handle, loop, False)
+            self.send_file = driver.file_sender(handle, loop, _send_file_arguments)
+        else:  # the pure-Python stand-in for the extension
+            self.send_zc = functools.partial(driver.submit, handle, zerocopy=True, event_loop=loop)
+            self.send = functools.partial(driver.submit, handle, zerocopy=False, event_loop=loop)
+            self.send_file = functools.partial(_submit_file, driver, handle, loop)
 
     async def drain(self) -> None:
         """Wait until every send submitted so far has been released by the kernel."""

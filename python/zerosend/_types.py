@@ -28,10 +28,12 @@ class SendFuture(Protocol):
     """What ``send_zc()``, ``send()``, ``send_file()`` and ``StreamWriter.write_zc()`` return:
     ``await`` it for the :class:`SendResult` (or the send's error).
 
-    The object is an ``asyncio.Future`` when the send is still in the kernel's hands; a
+    On asyncio it is a native ``InFlightSend`` when the send is still in the kernel's hands (an
+    asyncio-compatible future: ``asyncio.isfuture`` is true, tasks, ``gather``, ``wait``,
+    ``wait_for`` and ``shield`` take it; cancelling it does not stop the send); a
     ``CompletedSend`` (done already, with the methods of a done future, awaited without
     yielding) when the kernel took it whole inside the call; under trio, a future trio can
-    await. All three have the methods below.
+    await. All have the methods below.
     """
 
     def __await__(self) -> Generator[Any, None, SendResult]: ...

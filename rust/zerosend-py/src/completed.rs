@@ -12,17 +12,14 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::future::Outcome;
+
 /// The outcome of a send that finished inside the call that submitted it.
 #[pyclass(frozen, module = "zerosend._native")]
 pub struct CompletedSend {
     event_loop: Py<PyAny>,
     /// The `SendResult`, or the exception the send failed with.
     outcome: Outcome,
-}
-
-enum Outcome {
-    Value(Py<PyAny>),
-    Error(Py<PyAny>),
 }
 
 impl CompletedSend {

@@ -1,8 +1,12 @@
 //! `zerosend._native.Driver`: the core driver of one asyncio event loop.
 //!
 //! The Python layer registers `fileno()` with `loop.add_reader` and calls `dispatch()` when it
-//! is readable. Completions resolve their asyncio futures here, in one batch per wake-up, on the
-//! loop's own thread.
+//! is readable. Completions resolve their futures here, in one batch per wake-up, on the loop's
+//! own thread: on asyncio native `InFlightSend` futures, which need no Python frame per send.
+//!
+//! One concept, the Python face of one loop's driver: every method takes the lock on the core
+//! driver, does one thing of the core's API, and turns the completions it collected into
+//! Python outcomes; the socket-bound send callables are in `send_methods`.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +22,9 @@ use zerosend::{Backend, Completion, SocketId, SocketOptions, Submitted};
 use crate::buffer::{extract_buffers, PyBuf};
 use crate::completed::CompletedSend;
 use crate::errors::to_pyerr;
+use crate::future::{is_asyncio_loop, InFlightSend, Outcome};
 use crate::pool::PoolMemory;
+use crate::send_methods::{FileSender, Sender};
 use crate::types::SendResult;
 
 type CoreDriver = zerosend::Driver<Py<PyAny>, PyBuf>;
@@ -39,6 +45,8 @@ pub struct Driver {
     results: Results,
     /// The last send that finished inside its call, with its outcome, for reuse.
     last_completed: Mutex<Option<(zerosend::SendResult, Py<CompletedSend>)>>,
+    /// Asked for SINGLE_ISSUER | DEFER_TASKRUN at construction.
+    defer_taskrun: bool,
 }
 
 impl Driver {
@@ -48,17 +56,17 @@ impl Driver {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The future of a send in flight, made now (outside the lock: making it runs Python code)
-    /// and given to the send as its token.
+    /// The future of a send in flight, made now (outside the lock: `create_future` runs Python
+    /// code) and given to the send as its token: a native `InFlightSend` on an asyncio loop
+    /// (`native`), else the loop face's own future (trio's).
     fn future_for(
         &self,
         py: Python<'_>,
         send: zerosend::PendingSend,
         event_loop: &Bound<'_, PyAny>,
+        native: bool,
     ) -> PyResult<Py<PyAny>> {
-        let future = event_loop
-            .call_method0(intern!(py, "create_future"))?
-            .unbind();
+        let future = new_future(py, event_loop, native)?;
         match self.lock().set_token(send, future.clone_ref(py)) {
             Ok(_placeholder) => Ok(future),
             // Only this driver's own progress could have finished the send meanwhile, and
@@ -120,12 +128,96 @@ impl Driver {
         Ok(())
     }
 
+    /// `submit`'s work; `native`: the loop is asyncio's (see `future_for`).
+    pub(crate) fn send(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        buffers: &Bound<'_, PyAny>,
+        zerocopy: bool,
+        event_loop: &Bound<'_, PyAny>,
+        native: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let bufs = extract_buffers(buffers)?;
+        #[cfg(feature = "mutants")]
+        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
+        let this = slf.get();
+        let (submitted, needs_flush, completions) = {
+            let mut core = this.lock();
+            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
+            (submitted, core.needs_flush(), Self::collect(&mut core))
+        };
+        resolve_all(py, &this.results, completions)?;
+        // A rejected send's buffers are released here, outside the lock.
+        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        let future = match submitted {
+            Submitted::Done { result, bufs, .. } => {
+                drop(bufs);
+                this.completed(py, event_loop, result)?
+            }
+            Submitted::InFlight(send) => this.future_for(py, send, event_loop, native)?,
+        };
+        #[cfg(feature = "mutants")]
+        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
+            release_exports_on_cancel(py, &future, exports)?;
+        }
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
+    }
+
+    /// `submit_file`'s work, with the arguments checked.
+    pub(crate) fn send_file(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        fd: i32,
+        offset: u64,
+        count: Option<u64>,
+        event_loop: &Bound<'_, PyAny>,
+        native: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        if fd < 0 {
+            return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
+        }
+        // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
+        // this call; the driver only duplicates it.
+        let file = unsafe { BorrowedFd::borrow_raw(fd) };
+        let future = new_future(py, event_loop, native)?;
+        let this = slf.get();
+        let (submitted, needs_flush, completions) = {
+            let mut core = this.lock();
+            let submitted = core.submit_file(
+                SocketId::from_raw(socket),
+                file,
+                offset,
+                count,
+                future.clone_ref(py),
+            );
+            (submitted, core.needs_flush(), Self::collect(&mut core))
+        };
+        resolve_all(py, &this.results, completions)?;
+        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
+        this.schedule_flush(slf, needs_flush, event_loop)?;
+        Ok(future)
+    }
+
     fn collect(core: &mut CoreDriver) -> Vec<CoreCompletion> {
         if core.has_completions() {
             core.take_completions().collect()
         } else {
             Vec::new()
         }
+    }
+}
+
+/// A new future of a send: native on asyncio, else made by the loop face (trio's).
+fn new_future(py: Python<'_>, event_loop: &Bound<'_, PyAny>, native: bool) -> PyResult<Py<PyAny>> {
+    if native {
+        Ok(Py::new(py, InFlightSend::new(event_loop.clone().unbind()))?.into_any())
+    } else {
+        Ok(event_loop
+            .call_method0(intern!(py, "create_future"))?
+            .unbind())
     }
 }
 
@@ -146,6 +238,22 @@ fn resolve(py: Python<'_>, results: &Results, completion: CoreCompletion) -> PyR
     let future = future.bind(py);
     if future.is_none() {
         return Ok(()); // a send whose future could not be made: `submit` raised already
+    }
+    if let Ok(native) = future.cast::<InFlightSend>() {
+        let outcome = match outcome {
+            Some(Ok(result)) => Outcome::Value(results.object(py, result)?.into_any()),
+            Some(Err(_)) if zerosend::mutant::active(zerosend::mutant::ERROR_AS_RESULT) => {
+                let nothing = zerosend::SendResult {
+                    nbytes: 0,
+                    zerocopy: false,
+                };
+                Outcome::Value(results.object(py, nothing)?.into_any())
+            }
+            Some(Err(err)) => Outcome::Error(to_pyerr(err).into_value(py).into_any()),
+            None => Outcome::Value(py.None()),
+        };
+        // A cancelled future drops its outcome (the send went out all the same).
+        return InFlightSend::finish(native, outcome).map(drop);
     }
     let set = match outcome {
         Some(Ok(result)) => {
@@ -257,7 +365,15 @@ impl Driver {
             ring_watched: AtomicBool::new(false),
             results: Results::default(),
             last_completed: Mutex::new(None),
+            defer_taskrun,
         })
+    }
+
+    /// Whether this driver was asked for SINGLE_ISSUER | DEFER_TASKRUN (`ring_setup` says
+    /// whether the kernel granted it).
+    #[getter]
+    fn defer_taskrun(&self) -> bool {
+        self.defer_taskrun
     }
 
     /// True in a process that inherited this driver through fork(): it belongs to the parent.
@@ -301,7 +417,8 @@ impl Driver {
     }
 
     /// Submits one send (a buffer, or a list/tuple of buffers sent as one) and returns a future
-    /// of `event_loop` (made with its `create_future`) that resolves with its `SendResult`, or,
+    /// of `event_loop` that resolves with its `SendResult` (on asyncio a native `InFlightSend`,
+    /// else one made with the loop's `create_future`), or,
     /// for a send that finished inside the call (a copy the kernel took whole), a done
     /// `CompletedSend`. io_uring requests are handed to the kernel together by `flush`, which
     /// this schedules with `event_loop.call_soon` once per event loop turn: one system call for
@@ -313,32 +430,33 @@ impl Driver {
         zerocopy: bool,
         event_loop: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        let bufs = extract_buffers(buffers)?;
-        #[cfg(feature = "mutants")]
-        let exports: Vec<_> = bufs.iter().map(PyBuf::export_handle).collect();
-        let this = slf.get();
-        let (submitted, needs_flush, completions) = {
-            let mut core = this.lock();
-            let submitted = core.submit_now(SocketId::from_raw(socket), bufs, zerocopy, py.None());
-            (submitted, core.needs_flush(), Self::collect(&mut core))
-        };
-        resolve_all(py, &this.results, completions)?;
-        // A rejected send's buffers are released here, outside the lock.
-        let submitted = submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        let future = match submitted {
-            Submitted::Done { result, bufs, .. } => {
-                drop(bufs);
-                this.completed(py, event_loop, result)?
-            }
-            Submitted::InFlight(send) => this.future_for(py, send, event_loop)?,
-        };
-        #[cfg(feature = "mutants")]
-        if zerocopy && zerosend::mutant::active(zerosend::mutant::EARLY_RELEASE_ON_CANCEL) {
-            release_exports_on_cancel(py, &future, exports)?;
-        }
-        this.schedule_flush(slf, needs_flush, event_loop)?;
-        Ok(future)
+        let native = is_asyncio_loop(event_loop)?;
+        Self::send(slf, socket, buffers, zerocopy, event_loop, native)
+    }
+
+    /// `submit` bound to one socket and loop: a callable `sender(buf)` (the `send_zc` and
+    /// `send` of `zerosend.Socket`), which submits with no Python frame in between.
+    fn sender(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        event_loop: &Bound<'_, PyAny>,
+        zerocopy: bool,
+    ) -> PyResult<Sender> {
+        Sender::new(slf, socket, event_loop, zerocopy)
+    }
+
+    /// `submit_file` bound to one socket and loop: a callable `file_sender(file, offset=0,
+    /// count=None)` (`zerosend.Socket.send_file`). `check(file, offset, count)` is called only
+    /// for arguments off the common path (not an int descriptor or a file whose `fileno()`
+    /// gives one, or offsets that are not non-negative ints): it raises the error that names
+    /// the argument, or returns the descriptor.
+    fn file_sender(
+        slf: &Bound<'_, Self>,
+        socket: u64,
+        event_loop: &Bound<'_, PyAny>,
+        check: Py<PyAny>,
+    ) -> PyResult<FileSender> {
+        FileSender::new(slf, socket, event_loop, check)
     }
 
     /// Submits a send of `count` bytes (None: up to the end) of the file open on descriptor
@@ -353,32 +471,8 @@ impl Driver {
         count: Option<u64>,
         event_loop: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        if fd < 0 {
-            return Err(PyValueError::new_err("the file is closed (fileno() is -1)"));
-        }
-        // SAFETY: the caller passes the descriptor of a file it holds open for the duration of
-        // this call; the driver only duplicates it.
-        let file = unsafe { BorrowedFd::borrow_raw(fd) };
-        let future = event_loop
-            .call_method0(intern!(py, "create_future"))?
-            .unbind();
-        let this = slf.get();
-        let (submitted, needs_flush, completions) = {
-            let mut core = this.lock();
-            let submitted = core.submit_file(
-                SocketId::from_raw(socket),
-                file,
-                offset,
-                count,
-                future.clone_ref(py),
-            );
-            (submitted, core.needs_flush(), Self::collect(&mut core))
-        };
-        resolve_all(py, &this.results, completions)?;
-        submitted.map_err(|rejected| to_pyerr(rejected.error))?;
-        this.schedule_flush(slf, needs_flush, event_loop)?;
-        Ok(future)
+        let native = is_asyncio_loop(event_loop)?;
+        Self::send_file(slf, socket, fd, offset, count, event_loop, native)
     }
 
     /// Hands the io_uring requests queued by `submit` to the kernel, then resolves whatever

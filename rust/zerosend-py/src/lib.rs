@@ -4,8 +4,10 @@ mod buffer;
 mod completed;
 mod driver;
 mod errors;
+mod future;
 mod iscsi;
 mod pool;
+mod send_methods;
 mod types;
 
 use pyo3::prelude::*;
@@ -30,6 +32,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<types::SendResult>()?;
     m.add_class::<completed::CompletedSend>()?;
+    m.add_class::<future::InFlightSend>()?;
+    m.add_class::<send_methods::Sender>()?;
+    m.add_class::<send_methods::FileSender>()?;
     m.add_class::<types::Capabilities>()?;
     m.add_class::<pool::PoolMemory>()?;
     m.add_class::<pool::PoolBuffer>()?;

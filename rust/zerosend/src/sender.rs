@@ -1,5 +1,9 @@
 //! `ZeroCopySender`: the driver on a tokio runtime, for Rust users.
 //!
+//! One concept, a thread's driver seen from tokio: the senders, the futures of their sends, the
+//! task that drives the ring and the drain's outcome all share the one thread-local driver and
+//! its bookkeeping, so they live together.
+//!
 //! # One driver per thread
 //!
 //! Every sender made on a thread shares that thread's one [`Driver`]: one epoll set, one

@@ -2,6 +2,9 @@
 //! resolve at the kernel's release with real errors, drains with real outcomes, and dropped
 //! senders whose sends finish without leaking or freeing anything early. Real loopback sockets.
 //!
+//! One concept, the sender's contract on one runtime, checked property by property with the
+//! same small helpers (a listener, a peer that reads late, descriptor counts).
+//!
 //! The tests count the process's io_uring descriptors, so they run one at a time (capability
 //! probes, which open a ring for a moment, included).
 
