@@ -212,4 +212,23 @@ mod tests {
         op.notifications_pending = 0;
         assert!(op.released());
     }
+
+    #[test]
+    fn the_remaining_iovecs_skip_what_was_written() {
+        let bufs = vec![vec![1u8; 100], vec![2u8; 50], vec![3u8; 30]];
+        let starts: Vec<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
+        let mut op: SendOp<(), Vec<u8>> =
+            SendOp::new((), bufs, Mode::ZeroCopy, SocketId::from_raw(0));
+        op.written = 120; // all of the first buffer and 20 bytes of the second
+        let mut out = Vec::new();
+        op.append_remaining(&mut out, 8);
+        let got: Vec<(usize, usize)> = out
+            .iter()
+            .map(|v| (v.iov_base as usize, v.iov_len))
+            .collect();
+        assert_eq!(got, vec![(starts[1] + 20, 30), (starts[2], 30)]);
+        out.clear();
+        op.append_remaining(&mut out, 1);
+        assert_eq!(out.len(), 1, "no more than asked for");
+    }
 }

@@ -161,6 +161,26 @@ mod tests {
         unsafe { region.as_ptr().add(region.len() - 1).write(7) };
         assert!(region.contains(region.as_ptr(), region.len()));
         assert!(!region.contains(region.as_ptr(), region.len() + 1));
+        assert!(!region.is_empty());
+    }
+
+    #[test]
+    fn a_dropped_region_gives_its_memory_back() {
+        let (region, _) = Region::new(1 << 20, false).unwrap();
+        let at = region.as_ptr() as *mut libc::c_void;
+        let mut resident = [0u8; 256];
+        // SAFETY: mincore only reads the page table for the range; `resident` has a byte for
+        // each of its 256 pages.
+        let before = unsafe { libc::mincore(at, 1 << 20, resident.as_mut_ptr()) };
+        assert_eq!(before, 0);
+        drop(region);
+        // SAFETY: as above; the range is no longer mapped, which mincore reports as ENOMEM.
+        let after = unsafe { libc::mincore(at, 1 << 20, resident.as_mut_ptr()) };
+        assert_eq!(
+            (after, Errno::last()),
+            (-1, Errno::ENOMEM),
+            "still mapped after drop"
+        );
     }
 
     #[test]

@@ -87,3 +87,62 @@ impl Drop for Claim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counter tests fill the process's one table: one at a time.
+    static COUNTERS: Mutex<()> = Mutex::new(());
+
+    /// Keys no real socket has (a device number of all ones), one range per test.
+    fn key(test: u64, n: u64) -> SocketKey {
+        (u64::MAX, (test << 32) | n)
+    }
+
+    #[test]
+    fn a_socket_is_claimed_once_until_its_claim_is_dropped() {
+        let first = Claim::acquire(key(1, 0)).unwrap();
+        assert!(Claim::acquire(key(1, 0)).is_err(), "wrapped twice at once");
+        assert!(Claim::acquire(key(1, 1)).is_ok(), "another socket");
+        drop(first);
+        assert!(
+            Claim::acquire(key(1, 0)).is_ok(),
+            "free again once released"
+        );
+    }
+
+    #[test]
+    fn the_counter_is_kept_for_the_next_registration() {
+        let _serial = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+        let claim = Claim::acquire(key(2, 0)).unwrap();
+        assert_eq!(
+            claim.saved_zerocopy_number(),
+            None,
+            "never registered before"
+        );
+        claim.save_zerocopy_number(7);
+        drop(claim);
+        let again = Claim::acquire(key(2, 0)).unwrap();
+        assert_eq!(again.saved_zerocopy_number(), Some(7));
+        // Other sockets' counters do not push it out while there is room
+        for n in 1..50 {
+            Claim::acquire(key(2, n))
+                .unwrap()
+                .save_zerocopy_number(n as u32);
+        }
+        assert_eq!(again.saved_zerocopy_number(), Some(7));
+    }
+
+    #[test]
+    fn the_saved_counters_are_bounded() {
+        let _serial = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+        for n in 0..(SAVED_COUNTERS as u64 + 10) {
+            Claim::acquire(key(3, n)).unwrap().save_zerocopy_number(1);
+        }
+        let saved = registry()
+            .as_ref()
+            .map_or(0, |r| r.next_zerocopy_number.len());
+        assert!(saved <= SAVED_COUNTERS, "{saved} counters kept");
+    }
+}

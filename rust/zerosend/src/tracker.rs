@@ -187,4 +187,32 @@ mod tests {
         assert!(seen.iter().all(|s| *s));
         assert_eq!(t.outstanding(), 0);
     }
+
+    #[test]
+    fn oldest_is_the_first_number_still_waiting() {
+        let mut t = ZerocopyTracker::starting_at(100);
+        assert_eq!(t.oldest(), None, "nothing issued");
+        t.push(1);
+        t.push(2);
+        assert_eq!(t.oldest(), Some(100));
+        assert_eq!(collect(&mut t, 100, 101), vec![1, 2]);
+        assert_eq!(t.oldest(), None, "everything completed");
+    }
+
+    #[test]
+    fn a_range_that_starts_before_the_window_completes_only_its_own_numbers() {
+        let mut t = ZerocopyTracker::starting_at(100);
+        for k in 0..10 {
+            t.push(k);
+        }
+        // 98..=101: the two numbers before the window are foreign, 100 and 101 are ours
+        assert_eq!(collect(&mut t, 98, 101), vec![0, 1]);
+        assert_eq!(t.outstanding(), 8);
+        assert_eq!(
+            collect(&mut t, 90, 91),
+            Vec::<u32>::new(),
+            "wholly before the window"
+        );
+        assert_eq!(t.outstanding(), 8);
+    }
 }
