@@ -205,8 +205,8 @@ mod tests {
         for k in 0..10 {
             t.push(k);
         }
-        // 98..=101: the two numbers before the window are foreign, 100 and 101 are ours
-        assert_eq!(collect(&mut t, 98, 101), vec![0, 1]);
+        // 97..=101: the three numbers before the window are foreign, 100 and 101 are ours
+        assert_eq!(collect(&mut t, 97, 101), vec![0, 1]);
         assert_eq!(t.outstanding(), 8);
         assert_eq!(
             collect(&mut t, 90, 91),
