@@ -1059,6 +1059,32 @@ def test_checker_finds_commands_a_reservation_forbids_and_conflicts_without_one(
     assert conflict.startswith("RESERVATION CONFLICT where none applies: ini1 #5 READ")
 
 
+def test_checker_finds_the_reservation_state_by_bisection_as_by_a_scan():
+    """The state over an interval, found through the per-disk index, is the one a scan of
+    every state finds (states that overlap are scanned)."""
+    rnd = random.Random(7)
+    hist, _ = made_up()
+    for disk in range(3):
+        t = 0.0
+        for n in range(60):  # one after another, with gaps of unknown state between
+            since = t + rnd.random()
+            until = math.inf if n == 59 else since + rnd.random() * 4
+            t = until
+            hist.pr.append(H.PrState(disk, since, until, frozenset(), frozenset(), 0, "made up"))
+    hist.pr.append(H.PrState(3, 0, 50, frozenset(), frozenset(), 0, "made up"))
+    hist.pr.append(H.PrState(3, 10, 20, frozenset(), frozenset(), 0, "overlapping"))
+    scans = [
+        (disk, start, start + rnd.random() * 3)
+        for disk in range(4)
+        for start in (rnd.random() * 300 for _ in range(300))
+    ]
+    linear = [hist._pr_during(*q) for q in scans]
+    hist._index_pr()
+    assert 3 not in hist._pr_sorted and {0, 1, 2} <= set(hist._pr_sorted)
+    assert [hist._pr_during(*q) for q in scans] == linear
+    assert any(state is not None for state in linear)
+
+
 def test_checker_finds_two_compare_and_writes_that_saw_the_same_value():
     hist, _ = made_up()
     hist.epochs[0].initial[0, 0] = written(3, 9)

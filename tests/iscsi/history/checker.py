@@ -337,6 +337,7 @@ class History:
 
     def check_reservations(self) -> list[str]:
         out = []
+        self._index_pr()
         for op in self.ops:
             if op.outcome not in (GOOD, RESERVATION_CONFLICT) or not op.nexus or op.ambiguous:
                 continue
@@ -389,7 +390,26 @@ class History:
             f" {sorted(s.registered)} from {s.since:.4f} ({s.source}) to {s.until:.4f}"
         )
 
+    def _index_pr(self) -> None:
+        """Per disk, its known states by ``since``, when they do not overlap (a state ends at or
+        before the next one starts): then the state over an interval is found by bisection."""
+        by_disk: dict[int, list[PrState]] = defaultdict(list)
+        for state in self.pr:
+            by_disk[state.disk].append(state)
+        self._pr_sorted: dict[int, tuple[list[float], list[PrState]]] = {}
+        for disk, states in by_disk.items():
+            states.sort(key=lambda st: st.since)
+            if all(a.until <= b.since for a, b in itertools.pairwise(states)):
+                self._pr_sorted[disk] = ([st.since for st in states], states)
+
     def _pr_during(self, disk: int, start: float, end: float) -> PrState | None:
+        indexed = getattr(self, "_pr_sorted", {}).get(disk)
+        if indexed is not None:
+            # Without overlaps only the last state known from before ``start`` can span it.
+            sinces, states = indexed
+            n = bisect.bisect_left(sinces, start)
+            state = states[n - 1] if n else None
+            return state if state is not None and end < state.until else None
         for s in self.pr:
             if s.disk == disk and s.since < start and end < s.until:
                 return s
