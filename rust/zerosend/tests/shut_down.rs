@@ -3,25 +3,12 @@
 //! every socket is closed and none can be registered.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 
-use zerosend::{Backend, Driver, Error, SocketOptions, Submitted};
+mod common;
 
-fn connected() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    client.set_nonblocking(true).unwrap();
-    (client, server)
-}
-
-fn copy_options() -> SocketOptions {
-    SocketOptions {
-        backend: Some(Backend::Copy),
-        ..SocketOptions::default()
-    }
-}
+use common::{connected, copy_options};
+use zerosend::{Driver, Error, Submitted};
 
 #[test]
 fn shut_down_waits_for_the_last_release_then_closes_every_socket() {

@@ -3,25 +3,12 @@
 //! handed back), never the newer socket or send.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 
-use zerosend::{Backend, Completion, Driver, Error, SocketOptions, Submitted};
+mod common;
 
-fn connected() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    client.set_nonblocking(true).unwrap();
-    (client, server)
-}
-
-fn copy_options() -> SocketOptions {
-    SocketOptions {
-        backend: Some(Backend::Copy),
-        ..SocketOptions::default()
-    }
-}
+use common::{connected, copy_options};
+use zerosend::{Completion, Driver, Error, Submitted};
 
 #[test]
 fn a_stale_socket_handle_names_nothing_after_its_slot_is_reused() {

@@ -4,21 +4,12 @@
 //! completes every send.
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 mod common;
 
-use common::{available, backends};
+use common::{available, backends, connected};
 use zerosend::{Backend, Capabilities, Completion, Driver, SocketOptions, Submitted};
-
-fn connected() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    client.set_nonblocking(true).unwrap();
-    (client, server)
-}
 
 fn wait_readable(fd: RawFd) {
     let mut pollfd = libc::pollfd {

@@ -7,8 +7,9 @@
 #![allow(dead_code)] // each test file uses its own part of this module
 
 use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 
-use zerosend::{Backend, Capabilities};
+use zerosend::{Backend, Capabilities, SocketOptions};
 
 /// Whether `ZEROSEND_REQUIRE` names `capability`.
 pub fn required(capability: &str) -> bool {
@@ -47,4 +48,21 @@ pub fn backends(test: &str) -> Vec<Backend> {
         all.push(Backend::IoUring);
     }
     all
+}
+
+/// A connected loopback TCP pair: the client non-blocking (for the driver), the server as is.
+pub fn connected() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.set_nonblocking(true).unwrap();
+    (client, server)
+}
+
+/// Options for a socket on the copy backend (every kernel has it).
+pub fn copy_options() -> SocketOptions {
+    SocketOptions {
+        backend: Some(Backend::Copy),
+        ..SocketOptions::default()
+    }
 }
