@@ -310,19 +310,17 @@ def rel(path: Path) -> str:
         return path.name
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replaces the part of ``path`` between the core-bench markers, keeping everything else."""
-    block = f"{BEGIN}\n{section}{END}"
-    if path.exists():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            head, _, rest = text.partition(BEGIN)
-            _, _, tail = rest.partition(END)
-            path.write_text(head + block + tail)
-            return
+def write_markdown(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the part of ``path`` between the markers ``begin`` and ``end`` (the core
+    benchmark's unless told), keeping everything else; appends them if missing."""
+    block = f"{begin}\n{section}{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        path.write_text(head + block + tail)
+    else:
         path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
-        return
-    path.write_text("# Benchmarks\n\n" + block + "\n")
 
 
 def plot(config: Config, state: State) -> None:

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness.report import rel, write_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
 BEGIN = "<!-- gso-bench:begin -->"
 END = "<!-- gso-bench:end -->"
 MAX_DATAGRAM = 65_507
@@ -349,25 +351,6 @@ def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return path.name
-
-
-def write_markdown(path: Path, section: str) -> None:
-    """Replaces the part of ``path`` between the gso-bench markers (appends them if missing)."""
-    block = f"{BEGIN}\n{section}{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        path.write_text(head + block + tail)
-    else:
-        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         prog="python -m bench.senders.gso", description=__doc__.split("\n")[0]
@@ -420,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(config, name, document["config"][name])
         config.out = config.from_json.parent
         info, skipped = document["machine"], document["skipped"]
-        write_markdown(config.markdown, markdown(config, document["runs"], skipped, info))
+        write_markdown(
+            config.markdown, markdown(config, document["runs"], skipped, info), BEGIN, END
+        )
         print(f"wrote {config.markdown} from {config.from_json}", flush=True)
         return 0
     from bench.harness.rig import rig_unavailable_reason
@@ -454,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": rows,
     }
     (config.out / "gso.json").write_text(json.dumps(document, indent=1) + "\n")
-    write_markdown(config.markdown, markdown(config, rows, skipped, info))
+    write_markdown(config.markdown, markdown(config, rows, skipped, info), BEGIN, END)
     print(f"wrote {config.out / 'gso.json'} and {config.markdown}", flush=True)
     return 0
 

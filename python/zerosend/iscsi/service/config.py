@@ -307,12 +307,9 @@ def _networks(items: list[Any]) -> tuple[Network, ...]:
     return tuple(out)
 
 
-def _acl(item: Any) -> Acl:
-    """``{ initiator, chap, mutual_chap, luns, readonly_luns, readonly, addresses }``."""
-    if not isinstance(item, dict):
-        raise ValueError("must be a table { initiator = IQN, ... }")
-    _table(item, _ACL_KEYS, ("initiator",))
-    creds = {}
+def _chap_pair(item: dict[str, Any]) -> dict[str, Credentials]:
+    """A table's ``chap`` and ``mutual_chap``, each checked, errors naming the key inside."""
+    creds: dict[str, Credentials] = {}
     for key in ("chap", "mutual_chap"):
         if key in item:
             try:
@@ -321,6 +318,15 @@ def _acl(item: Any) -> Acl:
                 raise FieldError(f"{key}.{e.field}", str(e)) from e
             except ValueError as e:
                 raise FieldError(key, str(e)) from e
+    return creds
+
+
+def _acl(item: Any) -> Acl:
+    """``{ initiator, chap, mutual_chap, luns, readonly_luns, readonly, addresses }``."""
+    if not isinstance(item, dict):
+        raise ValueError("must be a table { initiator = IQN, ... }")
+    _table(item, _ACL_KEYS, ("initiator",))
+    creds = _chap_pair(item)
     try:
         check_mutual(creds.get("chap"), creds.get("mutual_chap"))
     except ValueError as e:
@@ -525,15 +531,7 @@ def _target(item: Any) -> TargetSpec:
     if not isinstance(item, dict):
         raise ValueError("must be a table { iqn = IQN, luns = [...], ... }")
     _table(item, _TARGET_TABLE_KEYS, ("iqn", "luns"))
-    creds = {}
-    for key in ("chap", "mutual_chap"):
-        if key in item:
-            try:
-                creds[key] = _credentials(item[key])
-            except FieldError as e:
-                raise FieldError(f"{key}.{e.field}", str(e)) from e
-            except ValueError as e:
-                raise FieldError(key, str(e)) from e
+    creds = _chap_pair(item)
     try:
         _check_name(item["iqn"], "target name")
     except ValueError as e:
