@@ -86,6 +86,21 @@ def _nft_packets(family: str, table: str, ns: str | None = None) -> int:
     return total
 
 
+def _free_subnet(prefix: str) -> int:
+    """A random ``prefix.N.0/24`` (N in 1..249) that no address of this namespace is in: a rig
+    left behind by a killed run, or another run's, keeps its subnet, and a second veth in the
+    same subnet would take the first one's packets."""
+    done = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True)
+    used = set()
+    for word in done.stdout.split():
+        if word.startswith(prefix + "."):
+            used.add(int(word.split(".")[2]))
+    free = [n for n in range(1, 250) if n not in used]
+    if not free:
+        raise RuntimeError(f"every {prefix}.N.0/24 subnet is in use (rigs left behind?)")
+    return random.choice(free)
+
+
 def _mac(netns: list[str], interface: str) -> str:
     done = subprocess.run(
         ["ip", *netns, "-o", "link", "show", interface], capture_output=True, text=True, check=True
@@ -164,7 +179,7 @@ class IfbSink(_Built):
 
     def __init__(self) -> None:
         self.interface = f"zsifb{os.getpid() % 100000}{random.randrange(100)}"
-        subnet = random.randrange(1, 250)
+        subnet = _free_subnet("10.232")
         self.local_addr = f"10.232.{subnet}.1"
         self.sink_addr = f"10.232.{subnet}.2"
 
@@ -191,7 +206,7 @@ class Rig(_Built):
         self.ns = f"zsrig{tag}"
         self.host_if = f"zsh{tag}"
         self.peer_if = f"zsp{tag}"
-        subnet = random.randrange(1, 250)
+        subnet = _free_subnet("10.231")
         self.host_addr = f"10.231.{subnet}.1"
         self.peer_addr = f"10.231.{subnet}.2"
         self.rps_cpu = rps_cpu
