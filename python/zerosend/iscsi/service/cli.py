@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    # From the first moment: a signal that comes while the target starts (it already listens,
+    # so a client or a test may send one) is kept and acted on once it serves, never the
+    # default action (SIGHUP's would end the process).
+    early: list[signal.Signals] = []
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        loop.add_signal_handler(sig, early.append, sig)
     target = Target(cfg)
     host, port = await target.start()
     for warning in exposure_warnings(cfg, host):
@@ -105,7 +112,6 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
     if control_path:
         control = ControlServer(target)
         await control.start(control_path)
-    loop = asyncio.get_running_loop()
 
     def stop() -> None:
         sdnotify.stopping()
@@ -136,6 +142,10 @@ async def _run(cfg: TargetConfig, options: Mapping[str, Any], path: str | None) 
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     sdnotify.ready(serving())
+    handlers = {signal.SIGHUP: reload, signal.SIGTERM: stop, signal.SIGINT: stop,
+                signal.SIGUSR1: target.log_state}  # fmt: skip
+    for sig in dict.fromkeys(early):  # each kind once, in the order they came
+        handlers[sig]()
     try:
         await target.serve()
     finally:
@@ -180,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["show"]:
         return show(argv[1:])
     args = build_parser().parse_args(argv)
+    if not args.check:
+        # A SIGHUP before the config is read asks for what is about to be read anyway; from the
+        # event loop's start on it is kept and acted on (see _run), never the end of the process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     handler = logging.StreamHandler(sys.stderr)
     if sdnotify.under_journal() and not args.check:  # journald stamps and ranks each line
         handler.setFormatter(sdnotify.JournalFormatter())
