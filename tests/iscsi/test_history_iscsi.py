@@ -265,11 +265,16 @@ class Cluster:
                 self.cond.wait(1)
             return self.target, self.epoch
 
-    def new_lun(self, rng: random.Random) -> Lun:
-        """A LUN on a disk never used before: a file (plain or mapped) or memory."""
+    def new_lun(self, rng: random.Random, instead_of: Lun | None = None) -> Lun:
+        """A LUN on a disk never used before: a file (plain or mapped) or memory. Replacing a
+        ``mem:`` LUN, not memory again: the same config entry is the same LUN to the target
+        (it keeps its contents and reservations), not a new disk."""
         disk = self.next_disk
         self.next_disk += 1
-        kind = rng.choice(["file", "mmap", "mem"])
+        kinds = ["file", "mmap", "mem"]
+        if instead_of is not None and instead_of.path is None:
+            kinds.remove("mem")
+        kind = rng.choice(kinds)
         if kind == "mem":
             self.hist.volatile.add(disk)
             lun = Lun(disk, "mem:1M", None)
@@ -302,7 +307,8 @@ class Cluster:
                 new.pop()
             else:
                 action = "replace"
-                new[rng.randrange(len(new))] = self.new_lun(rng)
+                at = rng.randrange(len(new))
+                new[at] = self.new_lun(rng, instead_of=new[at])
             before = target.log().count("reload done")
             start = time.monotonic()
             self.hist.set_pr_until([lun.disk for lun in old], start)
